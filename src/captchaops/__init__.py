@@ -1,0 +1,3 @@
+"""captchaops: a self-hosted MLOps pipeline for text-CAPTCHA recognition."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,158 @@
+"""The one Settings object: every default, read from `CAPTCHAOPS_*` variables and `<home>/.env`."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CAPTCHAOPS_"
+SECRET_FIELDS = ("s3_secret_key", "tracking_password", "app_secret_key", "admin_password")
+
+
+class Settings(BaseSettings):
+    """Effective configuration of a captchaops installation."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", env_file_encoding="utf-8"
+    )
+
+    home: Path = Field(Path("captchaops-data"), description="state directory")
+    host: str = Field("127.0.0.1", description="interface every local service binds to")
+
+    tracking_port: int = 8000
+    tracking_uri: str | None = Field(
+        None, description="use an existing tracking server instead of starting one"
+    )
+    tracking_username: str | None = None
+    tracking_password: SecretStr | None = None
+    tracking_workers: int = 1
+    backend_store_uri: str | None = Field(
+        None, description="defaults to sqlite:///<home>/mlflow.db"
+    )
+
+    store: Literal["auto", "minio", "s3", "local"] = Field(
+        "auto", description="artifact store: MinIO if installed, else S3 if configured, else local"
+    )
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "breaking-captcha"
+    s3_prefix: str = "mlflow"
+    s3_access_key: str | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    minio_port: int = 9000
+    minio_console_port: int = 9001
+
+    production_port: int = 8888
+    staging_port: int = 8889
+    app_port: int = 8080
+    app_secret_key: SecretStr | None = None
+    admin_password: SecretStr | None = None
+
+    experiment_name: str = "text-captcha"
+    model_name: str = "text-captcha"
+    poll_seconds: float = Field(2.0, gt=0, description="how often model servers check their alias")
+    staging_floor: float = Field(
+        0.5, ge=0, le=1, description="test sequence accuracy a new version needs for @staging"
+    )
+    max_upload_bytes: int = 1024 * 1024
+    max_batch_images: int = 64
+
+    @property
+    def home_dir(self) -> Path:
+        """The absolute state directory."""
+        return self.home.expanduser().resolve()
+
+    @property
+    def env_file(self) -> Path:
+        """Where generated secrets and local overrides live."""
+        return self.home_dir / ".env"
+
+    @property
+    def effective_tracking_uri(self) -> str:
+        """The tracking server every client talks to."""
+        return self.tracking_uri or f"http://{_client_host(self.host)}:{self.tracking_port}"
+
+    @property
+    def effective_backend_store_uri(self) -> str:
+        """Where the tracking server keeps metadata."""
+        return self.backend_store_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    def server_url(self, alias: str) -> str:
+        """URL of the model server for an alias."""
+        port = self.production_port if alias == "production" else self.staging_port
+        return f"http://{_client_host(self.host)}:{port}"
+
+    @property
+    def app_url(self) -> str:
+        """URL of the web app."""
+        return f"http://{_client_host(self.host)}:{self.app_port}"
+
+    def masked(self) -> dict[str, str]:
+        """Every effective value as text, secrets masked."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name in SECRET_FIELDS:
+                out[name] = "********" if value else "(unset)"
+            else:
+                out[name] = "(unset)" if value is None else str(value)
+        out["effective_tracking_uri"] = self.effective_tracking_uri
+        out["effective_backend_store_uri"] = _mask_url(self.effective_backend_store_uri)
+        return out
+
+    def mlflow_env(self) -> dict[str, str]:
+        """Environment a client process needs to reach the tracking server."""
+        env = {"MLFLOW_TRACKING_URI": self.effective_tracking_uri}
+        if self.tracking_username and self.tracking_password:
+            env["MLFLOW_TRACKING_USERNAME"] = self.tracking_username
+            env["MLFLOW_TRACKING_PASSWORD"] = self.tracking_password.get_secret_value()
+        return env
+
+
+def _client_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
+def _mask_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://********@{rest.split('@', 1)[1]}"
+    return url
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment and `<home>/.env` (environment wins)."""
+    home = Path(str(overrides.get("home") or os.environ.get(f"{ENV_PREFIX}HOME", "captchaops-data")))
+    env_file = home.expanduser() / ".env"
+    return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg]
+
+
+def ensure_secret(settings: Settings, field: str, nbytes: int = 24) -> Settings:
+    """Generate a secret on first use and store it 0600 in `<home>/.env`; return updated settings."""
+    if getattr(settings, field):
+        return settings
+    value = secrets.token_urlsafe(nbytes)
+    write_env(settings.env_file, {f"{ENV_PREFIX}{field.upper()}": value})
+    return settings.model_copy(update={field: SecretStr(value)})
+
+
+def write_env(path: Path, values: dict[str, str]) -> None:
+    """Add or replace keys in a dotenv file, keeping it private (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    if path.exists():
+        lines = [
+            line
+            for line in path.read_text().splitlines()
+            if line.split("=", 1)[0].strip() not in values
+        ]
+    lines += [f"{key}={value}" for key, value in values.items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
