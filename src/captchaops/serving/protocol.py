@@ -1,0 +1,205 @@
+"""The MLflow scoring protocol for image models: request bodies in, image bytes out, within limits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+IMAGE_COLUMN = "image"
+JSON_TYPE = "application/json"
+
+
+class ProtocolError(Exception):
+    """A request the server refuses: HTTP status, a short error code and a one-sentence detail."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may carry."""
+
+    max_body_bytes: int
+    max_image_bytes: int
+    max_images: int
+
+
+def check_content_type(content_type: str) -> None:
+    """Refuse anything but JSON in UTF-8 (415), as `mlflow models serve` does for unknown types."""
+    mime, *params = (part.strip() for part in content_type.split(";"))
+    if mime.lower() != JSON_TYPE:
+        shown = mime or "none"
+        raise ProtocolError(
+            415,
+            "unsupported_media_type",
+            f"content type {shown!r} is not supported; send the body as {JSON_TYPE}",
+        )
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset" and value.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            raise ProtocolError(
+                415, "unsupported_media_type", "only UTF-8 bodies are supported; send charset=utf-8"
+            )
+
+
+def parse_body(body: bytes, limits: Limits) -> list[bytes]:
+    """The images of a scoring request (any of the four MLflow JSON formats), base64-decoded."""
+    if len(body) > limits.max_body_bytes:
+        raise too_large(limits.max_body_bytes)
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(
+            400, "bad_json", f"the body is not valid JSON ({exc}); send a JSON object"
+        ) from exc
+    values = image_values(payload)
+    if not values:
+        raise ProtocolError(400, "no_images", "the request holds no images; send at least one")
+    if len(values) > limits.max_images:
+        raise ProtocolError(
+            413,
+            "too_many_images",
+            f"the request holds {len(values)} images, more than {limits.max_images}; split it",
+        )
+    return [
+        decode_image(value, index, limits.max_image_bytes) for index, value in enumerate(values)
+    ]
+
+
+def too_large(max_body_bytes: int) -> ProtocolError:
+    """The refusal for a body over the size limit."""
+    return ProtocolError(
+        413,
+        "body_too_large",
+        f"the body is larger than {max_body_bytes:,} bytes; send fewer or smaller images",
+    )
+
+
+def image_values(payload: Any) -> list[Any]:
+    """The `image` column of a decoded JSON payload in one of the MLflow scoring formats."""
+    if not isinstance(payload, dict):
+        raise _format_error(f"the body is a JSON {type(payload).__name__}")
+    keys = [key for key in FORMATS if key in payload]
+    if len(keys) != 1:
+        raise _format_error(f"the top-level keys are {sorted(payload)}")
+    key = keys[0]
+    data = payload[key]
+    if key == "dataframe_split":
+        return _split_column(data)
+    if key == "dataframe_records":
+        return _records_column(data, key)
+    if key == "inputs" and isinstance(data, dict):
+        return _columns_column(data, key)
+    return _records_column(data, key)
+
+
+def decode_image(value: Any, index: int, max_image_bytes: int) -> bytes:
+    """One base64 cell as bytes, refusing non-text, non-base64 and oversized images."""
+    if not isinstance(value, str):
+        raise ProtocolError(
+            400,
+            "bad_base64",
+            f"image {index} is a JSON {type(value).__name__}; send base64 text",
+        )
+    text = "".join(value.split())
+    if len(text) // 4 * 3 > max_image_bytes + 2:
+        raise ProtocolError(
+            413,
+            "image_too_large",
+            f"image {index} is larger than {max_image_bytes:,} bytes; send a smaller image",
+        )
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(
+            400, "bad_base64", f"image {index} is not valid base64 ({exc}); base64-encode the bytes"
+        ) from exc
+    if len(data) > max_image_bytes:
+        raise ProtocolError(
+            413,
+            "image_too_large",
+            f"image {index} is larger than {max_image_bytes:,} bytes; send a smaller image",
+        )
+    return data
+
+
+def _format_error(found: str) -> ProtocolError:
+    return ProtocolError(
+        400,
+        "bad_format",
+        f"{found}; send a JSON object with exactly one of {', '.join(FORMATS)}",
+    )
+
+
+def _missing_column(where: str) -> ProtocolError:
+    return ProtocolError(
+        400,
+        "missing_column",
+        f"{where} has no {IMAGE_COLUMN!r} column; put base64 images in a column named {IMAGE_COLUMN!r}",
+    )
+
+
+def _split_column(data: Any) -> list[Any]:
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ProtocolError(
+            400,
+            "bad_format",
+            'dataframe_split must be an object with "columns" and "data" lists; '
+            'send {"columns": ["image"], "data": [[...]]}',
+        )
+    columns = data.get("columns")
+    if not isinstance(columns, list) or IMAGE_COLUMN not in columns:
+        raise _missing_column("dataframe_split")
+    position = columns.index(IMAGE_COLUMN)
+    values = []
+    for row_number, row in enumerate(data["data"]):
+        if len(columns) == 1 and not isinstance(row, list):
+            values.append(row)
+        elif isinstance(row, list) and len(row) == len(columns):
+            values.append(row[position])
+        else:
+            raise ProtocolError(
+                400,
+                "bad_format",
+                f"dataframe_split row {row_number} does not have {len(columns)} values; "
+                "send one value per column",
+            )
+    return values
+
+
+def _records_column(data: Any, key: str) -> list[Any]:
+    if not isinstance(data, list):
+        raise ProtocolError(
+            400, "bad_format", f"{key} must be a list of rows; send [{{{IMAGE_COLUMN!r}: ...}}]"
+        )
+    values = []
+    for row in data:
+        if isinstance(row, dict):
+            if IMAGE_COLUMN not in row:
+                raise _missing_column(key)
+            values.append(row[IMAGE_COLUMN])
+        elif key == "dataframe_records":
+            raise ProtocolError(
+                400, "bad_format", "dataframe_records rows must be objects; send [{'image': ...}]"
+            )
+        else:
+            values.append(row)
+    return values
+
+
+def _columns_column(data: dict[str, Any], key: str) -> list[Any]:
+    if IMAGE_COLUMN not in data:
+        raise _missing_column(key)
+    column = data[IMAGE_COLUMN]
+    return column if isinstance(column, list) else [column]
