@@ -15,8 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class UserError(Exception):
@@ -30,6 +30,267 @@ def fail(message: str, code: int = 1) -> None:
 
 
 # --- commands are added below, one thin wrapper each ---------------------------------
+
+
+@app.command()
+def up(
+    core: bool = typer.Option(False, "--core", help="only the object store and tracking server"),
+) -> None:
+    """Start the local stack (store, tracking server, model servers, web app) and wait for health."""
+    from captchaops.stack import control, services
+    from captchaops.stack.store import StoreError
+
+    names = services.CORE if core else services.ALL
+    try:
+        control.up(load_settings(), names, say=lambda line: console.print(line, highlight=False))
+    except (control.StackError, StoreError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def down() -> None:
+    """Stop every service of the local stack."""
+    from captchaops.stack import control
+
+    if control.down(load_settings()):
+        console.print("stack stopped")
+    else:
+        console.print("nothing was running")
+
+
+@app.command()
+def status() -> None:
+    """Show each service (pid, URL, health, memory) and the effective settings."""
+    from rich.table import Table
+
+    from captchaops.stack import control
+
+    settings = load_settings()
+    table = Table(title="captchaops services")
+    for column in ("service", "pid", "state", "URL", "health", "RSS MB"):
+        table.add_column(column)
+    rows = control.status(settings)
+    for row in rows:
+        table.add_row(
+            row.name,
+            str(row.pid or "-"),
+            row.state,
+            row.url,
+            "[green]ok[/green]" if row.healthy else "[red]down[/red]",
+            f"{row.rss_mb:.0f}",
+        )
+    console.print(table)
+    console.print(f"total RSS: {sum(row.rss_mb for row in rows):.0f} MB")
+    conf = Table(title="effective settings")
+    conf.add_column("setting")
+    conf.add_column("value")
+    for key, value in settings.masked().items():
+        conf.add_row(key, value)
+    console.print(conf)
+
+
+@app.command()
+def logs(
+    service: str = typer.Argument(..., help="store, tracking, production, staging, app, supervisord"),
+    follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
+    lines: int = typer.Option(50, "-n", "--lines", help="how many past lines to show"),
+) -> None:
+    """Print a service's log."""
+    from captchaops.stack import control
+
+    try:
+        path = control.log_file(load_settings(), service)
+        for line in control.follow(path, lines=lines, forever=follow):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except control.StackError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def serve(
+    alias: str = typer.Option("production", "--alias", help="registry alias to serve"),
+    port: int | None = typer.Option(None, "--port", help="default: the alias's port setting"),
+    host: str | None = typer.Option(None, "--host", help="default: the host setting (loopback)"),
+) -> None:
+    """Serve models:/<model_name>@<alias> over HTTP, swapping in new versions as the alias moves."""
+    from captchaops.serving import ServeError, run
+
+    settings = load_settings()
+    default_port = settings.staging_port if alias == "staging" else settings.production_port
+    try:
+        run(settings, alias, port or default_port, host)
+    except ServeError as exc:
+        fail(str(exc))
+
+
+ACTOR_OPTION = typer.Option(
+    None, "--actor", envvar="CAPTCHAOPS_ACTOR", help="who is acting (default: your login name)"
+)
+
+
+@app.command()
+def models(limit: int = typer.Option(20, help="show at most this many versions")) -> None:
+    """List model versions with aliases, metrics, validation status and the last alias moves."""
+    from rich.table import Table
+
+    from captchaops import registry
+
+    try:
+        listing = registry.list_versions(load_settings(), limit=limit)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    table = Table(title=f"{listing.name} versions")
+    for column in (
+        "version",
+        "aliases",
+        "stage",
+        "status",
+        "test acc",
+        "frozen acc",
+        "frozen CER",
+        "created (UTC)",
+        "note",
+    ):
+        table.add_column(column)
+    for row in listing.rows:
+        table.add_row(
+            row.version,
+            ", ".join(f"@{a}" for a in row.aliases) or "-",
+            row.stage,
+            row.status,
+            *(
+                f"{v:.4f}" if v is not None else "-"
+                for v in (row.test_seq_acc, row.eval_seq_acc, row.eval_cer)
+            ),
+            row.created,
+            row.note[:60],
+        )
+    console.print(table)
+    for alias, line in sorted(listing.last_moves.items()):
+        console.print(f"last {alias} move: {line}", highlight=False)
+
+
+@app.command()
+def promote(
+    version: str | None = typer.Option(None, "--version", help="version number to promote"),
+    from_alias: str | None = typer.Option(
+        None, "--from", help="promote the version with this alias"
+    ),
+    reason: str = typer.Option("", "--reason", help="why (recorded in the audit trail)"),
+    force: bool = typer.Option(False, "--force", help="promote even a rejected or failing version"),
+    auto: bool = typer.Option(
+        False, "--auto", help="let the gate decide: exit 0 promoted, 3 rejected, 1 error"
+    ),
+    margin: float = typer.Option(
+        0.0, help="gate: accuracy the candidate must add over the champion"
+    ),
+    floor: float | None = typer.Option(
+        None, help="gate: accuracy a first candidate needs (default: staging floor)"
+    ),
+    cer_tolerance: float = typer.Option(0.0, help="gate: how much worse the CER may be"),
+    latency_ratio: float = typer.Option(
+        1.5, help="gate: p95 latency budget as a multiple of the champion's"
+    ),
+    latency_slack_ms: float = typer.Option(
+        5.0, help="gate: milliseconds added to the latency budget"
+    ),
+    actor: str | None = ACTOR_OPTION,
+) -> None:
+    """Move @production: by hand (--version N | --from staging) or through the gate (--auto)."""
+    from captchaops import gate, registry
+
+    settings = load_settings()
+    try:
+        if not auto:
+            if not reason:
+                fail('say why with --reason "..." (it goes into the audit trail)')
+            move = registry.promote(
+                settings,
+                version=version,
+                from_alias=from_alias,
+                reason=reason,
+                actor=actor,
+                force=force,
+            )
+            console.print(f"promoted: {move.line()}", highlight=False)
+            return
+        config = gate.GateConfig(
+            margin=margin,
+            floor=floor,
+            cer_tolerance=cer_tolerance,
+            latency_ratio=latency_ratio,
+            latency_slack_ms=latency_slack_ms,
+        )
+        decision, move = gate.auto_promote(settings, config, actor=actor, reason=reason)
+    except registry.RegistryError as exc:
+        fail(str(exc), gate.EXIT_ERROR)
+    for role, result in (("candidate", decision.candidate), ("champion", decision.champion)):
+        if result is not None and result.ok:
+            console.print(
+                f"{role} v{result.version}: accuracy {result.seq_acc:.4f}  CER {result.cer:.4f}  "
+                f"p50 {result.p50_ms:.1f} ms  p95 {result.p95_ms:.1f} ms  ({result.n} images)",
+                highlight=False,
+            )
+        elif result is not None:
+            console.print(f"{role} v{result.version}: failed ({result.error})", highlight=False)
+    if decision.promote:
+        console.print(
+            f"[green]promoted[/green] v{decision.candidate_version}: {decision.reason()}",
+            highlight=False,
+        )
+        raise typer.Exit(gate.EXIT_PROMOTED)
+    console.print(
+        f"[yellow]rejected[/yellow] v{decision.candidate_version}: {decision.reason()}",
+        highlight=False,
+    )
+    raise typer.Exit(gate.EXIT_REJECTED)
+
+
+@app.command()
+def rollback(
+    to: str | None = typer.Option(
+        None, "--to", help="an earlier production version (default: the previous one)"
+    ),
+    reason: str = typer.Option("", "--reason", help="why (recorded in the audit trail)"),
+    actor: str | None = ACTOR_OPTION,
+) -> None:
+    """Move @production back to the previous production version in the audit trail."""
+    from captchaops import registry
+
+    try:
+        move = registry.rollback(load_settings(), to=to, reason=reason, actor=actor)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    console.print(f"rolled back: {move.line()}", highlight=False)
+
+
+@app.command()
+def evalset(
+    size: int = typer.Option(2000, help="generated images (fixed seed)"),
+    folder: str | None = typer.Option(None, help="also include images named <label>.png from here"),
+    replace: bool = typer.Option(False, "--replace", help="make a new set even if one exists"),
+) -> None:
+    """Create the frozen evaluation set every version is judged on (stored by digest)."""
+    from pathlib import Path
+
+    from captchaops import registry
+    from captchaops.evalset import create_evalset
+
+    settings = load_settings()
+    try:
+        with registry.one_line_errors(settings):
+            made = create_evalset(
+                settings, size=size, folder=Path(folder) if folder else None, replace=replace
+            )
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    console.print(
+        f"frozen evaluation set {made.digest} ({len(made)} images, seed {made.seed})",
+        highlight=False,
+    )
 
 
 def main() -> None:

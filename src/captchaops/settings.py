@@ -127,7 +127,9 @@ def _mask_url(url: str) -> str:
 
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment and `<home>/.env` (environment wins)."""
-    home = Path(str(overrides.get("home") or os.environ.get(f"{ENV_PREFIX}HOME", "captchaops-data")))
+    home = Path(
+        str(overrides.get("home") or os.environ.get(f"{ENV_PREFIX}HOME", "captchaops-data"))
+    )
     env_file = home.expanduser() / ".env"
     return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg]
 

@@ -1,0 +1,1 @@
+"""Benchmarks: measured numbers printed beside their targets (`make bench`)."""
