@@ -1,0 +1,48 @@
+"""User corrections from the web app: fetch them from MLflow into a labelled folder."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from captchaops.settings import Settings
+
+FEEDBACK_EXPERIMENT = "text-captcha-feedback"
+FEEDBACK_PATH = "feedback"
+
+
+def download_feedback(settings: Settings, dest_dir: Path) -> int:
+    """Copy every `feedback/<label>_<uuid>.png` artifact into `dest_dir`; return how many were new."""
+    client = MlflowClient(tracking_uri=settings.effective_tracking_uri)
+    experiment = client.get_experiment_by_name(FEEDBACK_EXPERIMENT)
+    if experiment is None:
+        return 0
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    fetched = 0
+    page_token = None
+    while True:
+        runs = client.search_runs(
+            [experiment.experiment_id], max_results=500, page_token=page_token
+        )
+        for run in runs:
+            fetched += _fetch_run(client, run.info.run_id, dest_dir)
+        page_token = runs.token
+        if not page_token:
+            return fetched
+
+
+def _fetch_run(client: MlflowClient, run_id: str, dest_dir: Path) -> int:
+    wanted = [
+        info.path
+        for info in client.list_artifacts(run_id, FEEDBACK_PATH)
+        if not info.is_dir and not (dest_dir / Path(info.path).name).exists()
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in wanted:
+            local = client.download_artifacts(run_id, path, tmp)
+            shutil.move(local, dest_dir / Path(path).name)
+    return len(wanted)

@@ -1,0 +1,116 @@
+"""Reproducible synthetic CAPTCHAs from the `captcha` package (same seed -> identical PNG bytes)."""
+
+from __future__ import annotations
+
+import io
+import random
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import captcha.image
+from captcha.image import ImageCaptcha
+
+DIGITS_UPPER = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_LOCK = threading.Lock()
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled CAPTCHA: PNG bytes and the text drawn in it."""
+
+    image: bytes
+    label: str
+
+
+class _SeededSecrets:
+    """Stands in for the `secrets` module inside `captcha.image`, drawing from a seeded RNG."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def randbelow(self, n: int) -> int:
+        return self._rng.randrange(n)
+
+    def randbits(self, k: int) -> int:
+        return self._rng.getrandbits(k)
+
+    def choice(self, seq):  # type: ignore[no-untyped-def]
+        return self._rng.choice(seq)
+
+
+@contextmanager
+def _seeded(rng: random.Random) -> Iterator[None]:
+    """Route `captcha.image`'s randomness through `rng` for the duration of the block."""
+    with _LOCK:
+        original = captcha.image.secrets
+        captcha.image.secrets = _SeededSecrets(rng)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            captcha.image.secrets = original
+
+
+def _draw(
+    rng: random.Random, generator: ImageCaptcha, alphabet: str, length: tuple[int, int]
+) -> Sample:
+    label = "".join(rng.choice(alphabet) for _ in range(rng.randint(length[0], length[1])))
+    with _seeded(rng):
+        image = generator.generate_image(label)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return Sample(image=buffer.getvalue(), label=label)
+
+
+def generate_one(
+    rng_seed: int | None = None,
+    *,
+    alphabet: str = DIGITS_UPPER,
+    length: tuple[int, int] = (4, 4),
+    width: int = 160,
+    height: int = 60,
+) -> Sample:
+    """One CAPTCHA; reproducible when `rng_seed` is given, fresh randomness otherwise."""
+    rng = random.Random(rng_seed)
+    return _draw(rng, ImageCaptcha(width=width, height=height), alphabet, length)
+
+
+def _generate_range(
+    start: int,
+    stop: int,
+    seed: int,
+    alphabet: str,
+    length: tuple[int, int],
+    width: int,
+    height: int,
+) -> list[Sample]:
+    generator = ImageCaptcha(width=width, height=height)
+    return [
+        _draw(random.Random(f"{seed}/{i}"), generator, alphabet, length) for i in range(start, stop)
+    ]
+
+
+def generate(
+    n: int,
+    seed: int,
+    *,
+    alphabet: str = DIGITS_UPPER,
+    length: tuple[int, int] = (4, 4),
+    width: int = 160,
+    height: int = 60,
+    workers: int = 1,
+) -> list[Sample]:
+    """`n` CAPTCHAs; sample i depends only on (seed, i), so any worker count gives the same set."""
+    if not alphabet or length[0] < 1 or length[1] < length[0]:
+        raise ValueError("need a non-empty alphabet and 1 <= min length <= max length")
+    args = (seed, alphabet, length, width, height)
+    if workers <= 1 or n <= _CHUNK:
+        return _generate_range(0, n, *args)
+    starts = range(0, n, _CHUNK)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_generate_range, s, min(s + _CHUNK, n), *args) for s in starts]
+        return [sample for future in futures for sample in future.result()]

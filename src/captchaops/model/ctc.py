@@ -1,0 +1,38 @@
+"""Alphabet <-> indices and greedy CTC decoding with a per-string confidence (blank = last class)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def encode_labels(labels: list[str], alphabet: str, max_length: int) -> np.ndarray:
+    """Labels as int32[N, max_length] class indices, padded with -1."""
+    index = {ch: i for i, ch in enumerate(alphabet)}
+    out = np.full((len(labels), max_length), -1, dtype=np.int32)
+    for row, label in enumerate(labels):
+        out[row, : len(label)] = [index[ch] for ch in label]
+    return out
+
+
+def decode_greedy(probs: np.ndarray, alphabet: str) -> list[tuple[str, float]]:
+    """Best-path decode of softmax outputs [B, T, C]: (text, confidence) per item.
+
+    The confidence is the product of the per-step maximum probabilities along the kept path.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 3 or probs.shape[2] != len(alphabet) + 1:
+        raise ValueError(
+            f"expected probabilities [B, T, {len(alphabet) + 1}], got {list(probs.shape)}"
+        )
+    blank = probs.shape[2] - 1
+    best = probs.argmax(axis=2)
+    best_p = np.take_along_axis(probs, best[:, :, None], axis=2)[:, :, 0].astype(np.float64)
+    results: list[tuple[str, float]] = []
+    for path, path_p in zip(best, best_p, strict=True):
+        keep = np.ones(len(path), dtype=bool)
+        keep[1:] = path[1:] != path[:-1]
+        keep &= path != blank
+        text = "".join(alphabet[i] for i in path[keep])
+        confidence = float(np.clip(np.prod(path_p), 0.0, 1.0))
+        results.append((text, confidence))
+    return results
