@@ -1,0 +1,114 @@
+"""The whole pipeline end to end: up, train, gate, promote, serve, show the URLs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import httpx
+
+from captchaops.settings import Settings
+from captchaops.stack import control
+from captchaops.stack.services import ALL
+
+if TYPE_CHECKING:
+    from captchaops.train import TrainConfig
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class DemoSummary:
+    """What `captchaops demo` did and where everything is."""
+
+    urls: dict[str, str]
+    production_version: str | None
+    staging_version: str | None
+    trained_version: str | None = None
+    test_seq_acc: float | None = None
+    decision: str = ""
+    minutes: float = 0.0
+    lines: list[str] = field(default_factory=list)
+
+
+def wait_for_version(url: str, version: str, timeout: float = 60.0) -> bool:
+    """Wait until the model server at url answers with this version."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.get(f"{url}/version", timeout=2)
+            if answer.status_code == 200 and str(answer.json().get("version")) == version:
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def run_demo(
+    settings: Settings,
+    say: Say = print,
+    progress: Callable[[str, float, dict[str, float]], None] | None = None,
+    retrain: bool = False,
+    config: TrainConfig | None = None,
+) -> DemoSummary:
+    """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
+    from captchaops import gate, registry
+    from captchaops.train import TrainConfig, train
+
+    started = time.monotonic()
+    control.up(settings, ALL, say=say)
+    summary = DemoSummary(
+        urls={
+            "MLflow UI": settings.effective_tracking_uri,
+            "web app": settings.app_url,
+            "production endpoint": f"{settings.server_url('production')}/invocations",
+            "staging endpoint": f"{settings.server_url('staging')}/invocations",
+        },
+        production_version=registry.resolve_alias(settings, registry.PRODUCTION),
+        staging_version=registry.resolve_alias(settings, registry.STAGING),
+    )
+    if summary.production_version and not retrain:
+        say(
+            f"reusing v{summary.production_version} @production "
+            "(run `captchaops demo --retrain` to train again)"
+        )
+        summary.decision = "kept the existing production model"
+    else:
+        say("training the demo model (about 5 minutes on 2 cores)")
+        result = train(config or TrainConfig.demo(), settings, progress)
+        summary.trained_version = result.version
+        summary.test_seq_acc = result.metrics.get("test_seq_acc")
+        if result.staged:
+            decision, _ = gate.auto_promote(settings, actor="captchaops demo")
+            summary.decision = (
+                "promoted: " if decision.promote else "refused: "
+            ) + decision.reason()
+        else:
+            summary.decision = f"not staged: {result.rejection_reason}"
+        summary.production_version = registry.resolve_alias(settings, registry.PRODUCTION)
+        summary.staging_version = registry.resolve_alias(settings, registry.STAGING)
+    for alias, version in (
+        ("production", summary.production_version),
+        ("staging", summary.staging_version),
+    ):
+        if version and not wait_for_version(settings.server_url(alias), version):
+            say(
+                f"warning: the {alias} server has not loaded v{version} yet; see `captchaops logs {alias}`"
+            )
+    summary.minutes = (time.monotonic() - started) / 60
+    summary.lines = _summary_lines(summary)
+    return summary
+
+
+def _summary_lines(s: DemoSummary) -> list[str]:
+    accuracy = f"{s.test_seq_acc:.1%}" if s.test_seq_acc is not None else "n/a (not retrained)"
+    return [
+        f"trained version : {('v' + s.trained_version) if s.trained_version else 'none (reused)'}",
+        f"test accuracy   : {accuracy} sequence accuracy on held-out CAPTCHAs",
+        f"gate            : {s.decision}",
+        f"serving         : production v{s.production_version or '-'}, staging v{s.staging_version or '-'}",
+        f"took            : {s.minutes:.1f} min",
+    ]
