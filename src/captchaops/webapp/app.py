@@ -1,0 +1,126 @@
+"""The Flask app factory, its security settings, and `run` under waitress."""
+
+from __future__ import annotations
+
+import io
+from typing import IO, Any
+
+from flask import Flask, Request, current_app, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from captchaops.settings import Settings, ensure_secret
+from captchaops.webapp.service import DEFAULT_TIMEOUT, Demo
+
+EXTENSION = "captchaops"
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+        "form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=()",
+}
+
+
+class InMemoryRequest(Request):
+    """A request whose uploaded files stay in memory: nothing a visitor sends touches the disk."""
+
+    def _get_file_stream(
+        self,
+        total_content_length: int | None,
+        content_type: str | None,
+        filename: str | None = None,
+        content_length: int | None = None,
+    ) -> IO[bytes]:
+        return io.BytesIO()
+
+
+def create_app(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> Flask:
+    """A configured web app; model servers answering slower than `timeout` seconds count as down."""
+    settings = ensure_secret(settings, "app_secret_key")
+    assert settings.app_secret_key is not None
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    # Room for a base64 image in a form field; each image is then held to max_upload_bytes.
+    body_limit = settings.max_upload_bytes * 2 + 64 * 1024
+    app.config.update(
+        SECRET_KEY=settings.app_secret_key.get_secret_value(),
+        MAX_CONTENT_LENGTH=body_limit,
+        MAX_FORM_MEMORY_SIZE=body_limit,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    app.extensions[EXTENSION] = Demo(settings, timeout)
+
+    from captchaops.webapp import api, views
+
+    csrf = CSRFProtect(app)
+    csrf.exempt(api.bp)
+    app.register_blueprint(views.bp)
+    app.register_blueprint(api.bp)
+
+    @app.after_request
+    def _secure(response: Any) -> Any:
+        response.headers.update(SECURITY_HEADERS)
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.errorhandler(CSRFError)
+    def _csrf(exc: CSRFError) -> Any:
+        return _error(
+            400, "csrf", "The form expired or came from another site; reload the page and retry."
+        )
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> Any:
+        limit = settings.max_upload_bytes // 1024
+        return _error(
+            413, "too_large", f"The upload is too large; send an image of at most {limit} KiB."
+        )
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Any:
+        return _error(
+            exc.code or 500, exc.name.lower().replace(" ", "_"), exc.description or exc.name
+        )
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        app.logger.exception("unexpected error")
+        return _error(
+            500, "internal", "Something went wrong on our side; retry, then check the app log."
+        )
+
+    return app
+
+
+def _error(status: int, error: str, detail: str) -> Any:
+    """A JSON error for the API and health paths, the page with a message everywhere else."""
+    if request.path.startswith("/api/") or request.path == "/healthz":
+        return jsonify(error=error, detail=detail), status
+    return render_template("index.html", error=detail, waiting=current_demo().waiting()), status
+
+
+def current_demo() -> Demo:
+    """The Demo of the app handling the current request."""
+    demo: Demo = current_app.extensions[EXTENSION]
+    return demo
+
+
+def run(settings: Settings, port: int | None = None, host: str | None = None) -> None:
+    """Serve the web app with waitress (a production WSGI server) until interrupted."""
+    import waitress
+
+    waitress.serve(
+        create_app(settings),
+        host=host or settings.host,
+        port=port or settings.app_port,
+        threads=8,
+        ident="captchaops",
+        max_request_body_size=settings.max_upload_bytes * 8,
+    )

@@ -1,0 +1,118 @@
+"""What the page and the JSON API both do: predict everywhere, describe models, take corrections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from captchaops.data.synthetic import DIGITS_UPPER, Sample, generate_one
+from captchaops.settings import Settings
+from captchaops.webapp import endpoints, feedback
+from captchaops.webapp.catalog import Catalog, VersionInfo
+from captchaops.webapp.endpoints import ENVIRONMENTS, Answer, Served
+from captchaops.webapp.inputs import BadInput, check_label
+from captchaops.webapp.tracking import Tracking, TrackingError
+
+DEFAULT_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Result:
+    """One environment's answer joined with what the registry says about the answering version."""
+
+    answer: Answer
+    info: VersionInfo | None
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON API's view of this answer."""
+        a = self.answer
+        if not a.available:
+            return {"available": False, "error": a.error}
+        return {
+            "available": True,
+            "text": a.text,
+            "confidence": a.confidence,
+            "latency_ms": round(a.latency_ms or 0.0, 1),
+            "model": {
+                "name": a.name,
+                "alias": a.alias,
+                "version": a.version,
+                "run_id": self.info.run_id if self.info else None,
+                "run_url": self.info.run_url if self.info else None,
+                "version_url": self.info.version_url if self.info else None,
+            },
+        }
+
+
+class Demo:
+    """The web app's view of the platform: two model servers and one tracking server."""
+
+    def __init__(self, settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self.tracking = Tracking(settings, timeout)
+        self.catalog = Catalog(self.tracking)
+        self.urls = {alias: settings.server_url(alias) for alias in ENVIRONMENTS}
+
+    def predict(self, image: bytes) -> list[Result]:
+        """Every environment's answer for one checked image."""
+        answers = endpoints.predict_all(self.urls, image, self.timeout)
+        return [Result(a, self._info(a.name, a.version)) for a in answers]
+
+    def served(self) -> list[Served]:
+        """What every environment serves right now."""
+        return endpoints.describe_all(self.urls, self.timeout)
+
+    def generate(self) -> Sample:
+        """A fresh synthetic CAPTCHA drawn from the production model's alphabet and label length."""
+        alphabet, length = DIGITS_UPPER, (4, 4)
+        for served in self.served():
+            if served.alphabet:
+                alphabet = served.alphabet
+                info = self._info(served.name, served.version)
+                if info and info.min_length and info.max_length:
+                    length = (info.min_length, info.max_length)
+                break
+        return generate_one(alphabet=alphabet, length=length)
+
+    def check_correction(self, label: str | None, answered: list[str]) -> str:
+        """The label, if the models that answered (`name/version` each) could have produced it."""
+        return check_label(label, self._alphabets(answered))
+
+    def correct(self, image: bytes, fmt: str, label: str, answered: list[str], source: str) -> str:
+        """Store a checked image under its checked label; return the artifact path."""
+        try:
+            return feedback.save_correction(
+                self.tracking,
+                image,
+                fmt,
+                label,
+                model_version=",".join(answered) or None,
+                source=source,
+            )
+        except TrackingError as exc:
+            raise BadInput(503, "feedback_unavailable", str(exc)) from exc
+
+    def waiting(self) -> int | None:
+        """How many corrections wait for the next training run; None when nobody can tell."""
+        try:
+            return feedback.count_waiting(self.tracking)
+        except TrackingError:
+            return None
+
+    def _alphabets(self, answered: list[str]) -> list[str]:
+        served = [s for s in self.served() if s.alphabet]
+        matching = [s.alphabet for s in served if f"{s.name}/{s.version}" in answered]
+        if matching:
+            return [a for a in matching if a]
+        from_registry = []
+        for item in answered:
+            name, _, version = item.partition("/")
+            info = self._info(name, version)
+            if info and info.alphabet:
+                from_registry.append(info.alphabet)
+        return from_registry or [s.alphabet for s in served if s.alphabet]
+
+    def _info(self, name: str | None, version: str | None) -> VersionInfo | None:
+        if not version or version == "none":
+            return None
+        return self.catalog.version(name or self.settings.model_name, version)

@@ -1,0 +1,80 @@
+"""A few MLflow REST calls with a hard timeout (MlflowClient retries a dead server for minutes)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from captchaops.settings import Settings
+
+_ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
+
+
+class TrackingError(RuntimeError):
+    """The tracking server did not answer as expected; the message says what to do."""
+
+
+class Tracking:
+    """The tracking server as the web app uses it: JSON calls and proxied artifact uploads."""
+
+    def __init__(self, settings: Settings, timeout: float) -> None:
+        self.uri = settings.effective_tracking_uri.rstrip("/")
+        self.timeout = timeout
+        self._auth: tuple[str, str] | None = None
+        if settings.tracking_username and settings.tracking_password:
+            self._auth = (settings.tracking_username, settings.tracking_password.get_secret_value())
+
+    def call(self, method: str, endpoint: str, **kwargs: Any) -> dict[str, Any]:
+        """One call to `/api/2.0/mlflow/<endpoint>`; a missing resource answers `{}`."""
+        try:
+            resp = httpx.request(
+                method,
+                f"{self.uri}/api/2.0/mlflow/{endpoint}",
+                auth=self._auth,
+                timeout=self.timeout,
+                **kwargs,
+            )
+        except httpx.HTTPError as exc:
+            raise TrackingError(self.unreachable()) from exc
+        if resp.status_code == 404 or (
+            resp.status_code == 400 and "RESOURCE_DOES_NOT_EXIST" in resp.text
+        ):
+            return {}
+        if resp.status_code != 200:
+            raise TrackingError(
+                f"The tracking server answered HTTP {resp.status_code} to {endpoint}; "
+                "check its log and retry."
+            )
+        body: dict[str, Any] = resp.json()
+        return body
+
+    def put_artifact(self, artifact_uri: str, path: str, data: bytes, mime: str) -> None:
+        """Upload bytes from memory into a run's artifacts through the tracking server's proxy."""
+        parsed = urlparse(artifact_uri)
+        if parsed.scheme != "mlflow-artifacts":
+            raise TrackingError(
+                "The tracking server does not proxy artifacts; start it with "
+                "--artifacts-destination (captchaops up does)."
+            )
+        base = f"{self.uri}{_ARTIFACTS}{parsed.path}"
+        try:
+            resp = httpx.put(
+                f"{base.rstrip('/')}/{path}",
+                content=data,
+                headers={"Content-Type": mime},
+                auth=self._auth,
+                timeout=max(self.timeout, 30.0),
+            )
+        except httpx.HTTPError as exc:
+            raise TrackingError(self.unreachable()) from exc
+        if resp.status_code != 200:
+            raise TrackingError(
+                f"The tracking server refused the upload (HTTP {resp.status_code}); "
+                "check its artifact store and retry."
+            )
+
+    def unreachable(self) -> str:
+        """The one-line message for a tracking server that does not answer."""
+        return f"The tracking server at {self.uri} is not reachable; start it with `captchaops up` and retry."

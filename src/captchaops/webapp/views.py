@@ -1,0 +1,104 @@
+"""The one page: upload or generate, see every environment's answer, correct it."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from flask import Blueprint, flash, redirect, render_template, request, url_for
+
+from captchaops.webapp.app import current_demo
+from captchaops.webapp.inputs import BadInput, check_image, decode_base64
+from captchaops.webapp.service import Result
+
+bp = Blueprint("pages", __name__)
+_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
+
+
+@bp.get("/")
+def index() -> Any:
+    """The page before any image: what each environment serves, how many corrections wait."""
+    demo = current_demo()
+    return render_template("index.html", served=demo.served(), waiting=demo.waiting())
+
+
+@bp.post("/predict")
+def predict() -> Any:
+    """Predict an uploaded image in every environment."""
+    upload = request.files.get("image")
+    data = upload.read() if upload else b""
+    return _show(data, source="upload")
+
+
+@bp.post("/generate")
+def generate() -> Any:
+    """Draw a synthetic CAPTCHA with a known label and predict it."""
+    sample = current_demo().generate()
+    return _show(sample.image, source="generate", truth=sample.label)
+
+
+@bp.post("/feedback")
+def correct() -> Any:
+    """Store the shown image under the label the visitor typed."""
+    demo = current_demo()
+    answered = request.form.getlist("answered")
+    source = request.form.get("source", "upload")
+    label = request.form.get("label", "")
+    try:
+        data = decode_base64(request.form.get("image"))
+        fmt = check_image(data, demo.settings.max_upload_bytes)
+    except BadInput as exc:
+        return _page(exc.status, error=exc.detail)
+    try:
+        checked = demo.check_correction(label, answered)
+        path = demo.correct(data, fmt, checked, answered, source)
+    except BadInput as exc:
+        return _page(
+            exc.status,
+            image=_view(data, fmt),
+            source=source,
+            answered=answered,
+            label_value=label,
+            label_error=exc.detail,
+        )
+    flash(f"Thanks: saved as {checked!r} ({path.rsplit('/', 1)[-1]}).")
+    return redirect(url_for("pages.index"), code=303)
+
+
+def _show(data: bytes, source: str, truth: str | None = None) -> Any:
+    demo = current_demo()
+    try:
+        fmt = check_image(data, demo.settings.max_upload_bytes)
+    except BadInput as exc:
+        return _page(exc.status, error=exc.detail)
+    results = demo.predict(data)
+    answered = [
+        f"{r.answer.name or demo.settings.model_name}/{r.answer.version}"
+        for r in results
+        if r.answer.available and r.answer.version
+    ]
+    return _page(
+        200,
+        image=_view(data, fmt),
+        source=source,
+        truth=truth,
+        results=results,
+        answered=answered,
+        label_value=truth or _best_text(results),
+    )
+
+
+def _page(status: int, **context: Any) -> Any:
+    return render_template("index.html", waiting=current_demo().waiting(), **context), status
+
+
+def _view(data: bytes, fmt: str) -> dict[str, str]:
+    encoded = base64.b64encode(data).decode()
+    return {"b64": encoded, "src": f"data:{_MIME[fmt]};base64,{encoded}"}
+
+
+def _best_text(results: list[Result]) -> str:
+    for r in results:
+        if r.answer.available and r.answer.text:
+            return r.answer.text
+    return ""
