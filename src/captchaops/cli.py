@@ -293,6 +293,20 @@ def evalset(
     )
 
 
+@app.command("app")
+def webapp(
+    port: int | None = typer.Option(None, "--port", help="default: the app_port setting (8080)"),
+    host: str | None = typer.Option(None, "--host", help="default: the host setting (loopback)"),
+) -> None:
+    """Serve the demo web page and JSON API over the model servers (waitress, never debug)."""
+    from captchaops.webapp.app import run
+
+    try:
+        run(load_settings(), port, host)
+    except OSError as exc:
+        fail(f"cannot listen for the web app ({exc}); pick a free port with --port")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line, never a traceback."""
     try:
