@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_WAIT_S = 0.002
+DEFAULT_WORKERS = 2
 PENDING_BATCHES = 16
 
 
@@ -51,6 +52,7 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    workers: int = DEFAULT_WORKERS,
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
     metrics = ServingMetrics()
@@ -67,6 +69,7 @@ def create_app(
         max_wait_s=max_wait_s,
         max_pending_images=settings.max_batch_images * PENDING_BATCHES,
         observe_batch=metrics.batch_size.observe,
+        workers=workers,
     )
     limits = protocol.Limits(
         max_body_bytes=max_body_bytes,
@@ -84,9 +87,10 @@ def create_app(
 
     async def _answer(request: Request) -> Response:
         try:
-            protocol.check_content_type(request.headers.get("content-type", ""))
-            body = await _read_body(request, max_body_bytes)
-            images = protocol.parse_body(body, limits)
+            with batcher.arriving():
+                protocol.check_content_type(request.headers.get("content-type", ""))
+                body = await _read_body(request, max_body_bytes)
+                images = protocol.parse_body(body, limits)
             served, predictions = await batcher.predict(images)
         except protocol.ProtocolError as exc:
             return _refuse(exc.status, exc.error, exc.detail)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,11 @@ class _Job:
 
 
 class MicroBatcher:
-    """Runs queued requests through the current model in batches of at most `max_images` images."""
+    """Runs queued requests through the current model in batches of at most `max_images` images.
+
+    A batch forms from what is queued; it waits up to `max_wait_s` more only while other
+    requests are still being read, so a lone request never waits.
+    """
 
     def __init__(
         self,
@@ -37,30 +42,44 @@ class MicroBatcher:
         max_wait_s: float,
         max_pending_images: int,
         observe_batch: Callable[[int], None],
+        workers: int = 1,
     ) -> None:
         self.current = current
         self.max_images = max_images
         self.max_wait_s = max_wait_s
         self.max_pending_images = max_pending_images
         self.observe_batch = observe_batch
+        self.workers = workers
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._pending_images = 0
+        self._arriving = 0
+        self._arrived = asyncio.Event()
         self._carry: _Job | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        """Start the batching loop on the running event loop."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
-        self._task = asyncio.create_task(self._loop())
+        """Start `workers` batching loops (each runs one batch at a time) on the running loop."""
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="predict")
+        self._tasks = [asyncio.create_task(self._loop()) for _ in range(self.workers)]
 
     async def stop(self) -> None:
         """Stop batching; waiting requests are cancelled."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way (being read), so a forming batch waits for it."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._arrived.set()
 
     async def predict(self, images: list[bytes]) -> tuple[ServedModel, list[Prediction]]:
         """Predictions for `images` and the model version that made them."""
@@ -79,7 +98,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             jobs = await self._collect()
-            count = sum(len(job.images) for job in jobs)
+            count = self._count(jobs)
             self._pending_images -= count
             self.observe_batch(count)
             outcomes = await loop.run_in_executor(self._executor, self._run, jobs)
@@ -95,15 +114,25 @@ class MicroBatcher:
         first = self._carry or await self._queue.get()
         self._carry = None
         jobs = [first]
-        count = len(first.images)
-        self._drain(jobs, count)
-        count = sum(len(job.images) for job in jobs)
-        if count < self.max_images and self._carry is None and self.max_wait_s > 0:
-            await asyncio.sleep(self.max_wait_s)
-            self._drain(jobs, count)
+        self._drain(jobs)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while self._arriving > 0 and self._carry is None and self._count(jobs) < self.max_images:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            self._drain(jobs)
         return jobs
 
-    def _drain(self, jobs: list[_Job], count: int) -> None:
+    @staticmethod
+    def _count(jobs: list[_Job]) -> int:
+        return sum(len(job.images) for job in jobs)
+
+    def _drain(self, jobs: list[_Job]) -> None:
+        count = self._count(jobs)
         while self._carry is None and not self._queue.empty():
             job = self._queue.get_nowait()
             if count + len(job.images) > self.max_images:

@@ -1,0 +1,465 @@
+"""Serving benchmark: our model server against `mlflow models serve` on the same registered version.
+
+Usage:
+  python -m benchmarks serving                       # via `make bench`
+  python -m benchmarks.bench_serving [--duration S] [--concurrency 1,8,32] [--model-dir PATH]
+  python -m benchmarks.bench_serving load URL CONCURRENCY SECONDS BODY_FILE   # the load generator
+
+Everything runs on this machine in one invocation: a private tracking server, a model
+(trained for a few seconds at the demo architecture, or copied from --model-dir), both
+servers, and the load generator in a process of its own. Prints requests/s, p50/p99 latency
+and peak server RSS per concurrency with the ratios, then the hot-swap timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+
+VENV_BIN = Path(sys.executable).parent
+MODEL_NAME = "text-captcha"
+RESULTS = Path("bench-results") / "serving.json"
+TARGET_SPEEDUP = 3.0
+TARGET_RSS_MB = 250.0
+TARGET_SWAP_S = 5.0
+
+
+@dataclass
+class LoadResult:
+    """What one load-generator run measured."""
+
+    concurrency: int
+    seconds: float
+    ok: int
+    failed: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    versions: list[tuple[float, str]]
+
+
+# --- load generator (runs in its own process) ---------------------------------------------
+
+
+def generate_load(url: str, concurrency: int, seconds: float, body: bytes) -> dict[str, object]:
+    """POST `body` to url/invocations from `concurrency` keep-alive connections for `seconds`."""
+    parts = urlsplit(url)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    failures = [0] * concurrency
+    versions: list[list[tuple[float, str]]] = [[] for _ in range(concurrency)]
+    start = time.monotonic()
+    deadline = start + seconds
+    headers = {"Content-Type": "application/json"}
+
+    def worker(i: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        last_version = ""
+        while time.monotonic() < deadline:
+            sent = time.perf_counter()
+            try:
+                conn.request("POST", "/invocations", body=body, headers=headers)
+                resp = conn.getresponse()
+                payload = resp.read()
+                ok = resp.status == 200 and payload.startswith(b'{"predictions"')
+                version = resp.getheader("X-Model-Version") or ""
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+                ok, version = False, ""
+            if ok:
+                latencies[i].append(time.perf_counter() - sent)
+                if version != last_version:
+                    versions[i].append((time.time(), version))
+                    last_version = version
+            else:
+                failures[i] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - start
+    flat = sorted(x for per in latencies for x in per)
+    return {
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "ok": len(flat),
+        "failed": sum(failures),
+        "rps": len(flat) / elapsed,
+        "p50_ms": _quantile(flat, 0.50) * 1000,
+        "p99_ms": _quantile(flat, 0.99) * 1000,
+        "versions": sorted(v for per in versions for v in per),
+    }
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def run_load(url: str, concurrency: int, seconds: float, body_file: Path) -> LoadResult:
+    """Run the load generator in a separate process and read its result."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_serving",
+            "load",
+            url,
+            str(concurrency),
+            str(seconds),
+            str(body_file),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    data = json.loads(out.stdout)
+    data["versions"] = [tuple(v) for v in data["versions"]]
+    return LoadResult(**data)
+
+
+# --- processes --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """Block until GET url answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
+
+
+@contextmanager
+def process(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A child process that is stopped (with its children) on exit."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        tree = [proc.pid]
+        with suppress(psutil.NoSuchProcess):
+            tree += [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for pid in tree[1:]:
+            with suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, in MB."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total / 2**20
+
+
+@contextmanager
+def peak_rss(pid: int) -> Iterator[list[float]]:
+    """Sample a process tree's RSS every 100 ms; the yielded list holds the peak on exit."""
+    peak = [tree_rss_mb(pid)]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], tree_rss_mb(pid))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --- the benchmark ----------------------------------------------------------------------
+
+
+def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tuple[str, str]:
+    """Register two versions of one model (A and B, same weights); returns their numbers."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    if model_dir is None:
+        from captchaops.settings import load_settings
+        from captchaops.train import TrainConfig, train
+
+        config = TrainConfig(synthetic=400, epochs=1, max_minutes=1.0, workers=1)
+        settings = load_settings(home=work / "home", tracking_uri=tracking_uri)
+        result = train(config, settings)
+        source_run, version_a = result.run_id, result.version
+        client = MlflowClient(tracking_uri)
+        source = client.get_model_version(MODEL_NAME, version_a).source
+    else:
+        mlflow.set_tracking_uri(tracking_uri)
+        client = MlflowClient(tracking_uri)
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(model_dir), "model")
+        source_run, source = run.info.run_id, f"runs:/{run.info.run_id}/model"
+        client.create_registered_model(MODEL_NAME)
+        version_a = client.create_model_version(MODEL_NAME, source, source_run).version
+    version_b = client.create_model_version(MODEL_NAME, source, source_run).version
+    client.set_registered_model_alias(MODEL_NAME, "production", version_a)
+    return str(version_a), str(version_b)
+
+
+def request_body(work: Path) -> Path:
+    """One generated CAPTCHA as a `dataframe_split` request body, written to a file."""
+    from captchaops.data.synthetic import generate
+
+    image = generate(1, seed=7)[0].image
+    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
+    path = work / "body.json"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def measure(
+    name: str, url: str, pid: int, levels: list[int], seconds: float, body: Path
+) -> dict[int, tuple[LoadResult, float]]:
+    """Load one server at each concurrency; returns the result and peak RSS per level."""
+    run_load(url, 2, 2.0, body)
+    out = {}
+    for level in levels:
+        with peak_rss(pid) as peak:
+            result = run_load(url, level, seconds, body)
+        out[level] = (result, peak[0])
+        print(
+            f"  {name:>6} c={level:<3} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.1f} ms"
+            f"  p99 {result.p99_ms:7.1f} ms  failed {result.failed}  RSS {peak[0]:.0f} MB",
+            flush=True,
+        )
+    return out
+
+
+def hot_swap(url: str, tracking_uri: str, version_b: str, body: Path) -> tuple[float, int]:
+    """Move the alias under load; seconds until the first answer from B, failed requests."""
+    from mlflow import MlflowClient
+
+    box: dict[str, LoadResult] = {}
+    load = threading.Thread(target=lambda: box.setdefault("r", run_load(url, 8, 12.0, body)))
+    load.start()
+    time.sleep(3.0)
+    moved = time.time()
+    MlflowClient(tracking_uri).set_registered_model_alias(MODEL_NAME, "production", version_b)
+    load.join()
+    result = box["r"]
+    firsts = [t for t, version in result.versions if version == version_b and t >= moved]
+    return (min(firsts) - moved if firsts else float("inf")), result.failed
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the whole serving benchmark and print the table."""
+    args = _parse(argv or [])
+    levels = [int(x) for x in args.concurrency.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    tracking_port = free_port()
+    tracking_uri = f"http://127.0.0.1:{tracking_port}"
+    tracking_cmd = [
+        sys.executable,
+        "-m",
+        "captchaops.stack.tracking",
+        "--backend-store-uri",
+        f"sqlite:///{work / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(work / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(tracking_port),
+        "--workers",
+        "1",
+    ]
+    try:
+        with process(tracking_cmd, work / "tracking.log", env) as tracking:
+            wait_http(f"{tracking_uri}/health", tracking)
+            if args.model_dir is None:
+                print("training a demo-architecture model for a few seconds ...", flush=True)
+            version_a, version_b = prepare_model(tracking_uri, args.model_dir, work)
+            body = request_body(work)
+            ours_port, theirs_port = free_port(), free_port()
+            ours_env = {
+                **env,
+                "CAPTCHAOPS_HOME": str(work / "serve-home"),
+                "CAPTCHAOPS_TRACKING_URI": tracking_uri,
+                "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
+            }
+            ours_cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", "production"]
+            theirs_cmd = [
+                str(VENV_BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"models:/{MODEL_NAME}/{version_a}",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(theirs_port),
+            ]
+            results = {}
+            with process(
+                [*ours_cmd, "--port", str(ours_port)], work / "ours.log", ours_env
+            ) as ours:
+                url = f"http://127.0.0.1:{ours_port}"
+                wait_http(f"{url}/health", ours)
+                print(
+                    f"serving version {version_a}; load {args.duration:.0f}s per level", flush=True
+                )
+                results["ours"] = measure("ours", url, ours.pid, levels, args.duration, body)
+                swap_s, swap_failed = hot_swap(url, tracking_uri, version_b, body)
+                tf_loaded = httpx.get(f"{url}/health").json()["tensorflow_loaded"]
+            with process(
+                theirs_cmd, work / "mlflow-serve.log", {**env, "MLFLOW_TRACKING_URI": tracking_uri}
+            ) as theirs:
+                url = f"http://127.0.0.1:{theirs_port}"
+                wait_http(f"{url}/ping", theirs)
+                results["mlflow"] = measure("mlflow", url, theirs.pid, levels, args.duration, body)
+        report(results, levels, swap_s, swap_failed, tf_loaded)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(
+    results: dict[str, dict[int, tuple[LoadResult, float]]],
+    levels: list[int],
+    swap_s: float,
+    swap_failed: int,
+    tf_loaded: bool,
+) -> None:
+    """Print the comparison table and write it to bench-results/serving.json."""
+    rows = []
+    header = (
+        f"{'conc':>4} | {'ours req/s':>10} {'mlflow req/s':>12} {'x':>6} | "
+        f"{'ours p50':>8} {'mlflow p50':>10} | {'ours p99':>8} {'mlflow p99':>10} {'ratio':>6} | "
+        f"{'ours RSS':>8} {'mlflow RSS':>10}"
+    )
+    print("\n" + header)
+    print("-" * len(header))
+    for level in levels:
+        ours, ours_rss = results["ours"][level]
+        theirs, theirs_rss = results["mlflow"][level]
+        speedup = ours.rps / theirs.rps if theirs.rps else float("inf")
+        p99_ratio = ours.p99_ms / theirs.p99_ms if theirs.p99_ms else float("nan")
+        print(
+            f"{level:>4} | {ours.rps:>10.1f} {theirs.rps:>12.1f} {speedup:>5.1f}x | "
+            f"{ours.p50_ms:>6.1f}ms {theirs.p50_ms:>8.1f}ms | {ours.p99_ms:>6.1f}ms "
+            f"{theirs.p99_ms:>8.1f}ms {p99_ratio:>6.2f} | {ours_rss:>6.0f}MB {theirs_rss:>8.0f}MB"
+        )
+        rows.append(
+            {
+                "concurrency": level,
+                "ours": {**_summary(ours), "rss_mb": ours_rss},
+                "mlflow": {**_summary(theirs), "rss_mb": theirs_rss},
+                "speedup": speedup,
+                "p99_ratio": p99_ratio,
+            }
+        )
+    peak_ours = max(rss for _, rss in results["ours"].values())
+    at8 = next((row for row in rows if row["concurrency"] == 8), None)
+    print()
+    if at8 is not None:
+        print(
+            f"concurrency 8: {at8['speedup']:.1f}x requests/s (target >= {TARGET_SPEEDUP:.0f}x), "
+            f"p99 ratio {at8['p99_ratio']:.2f} (target <= 0.33)"
+        )
+    print(f"peak RSS of our server: {peak_ours:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB)")
+    print(
+        f"hot swap: first answer from the new version {swap_s:.2f} s after the alias moved "
+        f"(target <= {TARGET_SWAP_S:.0f} s), {swap_failed} failed requests (target 0)"
+    )
+    print(f"TensorFlow loaded in our server: {tf_loaded}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "peak_rss_mb": peak_ours,
+                "swap_seconds": swap_s,
+                "swap_failed": swap_failed,
+                "tensorflow_loaded": tf_loaded,
+            },
+            indent=2,
+        )
+    )
+    print(f"(written to {RESULTS})")
+
+
+def _summary(result: LoadResult) -> dict[str, float]:
+    return {
+        "rps": result.rps,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "ok": result.ok,
+        "failed": result.failed,
+    }
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench_serving")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per level")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    parser.add_argument("--model-dir", type=Path, help="an MLflow model folder to serve")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "load":
+        url, concurrency, seconds, body_file = sys.argv[2:6]
+        print(
+            json.dumps(
+                generate_load(url, int(concurrency), float(seconds), Path(body_file).read_bytes())
+            )
+        )
+    else:
+        main(sys.argv[1:])
