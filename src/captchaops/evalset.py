@@ -1,0 +1,303 @@
+"""The frozen evaluation set: made once, stored by digest on the tracking server, scored through pyfunc."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.environment_variables import (
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+    MLFLOW_TRACKING_PASSWORD,
+    MLFLOW_TRACKING_USERNAME,
+)
+
+from captchaops.data.dataset import DataError
+from captchaops.data.folder import read_folder
+from captchaops.data.synthetic import DIGITS_UPPER, generate
+from captchaops.evaluate import character_error_rate, sequence_accuracy
+from captchaops.settings import Settings
+
+EVAL_EXPERIMENT = "text-captcha-evaluation"
+EVAL_SEED = 7_919_000
+"""Seed of the generated part of the frozen set; training must never use it (see docs)."""
+DIGEST_TAG = "evalset_digest"
+"""Registered-model tag naming the current frozen set; also tags the run that stores it."""
+ARTIFACT = "evalset.zip"
+SCORE_TAGS = ("seq_acc", "cer", "p50_ms", "p95_ms")
+
+
+class EvalSetError(Exception):
+    """A frozen-set problem a user can fix; the message is one line with the fix."""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Labelled images every version is judged on, identified by the digest of their content."""
+
+    images: list[bytes]
+    labels: list[str]
+    digest: str
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Score:
+    """One version's result on the frozen set; `error` is set when it failed to load or predict."""
+
+    version: str
+    digest: str
+    seq_acc: float = 0.0
+    cer: float = 1.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    n: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the version loaded and predicted every image."""
+        return self.error is None
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """The numbers as MLflow metrics named `<prefix>_<metric>` (empty when it failed)."""
+        if not self.ok:
+            return {}
+        return {f"{prefix}_{key}": float(getattr(self, key)) for key in SCORE_TAGS}
+
+
+def digest_of(images: list[bytes], labels: list[str]) -> str:
+    """SHA-256 over every (image hash, label) pair, in order."""
+    outer = hashlib.sha256()
+    for image, label in zip(images, labels, strict=True):
+        outer.update(hashlib.sha256(image).digest())
+        outer.update(label.encode() + b"\0")
+    return outer.hexdigest()
+
+
+def client_for(settings: Settings) -> MlflowClient:
+    """An MLflow client for the configured tracking server (also the default for pyfunc loads)."""
+    env = settings.mlflow_env()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.set("true")
+    if "MLFLOW_TRACKING_USERNAME" in env:
+        MLFLOW_TRACKING_USERNAME.set(env["MLFLOW_TRACKING_USERNAME"])
+        MLFLOW_TRACKING_PASSWORD.set(env["MLFLOW_TRACKING_PASSWORD"])
+    return MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
+
+
+def _pack(evalset: EvalSet, meta: dict[str, object]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        items = []
+        for i, (image, label) in enumerate(zip(evalset.images, evalset.labels, strict=True)):
+            name = f"images/{i:06d}.bin"
+            archive.writestr(name, image)
+            items.append({"file": name, "label": label})
+        archive.writestr("labels.json", json.dumps({**meta, "items": items}))
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes) -> EvalSet:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        meta = json.loads(archive.read("labels.json"))
+        images = [archive.read(item["file"]) for item in meta["items"]]
+    labels = [item["label"] for item in meta["items"]]
+    return EvalSet(images, labels, digest_of(images, labels), int(meta["seed"]))
+
+
+def _experiment_id(client: MlflowClient) -> str:
+    experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    return str(client.create_experiment(EVAL_EXPERIMENT, tags={"kind": "evalset"}))
+
+
+def _ensure_model(client: MlflowClient, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(name)
+
+
+def current_digest(settings: Settings) -> str | None:
+    """Digest of the frozen set the registered model is judged on, if one was made."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client_for(settings).get_registered_model(settings.model_name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return model.tags.get(DIGEST_TAG)
+
+
+def create_evalset(
+    settings: Settings,
+    *,
+    size: int = 2000,
+    seed: int = EVAL_SEED,
+    folder: Path | None = None,
+    alphabet: str = DIGITS_UPPER,
+    length: tuple[int, int] = (4, 4),
+    replace: bool = False,
+) -> EvalSet:
+    """Generate (plus an optional labelled folder), store and pin the frozen set for the model."""
+    existing = current_digest(settings)
+    if existing and not replace:
+        raise EvalSetError(
+            f"{settings.model_name} already has a frozen evaluation set ({existing[:12]}); "
+            "pass --replace to make a new one"
+        )
+    samples = generate(size, seed, alphabet=alphabet, length=length, workers=2)
+    images = [s.image for s in samples]
+    labels = [s.label for s in samples]
+    if folder is not None:
+        try:
+            extra = read_folder(folder, alphabet=alphabet)
+        except DataError as exc:
+            raise EvalSetError(str(exc)) from exc
+        images += extra.images
+        labels += extra.labels
+    if not labels:
+        raise EvalSetError("the frozen set would be empty; pass --size above 0 or a --folder")
+    evalset = EvalSet(images, labels, digest_of(images, labels), seed)
+    client = client_for(settings)
+    meta = {
+        "seed": seed,
+        "generated": size,
+        "folder": str(folder) if folder else "",
+        "folder_images": len(labels) - size,
+        "alphabet": alphabet,
+        "length": list(length),
+    }
+    run = client.create_run(
+        _experiment_id(client),
+        run_name=f"evalset {evalset.digest[:12]}",
+        tags={DIGEST_TAG: evalset.digest, "kind": "evalset", "model_name": settings.model_name},
+    )
+    client.log_batch(
+        run.info.run_id,
+        params=[mlflow.entities.Param(k, str(v)[:500]) for k, v in meta.items()],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / ARTIFACT
+        path.write_bytes(_pack(evalset, meta))
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    _ensure_model(client, settings.model_name)
+    client.set_registered_model_tag(settings.model_name, DIGEST_TAG, evalset.digest)
+    client.set_registered_model_tag(settings.model_name, "evalset_seed", str(seed))
+    return evalset
+
+
+def load_evalset(settings: Settings, digest: str) -> EvalSet:
+    """The stored frozen set with this digest, verified against its content."""
+    client = client_for(settings)
+    experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
+    runs = (
+        client.search_runs(
+            [experiment.experiment_id], f"tags.{DIGEST_TAG} = '{digest}'", max_results=1
+        )
+        if experiment is not None
+        else []
+    )
+    if not runs:
+        raise EvalSetError(
+            f"no stored frozen evaluation set with digest {digest[:12]}; "
+            "make one with `captchaops evalset --replace`"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(runs[0].info.run_id, ARTIFACT, tmp)
+        evalset = _unpack(Path(local).read_bytes())
+    if evalset.digest != digest:
+        raise EvalSetError(
+            f"the stored frozen set {digest[:12]} does not match its digest; "
+            "make a new one with `captchaops evalset --replace`"
+        )
+    return evalset
+
+
+def ensure_evalset(settings: Settings, size: int = 2000) -> EvalSet:
+    """The model's frozen set, made on first use with the default seed."""
+    digest = current_digest(settings)
+    if digest:
+        return load_evalset(settings, digest)
+    return create_evalset(settings, size=size)
+
+
+def score(
+    settings: Settings,
+    version: str,
+    evalset: EvalSet,
+    *,
+    batch_size: int = 64,
+    latency_samples: int = 50,
+) -> Score:
+    """Accuracy, CER and single-image latency of a version, loaded the way serving loads it."""
+    uri = f"models:/{settings.model_name}/{version}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        texts: list[str] = []
+        for start in range(0, len(evalset), batch_size):
+            batch = evalset.images[start : start + batch_size]
+            texts += [p["text"] for p in model.predict_images(batch)]
+        latencies = []
+        for image in evalset.images[:latency_samples]:
+            began = time.perf_counter()
+            model.predict_images([image])
+            latencies.append((time.perf_counter() - began) * 1000)
+    except Exception as exc:  # a broken model may fail in any library; the gate rejects it
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Score(version, evalset.digest, error=f"{type(exc).__name__}: {first}")
+    return Score(
+        version=version,
+        digest=evalset.digest,
+        seq_acc=sequence_accuracy(texts, evalset.labels),
+        cer=character_error_rate(texts, evalset.labels),
+        p50_ms=float(np.percentile(latencies, 50)) if latencies else 0.0,
+        p95_ms=float(np.percentile(latencies, 95)) if latencies else 0.0,
+        n=len(evalset),
+    )
+
+
+def record_score(client: MlflowClient, name: str, result: Score) -> None:
+    """Remember a successful score on the version (tags `eval_*`) so later moves can reuse it."""
+    if not result.ok:
+        return
+    client.set_model_version_tag(name, result.version, "eval_digest", result.digest)
+    for key in SCORE_TAGS:
+        client.set_model_version_tag(
+            name, result.version, f"eval_{key}", f"{getattr(result, key):.6g}"
+        )
+
+
+def cached_score(client: MlflowClient, settings: Settings, version: str, evalset: EvalSet) -> Score:
+    """The version's recorded score on this frozen set, scoring it now when there is none."""
+    tags = client.get_model_version(settings.model_name, version).tags
+    if tags.get("eval_digest") == evalset.digest and all(f"eval_{k}" in tags for k in SCORE_TAGS):
+        values = {k: float(tags[f"eval_{k}"]) for k in SCORE_TAGS}
+        return Score(version, evalset.digest, n=len(evalset), **values)
+    result = score(settings, version, evalset)
+    record_score(client, settings.model_name, result)
+    return result

@@ -1,0 +1,188 @@
+"""The continuous-deployment gate: candidate @staging vs champion @production on the frozen set."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from captchaops import registry
+from captchaops.evalset import EvalSet, Score, client_for, ensure_evalset, record_score, score
+from captchaops.registry import PRODUCTION, STAGING, Move
+from captchaops.settings import Settings
+
+EPSILON = 1e-9
+EXIT_PROMOTED = 0
+EXIT_ERROR = 1
+EXIT_REJECTED = 3
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Thresholds of the gate; every field is a `captchaops promote --auto` option."""
+
+    margin: float = 0.0
+    """Candidate sequence accuracy must reach the champion's plus this."""
+    floor: float | None = None
+    """Accuracy a first candidate (no champion) needs; None means settings.staging_floor."""
+    cer_tolerance: float = 0.0
+    """How much higher than the champion's the candidate's CER may be."""
+    latency_ratio: float = 1.5
+    """Candidate p95 latency budget as a multiple of the champion's..."""
+    latency_slack_ms: float = 5.0
+    """...plus this many milliseconds, so timer noise on tiny models does not decide."""
+    batch_size: int = 64
+    latency_samples: int = 50
+
+    def thresholds(self, settings: Settings) -> dict[str, float]:
+        """The numbers the decision used, for the audit record."""
+        values = asdict(self)
+        values["floor"] = self.effective_floor(settings)
+        return {k: float(v) for k, v in values.items()}
+
+    def effective_floor(self, settings: Settings) -> float:
+        """The floor in force."""
+        return settings.staging_floor if self.floor is None else self.floor
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gate concluded and why; `refusals` is empty exactly when it promotes."""
+
+    candidate_version: str
+    champion_version: str | None
+    candidate: Score | None
+    champion: Score | None
+    thresholds: dict[str, float]
+    refusals: list[str] = field(default_factory=list)
+
+    @property
+    def promote(self) -> bool:
+        """Whether the candidate may become @production."""
+        return not self.refusals
+
+    def reason(self) -> str:
+        """One line: the refusals, or the comparison that let the candidate through."""
+        if self.refusals:
+            return "; ".join(self.refusals)
+        c = self.candidate
+        assert c is not None
+        if self.champion is None or not self.champion.ok:
+            return f"first production candidate: accuracy {c.seq_acc:.4f} >= floor {self.thresholds['floor']:.4f}"
+        p = self.champion
+        return (
+            f"accuracy {c.seq_acc:.4f} vs {p.seq_acc:.4f} (margin {self.thresholds['margin']}), "
+            f"CER {c.cer:.4f} vs {p.cer:.4f}, p95 {c.p95_ms:.1f} vs {p.p95_ms:.1f} ms"
+        )
+
+
+def judge(candidate: Score, champion: Score | None, config: GateConfig, floor: float) -> list[str]:
+    """Why the candidate may not replace the champion; empty when it may."""
+    if not candidate.ok:
+        return [f"candidate v{candidate.version} failed to load or predict ({candidate.error})"]
+    if champion is None or not champion.ok:
+        if candidate.seq_acc + EPSILON < floor:
+            return [f"accuracy {candidate.seq_acc:.4f} is below the floor {floor:.4f}"]
+        return []
+    refusals = []
+    needed = champion.seq_acc + config.margin
+    if candidate.seq_acc + EPSILON < needed:
+        refusals.append(
+            f"accuracy {candidate.seq_acc:.4f} < champion {champion.seq_acc:.4f} + margin {config.margin}"
+        )
+    if candidate.cer > champion.cer + config.cer_tolerance + EPSILON:
+        refusals.append(f"CER {candidate.cer:.4f} is worse than champion {champion.cer:.4f}")
+    budget = champion.p95_ms * config.latency_ratio + config.latency_slack_ms
+    if candidate.p95_ms > budget:
+        refusals.append(f"p95 latency {candidate.p95_ms:.1f} ms is over budget {budget:.1f} ms")
+    return refusals
+
+
+def decide(
+    settings: Settings, config: GateConfig | None = None, evalset: EvalSet | None = None
+) -> Decision:
+    """Score @staging and @production on the frozen set and judge them; changes no alias."""
+    config = config or GateConfig()
+    thresholds = config.thresholds(settings)
+    candidate_version = registry.resolve(settings, alias=STAGING)
+    champion_version = registry.resolve_alias(settings, PRODUCTION)
+    if candidate_version == champion_version:
+        return Decision(
+            candidate_version,
+            champion_version,
+            None,
+            None,
+            thresholds,
+            [f"v{candidate_version} is already @production; train a new candidate first"],
+        )
+    with registry.one_line_errors(settings):
+        client = client_for(settings)
+        tags = client.get_model_version(settings.model_name, candidate_version).tags
+        if tags.get("validation_status") == "rejected":
+            why = tags.get("rejection_reason", "no reason recorded")[:200]
+            return Decision(
+                candidate_version,
+                champion_version,
+                None,
+                None,
+                thresholds,
+                [f"v{candidate_version} was rejected before ({why}); train a new candidate"],
+            )
+        evalset = evalset or ensure_evalset(settings)
+    kwargs = {"batch_size": config.batch_size, "latency_samples": config.latency_samples}
+    candidate = score(settings, candidate_version, evalset, **kwargs)
+    champion = score(settings, champion_version, evalset, **kwargs) if champion_version else None
+    with registry.one_line_errors(settings):
+        for result in (candidate, champion):
+            if result is not None:
+                record_score(client, settings.model_name, result)
+    refusals = judge(candidate, champion, config, config.effective_floor(settings))
+    return Decision(candidate_version, champion_version, candidate, champion, thresholds, refusals)
+
+
+def auto_promote(
+    settings: Settings,
+    config: GateConfig | None = None,
+    *,
+    actor: str | None = None,
+    reason: str = "",
+    evalset: EvalSet | None = None,
+) -> tuple[Decision, Move | None]:
+    """Run the gate and act on it: promote and audit, or audit the rejection."""
+    actor = actor or registry.default_actor()
+    decision = decide(settings, config, evalset)
+    why = f"gate: {decision.reason()}" + (f" ({reason})" if reason else "")
+    if decision.promote:
+        assert decision.candidate is not None
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        stamp = {
+            "validation_status": "validated",
+            "validated_at": now,
+            "promoted_at": now,
+            "promoted_by": actor,
+            "promotion_reason": why[:4000],
+        }
+        move = registry.move_alias(
+            settings,
+            alias=PRODUCTION,
+            to_version=decision.candidate_version,
+            expect_from=decision.champion_version,
+            reason=why,
+            actor=actor,
+            kind="gate",
+            candidate=decision.candidate,
+            champion=decision.champion,
+            thresholds=decision.thresholds,
+            version_tags={decision.candidate_version: stamp},
+        )
+        return decision, move
+    if decision.candidate is None:
+        return decision, None
+    move = registry.record_rejection(
+        settings,
+        candidate=decision.candidate,
+        champion=decision.champion,
+        reason=why,
+        actor=actor,
+        thresholds=decision.thresholds,
+    )
+    return decision, move
