@@ -351,6 +351,44 @@ def users_service() -> None:
         console.print(f"  {grant}", highlight=False)
 
 
+@app.command("train")
+def train_command(
+    data: str | None = typer.Option(None, "--data", help="folder of images named <label>.png"),
+    synthetic: int | None = typer.Option(None, "--synthetic", help="generate N CAPTCHAs instead"),
+    epochs: int | None = typer.Option(None, "--epochs", help="at most this many epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="hard time budget"),
+    val_fraction: float | None = typer.Option(None, "--val-fraction"),
+    seed: int | None = typer.Option(None, "--seed"),
+    include_feedback: bool = typer.Option(
+        False, "--include-feedback", help="add corrections submitted in the web app"
+    ),
+) -> None:
+    """Train a CRNN (demo preset by default), log it to MLflow and register a new version."""
+    from pathlib import Path
+
+    from captchaops import train as training
+
+    if data is not None and synthetic is not None:
+        fail("use either --data DIR or --synthetic N, not both")
+    config = training.with_overrides(
+        training.TrainConfig.demo(),
+        data_dir=Path(data) if data else None,
+        synthetic=synthetic,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_minutes=max_minutes,
+        val_fraction=val_fraction,
+        seed=seed,
+        include_feedback=include_feedback or None,
+    )
+    try:
+        result = training.train_with_progress(config, load_settings(), console)
+    except (training.DataError, training.TrainError) as exc:
+        fail(str(exc))
+    training.print_summary(result, console)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line, never a traceback."""
     try:

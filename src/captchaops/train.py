@@ -18,6 +18,9 @@ import mlflow
 import numpy as np
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.tracking import MlflowClient
+from rich.console import Console
+from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as ProgressBar
 
 from captchaops.data import synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
@@ -455,3 +458,41 @@ def _note(meta: dict[str, Any], metrics: dict[str, float], top: list[tuple[str, 
 def with_overrides(config: TrainConfig, **overrides: object) -> TrainConfig:
     """A copy of `config` with the non-None overrides applied."""
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def train_with_progress(config: TrainConfig, settings: Settings, console: Console) -> TrainResult:
+    """`train` with a rich progress bar showing the stage and the latest validation metrics."""
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[metrics]}"),
+    )
+    with ProgressBar(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("starting", total=1.0, metrics="")
+
+        def report(stage: str, fraction: float, metrics: dict[str, float]) -> None:
+            shown = "  ".join(
+                f"{k} {metrics[k]:.3f}" for k in ("loss", "val_seq_acc", "val_cer") if k in metrics
+            )
+            bar.update(task, description=stage, completed=fraction, metrics=shown)
+
+        return train(config, settings, progress=report)
+
+
+def print_summary(result: TrainResult, console: Console) -> None:
+    """A few lines: metrics, the registered version and whether it was staged."""
+    m = result.metrics
+    console.print(
+        f"test sequence accuracy {m['test_seq_acc']:.4f}, CER {m['test_cer']:.4f}, "
+        f"{m['epochs_run']:.0f} epochs in {m['wall_seconds']:.0f}s",
+        highlight=False,
+    )
+    if result.skipped != "none":
+        console.print(f"skipped files: {result.skipped}", highlight=False)
+    console.print(f"run {result.run_id}; registered {result.model_uri}", highlight=False)
+    if result.staged:
+        console.print("alias staging -> this version", highlight=False)
+    else:
+        console.print(f"not staged: {result.rejection_reason}", highlight=False)
