@@ -1,0 +1,58 @@
+"""The frozen evaluation set: made once, stored on the tracking server, loaded back by digest."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from captchaops import evalset
+from captchaops.data.synthetic import generate
+from captchaops.evalset import EVAL_SEED, EvalSetError
+from captchaops.train import TrainConfig
+from tests.fixtures.models import make_settings
+from tests.fixtures.stack import Tracking
+
+
+def test_frozen_set_is_stored_once_and_loaded_by_digest(
+    tracking_server: Tracking, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        tracking_server, tmp_path, model_name=f"evalset-{uuid.uuid4().hex[:8]}"
+    )
+    folder = tmp_path / "team"
+    folder.mkdir()
+    for sample in generate(3, seed=5):
+        (folder / f"{sample.label}.png").write_bytes(sample.image)
+    (folder / "notes.txt").write_text("not an image")
+
+    made = evalset.create_evalset(settings, size=40, folder=folder)
+
+    assert len(made) == 43 and made.seed == EVAL_SEED
+    assert made.digest == evalset.digest_of(made.images, made.labels)
+    assert evalset.current_digest(settings) == made.digest
+    loaded = evalset.load_evalset(settings, made.digest)
+    assert loaded.images == made.images and loaded.labels == made.labels
+    assert evalset.ensure_evalset(settings).digest == made.digest
+    again = evalset.create_evalset(
+        settings.model_copy(update={"model_name": "other-" + settings.model_name}),
+        size=40,
+        folder=folder,
+    )
+    assert again.digest == made.digest
+
+    with pytest.raises(EvalSetError, match="already has a frozen evaluation set"):
+        evalset.create_evalset(settings, size=40)
+    with pytest.raises(EvalSetError, match="no stored frozen evaluation set"):
+        evalset.load_evalset(settings, "0" * 64)
+    replaced = evalset.create_evalset(settings, size=30, replace=True)
+    assert evalset.current_digest(settings) == replaced.digest != made.digest
+
+
+def test_training_never_uses_the_evaluation_seed() -> None:
+    assert TrainConfig().seed != EVAL_SEED and TrainConfig.tiny().seed != EVAL_SEED
+    frozen = {s.label for s in generate(200, EVAL_SEED)}
+    training = generate(200, TrainConfig().seed)
+    assert {s.image for s in training}.isdisjoint(s.image for s in generate(200, EVAL_SEED))
+    assert len(frozen) > 150
