@@ -236,16 +236,21 @@ def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tupl
         result = train(config, settings)
         source_run, version_a = result.run_id, result.version
         client = MlflowClient(tracking_uri)
-        source = client.get_model_version(MODEL_NAME, version_a).source
+        registered = client.get_model_version(MODEL_NAME, version_a)
+        source = registered.source
+        model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
     else:
         mlflow.set_tracking_uri(tracking_uri)
         client = MlflowClient(tracking_uri)
         with mlflow.start_run() as run:
             mlflow.log_artifacts(str(model_dir), "model")
         source_run, source = run.info.run_id, f"runs:/{run.info.run_id}/model"
+        model_id = None
         client.create_registered_model(MODEL_NAME)
         version_a = client.create_model_version(MODEL_NAME, source, source_run).version
-    version_b = client.create_model_version(MODEL_NAME, source, source_run).version
+    version_b = client.create_model_version(
+        MODEL_NAME, source, source_run, model_id=model_id
+    ).version
     client.set_registered_model_alias(MODEL_NAME, "production", version_a)
     return str(version_a), str(version_b)
 

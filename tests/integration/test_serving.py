@@ -94,7 +94,10 @@ def copy_version(tracking_uri: str, name: str, version: str) -> str:
     """Register the same artifacts again as a new version; returns its number."""
     client = MlflowClient(tracking_uri)
     source = client.get_model_version(name, version)
-    return str(client.create_model_version(name, source.source, source.run_id).version)
+    uri = source.source
+    model_id = uri.removeprefix("models:/") if uri.startswith("models:/m-") else None
+    copy = client.create_model_version(name, uri, source.run_id, model_id=model_id)
+    return str(copy.version)
 
 
 def download_model(tracking_uri: str, name: str, version: str, dst: Path) -> Path:
