@@ -62,7 +62,11 @@ def decode(data: bytes) -> Image.Image:
             image.load()
     except InvalidImage:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Warning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(
+            f"the image declares more than {MAX_PIXELS:,} pixels; send a smaller image"
+        ) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImage(
             f"the {fmt} image cannot be decoded ({exc}); send an intact file"
         ) from exc

@@ -1,0 +1,108 @@
+"""Preprocessing: every accepted format and mode becomes float32[H, W, 1]; bad bytes are refused."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captchaops.model.preprocess import MAX_PIXELS, InvalidImage, preprocess, sniff_format
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares a size in a valid IHDR chunk but carries almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [
+        ("PNG", "RGBA"),
+        ("PNG", "RGB"),
+        ("PNG", "L"),
+        ("PNG", "P"),
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("GIF", "P"),
+        ("BMP", "RGB"),
+        ("PNG", "I;16"),
+        ("PNG", "1"),
+    ],
+)
+def test_any_format_and_mode_becomes_a_unit_range_array(fmt: str, mode: str) -> None:
+    image = Image.new("RGB", (200, 50), (250, 250, 250))
+    image.paste((20, 20, 20), (50, 10, 150, 40))
+    data = encode(image.convert(mode), fmt)
+    assert sniff_format(data) == fmt
+    array = preprocess(data, 32, 96)
+    assert array.shape == (32, 96, 1)
+    assert array.dtype == np.float32
+    assert 0.0 <= array.min() < 0.3 and 0.7 < array.max() <= 1.0
+
+
+def test_transparent_background_reads_as_white() -> None:
+    image = Image.new("RGBA", (60, 20), (0, 0, 0, 0))
+    image.paste((0, 0, 0, 255), (20, 5, 40, 15))
+    array = preprocess(encode(image, "PNG"), 20, 60)[:, :, 0]
+    assert array[0, 0] == pytest.approx(1.0)
+    assert array[10, 30] == pytest.approx(0.0)
+
+
+def test_same_bytes_same_array() -> None:
+    data = encode(Image.effect_noise((160, 60), 64).convert("RGB"), "PNG")
+    assert np.array_equal(preprocess(data, 32, 96), preprocess(data, 32, 96))
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", "empty"),
+        (b"hello, not an image", "not a PNG"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 30, "cannot be decoded"),
+        (b"GIF89a" + b"\xff" * 10, "cannot be decoded"),
+    ],
+)
+def test_bad_bytes_raise_invalid_image(data: bytes, words: str) -> None:
+    with pytest.raises(InvalidImage, match=words):
+        preprocess(data, 32, 96)
+
+
+def test_truncated_png_is_refused() -> None:
+    data = encode(Image.effect_noise((160, 60), 64), "PNG")
+    with pytest.raises(InvalidImage, match="cannot be decoded"):
+        preprocess(data[: len(data) // 2], 32, 96)
+
+
+def test_oversized_image_is_refused_before_decoding() -> None:
+    data = png_header_only(20_000, 20_000)
+    assert MAX_PIXELS < 20_000 * 20_000
+    with pytest.raises(InvalidImage, match="smaller image"):
+        preprocess(data, 32, 96)
+
+
+def test_invalid_image_is_a_value_error_with_one_line() -> None:
+    with pytest.raises(ValueError) as info:
+        preprocess(b"nope", 32, 96)
+    assert "\n" not in str(info.value)
