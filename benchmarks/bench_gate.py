@@ -1,0 +1,98 @@
+"""Gate benchmark: wall time of `promote --auto`'s decision for two models on a 2,000-image frozen set.
+
+Usage:
+  python -m benchmarks gate                          # via `make bench`
+  python -m benchmarks.bench_gate [--size 2000] [--cores 2]
+
+Everything runs in one invocation on this machine: a private tracking server, two
+versions at the demo architecture (trained for a moment: speed, not accuracy, is
+measured), the frozen set stored on the server, then `gate.decide` timed end to end
+(download the set by digest, load both models through pyfunc, batched prediction,
+single-image latency). Prints the time against the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+RESULTS = Path("bench-results") / "gate.json"
+TARGET_S = 30.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Train two versions, freeze the set, time the gate, print the result against the target."""
+    parser = argparse.ArgumentParser(prog="bench_gate")
+    parser.add_argument("--size", type=int, default=2000, help="frozen set size")
+    parser.add_argument("--cores", type=int, default=2, help="CPU cores to pin this process to")
+    args = parser.parse_args(argv or [])
+    cores = sorted(os.sched_getaffinity(0))[: args.cores]
+    os.sched_setaffinity(0, cores)
+
+    from tests.fixtures.stack import start_tracking_server, stop_process
+
+    from captchaops import evalset, gate, registry
+    from captchaops.settings import load_settings
+    from captchaops.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        server = start_tracking_server(home)
+        try:
+            settings = load_settings(home=home, tracking_uri=server.uri, staging_floor=0.0)
+            quick = replace(TrainConfig(), synthetic=256, epochs=1, max_minutes=2.0, workers=1)
+            champion = train(quick, settings).version
+            candidate = train(replace(quick, seed=1), settings).version
+
+            began = time.perf_counter()
+            frozen = evalset.create_evalset(settings, size=args.size)
+            create_s = time.perf_counter() - began
+            registry.promote(settings, version=champion, reason="benchmark champion", force=True)
+            client = evalset.client_for(settings)
+            client.set_registered_model_alias(settings.model_name, "staging", candidate)
+
+            began = time.perf_counter()
+            decision = gate.decide(settings)
+            gate_s = time.perf_counter() - began
+        finally:
+            stop_process(server.proc)
+
+    c, p = decision.candidate, decision.champion
+    assert c is not None and p is not None and c.ok and p.ok, decision.refusals
+    print(f"cores: {len(cores)}  frozen set: {len(frozen)} images ({frozen.digest[:12]})")
+    print(f"frozen set created and stored once: {create_s:.1f} s")
+    for role, result in (("candidate", c), ("champion", p)):
+        print(
+            f"{role} v{result.version}: accuracy {result.seq_acc:.4f}  CER {result.cer:.4f}  "
+            f"p50 {result.p50_ms:.2f} ms  p95 {result.p95_ms:.2f} ms"
+        )
+    verdict = "meets" if gate_s <= TARGET_S else "MISSES"
+    print(
+        f"gate wall time, two models: {gate_s:.1f} s (target <= {TARGET_S:.0f} s: {verdict}, "
+        f"{gate_s / TARGET_S:.2f}x of budget)"
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "cores": len(cores),
+                "images": len(frozen),
+                "create_s": create_s,
+                "gate_s": gate_s,
+                "target_s": TARGET_S,
+                "candidate": {"p50_ms": c.p50_ms, "p95_ms": c.p95_ms},
+                "champion": {"p50_ms": p.p50_ms, "p95_ms": p.p95_ms},
+            },
+            indent=2,
+        )
+    )
+    print(f"(written to {RESULTS})")
+
+
+if __name__ == "__main__":
+    main()
