@@ -11,7 +11,14 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CAPTCHAOPS_"
-SECRET_FIELDS = ("s3_secret_key", "tracking_password", "app_secret_key", "admin_password")
+SECRET_FIELDS = (
+    "s3_secret_key",
+    "tracking_password",
+    "app_secret_key",
+    "admin_password",
+    "auth_secret_key",
+    "service_password",
+)
 
 
 class Settings(BaseSettings):
@@ -51,7 +58,21 @@ class Settings(BaseSettings):
     staging_port: int = 8889
     app_port: int = 8080
     app_secret_key: SecretStr | None = None
+
+    auth: bool = Field(False, description="team mode: MLflow basic-auth on the tracking server")
+    allowed_hosts: str | None = Field(
+        None, description="extra Host headers the tracking server accepts (comma-separated)"
+    )
+    admin_username: str = "admin"
     admin_password: SecretStr | None = None
+    auth_database_uri: str | None = Field(
+        None, description="user store of basic-auth; defaults to sqlite:///<home>/basic_auth.db"
+    )
+    auth_secret_key: SecretStr | None = None
+    service_username: str = Field(
+        "captchaops-service", description="account the model servers and the app use in team mode"
+    )
+    service_password: SecretStr | None = None
 
     experiment_name: str = "text-captcha"
     model_name: str = "text-captcha"
@@ -81,6 +102,11 @@ class Settings(BaseSettings):
     def effective_backend_store_uri(self) -> str:
         """Where the tracking server keeps metadata."""
         return self.backend_store_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def effective_auth_database_uri(self) -> str:
+        """Where basic-auth keeps users and permissions (team mode)."""
+        return self.auth_database_uri or f"sqlite:///{self.home_dir / 'basic_auth.db'}"
 
     def server_url(self, alias: str) -> str:
         """URL of the model server for an alias."""

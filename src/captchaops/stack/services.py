@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captchaops.settings import Settings
+from captchaops.settings import Settings, ensure_secret
 from captchaops.stack.store import Store
 
 CORE = ("store", "tracking")
@@ -35,8 +36,63 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+def team_secrets(settings: Settings) -> Settings:
+    """Generate the team-mode secrets on first use: admin and service passwords, session key."""
+    for name in ("admin_password", "service_password", "auth_secret_key"):
+        settings = ensure_secret(settings, name)
+    return settings
+
+
+def write_auth_config(settings: Settings) -> Path:
+    """Write the basic-auth config the tracking server reads in team mode (0600: it names the DB)."""
+    path = settings.home_dir / "run" / "basic_auth.ini"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(
+        [
+            "[mlflow]",
+            "default_permission = READ",
+            "database_uri = " + settings.effective_auth_database_uri.replace("%", "%%"),
+            f"admin_username = {settings.admin_username}",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+            "",
+        ]
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return path
+
+
+def allowed_hosts(settings: Settings) -> str:
+    """The tracking server's --allowed-hosts: the public names plus loopback for local clients."""
+    names = [h.strip() for h in (settings.allowed_hosts or "").split(",") if h.strip()]
+    local = ["localhost", "127.0.0.1", _client_host(settings.host)]
+    return ",".join(dict.fromkeys([*names, *local, *(f"{h}:*" for h in local)]))
+
+
+def service_env(settings: Settings) -> dict[str, str]:
+    """How model servers and the app reach the tracking server (their own account in team mode)."""
+    if not settings.auth:
+        return settings.mlflow_env()
+    assert settings.service_password, "call team_secrets() first"
+    password = settings.service_password.get_secret_value()
+    return {
+        "MLFLOW_TRACKING_URI": settings.effective_tracking_uri,
+        "MLFLOW_TRACKING_USERNAME": settings.service_username,
+        "MLFLOW_TRACKING_PASSWORD": password,
+        "CAPTCHAOPS_TRACKING_USERNAME": settings.service_username,
+        "CAPTCHAOPS_TRACKING_PASSWORD": password,
+    }
+
+
+def _client_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
+
+
 def build_services(settings: Settings, store: Store, names: tuple[str, ...] = ALL) -> list[Service]:
     """The services to supervise for these settings, in start order."""
+    if settings.auth:
+        settings = team_secrets(settings)
     host = settings.host
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     home = settings.home_dir
@@ -69,6 +125,18 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
         )
     if "tracking" in names and not settings.tracking_uri:
         url = f"http://{client_host}:{settings.tracking_port}"
+        team_args: list[str] = []
+        team_env: dict[str, str] = {}
+        if settings.allowed_hosts:
+            team_args += ["--allowed-hosts", allowed_hosts(settings)]
+        if settings.auth:
+            assert settings.admin_password and settings.auth_secret_key
+            team_args += ["--app-name", "basic-auth"]
+            team_env = {
+                "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(settings)),
+                "MLFLOW_AUTH_ADMIN_PASSWORD": settings.admin_password.get_secret_value(),
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": settings.auth_secret_key.get_secret_value(),
+            }
         specs.append(
             Service(
                 name="tracking",
@@ -86,12 +154,13 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     str(settings.tracking_port),
                     "--workers",
                     str(settings.tracking_workers),
+                    *team_args,
                 ],
                 port=settings.tracking_port,
                 port_setting="CAPTCHAOPS_TRACKING_PORT",
                 health_url=f"{url}/health",
                 url=url,
-                env={**common, **store.env},
+                env={**common, **store.env, **team_env},
                 memory_hint_mb=300,
             )
         )
@@ -109,7 +178,7 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     port_setting=setting,
                     health_url=f"{url}/ping",
                     url=url,
-                    env={**common, **settings.mlflow_env()},
+                    env={**common, **service_env(settings)},
                     memory_hint_mb=250,
                 )
             )
@@ -123,7 +192,7 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                 port_setting="CAPTCHAOPS_APP_PORT",
                 health_url=f"{url}/healthz",
                 url=url,
-                env={**common, **settings.mlflow_env()},
+                env={**common, **service_env(settings)},
                 memory_hint_mb=150,
             )
         )

@@ -1,0 +1,210 @@
+"""Team accounts on the tracking server's basic-auth: one role per person, one service account."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from captchaops.data.feedback import FEEDBACK_EXPERIMENT
+from captchaops.evalset import EVAL_EXPERIMENT
+from captchaops.registry import AUDIT_EXPERIMENT
+from captchaops.settings import Settings
+
+ROLES = ("reader", "editor", "admin")
+MIN_PASSWORD = 12
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+
+
+class UsersError(Exception):
+    """An account could not be created or changed; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user as `users add` left it; `password` is set only when it was generated here."""
+
+    username: str
+    role: str
+    grants: tuple[str, ...]
+    password: str | None = None
+
+
+def _admin_auth(settings: Settings) -> tuple[str, str]:
+    """The credentials that manage users: the configured client account, else the bootstrap admin."""
+    if settings.tracking_username and settings.tracking_password:
+        return settings.tracking_username, settings.tracking_password.get_secret_value()
+    if settings.admin_password:
+        return settings.admin_username, settings.admin_password.get_secret_value()
+    raise UsersError(
+        "no admin credentials: set CAPTCHAOPS_TRACKING_USERNAME and CAPTCHAOPS_TRACKING_PASSWORD "
+        "to an admin account (or run this on the server, whose .env holds CAPTCHAOPS_ADMIN_PASSWORD)"
+    )
+
+
+class _Admin:
+    """The tracking server's REST API as an admin sees it, with one-sentence errors."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.uri = settings.effective_tracking_uri.rstrip("/")
+        self.auth = _admin_auth(settings)
+
+    def call(self, method: str, path: str, ok_missing: bool = False, **kwargs: Any) -> dict:
+        """One JSON call; `{}` for a missing resource when ok_missing is set."""
+        try:
+            resp = httpx.request(method, self.uri + path, auth=self.auth, timeout=30, **kwargs)
+        except httpx.HTTPError as exc:
+            raise UsersError(
+                f"cannot reach the tracking server at {self.uri}; start it with `captchaops up` "
+                "or set CAPTCHAOPS_TRACKING_URI"
+            ) from exc
+        text = resp.text
+        if resp.status_code == 401:
+            raise UsersError(
+                f"the tracking server at {self.uri} refused user {self.auth[0]!r}; check "
+                "CAPTCHAOPS_TRACKING_USERNAME/PASSWORD (or CAPTCHAOPS_ADMIN_PASSWORD)"
+            )
+        if resp.status_code == 403:
+            raise UsersError(f"user {self.auth[0]!r} is not an admin; ask an admin to run this")
+        if resp.status_code == 404 and "/users/" in path and "RESOURCE_DOES_NOT_EXIST" not in text:
+            raise UsersError(
+                f"the tracking server at {self.uri} has no user management; start it in team "
+                "mode (CAPTCHAOPS_AUTH=true, or --app-name basic-auth)"
+            )
+        if ok_missing and "RESOURCE_DOES_NOT_EXIST" in text:
+            return {}
+        if resp.status_code != 200:
+            raise UsersError(f"{path} answered HTTP {resp.status_code}: {text[:200]}")
+        return resp.json() if text.strip() else {}
+
+    def experiment_id(self, name: str) -> str:
+        """The id of an experiment, creating it when missing."""
+        found = self.call(
+            "GET", "/api/2.0/mlflow/experiments/get-by-name", True, params={"experiment_name": name}
+        )
+        if found:
+            return str(found["experiment"]["experiment_id"])
+        made = self.call("POST", "/api/2.0/mlflow/experiments/create", json={"name": name})
+        return str(made["experiment_id"])
+
+    def registered_model(self, name: str) -> str:
+        """The name of a registered model, creating it when missing."""
+        found = self.call(
+            "GET", "/api/2.0/mlflow/registered-models/get", True, params={"name": name}
+        )
+        if not found:
+            self.call("POST", "/api/2.0/mlflow/registered-models/create", json={"name": name})
+        return name
+
+    def user_exists(self, username: str) -> bool:
+        """True when basic-auth knows this user."""
+        return bool(
+            self.call("GET", "/api/2.0/mlflow/users/get", True, params={"username": username})
+        )
+
+    def grant(self, username: str, kind: str, resource: str, permission: str) -> None:
+        """Give a user a permission on one experiment or registered model."""
+        self.call(
+            "POST",
+            "/api/3.0/mlflow/users/permissions/grant",
+            json={
+                "username": username,
+                "resource_type": kind,
+                "resource_id": resource,
+                "permission": permission,
+            },
+        )
+
+
+def _grants(settings: Settings, role: str) -> list[tuple[str, str, str]]:
+    """(resource type, name, permission) a role gets; promotion is a registry write (EDIT)."""
+    if role == "admin":
+        return []
+    write = "EDIT" if role == "editor" else "READ"
+    return [
+        ("experiment", settings.experiment_name, write),
+        ("experiment", EVAL_EXPERIMENT, write),
+        ("experiment", AUDIT_EXPERIMENT, write),
+        ("experiment", FEEDBACK_EXPERIMENT, "READ"),
+        ("registered_model", settings.model_name, write),
+    ]
+
+
+def _apply(admin: _Admin, username: str, grants: list[tuple[str, str, str]]) -> tuple[str, ...]:
+    done = []
+    for kind, name, permission in grants:
+        resource = (
+            admin.experiment_id(name) if kind == "experiment" else admin.registered_model(name)
+        )
+        admin.grant(username, kind, resource, permission)
+        done.append(f"{permission} {kind.replace('_', ' ')} {name}")
+    return tuple(done)
+
+
+def _check(username: str, password: str | None) -> None:
+    if not _NAME.match(username):
+        raise UsersError(
+            f"{username!r} is not a valid user name; use up to 64 letters, digits, '.', '_', '@' or '-'"
+        )
+    if password is not None and len(password) < MIN_PASSWORD:
+        raise UsersError(f"the password must have at least {MIN_PASSWORD} characters")
+
+
+def add_user(settings: Settings, username: str, role: str, password: str | None = None) -> Account:
+    """Create a user with a role's permissions; generate the password unless one is given."""
+    if role not in ROLES:
+        raise UsersError(f"unknown role {role!r}; choose one of: {', '.join(ROLES)}")
+    _check(username, password)
+    admin = _Admin(settings)
+    if admin.user_exists(username):
+        raise UsersError(
+            f"user {username!r} already exists; pick another name or change it in the MLflow UI "
+            "(Settings > Users)"
+        )
+    generated = password is None
+    password = password or secrets.token_urlsafe(18)
+    admin.call(
+        "POST", "/api/2.0/mlflow/users/create", json={"username": username, "password": password}
+    )
+    if role == "admin":
+        admin.call(
+            "PATCH",
+            "/api/2.0/mlflow/users/update-admin",
+            json={"username": username, "is_admin": True},
+        )
+        grants: tuple[str, ...] = ("admin: every permission, user management",)
+    else:
+        grants = _apply(admin, username, _grants(settings, role))
+    return Account(username, role, grants, password if generated else None)
+
+
+def ensure_service_account(settings: Settings) -> Account:
+    """Create or refresh the account model servers and the app use (read + write feedback)."""
+    if not settings.service_password:
+        raise UsersError(
+            "no service account password: set CAPTCHAOPS_SERVICE_PASSWORD (captchaops up "
+            "generates one in team mode)"
+        )
+    username, password = settings.service_username, settings.service_password.get_secret_value()
+    _check(username, password)
+    admin = _Admin(settings)
+    if admin.user_exists(username):
+        admin.call(
+            "PATCH",
+            "/api/2.0/mlflow/users/update-password",
+            json={"username": username, "password": password},
+        )
+    else:
+        admin.call(
+            "POST",
+            "/api/2.0/mlflow/users/create",
+            json={"username": username, "password": password},
+        )
+    grants = [
+        *(g for g in _grants(settings, "reader") if g[1] != FEEDBACK_EXPERIMENT),
+        ("experiment", FEEDBACK_EXPERIMENT, "EDIT"),
+    ]
+    return Account(username, "service", _apply(admin, username, grants))
