@@ -91,7 +91,9 @@ def status() -> None:
 
 @app.command()
 def logs(
-    service: str = typer.Argument(..., help="store, tracking, production, staging, app, supervisord"),
+    service: str = typer.Argument(
+        ..., help="store, tracking, production, staging, app, supervisord"
+    ),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
     lines: int = typer.Option(50, "-n", "--lines", help="how many past lines to show"),
 ) -> None:
@@ -387,6 +389,37 @@ def train_command(
     except (training.DataError, training.TrainError) as exc:
         fail(str(exc))
     training.print_summary(result, console)
+
+
+@app.command()
+def demo(
+    retrain: bool = typer.Option(False, "--retrain", help="train again even if production exists"),
+) -> None:
+    """Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs."""
+    from captchaops import train as training
+    from captchaops.demo import run_demo
+    from captchaops.registry import RegistryError
+    from captchaops.stack.control import StackError
+    from captchaops.stack.store import StoreError
+
+    try:
+        summary = run_demo(
+            load_settings(),
+            say=lambda line: console.print(line, highlight=False),
+            retrain=retrain,
+            trainer=lambda config, settings: training.train_with_progress(
+                config, settings, console
+            ),
+        )
+    except (StackError, StoreError, RegistryError, training.DataError, training.TrainError) as exc:
+        fail(str(exc))
+    console.print()
+    for name, url in summary.urls.items():
+        console.print(f"{name:<20} {url}", highlight=False)
+    console.print()
+    for line in summary.lines:
+        console.print(line, highlight=False)
+    console.print("\nstop everything with: .venv/bin/captchaops down", highlight=False)
 
 
 def main() -> None:

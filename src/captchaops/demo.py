@@ -14,7 +14,7 @@ from captchaops.stack import control
 from captchaops.stack.services import ALL
 
 if TYPE_CHECKING:
-    from captchaops.train import TrainConfig
+    from captchaops.train import TrainConfig, TrainResult
 
 Say = Callable[[str], None]
 
@@ -50,9 +50,9 @@ def wait_for_version(url: str, version: str, timeout: float = 60.0) -> bool:
 def run_demo(
     settings: Settings,
     say: Say = print,
-    progress: Callable[[str, float, dict[str, float]], None] | None = None,
     retrain: bool = False,
     config: TrainConfig | None = None,
+    trainer: Callable[[TrainConfig, Settings], TrainResult] | None = None,
 ) -> DemoSummary:
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
     from captchaops import gate, registry
@@ -78,7 +78,7 @@ def run_demo(
         summary.decision = "kept the existing production model"
     else:
         say("training the demo model (about 5 minutes on 2 cores)")
-        result = train(config or TrainConfig.demo(), settings, progress)
+        result = (trainer or train)(config or TrainConfig.demo(), settings)
         summary.trained_version = result.version
         summary.test_seq_acc = result.metrics.get("test_seq_acc")
         if result.staged:
