@@ -296,8 +296,8 @@ def cached_score(client: MlflowClient, settings: Settings, version: str, evalset
     """The version's recorded score on this frozen set, scoring it now when there is none."""
     tags = client.get_model_version(settings.model_name, version).tags
     if tags.get("eval_digest") == evalset.digest and all(f"eval_{k}" in tags for k in SCORE_TAGS):
-        values = {k: float(tags[f"eval_{k}"]) for k in SCORE_TAGS}
-        return Score(version, evalset.digest, n=len(evalset), **values)
+        seq_acc, cer, p50_ms, p95_ms = (float(tags[f"eval_{k}"]) for k in SCORE_TAGS)
+        return Score(version, evalset.digest, seq_acc, cer, p50_ms, p95_ms, len(evalset))
     result = score(settings, version, evalset)
     record_score(client, settings.model_name, result)
     return result

@@ -174,7 +174,9 @@ def promotion_lock(
                 raise
         try:
             held = client.get_registered_model(lock)
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             continue
         age_s = time.time() - held.creation_timestamp / 1000
         if age_s > LOCK_STALE_S:
@@ -227,7 +229,10 @@ def _audit_experiment(client: MlflowClient) -> str:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        return str(client.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id)
+        existing = client.get_experiment_by_name(AUDIT_EXPERIMENT)
+        if existing is None:
+            raise
+        return str(existing.experiment_id)
 
 
 def _move_of(run: object) -> Move:
@@ -321,7 +326,7 @@ def _write_audit(
         "decision": decision,
         "at": at,
         "seq": str(seq),
-        "evalset_digest": (candidate or champion).digest if (candidate or champion) else "",
+        "evalset_digest": next((r.digest for r in (candidate, champion) if r is not None), ""),
     }
     params.update({f"threshold_{k}": str(v) for k, v in thresholds.items()})
     metrics = {}
@@ -598,6 +603,16 @@ def _float(value: object) -> float | None:
         return None
 
 
+def _test_accuracy(client: MlflowClient, run_id: str | None) -> float | None:
+    """The training run's test sequence accuracy, if the run still exists."""
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).data.metrics.get("test_seq_acc")
+    except MlflowException:
+        return None
+
+
 def list_versions(settings: Settings, limit: int = 50) -> Listing:
     """Versions newest first with aliases, stage, validation status and key metrics."""
     name = settings.model_name
@@ -614,9 +629,7 @@ def list_versions(settings: Settings, limit: int = 50) -> Listing:
         rows = []
         for mv in versions:
             tags = mv.tags or {}
-            test_acc = None
-            if mv.run_id:
-                test_acc = client.get_run(mv.run_id).data.metrics.get("test_seq_acc")
+            test_acc = _test_accuracy(client, mv.run_id)
             rows.append(
                 VersionRow(
                     version=str(mv.version),
