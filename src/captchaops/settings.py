@@ -56,6 +56,10 @@ class Settings(BaseSettings):
 
     production_port: int = 8888
     staging_port: int = 8889
+    production_url: str | None = Field(
+        None, description="reach the production server here (in containers: http://production:8888)"
+    )
+    staging_url: str | None = Field(None, description="reach the staging server here instead")
     app_port: int = 8080
     app_secret_key: SecretStr | None = None
 
@@ -110,6 +114,9 @@ class Settings(BaseSettings):
 
     def server_url(self, alias: str) -> str:
         """URL of the model server for an alias."""
+        override = self.production_url if alias == "production" else self.staging_url
+        if override:
+            return override.rstrip("/")
         port = self.production_port if alias == "production" else self.staging_port
         return f"http://{_client_host(self.host)}:{port}"
 

@@ -21,6 +21,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from pydantic import SecretStr
 
 from tests.fixtures.stack import free_port, stop_process, wait_http
 
@@ -210,6 +211,7 @@ def test_team_mode_end_to_end(
     from captchaops.stack.services import build_services
     from captchaops.stack.store import choose_store
     from captchaops.train import TrainConfig, train
+    from captchaops.users import UsersError, add_user
 
     env, uri, home = team["env"], team["uri"], team["home"]
     secrets = team["secrets"]
@@ -252,20 +254,18 @@ def test_team_mode_end_to_end(
     again = cli(env, "users", "add", "ed", "--role", "reader")
     assert again.returncode == 1 and "already exists" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
-    assert cli(env, "users", "add", "boss", "--role", "admin").returncode == 0
     service = cli(env, "users", "service")
     assert service.returncode == 0, service.stderr
-    no_admin = cli(
-        {
-            **env,
-            "CAPTCHAOPS_TRACKING_USERNAME": "rita",
-            "CAPTCHAOPS_TRACKING_PASSWORD": reader_password,
-        },
-        "users",
-        "add",
-        "eve",
+    as_admin = load_settings(home=home, tracking_uri=uri)
+    boss = add_user(as_admin, "boss", "admin")
+    assert boss.password and len(boss.password) >= 12
+    who = httpx.get(f"{uri}/api/2.0/mlflow/users/get", params={"username": "boss"}, auth=admin)
+    assert who.json()["user"]["is_admin"] is True
+    as_reader = as_admin.model_copy(
+        update={"tracking_username": "rita", "tracking_password": SecretStr(reader_password)}
     )
-    assert no_admin.returncode == 1 and "not an admin" in no_admin.stderr
+    with pytest.raises(UsersError, match="not an admin"):
+        add_user(as_reader, "eve", "reader")
 
     # The editor trains (real tiny model), registers and promotes.
     use_account(monkeypatch, uri, "ed", editor_password)
