@@ -45,12 +45,12 @@ class Served:
     error: str | None = None
 
 
-def predict(alias: str, url: str, image: bytes, timeout: float) -> Answer:
+def predict(http: httpx.Client, alias: str, url: str, image: bytes, timeout: float) -> Answer:
     """Send one image to one model server's `/invocations` and time the round trip."""
     body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
     start = time.perf_counter()
     try:
-        resp = httpx.post(f"{url}/invocations", json=body, timeout=timeout)
+        resp = http.post(f"{url}/invocations", json=body, timeout=timeout)
     except httpx.TimeoutException:
         return Answer(alias, url, error=f"no answer within {timeout:g} s")
     except httpx.HTTPError:
@@ -74,10 +74,10 @@ def predict(alias: str, url: str, image: bytes, timeout: float) -> Answer:
     )
 
 
-def describe(alias: str, url: str, timeout: float) -> Served:
+def describe(http: httpx.Client, alias: str, url: str, timeout: float) -> Served:
     """Ask one model server which model version it serves."""
     try:
-        resp = httpx.get(f"{url}/version", timeout=timeout)
+        resp = http.get(f"{url}/version", timeout=timeout)
     except httpx.TimeoutException:
         return Served(alias, url, error=f"no answer within {timeout:g} s")
     except httpx.HTTPError:
@@ -100,17 +100,21 @@ def describe(alias: str, url: str, timeout: float) -> Served:
         return Served(alias, url, error="answered in an unexpected format")
 
 
-def predict_all(urls: dict[str, str], image: bytes, timeout: float) -> list[Answer]:
+def predict_all(
+    http: httpx.Client, urls: dict[str, str], image: bytes, timeout: float
+) -> list[Answer]:
     """Ask every environment at once; a slow one costs at most `timeout`."""
     with ThreadPoolExecutor(max_workers=len(urls) or 1) as pool:
-        futures = [pool.submit(predict, alias, url, image, timeout) for alias, url in urls.items()]
+        futures = [
+            pool.submit(predict, http, alias, url, image, timeout) for alias, url in urls.items()
+        ]
         return [f.result() for f in futures]
 
 
-def describe_all(urls: dict[str, str], timeout: float) -> list[Served]:
+def describe_all(http: httpx.Client, urls: dict[str, str], timeout: float) -> list[Served]:
     """Ask every environment which version it serves, at once."""
     with ThreadPoolExecutor(max_workers=len(urls) or 1) as pool:
-        futures = [pool.submit(describe, alias, url, timeout) for alias, url in urls.items()]
+        futures = [pool.submit(describe, http, alias, url, timeout) for alias, url in urls.items()]
         return [f.result() for f in futures]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import httpx
+
 from captchaops.data.synthetic import DIGITS_UPPER, Sample, generate_one
 from captchaops.settings import Settings
 from captchaops.webapp import endpoints, feedback
@@ -49,18 +51,19 @@ class Demo:
     def __init__(self, settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.settings = settings
         self.timeout = timeout
+        self.http = httpx.Client()
         self.tracking = Tracking(settings, timeout)
         self.catalog = Catalog(self.tracking)
         self.urls = {alias: settings.server_url(alias) for alias in ENVIRONMENTS}
 
     def predict(self, image: bytes) -> list[Result]:
         """Every environment's answer for one checked image."""
-        answers = endpoints.predict_all(self.urls, image, self.timeout)
+        answers = endpoints.predict_all(self.http, self.urls, image, self.timeout)
         return [Result(a, self._info(a.name, a.version)) for a in answers]
 
     def served(self) -> list[Served]:
         """What every environment serves right now."""
-        return endpoints.describe_all(self.urls, self.timeout)
+        return endpoints.describe_all(self.http, self.urls, self.timeout)
 
     def generate(self) -> Sample:
         """A fresh synthetic CAPTCHA drawn from the production model's alphabet and label length."""

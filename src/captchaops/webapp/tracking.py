@@ -22,20 +22,15 @@ class Tracking:
     def __init__(self, settings: Settings, timeout: float) -> None:
         self.uri = settings.effective_tracking_uri.rstrip("/")
         self.timeout = timeout
-        self._auth: tuple[str, str] | None = None
+        auth: tuple[str, str] | None = None
         if settings.tracking_username and settings.tracking_password:
-            self._auth = (settings.tracking_username, settings.tracking_password.get_secret_value())
+            auth = (settings.tracking_username, settings.tracking_password.get_secret_value())
+        self._http = httpx.Client(auth=auth, timeout=timeout)
 
     def call(self, method: str, endpoint: str, **kwargs: Any) -> dict[str, Any]:
         """One call to `/api/2.0/mlflow/<endpoint>`; a missing resource answers `{}`."""
         try:
-            resp = httpx.request(
-                method,
-                f"{self.uri}/api/2.0/mlflow/{endpoint}",
-                auth=self._auth,
-                timeout=self.timeout,
-                **kwargs,
-            )
+            resp = self._http.request(method, f"{self.uri}/api/2.0/mlflow/{endpoint}", **kwargs)
         except httpx.HTTPError as exc:
             raise TrackingError(self.unreachable()) from exc
         if resp.status_code == 404 or (
@@ -60,11 +55,10 @@ class Tracking:
             )
         base = f"{self.uri}{_ARTIFACTS}{parsed.path}"
         try:
-            resp = httpx.put(
+            resp = self._http.put(
                 f"{base.rstrip('/')}/{path}",
                 content=data,
                 headers={"Content-Type": mime},
-                auth=self._auth,
                 timeout=max(self.timeout, 30.0),
             )
         except httpx.HTTPError as exc:
