@@ -39,7 +39,6 @@ class Served:
     url: str
     name: str | None = None
     version: str | None = None
-    run_id: str | None = None
     loaded_at: str | None = None
     alphabet: str | None = None
     error: str | None = None
@@ -91,7 +90,6 @@ def describe(http: httpx.Client, alias: str, url: str, timeout: float) -> Served
             url,
             name=_opt(info.get("name")),
             version=_opt(info.get("version")),
-            run_id=_opt(info.get("run_id")),
             loaded_at=_opt(info.get("loaded_at")),
             alphabet=_opt(info.get("alphabet")),
             error=None if info.get("version") is not None else "no model loaded yet",

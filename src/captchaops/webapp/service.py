@@ -103,17 +103,17 @@ class Demo:
             return None
 
     def _alphabets(self, answered: list[str]) -> list[str]:
-        served = [s for s in self.served() if s.alphabet]
-        matching = [s.alphabet for s in served if f"{s.name}/{s.version}" in answered]
+        served = {f"{s.name}/{s.version}": s.alphabet for s in self.served() if s.alphabet}
+        matching = [alphabet for key, alphabet in served.items() if key in answered]
         if matching:
-            return [a for a in matching if a]
-        from_registry = []
+            return matching
+        registry = []
         for item in answered:
             name, _, version = item.partition("/")
             info = self._info(name, version)
             if info and info.alphabet:
-                from_registry.append(info.alphabet)
-        return from_registry or [s.alphabet for s in served if s.alphabet]
+                registry.append(info.alphabet)
+        return registry or list(served.values())
 
     def _info(self, name: str | None, version: str | None) -> VersionInfo | None:
         if not version or version == "none":
