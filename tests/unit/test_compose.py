@@ -232,3 +232,11 @@ def test_serving_image_has_no_tensorflow() -> None:
     assert "USER captchaops" in serve
     train = (DEPLOY / "Dockerfile.train").read_text()
     assert '".[train,team]"' in train and "USER captchaops" in train
+
+
+def test_backup_dumps_the_database_before_copying_the_bucket() -> None:
+    script = (DEPLOY / "backup.sh").read_text()
+    assert subprocess.run(["sh", "-n", str(DEPLOY / "backup.sh")]).returncode == 0
+    dump, copy = script.index("pg_dump"), script.index("copy :s3:breaking-captcha")
+    assert dump < copy and "mlflow mlflow_auth" in script
+    assert "secrets.tar" in script and "umask 077" in script
