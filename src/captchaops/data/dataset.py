@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 class DataError(ValueError):
     """A data source that cannot be used for training (the message says how to fix it)."""
@@ -47,6 +49,7 @@ class LabelledImages:
     names: list[str]
     source: str
     skipped: SkipReport = field(default_factory=SkipReport)
+    arrays: list[np.ndarray | None] | None = None  # network inputs computed while generating
 
     def __len__(self) -> int:
         return len(self.images)
@@ -68,6 +71,9 @@ class LabelledImages:
         self.images += other.images
         self.labels += other.labels
         self.names += other.names
+        if self.arrays is not None or other.arrays is not None:
+            mine = self.arrays or [None] * (len(self.images) - len(other.images))
+            self.arrays = mine + (other.arrays or [None] * len(other.images))
         self.source = f"{self.source} + {other.source}"
         for reason, n in other.skipped.counts.items():
             self.skipped.counts[reason] = self.skipped.counts.get(reason, 0) + n

@@ -8,11 +8,14 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 import captcha.image
+import numpy as np
 from captcha.image import ImageCaptcha
+
+from captchaops.model.preprocess import preprocess
 
 DIGITS_UPPER = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOCK = threading.Lock()
@@ -21,10 +24,11 @@ _CHUNK = 500
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled CAPTCHA: PNG bytes and the text drawn in it."""
+    """One labelled CAPTCHA: PNG bytes, the text drawn in it, optionally the network input."""
 
     image: bytes
     label: str
+    array: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 class _SeededSecrets:
@@ -87,11 +91,15 @@ def _generate_range(
     length: tuple[int, int],
     width: int,
     height: int,
+    preprocess_to: tuple[int, int] | None,
 ) -> list[Sample]:
     generator = ImageCaptcha(width=width, height=height)
-    return [
+    samples = [
         _draw(random.Random(f"{seed}/{i}"), generator, alphabet, length) for i in range(start, stop)
     ]
+    if preprocess_to is None:
+        return samples
+    return [Sample(s.image, s.label, preprocess(s.image, *preprocess_to)) for s in samples]
 
 
 def generate(
@@ -103,11 +111,15 @@ def generate(
     width: int = 160,
     height: int = 60,
     workers: int = 1,
+    preprocess_to: tuple[int, int] | None = None,
 ) -> list[Sample]:
-    """`n` CAPTCHAs; sample i depends only on (seed, i), so any worker count gives the same set."""
+    """`n` CAPTCHAs; sample i depends only on (seed, i), so any worker count gives the same set.
+
+    With `preprocess_to=(height, width)` each sample also carries its network input array.
+    """
     if not alphabet or length[0] < 1 or length[1] < length[0]:
         raise ValueError("need a non-empty alphabet and 1 <= min length <= max length")
-    args = (seed, alphabet, length, width, height)
+    args = (seed, alphabet, length, width, height, preprocess_to)
     if workers <= 1 or n <= _CHUNK:
         return _generate_range(0, n, *args)
     starts = range(0, n, _CHUNK)

@@ -13,9 +13,9 @@ class Architecture:
     """Network shape; logged with every run and enough to rebuild the network."""
 
     height: int = 32
-    width: int = 96
-    filters: tuple[int, ...] = (32, 64, 96, 96)
-    rnn_units: int = 96
+    width: int = 80
+    filters: tuple[int, ...] = (16, 32, 48, 64)
+    rnn_units: int = 64
     dropout: float = 0.2
 
     @property
@@ -64,7 +64,8 @@ def build_crnn(
     x = layers.Dense(arch.rnn_units * 2, activation="relu", name="project")(x)
     x = layers.Dropout(arch.dropout, name="dropout")(x)
     x = layers.Bidirectional(
-        layers.GRU(arch.rnn_units, return_sequences=True, reset_after=True), name="bigru"
+        layers.GRU(arch.rnn_units, return_sequences=True, reset_after=True, unroll=True),
+        name="bigru",
     )(x)
     logits = layers.Dense(num_classes, name="logits")(x)
     probs = layers.Softmax(name="probs")(logits)

@@ -1,0 +1,134 @@
+"""Inference benchmark: the served pyfunc (ONNX Runtime) against the same network run by TensorFlow.
+
+Usage:
+  python -m benchmarks inference                     # via `make bench`
+  python -m benchmarks.bench_inference [--weights PATH.keras] [--calls N]
+
+Builds the demo-architecture network (or loads a trained .keras file), exports it to ONNX
+exactly as training does, and measures in one invocation, each side in a fresh process:
+single-image latency (bytes in, text out: preprocessing + network + CTC decoding), batch
+throughput (64 images per call) and the process's resident memory after the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path("bench-results") / "inference.json"
+TARGET_P50_MS = 2.0
+TARGET_RSS_MB = 250.0
+
+_WORKER = r"""
+import json, sys, time
+import numpy as np, psutil
+side, model_dir, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from captchaops.data.synthetic import generate
+images = [s.image for s in generate(64, 5)]
+meta = json.loads(open(f"{model_dir}/meta.json").read())
+if side == "onnxruntime":
+    from pathlib import Path
+    import mlflow.pyfunc  # the serving process imports MLflow too
+    from captchaops.model.pyfunc import CaptchaModel
+    model = CaptchaModel()
+    model.load(Path(model_dir) / "crnn.onnx", Path(model_dir) / "meta.json")
+    read = model.predict_images
+else:
+    import keras, tensorflow as tf
+    from captchaops.model.ctc import decode_greedy
+    from captchaops.model.preprocess import preprocess
+    net = keras.models.load_model(f"{model_dir}/crnn.keras")
+    forward = tf.function(lambda x: net(x, training=False), reduce_retracing=True)
+    def read(batch):
+        x = np.stack([preprocess(b, meta["height"], meta["width"]) for b in batch])
+        probs = forward(tf.constant(x)).numpy()
+        return [{"text": t, "confidence": c} for t, c in decode_greedy(probs, meta["alphabet"])]
+for _ in range(20):
+    read(images[:1]); read(images)
+single = []
+for i in range(calls):
+    t = time.perf_counter(); read([images[i % 64]]); single.append(time.perf_counter() - t)
+t = time.perf_counter()
+rounds = max(5, calls // 20)
+for _ in range(rounds):
+    read(images)
+batch_s = time.perf_counter() - t
+print(json.dumps({
+    "p50_ms": float(np.percentile(single, 50) * 1000),
+    "p99_ms": float(np.percentile(single, 99) * 1000),
+    "batch64_images_per_s": rounds * 64 / batch_s,
+    "rss_mb": psutil.Process().memory_info().rss / 2**20,
+    "texts": [r["text"] for r in read(images[:8])],
+}))
+"""
+
+
+def export(model_dir: Path, weights: Path | None) -> None:
+    """Write crnn.keras, crnn.onnx and meta.json for the demo architecture into model_dir."""
+    import keras
+    import numpy as np
+
+    from captchaops.data.synthetic import DIGITS_UPPER
+    from captchaops.model.crnn import Architecture, build_crnn
+
+    arch = Architecture()
+    if weights is not None:
+        net = keras.models.load_model(weights)
+        arch = Architecture(height=net.input_shape[1], width=net.input_shape[2])
+    else:
+        _, net = build_crnn(arch, len(DIGITS_UPPER) + 1)
+    net.predict(np.zeros((1, arch.height, arch.width, 1), np.float32), verbose=0)
+    net.save(model_dir / "crnn.keras")
+    net.export(str(model_dir / "crnn.onnx"), format="onnx", verbose=False)
+    meta = {"alphabet": DIGITS_UPPER, "height": arch.height, "width": arch.width}
+    (model_dir / "meta.json").write_text(json.dumps(meta | {"model_format": "onnx"}))
+
+
+def measure(side: str, model_dir: Path, calls: int) -> dict[str, float]:
+    """Run one side in a fresh process and return its numbers."""
+    done = subprocess.run(
+        [sys.executable, "-c", _WORKER, side, str(model_dir), str(calls)],
+        capture_output=True, text=True, timeout=900, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure both sides, print them with targets and ratios, save bench-results/inference.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, default=None, help="a trained crnn.keras")
+    parser.add_argument("--calls", type=int, default=1000)
+    args = parser.parse_args(argv if argv is not None else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp)
+        export(model_dir, args.weights)
+        ort = measure("onnxruntime", model_dir, args.calls)
+        tf = measure("tensorflow", model_dir, args.calls)
+    same = ort.pop("texts") == tf.pop("texts")
+    print(f"{'':24}{'onnxruntime':>14}{'tensorflow':>14}{'ratio':>8}   target")
+    rows = [
+        ("single image p50 (ms)", "p50_ms", f"<= {TARGET_P50_MS}"),
+        ("single image p99 (ms)", "p99_ms", ""),
+        ("batch of 64 (img/s)", "batch64_images_per_s", ""),
+        ("process RSS (MB)", "rss_mb", f"<= {TARGET_RSS_MB:.0f}"),
+    ]
+    for label, key, target in rows:
+        ratio = tf[key] / ort[key] if key != "batch64_images_per_s" else ort[key] / tf[key]
+        print(f"{label:24}{ort[key]:14.2f}{tf[key]:14.2f}{ratio:7.1f}x   {target}")
+    print(f"same texts from both runtimes: {same}")
+    print(
+        f"targets: p50 {'met' if ort['p50_ms'] <= TARGET_P50_MS else 'missed'}, "
+        f"RSS {'met' if ort['rss_mb'] <= TARGET_RSS_MB else 'missed'}"
+    )
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
+        json.dumps({"onnxruntime": ort, "tensorflow": tf, "same_texts": same}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
