@@ -164,7 +164,7 @@ def load_settings(**overrides: object) -> Settings:
         str(overrides.get("home") or os.environ.get(f"{ENV_PREFIX}HOME", "captchaops-data"))
     )
     env_file = home.expanduser() / ".env"
-    return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg]
+    return Settings(_env_file=env_file if env_file.is_file() else None, **overrides)  # type: ignore[call-arg, arg-type]
 
 
 def ensure_secret(settings: Settings, field: str, nbytes: int = 24) -> Settings:
