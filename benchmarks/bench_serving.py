@@ -267,20 +267,23 @@ def request_body(work: Path) -> Path:
 
 
 def measure(
-    name: str, url: str, pid: int, levels: list[int], seconds: float, body: Path
-) -> dict[int, tuple[LoadResult, float]]:
-    """Load one server at each concurrency; returns the result and peak RSS per level."""
-    run_load(url, 2, 2.0, body)
-    out = {}
+    servers: dict[str, tuple[str, int]], levels: list[int], seconds: float, body: Path
+) -> dict[str, dict[int, tuple[LoadResult, float]]]:
+    """Load each server at each concurrency, alternating servers within a level so that
+    background load on the machine hits both alike; returns result and peak RSS."""
+    for url, _ in servers.values():
+        run_load(url, 2, 2.0, body)
+    out: dict[str, dict[int, tuple[LoadResult, float]]] = {name: {} for name in servers}
     for level in levels:
-        with peak_rss(pid) as peak:
-            result = run_load(url, level, seconds, body)
-        out[level] = (result, peak[0])
-        print(
-            f"  {name:>6} c={level:<3} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.1f} ms"
-            f"  p99 {result.p99_ms:7.1f} ms  failed {result.failed}  RSS {peak[0]:.0f} MB",
-            flush=True,
-        )
+        for name, (url, pid) in servers.items():
+            with peak_rss(pid) as peak:
+                result = run_load(url, level, seconds, body)
+            out[name][level] = (result, peak[0])
+            print(
+                f"  {name:>6} c={level:<3} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.1f} ms"
+                f"  p99 {result.p99_ms:7.1f} ms  failed {result.failed}  RSS {peak[0]:.0f} MB",
+                flush=True,
+            )
     return out
 
 
@@ -352,24 +355,24 @@ def main(argv: list[str] | None = None) -> None:
                 "--port",
                 str(theirs_port),
             ]
-            results = {}
-            with process(
-                [*ours_cmd, "--port", str(ours_port)], work / "ours.log", ours_env
-            ) as ours:
-                url = f"http://127.0.0.1:{ours_port}"
-                wait_http(f"{url}/health", ours)
-                print(
-                    f"serving version {version_a}; load {args.duration:.0f}s per level", flush=True
+            theirs_env = {**env, "MLFLOW_TRACKING_URI": tracking_uri}
+            with (
+                process([*ours_cmd, "--port", str(ours_port)], work / "ours.log", ours_env) as ours,
+                process(theirs_cmd, work / "mlflow-serve.log", theirs_env) as theirs,
+            ):
+                ours_url = f"http://127.0.0.1:{ours_port}"
+                theirs_url = f"http://127.0.0.1:{theirs_port}"
+                wait_http(f"{ours_url}/health", ours)
+                wait_http(f"{theirs_url}/ping", theirs)
+                print(f"both serve version {version_a}; {args.duration:.0f}s per run", flush=True)
+                results = measure(
+                    {"ours": (ours_url, ours.pid), "mlflow": (theirs_url, theirs.pid)},
+                    levels,
+                    args.duration,
+                    body,
                 )
-                results["ours"] = measure("ours", url, ours.pid, levels, args.duration, body)
-                swap_s, swap_failed = hot_swap(url, tracking_uri, version_b, body)
-                tf_loaded = httpx.get(f"{url}/health").json()["tensorflow_loaded"]
-            with process(
-                theirs_cmd, work / "mlflow-serve.log", {**env, "MLFLOW_TRACKING_URI": tracking_uri}
-            ) as theirs:
-                url = f"http://127.0.0.1:{theirs_port}"
-                wait_http(f"{url}/ping", theirs)
-                results["mlflow"] = measure("mlflow", url, theirs.pid, levels, args.duration, body)
+                swap_s, swap_failed = hot_swap(ours_url, tracking_uri, version_b, body)
+                tf_loaded = httpx.get(f"{ours_url}/health").json()["tensorflow_loaded"]
         report(results, levels, swap_s, swap_failed, tf_loaded)
     finally:
         shutil.rmtree(work, ignore_errors=True)

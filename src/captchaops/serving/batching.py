@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from captchaops.model.preprocess import InvalidImage
 from captchaops.serving.watcher import ServedModel
 
 Prediction = dict[str, Any]
@@ -31,8 +33,9 @@ class _Job:
 class MicroBatcher:
     """Runs queued requests through the current model in batches of at most `max_images` images.
 
-    A batch forms from what is queued; it waits up to `max_wait_s` more only while other
-    requests are still being read, so a lone request never waits.
+    A batch forms from what is queued, then waits up to `max_wait_s` for more while other
+    requests are still being read or while it is smaller than the previous batch (under
+    steady concurrent load, the same clients come back). A lone client never waits.
     """
 
     def __init__(
@@ -42,32 +45,31 @@ class MicroBatcher:
         max_wait_s: float,
         max_pending_images: int,
         observe_batch: Callable[[int], None],
-        workers: int = 1,
     ) -> None:
         self.current = current
         self.max_images = max_images
         self.max_wait_s = max_wait_s
         self.max_pending_images = max_pending_images
         self.observe_batch = observe_batch
-        self.workers = workers
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._pending_images = 0
         self._arriving = 0
+        self._last_batch = 1
         self._arrived = asyncio.Event()
         self._carry: _Job | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
-        """Start `workers` batching loops (each runs one batch at a time) on the running loop."""
-        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="predict")
-        self._tasks = [asyncio.create_task(self._loop()) for _ in range(self.workers)]
+        """Start the batching loop (one batch at a time, in one thread) on the running loop."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+        self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
         """Stop batching; waiting requests are cancelled."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -92,6 +94,7 @@ class MicroBatcher:
         )
         self._pending_images += len(images)
         self._queue.put_nowait(_Job(images, future))
+        self._arrived.set()
         return await future
 
     async def _loop(self) -> None:
@@ -117,7 +120,10 @@ class MicroBatcher:
         self._drain(jobs)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while self._arriving > 0 and self._carry is None and self._count(jobs) < self.max_images:
+        expected = min(self.max_images, self._last_batch)
+        while self._carry is None and self._count(jobs) < self.max_images:
+            if self._count(jobs) >= expected and self._arriving == 0:
+                break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -125,6 +131,7 @@ class MicroBatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             self._drain(jobs)
+        self._last_batch = self._count(jobs)
         return jobs
 
     @staticmethod
@@ -147,7 +154,7 @@ class MicroBatcher:
             return [NoModel() for _ in jobs]
         images = [image for job in jobs for image in job.images]
         try:
-            predictions = served.model.predict_images(images)
+            predictions = self._predict(served, images)
         except Exception as exc:
             if len(jobs) == 1:
                 return [exc]
@@ -159,11 +166,30 @@ class MicroBatcher:
             start += len(job.images)
         return outcomes
 
-    @staticmethod
     def _run_alone(
-        served: ServedModel, job: _Job
+        self, served: ServedModel, job: _Job
     ) -> tuple[ServedModel, list[Prediction]] | BaseException:
         try:
-            return served, served.model.predict_images(job.images)
+            return served, self._predict(served, job.images)
         except Exception as exc:
             return exc
+
+    def _predict(self, served: ServedModel, images: list[bytes]) -> list[Prediction]:
+        """One model call per `max_images` images, so memory stays bounded for big requests."""
+        step = self.max_images
+        predictions: list[Prediction] = []
+        for start in range(0, len(images), step):
+            chunk = images[start : start + step]
+            try:
+                predictions += served.model.predict_images(chunk)
+            except InvalidImage as exc:
+                raise InvalidImage(_shift_index(str(exc), start)) from exc
+        return predictions
+
+
+def _shift_index(message: str, offset: int) -> str:
+    """Renumber the 'image N' a chunk's error names to its place in the whole request."""
+    match = re.match(r"image (\d+)", message)
+    if not match or not offset:
+        return message
+    return f"image {int(match.group(1)) + offset}{message[match.end() :]}"

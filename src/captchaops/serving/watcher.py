@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import mlflow
 import mlflow.artifacts
 import mlflow.pyfunc
 from mlflow import MlflowClient
@@ -68,7 +69,10 @@ def load_version(tracking_uri: str, name: str, version: str) -> ImageModel:
     try:
         with tempfile.TemporaryDirectory(prefix="captchaops-serve-") as tmp:
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=tmp, tracking_uri=tracking_uri
+                artifact_uri=f"models:/{name}/{version}",
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+                registry_uri=tracking_uri,
             )
             model: ImageModel = mlflow.pyfunc.load_model(local).unwrap_python_model()
             warm_up(model)
@@ -123,6 +127,8 @@ class AliasWatcher:
 
     def start(self) -> None:
         """Start polling in a daemon thread (the first poll happens at once)."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
         self._thread = threading.Thread(target=self._loop, name=f"watch-{self.alias}", daemon=True)
         self._thread.start()
 
