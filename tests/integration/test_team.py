@@ -171,6 +171,18 @@ def team(postgres: Postgres, moto: str, tmp_path_factory: pytest.TempPathFactory
         cli(env, "down")
 
 
+@pytest.fixture()
+def isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo the process-wide MLflow state training sets (tracking URI, active experiment)."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
+    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 def use_account(monkeypatch: pytest.MonkeyPatch, uri: str, user: str, password: str) -> None:
     """Make MLflow clients in this process talk to the team server as this user."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -203,7 +215,12 @@ def snapshot(uri: str, s3_endpoint: str, model_name: str) -> dict:
 
 
 def test_team_mode_end_to_end(
-    team: dict, postgres: Postgres, moto: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    team: dict,
+    postgres: Postgres,
+    moto: str,
+    isolated_mlflow: None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     from captchaops.data.synthetic import generate
     from captchaops.registry import promote
@@ -295,6 +312,7 @@ def test_team_mode_end_to_end(
         auth=("rita", reader_password),
     )
     assert denied_http.status_code == 403
+    assert client.create_experiment("rita/scratch")  # everyone may keep experiments of their own
 
     # The production model server logs in with the service account and loads @production.
     for key, value in env.items():
