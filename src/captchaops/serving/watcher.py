@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import sys
@@ -222,6 +223,7 @@ class AliasWatcher:
             load_seconds=time.monotonic() - started,
             model=model,
         )
+        gc.freeze()
         self._clear_failure()
         self.metrics.reloads.labels("success").inc()
         self.metrics.model_version.set(_as_number(version))
