@@ -71,9 +71,9 @@ def held_out_accuracy(model_uri: str, tracking_uri: str, n: int) -> float:
     from captchaops.data.synthetic import generate
     from captchaops.evaluate import sequence_accuracy
 
+    samples = generate(n, HELD_OUT_SEED, workers=2)
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    samples = generate(n, HELD_OUT_SEED, workers=2)
     pred = [
         row["text"]
         for start in range(0, n, 256)
@@ -97,6 +97,7 @@ def run(mode: str, minutes: float | None, held_out: int) -> dict[str, object]:
             started = time.monotonic()
             result = train(config, settings)
             wall = time.monotonic() - started
+            print(f"trained in {wall:.0f}s: {result.metrics}", flush=True)
             accuracy = held_out_accuracy(result.model_uri, uri, held_out)
         finally:
             proc.terminate()

@@ -17,6 +17,7 @@ import keras
 import mlflow
 import numpy as np
 from mlflow.data.code_dataset_source import CodeDatasetSource
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -429,7 +430,7 @@ def _log_dataset(data: LabelledImages, splits: dict[str, list[int]], digest: str
     frame = pd.DataFrame(
         {"name": data.names, "label": data.labels, "split": [split_of[i] for i in range(len(data))]}
     )
-    dataset = mlflow.data.from_pandas(
+    dataset = from_pandas(
         frame,
         source=CodeDatasetSource({"data_source": data.source, "sha256": digest}),
         targets="label",
@@ -473,7 +474,7 @@ def _note(meta: dict[str, Any], metrics: dict[str, float], top: list[tuple[str, 
     )
 
 
-def with_overrides(config: TrainConfig, **overrides: object) -> TrainConfig:
+def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
     """A copy of `config` with the non-None overrides applied."""
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
 

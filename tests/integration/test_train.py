@@ -92,7 +92,9 @@ def test_predict_images_names_the_bad_item(
 ) -> None:
     from captchaops.model.preprocess import InvalidImage
 
+    path_before = list(sys.path)
     model = mlflow.pyfunc.load_model(tiny_model.uri).unwrap_python_model()
+    assert sys.path == path_before, "loading the model must not shadow captchaops on sys.path"
     good = synthetic.generate_one(1).image
     assert len(model.predict_images([good, good])) == 2
     with pytest.raises(InvalidImage, match="image 1"):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import shutil
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.types import ColSpec, Schema
 
 from captchaops.model.ctc import decode_greedy
@@ -28,16 +28,9 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
     outputs=Schema([ColSpec("string", "text"), ColSpec("double", "confidence")]),
 )
-_PACKAGE_FILES = (
-    "__init__.py",
-    "model/__init__.py",
-    "model/preprocess.py",
-    "model/ctc.py",
-    "model/pyfunc.py",
-)
 
 
-class CaptchaModel(mlflow.pyfunc.PythonModel):
+class CaptchaModel(PythonModel):
     """Reads CAPTCHAs with an ONNX CRNN; alphabet and geometry travel in `meta`."""
 
     def __init__(self, threads: int = 1) -> None:
@@ -46,7 +39,7 @@ class CaptchaModel(mlflow.pyfunc.PythonModel):
         self._session: Any = None
         self._input_name = ""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         """Open the ONNX network and read its metadata."""
         self.load(Path(context.artifacts[ONNX_ARTIFACT]), Path(context.artifacts[META_ARTIFACT]))
 
@@ -80,7 +73,7 @@ class CaptchaModel(mlflow.pyfunc.PythonModel):
 
     def predict(
         self,
-        context: mlflow.pyfunc.PythonModelContext | None,
+        context: PythonModelContext | None,
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
@@ -114,21 +107,20 @@ def log_model(
     example_image: bytes,
     registered_model_name: str | None = None,
 ) -> mlflow.models.model.ModelInfo:
-    """Log the servable pyfunc (ONNX network, metadata, its own code) into the active run."""
-    source = Path(__file__).resolve().parents[1]
+    """Log the servable pyfunc (ONNX network and its metadata) into the active run.
+
+    The model's class lives in `captchaops.model.pyfunc`, so captchaops must be importable
+    where the model is loaded (our servers, the web app, `mlflow models serve --env-manager
+    local` in this environment); nothing else beyond the pip requirements is needed.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / "meta.json"
         meta_path.write_text(json.dumps(meta, indent=2))
-        package = Path(tmp) / "code" / "captchaops"
-        for rel in _PACKAGE_FILES:
-            (package / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / rel, package / rel)
         example = pd.DataFrame({"image": [base64.b64encode(example_image).decode("ascii")]})
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=CaptchaModel(),
             artifacts={ONNX_ARTIFACT: str(onnx_path), META_ARTIFACT: str(meta_path)},
-            code_paths=[str(package)],
             pip_requirements=pip_requirements(),
             signature=SIGNATURE,
             input_example=example,
