@@ -209,7 +209,7 @@ def promote(
         if not auto:
             if not reason:
                 fail('say why with --reason "..." (it goes into the audit trail)')
-            move = registry.promote(
+            manual = registry.promote(
                 settings,
                 version=version,
                 from_alias=from_alias,
@@ -217,7 +217,7 @@ def promote(
                 actor=actor,
                 force=force,
             )
-            console.print(f"promoted: {move.line()}", highlight=False)
+            console.print(f"promoted: {manual.line()}", highlight=False)
             return
         config = gate.GateConfig(
             margin=margin,

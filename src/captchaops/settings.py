@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     staging_floor: float = Field(
         0.5, ge=0, le=1, description="test sequence accuracy a new version needs for @staging"
     )
+    model_timeout_seconds: float = Field(
+        3.0, gt=0, description="the web app counts a model server slower than this as down"
+    )
+    tracking_public_url: str | None = Field(
+        None, description="tracking server address for links shown in browsers"
+    )
     max_upload_bytes: int = 1024 * 1024
     max_batch_images: int = 64
 
@@ -100,7 +106,12 @@ class Settings(BaseSettings):
     @property
     def effective_tracking_uri(self) -> str:
         """The tracking server every client talks to."""
-        return self.tracking_uri or f"http://{_client_host(self.host)}:{self.tracking_port}"
+        return self.tracking_uri or f"http://{client_host_for(self.host)}:{self.tracking_port}"
+
+    @property
+    def public_tracking_url(self) -> str:
+        """The tracking server as a browser reaches it (for links)."""
+        return (self.tracking_public_url or self.effective_tracking_uri).rstrip("/")
 
     @property
     def effective_backend_store_uri(self) -> str:
@@ -118,12 +129,12 @@ class Settings(BaseSettings):
         if override:
             return override.rstrip("/")
         port = self.production_port if alias == "production" else self.staging_port
-        return f"http://{_client_host(self.host)}:{port}"
+        return f"http://{client_host_for(self.host)}:{port}"
 
     @property
     def app_url(self) -> str:
         """URL of the web app."""
-        return f"http://{_client_host(self.host)}:{self.app_port}"
+        return f"http://{client_host_for(self.host)}:{self.app_port}"
 
     def masked(self) -> dict[str, str]:
         """Every effective value as text, secrets masked."""
@@ -147,7 +158,7 @@ class Settings(BaseSettings):
         return env
 
 
-def _client_host(bind_host: str) -> str:
+def client_host_for(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 

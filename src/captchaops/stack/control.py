@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from captchaops.settings import Settings
+from captchaops.settings import Settings, client_host_for
 from captchaops.stack import supervisor
-from captchaops.stack.services import ALL, Service, build_services
+from captchaops.stack.services import ALL, Service, build_services, team_secrets
 from captchaops.stack.store import Store, choose_store, ensure_bucket
 
 
@@ -36,7 +36,7 @@ class ServiceStatus:
 
 def port_in_use(host: str, port: int) -> bool:
     """True when something accepts connections on host:port."""
-    target = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    target = client_host_for(host)
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((target, port)) == 0
@@ -65,6 +65,8 @@ def rss_mb(pid: int | None) -> float:
 def resolve(settings: Settings) -> tuple[Store, Settings, list[Service]]:
     """The chosen store, settings with generated secrets, and every service spec."""
     store, settings = choose_store(settings)
+    if settings.auth:
+        settings = team_secrets(settings)
     return store, settings, build_services(settings, store, ALL)
 
 
@@ -104,6 +106,10 @@ def up(
             _wait_healthy(settings, svc)
             if svc.name == "store" and ensure_bucket(store, settings):
                 say(f"created bucket {settings.s3_bucket}")
+            if svc.name == "tracking" and settings.auth:
+                from captchaops import users
+
+                users.ensure_service_account(settings)
             say(f"{svc.name:<11} healthy  {svc.url}")
     except BaseException:
         _undo(settings, started, stop_daemon=not running_before)

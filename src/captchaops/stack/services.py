@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captchaops.settings import Settings, ensure_secret
+from captchaops.settings import Settings, client_host_for, ensure_secret
 from captchaops.stack.store import Store
 
 CORE = ("store", "tracking")
@@ -66,7 +66,7 @@ def write_auth_config(settings: Settings) -> Path:
 def allowed_hosts(settings: Settings) -> str:
     """The tracking server's --allowed-hosts: the public names plus loopback for local clients."""
     names = [h.strip() for h in (settings.allowed_hosts or "").split(",") if h.strip()]
-    local = ["localhost", "127.0.0.1", _client_host(settings.host)]
+    local = ["localhost", "127.0.0.1", client_host_for(settings.host)]
     return ",".join(dict.fromkeys([*names, *local, *(f"{h}:*" for h in local)]))
 
 
@@ -85,16 +85,12 @@ def service_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def _client_host(bind_host: str) -> str:
-    return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
-
-
 def build_services(settings: Settings, store: Store, names: tuple[str, ...] = ALL) -> list[Service]:
     """The services to supervise for these settings, in start order."""
     if settings.auth:
         settings = team_secrets(settings)
     host = settings.host
-    client_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    client_host = client_host_for(host)
     home = settings.home_dir
     common = {"CAPTCHAOPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     specs: list[Service] = []

@@ -10,7 +10,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from captchaops.settings import Settings, ensure_secret
-from captchaops.webapp.service import DEFAULT_TIMEOUT, Demo
+from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
 SECURITY_HEADERS = {
@@ -39,8 +39,8 @@ class InMemoryRequest(Request):
         return io.BytesIO()
 
 
-def create_app(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> Flask:
-    """A configured web app; model servers answering slower than `timeout` seconds count as down."""
+def create_app(settings: Settings, timeout: float | None = None) -> Flask:
+    """A configured web app; model servers slower than `timeout` (default: the setting) count as down."""
     settings = ensure_secret(settings, "app_secret_key")
     assert settings.app_secret_key is not None
     app = Flask(__name__)

@@ -49,7 +49,7 @@ class Catalog:
             return None
         experiment_id = run["run"]["info"]["experiment_id"]
         params = {p["key"]: p["value"] for p in run["run"].get("data", {}).get("params", [])}
-        uri = self.tracking.uri
+        uri = self.tracking.settings.public_tracking_url
         info = VersionInfo(
             name=name,
             version=version,

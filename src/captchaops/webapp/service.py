@@ -14,8 +14,6 @@ from captchaops.webapp.endpoints import ENVIRONMENTS, Answer, Served
 from captchaops.webapp.inputs import BadInput, check_label
 from captchaops.webapp.tracking import Tracking, TrackingError
 
-DEFAULT_TIMEOUT = 3.0
-
 
 @dataclass(frozen=True)
 class Result:
@@ -48,11 +46,11 @@ class Result:
 class Demo:
     """The web app's view of the platform: two model servers and one tracking server."""
 
-    def __init__(self, settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, settings: Settings, timeout: float | None = None) -> None:
         self.settings = settings
-        self.timeout = timeout
+        self.timeout = timeout or settings.model_timeout_seconds
         self.http = httpx.Client()
-        self.tracking = Tracking(settings, timeout)
+        self.tracking = Tracking(settings, self.timeout)
         self.catalog = Catalog(self.tracking)
         self.urls = {alias: settings.server_url(alias) for alias in ENVIRONMENTS}
 

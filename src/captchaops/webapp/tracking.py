@@ -20,6 +20,7 @@ class Tracking:
     """The tracking server as the web app uses it: JSON calls and proxied artifact uploads."""
 
     def __init__(self, settings: Settings, timeout: float) -> None:
+        self.settings = settings
         self.uri = settings.effective_tracking_uri.rstrip("/")
         self.timeout = timeout
         auth: tuple[str, str] | None = None
