@@ -226,7 +226,7 @@ def promote(
             latency_ratio=latency_ratio,
             latency_slack_ms=latency_slack_ms,
         )
-        decision, move = gate.auto_promote(settings, config, actor=actor, reason=reason)
+        decision, _ = gate.auto_promote(settings, config, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         fail(str(exc), gate.EXIT_ERROR)
     for role, result in (("candidate", decision.candidate), ("champion", decision.champion)):

@@ -33,7 +33,9 @@ def test_defaults_match_the_architecture_table(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_env(tmp_path / ".env", {"CAPTCHAOPS_TRACKING_PORT": "8100", "CAPTCHAOPS_APP_PORT": "8181"})
+    write_env(
+        tmp_path / ".env", {"CAPTCHAOPS_TRACKING_PORT": "8100", "CAPTCHAOPS_APP_PORT": "8181"}
+    )
     monkeypatch.setenv("CAPTCHAOPS_HOME", str(tmp_path))
     monkeypatch.setenv("CAPTCHAOPS_APP_PORT", "8282")
     s = load_settings()
