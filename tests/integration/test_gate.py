@@ -253,7 +253,9 @@ def test_cli_exit_codes(
     assert rejected.returncode == gate.EXIT_REJECTED, rejected.stderr
     assert "rejected" in rejected.stdout
 
-    client = MlflowClient(settings.effective_tracking_uri)
+    client = MlflowClient(
+        settings.effective_tracking_uri, registry_uri=settings.effective_tracking_uri
+    )
     actors = {
         run.data.params["actor"]
         for run in client.search_runs(

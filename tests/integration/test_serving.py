@@ -87,12 +87,14 @@ def model_server(
 
 def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
     """Point `name@alias` at `version`."""
-    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
+    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
+        name, alias, version
+    )
 
 
 def copy_version(tracking_uri: str, name: str, version: str) -> str:
     """Register the same artifacts again as a new version; returns its number."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     source = client.get_model_version(name, version)
     uri = source.source
     model_id = uri.removeprefix("models:/") if uri.startswith("models:/m-") else None
@@ -112,7 +114,7 @@ def download_model(tracking_uri: str, name: str, version: str, dst: Path) -> Pat
 
 def register_folder(tracking_uri: str, name: str, folder: Path) -> str:
     """Log an MLflow model folder in a new run and register it; returns the version."""
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     experiment = client.get_experiment_by_name("serving-tests")
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment("serving-tests")

@@ -69,7 +69,7 @@ def tracking_uri(env: dict[str, str]) -> str:
 
 def log_sample_run(uri: str, tmp_path: Path) -> str:
     """Log params, a metric history and an artifact through the proxy; return the run id."""
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.create_experiment(f"stack-{time.time_ns()}")
     run = client.create_run(exp)
     client.log_param(run.info.run_id, "lr", "0.01")
@@ -83,7 +83,7 @@ def log_sample_run(uri: str, tmp_path: Path) -> str:
 
 
 def assert_run_intact(uri: str, run_id: str, tmp_path: Path) -> None:
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(run_id)
     assert run.data.params["lr"] == "0.01"
     assert [m.value for m in client.get_metric_history(run_id, "loss")] == [0.9, 0.5, 0.2]
@@ -133,7 +133,7 @@ def test_kill_9_tracking_server_comes_back_with_data(
 def test_down_then_up_keeps_everything(core_stack: dict[str, str], tmp_path: Path) -> None:
     uri = tracking_uri(core_stack)
     run_id = log_sample_run(uri, tmp_path)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("kept-model")
     assert cli(core_stack, "down").returncode == 0
     with pytest.raises(httpx.HTTPError):

@@ -192,7 +192,7 @@ def use_account(monkeypatch: pytest.MonkeyPatch, uri: str, user: str, password: 
 
 def snapshot(uri: str, s3_endpoint: str, model_name: str) -> dict:
     """Everything a restore must bring back: runs, versions, aliases, artifacts."""
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=1000)
     versions = client.search_model_versions(f"name='{model_name}'")
@@ -299,7 +299,7 @@ def test_team_mode_end_to_end(
 
     # The reader sees runs and versions but cannot move an alias.
     use_account(monkeypatch, uri, "rita", reader_password)
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.get_run(result.run_id)
     assert run.data.metrics["test_seq_acc"] == result.metrics["test_seq_acc"]
     assert client.get_model_version_by_alias("text-captcha", "production").version == "1"

@@ -79,7 +79,9 @@ class WebappStack:
 
     def move(self, alias: str, version: str) -> None:
         """Point an alias at a version and wait until its server has swapped."""
-        MlflowClient(self.tracking_uri).set_registered_model_alias(MODEL_NAME, alias, version)
+        MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri).set_registered_model_alias(
+            MODEL_NAME, alias, version
+        )
         getattr(self, alias).wait_version(version)
 
 
@@ -113,7 +115,7 @@ def webapp_stack(
 ) -> Iterator[WebappStack]:
     """Versions 1 (@production) and 2 (@staging) of MODEL_NAME, both the tiny model, served."""
     home = tmp_path_factory.mktemp("webapp")
-    client = MlflowClient(tracking_server.uri)
+    client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
     source = f"models:/{tiny_model.model_name}/{tiny_model.version}"
     if not client.search_registered_models(f"name = '{MODEL_NAME}'"):
         client.create_registered_model(MODEL_NAME)
@@ -178,7 +180,7 @@ def waiting(client: FlaskClient) -> int:
 
 def feedback_names(tracking_uri: str) -> list[str]:
     """Every stored correction's artifact path."""
-    mlflow = MlflowClient(tracking_uri)
+    mlflow = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
     if experiment is None:
         return []
@@ -201,7 +203,11 @@ def test_upload_shows_both_environments_with_versions_and_run_links(
     assert f'{MODEL_NAME} @staging <span class="version">v{stag}</span>' in page
     assert re.search(r'class="confidence">\d+\.\d %<', page)
     assert re.search(r'class="latency">\d+ ms<', page)
-    run_id = MlflowClient(webapp_stack.tracking_uri).get_model_version(MODEL_NAME, prod).run_id
+    run_id = (
+        MlflowClient(webapp_stack.tracking_uri, registry_uri=webapp_stack.tracking_uri)
+        .get_model_version(MODEL_NAME, prod)
+        .run_id
+    )
     assert f"{webapp_stack.tracking_uri}/#/experiments/" in page and f"/runs/{run_id}" in page
     assert f"/#/models/{MODEL_NAME}/versions/{prod}" in page
     assert "unavailable" not in page
