@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -82,20 +81,38 @@ def held_out_accuracy(model_uri: str, tracking_uri: str, n: int) -> float:
     return sequence_accuracy(pred, [s.label for s in samples])
 
 
-def run(mode: str, minutes: float | None, held_out: int) -> dict[str, object]:
+def _print_epochs(started: float):  # type: ignore[no-untyped-def]
+    """A progress callback that prints each finished epoch's validation metrics once."""
+    seen: set[str] = set()
+
+    def report(stage: str, fraction: float, metrics: dict[str, float]) -> None:
+        key = f"{stage}:{metrics.get('val_seq_acc')}"
+        if "val_seq_acc" in metrics and key not in seen:
+            seen.add(key)
+            print(
+                f"{time.monotonic() - started:6.0f}s {stage}: val_seq_acc {metrics['val_seq_acc']:.4f}"
+                f" val_cer {metrics['val_cer']:.4f} loss {metrics['loss']:.3f}",
+                flush=True,
+            )
+
+    return report
+
+
+def run(
+    mode: str, minutes: float | None, held_out: int, synthetic: int | None, epochs: int | None
+) -> dict[str, object]:
     """Train with the preset for `mode`, then measure held-out accuracy; return the numbers."""
     from captchaops.settings import load_settings
-    from captchaops.train import TrainConfig, train
+    from captchaops.train import TrainConfig, train, with_overrides
 
     config = TrainConfig.demo() if mode == "demo" else TrainConfig.accuracy()
-    if minutes is not None:
-        config = replace(config, max_minutes=minutes)
+    config = with_overrides(config, max_minutes=minutes, synthetic=synthetic, epochs=epochs)
     with tempfile.TemporaryDirectory() as tmp:
         proc, uri = _tracking_server(Path(tmp))
         try:
             settings = load_settings(home=Path(tmp) / "home", tracking_uri=uri, staging_floor=0.0)
             started = time.monotonic()
-            result = train(config, settings)
+            result = train(config, settings, progress=_print_epochs(started))
             wall = time.monotonic() - started
             print(f"trained in {wall:.0f}s: {result.metrics}", flush=True)
             accuracy = held_out_accuracy(result.model_uri, uri, held_out)
@@ -147,9 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=sorted(TARGETS), default="demo")
     parser.add_argument("--minutes", type=float, default=None, help="override the time budget")
+    parser.add_argument("--synthetic", type=int, default=None, help="override the data size")
+    parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
     parser.add_argument("--held-out", type=int, default=2000)
     args = parser.parse_args(argv if argv is not None else [])
-    numbers = run(args.mode, args.minutes, args.held_out)
+    numbers = run(args.mode, args.minutes, args.held_out, args.synthetic, args.epochs)
     report(numbers)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(numbers, indent=2))

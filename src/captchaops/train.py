@@ -47,10 +47,10 @@ class TrainConfig:
     """Every training default in one place; the final values are logged with the run."""
 
     data_dir: Path | None = None  # a folder of <label>.png files; None = synthetic data
-    synthetic: int = 24_000  # how many CAPTCHAs to generate when data_dir is None
+    synthetic: int = 16_000  # how many CAPTCHAs to generate when data_dir is None
     alphabet: str | None = None  # None: digits + uppercase for synthetic, derived for folders
     length: tuple[int, int] = (4, 4)  # synthetic label length range
-    epochs: int = 10
+    epochs: int = 12
     batch_size: int = 32
     max_minutes: float = 4.4  # hard budget from the start of train() to the end of fitting
     val_fraction: float = 0.1

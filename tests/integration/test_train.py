@@ -31,7 +31,7 @@ def b64_images(n: int, seed: int) -> list[str]:
 def test_run_has_params_metrics_dataset_and_artifacts(
     tiny_model: TrainedModel, tracking_server: Tracking, mlflow_client_env: str
 ) -> None:
-    client = MlflowClient(tracking_server.uri)
+    client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
     run = client.get_run(tiny_model.run_id)
     params = run.data.params
     assert params["alphabet"] == synthetic.DIGITS_UPPER
@@ -152,7 +152,7 @@ def test_low_accuracy_version_is_rejected_with_reason(
 ) -> None:
     settings = make_settings(tracking_server, tmp_path, staging_floor=1.0)
     model = train_tiny(settings, epochs=1, seed=5)
-    client = MlflowClient(tracking_server.uri)
+    client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
     version = client.get_model_version(model.model_name, model.version)
     assert version.tags["validation_status"] == "rejected"
     assert "below the staging floor" in version.tags["rejection_reason"]
@@ -188,7 +188,11 @@ def test_folder_training_reports_skips_and_feedback_merges(
     config = replace(TrainConfig.tiny(), data_dir=folder, include_feedback=True, epochs=1)
     result = train(config, settings)
     assert "1 unreadable image (e.g. broken.png)" in result.skipped
-    params = MlflowClient(tracking_server.uri).get_run(result.run_id).data.params
+    params = (
+        MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
+        .get_run(result.run_id)
+        .data.params
+    )
     assert params["alphabet"] == "123abc"
     assert params["augment_applied"] == "True"
     assert "feedback" in params["data_source"]
@@ -213,3 +217,22 @@ def test_cli_train_reports_bad_data_in_one_line(tmp_path: Path, tracking_server:
     assert done.returncode == 1
     assert "no usable images" in done.stderr
     assert "Traceback" not in done.stderr + done.stdout
+
+
+def test_cli_train_runs_with_progress_and_registers(
+    tmp_path: Path, tracking_server: Tracking
+) -> None:
+    env = {
+        **os.environ,
+        "CAPTCHAOPS_HOME": str(tmp_path),
+        "CAPTCHAOPS_TRACKING_URI": tracking_server.uri,
+        "CAPTCHAOPS_STAGING_FLOOR": "1.0",
+    }
+    done = subprocess.run(
+        [str(VENV_BIN / "captchaops"), "train", "--synthetic", "200", "--epochs", "1", "--seed", "4"],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test sequence accuracy" in done.stdout
+    assert "registered models:/text-captcha/" in done.stdout
+    assert "not staged: test sequence accuracy" in done.stdout
