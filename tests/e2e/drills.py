@@ -61,10 +61,16 @@ class PrivateStack:
         home.mkdir(parents=True, exist_ok=True)
         return cls(home, stack_env(home, **extra))
 
-    def cli(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        """Run `captchaops ARGS` as a user would, in this stack's environment."""
+    def cli(
+        self, *args: str, timeout: float = 240, extra: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `captchaops ARGS` as a user would, in this stack's environment (plus `extra`)."""
         return subprocess.run(
-            [CLI, *args], env=self.env, capture_output=True, text=True, timeout=timeout
+            [CLI, *args],
+            env={**self.env, **(extra or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     def up(self) -> subprocess.CompletedProcess[str]:
