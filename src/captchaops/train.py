@@ -259,6 +259,7 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
     _check_tracking(settings)
     os.environ.update(settings.mlflow_env())
     mlflow.set_tracking_uri(settings.effective_tracking_uri)
+    mlflow.set_registry_uri(settings.effective_tracking_uri)
     keras.utils.set_random_seed(config.seed)
 
     data = load_data(config, settings, report)
@@ -395,7 +396,8 @@ def _finish(
     mlflow.set_tag("mlflow.note.content", _note(meta, metrics, top))
     info = log_model(onnx_path, meta, test_images[0], registered_model_name=settings.model_name)
     version = str(info.registered_model_version)
-    client = MlflowClient()
+    uri = settings.effective_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     staged = metrics["test_seq_acc"] >= settings.staging_floor
     reason = None
     client.set_model_version_tag(

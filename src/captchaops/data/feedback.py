@@ -16,7 +16,8 @@ FEEDBACK_PATH = "feedback"
 
 def download_feedback(settings: Settings, dest_dir: Path) -> int:
     """Copy every `feedback/<label>_<uuid>.png` artifact into `dest_dir`; return how many were new."""
-    client = MlflowClient(tracking_uri=settings.effective_tracking_uri)
+    uri = settings.effective_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(FEEDBACK_EXPERIMENT)
     if experiment is None:
         return 0
