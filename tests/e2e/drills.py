@@ -148,12 +148,17 @@ class PrivateStack:
         raise AssertionError(f"{alias} never served v{version} within {timeout}s:\n{log}")
 
     def leftovers(self) -> list[str]:
-        """Processes still tied to this stack: home or a port in their command line or environment."""
+        """Processes tied to this stack (home or port in command line or environment), but ours.
+
+        supervisord daemonizes, so the stack's processes are never children of this process;
+        the test's own helpers (e.g. multiprocessing's resource tracker) are, and are skipped.
+        """
         needles = [str(self.home), *(f"--port {self.port(s)}" for s in SERVICES)]
         ports = {self.port(s) for s in SERVICES}
+        ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
         found = []
         for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
-            if proc.info["pid"] == os.getpid():
+            if proc.info["pid"] in ours:
                 continue
             cmdline = " ".join(proc.info["cmdline"] or [])
             environ = proc.info["environ"] or {}

@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,8 +272,8 @@ def test_read_only_home_is_one_clear_error(drill: Drill, tmp_path: Path) -> None
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN) to make it read-only")
     try:
         with (
-            sqlite3.connect(drill.stack.home / "mlflow.db") as source,
-            sqlite3.connect(home / "mlflow.db") as copy,
+            closing(sqlite3.connect(drill.stack.home / "mlflow.db")) as source,
+            closing(sqlite3.connect(home / "mlflow.db")) as copy,
         ):
             source.backup(copy)
         digest = hashlib.sha256((home / "mlflow.db").read_bytes()).hexdigest()
