@@ -1,7 +1,8 @@
 """What the end-to-end drills share: a private stack driven by the real CLI, and load from another process.
 
-`python -m tests.e2e.drills URL RATE SECONDS OUT` is the load generator: it posts one CAPTCHA per
-request to URL/invocations at RATE requests per second for SECONDS and writes every outcome to OUT.
+`python -m tests.e2e.drills URL RATE SECONDS OUT [KIND]` is the load generator: it posts one CAPTCHA
+per request to URL/invocations (KIND `invocations`, a model server) or URL/api/predict (KIND `app`,
+the web app) at RATE requests per second for SECONDS and writes every outcome to OUT.
 """
 
 from __future__ import annotations
@@ -232,6 +233,10 @@ class LoadReport:
         """Requests that did not get a 200, sent within [start, end)."""
         return [r for r in self.records if r["status"] != 200 and start <= r["t"] < end]
 
+    def degraded(self) -> list[dict[str, Any]]:
+        """Web app answers (200) that reported production unavailable."""
+        return [r for r in self.records if r["status"] == 200 and r["error"]]
+
     @property
     def versions(self) -> Counter[str]:
         """How many answers each model version gave."""
@@ -263,10 +268,13 @@ class Load:
     started: float = field(default_factory=time.time)
 
     @classmethod
-    def start(cls, url: str, rate: float, seconds: float, out: Path) -> Load:
-        """Start posting to url/invocations at `rate` per second for `seconds`."""
+    def start(
+        cls, url: str, rate: float, seconds: float, out: Path, kind: str = "invocations"
+    ) -> Load:
+        """Start posting to a model server (or the web app, kind `app`) at `rate`/s for `seconds`."""
+        args = [url, str(rate), str(seconds), str(out), kind]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.e2e.drills", url, str(rate), str(seconds), str(out)],
+            [sys.executable, "-m", "tests.e2e.drills", *args],
             cwd=Path(__file__).resolve().parents[2],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -297,30 +305,40 @@ class Load:
             self.proc.wait(timeout=10)
 
 
-def run_load(url: str, rate: float, seconds: float, out: Path) -> None:
-    """Post one CAPTCHA per request to url/invocations at a fixed rate; write every outcome to out.
+def run_load(url: str, rate: float, seconds: float, out: Path, kind: str = "invocations") -> None:
+    """Post one CAPTCHA per request at a fixed rate; write every outcome to out.
+
+    Kind `invocations` posts a scoring request to url/invocations; kind `app` posts
+    `{"image": ...}` to the web app's url/api/predict, where the version is production's
+    and `error` says when production was reported unavailable in a 200 answer.
 
     Sending stops early when a file named like out with the suffix `.stop` appears.
     """
-    body = json.dumps(captcha_body()).encode()
+    scoring = captcha_body()
+    if kind == "app":
+        path, body = "/api/predict", json.dumps({"image": scoring["dataframe_split"]["data"][0][0]})
+    else:
+        path, body = "/invocations", json.dumps(scoring)
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=16)
     with httpx.Client(limits=limits, timeout=10) as http:
-        http.get(f"{url}/ping")
+        http.get(url + ("/healthz" if kind == "app" else "/ping"))
 
         def one(t: float) -> None:
             started = time.perf_counter()
             status, version, error = 0, None, None
             try:
                 answer = http.post(
-                    f"{url}/invocations",
-                    content=body,
-                    headers={"Content-Type": "application/json"},
+                    url + path, content=body, headers={"Content-Type": "application/json"}
                 )
                 status, version = answer.status_code, answer.headers.get("X-Model-Version")
                 if status != 200:
                     error = answer.text[:200]
+                elif kind == "app":
+                    production = answer.json()["environments"]["production"]
+                    version = (production.get("model") or {}).get("version")
+                    error = production.get("error")
             except httpx.HTTPError as exc:
                 error = type(exc).__name__
             ms = (time.perf_counter() - started) * 1000
@@ -345,4 +363,4 @@ def run_load(url: str, rate: float, seconds: float, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_load(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4]))
+    run_load(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4]), *sys.argv[5:])
