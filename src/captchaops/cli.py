@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -424,6 +425,7 @@ def demo(
 
 def main() -> None:
     """Console-script entry point: user errors become one line, never a traceback."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     try:
         app()
     except UserError as exc:

@@ -109,17 +109,16 @@ class _Admin:
         )
 
     def grant(self, username: str, kind: str, resource: str, permission: str) -> None:
-        """Give a user a permission on one experiment or registered model."""
-        self.call(
-            "POST",
-            "/api/3.0/mlflow/users/permissions/grant",
-            json={
-                "username": username,
-                "resource_type": kind,
-                "resource_id": resource,
-                "permission": permission,
-            },
-        )
+        """Give a user a permission on one experiment or registered model (replacing an old one)."""
+        target = {"username": username, "resource_type": kind, "resource_id": resource}
+        grant = {**target, "permission": permission}
+        try:
+            self.call("POST", "/api/3.0/mlflow/users/permissions/grant", json=grant)
+        except UsersError as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+            self.call("POST", "/api/3.0/mlflow/users/permissions/revoke", json=target)
+            self.call("POST", "/api/3.0/mlflow/users/permissions/grant", json=grant)
 
 
 def _grants(settings: Settings, role: str) -> list[tuple[str, str, str]]:

@@ -176,6 +176,7 @@ def test_folder_training_reports_skips_and_feedback_merges(
             folder / f"{sample.label}.png"
         )
     (folder / "broken.png").write_bytes(b"garbage")
+    waiting = download_feedback(settings, tmp_path / "before")  # other tests may store some too
     mlflow.set_tracking_uri(tracking_server.uri)
     mlflow.set_experiment(FEEDBACK_EXPERIMENT)
     with mlflow.start_run():
@@ -183,7 +184,7 @@ def test_folder_training_reports_skips_and_feedback_merges(
         fb.mkdir()
         (fb / "abc12_0d1e2f.png").write_bytes(synthetic.generate_one(3, alphabet="abc123").image)
         mlflow.log_artifacts(str(fb), "feedback")
-    assert download_feedback(settings, tmp_path / "fetched") == 1
+    assert download_feedback(settings, tmp_path / "fetched") == waiting + 1
     assert download_feedback(settings, tmp_path / "fetched") == 0
     config = replace(TrainConfig.tiny(), data_dir=folder, include_feedback=True, epochs=1)
     result = train(config, settings)

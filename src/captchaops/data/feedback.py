@@ -5,10 +5,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
-
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING
 
 from captchaops.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 FEEDBACK_EXPERIMENT = "text-captcha-feedback"
 FEEDBACK_PATH = "feedback"
@@ -16,6 +18,8 @@ FEEDBACK_PATH = "feedback"
 
 def download_feedback(settings: Settings, dest_dir: Path) -> int:
     """Copy every `feedback/<label>_<uuid>.png` artifact into `dest_dir`; return how many were new."""
+    from mlflow.tracking import MlflowClient  # here: the web app imports this module's names only
+
     uri = settings.effective_tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment = client.get_experiment_by_name(FEEDBACK_EXPERIMENT)
