@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 from collections import Counter
@@ -28,8 +29,8 @@ from tests.integration.test_webapp import MODEL_NAME, WebappStack, webapp_stack
 pytestmark = pytest.mark.slow
 __all__ = ["webapp_stack"]
 
-INVOCATION_EXAMPLES = 1500
-PREDICT_EXAMPLES = 700
+INVOCATION_EXAMPLES = 3000
+PREDICT_EXAMPLES = 1500
 FUZZ = settings(
     max_examples=INVOCATION_EXAMPLES,
     deadline=None,
@@ -153,8 +154,6 @@ def scoring_payloads(draw: st.DrawFn) -> Any:
 @st.composite
 def invocation_requests(draw: st.DrawFn) -> tuple[str, bytes]:
     """A content type and a body for POST /invocations."""
-    import json
-
     choice = draw(st.sampled_from(["payload", "payload", "payload", "json", "bytes"]))
     if choice == "bytes":
         body = draw(st.binary(max_size=2000))
@@ -180,7 +179,10 @@ def predict_requests(draw: st.DrawFn) -> dict[str, Any]:
         return {"files": {field: (name, data, draw(st.sampled_from(["image/png", "text/plain"])))}}
     if choice == "json":
         value = draw(st.one_of(st.just({"image": b64(data)}), json_values))
-        return {"json": value}
+        return {
+            "content": json.dumps(value, allow_nan=True),
+            "headers": {"Content-Type": "application/json"},
+        }
     return {
         "content": data,
         "headers": {"Content-Type": draw(st.sampled_from(CONTENT_TYPES))},
