@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -76,6 +77,18 @@ def up(
     say: Callable[[str], None] = print,
 ) -> list[Service]:
     """Start the requested services in order and wait until each is healthy."""
+    try:
+        return _up(settings, names, say)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StackError(
+            f"cannot write to the home {settings.home_dir} ({exc.strerror}); free space there "
+            "or set CAPTCHAOPS_HOME to a writable folder"
+        ) from exc
+
+
+def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) -> list[Service]:
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     store, settings, services = resolve(settings)
     say(store.describe(settings))
