@@ -104,10 +104,14 @@ def run_demo(
 
 
 def _summary_lines(s: DemoSummary) -> list[str]:
-    accuracy = f"{s.test_seq_acc:.1%}" if s.test_seq_acc is not None else "n/a (not retrained)"
+    accuracy = (
+        f"{s.test_seq_acc:.1%} sequence accuracy on held-out CAPTCHAs"
+        if s.test_seq_acc is not None
+        else "n/a (not retrained)"
+    )
     return [
         f"trained version : {('v' + s.trained_version) if s.trained_version else 'none (reused)'}",
-        f"test accuracy   : {accuracy} sequence accuracy on held-out CAPTCHAs",
+        f"test accuracy   : {accuracy}",
         f"gate            : {s.decision}",
         f"serving         : production v{s.production_version or '-'}, staging v{s.staging_version or '-'}",
         f"took            : {s.minutes:.1f} min",

@@ -260,11 +260,6 @@ def test_full_disk_gives_clear_errors_and_keeps_the_database(drill: Drill, tmp_p
     stack.wait_version("production", candidate)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`captchaops up` on a read-only home prints a traceback: the OSError of "
-    "supervisor.start_daemon's mkdir is not turned into a one-line StackError (issue 8 report)",
-)
 def test_read_only_home_is_one_clear_error(drill: Drill, tmp_path: Path) -> None:
     home = tmp_path / "read-only-home"
     home.mkdir()

@@ -92,7 +92,19 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
     host = settings.host
     client_host = client_host_for(host)
     home = settings.home_dir
-    common = {"CAPTCHAOPS_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    # Services see the settings `up` was called with, even when they came from code, not env.
+    common = {
+        "CAPTCHAOPS_HOME": str(home),
+        "CAPTCHAOPS_HOST": host,
+        "CAPTCHAOPS_TRACKING_URI": settings.effective_tracking_uri,
+        "CAPTCHAOPS_PRODUCTION_PORT": str(settings.production_port),
+        "CAPTCHAOPS_STAGING_PORT": str(settings.staging_port),
+        "CAPTCHAOPS_APP_PORT": str(settings.app_port),
+        "CAPTCHAOPS_MODEL_NAME": settings.model_name,
+        "CAPTCHAOPS_EXPERIMENT_NAME": settings.experiment_name,
+        "CAPTCHAOPS_POLL_SECONDS": str(settings.poll_seconds),
+        "PYTHONUNBUFFERED": "1",
+    }
     specs: list[Service] = []
     if "store" in names and store.kind == "minio":
         assert store.endpoint_url and settings.s3_secret_key
