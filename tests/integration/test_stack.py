@@ -16,7 +16,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from tests.fixtures.stack import free_port, wait_http
+from tests.fixtures.stack import free_port, moto_s3_server, wait_http
 
 CLI = str(Path(sys.executable).parent / "captchaops")
 
@@ -174,19 +174,8 @@ def test_stale_pid_and_socket_files_are_ignored(tmp_path: Path) -> None:
 @pytest.fixture()
 def moto_s3() -> Iterator[str]:
     """moto's S3 server standing in for MinIO."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/moto-api/", timeout=30, proc=proc)
+    with moto_s3_server() as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_s3_store_creates_bucket_and_client_needs_no_credentials(

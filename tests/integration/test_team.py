@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pydantic import SecretStr
 
-from tests.fixtures.stack import free_port, stop_process, wait_http
+from tests.fixtures.stack import free_port, moto_s3_server, stop_process, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -102,18 +102,8 @@ def postgres() -> Iterator[Postgres]:
 @pytest.fixture(scope="module")
 def moto() -> Iterator[str]:
     """moto's S3 server standing in for the bucket."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/moto-api/", timeout=30, proc=proc)
+    with moto_s3_server() as url:
         yield url
-    finally:
-        stop_process(proc)
 
 
 def s3_client(endpoint: str) -> Any:
