@@ -426,6 +426,9 @@ def demo(
 def main() -> None:
     """Console-script entry point: user errors become one line, never a traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    # MLflow's client retries for ~4 minutes by default; ~30 s rides out a tracking restart.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     try:
         app()
     except UserError as exc:

@@ -107,6 +107,12 @@ def one_line_errors(settings: Settings) -> Iterator[None]:
         raise RegistryError(str(exc)) from exc
     except MlflowException as exc:
         first = (str(exc).strip().splitlines() or ["unknown error"])[0][:300]
+        if "503" in first:
+            raise RegistryError(
+                f"tracking server {settings.effective_tracking_uri} answers 503 (unavailable): "
+                "its disk may be full or its database locked; check free space under its home "
+                "and `captchaops logs tracking`"
+            ) from exc
         raise RegistryError(
             f"tracking server {settings.effective_tracking_uri} failed: {first}; "
             "check it is up with `captchaops status`"
