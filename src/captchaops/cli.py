@@ -30,6 +30,17 @@ def fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset"}
+
+
+@app.callback()
+def _before(ctx: typer.Context) -> None:
+    """Registry commands give up after ~30 s of tracking errors (MLflow's default is ~4 min)."""
+    if ctx.invoked_subcommand in REGISTRY_COMMANDS:
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
 # --- commands are added below, one thin wrapper each ---------------------------------
 
 
@@ -426,9 +437,6 @@ def demo(
 def main() -> None:
     """Console-script entry point: user errors become one line, never a traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    # MLflow's client retries for ~4 minutes by default; ~30 s rides out a tracking restart.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     try:
         app()
     except UserError as exc:
