@@ -2,51 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from captchaops.data.synthetic import generate_one
-from tests.fixtures.stack import VENV_BIN, free_port, stop_process, wait_http
-from tests.integration.test_webapp import MODEL_NAME, WebappStack, webapp_stack
+from tests.integration.test_webapp import WebappStack, app_url, webapp_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-__all__ = ["webapp_stack"]
-
-
-@pytest.fixture(scope="module")
-def app_url(webapp_stack: WebappStack) -> Iterator[str]:
-    """`captchaops app` as `captchaops up` starts it: a separate process under waitress."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAPTCHAOPS_HOME": str(webapp_stack.home),
-        "CAPTCHAOPS_TRACKING_URI": webapp_stack.tracking_uri,
-        "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
-        "CAPTCHAOPS_PRODUCTION_PORT": str(webapp_stack.production.port),
-        "CAPTCHAOPS_STAGING_PORT": str(webapp_stack.staging.port),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = webapp_stack.home / "app.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "captchaops"), "app", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", timeout=60, proc=proc)
-        yield url
-    finally:
-        stop_process(proc)
+__all__ = ["app_url", "webapp_stack"]
 
 
 @pytest.fixture(scope="module")

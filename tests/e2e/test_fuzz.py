@@ -11,10 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import subprocess
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -23,11 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.fixtures.stack import VENV_BIN, free_port, stop_process, wait_http
-from tests.integration.test_webapp import MODEL_NAME, WebappStack, webapp_stack
+from tests.integration.test_webapp import WebappStack, app_url, webapp_stack
 
 pytestmark = pytest.mark.slow
-__all__ = ["webapp_stack"]
+__all__ = ["app_url", "webapp_stack"]
 
 INVOCATION_EXAMPLES = 3000
 PREDICT_EXAMPLES = 1500
@@ -48,34 +44,6 @@ CONTENT_TYPES = [
     "application/octet-stream",
     "",
 ]
-
-
-@pytest.fixture(scope="module")
-def app_url(webapp_stack: WebappStack) -> Iterator[str]:
-    """`captchaops app` in its own process over the two model servers."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAPTCHAOPS_HOME": str(webapp_stack.home),
-        "CAPTCHAOPS_TRACKING_URI": webapp_stack.tracking_uri,
-        "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
-        "CAPTCHAOPS_PRODUCTION_PORT": str(webapp_stack.production.port),
-        "CAPTCHAOPS_STAGING_PORT": str(webapp_stack.staging.port),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with (webapp_stack.home / "fuzz-app.log").open("ab") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "captchaops"), "app", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", timeout=60, proc=proc)
-        yield url
-    finally:
-        stop_process(proc)
 
 
 @st.composite

@@ -500,3 +500,33 @@ def test_secret_key_is_generated_once_and_kept(webapp_stack: WebappStack, tmp_pa
     first = create_app(settings).config["SECRET_KEY"]
     assert first and first == create_app(load_settings(home=tmp_path)).config["SECRET_KEY"]
     assert (tmp_path / ".env").stat().st_mode & 0o077 == 0
+
+
+@pytest.fixture(scope="module")
+def app_url(webapp_stack: WebappStack) -> Iterator[str]:
+    """`captchaops app` as `captchaops up` starts it: a separate process under waitress
+    (used by the browser and fuzz tests)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CAPTCHAOPS_HOME": str(webapp_stack.home),
+        "CAPTCHAOPS_TRACKING_URI": webapp_stack.tracking_uri,
+        "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
+        "CAPTCHAOPS_PRODUCTION_PORT": str(webapp_stack.production.port),
+        "CAPTCHAOPS_STAGING_PORT": str(webapp_stack.staging.port),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = webapp_stack.home / "app.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "captchaops"), "app", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", timeout=60, proc=proc)
+        yield url
+    finally:
+        stop_process(proc)
