@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from captchaops.data.dataset import DataError, LabelledImages, split_indices
 from captchaops.data.feedback import download_feedback
 from captchaops.data.folder import read_folder
 from captchaops.evaluate import character_error_rate, confusions, sequence_accuracy
+from captchaops.mlflow_scope import pointed_at
 from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
 from captchaops.model.ctc import decode_greedy, encode_labels
 from captchaops.model.preprocess import preprocess
@@ -59,6 +59,7 @@ class TrainConfig:
     include_feedback: bool = False
     learning_rate: float = 4e-3  # AdamW peak of a warmup + cosine schedule
     weight_decay: float = 1e-4
+    clipnorm: float | None = None  # clip each gradient's norm (tames CTC loss spikes)
     warmup_fraction: float = 0.05
     patience: int = 6  # epochs without a better val sequence accuracy before stopping
     augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
@@ -253,13 +254,18 @@ def _check_tracking(settings: Settings) -> None:
 
 
 def train(config: TrainConfig, settings: Settings, progress: Progress | None = None) -> TrainResult:
-    """Train, log everything to MLflow, register a version and stage or reject it."""
+    """Train, log everything to MLflow, register a version and stage or reject it.
+
+    MLflow's process-wide state (URIs, credentials, experiment) is restored afterwards, so
+    the caller's process is left talking to whatever it talked to before.
+    """
     start = time.monotonic()
-    report: Progress = progress or (lambda stage, fraction, metrics: None)
     _check_tracking(settings)
-    os.environ.update(settings.mlflow_env())
-    mlflow.set_tracking_uri(settings.effective_tracking_uri)
-    mlflow.set_registry_uri(settings.effective_tracking_uri)
+    with pointed_at(settings):
+        return _train(config, settings, progress or (lambda stage, fraction, metrics: None), start)
+
+
+def _train(config: TrainConfig, settings: Settings, report: Progress, start: float) -> TrainResult:
     keras.utils.set_random_seed(config.seed)
 
     data = load_data(config, settings, report)
@@ -311,7 +317,7 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
         mlflow.log_param("model_parameters", infer.count_params())
         train_model.compile(
             optimizer=keras.optimizers.AdamW(
-                config.learning_rate, weight_decay=config.weight_decay
+                config.learning_rate, weight_decay=config.weight_decay, clipnorm=config.clipnorm
             ),
             loss=ctc_loss,
         )

@@ -8,9 +8,9 @@ import pytest
 
 from captchaops import gate, registry
 from tests.fixtures.models import TrainedModel
+from tests.fixtures.serving import model_server
 from tests.fixtures.stack import Tracking
 from tests.integration.test_gate import copy_version, damaged_version, isolated, stage
-from tests.integration.test_serving import model_server
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,6 @@ import subprocess
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -24,65 +22,12 @@ from PIL import Image
 
 from captchaops.data.synthetic import generate
 from tests.fixtures.models import TrainedModel
+from tests.fixtures.serving import ModelServer, model_server
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process, wait_http
 
 pytestmark = pytest.mark.slow
 
 GROWTH_MB = 25
-
-
-@dataclass
-class Server:
-    """A running `captchaops serve` process."""
-
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def invoke(self, payload: object, timeout: float = 30.0) -> httpx.Response:
-        """POST a JSON payload to /invocations."""
-        return httpx.post(f"{self.url}/invocations", json=payload, timeout=timeout)
-
-    def wait_version(self, version: str, timeout: float = 60.0) -> None:
-        """Block until /version reports `version`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            resp = httpx.get(f"{self.url}/version", timeout=5)
-            if resp.status_code == 200 and resp.json()["version"] == version:
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"never served version {version}: {self.log.read_text()[-3000:]}")
-
-
-@contextmanager
-def model_server(
-    tracking_uri: str, alias: str, home: Path, poll_seconds: float = 0.5
-) -> Iterator[Server]:
-    """Start `captchaops serve --alias ALIAS` on a free port; stop it afterwards."""
-    port = free_port()
-    home.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "CAPTCHAOPS_HOME": str(home),
-        "CAPTCHAOPS_TRACKING_URI": tracking_uri,
-        "CAPTCHAOPS_POLL_SECONDS": str(poll_seconds),
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = home / f"serve-{alias}.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "captchaops"), "serve", "--alias", alias, "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/ping", timeout=60, proc=proc)
-        yield Server(url=url, proc=proc, log=log)
-    finally:
-        stop_process(proc)
 
 
 def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
@@ -146,7 +91,7 @@ def split_body(*images: str) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def server(
     tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[ModelServer]:
     """A model server for an alias of its own that points at the tiny model."""
     set_alias(tracking_server.uri, tiny_model.model_name, "serve-protocol", tiny_model.version)
     with model_server(
@@ -171,7 +116,7 @@ OTHER = b64(captcha_png(4))
     ids=["dataframe_split", "dataframe_records", "instances", "inputs"],
 )
 def test_each_scoring_format_answers_predictions_and_the_version(
-    server: Server, tiny_model: TrainedModel, payload: dict[str, object]
+    server: ModelServer, tiny_model: TrainedModel, payload: dict[str, object]
 ) -> None:
     resp = server.invoke(payload)
     assert resp.status_code == 200, resp.text
@@ -189,7 +134,7 @@ def test_each_scoring_format_answers_predictions_and_the_version(
 
 
 def test_answers_match_mlflow_models_serve_byte_for_byte(
-    server: Server, tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path
+    server: ModelServer, tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path
 ) -> None:
     port = free_port()
     env = {
@@ -222,7 +167,9 @@ def test_answers_match_mlflow_models_serve_byte_for_byte(
         stop_process(proc)
 
 
-def test_every_response_carries_the_model_version(server: Server, tiny_model: TrainedModel) -> None:
+def test_every_response_carries_the_model_version(
+    server: ModelServer, tiny_model: TrainedModel
+) -> None:
     responses = [
         httpx.get(f"{server.url}/ping"),
         httpx.get(f"{server.url}/health"),
@@ -237,7 +184,7 @@ def test_every_response_carries_the_model_version(server: Server, tiny_model: Tr
     assert responses[5].status_code == 405
 
 
-def test_version_names_the_model(server: Server, tiny_model: TrainedModel) -> None:
+def test_version_names_the_model(server: ModelServer, tiny_model: TrainedModel) -> None:
     info = httpx.get(f"{server.url}/version").json()
     assert info["name"] == tiny_model.model_name
     assert info["alias"] == "serve-protocol"
@@ -248,7 +195,7 @@ def test_version_names_the_model(server: Server, tiny_model: TrainedModel) -> No
 
 
 def test_health_reports_a_loaded_model_without_tensorflow(
-    server: Server, tiny_model: TrainedModel
+    server: ModelServer, tiny_model: TrainedModel
 ) -> None:
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200
@@ -263,7 +210,7 @@ def test_health_reports_a_loaded_model_without_tensorflow(
     assert "tensorflow" not in maps
 
 
-def test_memory_does_not_grow_with_large_batches(server: Server) -> None:
+def test_memory_does_not_grow_with_large_batches(server: ModelServer) -> None:
     # The 250 MB target itself is measured by benchmarks/bench_serving.py; this checks the bound
     # holds by construction: model calls are capped, so repeated big requests add nothing.
     body = split_body(*[b64(captcha_png(seed)) for seed in range(32)])
@@ -276,7 +223,7 @@ def test_memory_does_not_grow_with_large_batches(server: Server) -> None:
 
 
 def test_metrics_count_requests_batches_and_the_version(
-    server: Server, tiny_model: TrainedModel
+    server: ModelServer, tiny_model: TrainedModel
 ) -> None:
     assert server.invoke(split_body(IMAGE)).status_code == 200
     server.invoke({"nonsense": 1})
@@ -365,7 +312,9 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_input_is_refused_with_json_and_the_server_survives(server: Server, case: str) -> None:
+def test_bad_input_is_refused_with_json_and_the_server_survives(
+    server: ModelServer, case: str
+) -> None:
     body, content_type, status = BAD_REQUESTS[case]
     resp = httpx.post(
         f"{server.url}/invocations",
@@ -381,7 +330,7 @@ def test_bad_input_is_refused_with_json_and_the_server_survives(server: Server, 
     assert server.invoke(split_body(IMAGE)).status_code == 200
 
 
-def test_one_bad_image_in_a_busy_moment_fails_only_its_own_request(server: Server) -> None:
+def test_one_bad_image_in_a_busy_moment_fails_only_its_own_request(server: ModelServer) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     bad = split_body(b64(b"not an image"))

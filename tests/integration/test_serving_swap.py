@@ -10,13 +10,12 @@ import httpx
 import pytest
 
 from tests.fixtures.models import TrainedModel
+from tests.fixtures.serving import ModelServer, model_server
 from tests.fixtures.stack import Tracking, start_tracking_server, stop_process
 from tests.integration.test_serving import (
     IMAGE,
-    Server,
     copy_version,
     download_model,
-    model_server,
     register_folder,
     set_alias,
     split_body,
@@ -30,7 +29,7 @@ SWITCH_WITHIN_S = 5.0
 class Hammer:
     """A client thread that sends requests back to back and records every outcome."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: ModelServer) -> None:
         self.server = server
         self.answers: list[tuple[float, int, str]] = []
         self.errors: list[str] = []

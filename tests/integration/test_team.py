@@ -161,20 +161,6 @@ def team(postgres: Postgres, moto: str, tmp_path_factory: pytest.TempPathFactory
         cli(env, "down")
 
 
-@pytest.fixture()
-def isolated_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Undo the process-wide MLflow state training sets (tracking/registry URI, experiment)."""
-    from mlflow.tracking import fluent
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils
-
-    monkeypatch.setattr(utils, "_tracking_uri", utils._tracking_uri)
-    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
-    monkeypatch.setattr(fluent, "_active_experiment_id", fluent._active_experiment_id)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
 def use_account(monkeypatch: pytest.MonkeyPatch, uri: str, user: str, password: str) -> None:
     """Make MLflow clients in this process talk to the team server as this user."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

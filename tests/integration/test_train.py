@@ -159,6 +159,26 @@ def test_low_accuracy_version_is_rejected_with_reason(
     assert "staging" not in version.aliases
 
 
+def test_training_leaves_the_callers_mlflow_state_as_it_was(
+    tracking_server: Tracking, tmp_path: Path, isolated_mlflow: None
+) -> None:
+    """A notebook or test that trains in-process keeps talking to its own server afterwards."""
+    from mlflow.tracking import fluent
+
+    elsewhere = "http://127.0.0.1:9"
+    mlflow.set_tracking_uri(elsewhere)
+    mlflow.set_registry_uri(elsewhere)
+    fluent._active_experiment_id = None
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    model = train_tiny(make_settings(tracking_server, tmp_path), epochs=1, seed=8)
+    after = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (elsewhere, elsewhere)
+    assert after == before
+    assert fluent._active_experiment_id is None
+    client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
+    assert client.get_model_version(model.model_name, model.version).run_id == model.run_id
+
+
 def test_folder_training_reports_skips_and_feedback_merges(
     tracking_server: Tracking, tmp_path: Path
 ) -> None:

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from flask import Flask, request
 from flask.testing import FlaskClient
@@ -26,34 +25,13 @@ from captchaops.data.synthetic import generate_one
 from captchaops.settings import Settings, load_settings
 from captchaops.webapp.app import SECURITY_HEADERS, create_app
 from tests.fixtures.models import TrainedModel
+from tests.fixtures.serving import ModelServer, start_model_server
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process, wait_http
 
 MODEL_NAME = "webapp-demo"
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass
-class ModelServer:
-    """A running `captchaops serve` process."""
-
-    alias: str
-    url: str
-    port: int
-    proc: subprocess.Popen
-    log: Path
-
-    def wait_version(self, version: str, timeout: float = 60.0) -> None:
-        """Block until /version reports `version`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            resp = httpx.get(f"{self.url}/version", timeout=5)
-            if resp.status_code == 200 and resp.json()["version"] == version:
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.alias} never served v{version}: {self.log.read_text()[-3000:]}")
 
 
 @dataclass
@@ -85,30 +63,6 @@ class WebappStack:
         getattr(self, alias).wait_version(version)
 
 
-def start_model_server(tracking_uri: str, alias: str, home: Path) -> ModelServer:
-    """`captchaops serve --alias ALIAS` for MODEL_NAME on a free port."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAPTCHAOPS_HOME": str(home),
-        "CAPTCHAOPS_TRACKING_URI": tracking_uri,
-        "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
-        "CAPTCHAOPS_POLL_SECONDS": "0.5",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log = home / f"serve-{alias}.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "captchaops"), "serve", "--alias", alias, "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/ping", timeout=90, proc=proc)
-    return ModelServer(alias, url, port, proc, log)
-
-
 @pytest.fixture(scope="module")
 def webapp_stack(
     tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
@@ -125,7 +79,9 @@ def webapp_stack(
     servers: list[ModelServer] = []
     try:
         for alias in ("production", "staging"):
-            servers.append(start_model_server(tracking_server.uri, alias, home))
+            servers.append(
+                start_model_server(tracking_server.uri, alias, home, model_name=MODEL_NAME)
+            )
         stack = WebappStack(tracking_server.uri, home, (versions[0], versions[1]), *servers)
         stack.production.wait_version(versions[0])
         stack.staging.wait_version(versions[1])
