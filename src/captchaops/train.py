@@ -47,19 +47,19 @@ class TrainConfig:
     """Every training default in one place; the final values are logged with the run."""
 
     data_dir: Path | None = None  # a folder of <label>.png files; None = synthetic data
-    synthetic: int = 16_000  # how many CAPTCHAs to generate when data_dir is None
+    synthetic: int = 30_000  # how many CAPTCHAs to generate when data_dir is None
     alphabet: str | None = None  # None: digits + uppercase for synthetic, derived for folders
     length: tuple[int, int] = (4, 4)  # synthetic label length range
-    epochs: int = 12
+    epochs: int = 40  # an upper bound: the time budget usually ends training first
     batch_size: int = 32
-    max_minutes: float = 4.4  # hard budget from the start of train() to the end of fitting
+    max_minutes: float = 4.6  # hard budget from the start of train() to the end of fitting
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
     include_feedback: bool = False
-    learning_rate: float = 4e-3  # AdamW peak of a warmup + cosine schedule
+    learning_rate: float = 2.5e-3  # AdamW peak of a warmup + cosine schedule
     weight_decay: float = 1e-4
-    clipnorm: float | None = None  # clip each gradient's norm (tames CTC loss spikes)
+    clipnorm: float | None = 1.0  # clip each gradient's norm (tames CTC loss spikes)
     warmup_fraction: float = 0.05
     patience: int = 6  # epochs without a better val sequence accuracy before stopping
     augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
@@ -68,20 +68,31 @@ class TrainConfig:
 
     @classmethod
     def demo(cls) -> TrainConfig:
-        """The demo preset: >= 95% on 4-character CAPTCHAs in under 5 minutes on 2 cores."""
+        """The demo preset, aimed at >= 95% on 4-character CAPTCHAs in 5 minutes on 2 cores.
+
+        From the 5-minute benchmark runs: 30k images beat 16k (which overfit at 86-92%),
+        batch 32 beat 64, and a 2.5e-3 peak with gradient clipping beat 4e-3 (whose
+        validation accuracy swung by 50 points between epochs).
+        """
         return cls()
 
     @classmethod
     def accuracy(cls) -> TrainConfig:
-        """The long preset: an hour on 2 cores, a wider network and five times the data."""
+        """The long preset: an hour on 2 cores, a wider network and five times the data.
+
+        Data is what the demo runs were short of (16k images overfit; 30k reached 95%), so
+        this one generates 160k, keeps 2% each for validation and test, and trains a network
+        about 1.5x wider for the rest of the hour.
+        """
         return cls(
-            synthetic=120_000,
-            epochs=40,
-            batch_size=64,
+            synthetic=160_000,
+            epochs=60,
             max_minutes=60.0,
-            learning_rate=3e-3,
+            learning_rate=2e-3,
             patience=8,
-            arch=Architecture(height=32, width=96, filters=(32, 64, 96, 128), rnn_units=128),
+            val_fraction=0.02,
+            test_fraction=0.02,
+            arch=Architecture(height=32, width=88, filters=(32, 48, 64, 96), rnn_units=96),
         )
 
     @classmethod
@@ -201,9 +212,12 @@ class _Schedule(keras.callbacks.Callback):
 class _Monitor(keras.callbacks.Callback):
     """Per epoch: val sequence accuracy and CER, MLflow metrics, best weights, early stopping."""
 
-    def __init__(self, infer: keras.Model, x_val, labels_val, alphabet, config, schedule, report):
+    def __init__(
+        self, infer: keras.Model, x_val, y_val, labels_val, alphabet, config, schedule, report
+    ):
         super().__init__()
         self.infer, self.x_val, self.labels_val, self.alphabet = infer, x_val, labels_val, alphabet
+        self.y_val = y_val
         self.config, self.schedule, self.report = config, schedule, report
         self.best_acc, self.best_epoch, self.best_weights = -1.0, -1, None
         self.history: list[dict[str, float]] = []
@@ -218,15 +232,14 @@ class _Monitor(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
-        preds = [
-            t
-            for t, _ in decode_greedy(
-                self.infer.predict(self.x_val, batch_size=256, verbose=0), self.alphabet
-            )
-        ]
+        probs = self.infer.predict(self.x_val, batch_size=256, verbose=0)
+        preds = [t for t, _ in decode_greedy(probs, self.alphabet)]
+        # One pass over the validation set: CTC on log-probabilities equals CTC on the logits
+        # (the loss log-softmaxes its input, and log-softmax of log p is log p).
+        val_loss = ctc_loss(self.y_val, keras.ops.log(keras.ops.maximum(probs, 1e-12)))
         metrics = {
             "loss": float(logs.get("loss", float("nan"))),
-            "val_loss": float(logs.get("val_loss", float("nan"))),
+            "val_loss": float(keras.ops.convert_to_numpy(val_loss)),
             "val_seq_acc": sequence_accuracy(preds, self.labels_val),
             "val_cer": character_error_rate(preds, self.labels_val),
             "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
@@ -324,14 +337,15 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
         steps = math.ceil(len(splits["train"]) / config.batch_size) * config.epochs
         deadline = start + config.max_minutes * 60
         schedule = _Schedule(config, steps, deadline, time.monotonic())
-        monitor = _Monitor(infer, x["val"], labels["val"], alphabet, config, schedule, report)
+        monitor = _Monitor(
+            infer, x["val"], y["val"], labels["val"], alphabet, config, schedule, report
+        )
         fit_start = time.monotonic()
         train_model.fit(
             x["train"],
             y["train"],
             batch_size=config.batch_size,
             epochs=config.epochs,
-            validation_data=(x["val"], y["val"]),
             callbacks=[schedule, monitor],
             verbose=0,
         )
