@@ -15,16 +15,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.environment_variables import (
-    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
-    MLFLOW_TRACKING_PASSWORD,
-    MLFLOW_TRACKING_USERNAME,
-)
+from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
 from captchaops.data.dataset import DataError
 from captchaops.data.folder import read_folder
 from captchaops.data.synthetic import DIGITS_UPPER, generate
 from captchaops.evaluate import character_error_rate, sequence_accuracy
+from captchaops.mlflow_scope import point_at
 from captchaops.settings import Settings
 
 EVAL_EXPERIMENT = "text-captcha-evaluation"
@@ -89,14 +86,10 @@ def digest_of(images: list[bytes], labels: list[str]) -> str:
 
 def client_for(settings: Settings) -> MlflowClient:
     """An MLflow client for the configured tracking server (also the default for pyfunc loads)."""
-    env = settings.mlflow_env()
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(env["MLFLOW_TRACKING_URI"])
+    point_at(settings)
     MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.set("true")
-    if "MLFLOW_TRACKING_USERNAME" in env:
-        MLFLOW_TRACKING_USERNAME.set(env["MLFLOW_TRACKING_USERNAME"])
-        MLFLOW_TRACKING_PASSWORD.set(env["MLFLOW_TRACKING_PASSWORD"])
-    return MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"])
+    uri = settings.effective_tracking_uri
+    return MlflowClient(uri, uri)
 
 
 def _pack(evalset: EvalSet, meta: dict[str, object]) -> bytes:

@@ -4,7 +4,8 @@ MLflow's fluent API (`start_run`, `log_model`, `set_experiment`, pyfunc loads) r
 globals and environment variables: the tracking and registry URIs, the credentials and the
 active experiment. Code that sets them for one job and leaves them behind sends the next
 job in the same process (a test, a notebook cell, the demo) to the wrong server, where
-MLflow's retries can hang it for minutes. `pointed_at` scopes all of it to a `with` block.
+MLflow's retries can hang it for minutes. `pointed_at` scopes all of it to a `with` block;
+`point_at` is the unscoped form for one-shot processes such as a CLI command.
 """
 
 from __future__ import annotations
@@ -30,19 +31,26 @@ _ENV_KEYS = (
 )
 
 
+def point_at(settings: Settings) -> None:
+    """From now on MLflow's fluent API talks to `settings`' server.
+
+    Credentials come from the settings when they have them; otherwise whatever MLflow would
+    use anyway (MLFLOW_TRACKING_USERNAME/_PASSWORD, ~/.mlflow/credentials) stays in force.
+    """
+    os.environ.update(settings.mlflow_env())
+    mlflow.set_tracking_uri(settings.effective_tracking_uri)
+    mlflow.set_registry_uri(settings.effective_tracking_uri)
+
+
 @contextmanager
 def pointed_at(settings: Settings) -> Iterator[None]:
-    """Inside the block MLflow's fluent API talks to `settings`' server with its credentials."""
+    """`point_at` for the duration of a `with` block; the previous state comes back after."""
     saved_env = {key: os.environ.get(key) for key in _ENV_KEYS}
     saved_tracking = tracking_utils._tracking_uri
     saved_registry = registry_utils._registry_uri
     saved_experiment = fluent._active_experiment_id
     try:
-        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-            os.environ.pop(key, None)
-        os.environ.update(settings.mlflow_env())
-        mlflow.set_tracking_uri(settings.effective_tracking_uri)
-        mlflow.set_registry_uri(settings.effective_tracking_uri)
+        point_at(settings)
         yield
     finally:
         # None is what MLflow's own _use_tracking_uri restores too: it unsets the URI.

@@ -216,8 +216,8 @@ class _Monitor(keras.callbacks.Callback):
         self, infer: keras.Model, x_val, y_val, labels_val, alphabet, config, schedule, report
     ):
         super().__init__()
-        self.infer, self.x_val, self.labels_val, self.alphabet = infer, x_val, labels_val, alphabet
-        self.y_val = y_val
+        self.infer, self.alphabet = infer, alphabet
+        self.x_val, self.y_val, self.labels_val = x_val, y_val, labels_val
         self.config, self.schedule, self.report = config, schedule, report
         self.best_acc, self.best_epoch, self.best_weights = -1.0, -1, None
         self.history: list[dict[str, float]] = []

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import struct
-import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from captchaops.settings import Settings, load_settings
 from captchaops.webapp.app import SECURITY_HEADERS, create_app
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process, wait_http
+from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
 
 MODEL_NAME = "webapp-demo"
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -472,17 +471,12 @@ def app_url(webapp_stack: WebappStack) -> Iterator[str]:
         "CAPTCHAOPS_STAGING_PORT": str(webapp_stack.staging.port),
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = webapp_stack.home / "app.log"
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [str(VENV_BIN / "captchaops"), "app", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
+    cmd = [str(VENV_BIN / "captchaops"), "app", "--port", str(port)]
+    proc = start_http_process(
+        cmd, f"{url}/healthz", env=env, log=webapp_stack.home / "app.log", timeout=60
+    )
     try:
-        wait_http(f"{url}/healthz", timeout=60, proc=proc)
         yield url
     finally:
         stop_process(proc)
