@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from captchaops.settings import load_settings
+from captchaops.settings import Settings, load_settings
 
 app = typer.Typer(
     help="captchaops: a self-hosted MLOps pipeline for text-CAPTCHA recognition.",
@@ -28,6 +31,38 @@ def fail(message: str, code: int = 1) -> None:
     """Print one line and exit non-zero."""
     err.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+MODEL_NAME_OPTION = typer.Option(
+    None,
+    "--model-name",
+    help="the scheme (registered model) to act on; default: CAPTCHAOPS_MODEL_NAME or text-captcha",
+    show_default=False,
+)
+
+
+def settings_for(model_name: str | None) -> Settings:
+    """The settings, for the scheme named with --model-name when one is given."""
+    from captchaops.registry import RegistryError, check_model_name
+
+    settings = load_settings(model_name=model_name) if model_name else load_settings()
+    try:
+        check_model_name(settings.model_name)
+    except RegistryError as exc:
+        fail(str(exc))
+    return settings
+
+
+def parse_length(text: str) -> tuple[int, int]:
+    """`MIN-MAX` (or one number) as a label length range; ValueError with the fix if malformed."""
+    found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    lengths = (int(found[1]), int(found[2] or found[1])) if found else (0, 0)
+    if not 1 <= lengths[0] <= lengths[1]:
+        raise ValueError(
+            f"--length {text!r} is not a label length range; write MIN-MAX with "
+            "1 <= MIN <= MAX, e.g. --length 4-6 (or --length 5)"
+        )
+    return lengths
 
 
 REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset"}
@@ -128,11 +163,12 @@ def serve(
     alias: str = typer.Option("production", "--alias", help="registry alias to serve"),
     port: int | None = typer.Option(None, "--port", help="default: the alias's port setting"),
     host: str | None = typer.Option(None, "--host", help="default: the host setting (loopback)"),
+    model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Serve models:/<model_name>@<alias> over HTTP, swapping in new versions as the alias moves."""
     from captchaops.serving import ServeError, run
 
-    settings = load_settings()
+    settings = settings_for(model_name)
     default_port = settings.staging_port if alias == "staging" else settings.production_port
     try:
         run(settings, alias, port or default_port, host)
@@ -146,14 +182,18 @@ ACTOR_OPTION = typer.Option(
 
 
 @app.command()
-def models(limit: int = typer.Option(20, help="show at most this many versions")) -> None:
+def models(
+    limit: int = typer.Option(20, help="show at most this many versions"),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
     """List model versions with aliases, metrics, validation status and the last alias moves."""
     from rich.table import Table
 
     from captchaops import registry
 
+    settings = settings_for(model_name)
     try:
-        listing = registry.list_versions(load_settings(), limit=limit)
+        listing = registry.list_versions(settings, limit=limit)
     except registry.RegistryError as exc:
         fail(str(exc))
     table = Table(title=f"{listing.name} versions")
@@ -212,11 +252,12 @@ def promote(
         5.0, help="gate: milliseconds added to the latency budget"
     ),
     actor: str | None = ACTOR_OPTION,
+    model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Move @production: by hand (--version N | --from staging) or through the gate (--auto)."""
     from captchaops import gate, registry
 
-    settings = load_settings()
+    settings = settings_for(model_name)
     try:
         if not auto:
             if not reason:
@@ -270,12 +311,14 @@ def rollback(
     ),
     reason: str = typer.Option("", "--reason", help="why (recorded in the audit trail)"),
     actor: str | None = ACTOR_OPTION,
+    model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Move @production back to the previous production version in the audit trail."""
     from captchaops import registry
 
+    settings = settings_for(model_name)
     try:
-        move = registry.rollback(load_settings(), to=to, reason=reason, actor=actor)
+        move = registry.rollback(settings, to=to, reason=reason, actor=actor)
     except registry.RegistryError as exc:
         fail(str(exc))
     console.print(f"rolled back: {move.line()}", highlight=False)
@@ -283,26 +326,69 @@ def rollback(
 
 @app.command()
 def evalset(
-    size: int = typer.Option(2000, help="generated images (fixed seed)"),
-    folder: str | None = typer.Option(None, help="also include images named <label>.png from here"),
+    size: int = typer.Option(2000, min=0, help="generated images (fixed seed)"),
+    folder: str | None = typer.Option(
+        None, help="also include images named <label>.png from here (--size 0: only these)"
+    ),
+    alphabet: str | None = typer.Option(
+        None,
+        "--alphabet",
+        help="characters of generated labels (default: 0-9A-Z)",
+    ),
+    length: str = typer.Option("4-4", "--length", help="generated label lengths MIN-MAX, e.g. 4-6"),
     replace: bool = typer.Option(False, "--replace", help="make a new set even if one exists"),
+    model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Create the frozen evaluation set every version is judged on (stored by digest)."""
-    from pathlib import Path
-
     from captchaops import registry
+    from captchaops.data.synthetic import DIGITS_UPPER
     from captchaops.evalset import create_evalset
 
-    settings = load_settings()
+    settings = settings_for(model_name)
+    try:
+        lengths = parse_length(length)
+    except ValueError as exc:
+        fail(str(exc))
+    if alphabet is not None and (not alphabet or any(ch.isspace() for ch in alphabet)):
+        fail("--alphabet needs at least one character and no spaces, e.g. --alphabet 0123456789")
     try:
         with registry.one_line_errors(settings):
             made = create_evalset(
-                settings, size=size, folder=Path(folder) if folder else None, replace=replace
+                settings,
+                size=size,
+                folder=Path(folder) if folder else None,
+                alphabet=alphabet or DIGITS_UPPER,
+                length=lengths,
+                replace=replace,
             )
     except registry.RegistryError as exc:
         fail(str(exc))
     console.print(
-        f"frozen evaluation set {made.digest} ({len(made)} images, seed {made.seed})",
+        f"frozen evaluation set {made.digest} of {settings.model_name} "
+        f"({len(made)} images, seed {made.seed})",
+        highlight=False,
+    )
+
+
+@app.command("sample-data")
+def sample_data(
+    directory: str = typer.Argument(..., help="an empty or new folder to write the images into"),
+    count: int = typer.Option(1040, "--count", min=1, help="how many images"),
+    seed: int = typer.Option(0, "--seed", help="the same seed writes the same images"),
+) -> None:
+    """Write stand-in CAPTCHAs (200x50, 5 characters, <label>.png) to try `train --data` on."""
+    from captchaops.data import standin
+
+    folder = Path(directory)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        fail(f"{folder} is not an empty folder; name a new or empty one (nothing is overwritten)")
+    try:
+        written = standin.build(folder, count, seed)
+    except OSError as exc:
+        fail(f"cannot write to {folder} ({exc}); pick a writable folder")
+    console.print(
+        f"wrote {len(written)} stand-in CAPTCHAs to {folder}; "
+        f"next: captchaops train --data {shlex.quote(str(folder))}",
         highlight=False,
     )
 
@@ -377,16 +463,17 @@ def train_command(
     include_feedback: bool = typer.Option(
         False, "--include-feedback", help="add corrections submitted in the web app"
     ),
+    model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
-    """Train a CRNN (demo preset by default), log it to MLflow and register a new version."""
-    from pathlib import Path
-
+    """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
     from captchaops import train as training
 
     if data is not None and synthetic is not None:
         fail("use either --data DIR or --synthetic N, not both")
+    settings = settings_for(model_name)
+    preset = training.TrainConfig.folder() if data else training.TrainConfig.demo()
     config = training.with_overrides(
-        training.TrainConfig.demo(),
+        preset,
         data_dir=Path(data) if data else None,
         synthetic=synthetic,
         epochs=epochs,
@@ -397,7 +484,7 @@ def train_command(
         include_feedback=include_feedback or None,
     )
     try:
-        result = training.train_with_progress(config, load_settings(), console)
+        result = training.train_with_progress(config, settings, console)
     except (training.DataError, training.TrainError) as exc:
         fail(str(exc))
     training.print_summary(result, console)

@@ -17,7 +17,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
-from captchaops.data.dataset import DataError
+from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
 from captchaops.data.synthetic import DIGITS_UPPER, generate
 from captchaops.evaluate import character_error_rate, sequence_accuracy
@@ -45,9 +45,19 @@ class EvalSet:
     labels: list[str]
     digest: str
     seed: int
+    kind: str = "synthetic"
+    """'synthetic' (generated with a fixed seed) or 'folder' (held-out images of a folder scheme)."""
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def alphabet(self) -> str:
+        """Every character the labels use, sorted."""
+        return "".join(sorted(set("".join(self.labels))))
+
+    def hashes(self) -> set[str]:
+        """sha256 of every image: training leaves out any image whose content is in here."""
+        return {hashlib.sha256(image).hexdigest() for image in self.images}
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,8 @@ def _unpack(data: bytes) -> EvalSet:
         meta = json.loads(archive.read("labels.json"))
         images = [archive.read(item["file"]) for item in meta["items"]]
     labels = [item["label"] for item in meta["items"]]
-    return EvalSet(images, labels, digest_of(images, labels), int(meta["seed"]))
+    kind = str(meta.get("kind", "synthetic"))
+    return EvalSet(images, labels, digest_of(images, labels), int(meta["seed"]), kind)
 
 
 def _experiment_id(client: MlflowClient) -> str:
@@ -165,15 +176,16 @@ def create_evalset(
     labels = [s.label for s in samples]
     if folder is not None:
         try:
-            extra = read_folder(folder, alphabet=alphabet)
+            extra = read_folder(folder, alphabet=alphabet if size else None)
         except DataError as exc:
             raise EvalSetError(str(exc)) from exc
         images += extra.images
         labels += extra.labels
     if not labels:
         raise EvalSetError("the frozen set would be empty; pass --size above 0 or a --folder")
-    evalset = EvalSet(images, labels, digest_of(images, labels), seed)
-    client = client_for(settings)
+    evalset = EvalSet(
+        images, labels, digest_of(images, labels), seed, "synthetic" if size else "folder"
+    )
     meta = {
         "seed": seed,
         "generated": size,
@@ -182,9 +194,17 @@ def create_evalset(
         "alphabet": alphabet,
         "length": list(length),
     }
+    _store(settings, evalset, meta)
+    return evalset
+
+
+def _store(settings: Settings, evalset: EvalSet, meta: dict[str, object]) -> None:
+    """Log the set as an MLflow run artifact and pin it to the registered model by digest."""
+    client = client_for(settings)
+    meta = meta | {"kind": evalset.kind, "images": len(evalset)}
     run = client.create_run(
         _experiment_id(client),
-        run_name=f"evalset {evalset.digest[:12]}",
+        run_name=f"evalset {settings.model_name} {evalset.digest[:12]}",
         tags={DIGEST_TAG: evalset.digest, "kind": "evalset", "model_name": settings.model_name},
     )
     client.log_batch(
@@ -198,7 +218,52 @@ def create_evalset(
     client.set_terminated(run.info.run_id)
     _ensure_model(client, settings.model_name)
     client.set_registered_model_tag(settings.model_name, DIGEST_TAG, evalset.digest)
-    client.set_registered_model_tag(settings.model_name, "evalset_seed", str(seed))
+    client.set_registered_model_tag(settings.model_name, "evalset_seed", str(evalset.seed))
+    client.set_registered_model_tag(settings.model_name, "evalset_kind", evalset.kind)
+
+
+def holdout_indices(names: list[str], fraction: float) -> list[int]:
+    """Which files of a folder are held out for its frozen set: decided by hashing each name.
+
+    Salted differently from the train/validation split, so it does not mirror it.
+    """
+    return [
+        i for i, name in enumerate(names) if split_of(f"evalset/{name}", 0.0, fraction) == "test"
+    ]
+
+
+def folder_evalset(settings: Settings, data: LabelledImages, fraction: float) -> EvalSet:
+    """A folder scheme's frozen set: the stored one, or held-out images of `data` frozen now.
+
+    Training must leave out every image whose content is in the returned set.
+    """
+    digest = current_digest(settings)
+    if digest:
+        evalset = load_evalset(settings, digest)
+        if evalset.kind != "folder":
+            raise EvalSetError(
+                f"{settings.model_name} is judged on generated CAPTCHAs, not on held-out images "
+                f"of a folder; train this folder as its own scheme with --model-name NAME"
+            )
+        return evalset
+    held = holdout_indices(data.names, fraction)
+    if len(held) < 5 or len(held) > len(data) - 10:
+        raise EvalSetError(
+            f"{len(data)} images are too few to hold out a frozen evaluation set; add more images"
+        )
+    images = [data.images[i] for i in held]
+    labels = [data.labels[i] for i in held]
+    evalset = EvalSet(images, labels, digest_of(images, labels), 0, "folder")
+    meta = {
+        "seed": 0,
+        "generated": 0,
+        "folder": data.source[:400],
+        "folder_images": len(held),
+        "holdout_fraction": fraction,
+        "alphabet": data.alphabet(),
+        "length": [min(map(len, labels)), max(map(len, labels))],
+    }
+    _store(settings, evalset, meta)
     return evalset
 
 
@@ -229,12 +294,17 @@ def load_evalset(settings: Settings, digest: str) -> EvalSet:
     return evalset
 
 
-def ensure_evalset(settings: Settings, size: int = 2000) -> EvalSet:
-    """The model's frozen set, made on first use with the default seed."""
+def ensure_evalset(
+    settings: Settings,
+    size: int = 2000,
+    alphabet: str = DIGITS_UPPER,
+    length: tuple[int, int] = (4, 4),
+) -> EvalSet:
+    """The model's frozen set, generated on first use with the default seed and this scheme."""
     digest = current_digest(settings)
     if digest:
         return load_evalset(settings, digest)
-    return create_evalset(settings, size=size)
+    return create_evalset(settings, size=size, alphabet=alphabet, length=length)
 
 
 def score(

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
 from captchaops import registry
 from captchaops.evalset import EvalSet, Score, client_for, ensure_evalset, record_score, score
 from captchaops.registry import PRODUCTION, STAGING, Move
@@ -45,6 +48,73 @@ class GateConfig:
 
 
 @dataclass(frozen=True)
+class Scheme:
+    """The kind of CAPTCHA a version reads, from its training run's parameters."""
+
+    alphabet: str
+    min_length: int
+    max_length: int
+    data_kind: str = "synthetic"
+
+    def describe(self) -> str:
+        """The alphabet and where the training images came from, for refusals."""
+        return f"alphabet {self.alphabet!r} ({self.data_kind})"
+
+
+def scheme_of(client: MlflowClient, name: str, version: str) -> Scheme | None:
+    """The scheme a version was trained on; None when its run is gone or logged no alphabet."""
+    run_id = client.get_model_version(name, version).run_id
+    if not run_id:
+        return None
+    try:
+        params = client.get_run(run_id).data.params
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    low, high = params.get("min_length", ""), params.get("max_length", "")
+    if not params.get("alphabet") or not low.isdigit() or not high.isdigit():
+        return None
+    return Scheme(params["alphabet"], int(low), int(high), params.get("data_kind") or "synthetic")
+
+
+def scheme_refusals(
+    candidate_version: str,
+    candidate: Scheme | None,
+    champion_version: str | None,
+    champion: Scheme | None,
+    labels: list[str],
+) -> list[str]:
+    """Why the candidate cannot be judged against this champion on this frozen set; empty if it can."""
+    if candidate is None:
+        return []
+    if champion is not None and (
+        set(candidate.alphabet) != set(champion.alphabet)
+        or candidate.data_kind != champion.data_kind
+    ):
+        return [
+            f"candidate v{candidate_version} reads {candidate.describe()} but champion "
+            f"v{champion_version} reads {champion.describe()}: different schemes; "
+            "register it under its own --model-name"
+        ]
+    unreadable = "".join(sorted(set("".join(labels)) - set(candidate.alphabet)))
+    if not unreadable:
+        return []
+    if candidate.data_kind == "folder":
+        fix = "captchaops evalset --replace --folder HELD_OUT_DIR --size 0"
+    else:
+        fix = (
+            f"captchaops evalset --replace --alphabet '{candidate.alphabet}' "
+            f"--length {candidate.min_length}-{candidate.max_length}"
+        )
+    return [
+        f"the frozen evaluation set has characters {unreadable!r} that candidate "
+        f"v{candidate_version} ({candidate.describe()}) can never read; make a matching set "
+        f"with `{fix}` or register it under its own --model-name"
+    ]
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the gate concluded and why; `refusals` is empty exactly when it promotes."""
 
@@ -54,6 +124,10 @@ class Decision:
     champion: Score | None
     thresholds: dict[str, float]
     refusals: list[str] = field(default_factory=list)
+    audited: bool = True
+    """Whether auto_promote records the decision (audit run, candidate tags)."""
+    digest: str = ""
+    """The frozen set the decision was about ('' when none was loaded)."""
 
     @property
     def promote(self) -> bool:
@@ -100,7 +174,12 @@ def judge(candidate: Score, champion: Score | None, config: GateConfig, floor: f
 def decide(
     settings: Settings, config: GateConfig | None = None, evalset: EvalSet | None = None
 ) -> Decision:
-    """Score @staging and @production on the frozen set and judge them; changes no alias."""
+    """Score @staging and @production on the frozen set and judge them; changes no alias.
+
+    A synthetic scheme's first frozen set is generated with its candidate's alphabet and
+    lengths. A candidate of another scheme than the champion, or one that cannot read the
+    frozen set's characters, is refused without being scored.
+    """
     config = config or GateConfig()
     thresholds = config.thresholds(settings)
     candidate_version = registry.resolve(settings, alias=STAGING)
@@ -113,6 +192,7 @@ def decide(
             None,
             thresholds,
             [f"v{candidate_version} is already @production; train a new candidate first"],
+            audited=False,
         )
     with registry.one_line_errors(settings):
         client = client_for(settings)
@@ -126,8 +206,36 @@ def decide(
                 None,
                 thresholds,
                 [f"v{candidate_version} was rejected before ({why}); train a new candidate"],
+                audited=False,
             )
-        evalset = evalset or ensure_evalset(settings)
+        scheme = scheme_of(client, settings.model_name, candidate_version)
+        if evalset is None:
+            evalset = (
+                ensure_evalset(
+                    settings,
+                    alphabet=scheme.alphabet,
+                    length=(scheme.min_length, scheme.max_length),
+                )
+                if scheme is not None and scheme.data_kind == "synthetic"
+                else ensure_evalset(settings)
+            )
+        refusals = scheme_refusals(
+            candidate_version,
+            scheme,
+            champion_version,
+            scheme_of(client, settings.model_name, champion_version) if champion_version else None,
+            evalset.labels,
+        )
+    if refusals:
+        return Decision(
+            candidate_version,
+            champion_version,
+            None,
+            None,
+            thresholds,
+            refusals,
+            digest=evalset.digest,
+        )
     kwargs = {"batch_size": config.batch_size, "latency_samples": config.latency_samples}
     candidate = score(settings, candidate_version, evalset, **kwargs)
     champion = score(settings, champion_version, evalset, **kwargs) if champion_version else None
@@ -136,7 +244,15 @@ def decide(
             if result is not None:
                 record_score(client, settings.model_name, result)
     refusals = judge(candidate, champion, config, config.effective_floor(settings))
-    return Decision(candidate_version, champion_version, candidate, champion, thresholds, refusals)
+    return Decision(
+        candidate_version,
+        champion_version,
+        candidate,
+        champion,
+        thresholds,
+        refusals,
+        digest=evalset.digest,
+    )
 
 
 def auto_promote(
@@ -175,10 +291,12 @@ def auto_promote(
             version_tags={decision.candidate_version: stamp},
         )
         return decision, move
-    if decision.candidate is None:
+    if not decision.audited:
         return decision, None
     move = registry.record_rejection(
         settings,
+        version=decision.candidate_version,
+        digest=decision.digest,
         candidate=decision.candidate,
         champion=decision.champion,
         reason=why,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import random
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ LOCK_SUFFIX = ".promotion-lock"
 LOCK_TIMEOUT_S = 120.0
 LOCK_STALE_S = 900.0
 MOVES = ("promoted", "rolled-back")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class RegistryError(Exception):
@@ -84,6 +86,16 @@ class Listing:
     name: str
     rows: list[VersionRow]
     last_moves: dict[str, str]
+
+
+def check_model_name(name: str) -> str:
+    """The name of a scheme's registered model, if usable; a one-line `RegistryError` if not."""
+    if not MODEL_NAME.fullmatch(name) or name.endswith(LOCK_SUFFIX):
+        raise RegistryError(
+            f"model name {name!r} is not usable; name a scheme with 1-100 letters, digits, "
+            "'-', '_' or '.', starting with a letter or digit (e.g. --model-name bank-captcha)"
+        )
+    return name
 
 
 def default_actor() -> str:
@@ -305,6 +317,7 @@ def _write_audit(
     candidate: Score | None,
     champion: Score | None,
     thresholds: dict[str, float],
+    digest: str = "",
 ) -> str:
     """Open the audit run of a decision (left RUNNING; the caller finishes it)."""
     at = _now()
@@ -332,7 +345,7 @@ def _write_audit(
         "decision": decision,
         "at": at,
         "seq": str(seq),
-        "evalset_digest": next((r.digest for r in (candidate, champion) if r is not None), ""),
+        "evalset_digest": next((r.digest for r in (candidate, champion) if r is not None), digest),
     }
     params.update({f"threshold_{k}": str(v) for k, v in thresholds.items()})
     metrics = {}
@@ -418,13 +431,15 @@ def move_alias(
 def record_rejection(
     settings: Settings,
     *,
-    candidate: Score,
+    version: str,
+    candidate: Score | None,
     champion: Score | None,
     reason: str,
     actor: str,
     thresholds: dict[str, float],
+    digest: str = "",
 ) -> Move:
-    """Audit a gate refusal and tag the candidate `validation_status=rejected` (no alias moves)."""
+    """Audit a gate refusal of a version, scored or not, and tag it `validation_status=rejected`."""
     name = settings.model_name
     with one_line_errors(settings):
         client = client_for(settings)
@@ -434,7 +449,7 @@ def record_rejection(
             settings,
             alias=PRODUCTION,
             from_version=from_version,
-            to_version=candidate.version,
+            to_version=version,
             actor=actor,
             reason=reason,
             kind="gate",
@@ -443,15 +458,16 @@ def record_rejection(
             candidate=candidate,
             champion=champion,
             thresholds=thresholds,
+            digest=digest,
         )
-        client.set_model_version_tag(name, candidate.version, "validation_status", "rejected")
-        client.set_model_version_tag(name, candidate.version, "rejection_reason", reason[:4000])
-        client.set_model_version_tag(name, candidate.version, "validated_at", _now())
+        client.set_model_version_tag(name, version, "validation_status", "rejected")
+        client.set_model_version_tag(name, version, "rejection_reason", reason[:4000])
+        client.set_model_version_tag(name, version, "validated_at", _now())
         client.set_terminated(run_id, "FINISHED")
         return Move(
             PRODUCTION,
             from_version,
-            candidate.version,
+            version,
             actor,
             reason,
             "gate",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -26,11 +27,12 @@ from captchaops.data import synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
 from captchaops.data.feedback import download_feedback
 from captchaops.data.folder import read_folder
+from captchaops.evalset import EvalSet, EvalSetError, folder_evalset
 from captchaops.evaluate import character_error_rate, confusions, sequence_accuracy
 from captchaops.mlflow_scope import pointed_at
 from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
 from captchaops.model.ctc import decode_greedy, encode_labels
-from captchaops.model.preprocess import preprocess
+from captchaops.model.preprocess import image_size, preprocess
 from captchaops.model.pyfunc import CaptchaModel, log_model
 from captchaops.settings import Settings
 
@@ -61,7 +63,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     clipnorm: float | None = 1.0  # clip each gradient's norm (tames CTC loss spikes)
     warmup_fraction: float = 0.05
-    patience: int = 6  # epochs without a better val sequence accuracy before stopping
+    max_steps: int | None = None  # optimiser steps the schedule plans for; None: epochs x batches
+    min_steps: int = 1500  # never stop early before this many steps (or 20 epochs, if more)...
+    patience_steps: int = 3000  # ...then stop after this many without a better val loss/CER/acc
+    holdout_fraction: float = 0.2  # folders: share frozen as the scheme's evaluation set
+    fit_geometry: bool = True  # folders: input width from the images' aspect ratio
     augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
     workers: int = 2  # processes generating synthetic data
     arch: Architecture = field(default_factory=Architecture)
@@ -77,6 +83,24 @@ class TrainConfig:
         return cls()
 
     @classmethod
+    def folder(cls) -> TrainConfig:
+        """The preset for a team's folder of about 1,000 real CAPTCHAs: at most 10 min on 2 cores.
+
+        CTC first sits on a plateau where every prediction is blank (0% exact matches for
+        hundreds of steps while the loss and CER still move), so stopping waits for a minimum
+        number of steps and then follows validation loss and CER as well as accuracy. The
+        schedule is planned in steps (about 130 epochs of 800 images); the time budget is a cap.
+        """
+        return cls(
+            epochs=1000,
+            max_steps=3300,
+            max_minutes=9.5,
+            learning_rate=2e-3,
+            val_fraction=0.1,
+            test_fraction=0.0,
+        )
+
+    @classmethod
     def accuracy(cls) -> TrainConfig:
         """The long preset: an hour on 2 cores, a wider network and five times the data.
 
@@ -89,7 +113,7 @@ class TrainConfig:
             epochs=60,
             max_minutes=60.0,
             learning_rate=2e-3,
-            patience=8,
+            patience_steps=40_000,
             val_fraction=0.02,
             test_fraction=0.02,
             arch=Architecture(height=32, width=88, filters=(32, 48, 64, 96), rnn_units=96),
@@ -124,6 +148,8 @@ class TrainResult:
     staged: bool
     rejection_reason: str | None = None
     skipped: str = "none"
+    warning: str | None = None
+    frozen: str | None = None
 
 
 def load_data(config: TrainConfig, settings: Settings, report: Progress) -> LabelledImages:
@@ -170,9 +196,8 @@ def _arrays(data: LabelledImages, idx: list[int], arch: Architecture) -> np.ndar
     out = np.empty((len(idx), arch.height, arch.width, 1), dtype=np.float32)
     for row, i in enumerate(idx):
         ready = data.arrays[i] if data.arrays is not None else None
-        out[row] = (
-            ready if ready is not None else preprocess(data.images[i], arch.height, arch.width)
-        )
+        fits = ready is not None and ready.shape == out.shape[1:]
+        out[row] = ready if fits else preprocess(data.images[i], arch.height, arch.width)
     return out
 
 
@@ -205,21 +230,40 @@ class _Schedule(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.step += 1
-        if time.monotonic() >= self.deadline:
+        if self.step >= self.total_steps or time.monotonic() >= self.deadline:
             self.model.stop_training = True
 
 
 class _Monitor(keras.callbacks.Callback):
-    """Per epoch: val sequence accuracy and CER, MLflow metrics, best weights, early stopping."""
+    """Per epoch: validation metrics to MLflow, the best weights, and early stopping in steps.
+
+    Best means highest sequence accuracy, then lowest CER, then lowest loss, so checkpoints
+    still improve on CTC's blank plateau where no sequence is right yet. Training stops only
+    after `min_steps`, once none of val loss, CER or accuracy has improved for `patience` steps.
+    """
 
     def __init__(
-        self, infer: keras.Model, x_val, y_val, labels_val, alphabet, config, schedule, report
+        self,
+        infer: keras.Model,
+        x_val,
+        y_val,
+        labels_val,
+        alphabet,
+        schedule,
+        report,
+        *,
+        min_steps: int,
+        patience: int,
     ):
         super().__init__()
         self.infer, self.alphabet = infer, alphabet
         self.x_val, self.y_val, self.labels_val = x_val, y_val, labels_val
-        self.config, self.schedule, self.report = config, schedule, report
-        self.best_acc, self.best_epoch, self.best_weights = -1.0, -1, None
+        self.schedule, self.report = schedule, report
+        self.min_steps, self.patience = min_steps, patience
+        self.best_key: tuple[float, float, float] = (-1.0, -math.inf, -math.inf)
+        self.best_epoch, self.best_weights = -1, None
+        self.lowest = {"val_loss": math.inf, "val_cer": math.inf, "neg_acc": math.inf}
+        self.improved_at = 0
         self.history: list[dict[str, float]] = []
         self._last_report = 0.0
 
@@ -246,10 +290,21 @@ class _Monitor(keras.callbacks.Callback):
         }
         mlflow.log_metrics(metrics, step=epoch)
         self.history.append(metrics)
-        if metrics["val_seq_acc"] > self.best_acc:
-            self.best_acc, self.best_epoch = metrics["val_seq_acc"], epoch
+        key = (metrics["val_seq_acc"], -metrics["val_cer"], -metrics["val_loss"])
+        if key > self.best_key:
+            self.best_key, self.best_epoch = key, epoch
             self.best_weights = self.model.get_weights()
-        elif epoch - self.best_epoch >= self.config.patience:
+        current = {
+            "val_loss": metrics["val_loss"],
+            "val_cer": metrics["val_cer"],
+            "neg_acc": -metrics["val_seq_acc"],
+        }
+        for name, value in current.items():
+            if value < self.lowest[name] - 1e-6:
+                self.lowest[name] = value
+                self.improved_at = self.schedule.step
+        step = self.schedule.step
+        if step >= self.min_steps and step - self.improved_at >= self.patience:
             self.model.stop_training = True
         self.report(f"epoch {epoch + 1}", self.schedule.fraction(), metrics)
 
@@ -278,47 +333,109 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
         return _train(config, settings, progress or (lambda stage, fraction, metrics: None), start)
 
 
+def _geometry(config: TrainConfig, data: LabelledImages | None, max_length: int) -> Architecture:
+    """The network's input: a folder's width follows its images' aspect ratio; CTC needs
+    at least 2 x length + 1 time steps (4 input columns each)."""
+    arch = config.arch
+    if data is not None and config.data_dir is not None and config.fit_geometry:
+        sizes = [image_size(image) for image in data.images[:: max(1, len(data) // 200)]]
+        aspect = float(np.median([w / h for w, h in sizes]))
+        arch = replace(arch, width=int(np.clip(round(arch.height * aspect / 4) * 4, 16, 256)))
+    needed = 4 * (2 * max_length + 1)
+    if arch.width < needed:
+        arch = replace(arch, width=needed)
+    if arch.width > 512:
+        raise DataError(
+            f"labels of {max_length} characters need an input {arch.width} px wide; use labels "
+            "of at most 60 characters"
+        )
+    return arch
+
+
+def _frozen_for_folder(
+    config: TrainConfig, settings: Settings, data: LabelledImages, report: Progress
+) -> tuple[EvalSet, LabelledImages]:
+    """The scheme's frozen set (held out now on first use) and the data without any of it."""
+    report("holding out the frozen evaluation set", 0.0, {})
+    try:
+        frozen = folder_evalset(settings, data, config.holdout_fraction)
+    except EvalSetError as exc:
+        raise TrainError(str(exc)) from exc
+    held = frozen.hashes()
+    keep = [i for i, image in enumerate(data.images) if _sha256(image) not in held]
+    return frozen, data.subset(keep)
+
+
+def _sha256(image: bytes) -> str:
+    return hashlib.sha256(image).hexdigest()
+
+
 def _train(config: TrainConfig, settings: Settings, report: Progress, start: float) -> TrainResult:
     keras.utils.set_random_seed(config.seed)
 
     data = load_data(config, settings, report)
+    kind = "synthetic" if config.data_dir is None else "folder"
+    frozen: EvalSet | None = None
+    n_read = len(data)
+    if config.data_dir is not None:
+        frozen, data = _frozen_for_folder(config, settings, data, report)
     alphabet = config.alphabet or (
-        synthetic.DIGITS_UPPER if config.data_dir is None else data.alphabet()
+        synthetic.DIGITS_UPPER
+        if config.data_dir is None
+        else "".join(sorted(set(data.alphabet()) | set(frozen.alphabet() if frozen else "")))
     )
-    lengths = [len(label) for label in data.labels]
-    arch = config.arch
-    if max(lengths) * 2 > arch.time_steps:
+    if frozen is not None and set(frozen.alphabet()) - set(alphabet):
         raise DataError(
-            f"labels up to {max(lengths)} characters need a wider input than {arch.width} px; use shorter labels"
+            f"the frozen evaluation set uses characters outside --alphabet {alphabet!r}; "
+            "leave --alphabet out or train under another --model-name"
         )
-    splits = split_indices(data.names, config.val_fraction, config.test_fraction)
-    if not splits["train"] or not splits["val"] or not splits["test"]:
+    lengths = [len(label) for label in data.labels]
+    arch = _geometry(config, data, max(lengths))
+    test_fraction = 0.0 if frozen is not None else config.test_fraction
+    splits = split_indices(data.names, config.val_fraction, test_fraction)
+    if not splits["train"] or not splits["val"] or (frozen is None and not splits["test"]):
         raise DataError(
             f"{len(data)} usable images are too few to split into train/val/test; add more images"
         )
     report("preprocessing", 0.0, {})
-    x = {name: _arrays(data, idx, arch) for name, idx in splits.items()}
+    x = {name: _arrays(data, idx, arch) for name, idx in splits.items() if idx}
     labels = {name: [data.labels[i] for i in idx] for name, idx in splits.items()}
-    y = {name: encode_labels(labels[name], alphabet, max(lengths)) for name in splits}
+    y = {name: encode_labels(labels[name], alphabet, max(lengths)) for name in x}
     augment = config.augment if config.augment is not None else config.data_dir is not None
+    if frozen is not None:
+        test_images, test_labels = frozen.images, frozen.labels
+    else:
+        test_images, test_labels = [data.images[i] for i in splits["test"]], labels["test"]
 
     mlflow.set_experiment(settings.experiment_name)
     with mlflow.start_run(run_name=_run_name(config, data)) as run:
         digest = data.digest()
+        steps_per_epoch = math.ceil(len(splits["train"]) / config.batch_size)
+        steps = min(config.max_steps or math.inf, steps_per_epoch * config.epochs)
+        min_steps = min(max(config.min_steps, 20 * steps_per_epoch), steps)
         mlflow.log_params(
             config.params()
+            | arch.params()
             | {
                 "alphabet": alphabet,
                 "num_classes": len(alphabet) + 1,
                 "min_length": min(lengths),
                 "max_length": max(lengths),
+                "data_kind": kind,
+                "scheme": settings.model_name,
                 "data_source": data.source,
                 "dataset_sha256": digest,
+                "n_read": n_read,
                 "n_train": len(splits["train"]),
                 "n_val": len(splits["val"]),
-                "n_test": len(splits["test"]),
+                "n_test": len(test_labels),
+                "test_set": "frozen held-out set" if frozen is not None else "test split",
+                "frozen_evalset_digest": frozen.digest if frozen is not None else "",
+                "excluded_frozen_images": n_read - len(data),
                 "skipped_files": data.skipped.total,
                 "augment_applied": augment,
+                "planned_steps": steps,
+                "effective_min_steps": min_steps,
                 "optimizer": "AdamW",
                 "lr_schedule": "linear warmup + cosine (steps or time budget)",
                 "keras_backend": keras.backend.backend(),
@@ -334,11 +451,18 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
             ),
             loss=ctc_loss,
         )
-        steps = math.ceil(len(splits["train"]) / config.batch_size) * config.epochs
         deadline = start + config.max_minutes * 60
-        schedule = _Schedule(config, steps, deadline, time.monotonic())
+        schedule = _Schedule(config, int(steps), deadline, time.monotonic())
         monitor = _Monitor(
-            infer, x["val"], y["val"], labels["val"], alphabet, config, schedule, report
+            infer,
+            x["val"],
+            y["val"],
+            labels["val"],
+            alphabet,
+            schedule,
+            report,
+            min_steps=int(min_steps),
+            patience=config.patience_steps,
         )
         fit_start = time.monotonic()
         train_model.fit(
@@ -359,30 +483,50 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
             "width": arch.width,
             "min_length": min(lengths),
             "max_length": max(lengths),
+            "scheme": settings.model_name,
+            "data_kind": kind,
             "model_format": "onnx",
         }
         with tempfile.TemporaryDirectory() as tmp:
             result = _finish(
-                run.info.run_id, infer, meta, data, splits, labels["test"], Path(tmp), settings
+                run.info.run_id, infer, meta, test_images, test_labels, Path(tmp), settings
             )
         result.metrics |= {
             "best_epoch": float(monitor.best_epoch + 1),
             "epochs_run": float(len(monitor.history)),
+            "steps_run": float(schedule.step),
             "fit_seconds": fit_seconds,
             "wall_seconds": time.monotonic() - start,
         }
         mlflow.log_metrics(
             {
                 k: result.metrics[k]
-                for k in ("best_epoch", "epochs_run", "fit_seconds", "wall_seconds")
+                for k in ("best_epoch", "epochs_run", "steps_run", "fit_seconds", "wall_seconds")
             }
         )
         result.skipped = data.skipped.summary()
+        result.warning = _reads_nothing(result, len(data), config)
+        if frozen is not None:
+            result.frozen = (
+                f"tested on {settings.model_name}'s frozen evaluation set {frozen.digest[:12]}: "
+                f"{len(frozen)} held-out images, none of them trained on"
+            )
         return result
 
 
+def _reads_nothing(result: TrainResult, n: int, config: TrainConfig) -> str | None:
+    """One line with the likely fix when the model reads no test image at all."""
+    if result.metrics["test_seq_acc"] > 0:
+        return None
+    return (
+        f"the model reads none of its test images (CER {result.metrics['test_cer']:.2f}) after "
+        f"{result.metrics['steps_run']:.0f} steps on {n} images: it stopped before it learned; "
+        f"give it more time (--max-minutes {max(2 * config.max_minutes, 10):.0f}) or more images"
+    )
+
+
 def _finish(
-    run_id, infer, meta, data, splits, true_test, tmp: Path, settings: Settings
+    run_id, infer, meta, test_images, true_test, tmp: Path, settings: Settings
 ) -> TrainResult:
     infer.predict(np.zeros((1, meta["height"], meta["width"], 1), np.float32), verbose=0)
     onnx_path = tmp / "crnn.onnx"
@@ -393,7 +537,6 @@ def _finish(
     (tmp / "meta.json").write_text(json.dumps(meta))
     served = CaptchaModel()
     served.load(onnx_path, tmp / "meta.json")
-    test_images = [data.images[i] for i in splits["test"]]
     outputs = [
         o
         for s in range(0, len(test_images), 256)
@@ -532,8 +675,12 @@ def print_summary(result: TrainResult, console: Console) -> None:
     )
     if result.skipped != "none":
         console.print(f"skipped files: {result.skipped}", highlight=False)
+    if result.frozen:
+        console.print(result.frozen, highlight=False)
     console.print(f"run {result.run_id}; registered {result.model_uri}", highlight=False)
     if result.staged:
         console.print("alias staging -> this version", highlight=False)
     else:
         console.print(f"not staged: {result.rejection_reason}", highlight=False)
+    if result.warning:
+        console.print(f"[yellow]warning:[/yellow] {result.warning}", highlight=False)

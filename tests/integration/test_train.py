@@ -186,7 +186,7 @@ def test_folder_training_reports_skips_and_feedback_merges(
 
     from captchaops.train import TrainConfig, train
 
-    settings = make_settings(tracking_server, tmp_path / "home")
+    settings = make_settings(tracking_server, tmp_path / "home", model_name="folder-skips")
     folder = tmp_path / "real"
     folder.mkdir()
     for sample in synthetic.generate(

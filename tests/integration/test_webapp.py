@@ -168,13 +168,18 @@ def test_upload_shows_both_environments_with_versions_and_run_links(
     assert "unavailable" not in page
 
 
-def test_generate_shows_sample_with_true_label(client: FlaskClient) -> None:
+def test_generate_shows_sample_with_true_label(
+    client: FlaskClient, webapp_stack: WebappStack
+) -> None:
     resp = client.post("/generate", data={"csrf_token": csrf(client)})
     assert resp.status_code == 200, resp.text
     truth = re.search(r'id="truth">([0-9A-Z]+)<', resp.text)
     assert truth and len(truth.group(1)) == 4
     assert 'src="data:image/png;base64,' in resp.text
     assert resp.text.count('class="prediction"') == 2
+    served = f"{MODEL_NAME} v{webapp_stack.versions[0]}"
+    assert f"Generated CAPTCHA of {served} (synthetic scheme)." in resp.text
+    assert 'id="generate-note"' not in resp.text
 
 
 def test_promotion_shows_new_version_on_next_prediction(

@@ -9,7 +9,7 @@ import captcha.image
 import pytest
 from PIL import Image
 
-from captchaops.data import synthetic
+from captchaops.data import standin, synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices, split_of
 from captchaops.data.folder import read_folder
 
@@ -111,3 +111,41 @@ def test_digest_depends_on_content_not_order() -> None:
     c = LabelledImages([b"1", b"3"], ["A", "B"], ["a.png", "b.png"], "x")
     assert a.digest() == b.digest() != c.digest()
     assert len(a.digest()) == 64
+
+
+def test_subset_keeps_rows_aligned() -> None:
+    data = LabelledImages([b"1", b"2", b"3"], ["A", "B", "C"], ["a", "b", "c"], "x")
+    part = data.subset([2, 0])
+    assert (part.images, part.labels, part.names) == ([b"3", b"1"], ["C", "A"], ["c", "a"])
+    assert len(data) == 3
+
+
+def test_standin_folder_is_shaped_like_a_real_one(tmp_path: Path) -> None:
+    paths = standin.build(tmp_path, count=120, seed=5)
+    assert len(paths) == 120 == len({p.stem for p in paths})
+    data = read_folder(tmp_path)
+    assert data.skipped.total == 0 and len(data) == 120
+    assert set(data.alphabet()) <= set(standin.ALPHABET)
+    assert {len(label) for label in data.labels} == {standin.LENGTH}
+    modes = set()
+    for image in data.images:
+        opened = Image.open(io.BytesIO(image))
+        assert opened.size == standin.SIZE
+        modes.add((opened.format, opened.mode))
+    assert ("PNG", "RGBA") in modes and ("JPEG", "RGB") in modes and ("PNG", "L") in modes
+    again = standin.build(tmp_path / "again", count=120, seed=5)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
+
+
+def test_standin_renderer_differs_from_the_training_generator() -> None:
+    import random
+
+    from captchaops.model.preprocess import preprocess
+
+    label = "2b8c7"
+    ours, _ = standin.render(label, random.Random(1))
+    theirs = synthetic.generate_one(
+        1, alphabet=standin.ALPHABET, length=(5, 5), width=200, height=50
+    )
+    a, b = preprocess(ours, 32, 128), preprocess(theirs.image, 32, 128)
+    assert abs(float(a.mean()) - float(b.mean())) > 0.01 or float(abs(a - b).mean()) > 0.1

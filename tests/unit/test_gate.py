@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from captchaops.cli import parse_length
 from captchaops.evalset import Score
-from captchaops.gate import GateConfig, judge
-from captchaops.registry import Move, production_stack
+from captchaops.gate import GateConfig, Scheme, judge, scheme_refusals
+from captchaops.registry import Move, RegistryError, check_model_name, production_stack
 
 
 def result(acc: float, cer: float, p95: float = 10.0, version: str = "2") -> Score:
@@ -65,3 +66,64 @@ def test_production_stack_replays_promotions_and_rollbacks() -> None:
     assert production_stack(moves) == ["1", "2"]
     assert production_stack([*moves, move("1", "rollback")]) == ["1"]
     assert production_stack([*moves, move("5", "manual")]) == ["1", "2", "5"]
+
+
+DIGITS_UPPER = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+STANDIN = "2345678bcdefgmnpwxy"
+
+
+def test_same_scheme_is_compared() -> None:
+    scheme = Scheme(DIGITS_UPPER, 4, 4)
+    reordered = Scheme(DIGITS_UPPER[::-1], 4, 6)
+    assert scheme_refusals("5", scheme, "3", reordered, ["AB12", "Z9Z9"]) == []
+
+
+def test_other_alphabet_or_data_kind_is_another_scheme() -> None:
+    champion = Scheme(DIGITS_UPPER, 4, 4)
+    (refusal,) = scheme_refusals("5", Scheme(STANDIN, 5, 5, "folder"), "3", champion, [])
+    assert refusal == (
+        f"candidate v5 reads alphabet '{STANDIN}' (folder) but champion v3 reads alphabet "
+        f"'{DIGITS_UPPER}' (synthetic): different schemes; register it under its own --model-name"
+    )
+    (refusal,) = scheme_refusals("5", Scheme(DIGITS_UPPER, 4, 4, "folder"), "3", champion, [])
+    assert "different schemes" in refusal
+
+
+def test_frozen_set_the_candidate_cannot_read_is_refused() -> None:
+    candidate = Scheme("ABC", 3, 3)
+    (refusal,) = scheme_refusals("2", candidate, None, None, ["ABC", "A1Z"])
+    assert "characters '1Z'" in refusal
+    assert "captchaops evalset --replace --alphabet 'ABC' --length 3-3" in refusal
+    (refusal,) = scheme_refusals("2", Scheme(STANDIN, 5, 5, "folder"), None, None, ["ABCD"])
+    assert "--folder HELD_OUT_DIR --size 0" in refusal and "--model-name" in refusal
+    assert scheme_refusals("2", candidate, None, None, ["CAB"]) == []
+
+
+def test_unknown_candidate_scheme_is_not_compared() -> None:
+    assert scheme_refusals("2", None, "1", Scheme("ABC", 3, 3), ["XYZ"]) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "lengths"), [("4-6", (4, 6)), ("5", (5, 5)), ("1-1", (1, 1)), (" 3-4", (3, 4))]
+)
+def test_length_ranges_parse(text: str, lengths: tuple[int, int]) -> None:
+    assert parse_length(text) == lengths
+
+
+@pytest.mark.parametrize("text", ["", "6-4", "0-3", "a-b", "4-", "-4", "4-5-6", "4..6"])
+def test_bad_length_ranges_say_the_fix(text: str) -> None:
+    with pytest.raises(ValueError, match=r"e\.g\. --length 4-6"):
+        parse_length(text)
+
+
+@pytest.mark.parametrize("name", ["text-captcha", "bank_captcha.v2", "A", "9" * 100])
+def test_model_names_that_mlflow_takes(name: str) -> None:
+    assert check_model_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "-x", ".x", "a b", "it's", "a/b", "x" * 101, "text-captcha.promotion-lock"]
+)
+def test_bad_model_names_say_the_fix(name: str) -> None:
+    with pytest.raises(RegistryError, match="--model-name bank-captcha"):
+        check_model_name(name)

@@ -66,6 +66,18 @@ class LabelledImages:
         """Every character used by the labels, sorted."""
         return "".join(sorted(set("".join(self.labels))))
 
+    def subset(self, indices: list[int]) -> LabelledImages:
+        """The images at `indices`, in that order, with the same source and skip report."""
+        arrays = [self.arrays[i] for i in indices] if self.arrays is not None else None
+        return LabelledImages(
+            images=[self.images[i] for i in indices],
+            labels=[self.labels[i] for i in indices],
+            names=[self.names[i] for i in indices],
+            source=self.source,
+            skipped=self.skipped,
+            arrays=arrays,
+        )
+
     def extend(self, other: LabelledImages) -> None:
         """Append another set (names must stay unique)."""
         self.images += other.images

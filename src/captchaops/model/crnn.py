@@ -37,12 +37,15 @@ def _conv(x, filters: int, name: str):
 
 
 def _augmentation() -> keras.Sequential:
-    """Small geometric jitter for small real datasets; active in training only."""
+    """Jitter suited to real scans and photos (geometry, blur, contrast, noise); training only."""
     return keras.Sequential(
         [
             layers.RandomTranslation(0.08, 0.04, fill_mode="nearest"),
             layers.RandomRotation(0.015, fill_mode="nearest"),
             layers.RandomZoom(0.08, fill_mode="nearest"),
+            layers.RandomGaussianBlur(0.5, kernel_size=3, sigma=(0.1, 1.0), value_range=(0, 1)),
+            layers.RandomContrast(0.3, value_range=(0, 1)),
+            layers.GaussianNoise(0.03),
         ],
         name="augment",
     )

@@ -44,6 +44,16 @@ def to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
     return (np.asarray(gray, dtype=np.float32) / 255.0)[:, :, None]
 
 
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) read from the image header, without decoding the pixels."""
+    fmt = sniff_format(data)
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImage(f"the {fmt} image header cannot be read ({exc})") from exc
+
+
 def decode(data: bytes) -> Image.Image:
     """Decode image bytes into a loaded PIL image, refusing oversized or broken files."""
     fmt = sniff_format(data)

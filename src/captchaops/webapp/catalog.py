@@ -1,4 +1,4 @@
-"""What the tracking server knows about a model version: its run, its alphabet, UI links."""
+"""What the tracking server knows about a model version: its run, its alphabet, its scheme, UI links."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ class VersionInfo:
     max_length: int | None
     run_url: str
     version_url: str
+    data_kind: str = "synthetic"
+    """What the version was trained on: "folder" (a labelled folder) or "synthetic"."""
 
 
 class Catalog:
@@ -60,10 +62,21 @@ class Catalog:
             max_length=_int(params.get("max_length")),
             run_url=f"{uri}/#/experiments/{experiment_id}/runs/{run_id}",
             version_url=f"{uri}/#/models/{name}/versions/{version}",
+            data_kind=params.get("data_kind") or "synthetic",
         )
         with self._lock:
             self._cache[key] = info
         return info
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """Alias -> version of a registered model now (never cached: aliases move).
+
+        Raises TrackingError when the tracking server does not answer."""
+        model = self.tracking.call("GET", "registered-models/get", params={"name": name})
+        found = model.get("registered_model", {}).get("aliases", [])
+        return {
+            str(a["alias"]): str(a["version"]) for a in found if "alias" in a and "version" in a
+        }
 
 
 def _int(value: str | None) -> int | None:

@@ -1,4 +1,5 @@
-"""What the page and the JSON API both do: predict everywhere, describe models, take corrections."""
+"""What the page and the JSON API both do: predict everywhere, describe models, show the served
+scheme, take corrections."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ from dataclasses import dataclass
 
 import httpx
 
-from captchaops.data.synthetic import DIGITS_UPPER, Sample, generate_one
+from captchaops.data.synthetic import DIGITS_UPPER, generate_one
 from captchaops.settings import Settings
 from captchaops.webapp import endpoints, feedback
 from captchaops.webapp.catalog import Catalog, VersionInfo
 from captchaops.webapp.endpoints import ENVIRONMENTS, Answer, Served
 from captchaops.webapp.inputs import BadInput, check_label
+from captchaops.webapp.scheme import Example, HeldOutSets, SchemeError
 from captchaops.webapp.tracking import Tracking, TrackingError
 
 
@@ -52,6 +54,7 @@ class Demo:
         self.http = httpx.Client()
         self.tracking = Tracking(settings, self.timeout)
         self.catalog = Catalog(self.tracking)
+        self.held_out = HeldOutSets(self.tracking)
         self.urls = {alias: settings.server_url(alias) for alias in ENVIRONMENTS}
 
     def predict(self, image: bytes) -> list[Result]:
@@ -63,17 +66,32 @@ class Demo:
         """What every environment serves right now."""
         return endpoints.describe_all(self.http, self.urls, self.timeout)
 
-    def generate(self) -> Sample:
-        """A fresh synthetic CAPTCHA drawn from the production model's alphabet and label length."""
-        alphabet, length = DIGITS_UPPER, (4, 4)
-        for served in self.served():
-            if served.alphabet:
-                alphabet = served.alphabet
-                info = self._info(served.name, served.version)
-                if info and info.min_length and info.max_length:
-                    length = (info.min_length, info.max_length)
-                break
-        return generate_one(alphabet=alphabet, length=length)
+    def generate(self) -> Example:
+        """An image of the served scheme (production first) with its true label: a held-out
+        example for a folder scheme, a generated one for a synthetic scheme."""
+        try:
+            serving = self._serving()
+        except TrackingError as exc:
+            return _drawn(note=f"{exc} Until then Generate draws in the default alphabet.")
+        if serving is None:
+            return _drawn()
+        name, version, alphabet = serving
+        model = f"{name} v{version}"
+        info = self._info(name, version)
+        if info is None:
+            note = (
+                f"Could not tell which scheme {model} belongs to (the tracking server did not "
+                "answer or has no run for it), so this CAPTCHA is generated in its alphabet."
+            )
+            return _drawn(model, alphabet=alphabet, note=note)
+        if info.data_kind != "folder":
+            return _drawn(model, info, alphabet)
+        try:
+            image, label = self.held_out.example(name)
+        except SchemeError as exc:
+            note = f"No held-out example of {model} to show ({exc}); this one is generated."
+            return _drawn(model, info, alphabet, note)
+        return Example(image, label, held_out=True, model=model, kind=info.data_kind)
 
     def check_correction(self, label: str | None, answered: list[str]) -> str:
         """The label, if the models that answered (`name/version` each) could have produced it."""
@@ -113,7 +131,36 @@ class Demo:
                 registry.append(info.alphabet)
         return registry or list(served.values())
 
+    def _serving(self) -> tuple[str, str, str | None] | None:
+        """Name, version and alphabet of what production (else staging) serves: the model
+        servers say, else the registry's aliases do; TrackingError when neither can tell."""
+        for served in self.served():
+            if served.version and not served.error:
+                return served.name or self.settings.model_name, served.version, served.alphabet
+        aliases = self.catalog.aliases(self.settings.model_name)
+        for alias in ENVIRONMENTS:
+            if alias in aliases:
+                return self.settings.model_name, aliases[alias], None
+        return None
+
     def _info(self, name: str | None, version: str | None) -> VersionInfo | None:
         if not version or version == "none":
             return None
         return self.catalog.version(name or self.settings.model_name, version)
+
+
+def _drawn(
+    model: str | None = None,
+    info: VersionInfo | None = None,
+    alphabet: str | None = None,
+    note: str | None = None,
+) -> Example:
+    """A generated CAPTCHA in the version's alphabet and label lengths (defaults: 0-9A-Z, 4)."""
+    length = (4, 4)
+    if info and info.min_length and info.max_length:
+        length = (info.min_length, info.max_length)
+    sample = generate_one(
+        alphabet=alphabet or (info.alphabet if info else None) or DIGITS_UPPER, length=length
+    )
+    kind = info.data_kind if info else None
+    return Example(sample.image, sample.label, held_out=False, model=model, kind=kind, note=note)

@@ -16,6 +16,10 @@ class TrackingError(RuntimeError):
     """The tracking server did not answer as expected; the message says what to do."""
 
 
+class ArtifactTooLarge(TrackingError):
+    """An artifact is larger than the caller is willing to hold in memory."""
+
+
 class Tracking:
     """The tracking server as the web app uses it: JSON calls and proxied artifact uploads."""
 
@@ -69,6 +73,36 @@ class Tracking:
                 f"The tracking server refused the upload (HTTP {resp.status_code}); "
                 "check its artifact store and retry."
             )
+
+    def get_artifact(self, run_id: str, path: str, max_bytes: int) -> bytes:
+        """Download one run artifact into memory through the tracking server (`GET /get-artifact`)."""
+        too_large = ArtifactTooLarge(
+            f"the artifact {path} of run {run_id} is larger than {max_bytes / 2**20:g} MiB"
+        )
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            with self._http.stream(
+                "GET",
+                f"{self.uri}/get-artifact",
+                params={"path": path, "run_uuid": run_id},
+                timeout=max(self.timeout, 30.0),
+            ) as resp:
+                if resp.status_code != 200:
+                    raise TrackingError(
+                        f"The tracking server answered HTTP {resp.status_code} for the artifact "
+                        f"{path} of run {run_id}; check that the run still has it."
+                    )
+                if int(resp.headers.get("Content-Length") or 0) > max_bytes:
+                    raise too_large
+                for chunk in resp.iter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise too_large
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:
+            raise TrackingError(self.unreachable()) from exc
+        return b"".join(chunks)
 
     def unreachable(self) -> str:
         """The one-line message for a tracking server that does not answer."""

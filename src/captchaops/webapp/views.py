@@ -9,6 +9,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from captchaops.webapp.app import current_demo
 from captchaops.webapp.inputs import BadInput, check_image, decode_base64
+from captchaops.webapp.scheme import Example
 from captchaops.webapp.service import Result
 
 bp = Blueprint("pages", __name__)
@@ -32,9 +33,9 @@ def predict() -> Any:
 
 @bp.post("/generate")
 def generate() -> Any:
-    """Draw a synthetic CAPTCHA with a known label and predict it."""
-    sample = current_demo().generate()
-    return _show(sample.image, source="generate", truth=sample.label)
+    """Show an image of the served scheme with its true label (held out or generated) and predict it."""
+    example = current_demo().generate()
+    return _show(example.image, source="generate", truth=example.label, example=example)
 
 
 @bp.post("/feedback")
@@ -65,7 +66,9 @@ def correct() -> Any:
     return redirect(url_for("pages.index"), code=303)
 
 
-def _show(data: bytes, source: str, truth: str | None = None) -> Any:
+def _show(
+    data: bytes, source: str, truth: str | None = None, example: Example | None = None
+) -> Any:
     demo = current_demo()
     try:
         fmt = check_image(data, demo.settings.max_upload_bytes)
@@ -82,6 +85,7 @@ def _show(data: bytes, source: str, truth: str | None = None) -> Any:
         image=_view(data, fmt),
         source=source,
         truth=truth,
+        example=example,
         results=results,
         answered=answered,
         label_value=truth or _best_text(results),
