@@ -89,11 +89,12 @@ class TrainConfig:
         CTC first sits on a plateau where every prediction is blank (0% exact matches for
         hundreds of steps while the loss and CER still move), so stopping waits for a minimum
         number of steps and then follows validation loss and CER as well as accuracy. The
-        schedule is planned in steps (about 130 epochs of 800 images); the time budget is a cap.
+        schedule is planned in steps (about 170 epochs of 750 images); the time budget is a cap.
         """
         return cls(
             epochs=1000,
-            max_steps=3300,
+            max_steps=4000,
+            patience_steps=1500,
             max_minutes=9.5,
             learning_rate=2e-3,
             val_fraction=0.1,
