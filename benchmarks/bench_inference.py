@@ -33,9 +33,8 @@ meta = json.loads(open(f"{model_dir}/meta.json").read())
 if side == "onnxruntime":
     from pathlib import Path
     import mlflow.pyfunc  # the serving process imports MLflow too
-    from captchaops.model.pyfunc import CaptchaModel
-    model = CaptchaModel()
-    model.load(Path(model_dir) / "crnn.onnx", Path(model_dir) / "meta.json")
+    from captchaops.model.reader import OnnxReader
+    model = OnnxReader(Path(model_dir) / "crnn.onnx", meta)
     read = model.predict_images
 else:
     import keras, tensorflow as tf

@@ -72,7 +72,7 @@ def held_out_accuracy(model_uri: str, tracking_uri: str, n: int) -> float:
 
     samples = generate(n, HELD_OUT_SEED, workers=2)
     mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().reader
     pred = [
         row["text"]
         for start in range(0, n, 256)

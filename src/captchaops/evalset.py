@@ -7,7 +7,6 @@ import io
 import json
 import tempfile
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from captchaops.data.folder import read_folder
 from captchaops.data.synthetic import DIGITS_UPPER, generate
 from captchaops.evaluate import character_error_rate, sequence_accuracy
 from captchaops.mlflow_scope import point_at
+from captchaops.model.version import VersionError, load_registered
 from captchaops.settings import Settings
 
 EVAL_EXPERIMENT = "text-captcha-evaluation"
@@ -315,12 +315,10 @@ def score(
     batch_size: int = 64,
     latency_samples: int = 50,
 ) -> Score:
-    """Accuracy, CER and single-image latency of a version, loaded the way serving loads it."""
-    uri = f"models:/{settings.model_name}/{version}"
+    """Accuracy, CER and single-image latency of a version, checked and loaded as servers load it."""
+    point_at(settings)  # credentials for the artifact download in team mode
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+        model = load_registered(settings.effective_tracking_uri, settings.model_name, version)
         texts: list[str] = []
         for start in range(0, len(evalset), batch_size):
             batch = evalset.images[start : start + batch_size]
@@ -330,6 +328,8 @@ def score(
             began = time.perf_counter()
             model.predict_images([image])
             latencies.append((time.perf_counter() - began) * 1000)
+    except VersionError as exc:  # refused by a check: nothing of it ran
+        return Score(version, evalset.digest, error=f"refused: {exc}")
     except Exception as exc:  # a broken model may fail in any library; the gate rejects it
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         return Score(version, evalset.digest, error=f"{type(exc).__name__}: {first}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import tempfile
 import time
@@ -33,7 +32,9 @@ from captchaops.mlflow_scope import pointed_at
 from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
 from captchaops.model.ctc import decode_greedy, encode_labels
 from captchaops.model.preprocess import image_size, preprocess
-from captchaops.model.pyfunc import CaptchaModel, log_model
+from captchaops.model.pyfunc import log_model
+from captchaops.model.reader import OnnxReader
+from captchaops.model.version import META_SCHEMA, PREPROCESSING, file_sha256
 from captchaops.settings import Settings
 
 Progress = Callable[[str, float, dict[str, float]], None]
@@ -94,7 +95,7 @@ class TrainConfig:
         return cls(
             epochs=1000,
             max_steps=4000,
-            patience_steps=1500,
+            patience_steps=2500,
             max_minutes=9.5,
             learning_rate=2e-3,
             val_fraction=0.1,
@@ -238,7 +239,7 @@ class _Schedule(keras.callbacks.Callback):
 class _Monitor(keras.callbacks.Callback):
     """Per epoch: validation metrics to MLflow, the best weights, and early stopping in steps.
 
-    Best means highest sequence accuracy, then lowest CER, then lowest loss, so checkpoints
+    Best means highest sequence accuracy, then lowest CER (see `_better`), so checkpoints
     still improve on CTC's blank plateau where no sequence is right yet. Training stops only
     after `min_steps`, once none of val loss, CER or accuracy has improved for `patience` steps.
     """
@@ -292,7 +293,7 @@ class _Monitor(keras.callbacks.Callback):
         mlflow.log_metrics(metrics, step=epoch)
         self.history.append(metrics)
         key = (metrics["val_seq_acc"], -metrics["val_cer"], -metrics["val_loss"])
-        if key > self.best_key:
+        if _better(key, self.best_key):
             self.best_key, self.best_epoch = key, epoch
             self.best_weights = self.model.get_weights()
         current = {
@@ -308,6 +309,18 @@ class _Monitor(keras.callbacks.Callback):
         if step >= self.min_steps and step - self.improved_at >= self.patience:
             self.model.stop_training = True
         self.report(f"epoch {epoch + 1}", self.schedule.fraction(), metrics)
+
+
+def _better(key: tuple[float, float, float], best: tuple[float, float, float]) -> bool:
+    """Whether (accuracy, -CER, -loss) beats the best so far.
+
+    Ties on accuracy and CER go to the later epoch once something is read (a small validation
+    set ties often, and later weights have seen more of the decaying learning rate); only on
+    the blank plateau, where nothing is read yet, does the loss break them.
+    """
+    if key[:2] != best[:2]:
+        return key[:2] > best[:2]
+    return key[0] > 0 or key[2] > best[2]
 
 
 def _check_tracking(settings: Settings) -> None:
@@ -479,11 +492,14 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
         fit_seconds = time.monotonic() - fit_start
         report("exporting and evaluating", 1.0, monitor.history[-1] if monitor.history else {})
         meta = {
+            "schema_version": META_SCHEMA,
             "alphabet": alphabet,
             "height": arch.height,
             "width": arch.width,
             "min_length": min(lengths),
             "max_length": max(lengths),
+            "preprocessing": PREPROCESSING,
+            "dataset_sha256": digest,
             "scheme": settings.model_name,
             "data_kind": kind,
             "model_format": "onnx",
@@ -535,9 +551,8 @@ def _finish(
     keras_path = tmp / "crnn.keras"
     infer.save(keras_path)
     mlflow.log_artifact(str(keras_path), "keras")
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    served = CaptchaModel()
-    served.load(onnx_path, tmp / "meta.json")
+    meta = meta | {"onnx_sha256": file_sha256(onnx_path)}
+    served = OnnxReader(onnx_path, meta)
     outputs = [
         o
         for s in range(0, len(test_images), 256)

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
 from captchaops import evalset, gate, registry
+from captchaops.model.version import file_sha256
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
@@ -55,10 +56,14 @@ def damaged_version(settings: Settings, base: TrainedModel, how: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(base.uri, dst_path=tmp))
         (network,) = local.glob("artifacts/*.onnx")
+        meta_path = local / "artifacts" / "meta.json"
+        meta = json.loads(meta_path.read_text())
         if how == "corrupt":
             network.write_bytes(b"this is not an onnx model" * 100)
         else:
-            _emit_junk(network, json.loads((local / "artifacts" / "meta.json").read_text()))
+            _emit_junk(network, meta)
+        # Registered by someone who signs what they register: the digest matches the new bytes.
+        meta_path.write_text(json.dumps(meta | {"onnx_sha256": file_sha256(network)}))
         experiment = mlflow.set_experiment("registry-tests")
         run = client.create_run(experiment.experiment_id, run_name=f"{how} copy")
         client.log_artifacts(run.info.run_id, str(local), "model")
@@ -123,7 +128,7 @@ def test_first_candidate_is_promoted_and_stage_resolves(
     assert client.get_model_version(settings.model_name, version).current_stage == "Production"
     loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
     assert loaded.metadata.run_id == client.get_model_version(settings.model_name, version).run_id
-    assert loaded.unwrap_python_model().predict_images(
+    assert loaded.unwrap_python_model().reader.predict_images(
         [evalset.load_evalset(settings, evalset.current_digest(settings) or "").images[0]]
     )
 

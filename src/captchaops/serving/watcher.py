@@ -5,8 +5,6 @@ from __future__ import annotations
 import gc
 import io
 import logging
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,12 +12,11 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import mlflow
-import mlflow.artifacts
-import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
+from captchaops.model.version import load_registered
 from captchaops.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -65,20 +62,13 @@ class ServedModel:
 
 
 def load_version(tracking_uri: str, name: str, version: str) -> ImageModel:
-    """Download a registered version, load it and prove it predicts (raises on any failure)."""
-    search_path = list(sys.path)
-    try:
-        with tempfile.TemporaryDirectory(prefix="captchaops-serve-") as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}",
-                dst_path=tmp,
-                tracking_uri=tracking_uri,
-                registry_uri=tracking_uri,
-            )
-            model: ImageModel = mlflow.pyfunc.load_model(local).unwrap_python_model()
-            warm_up(model)
-    finally:
-        sys.path[:] = search_path
+    """Download a registered version, check it, load it and prove it predicts (raises on failure).
+
+    Only the ONNX network and meta.json are read, after the checks in
+    `captchaops.model.version`; nothing the version carries is unpickled or imported.
+    """
+    model: ImageModel = load_registered(tracking_uri, name, version)
+    warm_up(model)
     return model
 
 

@@ -1,0 +1,63 @@
+"""The one inference path: image bytes -> ONNX CRNN -> text and confidence.
+
+Standalone on purpose (numpy, Pillow, onnxruntime and this package's `preprocess` and `ctc`,
+by relative import): training's test metrics, the gate, our model servers and stock
+`mlflow models serve` all run this module; the last gets a copy shipped with each version
+as MLflow code, so a version loads where captchaops is not installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .ctc import decode_greedy
+from .preprocess import InvalidImage, preprocess
+
+
+class OnnxReader:
+    """Reads CAPTCHAs with an ONNX CRNN whose alphabet and geometry come from `meta`."""
+
+    def __init__(self, onnx_path: Path | str, meta: dict[str, Any], threads: int = 1) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.meta = dict(meta)
+        self._session = ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self._input_name = self._session.get_inputs()[0].name
+
+    def predict_images(self, images: list[bytes]) -> list[dict[str, Any]]:
+        """Read each image: [{"text": ..., "confidence": ...}] in input order."""
+        if not images:
+            return []
+        height, width = int(self.meta["height"]), int(self.meta["width"])
+        batch = np.empty((len(images), height, width, 1), dtype=np.float32)
+        for i, data in enumerate(images):
+            try:
+                batch[i] = preprocess(data, height, width)
+            except InvalidImage as exc:
+                raise InvalidImage(f"image {i}: {exc}") from exc
+        probs = self._session.run(None, {self._input_name: batch})[0]
+        return [
+            {"text": text, "confidence": confidence}
+            for text, confidence in decode_greedy(probs, self.meta["alphabet"])
+        ]
+
+
+def b64decode(value: object, index: int) -> bytes:
+    """One base64 image of a request (str or bytes); InvalidImage names its position."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if not isinstance(value, str):
+        raise InvalidImage(f"image {index}: expected a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"image {index}: not valid base64 ({exc})") from exc

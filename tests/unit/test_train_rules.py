@@ -1,0 +1,36 @@
+"""Training's rules that decide what it keeps: checkpoint choice and input geometry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from captchaops.data import standin
+from captchaops.data.folder import read_folder
+from captchaops.train import TrainConfig, _better, _geometry
+
+
+def test_checkpoints_move_on_the_blank_plateau_by_cer_then_loss() -> None:
+    start = (-1.0, float("-inf"), float("-inf"))
+    plateau = (0.0, -0.95, -21.0)
+    assert _better(plateau, start)
+    assert _better((0.0, -0.83, -23.0), plateau)  # CER fell: better, although loss rose
+    assert _better((0.0, -0.95, -19.0), plateau)  # same CER, lower loss
+    assert not _better((0.0, -0.95, -22.0), plateau)
+
+
+def test_checkpoint_ties_go_to_the_later_epoch_once_something_is_read() -> None:
+    read = (1.0, -0.0, -0.02)
+    assert _better((1.0, -0.0, -0.05), read)  # higher loss, same accuracy and CER: later wins
+    assert not _better((0.99, -0.0, -0.01), read)
+    assert _better((1.0, -0.0, -0.01), (0.98, -0.004, -0.001))
+
+
+def test_folder_geometry_follows_the_aspect_ratio_and_label_length(tmp_path: Path) -> None:
+    standin.build(tmp_path, count=20, seed=1)
+    data = read_folder(tmp_path)
+    config = TrainConfig.folder()
+    arch = _geometry(TrainConfig(data_dir=tmp_path, arch=config.arch), data, max_length=5)
+    assert (arch.height, arch.width) == (32, 128)  # 200x50 is 4:1
+    assert arch.time_steps >= 2 * 5 + 1
+    long_labels = _geometry(TrainConfig(), None, max_length=30)  # synthetic, 30 characters
+    assert long_labels.time_steps >= 2 * 30 + 1
