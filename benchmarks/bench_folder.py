@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -96,8 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv if argv is not None else [])
     from captchaops.data import standin
 
+    results = RESULTS.resolve()
+    home = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        os.chdir(work)  # a sqlite tracking URI keeps artifacts in ./mlruns: keep them in here
         folder = args.folder
         if folder is None:
             folder = work / "standin"
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, fold in enumerate(folds):
             rows.append(run_fold(folder, fold, "folder", work, str(k)))
             print(json.dumps(rows[-1]), flush=True)
+        os.chdir(home)
     accs = [r["heldout_seq_acc"] for r in rows if r["config"] == "folder"]
     mean, low, high = interval(accs)
     worst = max(r["minutes"] for r in rows if r["config"] == "folder")
@@ -129,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             f"  side by side on fold 0: old default {old[0]['heldout_seq_acc']:.4f} vs "
             f"folder preset {same['heldout_seq_acc']:.4f}"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(
         json.dumps({"rows": rows, "mean": mean, "interval": [low, high], "target": TARGET})
     )
 

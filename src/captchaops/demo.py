@@ -47,6 +47,19 @@ def wait_for_version(url: str, version: str, timeout: float = 60.0) -> bool:
     return False
 
 
+def _refusal(settings: Settings, version: str | None) -> str | None:
+    """Why the version cannot be served (e.g. logged before versions were checked data), if so."""
+    from captchaops.model.version import VersionError, load_registered
+
+    if version is None:
+        return None
+    try:
+        load_registered(settings.effective_tracking_uri, settings.model_name, version)
+    except VersionError as exc:
+        return str(exc)
+    return None
+
+
 def run_demo(
     settings: Settings,
     say: Say = print,
@@ -70,7 +83,12 @@ def run_demo(
         production_version=registry.resolve_alias(settings, registry.PRODUCTION),
         staging_version=registry.resolve_alias(settings, registry.STAGING),
     )
-    if summary.production_version and not retrain:
+    refused = _refusal(settings, summary.production_version)
+    if refused:
+        say(
+            f"v{summary.production_version} @production cannot be served ({refused}); training anew"
+        )
+    if summary.production_version and not retrain and not refused:
         say(
             f"reusing v{summary.production_version} @production "
             "(run `captchaops demo --retrain` to train again)"

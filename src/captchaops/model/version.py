@@ -184,12 +184,13 @@ def open_version(model_dir: Path, threads: int = 1) -> OnnxReader:
 def load_registered(tracking_uri: str, name: str, version: str, threads: int = 1) -> OnnxReader:
     """Download `models:/name/version`, check it and open it; VersionError when it fails a check."""
     import mlflow.artifacts
+    from mlflow import MlflowClient
 
+    # The version's own artifact URI: a models:/ URI would be resolved through MLflow's
+    # process-wide registry URI, whatever this function is told.
+    source = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory(prefix="captchaops-version-") as tmp:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}",
-            dst_path=tmp,
-            tracking_uri=tracking_uri,
-            registry_uri=tracking_uri,
+            artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri
         )
         return open_version(Path(local), threads=threads)
