@@ -184,13 +184,21 @@ def decide(
     thresholds = config.thresholds(settings)
     candidate_version = registry.resolve(settings, alias=STAGING)
     champion_version = registry.resolve_alias(settings, PRODUCTION)
-    if candidate_version == champion_version:
+
+    def refused(reasons: list[str], audited: bool = True, digest: str = "") -> Decision:
         return Decision(
             candidate_version,
             champion_version,
             None,
             None,
             thresholds,
+            reasons,
+            audited=audited,
+            digest=digest,
+        )
+
+    if candidate_version == champion_version:
+        return refused(
             [f"v{candidate_version} is already @production; train a new candidate first"],
             audited=False,
         )
@@ -199,12 +207,7 @@ def decide(
         tags = client.get_model_version(settings.model_name, candidate_version).tags
         if tags.get("validation_status") == "rejected":
             why = tags.get("rejection_reason", "no reason recorded")[:200]
-            return Decision(
-                candidate_version,
-                champion_version,
-                None,
-                None,
-                thresholds,
+            return refused(
                 [f"v{candidate_version} was rejected before ({why}); train a new candidate"],
                 audited=False,
             )
@@ -227,15 +230,7 @@ def decide(
             evalset.labels,
         )
     if refusals:
-        return Decision(
-            candidate_version,
-            champion_version,
-            None,
-            None,
-            thresholds,
-            refusals,
-            digest=evalset.digest,
-        )
+        return refused(refusals, digest=evalset.digest)
     kwargs = {"batch_size": config.batch_size, "latency_samples": config.latency_samples}
     candidate = score(settings, candidate_version, evalset, **kwargs)
     champion = score(settings, champion_version, evalset, **kwargs) if champion_version else None
