@@ -67,6 +67,7 @@ class TrainConfig:
     max_steps: int | None = None  # optimiser steps the schedule plans for; None: epochs x batches
     min_steps: int = 1500  # never stop early before this many steps (or 20 epochs, if more)...
     patience_steps: int = 3000  # ...then stop after this many without a better val loss/CER/acc
+    ema_momentum: float | None = None  # average the weights; kept when they validate as well
     holdout_fraction: float = 0.2  # folders: share frozen as the scheme's evaluation set
     fit_geometry: bool = True  # folders: input width from the images' aspect ratio
     augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
@@ -276,23 +277,29 @@ class _Monitor(keras.callbacks.Callback):
             latest = self.history[-1] if self.history else {}
             self.report(f"epoch {len(self.history) + 1}", self.schedule.fraction(), latest)
 
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = logs or {}
+    def validate(self) -> dict[str, float]:
+        """Validation loss, sequence accuracy and CER of the network's current weights."""
         probs = self.infer.predict(self.x_val, batch_size=256, verbose=0)
         preds = [t for t, _ in decode_greedy(probs, self.alphabet)]
         # One pass over the validation set: CTC on log-probabilities equals CTC on the logits
         # (the loss log-softmaxes its input, and log-softmax of log p is log p).
         val_loss = ctc_loss(self.y_val, keras.ops.log(keras.ops.maximum(probs, 1e-12)))
-        metrics = {
-            "loss": float(logs.get("loss", float("nan"))),
+        return {
             "val_loss": float(keras.ops.convert_to_numpy(val_loss)),
             "val_seq_acc": sequence_accuracy(preds, self.labels_val),
             "val_cer": character_error_rate(preds, self.labels_val),
+        }
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        metrics = {
+            "loss": float(logs.get("loss", float("nan"))),
+            **self.validate(),
             "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
         }
         mlflow.log_metrics(metrics, step=epoch)
         self.history.append(metrics)
-        key = (metrics["val_seq_acc"], -metrics["val_cer"], -metrics["val_loss"])
+        key = _key(metrics)
         if _better(key, self.best_key):
             self.best_key, self.best_epoch = key, epoch
             self.best_weights = self.model.get_weights()
@@ -309,6 +316,11 @@ class _Monitor(keras.callbacks.Callback):
         if step >= self.min_steps and step - self.improved_at >= self.patience:
             self.model.stop_training = True
         self.report(f"epoch {epoch + 1}", self.schedule.fraction(), metrics)
+
+
+def _key(metrics: dict[str, float]) -> tuple[float, float, float]:
+    """What checkpoints are ranked by: (accuracy, -CER, -loss) on the validation set."""
+    return (metrics["val_seq_acc"], -metrics["val_cer"], -metrics["val_loss"])
 
 
 def _better(key: tuple[float, float, float], best: tuple[float, float, float]) -> bool:
@@ -461,7 +473,11 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
         mlflow.log_param("model_parameters", infer.count_params())
         train_model.compile(
             optimizer=keras.optimizers.AdamW(
-                config.learning_rate, weight_decay=config.weight_decay, clipnorm=config.clipnorm
+                config.learning_rate,
+                weight_decay=config.weight_decay,
+                clipnorm=config.clipnorm,
+                use_ema=config.ema_momentum is not None,
+                ema_momentum=config.ema_momentum or 0.99,
             ),
             loss=ctc_loss,
         )
@@ -487,7 +503,11 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
             callbacks=[schedule, monitor],
             verbose=0,
         )
-        if monitor.best_weights is not None:
+        averaged = monitor.validate() if config.ema_momentum else None  # fit swapped the EMA in
+        if averaged is not None:
+            mlflow.log_metrics({f"ema_{k}": v for k, v in averaged.items()})
+        keep_average = averaged is not None and _better(_key(averaged), monitor.best_key)
+        if monitor.best_weights is not None and not keep_average:
             train_model.set_weights(monitor.best_weights)
         fit_seconds = time.monotonic() - fit_start
         report("exporting and evaluating", 1.0, monitor.history[-1] if monitor.history else {})
