@@ -145,7 +145,7 @@ class Settings(BaseSettings):
                 out[name] = "********" if value else "(unset)"
             else:
                 out[name] = "(unset)" if value is None else _mask_url(str(value))
-        out["effective_tracking_uri"] = self.effective_tracking_uri
+        out["effective_tracking_uri"] = _mask_url(self.effective_tracking_uri)
         out["effective_backend_store_uri"] = _mask_url(self.effective_backend_store_uri)
         return out
 

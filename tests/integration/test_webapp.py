@@ -485,3 +485,9 @@ def app_url(webapp_stack: WebappStack) -> Iterator[str]:
         yield url
     finally:
         stop_process(proc)
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(client: FlaskClient) -> None:
+    resp = client.post("/api/predict", data=b"[" * 200_000, content_type="application/json")
+    assert resp.status_code == 400 and resp.json["error"] == "bad_json"
+    assert "nested too deeply" in resp.json["detail"] and "Traceback" not in resp.text

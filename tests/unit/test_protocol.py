@@ -78,6 +78,7 @@ def test_base64_wrapped_over_lines_is_accepted() -> None:
             "image_too_large",
         ),
         (body({"inputs": {"image": ["A" * 20_000]}}), 413, "body_too_large"),
+        (b"[" * 5_000, 400, "bad_json"),  # deep enough for RecursionError, under the size cap
     ],
 )
 def test_bad_bodies_are_refused_with_a_status_and_code(raw: bytes, status: int, error: str) -> None:

@@ -67,4 +67,7 @@ def test_masked_hides_secrets_and_database_passwords(tmp_path: Path) -> None:
     shown = s.masked()
     assert "hunter2" not in str(shown)
     assert "pw@" not in str(shown)
+    remote = Settings(home=tmp_path, tracking_uri="https://ci:s3cret@mlflow.example.org")
+    assert "s3cret" not in str(remote.masked())
+    assert remote.masked()["effective_tracking_uri"] == "https://********@mlflow.example.org"
     assert shown["s3_secret_key"] == "********"

@@ -59,6 +59,10 @@ def parse_body(body: bytes, limits: Limits) -> list[bytes]:
         raise too_large(limits.max_body_bytes)
     try:
         payload = json.loads(body)
+    except RecursionError as exc:
+        raise ProtocolError(
+            400, "bad_json", "the body's JSON is nested too deeply; send a flat JSON object"
+        ) from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(
             400, "bad_json", f"the body is not valid JSON ({exc}); send a JSON object"

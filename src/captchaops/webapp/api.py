@@ -77,7 +77,12 @@ def _image() -> bytes:
 
 
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError as exc:
+        raise BadInput(
+            400, "bad_json", 'The JSON body is nested too deeply; send {"image": "<base64>"}.'
+        ) from exc
     if not isinstance(body, dict):
         raise BadInput(
             400, "bad_json", 'The body is not a JSON object; send {"image": "<base64>"}.'

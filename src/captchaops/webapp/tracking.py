@@ -105,5 +105,8 @@ class Tracking:
         return b"".join(chunks)
 
     def unreachable(self) -> str:
-        """The one-line message for a tracking server that does not answer."""
-        return f"The tracking server at {self.uri} is not reachable; start it with `captchaops up` and retry."
+        """The one-line message for a tracking server that does not answer.
+
+        Visitors see it, so it never names the server's address (which may carry credentials).
+        """
+        return "The tracking server is not reachable; start it with `captchaops up` and retry."
