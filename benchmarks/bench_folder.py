@@ -84,7 +84,7 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     if len(values) < 2:
         return mean, mean, mean
     half = T_975.get(len(values), 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
 def main(argv: list[str] | None = None) -> None:
