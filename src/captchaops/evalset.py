@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +15,15 @@ from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
 from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
+from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, digest_of, pack, unpack
 from captchaops.data.synthetic import DIGITS_UPPER, generate
 from captchaops.evaluate import character_error_rate, sequence_accuracy
 from captchaops.mlflow_scope import point_at
 from captchaops.model.version import VersionError, load_registered
 from captchaops.settings import Settings
 
-EVAL_EXPERIMENT = "text-captcha-evaluation"
 EVAL_SEED = 7_919_000
 """Seed of the generated part of the frozen set; training must never use it (see docs)."""
-DIGEST_TAG = "evalset_digest"
-"""Registered-model tag naming the current frozen set; also tags the run that stores it."""
-ARTIFACT = "evalset.zip"
 SCORE_TAGS = ("seq_acc", "cer", "p50_ms", "p95_ms")
 
 
@@ -85,15 +79,6 @@ class Score:
         return {f"{prefix}_{key}": float(getattr(self, key)) for key in SCORE_TAGS}
 
 
-def digest_of(images: list[bytes], labels: list[str]) -> str:
-    """SHA-256 over every (image hash, label) pair, in order."""
-    outer = hashlib.sha256()
-    for image, label in zip(images, labels, strict=True):
-        outer.update(hashlib.sha256(image).digest())
-        outer.update(label.encode() + b"\0")
-    return outer.hexdigest()
-
-
 def client_for(settings: Settings) -> MlflowClient:
     """An MLflow client for the configured tracking server (also the default for pyfunc loads)."""
     point_at(settings)
@@ -102,23 +87,8 @@ def client_for(settings: Settings) -> MlflowClient:
     return MlflowClient(uri, uri)
 
 
-def _pack(evalset: EvalSet, meta: dict[str, object]) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        items = []
-        for i, (image, label) in enumerate(zip(evalset.images, evalset.labels, strict=True)):
-            name = f"images/{i:06d}.bin"
-            archive.writestr(name, image)
-            items.append({"file": name, "label": label})
-        archive.writestr("labels.json", json.dumps({**meta, "items": items}))
-    return buffer.getvalue()
-
-
 def _unpack(data: bytes) -> EvalSet:
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        meta = json.loads(archive.read("labels.json"))
-        images = [archive.read(item["file"]) for item in meta["items"]]
-    labels = [item["label"] for item in meta["items"]]
+    meta, images, labels = unpack(data)
     kind = str(meta.get("kind", "synthetic"))
     return EvalSet(images, labels, digest_of(images, labels), int(meta["seed"]), kind)
 
@@ -213,7 +183,7 @@ def _store(settings: Settings, evalset: EvalSet, meta: dict[str, object]) -> Non
     )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ARTIFACT
-        path.write_bytes(_pack(evalset, meta))
+        path.write_bytes(pack(evalset.images, evalset.labels, meta))
         client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id)
     _ensure_model(client, settings.model_name)

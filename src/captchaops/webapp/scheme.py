@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
 import random
 import re
 import threading
@@ -12,11 +10,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, ArchiveTooLarge, unpack
 from captchaops.webapp.tracking import ArtifactTooLarge, Tracking, TrackingError
 
-EVAL_EXPERIMENT = "text-captcha-evaluation"
-DIGEST_TAG = "evalset_digest"
-ARTIFACT = "evalset.zip"
 MAX_SET_BYTES = 50 * 2**20
 """Largest frozen set the app downloads; a larger one is refused, not held in memory."""
 KEEP_SETS = 2
@@ -163,26 +159,22 @@ def _call(tracking: Tracking, method: str, endpoint: str, **kwargs: Any) -> dict
 
 
 def _unpack(digest: str, data: bytes, max_bytes: int) -> HeldOut:
-    """Images and labels of a folder scheme's `evalset.zip` (see captchaops.evalset for the format)."""
+    """Images and labels of a folder scheme's `evalset.zip` (format: captchaops.data.frozen)."""
     short = digest[:12]
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            if sum(info.file_size for info in archive.infolist()) > max_bytes:
-                raise _Refused(
-                    f"the frozen set {short} is too large to show: it unpacks to more than "
-                    f"{max_bytes / 2**20:g} MiB"
-                )
-            meta = json.loads(archive.read("labels.json"))
-            if meta.get("kind") != "folder":
-                raise _Refused(
-                    f"the frozen set {short} holds no held-out folder images "
-                    f"(its kind is {meta.get('kind')!r}); make one from the scheme's folder"
-                )
-            items = tuple(
-                (archive.read(item["file"]), str(item["label"])) for item in meta["items"]
-            )
+        meta, images, labels = unpack(data, max_unpacked=max_bytes)
+    except ArchiveTooLarge as exc:
+        raise _Refused(
+            f"the frozen set {short} is too large to show: it unpacks to more than "
+            f"{max_bytes / 2**20:g} MiB"
+        ) from exc
     except (zipfile.BadZipFile, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _Refused(f"the frozen set {short} is not a readable evalset.zip") from exc
-    if not items:
+    if meta.get("kind") != "folder":
+        raise _Refused(
+            f"the frozen set {short} holds no held-out folder images "
+            f"(its kind is {meta.get('kind')!r}); make one from the scheme's folder"
+        )
+    if not images:
         raise _Refused(f"the frozen set {short} is empty")
-    return HeldOut(digest, items)
+    return HeldOut(digest, tuple(zip(images, labels, strict=True)))
