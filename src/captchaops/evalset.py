@@ -20,6 +20,7 @@ from captchaops.data.synthetic import DIGITS_UPPER, generate
 from captchaops.evaluate import character_error_rate, sequence_accuracy
 from captchaops.mlflow_scope import point_at
 from captchaops.model.version import VersionError, load_registered
+from captchaops.scheme import Scheme
 from captchaops.settings import Settings
 
 EVAL_SEED = 7_919_000
@@ -264,17 +265,16 @@ def load_evalset(settings: Settings, digest: str) -> EvalSet:
     return evalset
 
 
-def ensure_evalset(
-    settings: Settings,
-    size: int = 2000,
-    alphabet: str = DIGITS_UPPER,
-    length: tuple[int, int] = (4, 4),
-) -> EvalSet:
-    """The model's frozen set, generated on first use with the default seed and this scheme."""
+def ensure_evalset(settings: Settings, size: int = 2000, scheme: Scheme | None = None) -> EvalSet:
+    """The model's frozen set; on first use generated with the default seed, in the alphabet
+    and lengths of `scheme` when it is a synthetic one (else digits + uppercase, 4 long)."""
     digest = current_digest(settings)
     if digest:
         return load_evalset(settings, digest)
-    return create_evalset(settings, size=size, alphabet=alphabet, length=length)
+    if scheme is not None and scheme.data_kind == "synthetic":
+        length = (scheme.min_length, scheme.max_length)
+        return create_evalset(settings, size=size, alphabet=scheme.alphabet, length=length)
+    return create_evalset(settings, size=size)
 
 
 def score(

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from captchaops import evalset, gate, registry
+from captchaops import evalset, gate, registry, scheme
 from captchaops.cli import app
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
@@ -116,8 +116,8 @@ def test_each_scheme_keeps_its_own_aliases_frozen_set_and_audit(schemes: Schemes
     assert {len(label) for label in frozen_b.labels} == {3}
     assert set("".join(frozen_b.labels)) <= set(OTHER_ALPHABET)
     client = evalset.client_for(a)
-    scheme_b = gate.scheme_of(client, b.model_name, schemes.model_b.version)
-    assert scheme_b == gate.Scheme(OTHER_ALPHABET, 3, 3, "synthetic")
+    scheme_b = scheme.scheme_of(client, b.model_name, schemes.model_b.version)
+    assert scheme_b == scheme.Scheme(OTHER_ALPHABET, 3, 3, "synthetic")
     versions_b = {str(mv.version) for mv in client.search_model_versions(f"name='{b.model_name}'")}
     assert {m.to_version for m in registry.history(b)} <= versions_b
     assert registry.history(a)[0].to_version == schemes.version_a

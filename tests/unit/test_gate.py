@@ -6,8 +6,9 @@ import pytest
 
 from captchaops.cli import parse_length
 from captchaops.evalset import Score
-from captchaops.gate import GateConfig, Scheme, judge, scheme_refusals
+from captchaops.gate import GateConfig, judge
 from captchaops.registry import Move, RegistryError, check_model_name, production_stack
+from captchaops.scheme import Scheme, scheme_refusals
 
 
 def result(acc: float, cer: float, p95: float = 10.0, version: str = "2") -> Score:
