@@ -50,9 +50,10 @@ class EvalSet:
         """Every character the labels use, sorted."""
         return "".join(sorted(set("".join(self.labels))))
 
-    def hashes(self) -> set[str]:
-        """sha256 of every image: training leaves out any image whose content is in here."""
-        return {hashlib.sha256(image).hexdigest() for image in self.images}
+    def unseen(self, images: list[bytes]) -> list[int]:
+        """Indices of the `images` whose content (sha256) is not in the set: what may be trained on."""
+        held = {hashlib.sha256(image).digest() for image in self.images}
+        return [i for i, image in enumerate(images) if hashlib.sha256(image).digest() not in held]
 
 
 @dataclass(frozen=True)

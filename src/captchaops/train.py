@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import tempfile
 import time
@@ -388,13 +387,8 @@ def _frozen_for_folder(
         frozen = folder_evalset(settings, data, config.holdout_fraction)
     except EvalSetError as exc:
         raise TrainError(str(exc)) from exc
-    held = frozen.hashes()
-    keep = [i for i, image in enumerate(data.images) if _sha256(image) not in held]
+    keep = frozen.unseen(data.images)
     return frozen, data.subset(keep)
-
-
-def _sha256(image: bytes) -> str:
-    return hashlib.sha256(image).hexdigest()
 
 
 def _train(config: TrainConfig, settings: Settings, report: Progress, start: float) -> TrainResult:
