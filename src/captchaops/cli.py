@@ -467,6 +467,7 @@ def train_command(
 ) -> None:
     """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
     from captchaops import train as training
+    from captchaops.console import print_summary, train_with_progress
 
     if data is not None and synthetic is not None:
         fail("use either --data DIR or --synthetic N, not both")
@@ -484,10 +485,10 @@ def train_command(
         include_feedback=include_feedback or None,
     )
     try:
-        result = training.train_with_progress(config, settings, console)
+        result = train_with_progress(config, settings, console)
     except (training.DataError, training.TrainError) as exc:
         fail(str(exc))
-    training.print_summary(result, console)
+    print_summary(result, console)
 
 
 @app.command()
@@ -496,6 +497,7 @@ def demo(
 ) -> None:
     """Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs."""
     from captchaops import train as training
+    from captchaops.console import train_with_progress
     from captchaops.demo import run_demo
     from captchaops.registry import RegistryError
     from captchaops.stack.control import StackError
@@ -506,9 +508,7 @@ def demo(
             load_settings(),
             say=lambda line: console.print(line, highlight=False),
             retrain=retrain,
-            trainer=lambda config, settings: training.train_with_progress(
-                config, settings, console
-            ),
+            trainer=lambda config, settings: train_with_progress(config, settings, console),
         )
     except (StackError, StoreError, RegistryError, training.DataError, training.TrainError) as exc:
         fail(str(exc))

@@ -1,0 +1,132 @@
+"""Every training default in one place (MLflow-free, so the loop runs where MLflow is not installed)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from captchaops.model.crnn import Architecture
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training default in one place; the final values are logged with the run."""
+
+    data_dir: Path | None = None  # a folder of <label>.png files; None = synthetic data
+    synthetic: int = 30_000  # how many CAPTCHAs to generate when data_dir is None
+    alphabet: str | None = None  # None: digits + uppercase for synthetic, derived for folders
+    length: tuple[int, int] = (4, 4)  # synthetic label length range
+    epochs: int = 40  # an upper bound: the time budget usually ends training first
+    batch_size: int = 32
+    max_minutes: float = 4.6  # hard budget from the start of train() to the end of fitting
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+    include_feedback: bool = False
+    learning_rate: float = 2.5e-3  # AdamW peak of a warmup + cosine schedule
+    weight_decay: float = 1e-4
+    clipnorm: float | None = 1.0  # clip each gradient's norm (tames CTC loss spikes)
+    warmup_fraction: float = 0.05
+    max_steps: int | None = None  # optimiser steps the schedule plans for; None: epochs x batches
+    min_steps: int = 1500  # never stop early before this many steps (or 20 epochs, if more)...
+    patience_steps: int = 3000  # ...then stop after this many without a better val loss/CER/acc
+    ema_momentum: float | None = None  # average the weights (EMA); kept when it validates as well
+    holdout_fraction: float = 0.2  # folders: share frozen as the scheme's evaluation set
+    fit_geometry: bool = True  # folders: input width from the images' aspect ratio
+    augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
+    workers: int = 2  # processes generating synthetic data
+    arch: Architecture = field(default_factory=Architecture)
+
+    @classmethod
+    def demo(cls) -> TrainConfig:
+        """The demo preset, aimed at >= 95% on 4-character CAPTCHAs in 5 minutes on 2 cores.
+
+        From the 5-minute benchmark runs: 30k images beat 16k (which overfit at 86-92%),
+        batch 32 beat 64, and a 2.5e-3 peak with gradient clipping beat 4e-3 (whose
+        validation accuracy swung by 50 points between epochs).
+        """
+        return cls()
+
+    @classmethod
+    def folder(cls) -> TrainConfig:
+        """The preset for a team's folder of about 1,000 real CAPTCHAs: at most 10 min on 2 cores.
+
+        CTC first sits on a plateau where every prediction is blank (0% exact matches for
+        hundreds of steps while the loss and CER still move), so stopping waits for a minimum
+        number of steps and then follows validation loss and CER as well as accuracy. The
+        schedule is planned in steps (about 170 epochs of 750 images); the time budget is a cap.
+        """
+        return cls(
+            epochs=1000,
+            max_steps=4000,
+            patience_steps=2500,
+            ema_momentum=0.99,
+            max_minutes=9.5,
+            learning_rate=2e-3,
+            val_fraction=0.1,
+            test_fraction=0.0,
+        )
+
+    @classmethod
+    def accuracy(cls) -> TrainConfig:
+        """The long preset: an hour on 2 cores, a wider network and five times the data.
+
+        Data is what the demo runs were short of (16k images overfit; 30k reached 95%), so
+        this one generates 160k, keeps 2% each for validation and test, and trains a network
+        about 1.5x wider for the rest of the hour.
+        """
+        return cls(
+            synthetic=160_000,
+            epochs=60,
+            max_minutes=60.0,
+            learning_rate=2e-3,
+            patience_steps=40_000,
+            val_fraction=0.02,
+            test_fraction=0.02,
+            arch=Architecture(height=32, width=88, filters=(32, 48, 64, 96), rnn_units=96),
+        )
+
+    @classmethod
+    def gpu(cls) -> TrainConfig:
+        """One H100/H200-class GPU for at most 10 minutes (`benchmarks/bench_gpu.py`).
+
+        A GPU makes steps nearly free, so the budget goes to data and width: 400k generated
+        CAPTCHAs (about a minute on 16 cores), batches of 256 with a higher peak rate, a
+        network about 2x the accuracy preset's, and weight averaging for the final weights.
+        """
+        return cls(
+            synthetic=400_000,
+            epochs=200,
+            batch_size=256,
+            max_minutes=8.0,
+            learning_rate=3e-3,
+            patience_steps=1_000_000,
+            ema_momentum=0.999,
+            val_fraction=0.01,
+            test_fraction=0.005,
+            workers=16,
+            arch=Architecture(height=32, width=88, filters=(32, 64, 96, 128), rnn_units=128),
+        )
+
+    @classmethod
+    def tiny(cls) -> TrainConfig:
+        """Seconds of training on a few hundred images: for tests, not accuracy."""
+        return cls(
+            synthetic=300,
+            epochs=2,
+            batch_size=32,
+            max_minutes=2.0,
+            workers=1,
+            arch=Architecture(height=24, width=72, filters=(8, 16, 16, 16), rnn_units=16),
+        )
+
+    def params(self) -> dict[str, object]:
+        """Flat parameters for MLflow."""
+        values = {k: v for k, v in asdict(self).items() if k != "arch"}
+        return values | self.arch.params()
+
+
+def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
+    """A copy of `config` with the non-None overrides applied."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

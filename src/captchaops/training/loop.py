@@ -1,0 +1,288 @@
+"""The fitting loop: schedule, validation, checkpoint choice and early stopping, in steps.
+
+MLflow-free: metrics leave through the `log` callable the caller passes, so the same loop
+runs inside an MLflow run (`captchaops.train`) or bare on an accelerator box.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import keras
+import numpy as np
+
+from captchaops.data.dataset import DataError, LabelledImages
+from captchaops.evaluate import character_error_rate, sequence_accuracy
+from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
+from captchaops.model.ctc import decode_greedy
+from captchaops.model.preprocess import image_size, preprocess
+from captchaops.training.config import TrainConfig
+
+Progress = Callable[[str, float, dict[str, float]], None]
+"""Called with (stage description, fraction done 0..1, latest metrics)."""
+
+LogMetrics = Callable[[dict[str, float], int], None]
+"""Called with (metrics, epoch) after each epoch."""
+
+Key = tuple[float, float, float]
+
+
+def geometry(config: TrainConfig, data: LabelledImages | None, max_length: int) -> Architecture:
+    """The network's input: a folder's width follows its images' aspect ratio; CTC needs
+    at least 2 x length + 1 time steps (4 input columns each)."""
+    arch = config.arch
+    if data is not None and config.data_dir is not None and config.fit_geometry:
+        sizes = [image_size(image) for image in data.images[:: max(1, len(data) // 200)]]
+        aspect = float(np.median([w / h for w, h in sizes]))
+        arch = replace(arch, width=int(np.clip(round(arch.height * aspect / 4) * 4, 16, 256)))
+    needed = 4 * (2 * max_length + 1)
+    if arch.width < needed:
+        arch = replace(arch, width=needed)
+    if arch.width > 512:
+        raise DataError(
+            f"labels of {max_length} characters need an input {arch.width} px wide; use labels "
+            "of at most 60 characters"
+        )
+    return arch
+
+
+def arrays(data: LabelledImages, idx: Sequence[int], arch: Architecture) -> np.ndarray:
+    """The network's input for the images at `idx` (arrays made by the generator are reused)."""
+    out = np.empty((len(idx), arch.height, arch.width, 1), dtype=np.float32)
+    for row, i in enumerate(idx):
+        ready = data.arrays[i] if data.arrays is not None else None
+        fits = ready is not None and ready.shape == out.shape[1:]
+        out[row] = ready if fits else preprocess(data.images[i], arch.height, arch.width)
+    return out
+
+
+def key(metrics: dict[str, float]) -> Key:
+    """What checkpoints are ranked by: (accuracy, -CER, -loss) on the validation set."""
+    return (metrics["val_seq_acc"], -metrics["val_cer"], -metrics["val_loss"])
+
+
+def better(candidate: Key, best: Key) -> bool:
+    """Whether (accuracy, -CER, -loss) beats the best so far.
+
+    Ties on accuracy and CER go to the later epoch once something is read (a small validation
+    set ties often, and later weights have seen more of the decaying learning rate); only on
+    the blank plateau, where nothing is read yet, does the loss break them.
+    """
+    if candidate[:2] != best[:2]:
+        return candidate[:2] > best[:2]
+    return candidate[0] > 0 or candidate[2] > best[2]
+
+
+class Schedule(keras.callbacks.Callback):
+    """Warmup + cosine learning rate over whichever ends first: the steps or the time budget."""
+
+    def __init__(self, config: TrainConfig, total_steps: int, deadline: float):
+        super().__init__()
+        self.config, self.total_steps, self.deadline = config, total_steps, deadline
+        self.start = time.monotonic()
+        self.step = 0
+
+    def fraction(self) -> float:
+        by_time = (time.monotonic() - self.start) / max(self.deadline - self.start, 1e-9)
+        return min(1.0, max(self.step / self.total_steps, by_time))
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        f, warm = self.fraction(), self.config.warmup_fraction
+        peak = self.config.learning_rate
+        lr = (
+            peak * f / warm
+            if f < warm
+            else peak * 0.5 * (1 + math.cos(math.pi * (f - warm) / (1 - warm)))
+        )
+        self.model.optimizer.learning_rate.assign(max(lr, peak * 1e-3))
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.step += 1
+        if self.step >= self.total_steps or time.monotonic() >= self.deadline:
+            self.model.stop_training = True
+
+
+@dataclass
+class Validation:
+    """The validation split, encoded for the loss and as strings for the metrics."""
+
+    x: np.ndarray
+    y: np.ndarray
+    labels: list[str]
+    alphabet: str
+
+
+def validate(infer: keras.Model, val: Validation) -> dict[str, float]:
+    """Validation loss, sequence accuracy and CER of the network's current weights."""
+    probs = infer.predict(val.x, batch_size=256, verbose=0)
+    preds = [t for t, _ in decode_greedy(probs, val.alphabet)]
+    # One pass over the validation set: CTC on log-probabilities equals CTC on the logits
+    # (the loss log-softmaxes its input, and log-softmax of log p is log p).
+    val_loss = ctc_loss(val.y, keras.ops.log(keras.ops.maximum(probs, 1e-12)))
+    return {
+        "val_loss": float(keras.ops.convert_to_numpy(val_loss)),
+        "val_seq_acc": sequence_accuracy(preds, val.labels),
+        "val_cer": character_error_rate(preds, val.labels),
+    }
+
+
+class Monitor(keras.callbacks.Callback):
+    """Per epoch: validation metrics out through `log`, the best weights, early stopping in steps.
+
+    Best means highest sequence accuracy, then lowest CER (see `better`), so checkpoints
+    still improve on CTC's blank plateau where no sequence is right yet. Training stops only
+    after `min_steps`, once none of val loss, CER or accuracy has improved for `patience` steps.
+    """
+
+    def __init__(
+        self,
+        infer: keras.Model,
+        val: Validation,
+        schedule: Schedule,
+        report: Progress,
+        log: LogMetrics,
+        *,
+        min_steps: int,
+        patience: int,
+    ):
+        super().__init__()
+        self.infer, self.val, self.schedule = infer, val, schedule
+        self.report, self.log = report, log
+        self.min_steps, self.patience = min_steps, patience
+        self.best_key: Key = (-1.0, -math.inf, -math.inf)
+        self.best_epoch = -1
+        self.best_weights: list[np.ndarray] | None = None
+        self.lowest = {"val_loss": math.inf, "val_cer": math.inf, "neg_acc": math.inf}
+        self.improved_at = 0
+        self.history: list[dict[str, float]] = []
+        self._last_report = 0.0
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        now = time.monotonic()
+        if now - self._last_report > 0.5:
+            self._last_report = now
+            latest = self.history[-1] if self.history else {}
+            self.report(f"epoch {len(self.history) + 1}", self.schedule.fraction(), latest)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        metrics = {
+            "loss": float(logs.get("loss", float("nan"))),
+            **validate(self.infer, self.val),
+            "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+        }
+        self.log(metrics, epoch)
+        self.history.append(metrics)
+        if better(key(metrics), self.best_key):
+            self.best_key, self.best_epoch = key(metrics), epoch
+            self.best_weights = self.model.get_weights()
+        current = {
+            "val_loss": metrics["val_loss"],
+            "val_cer": metrics["val_cer"],
+            "neg_acc": -metrics["val_seq_acc"],
+        }
+        for name, value in current.items():
+            if value < self.lowest[name] - 1e-6:
+                self.lowest[name] = value
+                self.improved_at = self.schedule.step
+        step = self.schedule.step
+        if step >= self.min_steps and step - self.improved_at >= self.patience:
+            self.model.stop_training = True
+        self.report(f"epoch {epoch + 1}", self.schedule.fraction(), metrics)
+
+
+@dataclass
+class Plan:
+    """How long a fit may run, in optimiser steps and wall time."""
+
+    steps: int
+    min_steps: int
+    steps_per_epoch: int
+
+    @classmethod
+    def of(cls, config: TrainConfig, n_train: int) -> Plan:
+        per_epoch = math.ceil(n_train / config.batch_size)
+        steps = int(min(config.max_steps or math.inf, per_epoch * config.epochs))
+        return cls(steps, min(max(config.min_steps, 20 * per_epoch), steps), per_epoch)
+
+
+@dataclass
+class Fitted:
+    """A fitted inference network and how it got there."""
+
+    infer: keras.Model
+    history: list[dict[str, float]]
+    best_epoch: int
+    steps: int
+    fit_seconds: float
+    averaged: dict[str, float] | None  # the EMA weights' validation metrics, when EMA was on
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "best_epoch": float(self.best_epoch + 1),
+            "epochs_run": float(len(self.history)),
+            "steps_run": float(self.steps),
+            "fit_seconds": self.fit_seconds,
+        }
+
+
+def fit(
+    config: TrainConfig,
+    arch: Architecture,
+    alphabet: str,
+    train: tuple[np.ndarray, np.ndarray],
+    val: Validation,
+    *,
+    augment: bool,
+    deadline: float,
+    report: Progress,
+    log: LogMetrics,
+) -> Fitted:
+    """Fit a fresh CRNN and keep the best weights (the averaged ones when they validate as well)."""
+    plan = Plan.of(config, len(train[0]))
+    train_model, infer = build_crnn(arch, len(alphabet) + 1, augment=augment)
+    train_model.compile(
+        optimizer=keras.optimizers.AdamW(
+            config.learning_rate,
+            weight_decay=config.weight_decay,
+            clipnorm=config.clipnorm,
+            use_ema=config.ema_momentum is not None,
+            ema_momentum=config.ema_momentum or 0.99,
+        ),
+        loss=ctc_loss,
+    )
+    schedule = Schedule(config, plan.steps, deadline)
+    monitor = Monitor(
+        infer,
+        val,
+        schedule,
+        report,
+        log,
+        min_steps=plan.min_steps,
+        patience=config.patience_steps,
+    )
+    fit_start = time.monotonic()
+    train_model.fit(
+        train[0],
+        train[1],
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        callbacks=[schedule, monitor],
+        verbose=0,
+    )
+    averaged = validate(infer, val) if config.ema_momentum else None  # fit swapped the EMA in
+    keep_average = averaged is not None and better(key(averaged), monitor.best_key)
+    if monitor.best_weights is not None and not keep_average:
+        train_model.set_weights(monitor.best_weights)
+    return Fitted(
+        infer=infer,
+        history=monitor.history,
+        best_epoch=monitor.best_epoch,
+        steps=schedule.step,
+        fit_seconds=time.monotonic() - fit_start,
+        averaged=averaged,
+    )
