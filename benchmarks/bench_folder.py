@@ -73,6 +73,7 @@ def run_fold(folder: Path, fold: list[Path], config_name: str, work: Path, tag: 
         "heldout_cer": result.metrics["test_cer"],
         "steps": result.metrics["steps_run"],
         "best_epoch": result.metrics["best_epoch"],
+        "kept_final_weights": result.metrics["kept_final_weights"],
         "minutes": minutes,
         "warning": result.warning,
     }
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=1040, help="stand-in images to build")
     parser.add_argument("--folder", type=Path, help="a real labelled folder instead")
     parser.add_argument("--no-baseline", action="store_true", help="skip the old preset's fold")
+    parser.add_argument("--only", type=int, nargs="*", help="run only these folds (no summary file)")
     args = parser.parse_args(argv if argv is not None else [])
     from captchaops.data import standin
 
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(run_fold(folder, folds[0], "demo", work, "old-0"))
             print(json.dumps(rows[-1]), flush=True)
         for k, fold in enumerate(folds):
+            if args.only is not None and k not in args.only:
+                continue
             rows.append(run_fold(folder, fold, "folder", work, str(k)))
             print(json.dumps(rows[-1]), flush=True)
         os.chdir(home)
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             f"  side by side on fold 0: old default {old[0]['heldout_seq_acc']:.4f} vs "
             f"folder preset {same['heldout_seq_acc']:.4f}"
         )
+    if args.only is not None:
+        return
     results.parent.mkdir(exist_ok=True)
     results.write_text(
         json.dumps({"rows": rows, "mean": mean, "interval": [low, high], "target": TARGET})

@@ -6,6 +6,8 @@ import os
 import re
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -63,6 +65,19 @@ def parse_length(text: str) -> tuple[int, int]:
             "1 <= MIN <= MAX, e.g. --length 4-6 (or --length 5)"
         )
     return lengths
+
+
+@contextmanager
+def quiet_libraries(log: Path) -> Iterator[None]:
+    """Libraries' output goes to `log`; this command's own errors still reach the terminal."""
+    from captchaops.console import library_output_to
+
+    with library_output_to(log) as terminal:
+        err.file = terminal
+        try:
+            yield
+        finally:
+            err.file = sys.stderr
 
 
 REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset"}
@@ -466,29 +481,36 @@ def train_command(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
-    from captchaops import train as training
-    from captchaops.console import print_summary, train_with_progress
+    from captchaops.console import UnexpectedError, print_summary
+    from captchaops.data.dataset import DataError
+    from captchaops.training import TrainError
 
     if data is not None and synthetic is not None:
         fail("use either --data DIR or --synthetic N, not both")
     settings = settings_for(model_name)
-    preset = training.TrainConfig.folder() if data else training.TrainConfig.demo()
-    config = training.with_overrides(
-        preset,
-        data_dir=Path(data) if data else None,
-        synthetic=synthetic,
-        epochs=epochs,
-        batch_size=batch_size,
-        max_minutes=max_minutes,
-        val_fraction=val_fraction,
-        seed=seed,
-        include_feedback=include_feedback or None,
-    )
+    log = settings.home_dir / "logs" / "libraries.log"
     try:
-        result = train_with_progress(config, settings, console)
-    except (training.DataError, training.TrainError) as exc:
+        with quiet_libraries(log):  # Keras and TensorFlow print on import
+            from captchaops import train as training
+            from captchaops.console import train_with_progress
+
+            preset = training.TrainConfig.folder() if data else training.TrainConfig.demo()
+            config = training.with_overrides(
+                preset,
+                data_dir=Path(data) if data else None,
+                synthetic=synthetic,
+                epochs=epochs,
+                batch_size=batch_size,
+                max_minutes=max_minutes,
+                val_fraction=val_fraction,
+                seed=seed,
+                include_feedback=include_feedback or None,
+            )
+            result = train_with_progress(config, settings, console)
+    except (DataError, TrainError, UnexpectedError) as exc:
         fail(str(exc))
     print_summary(result, console)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
 
 
 @app.command()
@@ -496,21 +518,32 @@ def demo(
     retrain: bool = typer.Option(False, "--retrain", help="train again even if production exists"),
 ) -> None:
     """Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs."""
-    from captchaops import train as training
-    from captchaops.console import train_with_progress
+    from captchaops.console import UnexpectedError, train_with_progress
+    from captchaops.data.dataset import DataError
     from captchaops.demo import run_demo
     from captchaops.registry import RegistryError
     from captchaops.stack.control import StackError
     from captchaops.stack.store import StoreError
+    from captchaops.training import TrainError
 
+    settings = load_settings()
+    log = settings.home_dir / "logs" / "libraries.log"
     try:
-        summary = run_demo(
-            load_settings(),
-            say=lambda line: console.print(line, highlight=False),
-            retrain=retrain,
-            trainer=lambda config, settings: train_with_progress(config, settings, console),
-        )
-    except (StackError, StoreError, RegistryError, training.DataError, training.TrainError) as exc:
+        with quiet_libraries(log):
+            summary = run_demo(
+                settings,
+                say=lambda line: console.print(line, highlight=False),
+                retrain=retrain,
+                trainer=lambda config, settings: train_with_progress(config, settings, console),
+            )
+    except (
+        StackError,
+        StoreError,
+        RegistryError,
+        DataError,
+        TrainError,
+        UnexpectedError,
+    ) as exc:
         fail(str(exc))
     console.print()
     for name, url in summary.urls.items():
@@ -518,7 +551,8 @@ def demo(
     console.print()
     for line in summary.lines:
         console.print(line, highlight=False)
-    console.print("\nstop everything with: .venv/bin/captchaops down", highlight=False)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+    console.print("stop everything with: .venv/bin/captchaops down", highlight=False)
 
 
 def main() -> None:

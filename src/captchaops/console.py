@@ -2,33 +2,86 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
 from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
+from rich.table import Column
 
-from captchaops.settings import Settings
-from captchaops.train import TrainConfig, TrainResult, train
+if TYPE_CHECKING:
+    from captchaops.settings import Settings
+    from captchaops.train import TrainConfig, TrainResult
+
+
+class UnexpectedError(RuntimeError):
+    """A library failed in a way no check foresaw; the message names the log with the traceback."""
+
+
+@contextmanager
+def library_output_to(path: Path) -> Iterator[TextIO]:
+    """Send what libraries print to `path`; yields a stream that still reaches the terminal.
+
+    TensorFlow and absl write C++ log lines straight to file descriptor 2, MLflow logs run
+    links and registry lines to `sys.stderr`, NumPy and Keras raise warnings: all of them go
+    to fd 2, so fd 2 is pointed at the log and the project's own error stream is a duplicate
+    of the original. An unexpected exception leaves its traceback in the log and comes out as
+    `UnexpectedError` (one line for the user).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    try:
+        yield terminal
+    except Exception as exc:
+        if type(exc).__module__.startswith(("captchaops", "typer", "click")):
+            raise
+        traceback.print_exc(file=sys.stderr)
+        raise UnexpectedError(f"{type(exc).__name__}: {exc} (traceback in {path})") from exc
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        terminal.close()
 
 
 def train_with_progress(config: TrainConfig, settings: Settings, console: Console) -> TrainResult:
     """`train` with a rich progress bar showing the stage and the latest validation metrics."""
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+    from captchaops.train import train
+
+    columns = (  # 24 + 16 + 4 + 7 + 19 characters and 4 gaps: fits 80 columns
+        TextColumn("[bold]{task.description}", table_column=_fixed(24)),
+        BarColumn(bar_width=16),
         TaskProgressColumn(),
         TimeElapsedColumn(),
-        TextColumn("{task.fields[metrics]}"),
+        TextColumn("{task.fields[metrics]}", table_column=_fixed(19)),
     )
     with ProgressBar(*columns, console=console, transient=False) as bar:
         task = bar.add_task("starting", total=1.0, metrics="")
 
         def report(stage: str, fraction: float, metrics: dict[str, float]) -> None:
-            shown = "  ".join(
-                f"{k} {metrics[k]:.3f}" for k in ("loss", "val_seq_acc", "val_cer") if k in metrics
+            shown = " ".join(
+                f"{short} {metrics[k]:.3f}"
+                for k, short in (("val_seq_acc", "acc"), ("val_cer", "cer"))
+                if k in metrics
             )
             bar.update(task, description=stage, completed=fraction, metrics=shown)
 
         return train(config, settings, progress=report)
+
+
+def _fixed(width: int) -> Column:
+    return Column(width=width, min_width=width, max_width=width, no_wrap=True, overflow="ellipsis")
 
 
 def print_summary(result: TrainResult, console: Console) -> None:

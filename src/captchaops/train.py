@@ -25,6 +25,7 @@ from captchaops.mlflow_scope import pointed_at
 from captchaops.model.ctc import encode_labels
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.settings import Settings
+from captchaops.training import TrainError
 from captchaops.training.artifacts import export_and_test, log_dataset
 from captchaops.training.config import TrainConfig, with_overrides
 from captchaops.training.loop import Plan, Progress, Validation, arrays, fit, geometry
@@ -39,10 +40,6 @@ __all__ = [
     "train",
     "with_overrides",
 ]
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or finish (the message says how to fix it)."""
 
 
 @dataclass

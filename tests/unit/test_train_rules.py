@@ -36,3 +36,14 @@ def test_folder_geometry_follows_the_aspect_ratio_and_label_length(tmp_path: Pat
     assert arch.time_steps >= 2 * 5 + 1
     long_labels = _geometry(TrainConfig(), None, max_length=30)  # synthetic, 30 characters
     assert long_labels.time_steps >= 2 * 30 + 1
+
+
+def test_final_weights_stay_unless_a_checkpoint_beats_them_beyond_validation_noise() -> None:
+    from captchaops.training.loop import holds_up
+
+    final = {"val_seq_acc": 0.976, "val_cer": 0.006, "val_loss": 0.1}
+    assert holds_up(final, (1.0, -0.0, -0.01), n_val=83)  # 2 images of 83: noise
+    assert not holds_up(final, (1.0, -0.0, -0.01), n_val=3000)  # 72 images of 3000: real
+    plateau = {"val_seq_acc": 0.0, "val_cer": 0.9, "val_loss": 20.0}
+    assert not holds_up(plateau, (0.02, -0.5, -9.0), n_val=83)  # reads nothing: checkpoint
+    assert holds_up(plateau, (0.0, -0.95, -21.0), n_val=83)  # plateau, lower CER: final

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import keras
-from keras import layers, ops
+from keras import KerasTensor, layers, ops
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Architecture:
         }
 
 
-def _conv(x, filters: int, name: str):
+def _conv(x: KerasTensor, filters: int, name: str) -> KerasTensor:
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = layers.BatchNormalization(name=f"{name}_bn")(x)
     return layers.Activation("relu", name=f"{name}_relu")(x)
@@ -80,7 +81,7 @@ def build_crnn(
     return keras.Model(train_input, trunk(_augmentation()(train_input)), name="crnn_train"), infer
 
 
-def ctc_loss(y_true, y_pred):
+def ctc_loss(y_true: Any, y_pred: Any) -> Any:
     """Mean CTC loss; labels are int [B, L] padded with -1, blank is the last class."""
     labels = ops.cast(y_true, "int32")
     label_length = ops.sum(ops.cast(labels >= 0, "int32"), axis=1)
