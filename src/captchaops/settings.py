@@ -91,6 +91,18 @@ class Settings(BaseSettings):
         None, description="tracking server address for links shown in browsers"
     )
     max_upload_bytes: int = 1024 * 1024
+    feedback_per_minute: int = Field(
+        10, ge=1, description="corrections the web app takes from one client in any 60 s"
+    )
+    feedback_per_day: int = Field(
+        200, ge=1, description="corrections the web app takes from one client per UTC day"
+    )
+    feedback_total_per_day: int = Field(
+        5000, ge=1, description="corrections the web app takes from all clients per UTC day"
+    )
+    feedback_count_seconds: float = Field(
+        10.0, ge=0, description="how long the web app reuses its count of waiting corrections"
+    )
     max_batch_images: int = 64
 
     @property

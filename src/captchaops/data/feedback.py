@@ -14,10 +14,13 @@ if TYPE_CHECKING:
 
 FEEDBACK_EXPERIMENT = "text-captcha-feedback"
 FEEDBACK_PATH = "feedback"
+DIGEST_TAG = "image_sha256"
+"""Run tag holding the SHA-256 of the corrected image: the web app stores an image+label once."""
 
 
 def download_feedback(settings: Settings, dest_dir: Path) -> int:
-    """Copy every `feedback/<label>_<uuid>.png` artifact into `dest_dir`; return how many were new."""
+    """Copy every `feedback/<label>_<uuid>.png` artifact of a FINISHED run into `dest_dir`; return
+    how many were new. Runs left RUNNING (an upload in progress or cut off) or FAILED are skipped."""
     from mlflow.tracking import MlflowClient  # here: the web app imports this module's names only
 
     uri = settings.effective_tracking_uri
@@ -31,7 +34,10 @@ def download_feedback(settings: Settings, dest_dir: Path) -> int:
     page_token = None
     while True:
         runs = client.search_runs(
-            [experiment.experiment_id], max_results=500, page_token=page_token
+            [experiment.experiment_id],
+            filter_string="attributes.status = 'FINISHED'",
+            max_results=500,
+            page_token=page_token,
         )
         for run in runs:
             fetched += _fetch_run(client, run.info.run_id, dest_dir)

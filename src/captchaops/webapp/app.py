@@ -5,11 +5,12 @@ from __future__ import annotations
 import io
 from typing import IO, Any
 
-from flask import Flask, Request, current_app, jsonify, render_template, request
+from flask import Flask, Request, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from captchaops.settings import Settings, ensure_secret
+from captchaops.webapp import api, views
 from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
@@ -55,14 +56,14 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         WTF_CSRF_TIME_LIMIT=None,
     )
-    app.extensions[EXTENSION] = Demo(settings, timeout)
+    demo = Demo(settings, timeout)
+    app.extensions[EXTENSION] = demo
 
-    from captchaops.webapp import api, views
-
+    api_bp = api.make_blueprint(demo)
     csrf = CSRFProtect(app)
-    csrf.exempt(api.bp)
-    app.register_blueprint(views.bp)
-    app.register_blueprint(api.bp)
+    csrf.exempt(api_bp)
+    app.register_blueprint(views.make_blueprint(demo))
+    app.register_blueprint(api_bp)
 
     @app.after_request
     def _secure(response: Any) -> Any:
@@ -96,20 +97,13 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
             500, "internal", "Something went wrong on our side; retry, then check the app log."
         )
 
+    def _error(status: int, error: str, detail: str) -> Any:
+        """A JSON error for the API and health paths, the page with a message everywhere else."""
+        if request.path.startswith("/api/") or request.path == "/healthz":
+            return jsonify(error=error, detail=detail), status
+        return render_template("index.html", error=detail, waiting=demo.waiting()), status
+
     return app
-
-
-def _error(status: int, error: str, detail: str) -> Any:
-    """A JSON error for the API and health paths, the page with a message everywhere else."""
-    if request.path.startswith("/api/") or request.path == "/healthz":
-        return jsonify(error=error, detail=detail), status
-    return render_template("index.html", error=detail, waiting=current_demo().waiting()), status
-
-
-def current_demo() -> Demo:
-    """The Demo of the app handling the current request."""
-    demo: Demo = current_app.extensions[EXTENSION]
-    return demo
 
 
 def run(settings: Settings, port: int | None = None, host: str | None = None) -> None:

@@ -3,18 +3,27 @@ scheme, take corrections."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import httpx
 
 from captchaops.data.synthetic import DIGITS_UPPER, generate_one
 from captchaops.settings import Settings
-from captchaops.webapp import endpoints, feedback
+from captchaops.webapp import endpoints
 from captchaops.webapp.catalog import Catalog, VersionInfo
 from captchaops.webapp.endpoints import ENVIRONMENTS, Answer, Served
+from captchaops.webapp.feedback import Corrections, Saved
 from captchaops.webapp.inputs import BadInput, check_label
+from captchaops.webapp.limits import Limiter
 from captchaops.webapp.scheme import Example, HeldOutSets, SchemeError
 from captchaops.webapp.tracking import Tracking, TrackingError
+
+SEEN_VERSIONS = 16
+"""How many served versions (`name/version` -> alphabet) the app remembers for checking corrections."""
 
 
 @dataclass(frozen=True)
@@ -56,15 +65,35 @@ class Demo:
         self.catalog = Catalog(self.tracking)
         self.held_out = HeldOutSets(self.tracking)
         self.urls = {alias: settings.server_url(alias) for alias in ENVIRONMENTS}
+        self.corrections = Corrections(self.tracking)
+        self.limiter = Limiter(
+            settings.feedback_per_minute,
+            settings.feedback_per_day,
+            settings.feedback_total_per_day,
+        )
+        self._seen: OrderedDict[str, str] = OrderedDict()
+        self._seen_lock = threading.Lock()
+        self._waiting: tuple[float, int | None] | None = None
+        self._counting = threading.Lock()
 
     def predict(self, image: bytes) -> list[Result]:
         """Every environment's answer for one checked image."""
         answers = endpoints.predict_all(self.http, self.urls, image, self.timeout)
-        return [Result(a, self._info(a.name, a.version)) for a in answers]
+        results = [Result(a, self._info(a.name, a.version)) for a in answers]
+        for r in results:
+            self._remember(r.answer.name, r.answer.version, r.info.alphabet if r.info else None)
+        return results
 
     def served(self) -> list[Served]:
         """What every environment serves right now."""
-        return endpoints.describe_all(self.http, self.urls, self.timeout)
+        served = endpoints.describe_all(self.http, self.urls, self.timeout)
+        for s in served:
+            self._remember(s.name, s.version, s.alphabet)
+        return served
+
+    def answered_key(self, name: str | None, version: str) -> str:
+        """How a page form and the `answered` field name a version: `name/version`."""
+        return f"{name or self.settings.model_name}/{version}"
 
     def generate(self) -> Example:
         """An image of the served scheme (production first) with its true label: a held-out
@@ -93,43 +122,80 @@ class Demo:
             return _drawn(model, info, alphabet, note)
         return Example(image, label, held_out=True, model=model, kind=info.data_kind)
 
-    def check_correction(self, label: str | None, answered: list[str]) -> str:
-        """The label, if the models that answered (`name/version` each) could have produced it."""
-        return check_label(label, self._alphabets(answered))
+    def admit_correction(self, client: str) -> None:
+        """Count a correction attempt from `client` (its address); Throttled (429) when over a limit."""
+        self.limiter.admit(client)
 
-    def correct(self, image: bytes, fmt: str, label: str, answered: list[str], source: str) -> str:
-        """Store a checked image under its checked label; return the artifact path."""
+    def known_versions(self, answered: Iterable[str]) -> list[str]:
+        """The entries of a form's `answered` that name versions this app has seen served; the
+        rest are dropped by a dictionary look-up each, so a long list costs no tracking call."""
+        kept: list[str] = []
+        with self._seen_lock:
+            for item in answered:
+                if item in self._seen and item not in kept:
+                    kept.append(item)
+                    if len(kept) == len(ENVIRONMENTS):
+                        break
+        return kept
+
+    def check_correction(self, label: str | None, answered: list[str]) -> str:
+        """The label, if the models that answered (known `name/version` entries) could have
+        produced it; without any, the versions served now decide."""
+        with self._seen_lock:
+            alphabets = [self._seen[a] for a in answered if a in self._seen]
+        if not alphabets:
+            alphabets = [s.alphabet for s in self.served() if s.alphabet]
+        return check_label(label, alphabets)
+
+    def correct(
+        self, image: bytes, fmt: str, label: str, answered: list[str], source: str
+    ) -> Saved:
+        """Store a checked image under its checked label, unless already stored with it."""
         try:
-            return feedback.save_correction(
-                self.tracking,
-                image,
-                fmt,
-                label,
-                model_version=",".join(answered) or None,
-                source=source,
+            saved = self.corrections.save(
+                image, fmt, label, model_version=",".join(answered) or None, source=source
             )
         except TrackingError as exc:
             raise BadInput(503, "feedback_unavailable", str(exc)) from exc
+        if not saved.duplicate:
+            self._waiting = None  # count again on the next page, which then shows this one
+        return saved
 
     def waiting(self) -> int | None:
-        """How many corrections wait for the next training run; None when nobody can tell."""
+        """How many corrections wait for the next training run (counted at most once per
+        `feedback_count_seconds`); None when nobody can tell."""
+        cached = self._waiting
+        if self._fresh(cached):
+            return cached[1] if cached else None
+        # One thread counts; the others show the previous count meanwhile, if there is one.
+        if not self._counting.acquire(blocking=cached is None):
+            return cached[1] if cached else None
         try:
-            return feedback.count_waiting(self.tracking)
-        except TrackingError:
-            return None
+            cached = self._waiting
+            if self._fresh(cached):  # counted by another thread while this one waited
+                return cached[1] if cached else None
+            try:
+                count: int | None = self.corrections.count()
+            except TrackingError:
+                count = None
+            self._waiting = (time.monotonic(), count)
+            return count
+        finally:
+            self._counting.release()
 
-    def _alphabets(self, answered: list[str]) -> list[str]:
-        served = {f"{s.name}/{s.version}": s.alphabet for s in self.served() if s.alphabet}
-        matching = [alphabet for key, alphabet in served.items() if key in answered]
-        if matching:
-            return matching
-        registry = []
-        for item in answered:
-            name, _, version = item.partition("/")
-            info = self._info(name, version)
-            if info and info.alphabet:
-                registry.append(info.alphabet)
-        return registry or list(served.values())
+    def _fresh(self, cached: tuple[float, int | None] | None) -> bool:
+        ttl = self.settings.feedback_count_seconds
+        return cached is not None and time.monotonic() - cached[0] < ttl
+
+    def _remember(self, name: str | None, version: str | None, alphabet: str | None) -> None:
+        if not version or not alphabet:
+            return
+        key = self.answered_key(name, version)
+        with self._seen_lock:
+            self._seen[key] = alphabet
+            self._seen.move_to_end(key)
+            while len(self._seen) > SEEN_VERSIONS:
+                self._seen.popitem(last=False)
 
     def _serving(self) -> tuple[str, str, str | None] | None:
         """Name, version and alphabet of what production (else staging) serves: the model
