@@ -40,12 +40,7 @@ class TrainConfig:
 
     @classmethod
     def demo(cls) -> TrainConfig:
-        """The demo preset, aimed at >= 95% on 4-character CAPTCHAs in 5 minutes on 2 cores.
-
-        From the 5-minute benchmark runs: 30k images beat 16k (which overfit at 86-92%),
-        batch 32 beat 64, and a 2.5e-3 peak with gradient clipping beat 4e-3 (whose
-        validation accuracy swung by 50 points between epochs).
-        """
+        """The demo preset: 4-character CAPTCHAs in 5 minutes on 2 cores (docs/training.md)."""
         return cls()
 
     @classmethod
@@ -70,12 +65,7 @@ class TrainConfig:
 
     @classmethod
     def accuracy(cls) -> TrainConfig:
-        """The long preset: an hour on 2 cores, a wider network and five times the data.
-
-        Data is what the demo runs were short of (16k images overfit; 30k reached 95%), so
-        this one generates 160k, keeps 2% each for validation and test, and trains a network
-        about 1.5x wider for the rest of the hour.
-        """
+        """The long preset: an hour on 2 cores, 160k images and a 1.5x wider network."""
         return cls(
             synthetic=160_000,
             epochs=60,
@@ -89,12 +79,8 @@ class TrainConfig:
 
     @classmethod
     def gpu(cls) -> TrainConfig:
-        """One H100/H200-class GPU for at most 10 minutes (`benchmarks/bench_gpu.py`).
-
-        A GPU makes steps nearly free, so the budget goes to data and width: 400k generated
-        CAPTCHAs (about a minute on 16 cores), batches of 256 with a higher peak rate, a
-        network about 2x the accuracy preset's, and weight averaging for the final weights.
-        """
+        """One H100/H200-class GPU for at most 10 minutes: 400k images, batch 256, a 2x wider
+        network and weight averaging (`benchmarks/bench_gpu.py`, docs/training.md)."""
         return cls(
             synthetic=400_000,
             epochs=200,
