@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = 1024 * 1024
     max_batch_images: int = 64
+    max_image_pixels: int = Field(
+        1_000_000,
+        gt=0,
+        le=1_000_000,
+        description="model servers refuse images whose header declares more pixels, undecoded",
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -10,6 +11,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -24,27 +26,182 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captchaops.model.preprocess import InvalidImage
 from captchaops.serving import protocol
-from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded
+from captchaops.serving.admission import (
+    SMALL_BODY_BYTES,
+    Admission,
+    Busy,
+    disconnected,
+    read_body,
+)
+from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
-from captchaops.serving.watcher import AliasWatcher
+from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.settings import Settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_WAIT_S = 0.002
+DEFAULT_DEADLINE_S = 10.0
+"""A request not answered by then is dropped (503): its client has long given up."""
 MODEL_BATCH_IMAGES = 16
 """Images per model call: larger batches gain little speed and cost ~1 MB RSS per image."""
+MODEL_BATCH_PIXELS = 1_000_000
+"""Header-declared pixels per model call: one near-limit image, or a hundred CAPTCHAs."""
+TURN_IMAGES = 4
+"""Images one request may put into a model call before the next waiting request's turn."""
 PENDING_BATCHES = 16
+MAX_REQUESTS = 256
+MAX_HELD_BYTES = 48 * 1024 * 1024
+"""Large request bodies held at once (being read, parsed or waiting), about 6 full ones."""
+RETRY_AFTER_S = 1
 
 
 class ServeError(Exception):
     """The server cannot start; the message says how to fix it."""
 
 
-def error_response(status: int, error: str, detail: str) -> JSONResponse:
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+def error_response(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The JSON body every refusal carries."""
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+class Invocations:
+    """`POST /invocations`: admitted within limits, parsed off the event loop, batched fairly,
+    answered within a deadline, and dropped when its client leaves."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        alias: str,
+        watcher: AliasWatcher,
+        metrics: ServingMetrics,
+        *,
+        max_body_bytes: int,
+        max_wait_s: float,
+        deadline_s: float,
+    ) -> None:
+        self.settings = settings
+        self.alias = alias
+        self.metrics = metrics
+        self.deadline_s = deadline_s
+        self.max_body_bytes = max_body_bytes
+        self.limits = protocol.Limits(
+            max_body_bytes=max_body_bytes,
+            max_image_bytes=settings.max_upload_bytes,
+            max_images=settings.max_batch_images,
+        )
+        self.admission = Admission(MAX_REQUESTS, MAX_HELD_BYTES)
+        self.batcher = MicroBatcher(
+            current=lambda: watcher.current,
+            max_images=min(MODEL_BATCH_IMAGES, settings.max_batch_images),
+            max_wait_s=max_wait_s,
+            max_pending_images=settings.max_batch_images * PENDING_BATCHES,
+            observe_batch=metrics.batch_size.observe,
+            max_pixels=MODEL_BATCH_PIXELS,
+            quantum=TURN_IMAGES,
+        )
+        self._parser: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Start the parsing thread and the batching loop."""
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        """Stop batching and parsing; waiting requests are cancelled."""
+        await self.batcher.stop()
+        if self._parser is not None:
+            self._parser.shutdown(wait=False, cancel_futures=True)
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one scoring request and record it in the metrics."""
+        started = time.perf_counter()
+        response = await self._answer(request)
+        self.metrics.requests.labels(str(response.status_code)).inc()
+        self.metrics.latency.observe(time.perf_counter() - started)
+        self.metrics.pending_images.set(self.batcher.pending_images)
+        self.metrics.held_bytes.set(self.admission.held_bytes)
+        return response
+
+    async def _answer(self, request: Request) -> Response:
+        try:
+            protocol.check_content_type(request.headers.get("content-type", ""))
+            with self.admission.request() as ticket:
+                async with asyncio.timeout(self.deadline_s):
+                    with self.batcher.arriving():
+                        body = await read_body(request, self.max_body_bytes, ticket)
+                        images, pixels = await self._parse(body)
+                        del body
+                    served, predictions = await self._predict(request, images, pixels)
+        except protocol.ProtocolError as exc:
+            return self._refuse(exc.status, exc.error, exc.detail)
+        except InvalidImage as exc:
+            return self._refuse(400, "invalid_image", str(exc))
+        except NoModel:
+            return self._refuse(
+                503,
+                "no_model",
+                f"no version of {self.settings.model_name!r} has the alias {self.alias!r} yet; "
+                "promote a version to it and retry",
+            )
+        except (Overloaded, Busy):
+            return self._refuse(503, "overloaded", "too many images are waiting; retry shortly")
+        except TimeoutError:
+            return self._refuse(
+                503,
+                "deadline_exceeded",
+                f"the request was not answered within {self.deadline_s:g} s; retry shortly",
+            )
+        except (ClientDisconnect, ClientGone):
+            return self._refuse(400, "client_disconnect", "the client went away mid-request")
+        except Exception as exc:
+            log.exception("prediction failed")
+            return self._refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
+        self.metrics.images.inc(len(images))
+        return Response(
+            json.dumps({"predictions": predictions}),
+            media_type=protocol.JSON_TYPE,
+            headers={"X-Model-Version": served.version},
+        )
+
+    async def _parse(self, body: bytes) -> tuple[list[bytes], list[int]]:
+        """Images and their header pixel counts; large bodies are parsed in a thread of their own."""
+        if len(body) <= SMALL_BODY_BYTES:
+            return self._parse_now(body)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._parser, self._parse_now, body)
+
+    def _parse_now(self, body: bytes) -> tuple[list[bytes], list[int]]:
+        images = protocol.parse_body(body, self.limits)
+        return images, protocol.check_images(images, self.settings.max_image_pixels)
+
+    async def _predict(
+        self, request: Request, images: list[bytes], pixels: list[int]
+    ) -> tuple[ServedModel, list[Prediction]]:
+        """The batcher's answer, or ClientGone (and the work dropped) if the client leaves first."""
+        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels))
+        watching = asyncio.ensure_future(disconnected(request.receive))
+        try:
+            await asyncio.wait({predicting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            predicting.cancel()
+        if not predicting.done() or predicting.cancelled():
+            self.metrics.abandoned.inc()
+            raise ClientGone
+        return predicting.result()
+
+    def _refuse(self, status: int, error: str, detail: str) -> JSONResponse:
+        self.metrics.errors.labels(error).inc()
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return error_response(status, error, detail, retry)
 
 
 def create_app(
@@ -53,6 +210,7 @@ def create_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    deadline_s: float = DEFAULT_DEADLINE_S,
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
     metrics = ServingMetrics()
@@ -63,110 +221,18 @@ def create_app(
         settings.poll_seconds,
         metrics,
     )
-    batcher = MicroBatcher(
-        current=lambda: watcher.current,
-        max_images=min(MODEL_BATCH_IMAGES, settings.max_batch_images),
-        max_wait_s=max_wait_s,
-        max_pending_images=settings.max_batch_images * PENDING_BATCHES,
-        observe_batch=metrics.batch_size.observe,
-    )
-    limits = protocol.Limits(
+    invocations = Invocations(
+        settings,
+        alias,
+        watcher,
+        metrics,
         max_body_bytes=max_body_bytes,
-        max_image_bytes=settings.max_upload_bytes,
-        max_images=settings.max_batch_images,
+        max_wait_s=max_wait_s,
+        deadline_s=deadline_s,
     )
-    process = psutil.Process()
-
-    async def invocations(request: Request) -> Response:
-        started = time.perf_counter()
-        response = await _answer(request)
-        metrics.requests.labels(str(response.status_code)).inc()
-        metrics.latency.observe(time.perf_counter() - started)
-        return response
-
-    async def _answer(request: Request) -> Response:
-        try:
-            with batcher.arriving():
-                protocol.check_content_type(request.headers.get("content-type", ""))
-                body = await _read_body(request, max_body_bytes)
-                images = protocol.parse_body(body, limits)
-            served, predictions = await batcher.predict(images)
-        except protocol.ProtocolError as exc:
-            return _refuse(exc.status, exc.error, exc.detail)
-        except InvalidImage as exc:
-            return _refuse(400, "invalid_image", str(exc))
-        except NoModel:
-            return _refuse(
-                503,
-                "no_model",
-                f"no version of {settings.model_name!r} has the alias {alias!r} yet; "
-                "promote a version to it and retry",
-            )
-        except Overloaded:
-            return _refuse(503, "overloaded", "too many images are waiting; retry shortly")
-        except ClientDisconnect:
-            return _refuse(400, "client_disconnect", "the client went away mid-request")
-        except Exception as exc:
-            log.exception("prediction failed")
-            return _refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
-        metrics.images.inc(len(images))
-        return Response(
-            json.dumps({"predictions": predictions}),
-            media_type=protocol.JSON_TYPE,
-            headers={"X-Model-Version": served.version},
-        )
-
-    def _refuse(status: int, error: str, detail: str) -> JSONResponse:
-        metrics.errors.labels(error).inc()
-        return error_response(status, error, detail)
-
-    async def ping(request: Request) -> Response:
-        return PlainTextResponse("pong\n")
-
-    async def health(request: Request) -> Response:
-        body: dict[str, Any] = watcher.health()
-        body["tensorflow_loaded"] = "tensorflow" in sys.modules
-        body["pid"] = os.getpid()
-        body["rss_bytes"] = process.memory_info().rss
-        return JSONResponse(body, status_code=200 if body["model_loaded"] else 503)
-
-    async def version(request: Request) -> Response:
-        served = watcher.current
-        if served is None:
-            return error_response(
-                503,
-                "no_model",
-                f"no version of {settings.model_name!r} has the alias {alias!r} yet",
-            )
-        return JSONResponse(served.describe())
-
-    async def reload(request: Request) -> Response:
-        watcher.poll_soon()
-        return JSONResponse({"status": "polling"}, status_code=202)
-
-    async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(
-            exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"
-        )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await batcher.start()
-        watcher.start()
-        try:
-            yield
-        finally:
-            watcher.stop()
-            await batcher.stop()
-
     app = Starlette(
         routes=[
-            Route("/invocations", invocations, methods=["POST"]),
+            Route("/invocations", invocations.handle, methods=["POST"]),
             Route("/ping", ping, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/version", version, methods=["GET"]),
@@ -175,11 +241,73 @@ def create_app(
         ],
         middleware=[Middleware(ModelHeaders, watcher=watcher)],
         exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
     app.state.watcher = watcher
     app.state.metrics = metrics
+    app.state.invocations = invocations
+    app.state.model_name = settings.model_name
+    app.state.alias = alias
+    app.state.process = psutil.Process()
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    await app.state.invocations.start()
+    app.state.watcher.start()
+    try:
+        yield
+    finally:
+        app.state.watcher.stop()
+        await app.state.invocations.stop()
+
+
+async def ping(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return PlainTextResponse("pong\n")
+
+
+async def health(request: Request) -> Response:
+    """Readiness: 200 once a model is loaded, with what the watcher knows."""
+    body: dict[str, Any] = request.app.state.watcher.health()
+    body["tensorflow_loaded"] = "tensorflow" in sys.modules
+    body["pid"] = os.getpid()
+    body["rss_bytes"] = request.app.state.process.memory_info().rss
+    return JSONResponse(body, status_code=200 if body["model_loaded"] else 503)
+
+
+async def version(request: Request) -> Response:
+    """The served version, or 503 before one is loaded."""
+    served: ServedModel | None = request.app.state.watcher.current
+    if served is None:
+        state = request.app.state
+        return error_response(
+            503,
+            "no_model",
+            f"no version of {state.model_name!r} has the alias {state.alias!r} yet",
+        )
+    return JSONResponse(served.describe())
+
+
+async def reload(request: Request) -> Response:
+    """Check the alias now instead of at the next poll."""
+    request.app.state.watcher.poll_soon()
+    return JSONResponse({"status": "polling"}, status_code=202)
+
+
+async def prometheus(request: Request) -> Response:
+    """The server's metrics in the Prometheus text format."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and other routing errors as JSON."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(
+        exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"
+    )
 
 
 class ModelHeaders:
@@ -205,20 +333,6 @@ class ModelHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise protocol.too_large(limit)
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise protocol.too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def run(settings: Settings, alias: str, port: int, host: str | None = None) -> None:
