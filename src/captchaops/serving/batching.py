@@ -2,9 +2,9 @@
 
 Each request is a queue entry. A model call takes at most `quantum` images from each waiting
 request in turn (round robin), within `max_images` images and `max_pixels` header-declared
-pixels. Requests that have not had a turn yet go before those that have (after one turn of the
-longest-waiting one, so big requests always move), so a one-image request arriving behind four
-64-image requests waits only for the model call already running. A request whose caller has
+pixels. Requests that have not had a turn yet go before those that have (at least every other
+call serves a later turn, so big requests always move), so a one-image request arriving behind
+four 64-image requests waits only for the model call already running. A request whose caller has
 gone (deadline passed, client disconnected) is dropped before its next turn.
 """
 
@@ -87,6 +87,7 @@ class MicroBatcher:
         self.observe_batch = observe_batch
         self._fresh: deque[_Job] = deque()
         self._turns: deque[_Job] = deque()
+        self._turns_due = False
         self.pending_images = 0
         self._arriving = 0
         self._last_batch = 1
@@ -165,6 +166,7 @@ class MicroBatcher:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
             self._fill(batch)
         self._last_batch = max(1, self._count(batch))
+        self._turns_due = not any(piece.start > 0 for piece in batch)
         return batch
 
     @staticmethod
@@ -179,9 +181,10 @@ class MicroBatcher:
         return self._count(batch) >= self.max_images or self._pixels(batch) >= self.max_pixels
 
     def _fill(self, batch: list[_Slice]) -> None:
-        """Give waiting jobs turns while the batch has room: first the longest-served job (so
-        big requests keep moving), then every job that has not had a turn yet, then the rest."""
-        if not batch and self._turns:
+        """Give waiting jobs turns while the batch has room: jobs that have not had a turn yet
+        first, then the rest in order; but when the previous batch served no second turn, the
+        longest-waiting job goes first, so a stream of new small jobs cannot stall a big one."""
+        if not batch and self._turns and self._turns_due:
             self._turn(self._turns, batch)
         while self._fresh or self._turns:
             if not self._turn(self._fresh or self._turns, batch):
