@@ -194,8 +194,13 @@ def report(
         flush=True,
     )
     run_load(url, 1, 2.0, normal)
-    idle = run_load(url, 1, args.duration, normal)
-    print(f"normal client idle: p50 {idle.p50_ms:.1f} ms, p99 {idle.p99_ms:.1f} ms", flush=True)
+    with peak_rss(pid) as idle_rss:
+        idle = run_load(url, 1, args.duration, normal)
+    print(
+        f"normal client idle: p50 {idle.p50_ms:.1f} ms, p99 {idle.p99_ms:.1f} ms, "
+        f"server peak RSS {idle_rss[0]:.0f} MB",
+        flush=True,
+    )
     allowed = max(TARGET_P99_FACTOR * idle.p99_ms, TARGET_P99_FLOOR_MS)
     for name, body in attacks.items():
         p99, failed, rss, codes = under_attack(

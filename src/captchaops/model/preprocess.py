@@ -91,7 +91,7 @@ def to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
     return (np.asarray(gray, dtype=np.float32) / 255.0)[:, :, None]
 
 
-def _open(data: bytes) -> tuple[Image.Image, str]:
+def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """The image opened lazily: header parsed, no pixel decoded yet."""
     fmt = sniff_format(data)
     try:
@@ -99,7 +99,9 @@ def _open(data: bytes) -> tuple[Image.Image, str]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data), formats=[fmt]), fmt
     except Image.DecompressionBombError as exc:
-        raise TooManyPixels(f"{exc}; send a smaller image") from exc
+        raise TooManyPixels(
+            f"the image declares more than {max_pixels:,} pixels; send a smaller image"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImage(
             f"the {fmt} image cannot be decoded ({exc}); send an intact file"
@@ -118,20 +120,20 @@ def _check_pixels(image: Image.Image, max_pixels: int) -> None:
 
 def image_size(data: bytes) -> tuple[int, int]:
     """(width, height) read from the image header, without decoding the pixels."""
-    with _open(data)[0] as image:
+    with _open(data, MAX_PIXELS)[0] as image:
         return image.size
 
 
 def check_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the header, refusing images over `max_pixels` without decoding them."""
-    with _open(data)[0] as image:
+    with _open(data, max_pixels)[0] as image:
         _check_pixels(image, max_pixels)
         return image.size
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes into a loaded PIL image, refusing oversized (by header) or broken files."""
-    image, fmt = _open(data)
+    image, fmt = _open(data, max_pixels)
     _check_pixels(image, max_pixels)
     try:
         image.seek(0)
