@@ -9,6 +9,7 @@ import json
 import threading
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -180,7 +181,7 @@ class GatedModel:
         for index, image in enumerate(images):
             if image == b"bad":
                 raise InvalidImage(f"image {index}: not an image; send one")
-        return [{"text": image.decode(), "confidence": 1.0} for image in images]
+        return [{"text": image.decode("latin-1"), "confidence": 1.0} for image in images]
 
 
 def served(model: GatedModel) -> ServedModel:
@@ -300,3 +301,73 @@ def test_a_bad_image_fails_its_own_request_with_its_index_and_spares_the_others(
     failed, fine = asyncio.run(scenario())
     assert isinstance(failed, InvalidImage) and str(failed).startswith("image 6:")
     assert fine == ["ok0", "ok1", "ok2"]
+
+
+# --- the endpoint: a deadline and admission, in a tiny app ----------------------------------
+
+
+class Watching:
+    """Stands in for the alias watcher: always serves `current`."""
+
+    def __init__(self, model: GatedModel) -> None:
+        self.current = served(model)
+
+
+def scoring_app(model: GatedModel, deadline_s: float) -> tuple[Any, Any]:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    from captchaops.serving.invocations import Invocations
+    from captchaops.serving.metrics import ServingMetrics
+    from captchaops.settings import Settings
+
+    endpoint = Invocations(
+        Settings(),
+        "a",
+        Watching(model),  # type: ignore[arg-type]
+        ServingMetrics(),
+        max_body_bytes=1024 * 1024,
+        max_wait_s=0.0,
+        deadline_s=deadline_s,
+    )
+    return Starlette(routes=[Route("/invocations", endpoint.handle, methods=["POST"])]), endpoint
+
+
+def test_a_request_past_its_deadline_is_answered_503_and_its_images_dropped() -> None:
+    model = GatedModel()
+    app, endpoint = scoring_app(model, deadline_s=0.5)
+    image = base64.b64encode(png(20, 10)).decode()
+
+    async def scenario() -> None:
+        await endpoint.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            resp = await client.post("/invocations", json={"inputs": [image] * 40})
+            assert resp.status_code == 503
+            assert resp.json()["error"] == "deadline_exceeded"
+            assert resp.headers["Retry-After"] == "1"
+            model.open()
+            resp = await client.post("/invocations", json={"inputs": [image]})
+            assert resp.status_code == 200, resp.text
+        assert endpoint.batcher.pending_images == 0
+        await endpoint.stop()
+
+    asyncio.run(scenario())
+    assert sum(len(call) for call in model.calls) == 16 + 1, "only the running call used them"
+
+
+def test_admission_refuses_past_its_request_and_byte_bounds_and_frees_on_exit() -> None:
+    from captchaops.serving.admission import SMALL_BODY_BYTES, Admission, Busy
+
+    gate = Admission(max_requests=2, max_bytes=3 * SMALL_BODY_BYTES)
+    with gate.request() as first:
+        first.charge(SMALL_BODY_BYTES)  # small: free
+        assert gate.held_bytes == 0
+        first.charge(2 * SMALL_BODY_BYTES)
+        with gate.request() as second:
+            with pytest.raises(Busy):
+                second.charge(2 * SMALL_BODY_BYTES)
+            with pytest.raises(Busy), gate.request():
+                pass
+        assert gate.requests == 1
+    assert (gate.requests, gate.held_bytes) == (0, 0)
