@@ -269,7 +269,11 @@ def test_a_cancelled_request_has_its_remaining_images_dropped() -> None:
         await queue.start()
         gone = asyncio.create_task(queue.predict(images("gone", 64)))
         await entered(model)
+        assert queue.pending_images == 64 - 16
         gone.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert queue.pending_images == 0, "its waiting images stop counting at once"
         model.gate.release()
         kept = asyncio.create_task(queue.predict(images("kept", 1)))
         await entered(model)

@@ -130,7 +130,9 @@ class MicroBatcher:
         if self.pending_images + len(images) > self.max_pending_images:
             raise Overloaded
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._fresh.append(_Job(images, pixels or [0] * len(images), future))
+        job = _Job(images, pixels or [0] * len(images), future)
+        future.add_done_callback(lambda _: self._release(job))
+        self._fresh.append(job)
         self.pending_images += len(images)
         self._arrived.set()
         return await future
@@ -197,7 +199,7 @@ class MicroBatcher:
             return False
         job = queue.popleft()
         if job.future.done() or not self._assign(job):
-            self.pending_images -= len(job.images) - job.scheduled
+            self._release(job)
             return True
         stop = job.scheduled
         while stop < len(job.images) and stop - job.scheduled < self.quantum:
@@ -214,6 +216,11 @@ class MicroBatcher:
         if job.scheduled < len(job.images):
             self._turns.append(job)
         return True
+
+    def _release(self, job: _Job) -> None:
+        """Stop counting a finished, failed or abandoned job's unscheduled images as waiting."""
+        self.pending_images -= len(job.images) - job.scheduled
+        job.scheduled = len(job.images)
 
     def _assign(self, job: _Job) -> bool:
         """Pin the job to the version serving now, so all its images get one version."""
