@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         10.0, ge=0, description="how long the web app reuses its count of waiting corrections"
     )
     max_batch_images: int = 64
+    max_image_pixels: int = Field(
+        1_000_000,
+        gt=0,
+        le=1_000_000,
+        description="model servers refuse images whose header declares more pixels, undecoded",
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -1,15 +1,22 @@
-"""THE image pipeline: image bytes -> float32[H, W, 1] in [0, 1] for training, evaluation and serving."""
+"""THE image pipeline: image bytes -> float32[H, W, 1] in [0, 1] for training, evaluation and serving.
+
+Shipped inside every registered version as `captcha_runtime.preprocess`: standard library,
+numpy and Pillow only, no captchaops imports.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import warnings
 
 import numpy as np
 from PIL import Image
 
-MAX_PIXELS = 16_000_000
-"""Images whose header declares more pixels than this are refused before decoding."""
+MAX_PIXELS = 1_000_000
+"""Images whose header declares more pixels than this are refused before decoding (CAPTCHAs
+are a few thousand; a 4000x4000 PNG bomb would need 64 MB to decode)."""
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -18,10 +25,50 @@ _MAGIC = (
     (b"GIF89a", "GIF"),
     (b"BM", "BMP"),
 )
+MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
+"""The media type of each format `sniff_format` names."""
 
 
 class InvalidImage(ValueError):
     """Bytes that are not a usable PNG, JPEG, GIF or BMP image (the message says why)."""
+
+
+class BadBase64(InvalidImage):
+    """An image value that is not base64 text."""
+
+
+class ImageTooLarge(InvalidImage):
+    """An image whose encoded bytes exceed the size limit."""
+
+
+class TooManyPixels(InvalidImage):
+    """An image whose header declares more pixels than the limit (refused without decoding)."""
+
+
+def b64decode_image(value: object, index: int, max_bytes: int | None = None) -> bytes:
+    """One base64 image value (str or bytes; line breaks allowed) as bytes, at most `max_bytes`."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", errors="replace")
+    if not isinstance(value, str):
+        raise BadBase64(
+            f"image {index} is a {type(value).__name__}, not text; send base64-encoded image bytes"
+        )
+    text = "".join(value.split())
+    if max_bytes is not None and len(text) // 4 * 3 > max_bytes + 2:
+        raise _too_large(index, max_bytes)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadBase64(
+            f"image {index} is not valid base64 ({exc}); base64-encode the image bytes"
+        ) from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise _too_large(index, max_bytes)
+    return data
+
+
+def _too_large(index: int, max_bytes: int) -> ImageTooLarge:
+    return ImageTooLarge(f"image {index} is larger than {max_bytes:,} bytes; send a smaller image")
 
 
 def sniff_format(data: bytes) -> str:
@@ -44,38 +91,53 @@ def to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
     return (np.asarray(gray, dtype=np.float32) / 255.0)[:, :, None]
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) read from the image header, without decoding the pixels."""
-    fmt = sniff_format(data)
-    try:
-        with Image.open(io.BytesIO(data), formats=[fmt]) as image:
-            return image.size
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidImage(f"the {fmt} image header cannot be read ({exc})") from exc
-
-
-def decode(data: bytes) -> Image.Image:
-    """Decode image bytes into a loaded PIL image, refusing oversized or broken files."""
+def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """The image opened lazily: header parsed, no pixel decoded yet."""
     fmt = sniff_format(data)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise InvalidImage(
-                    f"the image is {width}x{height} pixels, more than {MAX_PIXELS:,}; send a smaller image"
-                )
-            if width < 1 or height < 1:
-                raise InvalidImage("the image has no pixels; send a real image")
-            image.seek(0)
-            image.load()
-    except InvalidImage:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise InvalidImage(
-            f"the image declares more than {MAX_PIXELS:,} pixels; send a smaller image"
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=[fmt]), fmt
+    except Image.DecompressionBombError as exc:
+        raise TooManyPixels(
+            f"the image declares more than {max_pixels:,} pixels; send a smaller image"
         ) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidImage(
+            f"the {fmt} image cannot be decoded ({exc}); send an intact file"
+        ) from exc
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise TooManyPixels(
+            f"the image is {width}x{height} pixels, more than {max_pixels:,}; send a smaller image"
+        )
+    if width < 1 or height < 1:
+        raise InvalidImage("the image has no pixels; send a real image")
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) read from the image header, without decoding the pixels."""
+    with _open(data, MAX_PIXELS)[0] as image:
+        return image.size
+
+
+def check_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header, refusing images over `max_pixels` without decoding them."""
+    with _open(data, max_pixels)[0] as image:
+        _check_pixels(image, max_pixels)
+        return image.size
+
+
+def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode image bytes into a loaded PIL image, refusing oversized (by header) or broken files."""
+    image, fmt = _open(data, max_pixels)
+    _check_pixels(image, max_pixels)
+    try:
+        image.seek(0)
+        image.load()
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise InvalidImage(
             f"the {fmt} image cannot be decoded ({exc}); send an intact file"
@@ -83,6 +145,6 @@ def decode(data: bytes) -> Image.Image:
     return image
 
 
-def preprocess(data: bytes, height: int, width: int) -> np.ndarray:
+def preprocess(data: bytes, height: int, width: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Image bytes as the network input: float32[height, width, 1] in [0, 1]."""
-    return to_array(decode(data), height, width)
+    return to_array(decode(data, max_pixels), height, width)

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from captcha_runtime.preprocess import InvalidImage
-from captcha_runtime.reader import OnnxReader, b64decode
+from captcha_runtime.preprocess import InvalidImage, b64decode_image
+from captcha_runtime.reader import OnnxReader
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
@@ -37,7 +37,9 @@ class CaptchaModel(PythonModel):
         """Read every image of the `image` column."""
         if "image" not in model_input.columns:
             raise InvalidImage("the input needs a column named 'image' with base64-encoded images")
-        images = [b64decode(value, i) for i, value in enumerate(model_input["image"].tolist())]
+        images = [
+            b64decode_image(value, i) for i, value in enumerate(model_input["image"].tolist())
+        ]
         return pd.DataFrame(self.reader.predict_images(images), columns=["text", "confidence"])
 
 

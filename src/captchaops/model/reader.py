@@ -8,8 +8,6 @@ as MLflow code, so a version loads where captchaops is not installed.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +47,3 @@ class OnnxReader:
             {"text": text, "confidence": confidence}
             for text, confidence in decode_greedy(probs, self.meta["alphabet"])
         ]
-
-
-def b64decode(value: object, index: int) -> bytes:
-    """One base64 image of a request (str or bytes); InvalidImage names its position."""
-    if isinstance(value, bytes):
-        value = value.decode("ascii", errors="replace")
-    if not isinstance(value, str):
-        raise InvalidImage(f"image {index}: expected a base64 string, got {type(value).__name__}")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise InvalidImage(f"image {index}: not valid base64 ({exc})") from exc

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
 import sys
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,42 +15,30 @@ from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from captchaops.model.preprocess import InvalidImage
-from captchaops.serving import protocol
-from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded
+from captchaops.serving import invocations
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
-from captchaops.serving.watcher import AliasWatcher
+from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.settings import Settings
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_WAIT_S = 0.002
-MODEL_BATCH_IMAGES = 16
-"""Images per model call: larger batches gain little speed and cost ~1 MB RSS per image."""
-PENDING_BATCHES = 16
 
 
 class ServeError(Exception):
     """The server cannot start; the message says how to fix it."""
 
 
-def error_response(status: int, error: str, detail: str) -> JSONResponse:
-    """The JSON body every refusal carries."""
-    return JSONResponse({"error": error, "detail": detail}, status_code=status)
-
-
 def create_app(
     settings: Settings,
     alias: str,
     *,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    max_body_bytes: int = invocations.DEFAULT_MAX_BODY_BYTES,
+    max_wait_s: float = invocations.DEFAULT_MAX_WAIT_S,
+    deadline_s: float = invocations.DEFAULT_DEADLINE_S,
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
     metrics = ServingMetrics()
@@ -63,110 +49,18 @@ def create_app(
         settings.poll_seconds,
         metrics,
     )
-    batcher = MicroBatcher(
-        current=lambda: watcher.current,
-        max_images=min(MODEL_BATCH_IMAGES, settings.max_batch_images),
-        max_wait_s=max_wait_s,
-        max_pending_images=settings.max_batch_images * PENDING_BATCHES,
-        observe_batch=metrics.batch_size.observe,
-    )
-    limits = protocol.Limits(
+    scoring = invocations.Invocations(
+        settings,
+        alias,
+        watcher,
+        metrics,
         max_body_bytes=max_body_bytes,
-        max_image_bytes=settings.max_upload_bytes,
-        max_images=settings.max_batch_images,
+        max_wait_s=max_wait_s,
+        deadline_s=deadline_s,
     )
-    process = psutil.Process()
-
-    async def invocations(request: Request) -> Response:
-        started = time.perf_counter()
-        response = await _answer(request)
-        metrics.requests.labels(str(response.status_code)).inc()
-        metrics.latency.observe(time.perf_counter() - started)
-        return response
-
-    async def _answer(request: Request) -> Response:
-        try:
-            with batcher.arriving():
-                protocol.check_content_type(request.headers.get("content-type", ""))
-                body = await _read_body(request, max_body_bytes)
-                images = protocol.parse_body(body, limits)
-            served, predictions = await batcher.predict(images)
-        except protocol.ProtocolError as exc:
-            return _refuse(exc.status, exc.error, exc.detail)
-        except InvalidImage as exc:
-            return _refuse(400, "invalid_image", str(exc))
-        except NoModel:
-            return _refuse(
-                503,
-                "no_model",
-                f"no version of {settings.model_name!r} has the alias {alias!r} yet; "
-                "promote a version to it and retry",
-            )
-        except Overloaded:
-            return _refuse(503, "overloaded", "too many images are waiting; retry shortly")
-        except ClientDisconnect:
-            return _refuse(400, "client_disconnect", "the client went away mid-request")
-        except Exception as exc:
-            log.exception("prediction failed")
-            return _refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
-        metrics.images.inc(len(images))
-        return Response(
-            json.dumps({"predictions": predictions}),
-            media_type=protocol.JSON_TYPE,
-            headers={"X-Model-Version": served.version},
-        )
-
-    def _refuse(status: int, error: str, detail: str) -> JSONResponse:
-        metrics.errors.labels(error).inc()
-        return error_response(status, error, detail)
-
-    async def ping(request: Request) -> Response:
-        return PlainTextResponse("pong\n")
-
-    async def health(request: Request) -> Response:
-        body: dict[str, Any] = watcher.health()
-        body["tensorflow_loaded"] = "tensorflow" in sys.modules
-        body["pid"] = os.getpid()
-        body["rss_bytes"] = process.memory_info().rss
-        return JSONResponse(body, status_code=200 if body["model_loaded"] else 503)
-
-    async def version(request: Request) -> Response:
-        served = watcher.current
-        if served is None:
-            return error_response(
-                503,
-                "no_model",
-                f"no version of {settings.model_name!r} has the alias {alias!r} yet",
-            )
-        return JSONResponse(served.describe())
-
-    async def reload(request: Request) -> Response:
-        watcher.poll_soon()
-        return JSONResponse({"status": "polling"}, status_code=202)
-
-    async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(
-            exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"
-        )
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await batcher.start()
-        watcher.start()
-        try:
-            yield
-        finally:
-            watcher.stop()
-            await batcher.stop()
-
     app = Starlette(
         routes=[
-            Route("/invocations", invocations, methods=["POST"]),
+            Route("/invocations", scoring.handle, methods=["POST"]),
             Route("/ping", ping, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/version", version, methods=["GET"]),
@@ -175,11 +69,73 @@ def create_app(
         ],
         middleware=[Middleware(ModelHeaders, watcher=watcher)],
         exception_handlers={HTTPException: http_error},
-        lifespan=lifespan,
+        lifespan=_lifespan,
     )
     app.state.watcher = watcher
     app.state.metrics = metrics
+    app.state.invocations = scoring
+    app.state.model_name = settings.model_name
+    app.state.alias = alias
+    app.state.process = psutil.Process()
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: Starlette) -> AsyncIterator[None]:
+    await app.state.invocations.start()
+    app.state.watcher.start()
+    try:
+        yield
+    finally:
+        app.state.watcher.stop()
+        await app.state.invocations.stop()
+
+
+async def ping(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return PlainTextResponse("pong\n")
+
+
+async def health(request: Request) -> Response:
+    """Readiness: 200 once a model is loaded, with what the watcher knows."""
+    body: dict[str, Any] = request.app.state.watcher.health()
+    body["tensorflow_loaded"] = "tensorflow" in sys.modules
+    body["pid"] = os.getpid()
+    body["rss_bytes"] = request.app.state.process.memory_info().rss
+    return JSONResponse(body, status_code=200 if body["model_loaded"] else 503)
+
+
+async def version(request: Request) -> Response:
+    """The served version, or 503 before one is loaded."""
+    served: ServedModel | None = request.app.state.watcher.current
+    if served is None:
+        state = request.app.state
+        return invocations.error_response(
+            503,
+            "no_model",
+            f"no version of {state.model_name!r} has the alias {state.alias!r} yet",
+        )
+    return JSONResponse(served.describe())
+
+
+async def reload(request: Request) -> Response:
+    """Check the alias now instead of at the next poll."""
+    request.app.state.watcher.poll_soon()
+    return JSONResponse({"status": "polling"}, status_code=202)
+
+
+async def prometheus(request: Request) -> Response:
+    """The server's metrics in the Prometheus text format."""
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """404, 405 and other routing errors as JSON."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return invocations.error_response(
+        exc.status_code, code, f"{request.method} {request.url.path}: {exc.detail}"
+    )
 
 
 class ModelHeaders:
@@ -205,20 +161,6 @@ class ModelHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise protocol.too_large(limit)
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise protocol.too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def run(settings: Settings, alias: str, port: int, host: str | None = None) -> None:

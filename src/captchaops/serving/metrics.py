@@ -41,6 +41,21 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.images = Counter("captchaops_images", "Images predicted.", registry=self.registry)
+        self.pending_images = Gauge(
+            "captchaops_pending_images",
+            "Images waiting for a model call, as of the last answered request.",
+            registry=self.registry,
+        )
+        self.held_bytes = Gauge(
+            "captchaops_held_body_bytes",
+            "Large request-body bytes held (read, parsed or waiting), as of the last answer.",
+            registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "captchaops_abandoned_requests",
+            "Requests whose client left before the answer; their remaining images were dropped.",
+            registry=self.registry,
+        )
         self.model_version = Gauge(
             "captchaops_model_version",
             "Registered model version being served (0 while none is loaded).",

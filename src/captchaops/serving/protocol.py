@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
 
+from captchaops.model.preprocess import (
+    ImageTooLarge,
+    InvalidImage,
+    TooManyPixels,
+    b64decode_image,
+    check_size,
+)
+
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 IMAGE_COLUMN = "image"
 JSON_TYPE = "application/json"
+MAX_JSON_DEPTH = 8
+"""Nesting a scoring request needs: 4 (`{"dataframe_split": {"data": [[...]]}}`), with room."""
+MAX_JSON_CONTAINERS = 1_000
+MAX_JSON_VALUES = 10_000
+"""Arrays/objects and commas a body may hold, counted in its bytes before parsing: a 8 MiB body
+of `[[],[],...]` would otherwise build millions of Python objects (hundreds of MB)."""
 
 
 class ProtocolError(Exception):
@@ -57,17 +69,7 @@ def parse_body(body: bytes, limits: Limits) -> list[bytes]:
     """The images of a scoring request (any of the four MLflow JSON formats), base64-decoded."""
     if len(body) > limits.max_body_bytes:
         raise too_large(limits.max_body_bytes)
-    try:
-        payload = json.loads(body)
-    except RecursionError as exc:
-        raise ProtocolError(
-            400, "bad_json", "the body's JSON is nested too deeply; send a flat JSON object"
-        ) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(
-            400, "bad_json", f"the body is not valid JSON ({exc}); send a JSON object"
-        ) from exc
-    values = image_values(payload)
+    values = image_values(_load_json(body))
     if not values:
         raise ProtocolError(400, "no_images", "the request holds no images; send at least one")
     if len(values) > limits.max_images:
@@ -79,6 +81,69 @@ def parse_body(body: bytes, limits: Limits) -> list[bytes]:
     return [
         decode_image(value, index, limits.max_image_bytes) for index, value in enumerate(values)
     ]
+
+
+def check_images(images: list[bytes], max_pixels: int) -> list[int]:
+    """Each image's pixel count, read from its header; oversized or unreadable ones are refused."""
+    pixels = []
+    for index, data in enumerate(images):
+        try:
+            width, height = check_size(data, max_pixels)
+        except TooManyPixels as exc:
+            raise ProtocolError(400, "too_many_pixels", f"image {index}: {exc}") from exc
+        except InvalidImage as exc:
+            raise ProtocolError(400, "invalid_image", f"image {index}: {exc}") from exc
+        pixels.append(width * height)
+    return pixels
+
+
+def _load_json(body: bytes) -> Any:
+    """The decoded body, refusing shapes no scoring request needs before building any object."""
+    containers = body.count(b"[") + body.count(b"{")
+    if containers > MAX_JSON_CONTAINERS or body.count(b",") > MAX_JSON_VALUES:
+        raise ProtocolError(
+            400,
+            "bad_json",
+            f"the body holds more than {MAX_JSON_CONTAINERS:,} arrays and objects or "
+            f"{MAX_JSON_VALUES:,} values; send one flat row per image",
+        )
+    try:
+        payload = json.loads(body)
+    except RecursionError as exc:
+        raise _too_deep() from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(
+            400, "bad_json", f"the body is not valid JSON ({exc}); send a JSON object"
+        ) from exc
+    if _depth(payload) > MAX_JSON_DEPTH:
+        raise _too_deep()
+    return payload
+
+
+def _depth(payload: Any) -> int:
+    """How deeply arrays and objects nest in a decoded JSON value (a scalar is 0)."""
+    deepest = 0
+    level: list[Any] = [payload]
+    while level:
+        children: list[Any] = []
+        for item in level:
+            if isinstance(item, dict):
+                children.extend(item.values())
+            elif isinstance(item, list):
+                children.extend(item)
+        if not any(isinstance(item, dict | list) for item in level):
+            break
+        deepest += 1
+        level = children
+    return deepest
+
+
+def _too_deep() -> ProtocolError:
+    return ProtocolError(
+        400,
+        "bad_json",
+        f"the body's JSON nests deeper than {MAX_JSON_DEPTH} levels; send a flat JSON object",
+    )
 
 
 def too_large(max_body_bytes: int) -> ProtocolError:
@@ -110,32 +175,12 @@ def image_values(payload: Any) -> list[Any]:
 
 def decode_image(value: Any, index: int, max_image_bytes: int) -> bytes:
     """One base64 cell as bytes, refusing non-text, non-base64 and oversized images."""
-    if not isinstance(value, str):
-        raise ProtocolError(
-            400,
-            "bad_base64",
-            f"image {index} is a JSON {type(value).__name__}; send base64 text",
-        )
-    text = "".join(value.split())
-    if len(text) // 4 * 3 > max_image_bytes + 2:
-        raise ProtocolError(
-            413,
-            "image_too_large",
-            f"image {index} is larger than {max_image_bytes:,} bytes; send a smaller image",
-        )
     try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ProtocolError(
-            400, "bad_base64", f"image {index} is not valid base64 ({exc}); base64-encode the bytes"
-        ) from exc
-    if len(data) > max_image_bytes:
-        raise ProtocolError(
-            413,
-            "image_too_large",
-            f"image {index} is larger than {max_image_bytes:,} bytes; send a smaller image",
-        )
-    return data
+        return b64decode_image(value, index, max_image_bytes)
+    except ImageTooLarge as exc:
+        raise ProtocolError(413, "image_too_large", str(exc)) from exc
+    except InvalidImage as exc:
+        raise ProtocolError(400, "bad_base64", str(exc)) from exc
 
 
 def _format_error(found: str) -> ProtocolError:

@@ -1,0 +1,89 @@
+"""What a model server lets in at once: requests, body bytes, time; and noticing a client has gone."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from starlette.requests import Request
+from starlette.types import Receive
+
+from captchaops.serving.protocol import too_large
+
+SMALL_BODY_BYTES = 64 * 1024
+"""Bodies up to this size (a few CAPTCHAs) are parsed on the event loop and not charged to the
+byte budget, so large requests can never crowd small ones out."""
+
+
+class Busy(Exception):
+    """The server holds as many requests or body bytes as it may; the client should retry."""
+
+
+class Ticket:
+    """One admitted request's share of the byte budget, returned when the request ends."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self.charged = 0
+
+    def charge(self, size: int) -> None:
+        """Hold `size` body bytes in total for this request (small bodies are free)."""
+        wanted = size if size > SMALL_BODY_BYTES else 0
+        if wanted > self.charged:
+            self._admission.take(wanted - self.charged)
+            self.charged = wanted
+
+
+class Admission:
+    """Caps the requests being served at once and the large-body bytes they hold."""
+
+    def __init__(self, max_requests: int, max_bytes: int) -> None:
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.requests = 0
+        self.held_bytes = 0
+
+    def take(self, size: int) -> None:
+        """Hold `size` more bytes, or raise Busy when the budget is spent."""
+        if self.held_bytes + size > self.max_bytes:
+            raise Busy(f"{self.held_bytes:,} bytes of request bodies are already held")
+        self.held_bytes += size
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[Ticket]:
+        """Admit one request for the block, or raise Busy when too many are in."""
+        if self.requests >= self.max_requests:
+            raise Busy(f"{self.requests} requests are already being served")
+        self.requests += 1
+        ticket = Ticket(self)
+        try:
+            yield ticket
+        finally:
+            self.requests -= 1
+            self.held_bytes -= ticket.charged
+
+
+async def read_body(request: Request, limit: int, ticket: Ticket) -> bytes:
+    """The request body, refused (413) past `limit` bytes and charged to `ticket` as it arrives."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise too_large(limit)
+        ticket.charge(int(declared))
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        ticket.charge(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def disconnected(receive: Receive) -> None:
+    """Return once the client has closed the connection (call after the body has been read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

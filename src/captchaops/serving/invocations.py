@@ -1,0 +1,187 @@
+"""`POST /invocations`: admission, parsing off the event loop, fair batching, a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from captchaops.model.preprocess import InvalidImage
+from captchaops.serving import protocol
+from captchaops.serving.admission import (
+    SMALL_BODY_BYTES,
+    Admission,
+    Busy,
+    disconnected,
+    read_body,
+)
+from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
+from captchaops.serving.metrics import ServingMetrics
+from captchaops.serving.watcher import AliasWatcher, ServedModel
+from captchaops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_WAIT_S = 0.002
+DEFAULT_DEADLINE_S = 10.0
+"""A request not answered by then is dropped (503): its client has long given up."""
+MODEL_BATCH_IMAGES = 16
+"""Images per model call: larger batches gain little speed and cost ~1 MB RSS per image."""
+MODEL_BATCH_PIXELS = 1_000_000
+"""Header-declared pixels per model call: one near-limit image, or a hundred CAPTCHAs."""
+TURN_IMAGES = 4
+"""Images one request may put into a model call before the next waiting request's turn."""
+PENDING_BATCHES = 16
+MAX_REQUESTS = 256
+MAX_HELD_BYTES = 48 * 1024 * 1024
+"""Large request bodies held at once (being read, parsed or waiting), about 6 full ones."""
+RETRY_AFTER_S = 1
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+def error_response(
+    status: int, error: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The JSON body every refusal carries."""
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+class Invocations:
+    """`POST /invocations`: admitted within limits, parsed off the event loop, batched fairly,
+    answered within a deadline, and dropped when its client leaves."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        alias: str,
+        watcher: AliasWatcher,
+        metrics: ServingMetrics,
+        *,
+        max_body_bytes: int,
+        max_wait_s: float,
+        deadline_s: float,
+    ) -> None:
+        self.settings = settings
+        self.alias = alias
+        self.metrics = metrics
+        self.deadline_s = deadline_s
+        self.max_body_bytes = max_body_bytes
+        self.limits = protocol.Limits(
+            max_body_bytes=max_body_bytes,
+            max_image_bytes=settings.max_upload_bytes,
+            max_images=settings.max_batch_images,
+        )
+        self.admission = Admission(MAX_REQUESTS, MAX_HELD_BYTES)
+        self.batcher = MicroBatcher(
+            current=lambda: watcher.current,
+            max_images=min(MODEL_BATCH_IMAGES, settings.max_batch_images),
+            max_wait_s=max_wait_s,
+            max_pending_images=settings.max_batch_images * PENDING_BATCHES,
+            observe_batch=metrics.batch_size.observe,
+            max_pixels=MODEL_BATCH_PIXELS,
+            quantum=TURN_IMAGES,
+        )
+        self._parser: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        """Start the parsing thread and the batching loop."""
+        self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        """Stop batching and parsing; waiting requests are cancelled."""
+        await self.batcher.stop()
+        if self._parser is not None:
+            self._parser.shutdown(wait=False, cancel_futures=True)
+
+    async def handle(self, request: Request) -> Response:
+        """Answer one scoring request and record it in the metrics."""
+        started = time.perf_counter()
+        response = await self._answer(request)
+        self.metrics.requests.labels(str(response.status_code)).inc()
+        self.metrics.latency.observe(time.perf_counter() - started)
+        self.metrics.pending_images.set(self.batcher.pending_images)
+        self.metrics.held_bytes.set(self.admission.held_bytes)
+        return response
+
+    async def _answer(self, request: Request) -> Response:
+        try:
+            protocol.check_content_type(request.headers.get("content-type", ""))
+            with self.admission.request() as ticket:
+                async with asyncio.timeout(self.deadline_s):
+                    with self.batcher.arriving():
+                        body = await read_body(request, self.max_body_bytes, ticket)
+                        images, pixels = await self._parse(body)
+                        del body
+                    served, predictions = await self._predict(request, images, pixels)
+        except protocol.ProtocolError as exc:
+            return self._refuse(exc.status, exc.error, exc.detail)
+        except InvalidImage as exc:
+            return self._refuse(400, "invalid_image", str(exc))
+        except NoModel:
+            return self._refuse(
+                503,
+                "no_model",
+                f"no version of {self.settings.model_name!r} has the alias {self.alias!r} yet; "
+                "promote a version to it and retry",
+            )
+        except (Overloaded, Busy):
+            return self._refuse(503, "overloaded", "too many images are waiting; retry shortly")
+        except TimeoutError:
+            return self._refuse(
+                503,
+                "deadline_exceeded",
+                f"the request was not answered within {self.deadline_s:g} s; retry shortly",
+            )
+        except (ClientDisconnect, ClientGone):
+            return self._refuse(400, "client_disconnect", "the client went away mid-request")
+        except Exception as exc:
+            log.exception("prediction failed")
+            return self._refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
+        self.metrics.images.inc(len(images))
+        return Response(
+            json.dumps({"predictions": predictions}),
+            media_type=protocol.JSON_TYPE,
+            headers={"X-Model-Version": served.version},
+        )
+
+    async def _parse(self, body: bytes) -> tuple[list[bytes], list[int]]:
+        """Images and their header pixel counts; large bodies are parsed in a thread of their own."""
+        if len(body) <= SMALL_BODY_BYTES:
+            return self._parse_now(body)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._parser, self._parse_now, body)
+
+    def _parse_now(self, body: bytes) -> tuple[list[bytes], list[int]]:
+        images = protocol.parse_body(body, self.limits)
+        return images, protocol.check_images(images, self.settings.max_image_pixels)
+
+    async def _predict(
+        self, request: Request, images: list[bytes], pixels: list[int]
+    ) -> tuple[ServedModel, list[Prediction]]:
+        """The batcher's answer, or ClientGone (and the work dropped) if the client leaves first."""
+        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels))
+        watching = asyncio.ensure_future(disconnected(request.receive))
+        try:
+            await asyncio.wait({predicting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watching.cancel()
+            predicting.cancel()
+        if not predicting.done() or predicting.cancelled():
+            self.metrics.abandoned.inc()
+            raise ClientGone
+        return predicting.result()
+
+    def _refuse(self, status: int, error: str, detail: str) -> JSONResponse:
+        self.metrics.errors.labels(error).inc()
+        retry = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+        return error_response(status, error, detail, retry)
