@@ -43,7 +43,14 @@ def _folds(folder: Path, k: int) -> list[list[Path]]:
     return out
 
 
-def run_fold(folder: Path, fold: list[Path], config_name: str, work: Path, tag: str) -> dict:
+def run_fold(
+    folder: Path,
+    fold: list[Path],
+    config_name: str,
+    work: Path,
+    tag: str,
+    max_minutes: float | None = None,
+) -> dict:
     """Freeze `fold` as the scheme's evaluation set, train on `folder`, return the fold's score."""
     from captchaops.evalset import create_evalset
     from captchaops.settings import load_settings
@@ -61,7 +68,7 @@ def run_fold(folder: Path, fold: list[Path], config_name: str, work: Path, tag: 
     )
     create_evalset(settings, size=0, folder=held)
     base = TrainConfig.folder() if config_name == "folder" else TrainConfig.demo()
-    config = replace(base, data_dir=folder)
+    config = replace(base, data_dir=folder, max_minutes=max_minutes or base.max_minutes)
     began = time.monotonic()
     result = train(config, settings)
     minutes = (time.monotonic() - began) / 60
@@ -95,7 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=1040, help="stand-in images to build")
     parser.add_argument("--folder", type=Path, help="a real labelled folder instead")
     parser.add_argument("--no-baseline", action="store_true", help="skip the old preset's fold")
-    parser.add_argument("--only", type=int, nargs="*", help="run only these folds (no summary file)")
+    parser.add_argument(
+        "--only", type=int, nargs="*", help="run only these folds (no summary file)"
+    )
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        help="raise the time cap so a busy machine still runs every planned step (accuracy only)",
+    )
     args = parser.parse_args(argv if argv is not None else [])
     from captchaops.data import standin
 
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         for k, fold in enumerate(folds):
             if args.only is not None and k not in args.only:
                 continue
-            rows.append(run_fold(folder, fold, "folder", work, str(k)))
+            rows.append(run_fold(folder, fold, "folder", work, str(k), args.max_minutes))
             print(json.dumps(rows[-1]), flush=True)
         os.chdir(home)
     accs = [r["heldout_seq_acc"] for r in rows if r["config"] == "folder"]
