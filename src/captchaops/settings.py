@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -206,8 +207,9 @@ def ensure_secret(settings: Settings, field: str, nbytes: int = 24) -> Settings:
 
 
 def write_env(path: Path, values: dict[str, str]) -> None:
-    """Add or replace keys in a dotenv file, keeping it private (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Add or replace keys in a dotenv file, keeping it private (0600) and never half-written."""
+    for key, value in values.items():
+        refuse_control_characters(key, value)
     lines: list[str] = []
     if path.exists():
         lines = [
@@ -216,7 +218,29 @@ def write_env(path: Path, values: dict[str, str]) -> None:
             if line.split("=", 1)[0].strip() not in values
         ]
     lines += [f"{key}={value}" for key, value in values.items()]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.chmod(path, 0o600)
+    write_private(path, "\n".join(lines) + "\n")
+
+
+def refuse_control_characters(name: str, value: str) -> None:
+    """A setting that would add lines to .env or supervisord.conf is refused with its name."""
+    if any(ord(ch) < 32 and ch != "\t" for ch in value) or "\x7f" in value:
+        raise ValueError(
+            f"{name} contains a line break or another control character; "
+            "settings are single-line values (check the variable or .env entry)"
+        )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a 0600 file atomically: a crash leaves the old content or the new, never neither."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

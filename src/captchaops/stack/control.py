@@ -79,6 +79,8 @@ def up(
     """Start the requested services in order and wait until each is healthy."""
     try:
         return _up(settings, names, say)
+    except ValueError as exc:  # a setting with a line break, refused before it reaches a file
+        raise StackError(str(exc)) from exc
     except OSError as exc:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
             raise
@@ -90,6 +92,7 @@ def up(
 
 def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) -> list[Service]:
     settings.home_dir.mkdir(parents=True, exist_ok=True)
+    settings.home_dir.chmod(0o700)  # secrets, the sqlite database and logs live here
     store, settings, services = resolve(settings)
     say(store.describe(settings))
     running_before = supervisor.is_running(settings)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captchaops.settings import Settings, client_host_for, ensure_secret
+from captchaops.settings import Settings, client_host_for, ensure_secret, write_private
 from captchaops.stack.store import Store
 
 CORE = ("store", "tracking")
@@ -57,9 +56,7 @@ def write_auth_config(settings: Settings) -> Path:
             "",
         ]
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    write_private(path, text)
     return path
 
 
