@@ -163,9 +163,9 @@ class Settings(BaseSettings):
             if name in SECRET_FIELDS:
                 out[name] = "********" if value else "(unset)"
             else:
-                out[name] = "(unset)" if value is None else _mask_url(str(value))
-        out["effective_tracking_uri"] = _mask_url(self.effective_tracking_uri)
-        out["effective_backend_store_uri"] = _mask_url(self.effective_backend_store_uri)
+                out[name] = "(unset)" if value is None else mask_url(str(value))
+        out["effective_tracking_uri"] = mask_url(self.effective_tracking_uri)
+        out["effective_backend_store_uri"] = mask_url(self.effective_backend_store_uri)
         return out
 
     def mlflow_env(self) -> dict[str, str]:
@@ -181,7 +181,8 @@ def client_host_for(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
+    """The URL with any user:password part replaced by asterisks."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://********@{rest.split('@', 1)[1]}"
