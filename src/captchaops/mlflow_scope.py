@@ -1,4 +1,8 @@
-"""Point MLflow's process-wide client state at one server for a block, then put it back.
+"""How captchaops talks to MLflow: explicit clients, and scoped fluent-API state where needed.
+
+`client` and `tracking_uri` give a client (or a URI for calls that take one) for the
+configured server, with the settings' credentials in the URI, and change nothing
+process-wide. Library code uses them.
 
 MLflow's fluent API (`start_run`, `log_model`, `set_experiment`, pyfunc loads) reads module
 globals and environment variables: the tracking and registry URIs, the credentials and the
@@ -11,10 +15,13 @@ MLflow's retries can hang it for minutes. `pointed_at` scopes all of it to a `wi
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import mlflow
+from mlflow import MlflowClient
 from mlflow.tracking import fluent
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -29,6 +36,42 @@ _ENV_KEYS = (
     "MLFLOW_EXPERIMENT_ID",
     "MLFLOW_EXPERIMENT_NAME",
 )
+
+_USERINFO = re.compile(r"(://)[^/@\s]+@")
+
+
+def tracking_uri(settings: Settings) -> str:
+    """The tracking server's URI for MLflow calls that take one, credentials included.
+
+    MLflow reads credentials from environment variables on every request; putting the
+    settings' account into the URI (HTTP basic auth, which MLflow's requests honour when
+    no environment credentials are set) keeps them to the calls made with this URI.
+    """
+    uri = settings.effective_tracking_uri
+    if not (settings.tracking_username and settings.tracking_password):
+        return uri
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" in parts.netloc:
+        return uri
+    user = quote(settings.tracking_username, safe="")
+    password = quote(settings.tracking_password.get_secret_value(), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.netloc}"))
+
+
+def client(settings: Settings) -> MlflowClient:
+    """An MLflow client for the configured tracking server and registry; no global state."""
+    uri = tracking_uri(settings)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def mask_credentials(text: str) -> str:
+    """`text` with any `user:password@` of a URL replaced, for messages users see."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def finish_run(mlflow_client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:
+    """End a run without MLflow's "View run at <URL>" print (which would show credentials)."""
+    mlflow_client.update_run(run_id, status=status)
 
 
 def point_at(settings: Settings) -> None:
