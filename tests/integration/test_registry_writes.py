@@ -112,5 +112,5 @@ def test_a_failed_audit_write_of_a_first_move_removes_the_alias(
     assert registry.resolve_alias(settings, "staging") is None
     assert registry.history(settings, "staging") == []
     assert [r.info.status for r in audit_runs(settings)] == ["FAILED"]
-    with pytest.raises(RegistryError, match="no version of .* has alias @staging"):
+    with pytest.raises(RegistryError, match=r"no version of .* has alias @staging"):
         registry.resolve(settings, alias="staging")
