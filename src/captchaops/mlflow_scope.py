@@ -8,8 +8,8 @@ MLflow's fluent API (`start_run`, `log_model`, `set_experiment`, pyfunc loads) r
 globals and environment variables: the tracking and registry URIs, the credentials and the
 active experiment. Code that sets them for one job and leaves them behind sends the next
 job in the same process (a test, a notebook cell, the demo) to the wrong server, where
-MLflow's retries can hang it for minutes. `pointed_at` scopes all of it to a `with` block;
-`point_at` is the unscoped form for one-shot processes such as a CLI command.
+MLflow's retries can hang it for minutes. `pointed_at` scopes all of it to a `with` block,
+for the code that needs the fluent API (training's `start_run`/`log_model`).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def finish_run(mlflow_client: MlflowClient, run_id: str, status: str = "FINISHED
     mlflow_client.update_run(run_id, status=status)
 
 
-def point_at(settings: Settings) -> None:
+def _point_at(settings: Settings) -> None:
     """From now on MLflow's fluent API talks to `settings`' server.
 
     Credentials come from the settings when they have them; otherwise whatever MLflow would
@@ -87,13 +87,13 @@ def point_at(settings: Settings) -> None:
 
 @contextmanager
 def pointed_at(settings: Settings) -> Iterator[None]:
-    """`point_at` for the duration of a `with` block; the previous state comes back after."""
+    """`_point_at` for the duration of a `with` block; the previous state comes back after."""
     saved_env = {key: os.environ.get(key) for key in _ENV_KEYS}
     saved_tracking = tracking_utils._tracking_uri
     saved_registry = registry_utils._registry_uri
     saved_experiment = fluent._active_experiment_id
     try:
-        point_at(settings)
+        _point_at(settings)
         yield
     finally:
         # None is what MLflow's own _use_tracking_uri restores too: it unsets the URI.
