@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +13,18 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from captchaops import registry
-from captchaops.registry import RegistryError
-from tests.fixtures.models import TrainedModel
+from captchaops.registry import LOCK_STALE_S, RegistryError
+from captchaops.registry.lock import lock_run
+from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
 from tests.integration.test_gate import copy_version, isolated, production
 from tests.integration.test_registry import audit_runs
 
 pytestmark = pytest.mark.slow
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 class FailingFinish:
@@ -114,3 +122,47 @@ def test_a_failed_audit_write_of_a_first_move_removes_the_alias(
     assert [r.info.status for r in audit_runs(settings)] == ["FAILED"]
     with pytest.raises(RegistryError, match=r"no version of .* has alias @staging"):
         registry.resolve(settings, alias="staging")
+
+
+def test_movers_racing_to_make_the_lock_all_use_one_run(
+    tracking_server: Tracking, tmp_path: Path
+) -> None:
+    settings = make_settings(tracking_server, tmp_path, model_name=unique("lock"))
+    client = registry.client(settings)
+    start = threading.Barrier(6)
+    found: list[str] = []
+
+    def make() -> None:
+        start.wait()
+        found.append(lock_run(client, settings.model_name, "racer"))
+
+    threads = [threading.Thread(target=make) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert len(found) == 6 and len(set(found)) == 1
+    experiment = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
+    assert experiment is not None
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.lock_of = '{settings.model_name}'", max_results=100
+    )
+    assert [r.info.run_id for r in runs if "sealed" in r.data.params] == found[:1]
+    assert all("abandoned" in r.data.tags for r in runs if r.info.run_id != found[0])
+
+
+def test_a_crashed_holder_is_taken_over_and_a_live_one_is_not(
+    tracking_server: Tracking, tmp_path: Path
+) -> None:
+    settings = make_settings(tracking_server, tmp_path, model_name=unique("lock"))
+    client, name = registry.client(settings), settings.model_name
+    run_id = lock_run(client, name, "setup")
+    client.log_param(run_id, "hold_1", f"dead|{time.time() - LOCK_STALE_S - 60:.0f}|crashed")
+    with registry.promotion_lock(client, name, "next", timeout_s=1):
+        params = client.get_run(run_id).data.params
+        assert params["hold_2"].endswith("|next") and "free_1" not in params
+        third = registry.promotion_lock(client, name, "third", timeout_s=1)
+        with pytest.raises(RegistryError, match=r"holds the lock \(by next"), third:
+            pass
+    assert client.get_run(run_id).data.params["free_2"] == params["hold_2"]

@@ -8,9 +8,9 @@ parameters needs EDIT on the promotions experiment, which readers do not have in
 a reader can neither take nor hold the lock (and so cannot block promotions).
 
 The run itself is made once: a creator that finds no other lock run after creating its own
-seals it (parameter `sealed`); one that does find another deletes its own and uses the sealed
-one. At most one run is ever sealed: of two creators, the later one's search sees the earlier
-one's run.
+seals it (parameter `sealed`); one that does find another abandons its own (tag `abandoned`:
+editors may not delete runs) and uses the sealed one. At most one run is ever sealed: of two
+creators, the later one's search sees the earlier one's run.
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ ORPHAN_S = 60.0
 
 
 def _lock_runs(mlflow_client: MlflowClient, experiment_id: str, name: str) -> list[Run]:
-    return list(
-        mlflow_client.search_runs(
-            [experiment_id],
-            f"tags.kind = 'promotion-lock' and tags.lock_of = '{name}'",
-            max_results=100,
-        )
+    runs = mlflow_client.search_runs(
+        [experiment_id],
+        f"tags.kind = 'promotion-lock' and tags.lock_of = '{name}'",
+        max_results=100,
     )
+    return [r for r in runs if "abandoned" not in r.data.tags]
 
 
 def _pause() -> None:
@@ -79,7 +78,8 @@ def lock_run(mlflow_client: MlflowClient, name: str, actor: str) -> str:
             mlflow_client.log_param(mine, "sealed", "1")
             finish_run(mlflow_client, mine)
             return mine
-        mlflow_client.delete_run(mine)
+        mlflow_client.set_tag(mine, "abandoned", "1")
+        finish_run(mlflow_client, mine, "KILLED")
         _pause()
 
 
