@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             frozen = evalset.create_evalset(settings, size=args.size)
             create_s = time.perf_counter() - began
             registry.promote(settings, version=champion, reason="benchmark champion", force=True)
-            client = evalset.client_for(settings)
+            client = registry.client(settings)
             client.set_registered_model_alias(settings.model_name, "staging", candidate)
 
             began = time.perf_counter()

@@ -9,11 +9,15 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from captchaops.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from captchaops.gate import Decision
 
 app = typer.Typer(
     help="captchaops: a self-hosted MLOps pipeline for text-CAPTCHA recognition.",
@@ -23,10 +27,6 @@ app = typer.Typer(
 )
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
-
-
-class UserError(Exception):
-    """An error a user can fix; printed as one line, exit code 1."""
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -273,11 +273,11 @@ def promote(
     from captchaops import gate, registry
 
     settings = settings_for(model_name)
+    if not auto and not reason:
+        fail('say why with --reason "..." (it goes into the audit trail)')
     try:
         if not auto:
-            if not reason:
-                fail('say why with --reason "..." (it goes into the audit trail)')
-            manual = registry.promote(
+            move = registry.promote(
                 settings,
                 version=version,
                 from_alias=from_alias,
@@ -285,7 +285,7 @@ def promote(
                 actor=actor,
                 force=force,
             )
-            console.print(f"promoted: {manual.line()}", highlight=False)
+            console.print(f"promoted: {move.line()}", highlight=False)
             return
         config = gate.GateConfig(
             margin=margin,
@@ -297,6 +297,12 @@ def promote(
         decision, _ = gate.auto_promote(settings, config, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         fail(str(exc), gate.EXIT_ERROR)
+    _print_decision(decision)
+    raise typer.Exit(gate.EXIT_PROMOTED if decision.promote else gate.EXIT_REJECTED)
+
+
+def _print_decision(decision: Decision) -> None:
+    """Both scores and the gate's verdict, one line each."""
     for role, result in (("candidate", decision.candidate), ("champion", decision.champion)):
         if result is not None and result.ok:
             console.print(
@@ -306,17 +312,8 @@ def promote(
             )
         elif result is not None:
             console.print(f"{role} v{result.version}: failed ({result.error})", highlight=False)
-    if decision.promote:
-        console.print(
-            f"[green]promoted[/green] v{decision.candidate_version}: {decision.reason()}",
-            highlight=False,
-        )
-        raise typer.Exit(gate.EXIT_PROMOTED)
-    console.print(
-        f"[yellow]rejected[/yellow] v{decision.candidate_version}: {decision.reason()}",
-        highlight=False,
-    )
-    raise typer.Exit(gate.EXIT_REJECTED)
+    verdict = "[green]promoted[/green]" if decision.promote else "[yellow]rejected[/yellow]"
+    console.print(f"{verdict} v{decision.candidate_version}: {decision.reason()}", highlight=False)
 
 
 @app.command()
@@ -558,11 +555,7 @@ def demo(
 def main() -> None:
     """Console-script entry point: user errors become one line, never a traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    try:
-        app()
-    except UserError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(1)
+    app()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import pytest
 
 from captchaops import registry
 from captchaops.demo import run_demo
-from captchaops.evalset import client_for
 from captchaops.settings import load_settings
 from captchaops.train import TrainConfig
 from tests.e2e.drills import PrivateStack, captcha_body, mlflow_uris_restored
@@ -64,7 +63,7 @@ def test_demo_trains_promotes_serves_then_reuses_and_down_leaves_nothing(
     assert answer.headers["X-Model-Version"] == summary.trained_version
     assert httpx.get(summary.urls["MLflow UI"], timeout=10).status_code == 200
     assert httpx.get(summary.urls["web app"], timeout=10).status_code == 200
-    client = client_for(settings)
+    client = registry.client(settings)
     runs_before = client.search_runs(
         [client.get_experiment_by_name(settings.experiment_name).experiment_id]
     )

@@ -30,7 +30,6 @@ import pytest
 
 from captchaops import gate, registry
 from captchaops.data.synthetic import generate_one
-from captchaops.evalset import client_for
 from captchaops.settings import Settings
 from tests.e2e.drills import Load, PrivateStack, integrity, mlflow_uris_restored
 from tests.fixtures.models import train_tiny
@@ -96,8 +95,11 @@ def copy_version(settings: Settings, version: str) -> str:
     """Register the artifacts of a version again as a new version."""
     import mlflow
 
-    source = client_for(settings).get_model_version(settings.model_name, version).source
-    return str(mlflow.register_model(source, settings.model_name).version)
+    from captchaops.mlflow_scope import pointed_at
+
+    source = registry.client(settings).get_model_version(settings.model_name, version).source
+    with pointed_at(settings):
+        return str(mlflow.register_model(source, settings.model_name).version)
 
 
 def production(settings: Settings) -> str:
@@ -283,7 +285,7 @@ def test_read_only_home_is_one_clear_error(drill: Drill, tmp_path: Path) -> None
 
 def snapshot(settings: Settings) -> dict[str, Any]:
     """Everything the tracking server holds that must survive a restart."""
-    client = client_for(settings)
+    client = registry.client(settings)
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=5000)
     model = client.get_registered_model(settings.model_name)
