@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, download_feedback
 from captchaops.data.synthetic import generate_one
 from captchaops.webapp.app import EXTENSION, create_app
+from captchaops.webapp.sampler import ReviewSampler
 from captchaops.webapp.service import Demo
 from tests.integration.test_webapp import MODEL_NAME, WebappStack, csrf, webapp_stack
 
@@ -246,6 +247,8 @@ def test_the_pending_and_hourly_caps_hold(webapp_stack: WebappStack) -> None:
     assert sum(bool(review_runs(webapp_stack.tracking_uri, i)) for i in images) == 1
 
     hourly, demo = review_app(webapp_stack, review_per_hour=2)
+    now = [1_000_000.0]
+    demo.sampler = ReviewSampler(demo.review, demo.settings, clock=lambda: now[0])
     client = hourly.test_client()
     answers = [offer(client, generate_one(74_000 + i).image) for i in range(5)]
     drained(demo)
@@ -256,6 +259,12 @@ def test_the_pending_and_hourly_caps_hold(webapp_stack: WebappStack) -> None:
     assert all(
         a in ({"queued": True}, {"queued": False, "reason": "rate_limited"}) for a in answers
     )
+    now[0] += 3599
+    assert offer(client, generate_one(74_100).image)["reason"] == "rate_limited"
+    now[0] += 1  # the first two are an hour old
+    assert offer(client, generate_one(74_101).image) == {"queued": True}
+    drained(demo)
+    assert counts(client)["stored"] == 3
 
 
 def test_a_full_queue_drops_and_counts_without_waiting(webapp_stack: WebappStack) -> None:
