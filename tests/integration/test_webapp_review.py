@@ -51,7 +51,7 @@ def b64(image: bytes) -> str:
 
 def offer(client: FlaskClient, image: bytes, **fields: object) -> dict[str, object]:
     """POST /api/review as a model server would; the JSON answer."""
-    body = {"image": b64(image), "text": "AB12", "confidence": 0.3, "model": f"{MODEL_NAME}/1"}
+    body = {"image": b64(image), "text": "RV12", "confidence": 0.3, "model": f"{MODEL_NAME}/1"}
     resp = client.post("/api/review", json=body | fields)
     assert resp.status_code in (200, 202), resp.text
     answer = resp.json
@@ -163,7 +163,7 @@ def test_labelling_makes_a_correction_and_discarding_removes_the_item(
     refused = client.post(f"/review/{labelled_id}/label", data={"csrf_token": token, "label": "a?"})
     assert refused.status_code == 400 and 'id="label-error"' in refused.text
     waiting_before = int(client.get("/api/feedback").json["waiting"])
-    saved = client.post(f"/review/{labelled_id}/label", data={"csrf_token": token, "label": "AB12"})
+    saved = client.post(f"/review/{labelled_id}/label", data={"csrf_token": token, "label": "RV12"})
     assert saved.status_code == 303
     assert "it is now a correction" in client.get(saved.headers["Location"]).text
     dropped = client.post(f"/review/{discarded_id}/discard", data={"csrf_token": token})
@@ -174,8 +174,8 @@ def test_labelling_makes_a_correction_and_discarding_removes_the_item(
     page = client.get("/review").text
     assert labelled_id not in page and discarded_id not in page
     [(_, tags)] = review_runs(webapp_stack.tracking_uri, readable)
-    assert tags["review_state"] == "labelled" and tags["review_label"] == "AB12"
-    assert tags["correction"].startswith("feedback/AB12_")
+    assert tags["review_state"] == "labelled" and tags["review_label"] == "RV12"
+    assert tags["correction"].startswith("feedback/RV12_")
     [(_, tags)] = review_runs(webapp_stack.tracking_uri, unreadable)
     assert tags["review_state"] == "discarded"
 
@@ -350,6 +350,20 @@ def test_only_loopback_or_the_token_reaches_the_queue(
         right = client.post("/review/login", data={"csrf_token": token, "token": TOKEN})
         assert right.status_code == 303
         assert client.get("/review").status_code == 200
+
+    guessing, _ = review_app(webapp_stack, review_token=TOKEN, feedback_per_minute=1)
+    guesser = guessing.test_client()
+    guesser.environ_base["REMOTE_ADDR"] = FAR
+    token = csrf(guesser)
+    guesses = [
+        guesser.post("/review/login", data={"csrf_token": token, "token": t})
+        for t in ("guess", TOKEN)
+    ]
+    assert [g.status_code for g in guesses] == [403, 429]
+    assert "Retry-After" in guesses[1].headers
+
+    off, _ = review_app(webapp_stack, review_per_hour=0)
+    assert offer(off.test_client(), image) == {"queued": False, "reason": "disabled"}
 
     team = create_app(webapp_stack.settings(home=tmp_path, auth=True)).test_client()
     assert team.post("/api/review", json={"image": b64(image)}).status_code == 403

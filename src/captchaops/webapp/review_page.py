@@ -10,6 +10,7 @@ from flask import Blueprint, flash, redirect, render_template, request, session,
 from captchaops.model.preprocess import InvalidImage, sniff_format
 from captchaops.webapp import reviewers
 from captchaops.webapp.inputs import BadInput
+from captchaops.webapp.limits import Throttled
 from captchaops.webapp.review import Item, ReviewGone
 from captchaops.webapp.service import Demo
 from captchaops.webapp.tracking import TrackingError
@@ -39,7 +40,13 @@ def make_blueprint(demo: Demo) -> Blueprint:
 
     @bp.post("/review/login")
     def login() -> Any:
-        """Remember in the session that this visitor presented the review token."""
+        """Remember in the session that this visitor presented the review token (attempts are
+        metered like corrections)."""
+        try:
+            demo.admit_correction(request.remote_addr or "unknown")
+        except Throttled as exc:
+            page, _ = _locked(exc.detail)
+            return page, exc.status, {"Retry-After": str(exc.retry_after)}
         if not reviewers.token_matches(settings, request.form.get("token")):
             return _locked("That is not the review token.")
         session[reviewers.SESSION_KEY] = reviewers.marker(settings)

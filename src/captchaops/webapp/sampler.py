@@ -65,6 +65,8 @@ class ReviewSampler:
         source: str,
     ) -> str | None:
         """Queue a checked image for storing; None when queued, else why it was dropped (counted)."""
+        if self.per_hour <= 0:
+            return "disabled"
         if not self.wants(confidence):
             return "confident"
         digest = hashlib.sha256(image).hexdigest()
@@ -145,8 +147,8 @@ class ReviewSampler:
                     self._counts["stored"] += 1
                 else:
                     self._drop(reason)
-                    if reason == "failed":
-                        self._digests.pop(sample.digest, None)  # may be offered again later
+                    if reason != "duplicate":  # not stored: may be offered again later
+                        self._digests.pop(sample.digest, None)
                 self._busy -= 1
                 self._idle.notify_all()
 
