@@ -19,6 +19,7 @@ SECRET_FIELDS = (
     "admin_password",
     "auth_secret_key",
     "service_password",
+    "review_token",
 )
 
 
@@ -103,6 +104,25 @@ class Settings(BaseSettings):
     )
     feedback_count_seconds: float = Field(
         10.0, ge=0, description="how long the web app reuses its count of waiting corrections"
+    )
+    review_below_confidence: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="the web app offers predictions less confident than this for review",
+    )
+    review_per_hour: int = Field(
+        60, ge=0, description="review items the web app stores in any hour (0: no review queue)"
+    )
+    review_max_pending: int = Field(
+        500, ge=0, description="unlabelled review items kept at most; more are dropped"
+    )
+    review_queue_size: int = Field(
+        32, ge=1, description="review items waiting in memory to be stored; more are dropped"
+    )
+    review_token: SecretStr | None = Field(
+        None,
+        description="bearer token for the review queue (generated in team mode); unset: loopback only",
     )
     max_batch_images: int = 64
     max_image_pixels: int = Field(

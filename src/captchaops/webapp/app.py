@@ -10,7 +10,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from captchaops.settings import Settings, ensure_secret
-from captchaops.webapp import api, views
+from captchaops.webapp import api, review_page, views
 from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
@@ -42,6 +42,8 @@ class InMemoryRequest(Request):
 
 def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     """A configured web app; model servers slower than `timeout` (default: the setting) count as down."""
+    if settings.auth:  # team mode: the review queue always needs its token
+        settings = ensure_secret(settings, "review_token", 32)
     settings = ensure_secret(settings, "app_secret_key")
     assert settings.app_secret_key is not None
     app = Flask(__name__)
@@ -63,6 +65,7 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     csrf = CSRFProtect(app)
     csrf.exempt(api_bp)
     app.register_blueprint(views.make_blueprint(demo))
+    app.register_blueprint(review_page.make_blueprint(demo))
     app.register_blueprint(api_bp)
 
     @app.after_request

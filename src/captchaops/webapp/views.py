@@ -86,6 +86,8 @@ def _show(
     except BadInput as exc:
         return _page(demo, exc.status, error=exc.detail)
     results = demo.predict(data)
+    if source == "upload":  # a generated image has its true label already
+        demo.offer_for_review(data, fmt, results, source)
     answered = [
         demo.answered_key(r.answer.name, r.answer.version)
         for r in results
