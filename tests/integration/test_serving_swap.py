@@ -23,6 +23,7 @@ from tests.integration.test_serving import (
 
 pytestmark = pytest.mark.slow
 
+
 class Hammer:
     """A client thread that sends requests back to back and records every outcome."""
 
