@@ -17,6 +17,7 @@ from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
 from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, digest_of, pack, unpack
 from captchaops.data.synthetic import DIGITS_UPPER, generate
+from captchaops.estimate import Calibration
 from captchaops.evaluate import character_error_rate, sequence_accuracy
 from captchaops.model.version import VersionError, load_registered
 from captchaops.scheme import Scheme
@@ -67,6 +68,7 @@ class Score:
     p95_ms: float = 0.0
     n: int = 0
     error: str | None = None
+    calibration: Calibration | None = None  # its confidence threshold for the live estimate
 
     @property
     def ok(self) -> bool:
@@ -280,10 +282,8 @@ def score(
     """Accuracy, CER and single-image latency of a version, checked and loaded as servers load it."""
     try:
         model = load_registered(mlflow_scope.tracking_uri(settings), settings.model_name, version)
-        texts: list[str] = []
-        for start in range(0, len(evalset), batch_size):
-            batch = evalset.images[start : start + batch_size]
-            texts += [p["text"] for p in model.predict_images(batch)]
+        outputs = model.read_all(evalset.images, chunk=batch_size)
+        texts = [o["text"] for o in outputs]
         latencies = []
         for image in evalset.images[:latency_samples]:
             began = time.perf_counter()
@@ -302,4 +302,10 @@ def score(
         p50_ms=float(np.percentile(latencies, 50)) if latencies else 0.0,
         p95_ms=float(np.percentile(latencies, 95)) if latencies else 0.0,
         n=len(evalset),
+        calibration=Calibration.fit(
+            [o["confidence"] for o in outputs],
+            [t == label for t, label in zip(texts, evalset.labels, strict=True)],
+        )
+        if outputs
+        else None,
     )

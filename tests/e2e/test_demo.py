@@ -16,9 +16,11 @@ import pytest
 
 from captchaops import registry
 from captchaops.demo import run_demo
+from captchaops.harness.load import captcha_body
+from captchaops.harness.mlflow_state import mlflow_state_restored
+from captchaops.harness.stack import PrivateStack
 from captchaops.settings import load_settings
 from captchaops.train import TrainConfig
-from tests.e2e.drills import PrivateStack, captcha_body, mlflow_uris_restored
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +34,7 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateSt
         if key.startswith("CAPTCHAOPS_"):
             monkeypatch.setenv(key, value)
     try:
-        with mlflow_uris_restored():
+        with mlflow_state_restored():
             yield private
     finally:
         private.down()

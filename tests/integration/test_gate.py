@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
 from captchaops import evalset, gate, registry
+from captchaops.estimate import Calibration
 from captchaops.mlflow_scope import pointed_at
 from captchaops.model.version import file_sha256
 from captchaops.settings import Settings
@@ -128,6 +129,12 @@ def test_first_candidate_is_promoted_and_stage_resolves(
     assert production(settings) == version
     client = registry.client(settings)
     assert client.get_model_version(settings.model_name, version).current_stage == "Production"
+    tags = client.get_model_version(settings.model_name, version).tags
+    calibration = Calibration.from_tags(tags)  # for the servers' live accuracy estimate
+    assert calibration is not None and calibration.size == len(
+        evalset.load_evalset(settings, tags["eval_digest"])
+    )
+    assert calibration.accuracy == pytest.approx(decision.candidate.seq_acc, abs=1e-6)
     with pointed_at(settings):
         loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
     assert loaded.metadata.run_id == client.get_model_version(settings.model_name, version).run_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
+from captchaops.estimate import Calibration
 from captchaops.evalset import SCORE_TAGS, EvalSet, Score, ensure_evalset, score
 from captchaops.settings import Settings
 
@@ -17,6 +18,8 @@ def record_score(mlflow_client: MlflowClient, name: str, result: Score) -> None:
         mlflow_client.set_model_version_tag(
             name, result.version, f"eval_{key}", f"{getattr(result, key):.6g}"
         )
+    for key, value in (result.calibration.tags() if result.calibration else {}).items():
+        mlflow_client.set_model_version_tag(name, result.version, key, value)
 
 
 def cached_score(
@@ -26,7 +29,10 @@ def cached_score(
     tags = mlflow_client.get_model_version(settings.model_name, version).tags
     if tags.get("eval_digest") == evalset.digest and all(f"eval_{k}" in tags for k in SCORE_TAGS):
         seq_acc, cer, p50_ms, p95_ms = (float(tags[f"eval_{k}"]) for k in SCORE_TAGS)
-        return Score(version, evalset.digest, seq_acc, cer, p50_ms, p95_ms, len(evalset))
+        calibration = Calibration.from_tags(tags)
+        return Score(
+            version, evalset.digest, seq_acc, cer, p50_ms, p95_ms, len(evalset), None, calibration
+        )
     result = score(settings, version, evalset)
     record_score(mlflow_client, settings.model_name, result)
     return result

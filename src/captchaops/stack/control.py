@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 
+from captchaops.harness.processes import rss_mb
 from captchaops.settings import Settings, client_host_for
 from captchaops.stack import supervisor
 from captchaops.stack.services import ALL, Service, build_services, team_secrets
@@ -49,18 +49,6 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return httpx.get(url, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def rss_mb(pid: int | None) -> float:
-    """Resident memory of a process and its children, in MB."""
-    if not pid:
-        return 0.0
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs) / 1e6
-    except psutil.Error:
-        return 0.0
 
 
 def resolve(settings: Settings) -> tuple[Store, Settings, list[Service]]:

@@ -26,7 +26,6 @@ class Service:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 90.0
-    memory_hint_mb: int = 0
 
 
 def _bin(name: str) -> str:
@@ -125,7 +124,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     "MINIO_ROOT_USER": settings.s3_access_key or "",
                     "MINIO_ROOT_PASSWORD": settings.s3_secret_key.get_secret_value(),
                 },
-                memory_hint_mb=150,
             )
         )
     if "tracking" in names and not settings.tracking_uri:
@@ -166,7 +164,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                 health_url=f"{url}/health",
                 url=url,
                 env={**common, **store.env, **team_env},
-                memory_hint_mb=300,
             )
         )
     for alias, port, setting in (
@@ -184,7 +181,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     health_url=f"{url}/ping",
                     url=url,
                     env={**common, **service_env(settings)},
-                    memory_hint_mb=250,
                 )
             )
     if "app" in names:
@@ -198,7 +194,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                 health_url=f"{url}/healthz",
                 url=url,
                 env={**common, **service_env(settings)},
-                memory_hint_mb=150,
             )
         )
     return specs
