@@ -168,7 +168,8 @@ def serve(
     """Serve models:/<model_name>@<alias> over HTTP, swapping in new versions as the alias moves."""
     from captchaops.serving import ServeError, run
 
-    settings = settings_for(model_name)
+    # Not settings_for: its name check imports the registry (MLflow, pandas: +110 MB per server).
+    settings = load_settings(model_name=model_name) if model_name else load_settings()
     default_port = settings.staging_port if alias == "staging" else settings.production_port
     try:
         run(settings, alias, port or default_port, host)

@@ -56,13 +56,7 @@ def create_app(
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
     metrics = ServingMetrics()
-    watcher = AliasWatcher(
-        settings.effective_tracking_uri,
-        settings.model_name,
-        alias,
-        settings.poll_seconds,
-        metrics,
-    )
+    watcher = AliasWatcher.for_settings(settings, alias, metrics)
     batcher = MicroBatcher(
         current=lambda: watcher.current,
         max_images=min(MODEL_BATCH_IMAGES, settings.max_batch_images),
