@@ -15,7 +15,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from captchaops.serving.loader import Timeouts, cache_dir_for
+from captchaops.serving.loader import Timeouts, VersionLoader, cache_dir_for
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.watcher import AliasWatcher
 from captchaops.settings import load_settings
@@ -107,15 +107,21 @@ def test_a_deleted_alias_stops_being_served_with_one_log_line(
     assert not (cache / "good.json").exists(), "a restart must not serve a deleted alias"
 
 
+class Stall:
+    """Which requests a stalling proxy holds: those whose path starts with `prefix` (None: none)."""
+
+    prefix: str | None = None
+
+
 @contextmanager
-def stalling_proxy(upstream: str) -> Iterator[tuple[str, threading.Event]]:
-    """A real HTTP proxy to `upstream` whose artifact downloads hang while the event is set."""
-    stall = threading.Event()
+def stalling_proxy(upstream: str) -> Iterator[tuple[str, Stall]]:
+    """A real HTTP proxy to `upstream` that never answers the requests `Stall.prefix` names."""
+    stall = Stall()
     release = threading.Event()
 
     class Handle(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if stall.is_set() and self.path.startswith(ARTIFACT_FILES):
+            if stall.prefix is not None and self.path.startswith(stall.prefix):
                 release.wait(120)
                 return
             resp = httpx.get(upstream + self.path, headers={"Accept": "*/*"}, timeout=30)
@@ -150,7 +156,7 @@ def test_a_hung_download_times_out_and_the_old_version_keeps_serving(
     with stalling_proxy(tracking_server.uri) as (url, stall):
         settings = load_settings(home=tmp_path, tracking_uri=url, poll_seconds=0.5)
         watcher = AliasWatcher.for_settings(
-            settings, alias, ServingMetrics(), Timeouts(download=3.0, load=60.0, warm_up=60.0)
+            settings, alias, ServingMetrics(), Timeouts(download=30.0, load=60.0, warm_up=60.0)
         )
         watcher.start()
         try:
@@ -158,9 +164,9 @@ def test_a_hung_download_times_out_and_the_old_version_keeps_serving(
             while watcher.current is None and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert watcher.current is not None and watcher.current.version == version_a
-            stall.set()
+            stall.prefix = ARTIFACT_FILES
             set_alias(tracking_server.uri, name, alias, version_b)
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while watcher.failed_version != version_b and time.monotonic() < deadline:
                 time.sleep(0.2)
             polled = watcher.last_poll_at
@@ -175,8 +181,37 @@ def test_a_hung_download_times_out_and_the_old_version_keeps_serving(
     assert len(answer) == 1 and isinstance(answer[0]["text"], str)
     assert health["failed_version"] == version_b
     assert health["alias_version"] == version_b
-    assert "took longer than 3 s" in health["last_reload_error"]
+    assert "took longer than 30 s" in health["last_reload_error"]
     assert health["status"] == "degraded" and health["reason"].startswith(
         f"keeping version {version_a}"
     )
     assert health["last_poll_error"] is None and health["poll_stale"] is False
+
+
+def test_a_registry_that_stops_answering_makes_health_stale_and_the_model_keeps_serving(
+    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path
+) -> None:
+    name, alias = tiny_model.model_name, "resilience-stale"
+    set_alias(tracking_server.uri, name, alias, tiny_model.version)
+    with stalling_proxy(tracking_server.uri) as (url, stall):
+        rest = TrackingRest(url, timeout=2.0)
+        loader = VersionLoader(rest, cache_dir_for(tmp_path, name, alias), Timeouts())
+        watcher = AliasWatcher(rest, name, alias, 0.2, ServingMetrics(), loader)
+        watcher.start()
+        try:
+            deadline = time.monotonic() + 60
+            while watcher.health()["status"] != "ok" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            fresh = watcher.health()
+            stall.prefix = "/api/2.0/mlflow/registered-models/alias"
+            while not watcher.health()["poll_stale"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            stale = watcher.health()
+            served = watcher.current
+        finally:
+            watcher.stop()
+    assert fresh["status"] == "ok" and fresh["poll_stale"] is False and fresh["reason"] is None
+    assert served is not None and served.version == tiny_model.version
+    assert stale["poll_stale"] is True
+    assert stale["status"] == "degraded" and stale["model_loaded"] is True
+    assert stale["reason"].startswith("no answer from the registry for")
