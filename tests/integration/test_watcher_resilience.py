@@ -19,7 +19,7 @@ from captchaops.serving.loader import Timeouts, VersionLoader, cache_dir_for
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.watcher import AliasWatcher
 from captchaops.settings import load_settings
-from captchaops.tracking_rest import TrackingRest
+from captchaops.tracking_rest import TrackingRest, VersionRef
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, model_server
 from tests.fixtures.stack import Tracking, start_tracking_server, stop_process
@@ -215,3 +215,15 @@ def test_a_registry_that_stops_answering_makes_health_stale_and_the_model_keeps_
     assert stale["poll_stale"] is True
     assert stale["status"] == "degraded" and stale["model_loaded"] is True
     assert stale["reason"].startswith("no answer from the registry for")
+
+
+def test_a_home_that_cannot_be_written_still_loads_without_a_copy(
+    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("the cache cannot be a folder under a file")
+    loader = VersionLoader(TrackingRest(tracking_server.uri), blocked / "cache", Timeouts())
+    loaded = loader.load(VersionRef(tiny_model.model_name, tiny_model.version, tiny_model.run_id))
+    assert loaded.model.predict_images([captcha_png()])[0]["text"] is not None
+    assert loader.last_good_version() is None
+    assert loader.load_last_good() is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ from PIL import Image
 from captchaops.model.version import open_version
 from captchaops.tracking_rest import TrackingRest, VersionRef
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 GOOD_FILE = "good.json"
 _SAFE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -104,8 +106,7 @@ class VersionLoader:
         if good is not None and good[0].version == ref.version:
             with contextlib.suppress(Exception):
                 return Loaded(ref, self._open(good[1]), time.monotonic() - started)
-        self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        folder = Path(tempfile.mkdtemp(prefix="version-", dir=self.cache_dir))
+        folder, kept = self._new_folder()
         try:
             deadline = time.monotonic() + self.timeouts.download
             local = self._within(
@@ -121,7 +122,14 @@ class VersionLoader:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        self._keep(ref, folder, local)
+        if kept:
+            try:
+                self._keep(ref, folder, local)
+            except OSError as exc:
+                log.warning("cannot keep version %s as last-known-good: %s", ref.version, exc)
+                kept = False
+        if not kept:
+            shutil.rmtree(folder, ignore_errors=True)
         return Loaded(ref, model, time.monotonic() - started)
 
     def load_last_good(self) -> Loaded | None:
@@ -139,9 +147,19 @@ class VersionLoader:
 
     def forget(self) -> None:
         """Delete the last-known-good copy (its alias no longer exists)."""
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             (self.cache_dir / GOOD_FILE).unlink()
         self._sweep(keep=None)
+
+    def _new_folder(self) -> tuple[Path, bool]:
+        """A fresh folder for a download, and whether it is inside the cache: a home that is
+        read-only or full still serves, only without a last-known-good copy."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return Path(tempfile.mkdtemp(prefix="version-", dir=self.cache_dir)), True
+        except OSError as exc:
+            log.warning("cannot keep a last-known-good copy in %s: %s", self.cache_dir, exc)
+            return Path(tempfile.mkdtemp(prefix="captchaops-version-")), False
 
     def _open(self, folder: Path) -> ImageModel:
         model: ImageModel = self._within(
@@ -207,11 +225,10 @@ class VersionLoader:
         self._sweep(keep=folder.name)
 
     def _sweep(self, keep: str | None) -> None:
-        if not self.cache_dir.is_dir():
-            return
-        for entry in self.cache_dir.iterdir():
-            if entry.is_dir() and entry.name != keep:
-                shutil.rmtree(entry, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            for entry in self.cache_dir.iterdir():
+                if entry.is_dir() and entry.name != keep:
+                    shutil.rmtree(entry, ignore_errors=True)
 
 
 def _path_part(text: str) -> str:

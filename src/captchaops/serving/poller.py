@@ -86,7 +86,10 @@ class AliasPoller:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.poll_once()
+            try:
+                self.poll_once()
+            except Exception:  # a bug in a callback must not end polling for good
+                log.exception("checking alias %s failed", self.alias)
             self._wake.wait(self.poll_seconds)
             self._wake.clear()
 

@@ -251,6 +251,8 @@ class AliasWatcher:
             if wanted is not None and not self._stop.is_set():
                 try:
                     self._load(wanted)
+                except Exception:  # a bug while swapping must not end loading for good
+                    log.exception("loading for alias %s failed", self.alias)
                 finally:
                     self.loading = None
 
