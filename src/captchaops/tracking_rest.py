@@ -93,7 +93,10 @@ class TrackingRest:
         when missing_ok is set, TrackingError for any other answer than 200."""
         resp = self.request(method, path, **kwargs)
         if resp.status_code == 200:
-            body: Any = resp.json() if resp.text.strip() else {}
+            try:
+                body: Any = resp.json() if resp.text.strip() else {}
+            except ValueError as exc:
+                raise TrackingError(f"{path} answered 200 without JSON", status=200) from exc
             return body if isinstance(body, dict) else {}
         code = _error_code(resp)
         if missing_ok and code == MISSING:

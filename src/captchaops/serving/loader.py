@@ -108,7 +108,9 @@ class VersionLoader:
                 return Loaded(ref, self._open(good[1]), time.monotonic() - started)
         folder, kept = self._new_folder()
         try:
-            deadline = time.monotonic() + self.timeouts.download
+            # The step is abandoned after `download` s; the download's own deadline, a second
+            # later, then closes its connection, so no thread is left waiting on the server.
+            deadline = time.monotonic() + self.timeouts.download + 1.0
             local = self._within(
                 self.timeouts.download,
                 f"downloading version {ref.version}",

@@ -271,6 +271,8 @@ class AliasWatcher:
         with self._lock:
             if not self._still_wanted(loaded):
                 log.info("not serving version %s: the alias moved meanwhile", loaded.ref.version)
+                if self.alias_exists is False:
+                    self.loader.forget()
                 self.poller.poll_soon()
                 return
             self.current = ServedModel(
