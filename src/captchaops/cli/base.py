@@ -43,14 +43,17 @@ ACTOR_OPTION = typer.Option(
 
 
 def settings_for(model_name: str | None) -> Settings:
-    """The settings, for the scheme named with --model-name when one is given."""
-    from captchaops.registry import RegistryError, check_model_name
+    """The settings, for the scheme named with --model-name when one is given.
+
+    The name check is MLflow-free: `serve` uses this too, and importing the registry would
+    add about 110 MB to every model server.
+    """
+    from captchaops.names import model_name_problem
 
     settings = load_settings(model_name=model_name) if model_name else load_settings()
-    try:
-        check_model_name(settings.model_name)
-    except RegistryError as exc:
-        fail(str(exc))
+    problem = model_name_problem(settings.model_name)
+    if problem:
+        fail(problem)
     return settings
 
 

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import getpass
-import re
 from datetime import UTC, datetime
 
+from captchaops.names import MODEL_NAME, RESERVED_SUFFIX, model_name_problem
 from captchaops.registry.errors import RegistryError
 
 PRODUCTION = "production"
 STAGING = "staging"
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-RESERVED_SUFFIX = ".promotion-lock"
-"""Older releases kept their lock as a registered model with this suffix; no scheme may use it."""
+__all__ = ["MODEL_NAME", "PRODUCTION", "RESERVED_SUFFIX", "STAGING", "check_model_name"]
 
 
 def check_model_name(name: str) -> str:
     """The name of a scheme's registered model, if usable; a one-line `RegistryError` if not."""
-    if not MODEL_NAME.fullmatch(name) or name.endswith(RESERVED_SUFFIX):
-        raise RegistryError(
-            f"model name {name!r} is not usable; name a scheme with 1-100 letters, digits, "
-            "'-', '_' or '.', starting with a letter or digit (e.g. --model-name bank-captcha)"
-        )
+    problem = model_name_problem(name)
+    if problem:
+        raise RegistryError(problem)
     return name
 
 
