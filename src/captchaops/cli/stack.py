@@ -40,12 +40,17 @@ def down() -> None:
 def status() -> None:
     """Show each service (pid, URL, health, memory) and the effective settings."""
     from captchaops.console import services_table, settings_table
-    from captchaops.stack import control
+    from captchaops.stack import control, webhooks
 
     settings = load_settings()
     rows = control.status(settings)
     console.print(services_table(rows))
     console.print(f"total RSS: {sum(row.rss_mb for row in rows):.0f} MB")
+    serving = tuple(r.name for r in rows if r.name in webhooks.SERVED_ALIASES and r.healthy)
+    swaps = webhooks.swap_lines(settings, serving)
+    if swaps:
+        line = "; ".join(f"{alias} {how}" for alias, how in swaps.items())
+        console.print(f"swaps: {line}", highlight=False)
     console.print(settings_table(settings.masked()))
 
 

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from captchaops.serving import invocations
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
 from captchaops.serving.watcher import AliasWatcher, ServedModel
+from captchaops.serving.webhook import WebhookReceiver
 from captchaops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ def create_app(
             Route("/version", version, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
             Route("/reload", reload, methods=["POST"]),
+            Route(
+                "/webhook",
+                WebhookReceiver.for_settings(settings, watcher, metrics).handle,
+                methods=["POST"],
+            ),
         ],
         middleware=[Middleware(ModelHeaders, watcher=watcher)],
         exception_handlers={HTTPException: http_error},

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 STALE_POLLS = 5
 """Polls in a row without an answer after which `/health` calls the alias stale."""
 
+TIMER = "poll"
+"""The cause of a check that the timer started (others: "webhook", "reload")."""
+
 
 class AliasPoller:
     """Asks the registry where `name@alias` points, every `poll_seconds`, in a thread of its own."""
@@ -25,22 +28,29 @@ class AliasPoller:
         name: str,
         alias: str,
         poll_seconds: float,
-        on_answer: Callable[[VersionRef | None], None],
+        on_answer: Callable[[VersionRef | None, str], None],
         on_failure: Callable[[str], None],
     ) -> None:
         self.rest = rest
         self.name = name
         self.alias = alias
-        self.poll_seconds = poll_seconds
         self.on_answer = on_answer
         self.on_failure = on_failure
-        self.stale_after = max(STALE_POLLS * poll_seconds, rest.timeout + poll_seconds)
+        self.poll_seconds = poll_seconds
+        self.stale_after = 0.0
+        self.set_interval(poll_seconds)
         self.last_poll_at: str | None = None
         self.last_error: str | None = None
         self._last_success = time.monotonic()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._cause = TIMER
         self._thread: threading.Thread | None = None
+
+    def set_interval(self, poll_seconds: float) -> None:
+        """Check every `poll_seconds` from the next tick on (and call the alias stale later)."""
+        self.poll_seconds = poll_seconds
+        self.stale_after = max(STALE_POLLS * poll_seconds, self.rest.timeout + poll_seconds)
 
     def start(self) -> None:
         """Poll in a daemon thread; the first poll happens at once."""
@@ -56,12 +66,14 @@ class AliasPoller:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def poll_soon(self) -> None:
-        """Poll now instead of at the next tick."""
+    def poll_soon(self, cause: str = "reload") -> None:
+        """Poll now instead of at the next tick; `cause` is passed on with the answer."""
+        self._cause = cause
         self._wake.set()
 
-    def poll_once(self) -> None:
-        """Ask the registry once and report the answer (None: no such alias) or the failure."""
+    def poll_once(self, cause: str = TIMER) -> None:
+        """Ask the registry once and report the answer (None: no such alias) with `cause`, or
+        the failure."""
         try:
             ref = self.rest.alias_version(self.name, self.alias)
         except Exception as exc:
@@ -74,7 +86,7 @@ class AliasPoller:
         self.last_poll_at = _now()
         self.last_error = None
         self._last_success = time.monotonic()
-        self.on_answer(ref)
+        self.on_answer(ref, cause)
 
     def silent_seconds(self) -> float:
         """Seconds since the registry last answered (since start, before its first answer)."""
@@ -85,13 +97,65 @@ class AliasPoller:
         return self.silent_seconds() > self.stale_after
 
     def _loop(self) -> None:
+        cause = TIMER
         while not self._stop.is_set():
             try:
-                self.poll_once()
+                self.poll_once(cause)
             except Exception:  # a bug in a callback must not end polling for good
                 log.exception("checking alias %s failed", self.alias)
-            self._wake.wait(self.poll_seconds)
+            woken = self._wake.wait(self.poll_seconds)
             self._wake.clear()
+            cause, self._cause = (self._cause if woken else TIMER), TIMER
+
+
+class SwapMode:
+    """Whether webhooks or the timer drive swaps, and the poller's interval to match."""
+
+    def __init__(
+        self, poller: AliasPoller, poll_seconds: float, webhook_poll_seconds: float | None
+    ) -> None:
+        self.poller = poller
+        self.poll_seconds = poll_seconds
+        self.webhook_poll_seconds = max(poll_seconds, webhook_poll_seconds or poll_seconds)
+        self.last_webhook_at: str | None = None
+        self._seen = 0.0
+
+    @property
+    def mode(self) -> str:
+        """ "webhooks" once a verified delivery arrived (until `fall_back`), else "polling"."""
+        return "webhooks" if self._seen else "polling"
+
+    def delivered(self) -> None:
+        """A verified webhook arrived (for any model: it proves the tracking server reaches this
+        server with the right secret); the timer relaxes to the safety-net interval."""
+        first = not self._seen
+        self._seen = time.monotonic()
+        self.last_webhook_at = _now()
+        if first:
+            self.poller.set_interval(self.webhook_poll_seconds)
+            log.info(
+                "webhooks reach this server: swapping on delivery, checking the alias every "
+                "%g s as a safety net",
+                self.webhook_poll_seconds,
+            )
+
+    def fall_back(self, why: str) -> None:
+        """Webhooks stopped arriving: poll every `poll_seconds` again until the next delivery."""
+        if self._seen:
+            self._seen = 0.0
+            self.poller.set_interval(self.poll_seconds)
+            log.warning(
+                "%s; checking it every %g s until a webhook arrives", why, self.poll_seconds
+            )
+
+    def describe(self) -> dict[str, object]:
+        """The `/health` fields: swap_mode, poll_seconds, last_webhook_at, last_webhook_age_s."""
+        return {
+            "swap_mode": self.mode,
+            "poll_seconds": self.poller.poll_seconds,
+            "last_webhook_at": self.last_webhook_at,
+            "last_webhook_age_s": round(time.monotonic() - self._seen, 1) if self._seen else None,
+        }
 
 
 def one_line(exc: BaseException, limit: int = 500) -> str:

@@ -1,6 +1,9 @@
 """The model an alias points to, kept current by two threads: a poller asks the registry where
 the alias points, a loader swaps that version in (`captchaops.serving.loader`). A hung or slow
-load never stops polling, and `/health` says when either falls behind."""
+load never stops polling, and `/health` says when either falls behind.
+
+A verified MLflow webhook (`captchaops.serving.webhook`) makes the poller ask at once; while
+webhooks arrive the timer only checks every `webhook_poll_seconds`, as a safety net."""
 
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from captchaops.serving.loader import (
     cache_dir_for,
 )
 from captchaops.serving.metrics import ServingMetrics
-from captchaops.serving.poller import AliasPoller, one_line
+from captchaops.serving.poller import TIMER, AliasPoller, SwapMode, one_line
 from captchaops.settings import Settings
 from captchaops.tracking_rest import TrackingRest, VersionRef
 
@@ -74,6 +77,7 @@ class AliasWatcher:
         metrics: ServingMetrics,
         loader: VersionLoader,
         retry_failed_seconds: float = 60.0,
+        webhook_poll_seconds: float | None = None,
     ) -> None:
         self.name = name
         self.alias = alias
@@ -88,7 +92,9 @@ class AliasWatcher:
         self.dropped_version: str | None = None
         self.loading: VersionRef | None = None
         self._failed_at = 0.0
+        self.last_swap: dict[str, Any] | None = None
         self._wanted: VersionRef | None = None
+        self._wanted_cause = TIMER
         self._tried_last_good = False
         self._logged_failure: str | None = None
         self._lock = threading.Lock()
@@ -98,6 +104,8 @@ class AliasWatcher:
         self.poller = AliasPoller(
             rest, name, alias, poll_seconds, self._on_answer, self._on_failure
         )
+        self.swaps = SwapMode(self.poller, poll_seconds, webhook_poll_seconds)
+        self.webhook_delivered = self.swaps.delivered
 
     @classmethod
     def for_settings(
@@ -111,7 +119,15 @@ class AliasWatcher:
         rest = TrackingRest.for_settings(settings, POLL_TIMEOUT_S)
         cache = cache_dir_for(settings.home_dir, settings.model_name, alias)
         loader = VersionLoader(rest, cache, timeouts or Timeouts())
-        return cls(rest, settings.model_name, alias, settings.poll_seconds, metrics, loader)
+        return cls(
+            rest,
+            settings.model_name,
+            alias,
+            settings.poll_seconds,
+            metrics,
+            loader,
+            webhook_poll_seconds=settings.webhook_poll_seconds,
+        )
 
     @property
     def last_poll_at(self) -> str | None:
@@ -137,9 +153,9 @@ class AliasWatcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def poll_soon(self) -> None:
-        """Check the alias now instead of at the next tick."""
-        self.poller.poll_soon()
+    def poll_soon(self, cause: str = "reload") -> None:
+        """Check the alias now instead of at the next tick; `cause` names what asked."""
+        self.poller.poll_soon(cause)
 
     def health(self) -> dict[str, Any]:
         """What `/health` answers (besides process facts): a status and the reason for it."""
@@ -180,11 +196,17 @@ class AliasWatcher:
             "poll_stale": stale,
             "last_reload_error": self.last_reload_error,
             "failed_version": self.failed_version,
+            **self.swaps.describe(),
+            "last_swap": self.last_swap,
         }
 
-    def _on_answer(self, ref: VersionRef | None) -> None:
+    def _on_answer(self, ref: VersionRef | None, cause: str = TIMER) -> None:
         self._logged_failure = None
         with self._lock:
+            if cause == TIMER and self.alias_exists is None:
+                cause = "startup"
+            elif cause == TIMER and self.swaps.mode == "webhooks":
+                self._check_missed_webhook(ref)
             if ref is None:
                 self._alias_gone()
                 return
@@ -203,7 +225,14 @@ class AliasWatcher:
                 time.monotonic() - self._failed_at < self.retry_failed_seconds
             ):
                 return
-            self._want(ref)
+            self._want(ref, cause)
+
+    def _check_missed_webhook(self, ref: VersionRef | None) -> None:
+        """The timer found the alias moved (or gone) though no webhook said so: webhooks no longer
+        arrive, so check every `poll_seconds` again until the next delivery (under the lock)."""
+        moved = (ref.version if ref else None) != self.target_version
+        if moved and not (ref is None and self.alias_exists is False):
+            self.swaps.fall_back(f"alias {self.alias} moved without a webhook")
 
     def _alias_gone(self) -> None:
         """The registry says the alias does not exist (any more): serve nothing, keep nothing."""
@@ -235,10 +264,11 @@ class AliasWatcher:
         with self._lock:
             if self.current is None and self.alias_exists is None and not self._tried_last_good:
                 self._tried_last_good = True
-                self._want(_LAST_GOOD)
+                self._want(_LAST_GOOD, "last_known_good")
 
-    def _want(self, ref: VersionRef) -> None:
+    def _want(self, ref: VersionRef, cause: str) -> None:
         self._wanted = ref
+        self._wanted_cause = cause
         self._wake.set()
 
     def _loop(self) -> None:
@@ -247,16 +277,17 @@ class AliasWatcher:
             self._wake.clear()
             with self._lock:
                 wanted, self._wanted = self._wanted, None
+                cause = self._wanted_cause
                 self.loading = wanted
             if wanted is not None and not self._stop.is_set():
                 try:
-                    self._load(wanted)
+                    self._load(wanted, cause)
                 except Exception:  # a bug while swapping must not end loading for good
                     log.exception("loading for alias %s failed", self.alias)
                 finally:
                     self.loading = None
 
-    def _load(self, wanted: VersionRef) -> None:
+    def _load(self, wanted: VersionRef, cause: str) -> None:
         last_good = wanted is _LAST_GOOD
         what = "the last-known-good copy" if last_good else f"version {wanted.version}"
         log.info("loading %s of %s for alias %s", what, self.name, self.alias)
@@ -273,7 +304,7 @@ class AliasWatcher:
                 log.info("not serving version %s: the alias moved meanwhile", loaded.ref.version)
                 if self.alias_exists is False:
                     self.loader.forget()
-                self.poller.poll_soon()
+                self.poller.poll_soon("recheck")
                 return
             self.current = ServedModel(
                 name=self.name,
@@ -285,6 +316,7 @@ class AliasWatcher:
                 model=loaded.model,
                 last_known_good=loaded.last_known_good,
             )
+            self.last_swap = {"version": loaded.ref.version, "cause": cause, "at": _now()}
             self._clear_failure()
         gc.freeze()
         self.metrics.reloads.labels("success").inc()
@@ -296,7 +328,7 @@ class AliasWatcher:
                 loaded.ref.version,
             )
         else:
-            log.info("now serving %s version %s", self.name, loaded.ref.version)
+            log.info("now serving %s version %s (%s)", self.name, loaded.ref.version, cause)
 
     def _still_wanted(self, loaded: Loaded) -> bool:
         """Whether the alias still points where this load began (called under the lock)."""

@@ -14,7 +14,7 @@ import httpx
 
 from captchaops.harness.processes import rss_mb
 from captchaops.settings import Settings, client_host_for
-from captchaops.stack import supervisor
+from captchaops.stack import supervisor, webhooks
 from captchaops.stack.services import ALL, Service, build_services, team_secrets
 from captchaops.stack.store import Store, choose_store, ensure_bucket
 
@@ -81,6 +81,8 @@ def up(
 def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) -> list[Service]:
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     settings.home_dir.chmod(0o700)  # secrets, the sqlite database and logs live here
+    if settings.webhooks:
+        settings = webhooks.ensure_secrets(settings)
     store, settings, services = resolve(settings)
     say(store.describe(settings))
     running_before = supervisor.is_running(settings)
@@ -99,6 +101,7 @@ def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) 
     if store.kind == "s3" and ensure_bucket(store, settings):
         say(f"created bucket {settings.s3_bucket}")
     if not todo:
+        _register_webhooks(settings, wanted, say)
         return wanted
     if not running_before:
         supervisor.start_daemon(settings, services)
@@ -118,7 +121,16 @@ def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) 
     except BaseException:
         _undo(settings, started, stop_daemon=not running_before)
         raise
+    _register_webhooks(settings, wanted, say)
     return wanted
+
+
+def _register_webhooks(
+    settings: Settings, wanted: list[Service], say: Callable[[str], None]
+) -> None:
+    """Point an alias webhook at each model server `up` runs (created once, then updated)."""
+    aliases = tuple(svc.name for svc in wanted if svc.name in webhooks.SERVED_ALIASES)
+    webhooks.report(webhooks.register(settings, aliases), settings, say)
 
 
 def _wait_healthy(settings: Settings, svc: Service) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from captchaops.settings import Settings, client_host_for, ensure_secret, write_private
 from captchaops.stack.store import Store
+from captchaops.stack.webhooks import tracking_env
 
 CORE = ("store", "tracking")
 ALL = ("store", "tracking", "production", "staging", "app")
@@ -163,7 +164,7 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                 port_setting="CAPTCHAOPS_TRACKING_PORT",
                 health_url=f"{url}/health",
                 url=url,
-                env={**common, **store.env, **team_env},
+                env={**common, **store.env, **team_env, **tracking_env(settings)},
             )
         )
     for alias, port, setting in (

@@ -1,0 +1,169 @@
+"""`POST /webhook`: MLflow's alias webhooks, verified, make the model server check its alias now.
+
+MLflow signs each delivery as Standard Webhooks do (`mlflow/webhooks/delivery.py`):
+`X-MLflow-Signature: v1,<base64 HMAC-SHA256 of "<delivery id>.<timestamp>.<body>">` with the
+webhook's secret, `X-MLflow-Timestamp` in Unix seconds and `X-MLflow-Delivery-Id`. A delivery
+without a valid signature, or older (or newer) than `TOLERANCE_S`, gets 401 and changes nothing.
+A verified one for this server's model and alias only wakes the poller: the version is re-read
+from the registry through the REST client and loaded with every check, never taken from the
+payload. Deliveries for other models or aliases are answered 200 (so MLflow does not retry)
+and ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from prometheus_client import Counter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from captchaops.serving.metrics import ServingMetrics
+from captchaops.serving.watcher import AliasWatcher
+from captchaops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-MLflow-Signature"
+TIMESTAMP_HEADER = "X-MLflow-Timestamp"
+DELIVERY_ID_HEADER = "X-MLflow-Delivery-Id"
+SIGNATURE_VERSION = "v1"
+TOLERANCE_S = 300
+"""How far a delivery's timestamp may be from this server's clock (Standard Webhooks' 5 min)."""
+MAX_BODY_BYTES = 64 * 1024
+SEEN_IDS = 1024
+"""Delivery ids remembered to answer a replay of a verified delivery without acting on it."""
+ALIAS_ENTITY = "model_version_alias"
+
+
+def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
+    """The `X-MLflow-Signature` value MLflow sends for these headers and body."""
+    content = f"{delivery_id}.{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), content, hashlib.sha256).digest()
+    return f"{SIGNATURE_VERSION},{base64.b64encode(digest).decode()}"
+
+
+def verify(
+    secret: str, headers: dict[str, str], body: bytes, now: float | None = None
+) -> str | None:
+    """None when the delivery is signed with `secret` within TOLERANCE_S, else why it is not."""
+    delivery_id = headers.get(DELIVERY_ID_HEADER.lower(), "")
+    timestamp = headers.get(TIMESTAMP_HEADER.lower(), "")
+    signatures = headers.get(SIGNATURE_HEADER.lower(), "")
+    if not (delivery_id and timestamp and signatures):
+        return f"missing {SIGNATURE_HEADER}, {TIMESTAMP_HEADER} or {DELIVERY_ID_HEADER}"
+    try:
+        sent = int(timestamp)
+    except ValueError:
+        return f"{TIMESTAMP_HEADER} is not Unix seconds"
+    if abs((time.time() if now is None else now) - sent) > TOLERANCE_S:
+        return f"{TIMESTAMP_HEADER} is more than {TOLERANCE_S} s from this server's clock"
+    expected = sign(secret, delivery_id, timestamp, body).encode()
+    # Standard Webhooks allows several space-separated signatures (during a secret rotation).
+    if any(hmac.compare_digest(expected, given.encode()) for given in signatures.split()):
+        return None
+    return "the signature does not match this server's webhook secret"
+
+
+class WebhookReceiver:
+    """Checks deliveries for one model server and tells its watcher about the verified ones."""
+
+    def __init__(self, secret: str | None, watcher: AliasWatcher, metrics: ServingMetrics):
+        self.secret = secret
+        self.watcher = watcher
+        self.deliveries = Counter(
+            "captchaops_webhook_deliveries",
+            "Webhook deliveries, by outcome (accepted, ignored, duplicate, refused).",
+            ["outcome"],
+            registry=metrics.registry,
+        )
+        for outcome in ("accepted", "ignored", "duplicate", "refused"):
+            self.deliveries.labels(outcome)
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, watcher: AliasWatcher, metrics: ServingMetrics
+    ) -> WebhookReceiver:
+        """A receiver with the home's webhook secret (none when webhooks are switched off)."""
+        secret = settings.webhook_secret if settings.webhooks else None
+        return cls(secret.get_secret_value() if secret else None, watcher, metrics)
+
+    async def handle(self, request: Request) -> Response:
+        """Verify a delivery; on this server's alias, check the registry now."""
+        if not self.secret:
+            return _answer(
+                404, "webhooks_off", "this server has no webhook secret (CAPTCHAOPS_WEBHOOK_SECRET)"
+            )
+        body = await _read_capped(request)
+        if body is None:
+            return _answer(413, "too_large", f"a webhook body is at most {MAX_BODY_BYTES} bytes")
+        reason = verify(self.secret, dict(request.headers), body)
+        if reason is not None:
+            self.deliveries.labels("refused").inc()
+            log.warning("refused a webhook from %s: %s", _client(request), reason)
+            return _answer(401, "bad_signature", reason)
+        self.watcher.webhook_delivered()
+        delivery_id = request.headers[DELIVERY_ID_HEADER]
+        if delivery_id in self._seen:
+            self.deliveries.labels("duplicate").inc()
+            return JSONResponse({"status": "duplicate"})
+        self._remember(delivery_id)
+        try:
+            event = json.loads(body)
+        except ValueError:
+            return _answer(400, "bad_json", "the webhook body is not JSON")
+        if not self._ours(event):
+            self.deliveries.labels("ignored").inc()
+            return JSONResponse({"status": "ignored", "reason": "not this server's model alias"})
+        self.deliveries.labels("accepted").inc()
+        self.watcher.poll_soon("webhook")
+        return JSONResponse({"status": "checking"}, status_code=202)
+
+    def _ours(self, event: Any) -> bool:
+        if not isinstance(event, dict) or event.get("entity") != ALIAS_ENTITY:
+            return False
+        data = event.get("data")
+        return (
+            isinstance(data, dict)
+            and data.get("name") == self.watcher.name
+            and data.get("alias") == self.watcher.alias
+        )
+
+    def _remember(self, delivery_id: str) -> None:
+        self._seen[delivery_id] = None
+        while len(self._seen) > SEEN_IDS:
+            self._seen.popitem(last=False)
+
+
+async def _read_capped(request: Request) -> bytes | None:
+    """The body, or None when it is (or says it is) larger than MAX_BODY_BYTES."""
+    try:
+        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+            return None
+    except ValueError:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _answer(status: int, error: str, detail: str) -> Response:
+    """The JSON body every model-server refusal carries (as `invocations.error_response`)."""
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
