@@ -23,6 +23,7 @@ from captchaops.harness.processes import (
     start_tracking_server,
     stop_process,
 )
+from captchaops.harness.stack import PrivateStack
 from captchaops.serving.webhook import sign
 from captchaops.settings import Settings, load_settings
 from captchaops.stack import webhooks
@@ -231,3 +232,30 @@ def test_a_server_that_refuses_webhooks_leaves_polling(
     lines: list[str] = []
     webhooks.report(result, settings, lines.append)
     assert all("keeps polling every 2 s" in line for line in lines), lines
+
+
+def test_up_registers_once_and_status_names_the_swap_mode(tmp_path: Path) -> None:
+    """`captchaops up` as users run it: the tracking server it starts delivers to loopback,
+    re-running `up` updates rather than adds, and `status` says webhooks are in use."""
+    stack = PrivateStack.create(tmp_path / "home")
+    try:
+        first = stack.up().stdout
+        for alias in ("production", "staging"):
+            assert f"{stack.url(alias)}/webhook (created, test delivery verified)" in first, first
+        assert (stack.home / ".env").stat().st_mode & 0o777 == 0o600
+        again = stack.cli("up")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.count("(updated, test delivery verified)") == 2, again.stdout
+        settings = stack.settings()
+        names = sorted(str(w["name"]) for w in _ours(settings))
+        assert names == [webhooks.webhook_name(settings, a) for a in ("production", "staging")]
+        status = stack.cli("status")
+        assert status.returncode == 0, status.stderr
+        swaps = next(line for line in status.stdout.splitlines() if line.startswith("swaps:"))
+        assert "production webhooks (last delivery" in swaps, swaps
+        assert "staging webhooks (last delivery" in swaps, swaps
+        assert "********" in status.stdout  # the new secrets are masked like the others
+        assert settings.webhook_secret is not None
+        assert settings.webhook_secret.get_secret_value() not in status.stdout
+    finally:
+        stack.down()

@@ -151,8 +151,8 @@ def _test(rest: TrackingRest, alias: str, url: str, webhook_id: str, done: str) 
         return Registration(alias, url, True, f"{done}, test delivery verified")
     status = result.get("response_status")
     detail = " ".join(str(result.get("response_body") or result.get("error_message")).split())
-    if status == 401:
-        detail = "the server does not know the webhook secret (restart it: it started before `up` made one)"
+    if status in (401, 404):
+        detail = "the server does not know the webhook secret; restart it (captchaops down; up)"
     return Registration(
         alias, url, False, f"{done}, but the test delivery failed: HTTP {status} {detail[:200]}"
     )
