@@ -8,8 +8,9 @@ A private tracking server started with `up`'s webhook settings (sqlite), a model
 few seconds at the demo architecture, or copied from --model-dir), then one model server per
 mode: polling every 2 s (no webhook), and webhooks (registered as `up` registers them, timer at
 its 30 s safety-net interval). Under load from 8 clients in a process of their own, the alias
-moves N times to a freshly registered version (never cached); each move is timed from just
-before the registry call to the first 200 carrying the new X-Model-Version.
+moves N times, at random phases of the poll, to a freshly registered version (never cached);
+each move is timed from just before the registry call to the first 200 carrying the new
+X-Model-Version.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import tempfile
@@ -38,15 +40,16 @@ SETTLE_S = 3.0
 """Load before the first move and between moves (the new version's answers, then steady)."""
 
 
-def move_alias(tracking_uri: str, version: str) -> float:
-    """Point production at `version`; the wall-clock time just before the call."""
+def move_alias(tracking_uri: str, version: str) -> tuple[float, float]:
+    """Point production at `version`; the wall-clock time just before the call, and how long
+    the registry took to answer it."""
     moved = time.time()
     httpx.post(
         f"{tracking_uri}/api/2.0/mlflow/registered-models/alias",
         json={"name": MODEL_NAME, "alias": "production", "version": version},
         timeout=30,
     ).raise_for_status()
-    return moved
+    return moved, time.time() - moved
 
 
 def measure_mode(
@@ -55,17 +58,23 @@ def measure_mode(
     """Move the alias `moves` times under load; seconds to the first new answer per move,
     failed requests, and the server's own load seconds per swap."""
     fresh = [copy_version(tracking_uri, MODEL_NAME, source) for _ in range(moves)]
-    seconds = SETTLE_S + moves * (SETTLE_S + 3.0)
+    seconds = SETTLE_S + moves * (SETTLE_S + 5.0)
     box: dict[str, LoadResult] = {}
     load = threading.Thread(
         target=lambda: box.setdefault("r", run_load(url, concurrency, seconds, body))
     )
     load.start()
     moved_at: list[float] = []
+    calls: list[float] = []
     load_s: list[float] = []
+    jitter = random.Random(7)
     time.sleep(SETTLE_S)
     for version in fresh:
-        moved_at.append(move_alias(tracking_uri, version))
+        # Moves at random phases of the 2 s poll: evenly spaced moves would all land at one.
+        time.sleep(jitter.uniform(0.0, 2.0))
+        moved, call = move_alias(tracking_uri, version)
+        moved_at.append(moved)
+        calls.append(call)
         deadline = time.monotonic() + SETTLE_S + 3.0
         while time.monotonic() < deadline:
             answer = httpx.get(f"{url}/version", timeout=5).json()
@@ -80,6 +89,11 @@ def measure_mode(
     for version, moved in zip(fresh, moved_at, strict=True):
         firsts = [t for t, v in result.versions if v == version and t >= moved]
         swaps.append(min(firsts) - moved if firsts else float("inf"))
+    print(
+        f"  registry call per move: {', '.join(f'{c:.2f}' for c in calls)} s; server load+warm-up "
+        f"per swap: {', '.join(f'{x:.2f}' for x in load_s)} s",
+        flush=True,
+    )
     return swaps, result.failed, load_s
 
 

@@ -171,6 +171,33 @@ class TrackingRest:
             budget -= self._fetch(f"{root}/{relative}", target, budget, deadline)
         return dest
 
+    def download_files(
+        self,
+        artifact_uri: str,
+        dest: Path,
+        relatives: list[str],
+        *,
+        deadline: float | None = None,
+        max_bytes: int = MAX_DOWNLOAD_BYTES,
+    ) -> None:
+        """Copy the named files below a proxied (`mlflow-artifacts:/`) `artifact_uri` into
+        `dest`, one request each, without listing the tree; TrackingError for other schemes, a
+        missing file or a path that leaves its folder."""
+        parsed = urlparse(artifact_uri)
+        if parsed.scheme != "mlflow-artifacts" or parsed.netloc:
+            raise TrackingError(f"{parsed.scheme or 'this'} artifact URIs are not proxied")
+        root = parsed.path.strip("/")
+        budget = max_bytes
+        for relative in relatives:
+            parts = PurePosixPath(relative).parts
+            target = (dest / relative).resolve()
+            if not relative or relative.startswith("/") or ".." in parts:
+                raise TrackingError(f"the artifact path {relative!r} leaves its folder")
+            if not target.is_relative_to(dest.resolve()):
+                raise TrackingError(f"the artifact path {relative!r} leaves its folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            budget -= self._fetch(f"{root}/{relative}", target, budget, deadline)
+
     def run_artifact_uri(self, runs_uri: str) -> str:
         """`runs:/<run_id>/<path>` as the artifact store's URI of that path."""
         run_id, _, path = runs_uri.removeprefix("runs:/").strip("/").partition("/")

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 
 from captchaops.settings import load_settings
 from captchaops.tracking_rest import (
+    ARTIFACTS,
     ArtifactTooLarge,
     TrackingError,
     TrackingRest,
@@ -177,6 +178,29 @@ def test_a_listing_that_leaves_its_folder_is_refused(tmp_path: Path) -> None:
     with http_server(answer) as url, pytest.raises(TrackingError, match="unsafe path"):
         TrackingRest(url).download_artifacts("mlflow-artifacts:/1/x", tmp_path / "a" / "b")
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_named_files_download_alone_and_may_not_leave_their_folder(tmp_path: Path) -> None:
+    asked: list[str] = []
+
+    def answer(request: BaseHTTPRequestHandler) -> tuple[int, bytes]:
+        asked.append(request.path)
+        return 200, b"payload of " + request.path.encode()
+
+    with http_server(answer) as url:
+        rest = TrackingRest(url)
+        rest.download_files("mlflow-artifacts:/1/m", tmp_path / "ok", ["MLmodel", "a/b.onnx"])
+        for bad in ("../escaped", "/etc/passwd", "a/../../x"):
+            with pytest.raises(TrackingError, match="leaves its folder"):
+                rest.download_files("mlflow-artifacts:/1/m", tmp_path / "bad", [bad])
+        with pytest.raises(TrackingError, match="not proxied"):
+            rest.download_files("s3://bucket/m", tmp_path / "s3", ["MLmodel"])
+    assert asked == [f"{ARTIFACTS}/1/m/MLmodel", f"{ARTIFACTS}/1/m/a/b.onnx"]
+    assert files_under(tmp_path / "ok") == {
+        "MLmodel": f"payload of {ARTIFACTS}/1/m/MLmodel".encode(),
+        "a/b.onnx": f"payload of {ARTIFACTS}/1/m/a/b.onnx".encode(),
+    }
+    assert not (tmp_path / "bad").exists() or files_under(tmp_path / "bad") == {}
 
 
 def test_a_silent_server_times_out_instead_of_hanging(tmp_path: Path) -> None:

@@ -23,13 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import sha256
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
+import yaml
 from PIL import Image
 
-from captchaops.model.version import open_version
-from captchaops.tracking_rest import TrackingRest, VersionRef
+from captchaops.model.version import MAX_META_BYTES, META_ARTIFACT, ONNX_ARTIFACT, open_version
+from captchaops.tracking_rest import (
+    ArtifactTooLarge,
+    TrackingError,
+    TrackingRest,
+    TrackingUnreachable,
+    VersionRef,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,9 +121,7 @@ class VersionLoader:
             local = self._within(
                 self.timeouts.download,
                 f"downloading version {ref.version}",
-                lambda: self.rest.download_artifacts(
-                    self.rest.download_uri(ref.name, ref.version), folder, deadline=deadline
-                ),
+                lambda: self._download(ref, folder, deadline),
             )
             if not local.resolve().is_relative_to(folder.resolve()):
                 raise LoadError(f"version {ref.version} was downloaded outside its folder")
@@ -162,6 +167,24 @@ class VersionLoader:
         except OSError as exc:
             log.warning("cannot keep a last-known-good copy in %s: %s", self.cache_dir, exc)
             return Path(tempfile.mkdtemp(prefix="captchaops-version-")), False
+
+    def _download(self, ref: VersionRef, folder: Path, deadline: float) -> Path:
+        """The files of `ref` the server reads (MLmodel, then the ONNX network and meta.json it
+        names: three requests), or the whole tree where that is not possible."""
+        uri = self.rest.download_uri(ref.name, ref.version)
+        try:
+            self.rest.download_files(uri, folder, ["MLmodel"], deadline=deadline)
+            needed = _served_files(folder / "MLmodel")
+            if needed:
+                self.rest.download_files(uri, folder, needed, deadline=deadline)
+                return folder
+        except (TrackingUnreachable, ArtifactTooLarge):
+            raise
+        except TrackingError:
+            pass  # not proxied, or no such file: the whole tree, and the checks say what is wrong
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(mode=0o700)
+        return self.rest.download_artifacts(uri, folder, deadline=deadline)
 
     def _open(self, folder: Path) -> ImageModel:
         model: ImageModel = self._within(
@@ -231,6 +254,21 @@ class VersionLoader:
             for entry in self.cache_dir.iterdir():
                 if entry.is_dir() and entry.name != keep:
                     shutil.rmtree(entry, ignore_errors=True)
+
+
+def _served_files(mlmodel: Path) -> list[str]:
+    """The ONNX network's and meta.json's paths as MLmodel names them ([] when it names no safe
+    pair: the caller then downloads everything and the version checks explain)."""
+    try:
+        if mlmodel.stat().st_size > MAX_META_BYTES:
+            return []
+        spec = yaml.safe_load(mlmodel.read_text())
+        artifacts = spec["flavors"]["python_function"]["artifacts"]
+        paths = [str(artifacts[name]["path"]) for name in (ONNX_ARTIFACT, META_ARTIFACT)]
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError):
+        return []
+    safe = all(p and not p.startswith("/") and ".." not in PurePosixPath(p).parts for p in paths)
+    return paths if safe else []
 
 
 def _path_part(text: str) -> str:
