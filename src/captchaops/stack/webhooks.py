@@ -57,8 +57,9 @@ def tracking_env(settings: Settings) -> dict[str, str]:
 
     MLflow only delivers to https URLs of public addresses unless told otherwise, and encrypts
     stored secrets with a key it generates per process unless given one, which a restart or a
-    second worker could not read. The webhook list is cached for 60 s by default; 5 s lets a
-    webhook registered by `up` receive the next alias move.
+    second worker could not read. MLflow caches the list of webhooks per event for 60 s by
+    default, so a webhook registered by `up` would miss moves for up to a minute after any earlier
+    alias event; alias moves are rare, so the list is read from the database at each one.
     """
     key = settings.webhook_encryption_key
     if not settings.webhooks or key is None:
@@ -67,7 +68,7 @@ def tracking_env(settings: Settings) -> dict[str, str]:
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key.get_secret_value(),
-        "MLFLOW_WEBHOOK_CACHE_TTL": "5",
+        "MLFLOW_WEBHOOK_CACHE_TTL": "0",
         "MLFLOW_WEBHOOK_REQUEST_TIMEOUT": "10",
     }
 
