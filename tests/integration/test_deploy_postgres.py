@@ -135,3 +135,68 @@ def test_mlflow_builds_its_tables_as_that_role(cluster: Cluster, tmp_path: Path)
         "SELECT count(*) FROM pg_tables WHERE tableowner = 'mlflow'",
     )
     assert int(tables.stdout.strip()) > 10
+    store.engine.dispose()
+    auth.engine.dispose()
+
+
+def test_the_documented_restore_works_without_a_superuser_mlflow(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """docs/operations.md#restore: `postgres` recreates the databases, `mlflow` restores."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore as AuthStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    before = SqlAlchemyStore(cluster.uri("mlflow"), str(tmp_path / "artifacts"))
+    before.create_experiment("kept")
+    before.engine.dispose()
+    auth = AuthStore()
+    auth.init_db(cluster.uri("mlflow_auth"))
+    auth.create_user("restored", "a-password-of-twelve", is_admin=False)
+    auth.engine.dispose()
+    tcp = ["-h", "127.0.0.1", "-p", str(cluster.port)]
+    local = ["-h", str(cluster.root), "-p", str(cluster.port)]
+    env = {**os.environ, "PGPASSWORD": MLFLOW_PASSWORD}
+    dumps = {}
+    for db in ("mlflow", "mlflow_auth"):
+        dump = subprocess.run(
+            [str(cluster.bin / "pg_dump"), *tcp, "-U", "mlflow", "-Fc", db],
+            env=env,
+            capture_output=True,
+            check=True,
+        )
+        dumps[db] = dump.stdout
+    for db, data in dumps.items():
+        for step in (
+            ["dropdb", *local, "-U", "postgres", "--if-exists", db],
+            ["createdb", *local, "-U", "postgres", "-O", "mlflow", db],
+            [
+                "psql", *local, "-U", "postgres", "-d", db, "-v", "ON_ERROR_STOP=1",
+                "-c", f"REVOKE ALL ON DATABASE {db} FROM PUBLIC",
+                "-c", "ALTER SCHEMA public OWNER TO mlflow",
+                "-c", "REVOKE ALL ON SCHEMA public FROM PUBLIC",
+            ],
+        ):  # fmt: skip
+            done = subprocess.run(
+                _as_postgres([str(cluster.bin / step[0]), *step[1:]]),
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0, (step, done.stderr)
+        restore = [
+            str(cluster.bin / "pg_restore"), *local, "-U", "mlflow", "-d", db,
+            "--no-owner", "--exit-on-error",
+        ]  # fmt: skip
+        restored = subprocess.run(_as_postgres(restore), input=data, capture_output=True)
+        assert restored.returncode == 0, restored.stderr.decode()
+    after = SqlAlchemyStore(cluster.uri("mlflow"), str(tmp_path / "artifacts"))
+    assert after.get_experiment_by_name("kept") is not None
+    fresh = AuthStore()
+    fresh.init_db(cluster.uri("mlflow_auth"))
+    assert fresh.authenticate_user("restored", "a-password-of-twelve")
+    owners = cluster.psql(
+        "postgres",
+        SUPER_PASSWORD,
+        "postgres",
+        "SELECT datname FROM pg_database WHERE datdba = 'mlflow'::regrole ORDER BY datname",
+    )
+    assert owners.stdout.split() == ["mlflow", "mlflow_auth"]
