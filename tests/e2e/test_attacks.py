@@ -107,8 +107,10 @@ def test_a_duplicate_correction_is_409(attacked: Attacked) -> None:
 
 def test_junk_answered_entries_are_dropped(attacked: Attacked) -> None:
     outcome = attack_stack.junk_answered(attacked.targets, seed=3)
-    print(table([outcome]))
+    print(f"{outcome.name}: HTTP {outcome.answers[0].status} in {outcome.answers[0].seconds:.2f}s")
     assert failures([outcome]) == []
+    # Stored, with the junk dropped unread: the page redirects to itself with its thanks.
+    assert outcome.answers[0].status == 303, outcome.answers[0].body
 
 
 def test_corrections_from_one_client_are_throttled_and_kept(attacked: Attacked) -> None:
