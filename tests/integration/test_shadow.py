@@ -251,6 +251,7 @@ def test_a_hanging_shadow_fills_the_queue_and_further_copies_are_dropped(
             tiny_model.version,
             shadow_url=hang.url,
             shadow_queue="2",
+            shadow_per_second="1000",
             shadow_timeout_seconds="300",
         ) as production:
             assert production_answers(production) == reference

@@ -102,6 +102,7 @@ class Invocations:
                 metrics,
                 queue_size=settings.shadow_queue,
                 timeout_s=settings.shadow_timeout_seconds,
+                per_second=settings.shadow_per_second,
             )
         self._parser: ThreadPoolExecutor | None = None
 

@@ -124,8 +124,9 @@ class ServingMetrics:
         pair = ["production_version", "staging_version"]
         self.shadow_requests = Counter(
             "captchaops_shadow_requests",
-            "Requests copied to the shadow server, by outcome: agree or disagree (every image's "
-            "text the same, or not), refused (it answered 503), error, dropped (queue full).",
+            "Answered requests offered to the shadow server, by outcome: agree or disagree (every "
+            "image's text the same, or not), refused (it answered 503), error, dropped (queue "
+            "full), skipped (over the copies-per-second budget).",
             [*pair, "result"],
             registry=self.registry,
         )

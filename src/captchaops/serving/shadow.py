@@ -1,7 +1,9 @@
 """Shadow traffic: a copy of each answered request goes to another model server, to compare.
 
-Copies wait in a bounded queue (by requests and by bytes) and are sent by a few background
-tasks after the client has its answer; when the queue is full the copy is dropped and counted.
+At most `per_second` copies a second are made (the rest are skipped: the shadow's predictions
+take CPU that a shared machine would otherwise give production). Copies wait in a bounded queue
+(by requests and by bytes) and are sent by a few background tasks after the client has its
+answer; when the queue is full the copy is dropped. Both are counted.
 Nothing here can delay or fail a request of this server: the shadow server's answers, refusals,
 errors and silences only move the `captchaops_shadow_*` metrics.
 """
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +54,10 @@ class Shadow:
         *,
         queue_size: int,
         timeout_s: float,
+        per_second: float,
         senders: int = SENDERS,
         max_bytes: int = MAX_QUEUED_BYTES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url.rstrip("/") + "/invocations"
         self.metrics = metrics
@@ -61,6 +66,11 @@ class Shadow:
         self.senders = senders
         self.max_bytes = max_bytes
         self.held_bytes = 0
+        self.per_second = per_second
+        self._burst = max(1.0, per_second)
+        self._tokens = self._burst
+        self._clock = clock
+        self._refilled = clock()
         self._queue: asyncio.Queue[Copy] = asyncio.Queue(queue_size)
         self._client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -89,7 +99,10 @@ class Shadow:
             await self._client.aclose()
 
     async def offer(self, copy: Copy) -> None:
-        """Queue a copy without waiting; count it dropped when the queue is full."""
+        """Queue a copy without waiting: skipped past the copy budget, dropped when full."""
+        if not self._take_token():
+            self._count(copy.version, UNKNOWN, "skipped")
+            return
         size = len(copy.body)
         if self._queue.full() or self.held_bytes + size > self.max_bytes:
             self._count(copy.version, UNKNOWN, "dropped")
@@ -97,6 +110,16 @@ class Shadow:
         self._queue.put_nowait(copy)
         self.held_bytes += size
         self.metrics.shadow_queued.set(self._queue.qsize())
+
+    def _take_token(self) -> bool:
+        """Spend one of `per_second` copies a second (bursts of one second's worth)."""
+        now = self._clock()
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self.per_second)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     async def _send_loop(self) -> None:
         while True:
