@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_serving import (
@@ -37,6 +38,7 @@ from benchmarks.bench_serving import (
     run_load,
     wait_http,
 )
+from captchaops.settings import Settings
 
 RESULTS = Path("bench-results") / "shadow.json"
 TARGET_RATIO = 1.10
@@ -52,6 +54,12 @@ def shadow_counts(url: str) -> dict[str, float]:
                 result = sample.labels["result"]
                 counts[result] = counts.get(result, 0.0) + sample.value
     return counts
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU a process has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
             MlflowClient(tracking_uri).set_registered_model_alias(MODEL_NAME, "staging", version)
             body = request_body(work)
+            per_second = args.per_second or Settings().shadow_per_second
             ports = {name: free_port() for name in ("staging", "off", "on")}
             urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
 
@@ -93,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                     "CAPTCHAOPS_TRACKING_URI": tracking_uri,
                     "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
                     "CAPTCHAOPS_SHADOW_URL": shadow,
+                    "CAPTCHAOPS_SHADOW_PER_SECOND": str(per_second),
                 }
 
             with (
@@ -112,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                     wait_http(f"{urls[name]}/health", proc)
                 print(
                     f"version {version} served 3 times; {args.rounds} rounds of "
-                    f"{args.duration:.0f}s at {args.concurrency} clients",
+                    f"{args.duration:.0f}s at {args.concurrency} clients; shadow on copies at "
+                    f"most {per_second:g} requests/s",
                     flush=True,
                 )
                 for name in ("off", "on"):
@@ -120,12 +131,17 @@ def main(argv: list[str] | None = None) -> None:
                 results: dict[str, list[LoadResult]] = {"off": [], "on": []}
                 for round_ in range(args.rounds):
                     for name in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                        procs = {"prod": on if name == "on" else off, "staging": staging}
+                        before = {k: cpu_seconds(p.pid) for k, p in procs.items()}
                         result = run_load(urls[name], args.concurrency, args.duration, body)
                         results[name].append(result)
+                        used = {k: cpu_seconds(p.pid) - before[k] for k, p in procs.items()}
                         print(
                             f"  round {round_ + 1} shadow {name:>3}: {result.rps:7.1f} req/s  "
                             f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  "
-                            f"failed {result.failed}",
+                            f"failed {result.failed}  CPU/request: production "
+                            f"{used['prod'] / result.ok * 1000:.2f} ms, staging "
+                            f"{used['staging'] / result.ok * 1000:.2f} ms",
                             flush=True,
                         )
                 counts = shadow_counts(urls["on"])
@@ -177,6 +193,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each, alternating")
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--per-second", type=float, help="CAPTCHAOPS_SHADOW_PER_SECOND (default: the setting's)"
+    )
     return parser.parse_args(argv)
 
 

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
         64, ge=1, description="copies waiting for the shadow server; more are dropped and counted"
     )
     shadow_per_second: float = Field(
-        20.0, gt=0, description="most requests a second copied to the shadow; the rest are skipped"
+        10.0, gt=0, description="most requests a second copied to the shadow; the rest are skipped"
     )
     shadow_timeout_seconds: float = Field(
         5.0, gt=0, description="a copy the shadow server has not answered by then is an error"
