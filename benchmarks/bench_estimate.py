@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from captchaops.model.reader import OnnxReader
+
 STREAM = 2000
 SWITCHED = 600
 
 
-def _read(reader: object, images: list[bytes]) -> tuple[list[str], np.ndarray]:
-    outputs = [
-        o for s in range(0, len(images), 256) for o in reader.predict_images(images[s : s + 256])
-    ]  # type: ignore[attr-defined]
+def _read(reader: OnnxReader, images: list[bytes]) -> tuple[list[str], np.ndarray]:
+    outputs = reader.read_all(images)
     return [o["text"] for o in outputs], np.array([o["confidence"] for o in outputs])
 
 

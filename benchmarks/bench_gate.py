@@ -34,16 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     cores = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cores)
 
-    from tests.fixtures.stack import start_tracking_server, stop_process
-
     from captchaops import evalset, gate, registry
+    from captchaops.harness.processes import tracking_server
     from captchaops.settings import load_settings
     from captchaops.train import TrainConfig, train
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        server = start_tracking_server(home)
-        try:
+        with tracking_server(home) as server:
             settings = load_settings(home=home, tracking_uri=server.uri, staging_floor=0.0)
             quick = replace(TrainConfig(), synthetic=256, epochs=1, max_minutes=2.0, workers=1)
             champion = train(quick, settings).version
@@ -53,14 +51,12 @@ def main(argv: list[str] | None = None) -> None:
             frozen = evalset.create_evalset(settings, size=args.size)
             create_s = time.perf_counter() - began
             registry.promote(settings, version=champion, reason="benchmark champion", force=True)
-            client = evalset.client_for(settings)
+            client = registry.client(settings)
             client.set_registered_model_alias(settings.model_name, "staging", candidate)
 
             began = time.perf_counter()
             decision = gate.decide(settings)
             gate_s = time.perf_counter() - began
-        finally:
-            stop_process(server.proc)
 
     c, p = decision.candidate, decision.champion
     assert c is not None and p is not None and c.ok and p.ok, decision.refusals
@@ -95,4 +91,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

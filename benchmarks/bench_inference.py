@@ -24,8 +24,9 @@ TARGET_P50_MS = 2.0
 TARGET_RSS_MB = 250.0
 
 _WORKER = r"""
-import json, sys, time
-import numpy as np, psutil
+import json, os, sys, time
+import numpy as np
+from captchaops.harness.processes import rss_mb
 side, model_dir, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from captchaops.data.synthetic import generate
 images = [s.image for s in generate(64, 5)]
@@ -60,7 +61,7 @@ print(json.dumps({
     "p50_ms": float(np.percentile(single, 50) * 1000),
     "p99_ms": float(np.percentile(single, 99) * 1000),
     "batch64_images_per_s": rounds * 64 / batch_s,
-    "rss_mb": psutil.Process().memory_info().rss / 2**20,
+    "rss_mb": rss_mb(os.getpid(), children=False),
     "texts": [r["text"] for r in read(images[:8])],
 }))
 """

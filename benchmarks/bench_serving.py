@@ -19,22 +19,25 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-import psutil
 
-VENV_BIN = Path(sys.executable).parent
+from captchaops.harness.processes import (
+    VENV_BIN,
+    RssSampler,
+    free_port,
+    http_service,
+    tracking_server,
+)
+
 MODEL_NAME = "text-captcha"
 RESULTS = Path("bench-results") / "serving.json"
 TARGET_SPEEDUP = 3.0
@@ -140,85 +143,6 @@ def run_load(url: str, concurrency: int, seconds: float, body_file: Path) -> Loa
     return LoadResult(**data)
 
 
-# --- processes --------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    """Block until GET url answers 200."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f}s")
-
-
-@contextmanager
-def process(cmd: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """A child process that is stopped (with its children) on exit."""
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        tree = [proc.pid]
-        with suppress(psutil.NoSuchProcess):
-            tree += [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        for pid in tree[1:]:
-            with suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
-
-
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children, in MB."""
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            total += proc.memory_info().rss
-    return total / 2**20
-
-
-@contextmanager
-def peak_rss(pid: int) -> Iterator[list[float]]:
-    """Sample a process tree's RSS every 100 ms; the yielded list holds the peak on exit."""
-    peak = [tree_rss_mb(pid)]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.1):
-            peak[0] = max(peak[0], tree_rss_mb(pid))
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield peak
-    finally:
-        stop.set()
-        thread.join()
-
-
 # --- the benchmark ----------------------------------------------------------------------
 
 
@@ -276,12 +200,12 @@ def measure(
     out: dict[str, dict[int, tuple[LoadResult, float]]] = {name: {} for name in servers}
     for level in levels:
         for name, (url, pid) in servers.items():
-            with peak_rss(pid) as peak:
+            with RssSampler.of_pid(pid) as rss:
                 result = run_load(url, level, seconds, body)
-            out[name][level] = (result, peak[0])
+            out[name][level] = (result, rss.peak_total)
             print(
                 f"  {name:>6} c={level:<3} {result.rps:8.1f} req/s  p50 {result.p50_ms:7.1f} ms"
-                f"  p99 {result.p99_ms:7.1f} ms  failed {result.failed}  RSS {peak[0]:.0f} MB",
+                f"  p99 {result.p99_ms:7.1f} ms  failed {result.failed}  RSS {rss.peak_total:.0f} MB",
                 flush=True,
             )
     return out
@@ -310,60 +234,44 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    tracking_port = free_port()
-    tracking_uri = f"http://127.0.0.1:{tracking_port}"
-    tracking_cmd = [
-        sys.executable,
-        "-m",
-        "captchaops.stack.tracking",
-        "--backend-store-uri",
-        f"sqlite:///{work / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(work / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(tracking_port),
-        "--workers",
-        "1",
-    ]
     try:
-        with process(tracking_cmd, work / "tracking.log", env) as tracking:
-            wait_http(f"{tracking_uri}/health", tracking)
+        with tracking_server(work, env=env) as tracking:
+            tracking_uri = tracking.uri
             if args.model_dir is None:
                 print("training a demo-architecture model for a few seconds ...", flush=True)
             version_a, version_b = prepare_model(tracking_uri, args.model_dir, work)
             body = request_body(work)
             ours_port, theirs_port = free_port(), free_port()
+            ours_url = f"http://127.0.0.1:{ours_port}"
+            theirs_url = f"http://127.0.0.1:{theirs_port}"
             ours_env = {
                 **env,
                 "CAPTCHAOPS_HOME": str(work / "serve-home"),
                 "CAPTCHAOPS_TRACKING_URI": tracking_uri,
                 "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
             }
-            ours_cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", "production"]
+            ours_cmd = [
+                str(VENV_BIN / "captchaops"), "serve", "--alias", "production",
+                "--port", str(ours_port),
+            ]  # fmt: skip
             theirs_cmd = [
-                str(VENV_BIN / "mlflow"),
-                "models",
-                "serve",
-                "-m",
-                f"models:/{MODEL_NAME}/{version_a}",
-                "--env-manager",
-                "local",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(theirs_port),
-            ]
+                str(VENV_BIN / "mlflow"), "models", "serve",
+                "-m", f"models:/{MODEL_NAME}/{version_a}", "--env-manager", "local",
+                "--host", "127.0.0.1", "--port", str(theirs_port),
+            ]  # fmt: skip
             theirs_env = {**env, "MLFLOW_TRACKING_URI": tracking_uri}
             with (
-                process([*ours_cmd, "--port", str(ours_port)], work / "ours.log", ours_env) as ours,
-                process(theirs_cmd, work / "mlflow-serve.log", theirs_env) as theirs,
+                http_service(
+                    ours_cmd, f"{ours_url}/health", env=ours_env, log=work / "ours.log", timeout=120
+                ) as ours,
+                http_service(
+                    theirs_cmd,
+                    f"{theirs_url}/ping",
+                    env=theirs_env,
+                    log=work / "mlflow-serve.log",
+                    timeout=120,
+                ) as theirs,
             ):
-                ours_url = f"http://127.0.0.1:{ours_port}"
-                theirs_url = f"http://127.0.0.1:{theirs_port}"
-                wait_http(f"{ours_url}/health", ours)
-                wait_http(f"{theirs_url}/ping", theirs)
                 print(f"both serve version {version_a}; {args.duration:.0f}s per run", flush=True)
                 results = measure(
                     {"ours": (ours_url, ours.pid), "mlflow": (theirs_url, theirs.pid)},

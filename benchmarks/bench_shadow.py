@@ -21,7 +21,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
+from subprocess import Popen
 
 import httpx
 import psutil
@@ -29,15 +31,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_serving import (
     MODEL_NAME,
-    VENV_BIN,
     LoadResult,
-    free_port,
     prepare_model,
-    process,
     request_body,
     run_load,
-    wait_http,
 )
+from captchaops.harness.processes import VENV_BIN, free_port, http_service, tracking_server
 from captchaops.settings import Settings
 
 RESULTS = Path("bench-results") / "shadow.json"
@@ -68,17 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    tracking_port = free_port()
-    tracking_uri = f"http://127.0.0.1:{tracking_port}"
-    tracking_cmd = [
-        sys.executable, "-m", "captchaops.stack.tracking",
-        "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-        "--artifacts-destination", str(work / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(tracking_port), "--workers", "1",
-    ]  # fmt: skip
     try:
-        with process(tracking_cmd, work / "tracking.log", env) as tracking:
-            wait_http(f"{tracking_uri}/health", tracking)
+        with tracking_server(work, env=env) as tracking:
+            tracking_uri = tracking.uri
             print("training a demo-architecture model for a few seconds ...", flush=True)
             version, _ = prepare_model(tracking_uri, None, work)
             from mlflow import MlflowClient
@@ -89,37 +80,30 @@ def main(argv: list[str] | None = None) -> None:
             ports = {name: free_port() for name in ("staging", "off", "on")}
             urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
 
-            def serve(name: str, alias: str) -> list[str]:
-                return [
-                    str(VENV_BIN / "captchaops"), "serve", "--alias", alias,
-                    "--port", str(ports[name]),
-                ]  # fmt: skip
-
-            def server_env(name: str, shadow: str) -> dict[str, str]:
-                return {
-                    **env,
-                    "CAPTCHAOPS_HOME": str(work / f"home-{name}"),
-                    "CAPTCHAOPS_TRACKING_URI": tracking_uri,
-                    "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
-                    "CAPTCHAOPS_SHADOW_URL": shadow,
-                    "CAPTCHAOPS_SHADOW_PER_SECOND": str(per_second),
-                }
+            def server(name: str, alias: str, shadow: str) -> AbstractContextManager[Popen[bytes]]:
+                return http_service(
+                    [
+                        str(VENV_BIN / "captchaops"), "serve", "--alias", alias,
+                        "--port", str(ports[name]),
+                    ],
+                    f"{urls[name]}/health",
+                    env={
+                        **env,
+                        "CAPTCHAOPS_HOME": str(work / f"home-{name}"),
+                        "CAPTCHAOPS_TRACKING_URI": tracking_uri,
+                        "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
+                        "CAPTCHAOPS_SHADOW_URL": shadow,
+                        "CAPTCHAOPS_SHADOW_PER_SECOND": str(per_second),
+                    },
+                    log=work / f"{name}.log",
+                    timeout=120,
+                )  # fmt: skip
 
             with (
-                process(
-                    serve("staging", "staging"),
-                    work / "staging.log",
-                    server_env("staging", ""),
-                ) as staging,
-                process(serve("off", "production"), work / "off.log", server_env("off", "")) as off,
-                process(
-                    serve("on", "production"),
-                    work / "on.log",
-                    server_env("on", urls["staging"]),
-                ) as on,
+                server("staging", "staging", "") as staging,
+                server("off", "production", "") as off,
+                server("on", "production", urls["staging"]) as on,
             ):
-                for name, proc in (("staging", staging), ("off", off), ("on", on)):
-                    wait_http(f"{urls[name]}/health", proc)
                 print(
                     f"version {version} served 3 times; {args.rounds} rounds of "
                     f"{args.duration:.0f}s at {args.concurrency} clients; shadow on copies at "

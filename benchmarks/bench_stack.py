@@ -9,50 +9,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import psutil
+from captchaops.harness.processes import VENV_BIN as BIN
+from captchaops.harness.processes import free_port, process_tree, rss_mb, wait_http
 
-BIN = Path(sys.executable).parent
 TARGET_RSS_MB = 400
 TARGET_RECOVERY_S = 10
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(url: str, timeout: float = 120) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return time.monotonic() - start
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(url)
-
-
 def _tree_rss_mb(pid: int) -> tuple[float, int]:
-    proc = psutil.Process(pid)
-    procs = [proc, *proc.children(recursive=True)]
-    return sum(p.memory_info().rss for p in procs) / 1e6, len(procs)
+    return rss_mb(pid), len(process_tree(pid))
 
 
 def _ours(home: Path) -> dict[str, float]:
     from captchaops.settings import Settings
     from captchaops.stack import supervisor
 
-    port = _port()
+    port = free_port()
     env = {**os.environ, "CAPTCHAOPS_HOME": str(home), "CAPTCHAOPS_TRACKING_PORT": str(port)}
     url = f"http://127.0.0.1:{port}/health"
     t0 = time.monotonic()
@@ -67,14 +44,14 @@ def _ours(home: Path) -> dict[str, float]:
     os.kill(pid, signal.SIGKILL)
     t1 = time.monotonic()
     time.sleep(0.2)
-    _wait(url)
+    wait_http(url, timeout=120)
     recovery = time.monotonic() - t1
     subprocess.run([str(BIN / "captchaops"), "down"], env=env, check=True, capture_output=True)
     return {"cold_up_s": cold, "rss_mb": rss, "processes": nprocs, "recovery_s": recovery}
 
 
 def _baseline(home: Path) -> dict[str, float]:
-    port = _port()
+    port = free_port()
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [
@@ -95,7 +72,7 @@ def _baseline(home: Path) -> dict[str, float]:
         start_new_session=True,
     )
     try:
-        _wait(f"http://127.0.0.1:{port}/health")
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
         cold = time.monotonic() - t0
         time.sleep(5)
         rss, nprocs = _tree_rss_mb(proc.pid)

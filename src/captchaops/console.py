@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
-from rich.table import Column
+from rich.table import Column, Table
 
 if TYPE_CHECKING:
+    from captchaops.gate import Decision
+    from captchaops.registry import Listing
     from captchaops.settings import Settings
+    from captchaops.stack.control import ServiceStatus
     from captchaops.train import TrainConfig, TrainResult
 
 
@@ -103,3 +106,76 @@ def print_summary(result: TrainResult, console: Console) -> None:
         console.print(f"not staged: {result.rejection_reason}", highlight=False)
     if result.warning:
         console.print(f"[yellow]warning:[/yellow] {result.warning}", highlight=False)
+
+
+def services_table(rows: list[ServiceStatus]) -> Table:
+    """`status`: one row per service."""
+    table = Table(title="captchaops services")
+    for column in ("service", "pid", "state", "URL", "health", "RSS MB"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.name,
+            str(row.pid or "-"),
+            row.state,
+            row.url,
+            "[green]ok[/green]" if row.healthy else "[red]down[/red]",
+            f"{row.rss_mb:.0f}",
+        )
+    return table
+
+
+def settings_table(values: dict[str, str]) -> Table:
+    """`status`: every effective setting, secrets already masked by the caller."""
+    table = Table(title="effective settings")
+    table.add_column("setting")
+    table.add_column("value")
+    for key, value in values.items():
+        table.add_row(key, value)
+    return table
+
+
+def versions_table(listing: Listing) -> Table:
+    """`models`: one row per version with aliases, scores and validation status."""
+    table = Table(title=f"{listing.name} versions")
+    for column in (
+        "version",
+        "aliases",
+        "stage",
+        "status",
+        "test acc",
+        "frozen acc",
+        "frozen CER",
+        "created (UTC)",
+        "note",
+    ):
+        table.add_column(column)
+    for row in listing.rows:
+        table.add_row(
+            row.version,
+            ", ".join(f"@{a}" for a in row.aliases) or "-",
+            row.stage,
+            row.status,
+            *(
+                f"{v:.4f}" if v is not None else "-"
+                for v in (row.test_seq_acc, row.eval_seq_acc, row.eval_cer)
+            ),
+            row.created,
+            row.note[:60],
+        )
+    return table
+
+
+def print_decision(console: Console, decision: Decision) -> None:
+    """The gate's two scores and its verdict, one line each."""
+    for role, result in (("candidate", decision.candidate), ("champion", decision.champion)):
+        if result is not None and result.ok:
+            console.print(
+                f"{role} v{result.version}: accuracy {result.seq_acc:.4f}  CER {result.cer:.4f}  "
+                f"p50 {result.p50_ms:.1f} ms  p95 {result.p95_ms:.1f} ms  ({result.n} images)",
+                highlight=False,
+            )
+        elif result is not None:
+            console.print(f"{role} v{result.version}: failed ({result.error})", highlight=False)
+    verdict = "[green]promoted[/green]" if decision.promote else "[yellow]rejected[/yellow]"
+    console.print(f"{verdict} v{decision.candidate_version}: {decision.reason()}", highlight=False)

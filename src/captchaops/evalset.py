@@ -11,14 +11,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
+from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
 from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, digest_of, pack, unpack
 from captchaops.data.synthetic import DIGITS_UPPER, generate
+from captchaops.estimate import Calibration
 from captchaops.evaluate import character_error_rate, sequence_accuracy
-from captchaops.mlflow_scope import point_at
 from captchaops.model.version import VersionError, load_registered
 from captchaops.scheme import Scheme
 from captchaops.settings import Settings
@@ -68,6 +68,7 @@ class Score:
     p95_ms: float = 0.0
     n: int = 0
     error: str | None = None
+    calibration: Calibration | None = None  # its confidence threshold for the live estimate
 
     @property
     def ok(self) -> bool:
@@ -81,14 +82,6 @@ class Score:
         return {f"{prefix}_{key}": float(getattr(self, key)) for key in SCORE_TAGS}
 
 
-def client_for(settings: Settings) -> MlflowClient:
-    """An MLflow client for the configured tracking server (also the default for pyfunc loads)."""
-    point_at(settings)
-    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.set("true")
-    uri = settings.effective_tracking_uri
-    return MlflowClient(uri, uri)
-
-
 def _unpack(data: bytes) -> EvalSet:
     meta, images, labels = unpack(data)
     kind = str(meta.get("kind", "synthetic"))
@@ -96,10 +89,7 @@ def _unpack(data: bytes) -> EvalSet:
 
 
 def _experiment_id(client: MlflowClient) -> str:
-    experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    return str(client.create_experiment(EVAL_EXPERIMENT, tags={"kind": "evalset"}))
+    return mlflow_scope.experiment_id(client, EVAL_EXPERIMENT, {"kind": "evalset"})
 
 
 def _ensure_model(client: MlflowClient, name: str) -> None:
@@ -118,7 +108,7 @@ def current_digest(settings: Settings) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        model = client_for(settings).get_registered_model(settings.model_name)
+        model = mlflow_scope.client(settings).get_registered_model(settings.model_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
@@ -172,7 +162,7 @@ def create_evalset(
 
 def _store(settings: Settings, evalset: EvalSet, meta: dict[str, object]) -> None:
     """Log the set as an MLflow run artifact and pin it to the registered model by digest."""
-    client = client_for(settings)
+    client = mlflow_scope.client(settings)
     meta = meta | {"kind": evalset.kind, "images": len(evalset)}
     run = client.create_run(
         _experiment_id(client),
@@ -187,7 +177,7 @@ def _store(settings: Settings, evalset: EvalSet, meta: dict[str, object]) -> Non
         path = Path(tmp) / ARTIFACT
         path.write_bytes(pack(evalset.images, evalset.labels, meta))
         client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id)
+    mlflow_scope.finish_run(client, run.info.run_id)
     _ensure_model(client, settings.model_name)
     client.set_registered_model_tag(settings.model_name, DIGEST_TAG, evalset.digest)
     client.set_registered_model_tag(settings.model_name, "evalset_seed", str(evalset.seed))
@@ -241,7 +231,7 @@ def folder_evalset(settings: Settings, data: LabelledImages, fraction: float) ->
 
 def load_evalset(settings: Settings, digest: str) -> EvalSet:
     """The stored frozen set with this digest, verified against its content."""
-    client = client_for(settings)
+    client = mlflow_scope.client(settings)
     experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
     runs = (
         client.search_runs(
@@ -287,13 +277,10 @@ def score(
     latency_samples: int = 50,
 ) -> Score:
     """Accuracy, CER and single-image latency of a version, checked and loaded as servers load it."""
-    point_at(settings)  # credentials for the artifact download in team mode
     try:
-        model = load_registered(settings.effective_tracking_uri, settings.model_name, version)
-        texts: list[str] = []
-        for start in range(0, len(evalset), batch_size):
-            batch = evalset.images[start : start + batch_size]
-            texts += [p["text"] for p in model.predict_images(batch)]
+        model = load_registered(mlflow_scope.tracking_uri(settings), settings.model_name, version)
+        outputs = model.read_all(evalset.images, chunk=batch_size)
+        texts = [o["text"] for o in outputs]
         latencies = []
         for image in evalset.images[:latency_samples]:
             began = time.perf_counter()
@@ -302,7 +289,7 @@ def score(
     except VersionError as exc:  # refused by a check: nothing of it ran
         return Score(version, evalset.digest, error=f"refused: {exc}")
     except Exception as exc:  # a broken model may fail in any library; the gate rejects it
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = mlflow_scope.mask_credentials((str(exc).strip().splitlines() or [""])[0])[:300]
         return Score(version, evalset.digest, error=f"{type(exc).__name__}: {first}")
     return Score(
         version=version,
@@ -312,26 +299,10 @@ def score(
         p50_ms=float(np.percentile(latencies, 50)) if latencies else 0.0,
         p95_ms=float(np.percentile(latencies, 95)) if latencies else 0.0,
         n=len(evalset),
-    )
-
-
-def record_score(client: MlflowClient, name: str, result: Score) -> None:
-    """Remember a successful score on the version (tags `eval_*`) so later moves can reuse it."""
-    if not result.ok:
-        return
-    client.set_model_version_tag(name, result.version, "eval_digest", result.digest)
-    for key in SCORE_TAGS:
-        client.set_model_version_tag(
-            name, result.version, f"eval_{key}", f"{getattr(result, key):.6g}"
+        calibration=Calibration.fit(
+            [o["confidence"] for o in outputs],
+            [t == label for t, label in zip(texts, evalset.labels, strict=True)],
         )
-
-
-def cached_score(client: MlflowClient, settings: Settings, version: str, evalset: EvalSet) -> Score:
-    """The version's recorded score on this frozen set, scoring it now when there is none."""
-    tags = client.get_model_version(settings.model_name, version).tags
-    if tags.get("eval_digest") == evalset.digest and all(f"eval_{k}" in tags for k in SCORE_TAGS):
-        seq_acc, cer, p50_ms, p95_ms = (float(tags[f"eval_{k}"]) for k in SCORE_TAGS)
-        return Score(version, evalset.digest, seq_acc, cer, p50_ms, p95_ms, len(evalset))
-    result = score(settings, version, evalset)
-    record_score(client, settings.model_name, result)
-    return result
+        if outputs
+        else None,
+    )

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from captchaops import registry
-from captchaops.evalset import EvalSet, Score, client_for, ensure_evalset, record_score, score
+from captchaops.evalset import EvalSet, Score, ensure_evalset, score
 from captchaops.registry import PRODUCTION, STAGING, Move
 from captchaops.scheme import scheme_of, scheme_refusals
 from captchaops.settings import Settings
@@ -134,7 +134,7 @@ def decide(
             audited=False,
         )
     with registry.one_line_errors(settings):
-        client = client_for(settings)
+        client = registry.client(settings)
         tags = client.get_model_version(settings.model_name, candidate_version).tags
         if tags.get("validation_status") == "rejected":
             why = tags.get("rejection_reason", "no reason recorded")[:200]
@@ -160,7 +160,7 @@ def decide(
     with registry.one_line_errors(settings):
         for result in (candidate, champion):
             if result is not None:
-                record_score(client, settings.model_name, result)
+                registry.record_score(client, settings.model_name, result)
     refusals = judge(candidate, champion, config, config.effective_floor(settings))
     return Decision(
         candidate_version,
@@ -185,40 +185,36 @@ def auto_promote(
     actor = actor or registry.default_actor()
     decision = decide(settings, config, evalset)
     why = f"gate: {decision.reason()}" + (f" ({reason})" if reason else "")
-    if decision.promote:
-        assert decision.candidate is not None
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        stamp = {
-            "validation_status": "validated",
-            "validated_at": now,
-            "promoted_at": now,
-            "promoted_by": actor,
-            "promotion_reason": why[:4000],
-        }
-        move = registry.move_alias(
-            settings,
-            alias=PRODUCTION,
-            to_version=decision.candidate_version,
-            expect_from=decision.champion_version,
-            reason=why,
-            actor=actor,
-            kind="gate",
-            candidate=decision.candidate,
-            champion=decision.champion,
-            thresholds=decision.thresholds,
-            version_tags={decision.candidate_version: stamp},
-        )
-        return decision, move
-    if not decision.audited:
+    if not decision.promote and not decision.audited:
         return decision, None
-    move = registry.record_rejection(
-        settings,
-        version=decision.candidate_version,
-        digest=decision.digest,
-        candidate=decision.candidate,
-        champion=decision.champion,
-        reason=why,
-        actor=actor,
-        thresholds=decision.thresholds,
-    )
+    with registry.one_line_errors(settings):
+        client = registry.client(settings)
+        if decision.promote:
+            move = registry.to_production(
+                client,
+                settings.model_name,
+                decision.candidate_version,
+                expect_from=decision.champion_version,
+                reason=why,
+                actor=actor,
+                kind="gate",
+                candidate=decision.candidate,
+                champion=decision.champion,
+                thresholds=decision.thresholds,
+                validated=True,
+            )
+        else:
+            move = registry.record_rejection(
+                client,
+                settings.model_name,
+                version=decision.candidate_version,
+                reason=why,
+                actor=actor,
+                kind="gate",
+                candidate=decision.candidate,
+                champion=decision.champion,
+                thresholds=decision.thresholds,
+                digest=decision.digest,
+                version_tags={"validated_at": datetime.now(UTC).isoformat(timespec="seconds")},
+            )
     return decision, move

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ SECRET_FIELDS = (
     "admin_password",
     "auth_secret_key",
     "service_password",
+    "review_token",
 )
 
 
@@ -117,6 +119,35 @@ class Settings(BaseSettings):
     feedback_count_seconds: float = Field(
         10.0, ge=0, description="how long the web app reuses its count of waiting corrections"
     )
+    review_below_confidence: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="the web app offers predictions less confident than this for review",
+    )
+    review_per_hour: int = Field(
+        60, ge=0, description="review items the web app stores in any hour (0: no review queue)"
+    )
+    review_max_pending: int = Field(
+        500, ge=0, description="unlabelled review items kept at most; more are dropped"
+    )
+    review_queue_size: int = Field(
+        32, ge=1, description="review items waiting in memory to be stored; more are dropped"
+    )
+    app_login: bool | None = Field(
+        None,
+        description="web app visitors log in with a tracking-server account (unset: on in team mode)",
+    )
+    app_login_cache_seconds: float = Field(
+        60.0, ge=0, le=3600, description="how long the web app trusts a login it checked"
+    )
+    app_login_failures_per_minute: int = Field(
+        10, ge=1, description="failed web app logins from one client for one account in any 60 s"
+    )
+    review_token: SecretStr | None = Field(
+        None,
+        description="bearer token for the review queue (generated in team mode); unset: loopback only",
+    )
     max_batch_images: int = 64
     max_image_pixels: int = Field(
         1_000_000,
@@ -129,6 +160,11 @@ class Settings(BaseSettings):
     def home_dir(self) -> Path:
         """The absolute state directory."""
         return self.home.expanduser().resolve()
+
+    @property
+    def web_login(self) -> bool:
+        """Whether the web app asks visitors for a tracking-server account."""
+        return self.auth if self.app_login is None else self.app_login
 
     @property
     def env_file(self) -> Path:
@@ -176,9 +212,9 @@ class Settings(BaseSettings):
             if name in SECRET_FIELDS:
                 out[name] = "********" if value else "(unset)"
             else:
-                out[name] = "(unset)" if value is None else _mask_url(str(value))
-        out["effective_tracking_uri"] = _mask_url(self.effective_tracking_uri)
-        out["effective_backend_store_uri"] = _mask_url(self.effective_backend_store_uri)
+                out[name] = "(unset)" if value is None else mask_url(str(value))
+        out["effective_tracking_uri"] = mask_url(self.effective_tracking_uri)
+        out["effective_backend_store_uri"] = mask_url(self.effective_backend_store_uri)
         return out
 
     def mlflow_env(self) -> dict[str, str]:
@@ -194,7 +230,8 @@ def client_host_for(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 
-def _mask_url(url: str) -> str:
+def mask_url(url: str) -> str:
+    """The URL with any user:password part replaced by asterisks."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://********@{rest.split('@', 1)[1]}"
@@ -220,8 +257,9 @@ def ensure_secret(settings: Settings, field: str, nbytes: int = 24) -> Settings:
 
 
 def write_env(path: Path, values: dict[str, str]) -> None:
-    """Add or replace keys in a dotenv file, keeping it private (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Add or replace keys in a dotenv file, keeping it private (0600) and never half-written."""
+    for key, value in values.items():
+        refuse_control_characters(key, value)
     lines: list[str] = []
     if path.exists():
         lines = [
@@ -230,7 +268,29 @@ def write_env(path: Path, values: dict[str, str]) -> None:
             if line.split("=", 1)[0].strip() not in values
         ]
     lines += [f"{key}={value}" for key, value in values.items()]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.chmod(path, 0o600)
+    write_private(path, "\n".join(lines) + "\n")
+
+
+def refuse_control_characters(name: str, value: str) -> None:
+    """A setting that would add lines to .env or supervisord.conf is refused with its name."""
+    if any(ord(ch) < 32 and ch != "\t" for ch in value) or "\x7f" in value:
+        raise ValueError(
+            f"{name} contains a line break or another control character; "
+            "settings are single-line values (check the variable or .env entry)"
+        )
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a 0600 file atomically: a crash leaves the old content or the new, never neither."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

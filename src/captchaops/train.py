@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import keras
 import mlflow
-from mlflow.tracking import MlflowClient
 
+from captchaops import registry
 from captchaops.data import synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
 from captchaops.data.feedback import download_feedback
@@ -256,26 +256,20 @@ def _log_epoch(metrics: dict[str, float], epoch: int) -> None:
 
 
 def _stage(run_id: str, version: str, metrics: dict[str, float], settings: Settings) -> TrainResult:
-    uri = settings.effective_tracking_uri
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    staged = metrics["test_seq_acc"] >= settings.staging_floor
-    reason = None
-    client.set_model_version_tag(
-        settings.model_name, version, "test_seq_acc", f"{metrics['test_seq_acc']:.4f}"
+    """Hand the version to the registry, which stages it or records why not (both audited)."""
+    reason = registry.stage_candidate(
+        registry.client(settings),
+        settings.model_name,
+        version,
+        accuracy=metrics["test_seq_acc"],
+        floor=settings.staging_floor,
     )
-    if staged:
-        client.set_registered_model_alias(settings.model_name, "staging", version)
-        client.set_model_version_tag(settings.model_name, version, "validation_status", "pending")
-    else:
-        reason = f"test sequence accuracy {metrics['test_seq_acc']:.4f} is below the staging floor {settings.staging_floor}"
-        client.set_model_version_tag(settings.model_name, version, "validation_status", "rejected")
-        client.set_model_version_tag(settings.model_name, version, "rejection_reason", reason)
     return TrainResult(
         run_id=run_id,
         version=version,
         model_uri=f"models:/{settings.model_name}/{version}",
         metrics=metrics,
-        staged=staged,
+        staged=reason is None,
         rejection_reason=reason,
     )
 

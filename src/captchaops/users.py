@@ -7,9 +7,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from captchaops.settings import Settings
+from captchaops.tracking_rest import MISSING, TrackingError, TrackingRest, TrackingUnreachable
 
 ROLES = ("reader", "editor", "admin")
 # Experiments captchaops writes besides settings.experiment_name. Their owners (data/feedback.py,
@@ -52,36 +51,35 @@ class _Admin:
     """The tracking server's REST API as an admin sees it, with one-sentence errors."""
 
     def __init__(self, settings: Settings) -> None:
-        self.uri = settings.effective_tracking_uri.rstrip("/")
-        self.auth = _admin_auth(settings)
+        self.where = settings.masked()["effective_tracking_uri"]
+        self.rest = TrackingRest(settings.effective_tracking_uri, _admin_auth(settings), 30.0)
 
     def call(self, method: str, path: str, ok_missing: bool = False, **kwargs: Any) -> dict:
         """One JSON call; `{}` for a missing resource when ok_missing is set."""
         try:
-            resp = httpx.request(method, self.uri + path, auth=self.auth, timeout=30, **kwargs)
-        except httpx.HTTPError as exc:
+            return self.rest.call(method, path, missing_ok=ok_missing, **kwargs)
+        except TrackingUnreachable as exc:
             raise UsersError(
-                f"cannot reach the tracking server at {self.uri}; start it with `captchaops up` "
+                f"cannot reach the tracking server at {self.where}; start it with `captchaops up` "
                 "or set CAPTCHAOPS_TRACKING_URI"
             ) from exc
-        text = resp.text
-        if resp.status_code == 401:
-            raise UsersError(
-                f"the tracking server at {self.uri} refused user {self.auth[0]!r}; check "
+        except TrackingError as exc:
+            raise UsersError(self._explain(path, exc)) from exc
+
+    def _explain(self, path: str, exc: TrackingError) -> str:
+        if exc.status == 401:
+            return (
+                f"the tracking server at {self.where} refused user {self.rest.username!r}; check "
                 "CAPTCHAOPS_TRACKING_USERNAME/PASSWORD (or CAPTCHAOPS_ADMIN_PASSWORD)"
             )
-        if resp.status_code == 403:
-            raise UsersError(f"user {self.auth[0]!r} is not an admin; ask an admin to run this")
-        if resp.status_code == 404 and "/users/" in path and "RESOURCE_DOES_NOT_EXIST" not in text:
-            raise UsersError(
-                f"the tracking server at {self.uri} has no user management; start it in team "
+        if exc.status == 403:
+            return f"user {self.rest.username!r} is not an admin; ask an admin to run this"
+        if exc.status == 404 and "/users/" in path and exc.error_code != MISSING:
+            return (
+                f"the tracking server at {self.where} has no user management; start it in team "
                 "mode (CAPTCHAOPS_AUTH=true, or --app-name basic-auth)"
             )
-        if ok_missing and "RESOURCE_DOES_NOT_EXIST" in text:
-            return {}
-        if resp.status_code != 200:
-            raise UsersError(f"{path} answered HTTP {resp.status_code}: {text[:200]}")
-        return resp.json() if text.strip() else {}
+        return str(exc)
 
     def experiment_id(self, name: str) -> str:
         """The id of an experiment, creating it when missing."""

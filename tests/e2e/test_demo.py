@@ -16,10 +16,11 @@ import pytest
 
 from captchaops import registry
 from captchaops.demo import run_demo
-from captchaops.evalset import client_for
+from captchaops.harness.load import captcha_body
+from captchaops.harness.mlflow_state import mlflow_state_restored
+from captchaops.harness.stack import PrivateStack
 from captchaops.settings import load_settings
 from captchaops.train import TrainConfig
-from tests.e2e.drills import PrivateStack, captcha_body, mlflow_uris_restored
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateSt
         if key.startswith("CAPTCHAOPS_"):
             monkeypatch.setenv(key, value)
     try:
-        with mlflow_uris_restored():
+        with mlflow_state_restored():
             yield private
     finally:
         private.down()
@@ -64,7 +65,7 @@ def test_demo_trains_promotes_serves_then_reuses_and_down_leaves_nothing(
     assert answer.headers["X-Model-Version"] == summary.trained_version
     assert httpx.get(summary.urls["MLflow UI"], timeout=10).status_code == 200
     assert httpx.get(summary.urls["web app"], timeout=10).status_code == 200
-    client = client_for(settings)
+    client = registry.client(settings)
     runs_before = client.search_runs(
         [client.get_experiment_by_name(settings.experiment_name).experiment_id]
     )

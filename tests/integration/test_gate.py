@@ -25,6 +25,8 @@ from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
 from captchaops import evalset, gate, registry
+from captchaops.estimate import Calibration
+from captchaops.mlflow_scope import pointed_at
 from captchaops.model.version import file_sha256
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
@@ -45,15 +47,16 @@ def isolated(tracking_server: Tracking, tmp_path: Path, **overrides: object) -> 
 
 def copy_version(settings: Settings, base: TrainedModel) -> str:
     """Register the base model's artifacts again as a new version of settings.model_name."""
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     source = client.get_model_version(base.model_name, base.version).source
-    return str(mlflow.register_model(source, settings.model_name).version)
+    with pointed_at(settings):
+        return str(mlflow.register_model(source, settings.model_name).version)
 
 
 def damaged_version(settings: Settings, base: TrainedModel, how: str) -> str:
     """Register a copy whose ONNX network is 'junk' (spells junk) or 'corrupt' (unloadable)."""
-    client = evalset.client_for(settings)
-    with tempfile.TemporaryDirectory() as tmp:
+    client = registry.client(settings)
+    with tempfile.TemporaryDirectory() as tmp, pointed_at(settings):
         local = Path(mlflow.artifacts.download_artifacts(base.uri, dst_path=tmp))
         (network,) = local.glob("artifacts/*.onnx")
         meta_path = local / "artifacts" / "meta.json"
@@ -68,8 +71,8 @@ def damaged_version(settings: Settings, base: TrainedModel, how: str) -> str:
         run = client.create_run(experiment.experiment_id, run_name=f"{how} copy")
         client.log_artifacts(run.info.run_id, str(local), "model")
         client.set_terminated(run.info.run_id)
-    uri = f"runs:/{run.info.run_id}/model"
-    return str(mlflow.register_model(uri, settings.model_name).version)
+        uri = f"runs:/{run.info.run_id}/model"
+        return str(mlflow.register_model(uri, settings.model_name).version)
 
 
 def _emit_junk(path: Path, meta: dict[str, object]) -> None:
@@ -104,7 +107,7 @@ def _emit_junk(path: Path, meta: dict[str, object]) -> None:
 
 def stage(settings: Settings, version: str) -> None:
     """Point @staging at a version, as training does."""
-    evalset.client_for(settings).set_registered_model_alias(settings.model_name, "staging", version)
+    registry.client(settings).set_registered_model_alias(settings.model_name, "staging", version)
 
 
 def production(settings: Settings) -> str | None:
@@ -124,9 +127,16 @@ def test_first_candidate_is_promoted_and_stage_resolves(
     assert decision.promote, decision.refusals
     assert move is not None and move.to_version == version and move.from_version is None
     assert production(settings) == version
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     assert client.get_model_version(settings.model_name, version).current_stage == "Production"
-    loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
+    tags = client.get_model_version(settings.model_name, version).tags
+    calibration = Calibration.from_tags(tags)  # for the servers' live accuracy estimate
+    assert calibration is not None and calibration.size == len(
+        evalset.load_evalset(settings, tags["eval_digest"])
+    )
+    assert calibration.accuracy == pytest.approx(decision.candidate.seq_acc, abs=1e-6)
+    with pointed_at(settings):
+        loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
     assert loaded.metadata.run_id == client.get_model_version(settings.model_name, version).run_id
     assert loaded.unwrap_python_model().reader.predict_images(
         [evalset.load_evalset(settings, evalset.current_digest(settings) or "").images[0]]
@@ -168,7 +178,7 @@ def test_better_candidate_is_promoted_and_worse_rejected(
 
     assert not decision.promote and "CER" in decision.reason()
     assert production(settings) == better
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     tags = client.get_model_version(settings.model_name, worse).tags
     assert tags["validation_status"] == "rejected" and "CER" in tags["rejection_reason"]
     assert move is not None

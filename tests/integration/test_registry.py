@@ -10,6 +10,7 @@ import mlflow
 import pytest
 
 from captchaops import evalset, gate, registry
+from captchaops.mlflow_scope import pointed_at
 from captchaops.registry import RegistryError
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 def audit_runs(settings: Settings) -> list[mlflow.entities.Run]:
     """Every audit record of this test's model, oldest first."""
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     experiment = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
     if experiment is None:
         return []
@@ -39,7 +40,7 @@ def audit_runs(settings: Settings) -> list[mlflow.entities.Run]:
 
 
 def stages(settings: Settings) -> dict[str, str]:
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     return {
         str(mv.version): mv.current_stage
         for mv in client.search_model_versions(f"name='{settings.model_name}'")
@@ -61,9 +62,10 @@ def test_rollback_restores_the_previous_production_version(
     assert (move.from_version, move.to_version, move.kind) == (second, first, "rollback")
     assert production(settings) == first
     assert stages(settings)[first] == "Production" and stages(settings)[second] != "Production"
-    loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
+    with pointed_at(settings):
+        loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
     assert loaded.metadata.run_id == tiny_model.run_id
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     tags = client.get_model_version(settings.model_name, second).tags
     assert tags["validation_status"] == "rejected" and "users complain" in tags["rejection_reason"]
 
@@ -126,7 +128,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
         assert "\n" not in str(info.value)
         assert unchanged() == before
 
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     client.set_model_version_tag(settings.model_name, version, "validation_status", "rejected")
     client.set_model_version_tag(settings.model_name, version, "rejection_reason", "too slow")
     with pytest.raises(RegistryError, match=r"was rejected \(too slow\); pass --force"):
@@ -211,8 +213,8 @@ def test_concurrent_cli_processes_leave_a_consistent_registry(
     settings = isolated(tracking_server, tmp_path)
     first, second = copy_version(settings, tiny_model), copy_version(settings, tiny_model)
     for version in (first, second):
-        evalset.cached_score(
-            evalset.client_for(settings), settings, version, evalset.ensure_evalset(settings)
+        registry.cached_score(
+            registry.client(settings), settings, version, evalset.ensure_evalset(settings)
         )
 
     results: list[subprocess.CompletedProcess[str]] = []
@@ -235,7 +237,7 @@ def test_concurrent_cli_processes_leave_a_consistent_registry(
 
 def test_lock_is_exclusive_and_released(tracking_server: Tracking, tmp_path: Path) -> None:
     settings = isolated(tracking_server, tmp_path)
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     held = registry.promotion_lock(client, settings.model_name, "holder")
     other = registry.promotion_lock(client, settings.model_name, "other", timeout_s=1)
     with held, pytest.raises(RegistryError, match="holds the lock"), other:

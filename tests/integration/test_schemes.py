@@ -92,7 +92,7 @@ def cli(tracking_server: Tracking, tmp_path: Path, isolated_mlflow: None) -> Ite
 
 def audit_ids(settings: Settings) -> set[str]:
     """Run ids of every audit record of the settings' model."""
-    client = evalset.client_for(settings)
+    client = registry.client(settings)
     experiment = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
     assert experiment is not None
     runs = client.search_runs(
@@ -103,7 +103,7 @@ def audit_ids(settings: Settings) -> set[str]:
 
 def snapshot(settings: Settings) -> tuple[object, ...]:
     """Everything of a scheme that another scheme's moves must leave alone."""
-    model = evalset.client_for(settings).get_registered_model(settings.model_name)
+    model = registry.client(settings).get_registered_model(settings.model_name)
     return dict(model.aliases), dict(model.tags), audit_ids(settings)
 
 
@@ -115,7 +115,7 @@ def test_each_scheme_keeps_its_own_aliases_frozen_set_and_audit(schemes: Schemes
     frozen_b = evalset.load_evalset(b, digest_b)
     assert {len(label) for label in frozen_b.labels} == {3}
     assert set("".join(frozen_b.labels)) <= set(OTHER_ALPHABET)
-    client = evalset.client_for(a)
+    client = registry.client(a)
     scheme_b = scheme.scheme_of(client, b.model_name, schemes.model_b.version)
     assert scheme_b == scheme.Scheme(OTHER_ALPHABET, 3, 3, "synthetic")
     versions_b = {str(mv.version) for mv in client.search_model_versions(f"name='{b.model_name}'")}
@@ -128,7 +128,7 @@ def test_moves_on_one_scheme_leave_the_other_alone(
     schemes: Schemes, tiny_model: TrainedModel, cli: CliRunner
 ) -> None:
     a, b = schemes.a, schemes.b
-    client = evalset.client_for(a)
+    client = registry.client(a)
     with registry.promotion_lock(client, a.model_name, "holder of A"):
         with registry.promotion_lock(client, b.model_name, "other", timeout_s=1):
             pass
@@ -173,7 +173,7 @@ def test_gate_refuses_a_candidate_of_another_scheme(schemes: Schemes, cli: CliRu
     assert f"reads alphabet '{OTHER_ALPHABET}' (synthetic) but champion" in result.stdout
     assert "different schemes; register it under its own --model-name" in result.stdout
     assert production(a) == champion
-    client = evalset.client_for(a)
+    client = registry.client(a)
     tags = client.get_model_version(a.model_name, stranger).tags
     assert (
         tags["validation_status"] == "rejected" and "different schemes" in tags["rejection_reason"]
@@ -198,7 +198,7 @@ def test_gate_refuses_a_frozen_set_the_candidate_cannot_read(
     assert "can never read" in decision.reason()
     assert f"--alphabet '{OTHER_ALPHABET}' --length 3-3" in decision.reason()
     assert move is not None and move.decision == "rejected"
-    tags = evalset.client_for(settings).get_model_version(settings.model_name, candidate).tags
+    tags = registry.client(settings).get_model_version(settings.model_name, candidate).tags
     assert tags["validation_status"] == "rejected"
     assert production(settings) is None
 

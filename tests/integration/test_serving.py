@@ -50,9 +50,11 @@ def copy_version(tracking_uri: str, name: str, version: str) -> str:
 def download_model(tracking_uri: str, name: str, version: str, dst: Path) -> Path:
     """A local copy of a registered version's MLflow model folder."""
     dst.mkdir(parents=True, exist_ok=True)
+    # A models:/ URI would be resolved through MLflow's process-wide registry URI instead.
+    source = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(name, version)
     return Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(dst), tracking_uri=tracking_uri
+            artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri
         )
     )
 

@@ -108,7 +108,7 @@ def test_predict_images_names_the_bad_item(
             model.predict_images([good, b"nope"])
     with pytest.raises(InvalidImage, match="image 1"):
         ours.predict_images([good, b"nope"])
-    with pytest.raises(Exception, match="image 0: not valid base64"):
+    with pytest.raises(Exception, match="image 0 is not valid base64"):
         stock.predict(None, pd.DataFrame({"image": ["***"]}))
 
 

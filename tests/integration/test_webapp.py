@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import struct
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -411,12 +410,11 @@ def test_unavailable_environments_are_named_and_the_rest_works(
         slow_staging = create_app(
             webapp_stack.settings(staging_port=silent.getsockname()[1]), timeout=0.5
         ).test_client()
-        start = time.monotonic()
+        # How long a hanging environment delays the answer is measured by bench_webapp.py.
         page = slow_staging.post(
             "/predict",
             data={"csrf_token": csrf(slow_staging), "image": (io.BytesIO(png()), "a.png")},
         )
-        assert time.monotonic() - start < 5
         assert page.status_code == 200
         assert "Staging is unavailable: no answer within 0.5 s." in page.text
         assert f'<span class="version">v{webapp_stack.versions[0]}</span>' in page.text

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import captcha.image
@@ -96,13 +100,33 @@ def test_separator_takes_the_label_before_it(tmp_path: Path) -> None:
     assert read_folder(tmp_path, separator="_").labels == ["AB12"]
 
 
+SPLIT_IN_ANOTHER_PROCESS = """
+import json
+from captchaops.data.dataset import split_indices
+print(json.dumps(split_indices([f"img{i}.png" for i in range(4000)], 0.1, 0.2)))
+"""
+
+
 def test_split_is_deterministic_and_proportional() -> None:
     names = [f"img{i}.png" for i in range(4000)]
     splits = split_indices(names, val_fraction=0.1, test_fraction=0.2)
-    assert splits == split_indices(list(names), 0.1, 0.2)
+    by_name = {split: sorted(names[i] for i in idx) for split, idx in splits.items()}
+    backwards = names[::-1]
+    again = split_indices(backwards, 0.1, 0.2)
+    assert {split: sorted(backwards[i] for i in idx) for split, idx in again.items()} == by_name
+    other_process = subprocess.run(
+        [sys.executable, "-c", SPLIT_IN_ANOTHER_PROCESS],
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(other_process.stdout) == splits
     assert 0.17 < len(splits["test"]) / 4000 < 0.23
     assert 0.07 < len(splits["val"]) / 4000 < 0.13
-    assert split_of("img5.png", 0.1, 0.2) == split_of("img5.png", 0.1, 0.2)
+    for name, idx in splits.items():
+        assert all(split_of(names[i], 0.1, 0.2) == name for i in idx)
+    assert sorted(i for idx in splits.values() for i in idx) == list(range(4000))
 
 
 def test_digest_depends_on_content_not_order() -> None:

@@ -13,9 +13,9 @@ from PIL import Image
 from captchaops.model.preprocess import MAX_PIXELS, InvalidImage, preprocess, sniff_format
 
 
-def encode(image: Image.Image, fmt: str) -> bytes:
+def encode(image: Image.Image, fmt: str, **options: int) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
@@ -70,9 +70,17 @@ def test_transparent_background_reads_as_white() -> None:
     assert array[10, 30] == pytest.approx(0.0)
 
 
-def test_same_bytes_same_array() -> None:
-    data = encode(Image.effect_noise((160, 60), 64).convert("RGB"), "PNG")
-    assert np.array_equal(preprocess(data, 32, 96), preprocess(data, 32, 96))
+def test_the_same_pixels_give_the_same_array_whatever_the_lossless_encoding() -> None:
+    # Training and serving agreeing on the same bytes is tests/integration/test_parity.py.
+    image = Image.effect_noise((160, 60), 64).convert("RGB")
+    png = preprocess(encode(image, "PNG"), 32, 96)
+    assert png.std() > 0.01
+    for other in (
+        encode(image, "BMP"),
+        encode(image.convert("RGBA"), "PNG"),  # fully opaque: the white backdrop never shows
+        encode(image, "PNG", compress_level=9),
+    ):
+        assert np.array_equal(preprocess(other, 32, 96), png)
 
 
 @pytest.mark.parametrize(

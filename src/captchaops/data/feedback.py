@@ -16,11 +16,16 @@ FEEDBACK_EXPERIMENT = "text-captcha-feedback"
 FEEDBACK_PATH = "feedback"
 DIGEST_TAG = "image_sha256"
 """Run tag holding the SHA-256 of the corrected image: the web app stores an image+label once."""
+KIND_TAG = "captchaops.kind"
+"""Run tag saying what a run of the feedback experiment holds: `correction` or `review`."""
+REVIEW_KIND = "review"
+"""A review item: an unlabelled low-confidence input (image under `review/`), never fetched here."""
 
 
 def download_feedback(settings: Settings, dest_dir: Path) -> int:
     """Copy every `feedback/<label>_<uuid>.png` artifact of a FINISHED run into `dest_dir`; return
-    how many were new. Runs left RUNNING (an upload in progress or cut off) or FAILED are skipped."""
+    how many were new. Runs left RUNNING (an upload in progress or cut off) or FAILED are skipped,
+    and so are unlabelled review items (a labelled one is stored again as a correction)."""
     from mlflow.tracking import MlflowClient  # here: the web app imports this module's names only
 
     uri = settings.effective_tracking_uri
@@ -40,6 +45,8 @@ def download_feedback(settings: Settings, dest_dir: Path) -> int:
             page_token=page_token,
         )
         for run in runs:
+            if run.data.tags.get(KIND_TAG) == REVIEW_KIND:
+                continue
             fetched += _fetch_run(client, run.info.run_id, dest_dir)
         page_token = runs.token
         if not page_token:

@@ -47,3 +47,11 @@ class OnnxReader:
             {"text": text, "confidence": confidence}
             for text, confidence in decode_greedy(probs, self.meta["alphabet"])
         ]
+
+    def read_all(self, images: list[bytes], chunk: int = 256) -> list[dict[str, Any]]:
+        """`predict_images` over any number of images, `chunk` at a time (bounded memory)."""
+        return [
+            o
+            for s in range(0, len(images), chunk)
+            for o in self.predict_images(images[s : s + chunk])
+        ]

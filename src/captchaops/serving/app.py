@@ -42,13 +42,7 @@ def create_app(
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
     metrics = ServingMetrics()
-    watcher = AliasWatcher(
-        settings.effective_tracking_uri,
-        settings.model_name,
-        alias,
-        settings.poll_seconds,
-        metrics,
-    )
+    watcher = AliasWatcher.for_settings(settings, alias, metrics)
     scoring = invocations.Invocations(
         settings,
         alias,

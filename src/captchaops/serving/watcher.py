@@ -1,37 +1,33 @@
-"""The model an alias points to, kept current by a background thread that polls the registry."""
+"""The model an alias points to, kept current by two threads: a poller asks the registry where
+the alias points, a loader swaps that version in (`captchaops.serving.loader`). A hung or slow
+load never stops polling, and `/health` says when either falls behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import io
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
-from PIL import Image
-
-from captchaops.model.version import load_registered
+from captchaops.serving.loader import (
+    ImageModel,
+    Loaded,
+    Timeouts,
+    VersionLoader,
+    cache_dir_for,
+)
 from captchaops.serving.metrics import ServingMetrics
+from captchaops.serving.poller import AliasPoller, one_line
+from captchaops.settings import Settings
+from captchaops.tracking_rest import TrackingRest, VersionRef
 
 log = logging.getLogger(__name__)
 
-MISSING_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
-
-
-class ImageModel(Protocol):
-    """What a server needs from a loaded CaptchaModel."""
-
-    meta: dict[str, Any]
-
-    def predict_images(self, images: list[bytes]) -> list[dict[str, Any]]:
-        """Text and confidence for each image."""
-        ...
+POLL_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +41,7 @@ class ServedModel:
     loaded_at: str
     load_seconds: float
     model: ImageModel = field(repr=False)
+    last_known_good: bool = False
 
     def describe(self) -> dict[str, Any]:
         """What `/version` answers."""
@@ -61,29 +58,8 @@ class ServedModel:
         }
 
 
-def load_version(tracking_uri: str, name: str, version: str) -> ImageModel:
-    """Download a registered version, check it, load it and prove it predicts (raises on failure).
-
-    Only the ONNX network and meta.json are read, after the checks in
-    `captchaops.model.version`; nothing the version carries is unpickled or imported.
-    """
-    model: ImageModel = load_registered(tracking_uri, name, version)
-    warm_up(model)
-    return model
-
-
-def warm_up(model: ImageModel) -> None:
-    """Run one prediction on a blank image of the model's input size; raise if it misbehaves."""
-    size = (int(model.meta["width"]), int(model.meta["height"]))
-    buffer = io.BytesIO()
-    Image.new("L", size, 255).save(buffer, format="PNG")
-    result = model.predict_images([buffer.getvalue()])
-    if (
-        len(result) != 1
-        or not isinstance(result[0].get("text"), str)
-        or not 0.0 <= float(result[0].get("confidence", -1.0)) <= 1.0
-    ):
-        raise RuntimeError(f"warm-up prediction returned {result!r}, not one text and confidence")
+_LAST_GOOD = VersionRef("", "", "")
+"""What the loader is asked for when it should open the last-known-good copy."""
 
 
 class AliasWatcher:
@@ -91,148 +67,277 @@ class AliasWatcher:
 
     def __init__(
         self,
-        tracking_uri: str,
+        rest: TrackingRest,
         name: str,
         alias: str,
         poll_seconds: float,
         metrics: ServingMetrics,
+        loader: VersionLoader,
         retry_failed_seconds: float = 60.0,
     ) -> None:
-        self.tracking_uri = tracking_uri
         self.name = name
         self.alias = alias
-        self.poll_seconds = poll_seconds
-        self.retry_failed_seconds = retry_failed_seconds
         self.metrics = metrics
+        self.loader = loader
+        self.retry_failed_seconds = retry_failed_seconds
         self.current: ServedModel | None = None
         self.target_version: str | None = None
-        self.last_poll_at: str | None = None
-        self.last_poll_error: str | None = None
+        self.alias_exists: bool | None = None
         self.last_reload_error: str | None = None
         self.failed_version: str | None = None
+        self.dropped_version: str | None = None
+        self.loading: VersionRef | None = None
         self._failed_at = 0.0
-        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._wanted: VersionRef | None = None
+        self._tried_last_good = False
+        self._logged_failure: str | None = None
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.poller = AliasPoller(
+            rest, name, alias, poll_seconds, self._on_answer, self._on_failure
+        )
+
+    @classmethod
+    def for_settings(
+        cls,
+        settings: Settings,
+        alias: str,
+        metrics: ServingMetrics,
+        timeouts: Timeouts | None = None,
+    ) -> AliasWatcher:
+        """A watcher for `models:/<settings.model_name>@<alias>`, its copy under the home."""
+        rest = TrackingRest.for_settings(settings, POLL_TIMEOUT_S)
+        cache = cache_dir_for(settings.home_dir, settings.model_name, alias)
+        loader = VersionLoader(rest, cache, timeouts or Timeouts())
+        return cls(rest, settings.model_name, alias, settings.poll_seconds, metrics, loader)
+
+    @property
+    def last_poll_at(self) -> str | None:
+        """When the registry was last asked."""
+        return self.poller.last_poll_at
+
+    @property
+    def last_poll_error(self) -> str | None:
+        """Why the last question to the registry failed (None when it answered)."""
+        return self.poller.last_error
 
     def start(self) -> None:
-        """Start polling in a daemon thread (the first poll happens at once)."""
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        self._thread = threading.Thread(target=self._loop, name=f"watch-{self.alias}", daemon=True)
+        """Start polling and loading in daemon threads."""
+        self._thread = threading.Thread(target=self._loop, name=f"load-{self.alias}", daemon=True)
         self._thread.start()
+        self.poller.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop polling; a load in progress is abandoned with the thread."""
+        """Stop both threads; a load in progress is abandoned with its thread."""
         self._stop.set()
         self._wake.set()
+        self.poller.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 
     def poll_soon(self) -> None:
         """Check the alias now instead of at the next tick."""
-        self._wake.set()
-
-    def poll_once(self) -> None:
-        """Ask the registry where the alias points and load that version if it is new."""
-        try:
-            found = self._client.get_model_version_by_alias(self.name, self.alias)
-        except MlflowException as exc:
-            if exc.error_code in MISSING_CODES:
-                self._polled(None)
-                self.target_version = None
-                return
-            self._poll_failed(exc)
-            return
-        except Exception as exc:
-            self._poll_failed(exc)
-            return
-        self._polled(None)
-        version = str(found.version)
-        self.target_version = version
-        if self.current is not None and self.current.version == version:
-            self._clear_failure()
-            return
-        if version == self.failed_version and (
-            time.monotonic() - self._failed_at < self.retry_failed_seconds
-        ):
-            return
-        self._load(version, found.run_id or "")
+        self.poller.poll_soon()
 
     def health(self) -> dict[str, Any]:
-        """What `/health` answers (besides process facts)."""
+        """What `/health` answers (besides process facts): a status and the reason for it."""
         served = self.current
+        poll_error = self.poller.last_error
+        stale = self.poller.stale()
+        status = "degraded"
         if served is None:
-            status = "no_model"
-        elif self.last_reload_error or self.last_poll_error:
-            status = "degraded"
+            status, reason = "no_model", self._no_model_reason()
+        elif stale:
+            reason = f"no answer from the registry for {self.poller.silent_seconds():.0f} s" + (
+                f" ({poll_error})" if poll_error else ""
+            )
+        elif self.last_reload_error:
+            reason = f"keeping version {served.version}: {self.last_reload_error}"
+        elif poll_error:
+            reason = f"cannot check the alias: {poll_error}"
         else:
-            status = "ok"
+            status, reason = "ok", None
         return {
             "status": status,
+            "reason": reason,
             "model_loaded": served is not None,
             "name": self.name,
             "alias": self.alias,
             "version": served.version if served else None,
             "alias_version": self.target_version,
+            "served_from": (
+                None
+                if served is None
+                else "last_known_good"
+                if served.last_known_good
+                else "registry"
+            ),
             "loaded_at": served.loaded_at if served else None,
-            "last_poll_at": self.last_poll_at,
-            "last_poll_error": self.last_poll_error,
+            "last_poll_at": self.poller.last_poll_at,
+            "last_poll_error": poll_error,
+            "poll_stale": stale,
             "last_reload_error": self.last_reload_error,
             "failed_version": self.failed_version,
         }
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.poll_once()
-            self._wake.wait(self.poll_seconds)
-            self._wake.clear()
+    def _on_answer(self, ref: VersionRef | None) -> None:
+        self._logged_failure = None
+        with self._lock:
+            if ref is None:
+                self._alias_gone()
+                return
+            self.alias_exists = True
+            self.dropped_version = None
+            self.target_version = ref.version
+            served = self.current
+            if served is not None and served.version == ref.version:
+                if served.last_known_good:
+                    self.current = dataclasses.replace(served, last_known_good=False)
+                self._clear_failure()
+                return
+            if self.loading is not None and self.loading.version == ref.version:
+                return
+            if ref.version == self.failed_version and (
+                time.monotonic() - self._failed_at < self.retry_failed_seconds
+            ):
+                return
+            self._want(ref)
 
-    def _load(self, version: str, run_id: str) -> None:
-        log.info("loading %s version %s for alias %s", self.name, version, self.alias)
-        started = time.monotonic()
-        try:
-            model = load_version(self.tracking_uri, self.name, version)
-        except Exception as exc:
-            self.failed_version = version
-            self._failed_at = time.monotonic()
-            self.last_reload_error = f"version {version}: {type(exc).__name__}: {_one_line(exc)}"
-            self.metrics.reloads.labels("failure").inc()
-            self.metrics.reload_failing.set(1)
-            log.error("keeping %s: %s", self._serving_text(), self.last_reload_error)
-            return
-        if self._stop.is_set():
-            return
-        self.current = ServedModel(
-            name=self.name,
-            alias=self.alias,
-            version=version,
-            run_id=run_id,
-            loaded_at=_now(),
-            load_seconds=time.monotonic() - started,
-            model=model,
-        )
-        gc.freeze()
+    def _alias_gone(self) -> None:
+        """The registry says the alias does not exist (any more): serve nothing, keep nothing."""
+        if self.alias_exists is not False:
+            self.loader.forget()
+        self.alias_exists = False
+        self.target_version = None
+        self._wanted = None
         self._clear_failure()
-        self.metrics.reloads.labels("success").inc()
-        self.metrics.model_version.set(_as_number(version))
-        log.info("now serving %s version %s", self.name, version)
+        dropped = self.current
+        if dropped is not None:
+            self.current = None
+            self.dropped_version = dropped.version
+            self.metrics.model_version.set(0)
+            log.warning(
+                "alias %s of %s no longer exists: stopped serving version %s",
+                self.alias,
+                self.name,
+                dropped.version,
+            )
 
-    def _polled(self, error: str | None) -> None:
-        if error is None and self.last_poll_error is not None:
-            log.info("tracking server reachable again")
-        self.last_poll_at = _now()
-        self.last_poll_error = error
-
-    def _poll_failed(self, exc: Exception) -> None:
-        message = f"{type(exc).__name__}: {_one_line(exc)}"
-        if message != self.last_poll_error:
+    def _on_failure(self, message: str) -> None:
+        self.metrics.poll_errors.inc()
+        if message != self._logged_failure:
+            self._logged_failure = message
             log.warning(
                 "cannot check alias %s (still %s): %s", self.alias, self._serving_text(), message
             )
-        self.metrics.poll_errors.inc()
-        self._polled(message)
+        with self._lock:
+            if self.current is None and self.alias_exists is None and not self._tried_last_good:
+                self._tried_last_good = True
+                self._want(_LAST_GOOD)
+
+    def _want(self, ref: VersionRef) -> None:
+        self._wanted = ref
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                wanted, self._wanted = self._wanted, None
+                self.loading = wanted
+            if wanted is not None and not self._stop.is_set():
+                try:
+                    self._load(wanted)
+                except Exception:  # a bug while swapping must not end loading for good
+                    log.exception("loading for alias %s failed", self.alias)
+                finally:
+                    self.loading = None
+
+    def _load(self, wanted: VersionRef) -> None:
+        last_good = wanted is _LAST_GOOD
+        what = "the last-known-good copy" if last_good else f"version {wanted.version}"
+        log.info("loading %s of %s for alias %s", what, self.name, self.alias)
+        try:
+            loaded = self.loader.load_last_good() if last_good else self.loader.load(wanted)
+        except Exception as exc:
+            self._failed(None if last_good else wanted.version, exc)
+            return
+        if loaded is None:
+            log.warning("cannot reach the registry and there is no last-known-good copy")
+            return
+        with self._lock:
+            if not self._still_wanted(loaded):
+                log.info("not serving version %s: the alias moved meanwhile", loaded.ref.version)
+                if self.alias_exists is False:
+                    self.loader.forget()
+                self.poller.poll_soon()
+                return
+            self.current = ServedModel(
+                name=self.name,
+                alias=self.alias,
+                version=loaded.ref.version,
+                run_id=loaded.ref.run_id,
+                loaded_at=_now(),
+                load_seconds=loaded.seconds,
+                model=loaded.model,
+                last_known_good=loaded.last_known_good,
+            )
+            self._clear_failure()
+        gc.freeze()
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.model_version.set(_as_number(loaded.ref.version))
+        if loaded.last_known_good:
+            log.warning(
+                "cannot reach the registry: serving the last-known-good copy of %s version %s",
+                self.name,
+                loaded.ref.version,
+            )
+        else:
+            log.info("now serving %s version %s", self.name, loaded.ref.version)
+
+    def _still_wanted(self, loaded: Loaded) -> bool:
+        """Whether the alias still points where this load began (called under the lock)."""
+        if self._stop.is_set():
+            return False
+        if loaded.last_known_good:
+            return self.alias_exists is None or self.target_version == loaded.ref.version
+        return self.target_version == loaded.ref.version
+
+    def _failed(self, version: str | None, exc: Exception) -> None:
+        """Record a failed load; `version` None for the last-known-good copy, which is not
+        marked failed, so the same version from the registry is still tried at once."""
+        what = f"version {version}" if version else "the last-known-good copy"
+        with self._lock:
+            if version is not None:
+                self.failed_version = version
+                self._failed_at = time.monotonic()
+            self.last_reload_error = f"{what}: {type(exc).__name__}: {one_line(exc)}"
+        self.metrics.reloads.labels("failure").inc()
+        self.metrics.reload_failing.set(1)
+        log.error("keeping %s: %s", self._serving_text(), self.last_reload_error)
+
+    def _no_model_reason(self) -> str:
+        loading = self.loading
+        if loading is not None:
+            return f"loading version {loading.version or '(last-known-good copy)'}"
+        if self.alias_exists is False:
+            if self.dropped_version is not None:
+                return (
+                    f"the alias {self.alias!r} was deleted; version "
+                    f"{self.dropped_version} is no longer served"
+                )
+            return f"no version of {self.name!r} has the alias {self.alias!r}"
+        if self.last_reload_error:
+            return self.last_reload_error
+        if self.poller.last_error:
+            return (
+                "cannot reach the registry and there is no last-known-good copy: "
+                f"{self.poller.last_error}"
+            )
+        return "waiting for the registry's first answer"
 
     def _clear_failure(self) -> None:
         self.failed_version = None
@@ -241,11 +346,6 @@ class AliasWatcher:
 
     def _serving_text(self) -> str:
         return f"serving version {self.current.version}" if self.current else "serving nothing"
-
-
-def _one_line(exc: Exception, limit: int = 500) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _now() -> str:

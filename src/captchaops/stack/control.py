@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psutil
 
+from captchaops.harness.processes import rss_mb
 from captchaops.settings import Settings, client_host_for
 from captchaops.stack import supervisor
 from captchaops.stack.services import ALL, Service, build_services, team_secrets
@@ -51,18 +51,6 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def rss_mb(pid: int | None) -> float:
-    """Resident memory of a process and its children, in MB."""
-    if not pid:
-        return 0.0
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-        return sum(p.memory_info().rss for p in procs) / 1e6
-    except psutil.Error:
-        return 0.0
-
-
 def resolve(settings: Settings) -> tuple[Store, Settings, list[Service]]:
     """The chosen store, settings with generated secrets, and every service spec."""
     store, settings = choose_store(settings)
@@ -79,6 +67,8 @@ def up(
     """Start the requested services in order and wait until each is healthy."""
     try:
         return _up(settings, names, say)
+    except ValueError as exc:  # a setting with a line break, refused before it reaches a file
+        raise StackError(str(exc)) from exc
     except OSError as exc:
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.ENOSPC, errno.EDQUOT):
             raise
@@ -90,6 +80,7 @@ def up(
 
 def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) -> list[Service]:
     settings.home_dir.mkdir(parents=True, exist_ok=True)
+    settings.home_dir.chmod(0o700)  # secrets, the sqlite database and logs live here
     store, settings, services = resolve(settings)
     say(store.describe(settings))
     running_before = supervisor.is_running(settings)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from captchaops.settings import Settings, client_host_for, ensure_secret
+from captchaops.settings import Settings, client_host_for, ensure_secret, write_private
 from captchaops.stack.store import Store
 
 CORE = ("store", "tracking")
@@ -27,7 +26,6 @@ class Service:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 90.0
-    memory_hint_mb: int = 0
 
 
 def _bin(name: str) -> str:
@@ -57,9 +55,7 @@ def write_auth_config(settings: Settings) -> Path:
             "",
         ]
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    write_private(path, text)
     return path
 
 
@@ -136,7 +132,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     "MINIO_ROOT_USER": settings.s3_access_key or "",
                     "MINIO_ROOT_PASSWORD": settings.s3_secret_key.get_secret_value(),
                 },
-                memory_hint_mb=150,
             )
         )
     if "tracking" in names and not settings.tracking_uri:
@@ -177,7 +172,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                 health_url=f"{url}/health",
                 url=url,
                 env={**common, **store.env, **team_env},
-                memory_hint_mb=300,
             )
         )
     for alias, port, setting in (
@@ -195,7 +189,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     health_url=f"{url}/ping",
                     url=url,
                     env={**common, **service_env(settings), **shadow_env(settings, alias)},
-                    memory_hint_mb=250,
                 )
             )
     if "app" in names:
@@ -209,7 +202,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                 health_url=f"{url}/healthz",
                 url=url,
                 env={**common, **service_env(settings)},
-                memory_hint_mb=150,
             )
         )
     return specs

@@ -14,7 +14,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from captchaops.settings import Settings
+from captchaops.settings import Settings, refuse_control_characters, write_private
 from captchaops.stack.services import Service
 
 
@@ -54,6 +54,8 @@ def is_running(settings: Settings) -> bool:
 
 
 def _quote(value: str) -> str:
+    """A supervisord string; a value with a line break could add a section, so it is refused."""
+    refuse_control_characters("a service setting", value)
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     return f'"{escaped}"'
 
@@ -107,9 +109,7 @@ def start_daemon(settings: Settings, services: list[Service]) -> None:
     run_dir(settings).mkdir(parents=True, exist_ok=True)
     log_dir(settings).mkdir(parents=True, exist_ok=True)
     conf = run_dir(settings) / "supervisord.conf"
-    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(render_config(settings, services))
+    write_private(conf, render_config(settings, services))
     exe = Path(sys.executable).parent / "supervisord"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "supervisor.supervisord"]
     subprocess.run([*cmd, "-c", str(conf)], check=True, capture_output=True, timeout=30)

@@ -39,11 +39,7 @@ def export_and_test(
     mlflow.log_artifact(str(keras_path), "keras")
     meta = meta | {"onnx_sha256": file_sha256(onnx_path)}
     served = OnnxReader(onnx_path, meta)
-    outputs = [
-        o
-        for s in range(0, len(test_images), 256)
-        for o in served.predict_images(test_images[s : s + 256])
-    ]
+    outputs = served.read_all(test_images)
     pred = [o["text"] for o in outputs]
     metrics = {
         "test_seq_acc": sequence_accuracy(pred, test_labels),

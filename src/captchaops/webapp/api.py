@@ -1,16 +1,20 @@
-"""The JSON API for scripts: predict in every environment, send corrections, health."""
+"""The JSON API for scripts: predict in every environment, send corrections, offer review items,
+health."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify, request, session
 
-from captchaops.webapp.inputs import BadInput, check_image, decode_base64
+from captchaops.webapp import reviewers
+from captchaops.webapp.inputs import MAX_LABEL_LENGTH, BadInput, check_image, decode_base64
 from captchaops.webapp.limits import Throttled
 from captchaops.webapp.service import Demo
+from captchaops.webapp.tracking import TrackingError
 
 _FORMS = 'multipart/form-data with a file field "image", or JSON {"image": "<base64>"}'
+_OFFER = '{"image": "<base64>", "text": "7KQ2", "confidence": 0.41, "model": "text-captcha/3"}'
 
 
 def make_blueprint(demo: Demo) -> Blueprint:
@@ -33,8 +37,9 @@ def make_blueprint(demo: Demo) -> Blueprint:
     def predict() -> Any:
         """Both environments' answers for one image."""
         data = _image()
-        check_image(data, demo.settings.max_upload_bytes)
+        fmt = check_image(data, demo.settings.max_upload_bytes)
         results = demo.predict(data)
+        demo.offer_for_review(data, fmt, results, "api")
         body = {r.answer.alias: r.to_json() for r in results}
         if not any(r.answer.available for r in results):
             return jsonify(
@@ -76,7 +81,49 @@ def make_blueprint(demo: Demo) -> Blueprint:
             ), 409
         return jsonify(stored=saved.path, label=label, waiting=demo.waiting()), 201
 
+    @bp.post("/api/review")
+    def offer() -> Any:
+        """Offer one image a model server read with low confidence to the review queue (JSON
+        only; loopback or the review token); stored in the background, within the caps."""
+        reviewers.require(demo.settings, request, session)
+        if not request.is_json:
+            raise BadInput(415, "unsupported_media_type", f"Send JSON {_OFFER}.")
+        body = _json_body()
+        data = decode_base64(body.get("image"))
+        fmt = check_image(data, demo.settings.max_upload_bytes)
+        text, confidence, model = (
+            body.get("text"),
+            _fraction(body.get("confidence")),
+            body.get("model"),
+        )
+        if not isinstance(text, str) or len(text) > MAX_LABEL_LENGTH:
+            raise BadInput(400, "bad_text", f"Send the model's reading as a string: {_OFFER}.")
+        if confidence is None:
+            raise BadInput(400, "bad_confidence", f"Send a confidence from 0 to 1: {_OFFER}.")
+        if model is not None and (not isinstance(model, str) or len(model) > 200):
+            raise BadInput(400, "bad_model", f"Name the version as name/version: {_OFFER}.")
+        reason = demo.sampler.offer(data, fmt, text, confidence, model or None, "server")
+        if reason is None:
+            return jsonify(queued=True), 202
+        return jsonify(queued=False, reason=reason)
+
+    @bp.get("/api/review")
+    def review_counts() -> Any:
+        """How many review items wait for a label, and what the sampler kept and dropped."""
+        try:
+            pending: int | None = demo.review.count_pending(demo.settings.review_max_pending)
+        except TrackingError:
+            pending = None
+        return jsonify(pending=pending, **demo.sampler.stats())
+
     return bp
+
+
+def _fraction(value: object) -> float | None:
+    """A JSON number from 0 to 1, else None (booleans, strings, NaN and infinities included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0.0 <= value <= 1.0 else None
 
 
 def _image() -> bytes:

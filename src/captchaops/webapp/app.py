@@ -10,7 +10,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from captchaops.settings import Settings, ensure_secret
-from captchaops.webapp import api, views
+from captchaops.webapp import accounts, api, review_page, views
 from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
@@ -42,6 +42,8 @@ class InMemoryRequest(Request):
 
 def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     """A configured web app; model servers slower than `timeout` (default: the setting) count as down."""
+    if settings.auth:  # team mode: the review queue always needs its token
+        settings = ensure_secret(settings, "review_token", 32)
     settings = ensure_secret(settings, "app_secret_key")
     assert settings.app_secret_key is not None
     app = Flask(__name__)
@@ -59,10 +61,13 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     demo = Demo(settings, timeout)
     app.extensions[EXTENSION] = demo
 
+    if settings.web_login:  # before CSRF: an anonymous request learns nothing else
+        accounts.install(app, settings, demo.timeout)
     api_bp = api.make_blueprint(demo)
     csrf = CSRFProtect(app)
     csrf.exempt(api_bp)
     app.register_blueprint(views.make_blueprint(demo))
+    app.register_blueprint(review_page.make_blueprint(demo))
     app.register_blueprint(api_bp)
 
     @app.after_request

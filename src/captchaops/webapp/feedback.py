@@ -1,5 +1,5 @@
 """Corrections from visitors: one MLflow run per correction, image at `feedback/<label>_<uuid>.<ext>`,
-stored once per image and label."""
+stored once per image and label. Review items (webapp/review.py) are runs of the same experiment."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, FEEDBACK_PATH
+from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, FEEDBACK_PATH, KIND_TAG
+from captchaops.model.preprocess import EXTENSIONS, MIME_TYPES
 from captchaops.webapp.tracking import Tracking, TrackingError
 
-KIND_TAG = "captchaops.kind"
 KIND = "correction"
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp"}
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
 _STRIPES = 64
 
 
@@ -29,7 +27,7 @@ class Saved:
 
 def artifact_name(label: str, fmt: str) -> str:
     """The stored file name: the label, a random id, the sniffed format; never the upload's name."""
-    return f"{label}_{uuid.uuid4().hex}.{_EXTENSIONS[fmt]}"
+    return f"{label}_{uuid.uuid4().hex}.{EXTENSIONS[fmt]}"
 
 
 def image_digest(image: bytes) -> str:
@@ -53,7 +51,7 @@ class Corrections:
         the same image is already stored with the same label."""
         digest = image_digest(image)
         with self._locks[int(digest[:8], 16) % _STRIPES]:
-            experiment_id = self._experiment()
+            experiment_id = self.experiment_id()
             existing = self._find(experiment_id, digest, label)
             if existing is not None:
                 return Saved(existing, duplicate=True)
@@ -62,18 +60,28 @@ class Corrections:
             tags[DIGEST_TAG] = digest
             if model_version:
                 tags["model_version"] = model_version
-            try:
-                run = self._create_run(experiment_id, label, tags)
-            except TrackingError:
-                self._experiment_id = None  # the experiment may have been deleted; look it up again
-                raise
-            try:
-                self.tracking.put_artifact(run["artifact_uri"], path, image, _MIME[fmt])
-            except Exception:
-                self._finish(run["run_id"], "FAILED")
-                raise
-            self._finish(run["run_id"], "FINISHED")
+            self.store_run(experiment_id, f"correction-{label}", tags, image, fmt)
             return Saved(path)
+
+    def store_run(
+        self, experiment_id: str, name: str, tags: dict[str, str], image: bytes, fmt: str
+    ) -> str:
+        """Create a run with `tags`, upload `image` to its `tags["artifact"]` and mark it
+        FINISHED (FAILED when the upload fails); return the run's id."""
+        try:
+            run = self._create_run(experiment_id, name, tags)
+        except TrackingError:
+            self._experiment_id = None  # the experiment may have been deleted; look it up again
+            raise
+        try:
+            self.tracking.put_artifact(
+                run["artifact_uri"], tags["artifact"], image, MIME_TYPES[fmt]
+            )
+        except Exception:
+            self._finish(run["run_id"], "FAILED")
+            raise
+        self._finish(run["run_id"], "FINISHED")
+        return run["run_id"]
 
     def count(self) -> int:
         """How many corrections are stored (each finished correction run holds exactly one image)."""
@@ -108,11 +116,12 @@ class Corrections:
         )
         for run in page.get("runs", []):
             tags = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}
-            if tags.get("label") == label and tags.get("artifact"):
+            if tags.get(KIND_TAG) == KIND and tags.get("label") == label and tags.get("artifact"):
                 return str(tags["artifact"])
         return None
 
-    def _experiment(self) -> str:
+    def experiment_id(self) -> str:
+        """The feedback experiment's id, created on first use and then remembered."""
         if self._experiment_id is None:
             self._experiment_id = self._find_or_create_experiment()
         return self._experiment_id
@@ -138,13 +147,13 @@ class Corrections:
         )
         return str(found["experiment"]["experiment_id"]) if found else None
 
-    def _create_run(self, experiment_id: str, label: str, tags: dict[str, str]) -> dict[str, str]:
+    def _create_run(self, experiment_id: str, name: str, tags: dict[str, str]) -> dict[str, str]:
         run: dict[str, str] = self.tracking.call(
             "POST",
             "runs/create",
             json={
                 "experiment_id": experiment_id,
-                "run_name": f"correction-{label}",
+                "run_name": name,
                 "start_time": _now_ms(),
                 "tags": [{"key": k, "value": v} for k, v in tags.items()],
             },

@@ -19,6 +19,8 @@ from captchaops.webapp.endpoints import ENVIRONMENTS, Answer, Served
 from captchaops.webapp.feedback import Corrections, Saved
 from captchaops.webapp.inputs import BadInput, check_label
 from captchaops.webapp.limits import Limiter
+from captchaops.webapp.review import ReviewStore
+from captchaops.webapp.sampler import ReviewSampler
 from captchaops.webapp.scheme import Example, HeldOutSets, SchemeError
 from captchaops.webapp.tracking import Tracking, TrackingError
 
@@ -71,6 +73,8 @@ class Demo:
             settings.feedback_per_day,
             settings.feedback_total_per_day,
         )
+        self.review = ReviewStore(self.corrections)
+        self.sampler = ReviewSampler(self.review, settings)
         self._seen: OrderedDict[str, str] = OrderedDict()
         self._seen_lock = threading.Lock()
         self._waiting: tuple[float, int | None] | None = None
@@ -83,6 +87,15 @@ class Demo:
         for r in results:
             self._remember(r.answer.name, r.answer.version, r.info.alphabet if r.info else None)
         return results
+
+    def offer_for_review(self, image: bytes, fmt: str, results: list[Result], source: str) -> None:
+        """Offer a visitor's image to the review queue when production (staging when production
+        did not answer) read it with less than `review_below_confidence`; never waits on storage."""
+        answer = next((r.answer for r in results if r.answer.available), None)
+        if answer is None or answer.text is None or not self.sampler.wants(answer.confidence):
+            return
+        model = self.answered_key(answer.name, answer.version) if answer.version else None
+        self.sampler.offer(image, fmt, answer.text, answer.confidence or 0.0, model, source)
 
     def served(self) -> list[Served]:
         """What every environment serves right now."""
@@ -160,6 +173,10 @@ class Demo:
         if not saved.duplicate:
             self._waiting = None  # count again on the next page, which then shows this one
         return saved
+
+    def forget_waiting(self) -> None:
+        """A correction was stored elsewhere (the review page): count again on the next page."""
+        self._waiting = None
 
     def waiting(self) -> int | None:
         """How many corrections wait for the next training run (counted at most once per

@@ -1,0 +1,162 @@
+"""Commands on the registry: models, promote, rollback and the frozen evaluation set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from captchaops.cli.base import (
+    ACTOR_OPTION,
+    MODEL_NAME_OPTION,
+    app,
+    console,
+    fail,
+    parse_length,
+    settings_for,
+)
+
+
+@app.command()
+def models(
+    limit: int = typer.Option(20, help="show at most this many versions"),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """List model versions with aliases, metrics, validation status and the last alias moves."""
+    from captchaops import registry
+    from captchaops.console import versions_table
+
+    settings = settings_for(model_name)
+    try:
+        listing = registry.list_versions(settings, limit=limit)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    console.print(versions_table(listing))
+    for alias, line in sorted(listing.last_moves.items()):
+        console.print(f"last {alias} move: {line}", highlight=False)
+
+
+@app.command()
+def promote(
+    version: str | None = typer.Option(None, "--version", help="version number to promote"),
+    from_alias: str | None = typer.Option(
+        None, "--from", help="promote the version with this alias"
+    ),
+    reason: str = typer.Option("", "--reason", help="why (recorded in the audit trail)"),
+    force: bool = typer.Option(False, "--force", help="promote even a rejected or failing version"),
+    auto: bool = typer.Option(
+        False, "--auto", help="let the gate decide: exit 0 promoted, 3 rejected, 1 error"
+    ),
+    margin: float = typer.Option(
+        0.0, help="gate: accuracy the candidate must add over the champion"
+    ),
+    floor: float | None = typer.Option(
+        None, help="gate: accuracy a first candidate needs (default: staging floor)"
+    ),
+    cer_tolerance: float = typer.Option(0.0, help="gate: how much worse the CER may be"),
+    latency_ratio: float = typer.Option(
+        1.5, help="gate: p95 latency budget as a multiple of the champion's"
+    ),
+    latency_slack_ms: float = typer.Option(
+        5.0, help="gate: milliseconds added to the latency budget"
+    ),
+    actor: str | None = ACTOR_OPTION,
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Move @production: by hand (--version N | --from staging) or through the gate (--auto)."""
+    from captchaops import gate, registry
+    from captchaops.console import print_decision
+
+    settings = settings_for(model_name)
+    if not auto and not reason:
+        fail('say why with --reason "..." (it goes into the audit trail)')
+    try:
+        if not auto:
+            move = registry.promote(
+                settings,
+                version=version,
+                from_alias=from_alias,
+                reason=reason,
+                actor=actor,
+                force=force,
+            )
+            console.print(f"promoted: {move.line()}", highlight=False)
+            return
+        config = gate.GateConfig(
+            margin=margin,
+            floor=floor,
+            cer_tolerance=cer_tolerance,
+            latency_ratio=latency_ratio,
+            latency_slack_ms=latency_slack_ms,
+        )
+        decision, _ = gate.auto_promote(settings, config, actor=actor, reason=reason)
+    except registry.RegistryError as exc:
+        fail(str(exc), gate.EXIT_ERROR)
+    print_decision(console, decision)
+    raise typer.Exit(gate.EXIT_PROMOTED if decision.promote else gate.EXIT_REJECTED)
+
+
+@app.command()
+def rollback(
+    to: str | None = typer.Option(
+        None, "--to", help="an earlier production version (default: the previous one)"
+    ),
+    reason: str = typer.Option("", "--reason", help="why (recorded in the audit trail)"),
+    actor: str | None = ACTOR_OPTION,
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Move @production back to the previous production version in the audit trail."""
+    from captchaops import registry
+
+    settings = settings_for(model_name)
+    try:
+        move = registry.rollback(settings, to=to, reason=reason, actor=actor)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    console.print(f"rolled back: {move.line()}", highlight=False)
+
+
+@app.command()
+def evalset(
+    size: int = typer.Option(2000, min=0, help="generated images (fixed seed)"),
+    folder: str | None = typer.Option(
+        None, help="also include images named <label>.png from here (--size 0: only these)"
+    ),
+    alphabet: str | None = typer.Option(
+        None,
+        "--alphabet",
+        help="characters of generated labels (default: 0-9A-Z)",
+    ),
+    length: str = typer.Option("4-4", "--length", help="generated label lengths MIN-MAX, e.g. 4-6"),
+    replace: bool = typer.Option(False, "--replace", help="make a new set even if one exists"),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Create the frozen evaluation set every version is judged on (stored by digest)."""
+    from captchaops import registry
+    from captchaops.data.synthetic import DIGITS_UPPER
+    from captchaops.evalset import create_evalset
+
+    settings = settings_for(model_name)
+    try:
+        lengths = parse_length(length)
+    except ValueError as exc:
+        fail(str(exc))
+    if alphabet is not None and (not alphabet or any(ch.isspace() for ch in alphabet)):
+        fail("--alphabet needs at least one character and no spaces, e.g. --alphabet 0123456789")
+    try:
+        with registry.one_line_errors(settings):
+            made = create_evalset(
+                settings,
+                size=size,
+                folder=Path(folder) if folder else None,
+                alphabet=alphabet or DIGITS_UPPER,
+                length=lengths,
+                replace=replace,
+            )
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    console.print(
+        f"frozen evaluation set {made.digest} of {settings.model_name} "
+        f"({len(made)} images, seed {made.seed})",
+        highlight=False,
+    )

@@ -1,0 +1,103 @@
+"""Commands that run the stack: up, down, status, logs, serve and the web app."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, settings_for
+from captchaops.settings import load_settings
+
+
+@app.command()
+def up(
+    core: bool = typer.Option(False, "--core", help="only the object store and tracking server"),
+) -> None:
+    """Start the local stack (store, tracking server, model servers, web app) and wait for health."""
+    from captchaops.stack import control, services
+    from captchaops.stack.store import StoreError
+
+    names = services.CORE if core else services.ALL
+    try:
+        control.up(load_settings(), names, say=lambda line: console.print(line, highlight=False))
+    except (control.StackError, StoreError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def down() -> None:
+    """Stop every service of the local stack."""
+    from captchaops.stack import control
+
+    if control.down(load_settings()):
+        console.print("stack stopped")
+    else:
+        console.print("nothing was running")
+
+
+@app.command()
+def status() -> None:
+    """Show each service (pid, URL, health, memory) and the effective settings."""
+    from captchaops.console import services_table, settings_table
+    from captchaops.stack import control
+
+    settings = load_settings()
+    rows = control.status(settings)
+    console.print(services_table(rows))
+    console.print(f"total RSS: {sum(row.rss_mb for row in rows):.0f} MB")
+    console.print(settings_table(settings.masked()))
+
+
+@app.command()
+def logs(
+    service: str = typer.Argument(
+        ..., help="store, tracking, production, staging, app, supervisord"
+    ),
+    follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
+    lines: int = typer.Option(50, "-n", "--lines", help="how many past lines to show"),
+) -> None:
+    """Print a service's log."""
+    from captchaops.stack import control
+
+    try:
+        path = control.log_file(load_settings(), service)
+        for line in control.follow(path, lines=lines, forever=follow):
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    except control.StackError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def serve(
+    alias: str = typer.Option("production", "--alias", help="registry alias to serve"),
+    port: int | None = typer.Option(None, "--port", help="default: the alias's port setting"),
+    host: str | None = typer.Option(None, "--host", help="default: the host setting (loopback)"),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Serve models:/<model_name>@<alias> over HTTP, swapping in new versions as the alias moves."""
+    from captchaops.serving import ServeError, run
+
+    settings = settings_for(model_name)
+    default_port = settings.staging_port if alias == "staging" else settings.production_port
+    try:
+        run(settings, alias, port or default_port, host)
+    except ServeError as exc:
+        fail(str(exc))
+
+
+@app.command("app")
+def webapp(
+    port: int | None = typer.Option(None, "--port", help="default: the app_port setting (8080)"),
+    host: str | None = typer.Option(None, "--host", help="default: the host setting (loopback)"),
+) -> None:
+    """Serve the demo web page and JSON API over the model servers (waitress, never debug)."""
+    from captchaops.webapp.app import run
+
+    try:
+        run(load_settings(), port, host)
+    except OSError as exc:
+        fail(f"cannot listen for the web app ({exc}); pick a free port with --port")

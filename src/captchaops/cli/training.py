@@ -1,0 +1,130 @@
+"""Commands that make models: sample data, train and the end-to-end demo."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import typer
+
+from captchaops.cli.base import (
+    MODEL_NAME_OPTION,
+    app,
+    console,
+    fail,
+    quiet_libraries,
+    settings_for,
+)
+from captchaops.settings import load_settings
+
+
+@app.command("sample-data")
+def sample_data(
+    directory: str = typer.Argument(..., help="an empty or new folder to write the images into"),
+    count: int = typer.Option(1040, "--count", min=1, help="how many images"),
+    seed: int = typer.Option(0, "--seed", help="the same seed writes the same images"),
+) -> None:
+    """Write stand-in CAPTCHAs (200x50, 5 characters, <label>.png) to try `train --data` on."""
+    from captchaops.data import standin
+
+    folder = Path(directory)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        fail(f"{folder} is not an empty folder; name a new or empty one (nothing is overwritten)")
+    try:
+        written = standin.build(folder, count, seed)
+    except OSError as exc:
+        fail(f"cannot write to {folder} ({exc}); pick a writable folder")
+    console.print(
+        f"wrote {len(written)} stand-in CAPTCHAs to {folder}; "
+        f"next: captchaops train --data {shlex.quote(str(folder))}",
+        highlight=False,
+    )
+
+
+@app.command("train")
+def train_command(
+    data: str | None = typer.Option(None, "--data", help="folder of images named <label>.png"),
+    synthetic: int | None = typer.Option(None, "--synthetic", help="generate N CAPTCHAs instead"),
+    epochs: int | None = typer.Option(None, "--epochs", help="at most this many epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="hard time budget"),
+    val_fraction: float | None = typer.Option(None, "--val-fraction"),
+    seed: int | None = typer.Option(None, "--seed"),
+    include_feedback: bool = typer.Option(
+        False, "--include-feedback", help="add corrections submitted in the web app"
+    ),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
+    from captchaops.console import UnexpectedError, print_summary
+    from captchaops.data.dataset import DataError
+    from captchaops.training import TrainError
+
+    if data is not None and synthetic is not None:
+        fail("use either --data DIR or --synthetic N, not both")
+    settings = settings_for(model_name)
+    log = settings.home_dir / "logs" / "libraries.log"
+    try:
+        with quiet_libraries(log):  # Keras and TensorFlow print on import
+            from captchaops import train as training
+            from captchaops.console import train_with_progress
+
+            preset = training.TrainConfig.folder() if data else training.TrainConfig.demo()
+            config = training.with_overrides(
+                preset,
+                data_dir=Path(data) if data else None,
+                synthetic=synthetic,
+                epochs=epochs,
+                batch_size=batch_size,
+                max_minutes=max_minutes,
+                val_fraction=val_fraction,
+                seed=seed,
+                include_feedback=include_feedback or None,
+            )
+            result = train_with_progress(config, settings, console)
+    except (DataError, TrainError, UnexpectedError) as exc:
+        fail(str(exc))
+    print_summary(result, console)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+
+
+@app.command()
+def demo(
+    retrain: bool = typer.Option(False, "--retrain", help="train again even if production exists"),
+) -> None:
+    """Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs."""
+    from captchaops.console import UnexpectedError, train_with_progress
+    from captchaops.data.dataset import DataError
+    from captchaops.demo import run_demo
+    from captchaops.registry import RegistryError
+    from captchaops.stack.control import StackError
+    from captchaops.stack.store import StoreError
+    from captchaops.training import TrainError
+
+    settings = load_settings()
+    log = settings.home_dir / "logs" / "libraries.log"
+    try:
+        with quiet_libraries(log):
+            summary = run_demo(
+                settings,
+                say=lambda line: console.print(line, highlight=False),
+                retrain=retrain,
+                trainer=lambda config, settings: train_with_progress(config, settings, console),
+            )
+    except (
+        StackError,
+        StoreError,
+        RegistryError,
+        DataError,
+        TrainError,
+        UnexpectedError,
+    ) as exc:
+        fail(str(exc))
+    console.print()
+    for name, url in summary.urls.items():
+        console.print(f"{name:<20} {url}", highlight=False)
+    console.print()
+    for line in summary.lines:
+        console.print(line, highlight=False)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+    console.print("stop everything with: .venv/bin/captchaops down", highlight=False)

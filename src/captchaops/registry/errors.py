@@ -1,0 +1,37 @@
+"""Registry errors a user can fix, and the one place tracking-server failures become one line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from mlflow.exceptions import MlflowException
+
+from captchaops.evalset import EvalSetError
+from captchaops.mlflow_scope import mask_credentials
+from captchaops.settings import Settings
+
+
+class RegistryError(Exception):
+    """A registry problem a user can fix; the message is one line with the fix. Nothing changed."""
+
+
+@contextmanager
+def one_line_errors(settings: Settings) -> Iterator[None]:
+    """Turn tracking-server and frozen-set failures into one-line `RegistryError`s."""
+    try:
+        yield
+    except EvalSetError as exc:
+        raise RegistryError(str(exc)) from exc
+    except MlflowException as exc:
+        first = mask_credentials((str(exc).strip().splitlines() or ["unknown error"])[0])[:300]
+        where = mask_credentials(settings.effective_tracking_uri)
+        if "503" in first:
+            raise RegistryError(
+                f"tracking server {where} answers 503 (unavailable): "
+                "its disk may be full or its database locked; check free space under its home "
+                "and `captchaops logs tracking`"
+            ) from exc
+        raise RegistryError(
+            f"tracking server {where} failed: {first}; check it is up with `captchaops status`"
+        ) from exc

@@ -1,0 +1,214 @@
+"""Promotion, rollback and staging: the decisions that move an alias, each through `move_alias`."""
+
+from __future__ import annotations
+
+from mlflow import MlflowClient
+
+from captchaops.evalset import Score
+from captchaops.mlflow_scope import client
+from captchaops.registry.aliases import (
+    alias_version,
+    move_alias,
+    record_rejection,
+    require_model,
+    require_version,
+    resolve,
+)
+from captchaops.registry.audit import Move, moves, production_stack
+from captchaops.registry.errors import RegistryError, one_line_errors
+from captchaops.registry.names import PRODUCTION, STAGING, default_actor, now
+from captchaops.registry.scores import scores
+from captchaops.settings import Settings
+
+
+def to_production(
+    mlflow_client: MlflowClient,
+    name: str,
+    version: str,
+    *,
+    expect_from: str | None,
+    reason: str,
+    actor: str,
+    kind: str,
+    candidate: Score | None,
+    champion: Score | None,
+    thresholds: dict[str, float],
+    validated: bool = False,
+) -> Move:
+    """Move @production to a version and stamp it; the one call behind every promotion."""
+    at = now()
+    stamp = {"validation_status": "validated", "validated_at": at} if validated else {}
+    stamp |= {"promoted_at": at, "promoted_by": actor, "promotion_reason": reason[:4000]}
+    return move_alias(
+        mlflow_client,
+        name,
+        alias=PRODUCTION,
+        to_version=version,
+        expect_from=expect_from,
+        reason=reason,
+        actor=actor,
+        kind=kind,
+        candidate=candidate,
+        champion=champion,
+        thresholds=thresholds,
+        version_tags={version: stamp},
+    )
+
+
+def promote(
+    settings: Settings,
+    *,
+    version: str | None = None,
+    from_alias: str | None = None,
+    reason: str,
+    actor: str | None = None,
+    force: bool = False,
+) -> Move:
+    """A person moves @production to a version (or to the @staging one), scored and audited."""
+    actor = actor or default_actor()
+    name = settings.model_name
+    target = resolve(settings, version=version, alias=from_alias)
+    with one_line_errors(settings):
+        mlflow_client = client(settings)
+        tags = require_version(mlflow_client, name, target)
+        current = alias_version(mlflow_client, name, PRODUCTION)
+        if current == target:
+            raise RegistryError(f"v{target} of {name} is already @production; nothing to do")
+        if tags.get("validation_status") == "rejected" and not force:
+            why = tags.get("rejection_reason", "no reason recorded")
+            raise RegistryError(
+                f"v{target} of {name} was rejected ({why[:200]}); pass --force to promote it anyway"
+            )
+        candidate, champion = scores(mlflow_client, settings, target, current)
+        if not candidate.ok and not force:
+            raise RegistryError(
+                f"v{target} of {name} fails on the frozen set ({candidate.error}); "
+                "fix the model or pass --force"
+            )
+        return to_production(
+            mlflow_client,
+            name,
+            target,
+            expect_from=current,
+            reason=reason,
+            actor=actor,
+            kind="manual",
+            candidate=candidate,
+            champion=champion,
+            thresholds={"forced": float(force)},
+        )
+
+
+def _rollback_target(stack: list[str], current: str | None, to: str | None, name: str) -> str:
+    if not stack or current is None:
+        raise RegistryError(
+            f"{name} has no audited production history to roll back; "
+            "use `captchaops promote --version N`"
+        )
+    if stack[-1] != current:
+        raise RegistryError(
+            f"@production of {name} is v{current} but the audit trail ends at v{stack[-1]} "
+            "(moved outside captchaops); use `captchaops promote --version N`"
+        )
+    earlier = stack[:-1]
+    if to is None:
+        if not earlier:
+            raise RegistryError(
+                f"v{current} is the first audited production version of {name}; "
+                "there is nothing earlier to roll back to"
+            )
+        return earlier[-1]
+    if to == current:
+        raise RegistryError(f"v{to} of {name} is already @production; nothing to do")
+    if to not in earlier:
+        raise RegistryError(
+            f"v{to} of {name} was never @production before v{current}; "
+            f"use `captchaops promote --version {to}`"
+        )
+    return to
+
+
+def rollback(
+    settings: Settings, *, to: str | None = None, reason: str = "", actor: str | None = None
+) -> Move:
+    """Move @production back to the previous audited production version (or to `to`)."""
+    actor = actor or default_actor()
+    name = settings.model_name
+    with one_line_errors(settings):
+        mlflow_client = client(settings)
+        require_model(mlflow_client, settings)
+        if to is not None:
+            require_version(mlflow_client, name, to)
+        current = alias_version(mlflow_client, name, PRODUCTION)
+        stack = production_stack(moves(mlflow_client, name, PRODUCTION))
+        target = _rollback_target(stack, current, to, name)
+        candidate, champion = scores(mlflow_client, settings, target, current)
+        why = reason or f"rollback from v{current}"
+        return move_alias(
+            mlflow_client,
+            name,
+            alias=PRODUCTION,
+            to_version=target,
+            expect_from=current,
+            reason=why,
+            actor=actor,
+            kind="rollback",
+            candidate=candidate,
+            champion=champion,
+            version_tags={
+                str(current): {
+                    "validation_status": "rejected",
+                    "rejection_reason": f"rolled back by {actor}: {why}"[:4000],
+                },
+                target: {
+                    "promoted_at": now(),
+                    "promoted_by": actor,
+                    "promotion_reason": why[:4000],
+                },
+            },
+        )
+
+
+def stage_candidate(
+    mlflow_client: MlflowClient,
+    name: str,
+    version: str,
+    *,
+    accuracy: float,
+    floor: float,
+    actor: str | None = None,
+) -> str | None:
+    """Stage a freshly trained version (@staging, pending) or reject it below the floor.
+
+    Tags the version's test sequence accuracy first; returns the rejection reason, or None
+    when it was staged. Both outcomes are audited.
+    """
+    actor = actor or default_actor()
+    mlflow_client.set_model_version_tag(name, version, "test_seq_acc", f"{accuracy:.4f}")
+    if accuracy >= floor:
+        move_alias(
+            mlflow_client,
+            name,
+            alias=STAGING,
+            to_version=version,
+            expect_from=None,
+            check_from=False,
+            reason=f"trained: test sequence accuracy {accuracy:.4f} reaches the staging floor {floor}",
+            actor=actor,
+            kind="training",
+            thresholds={"floor": floor},
+            version_tags={version: {"validation_status": "pending"}},
+        )
+        return None
+    reason = f"test sequence accuracy {accuracy:.4f} is below the staging floor {floor}"
+    record_rejection(
+        mlflow_client,
+        name,
+        alias=STAGING,
+        version=version,
+        reason=reason,
+        actor=actor,
+        kind="training",
+        thresholds={"floor": floor},
+    )
+    return reason

@@ -1,0 +1,240 @@
+"""Loading a registered version into a model server: download, check and open, warm up, each
+within its own timeout; the last version that passed all three is kept on disk for restarts
+while the registry cannot be reached.
+
+Only the ONNX network and meta.json are read, after the checks in `captchaops.model.version`;
+nothing a version carries is unpickled or imported, and MLflow itself is imported only for
+artifact stores the tracking server does not proxy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from PIL import Image
+
+from captchaops.model.version import open_version
+from captchaops.tracking_rest import TrackingRest, VersionRef
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+GOOD_FILE = "good.json"
+_SAFE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class ImageModel(Protocol):
+    """What a server needs from a loaded version."""
+
+    meta: dict[str, Any]
+
+    def predict_images(self, images: list[bytes]) -> list[dict[str, Any]]:
+        """Text and confidence for each image."""
+        ...
+
+
+class LoadError(Exception):
+    """A version could not be loaded in time; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """How long each step of a load may take before the server gives up on it (seconds)."""
+
+    download: float = 120.0
+    load: float = 60.0
+    warm_up: float = 30.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checked, opened and warmed-up version."""
+
+    ref: VersionRef
+    model: ImageModel
+    seconds: float
+    last_known_good: bool = False
+
+
+def cache_dir_for(home: Path, name: str, alias: str) -> Path:
+    """`<home>/serving-cache/<model>/<alias>`: where a server keeps its last-known-good copy."""
+    return home / "serving-cache" / _path_part(name) / _path_part(alias)
+
+
+def warm_up(model: ImageModel) -> None:
+    """Run one prediction on a blank image of the model's input size; raise if it misbehaves."""
+    size = (int(model.meta["width"]), int(model.meta["height"]))
+    buffer = io.BytesIO()
+    Image.new("L", size, 255).save(buffer, format="PNG")
+    result = model.predict_images([buffer.getvalue()])
+    if (
+        len(result) != 1
+        or not isinstance(result[0].get("text"), str)
+        or not 0.0 <= float(result[0].get("confidence", -1.0)) <= 1.0
+    ):
+        raise RuntimeError(f"warm-up prediction returned {result!r}, not one text and confidence")
+
+
+class VersionLoader:
+    """Loads versions of one alias and keeps the last good one under `cache_dir`."""
+
+    def __init__(self, rest: TrackingRest, cache_dir: Path, timeouts: Timeouts) -> None:
+        self.rest = rest
+        self.cache_dir = cache_dir
+        self.timeouts = timeouts
+        self._overdue: threading.Thread | None = None
+
+    def load(self, ref: VersionRef) -> Loaded:
+        """The version `ref` names, from the last-known-good copy when it is that version, else
+        downloaded; every check runs either way. Raises LoadError, VersionError, TrackingError."""
+        started = time.monotonic()
+        good = self._good()
+        if good is not None and good[0].version == ref.version:
+            with contextlib.suppress(Exception):
+                return Loaded(ref, self._open(good[1]), time.monotonic() - started)
+        folder, kept = self._new_folder()
+        try:
+            # The step is abandoned after `download` s; the download's own deadline, a second
+            # later, then closes its connection, so no thread is left waiting on the server.
+            deadline = time.monotonic() + self.timeouts.download + 1.0
+            local = self._within(
+                self.timeouts.download,
+                f"downloading version {ref.version}",
+                lambda: self.rest.download_artifacts(
+                    self.rest.download_uri(ref.name, ref.version), folder, deadline=deadline
+                ),
+            )
+            if not local.resolve().is_relative_to(folder.resolve()):
+                raise LoadError(f"version {ref.version} was downloaded outside its folder")
+            model = self._open(local)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if kept:
+            try:
+                self._keep(ref, folder, local)
+            except OSError as exc:
+                log.warning("cannot keep version %s as last-known-good: %s", ref.version, exc)
+                kept = False
+        if not kept:
+            shutil.rmtree(folder, ignore_errors=True)
+        return Loaded(ref, model, time.monotonic() - started)
+
+    def load_last_good(self) -> Loaded | None:
+        """The last-known-good copy, checked and warmed up again; None when there is none."""
+        good = self._good()
+        if good is None:
+            return None
+        started = time.monotonic()
+        return Loaded(good[0], self._open(good[1]), time.monotonic() - started, True)
+
+    def last_good_version(self) -> str | None:
+        """The version of the last-known-good copy, if there is one."""
+        good = self._good()
+        return good[0].version if good else None
+
+    def forget(self) -> None:
+        """Delete the last-known-good copy (its alias no longer exists)."""
+        with contextlib.suppress(OSError):
+            (self.cache_dir / GOOD_FILE).unlink()
+        self._sweep(keep=None)
+
+    def _new_folder(self) -> tuple[Path, bool]:
+        """A fresh folder for a download, and whether it is inside the cache: a home that is
+        read-only or full still serves, only without a last-known-good copy."""
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return Path(tempfile.mkdtemp(prefix="version-", dir=self.cache_dir)), True
+        except OSError as exc:
+            log.warning("cannot keep a last-known-good copy in %s: %s", self.cache_dir, exc)
+            return Path(tempfile.mkdtemp(prefix="captchaops-version-")), False
+
+    def _open(self, folder: Path) -> ImageModel:
+        model: ImageModel = self._within(
+            self.timeouts.load, "checking and opening the version", lambda: open_version(folder)
+        )
+        self._within(self.timeouts.warm_up, "the warm-up prediction", lambda: warm_up(model))
+        return model
+
+    def _within(self, seconds: float, what: str, step: Callable[[], T]) -> T:
+        """Run `step` in a thread and wait at most `seconds` for it. A step that overruns is
+        abandoned (Python cannot stop a thread), and no new step starts while it still runs."""
+        if self._overdue is not None:
+            self._overdue.join(1.0)
+            if self._overdue.is_alive():
+                raise LoadError(f"{self._overdue.name} is still running past its timeout")
+            self._overdue = None
+        outcome: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                outcome["value"] = step()
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run, name=what, daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if thread.is_alive():
+            self._overdue = thread
+            raise LoadError(f"{what} took longer than {seconds:g} s")
+        if "error" in outcome:
+            raise outcome["error"]
+        value: T = outcome["value"]
+        return value
+
+    def _good(self) -> tuple[VersionRef, Path] | None:
+        try:
+            raw = json.loads((self.cache_dir / GOOD_FILE).read_text())
+            folder = self.cache_dir / str(raw["folder"])
+            model = (folder / str(raw["model"])).resolve()
+            ref = VersionRef(str(raw["name"]), str(raw["version"]), str(raw["run_id"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if folder.parent != self.cache_dir or not model.is_relative_to(folder.resolve()):
+            return None
+        return (ref, model) if model.is_dir() else None
+
+    def _keep(self, ref: VersionRef, folder: Path, model: Path) -> None:
+        """Make `model` (inside `folder`) the last-known-good copy; the pointer file is replaced
+        atomically, so a crash leaves either the old copy or the new one."""
+        record = {
+            "name": ref.name,
+            "version": ref.version,
+            "run_id": ref.run_id,
+            "folder": folder.name,
+            "model": str(model.resolve().relative_to(folder.resolve())),
+            "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".good-", dir=self.cache_dir)
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out)
+        os.replace(tmp, self.cache_dir / GOOD_FILE)
+        self._sweep(keep=folder.name)
+
+    def _sweep(self, keep: str | None) -> None:
+        with contextlib.suppress(OSError):
+            for entry in self.cache_dir.iterdir():
+                if entry.is_dir() and entry.name != keep:
+                    shutil.rmtree(entry, ignore_errors=True)
+
+
+def _path_part(text: str) -> str:
+    """`text` as one safe path component (a digest when it is not one already)."""
+    if _SAFE_PART.fullmatch(text):
+        return text
+    return "x-" + sha256(text.encode()).hexdigest()[:16]

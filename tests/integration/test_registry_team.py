@@ -1,0 +1,113 @@
+"""The registry against a basic-auth tracking server: credentials from the settings only,
+and a reader can neither take, hold nor block the promotion lock."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from captchaops import registry
+from captchaops.settings import Settings, load_settings
+from captchaops.stack.services import write_auth_config
+from captchaops.users import add_user
+from tests.fixtures.stack import free_port, start_http_process, stop_process
+
+pytestmark = pytest.mark.slow
+ADMIN_PASSWORD = "admin-password-for-tests"
+EDITOR_PASSWORD = "editor-password-for-tests"
+MODEL = "text-captcha"
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Settings]]:
+    """A basic-auth tracking server with an editor and a reader; settings for admin, ed, rita."""
+    home = tmp_path_factory.mktemp("team-registry")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    admin = load_settings(home=home, tracking_uri=uri, auth=True, admin_password=ADMIN_PASSWORD)
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(admin)),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-session-key-0123456789",
+    }
+    cmd = [
+        sys.executable, "-m", "captchaops.stack.tracking", "--app-name", "basic-auth",
+        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination", str(home / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    proc = start_http_process(cmd, f"{uri}/health", env=env, log=home / "mlflow.log")
+    try:
+        add_user(admin, "ed", "editor", EDITOR_PASSWORD)
+        reader = add_user(admin, "rita", "reader")
+        assert reader.password
+
+        def account(user: str, password: str) -> Settings:
+            return load_settings(
+                home=home, tracking_uri=uri, tracking_username=user, tracking_password=password
+            )
+
+        yield {
+            "admin": account("admin", ADMIN_PASSWORD),
+            "ed": account("ed", EDITOR_PASSWORD),
+            "rita": account("rita", reader.password),
+        }
+    finally:
+        stop_process(proc)
+
+
+def test_credentials_come_from_the_settings_alone(
+    team: dict[str, Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    ed = registry.client(team["ed"])
+    version = ed.create_model_version(MODEL, "s3://nowhere/model").version
+
+    move = registry.move_alias(
+        ed, MODEL, alias="staging", to_version=str(version), expect_from=None,
+        reason="team test", actor="ed", kind="manual", check_from=False,
+    )  # fmt: skip
+
+    assert registry.resolve_alias(team["rita"], "staging") == str(version)
+    assert registry.history(team["rita"], "staging")[-1].run_id == move.run_id
+    assert not {k for k in os.environ if k.startswith("MLFLOW_TRACKING_")}
+    with pytest.raises(registry.RegistryError) as wrong:
+        registry.resolve_alias(team["rita"].model_copy(update={"tracking_password": None}), "x")
+    assert "401" in str(wrong.value) or "not authenticated" in str(wrong.value)
+
+
+def test_a_reader_can_neither_take_nor_block_the_lock(team: dict[str, Settings]) -> None:
+    ed, rita = registry.client(team["ed"]), registry.client(team["rita"])
+    with registry.promotion_lock(ed, MODEL, "ed", timeout_s=5):
+        pass  # the lock run exists now
+
+    with pytest.raises(MlflowException) as denied, registry.promotion_lock(rita, MODEL, "rita", 1):
+        pass
+    assert denied.value.error_code == "PERMISSION_DENIED"
+    # What blocked every promotion before: a registered model named like the old lock row,
+    # and a stray lock run in the promotions experiment.
+    rita.create_registered_model(f"{MODEL}.promotion-lock")
+    experiment = rita.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
+    assert experiment is not None
+    with pytest.raises(MlflowException) as stray:
+        rita.create_run(experiment.experiment_id, tags={"kind": "promotion-lock", "lock_of": MODEL})
+    assert stray.value.error_code == "PERMISSION_DENIED"
+
+    held = registry.promotion_lock(ed, MODEL, "ed", timeout_s=5)
+    other = registry.promotion_lock(ed, MODEL, "ed again", timeout_s=1)
+    with held, pytest.raises(registry.RegistryError, match="holds the lock"), other:
+        pass
+    version = ed.create_model_version(MODEL, "s3://nowhere/other").version
+    with pytest.raises(MlflowException) as moved:
+        registry.move_alias(
+            rita, MODEL, alias="staging", to_version=str(version), expect_from=None,
+            reason="reader", actor="rita", kind="manual", check_from=False,
+        )  # fmt: skip
+    assert moved.value.error_code == "PERMISSION_DENIED"
+    assert registry.resolve_alias(team["ed"], "staging") != str(version)
