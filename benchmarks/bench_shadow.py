@@ -175,7 +175,7 @@ def report(results: dict[str, list[LoadResult]], counts: dict[str, float]) -> No
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_shadow")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs of each, alternating")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each, alternating")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument(
         "--per-second", type=float, help="CAPTCHAOPS_SHADOW_PER_SECOND (default: the setting's)"
