@@ -62,6 +62,20 @@ class Settings(BaseSettings):
         None, description="reach the production server here (in containers: http://production:8888)"
     )
     staging_url: str | None = Field(None, description="reach the staging server here instead")
+    shadow_url: str | None = Field(
+        None,
+        description="a model server that gets a copy of each answered request, to compare "
+        "(empty: none); `up` points production's at staging unless this is set",
+    )
+    shadow_queue: int = Field(
+        64, ge=1, description="copies waiting for the shadow server; more are dropped and counted"
+    )
+    shadow_per_second: float = Field(
+        10.0, gt=0, description="most requests a second copied to the shadow; the rest are skipped"
+    )
+    shadow_timeout_seconds: float = Field(
+        5.0, gt=0, description="a copy the shadow server has not answered by then is an error"
+    )
     app_port: int = 8080
     app_secret_key: SecretStr | None = None
 
