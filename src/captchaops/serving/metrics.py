@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from captchaops.serving.quality import LiveQuality
 
 __all__ = ["CONTENT_TYPE", "SWAP_CAUSES", "ServingMetrics"]
 
@@ -154,6 +157,8 @@ class ServingMetrics:
         for cause in SWAP_CAUSES:
             self.swaps.labels(cause)
 
+    quality: LiveQuality | None = None  # the live accuracy estimate, when the server has one
+
     def record_swap(self, cause: str) -> None:
         """Count one change of the served model; `cause` is one of SWAP_CAUSES."""
         self.swaps.labels(cause).inc()
@@ -165,6 +170,8 @@ class ServingMetrics:
         for prediction in predictions:
             confidence.observe(float(prediction["confidence"]))
             length.observe(len(prediction["text"]))
+        if self.quality is not None:
+            self.quality.observe(version, (float(p["confidence"]) for p in predictions))
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""
