@@ -242,3 +242,14 @@ def test_backup_dumps_the_database_before_copying_the_bucket() -> None:
     assert dump < copy and "mlflow mlflow_auth" in script
     assert "umask 077" in script and "--symmetric" in script and "--passphrase-file" in script
     assert "secrets.tar" not in script, "secrets are never written unencrypted"
+
+
+def test_production_shadows_to_staging_and_staging_never_copies() -> None:
+    services = spec()["services"]
+    assert services["production"]["environment"]["CAPTCHAOPS_SHADOW_URL"] == "http://staging:8889"
+    staging = services["staging"]["environment"]
+    assert staging["CAPTCHAOPS_SHADOW_URL"] == ""
+    assert (
+        staging["CAPTCHAOPS_TRACKING_URI"]
+        == services["production"]["environment"]["CAPTCHAOPS_TRACKING_URI"]
+    )
