@@ -244,8 +244,8 @@ def test_backup_dumps_the_database_before_copying_the_bucket() -> None:
     assert "secrets.tar" not in script, "secrets are never written unencrypted"
 
 
-def test_production_shadows_to_staging_and_staging_never_copies() -> None:
-    services = spec()["services"]
+def test_production_shadows_to_staging_and_staging_never_copies(spec: dict[str, Any]) -> None:
+    services = spec["services"]
     assert services["production"]["environment"]["CAPTCHAOPS_SHADOW_URL"] == "http://staging:8889"
     staging = services["staging"]["environment"]
     assert staging["CAPTCHAOPS_SHADOW_URL"] == ""
