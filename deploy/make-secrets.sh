@@ -4,6 +4,13 @@
 # so no other account on the host can read them; the files are 0644 because Compose mounts
 # them as they are and the containers run as unprivileged users of their own.
 # Re-running keeps existing files; delete one to rotate it (see docs/operations.md).
+#
+#   postgres_superuser_password  `postgres`, used only by the postgres container to initialise
+#   postgres_password            the `mlflow` role (no superuser; owns mlflow, mlflow_auth)
+#   seaweedfs_security.toml      SeaweedFS's JWT signing keys: its master, volume server and
+#                                filer accept writes and filer reads only when signed
+#   backup_passphrase            encrypts deploy/backup.sh's files; never inside a backup:
+#                                keep a copy apart (a password manager)
 set -eu
 cd "$(dirname "$0")"
 umask 022
@@ -14,8 +21,8 @@ new() {
   # 48 hex characters: URL-safe (goes into database URLs), >= 12 characters (MLflow's rule)
   od -An -N24 -tx1 /dev/urandom | tr -d ' \n'
 }
-for name in postgres_password mlflow_admin_password flask_secret_key app_secret_key \
-  service_password s3_secret_key; do
+for name in postgres_superuser_password postgres_password mlflow_admin_password \
+  flask_secret_key app_secret_key service_password s3_secret_key backup_passphrase; do
   if [ ! -s "secrets/$name" ]; then
     new > "secrets/$name"
     echo "created deploy/secrets/$name"
@@ -37,6 +44,31 @@ cat > secrets/seaweedfs_s3.json <<JSON
   ]
 }
 JSON
+
+# SeaweedFS's components sign what they ask of each other (10-second JWTs): the master signs
+# volume writes, the S3 gateway signs filer writes and reads. Unsigned requests from anything
+# else on the storage network are refused. jwt.signing.read stays unset: the filer cannot
+# sign volume reads.
+if [ ! -s secrets/seaweedfs_security.toml ]; then
+  cat > secrets/seaweedfs_security.toml <<TOML
+[jwt.signing]
+key = "$(new)"
+expires_after_seconds = 10
+
+[jwt.filer_signing]
+key = "$(new)"
+expires_after_seconds = 10
+
+[jwt.filer_signing.read]
+key = "$(new)"
+expires_after_seconds = 10
+
+[access]
+ui = false
+TOML
+  echo "created deploy/secrets/seaweedfs_security.toml"
+fi
 chmod 644 secrets/*
-echo "secrets are in deploy/secrets/ (keep a copy with your backups)"
+echo "secrets are in deploy/secrets/ (backups hold them, encrypted, except the passphrase)"
+echo "copy deploy/secrets/backup_passphrase somewhere apart: without it no backup opens"
 echo "MLflow admin password: deploy/secrets/mlflow_admin_password (user: admin)"

@@ -89,10 +89,7 @@ def _unpack(data: bytes) -> EvalSet:
 
 
 def _experiment_id(client: MlflowClient) -> str:
-    experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    return str(client.create_experiment(EVAL_EXPERIMENT, tags={"kind": "evalset"}))
+    return mlflow_scope.experiment_id(client, EVAL_EXPERIMENT, {"kind": "evalset"})
 
 
 def _ensure_model(client: MlflowClient, name: str) -> None:

@@ -105,3 +105,19 @@ def pointed_at(settings: Settings) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def experiment_id(mlflow_client: MlflowClient, name: str, tags: dict[str, str]) -> str:
+    """The id of experiment `name`, created with `tags` on first use (safe when two race)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(mlflow_client.create_experiment(name, tags=tags))
+    except MlflowException as exc:
+        existing = mlflow_client.get_experiment_by_name(name)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or existing is None:
+            raise
+        return str(existing.experiment_id)

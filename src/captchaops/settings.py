@@ -64,6 +64,20 @@ class Settings(BaseSettings):
         None, description="reach the production server here (in containers: http://production:8888)"
     )
     staging_url: str | None = Field(None, description="reach the staging server here instead")
+    shadow_url: str | None = Field(
+        None,
+        description="a model server that gets a copy of each answered request, to compare "
+        "(empty: none); `up` points production's at staging unless this is set",
+    )
+    shadow_queue: int = Field(
+        64, ge=1, description="copies waiting for the shadow server; more are dropped and counted"
+    )
+    shadow_per_second: float = Field(
+        10.0, gt=0, description="most requests a second copied to the shadow; the rest are skipped"
+    )
+    shadow_timeout_seconds: float = Field(
+        5.0, gt=0, description="a copy the shadow server has not answered by then is an error"
+    )
     app_port: int = 8080
     app_secret_key: SecretStr | None = None
 
@@ -134,6 +148,16 @@ class Settings(BaseSettings):
     review_queue_size: int = Field(
         32, ge=1, description="review items waiting in memory to be stored; more are dropped"
     )
+    app_login: bool | None = Field(
+        None,
+        description="web app visitors log in with a tracking-server account (unset: on in team mode)",
+    )
+    app_login_cache_seconds: float = Field(
+        60.0, ge=0, le=3600, description="how long the web app trusts a login it checked"
+    )
+    app_login_failures_per_minute: int = Field(
+        10, ge=1, description="failed web app logins from one client for one account in any 60 s"
+    )
     review_token: SecretStr | None = Field(
         None,
         description="bearer token for the review queue (generated in team mode); unset: loopback only",
@@ -150,6 +174,11 @@ class Settings(BaseSettings):
     def home_dir(self) -> Path:
         """The absolute state directory."""
         return self.home.expanduser().resolve()
+
+    @property
+    def web_login(self) -> bool:
+        """Whether the web app asks visitors for a tracking-server account."""
+        return self.auth if self.app_login is None else self.app_login
 
     @property
     def env_file(self) -> Path:

@@ -126,6 +126,14 @@ class TrackingRest:
             raise TrackingError(f"the registry's answer for {name}@{alias} names no version")
         return VersionRef(name, str(mv["version"]), str(mv.get("run_id") or ""))
 
+    def version_tags(self, name: str, version: str) -> dict[str, str]:
+        """A registered version's tags."""
+        found = self.call(
+            "GET", f"{API}/model-versions/get", params={"name": name, "version": version}
+        )
+        tags = (found.get("model_version") or {}).get("tags") or []
+        return {str(t.get("key")): str(t.get("value", "")) for t in tags if isinstance(t, dict)}
+
     def download_uri(self, name: str, version: str) -> str:
         """The artifact URI of a registered version's files."""
         found = self.call(

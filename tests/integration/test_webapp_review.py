@@ -365,6 +365,7 @@ def test_only_loopback_or_the_token_reaches_the_queue(
     off, _ = review_app(webapp_stack, review_per_hour=0)
     assert offer(off.test_client(), image) == {"queued": False, "reason": "disabled"}
 
-    team = create_app(webapp_stack.settings(home=tmp_path, auth=True)).test_client()
+    team_settings = webapp_stack.settings(home=tmp_path, auth=True, app_login=False)
+    team = create_app(team_settings).test_client()
     assert team.post("/api/review", json={"image": b64(image)}).status_code == 403
     assert "CAPTCHAOPS_REVIEW_TOKEN=" in (tmp_path / ".env").read_text()

@@ -194,7 +194,8 @@ def test_make_secrets_generates_once_and_keeps_them(deploy_copy: Path) -> None:
     secrets = deploy_copy / "secrets"
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
     values = {p.name: p.read_text() for p in secrets.iterdir()}
-    passwords = [v for k, v in values.items() if k not in ("s3_access_key", "seaweedfs_s3.json")]
+    not_passwords = ("s3_access_key", "seaweedfs_s3.json", "seaweedfs_security.toml")
+    passwords = [v for k, v in values.items() if k not in not_passwords]
     assert len(set(passwords)) == len(passwords) and all(len(v) >= 12 for v in passwords)
     assert all(re.fullmatch(r"[0-9a-f]+", v) for v in passwords), "must be URL-safe"
     identity = json.loads(values["seaweedfs_s3.json"])["identities"][0]["credentials"][0]
@@ -239,4 +240,16 @@ def test_backup_dumps_the_database_before_copying_the_bucket() -> None:
     assert subprocess.run(["sh", "-n", str(DEPLOY / "backup.sh")]).returncode == 0
     dump, copy = script.index("pg_dump"), script.index("copy :s3:breaking-captcha")
     assert dump < copy and "mlflow mlflow_auth" in script
-    assert "secrets.tar" in script and "umask 077" in script
+    assert "umask 077" in script and "--symmetric" in script and "--passphrase-file" in script
+    assert "secrets.tar" not in script, "secrets are never written unencrypted"
+
+
+def test_production_shadows_to_staging_and_staging_never_copies(spec: dict[str, Any]) -> None:
+    services = spec["services"]
+    assert services["production"]["environment"]["CAPTCHAOPS_SHADOW_URL"] == "http://staging:8889"
+    staging = services["staging"]["environment"]
+    assert staging["CAPTCHAOPS_SHADOW_URL"] == ""
+    assert (
+        staging["CAPTCHAOPS_TRACKING_URI"]
+        == services["production"]["environment"]["CAPTCHAOPS_TRACKING_URI"]
+    )

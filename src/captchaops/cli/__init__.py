@@ -20,6 +20,8 @@ __all__ = ["app", "main", "parse_length", "registry", "stack", "training", "user
 def main() -> None:
     """Console-script entry point: user errors become one line, never a traceback."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    # MLflow prints run links with the tracking URI (credentials included) to stdout.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     app()
 
 

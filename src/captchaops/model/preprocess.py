@@ -27,6 +27,8 @@ _MAGIC = (
 )
 MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
 """The media type of each format `sniff_format` names."""
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp"}
+"""The file suffix each format is stored under."""
 
 
 class InvalidImage(ValueError):

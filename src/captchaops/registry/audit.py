@@ -11,7 +11,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from captchaops.evalset import Score
-from captchaops.mlflow_scope import client, finish_run
+from captchaops.mlflow_scope import client, experiment_id, finish_run
 from captchaops.registry.errors import one_line_errors
 from captchaops.registry.names import PRODUCTION, now
 from captchaops.settings import Settings
@@ -47,18 +47,7 @@ class Move:
 
 def audit_experiment(mlflow_client: MlflowClient) -> str:
     """The id of the promotions experiment, created on first use."""
-    experiment = mlflow_client.get_experiment_by_name(AUDIT_EXPERIMENT)
-    if experiment is not None:
-        return str(experiment.experiment_id)
-    try:
-        return str(mlflow_client.create_experiment(AUDIT_EXPERIMENT, tags={"kind": "promotion"}))
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        existing = mlflow_client.get_experiment_by_name(AUDIT_EXPERIMENT)
-        if existing is None:
-            raise
-        return str(existing.experiment_id)
+    return experiment_id(mlflow_client, AUDIT_EXPERIMENT, {"kind": "promotion"})
 
 
 def _move_of(run: Run) -> Move:

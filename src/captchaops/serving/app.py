@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psutil
@@ -22,9 +22,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captchaops.serving import invocations
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
+from captchaops.serving.quality import LiveQuality
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.serving.webhook import WebhookReceiver
 from captchaops.settings import Settings
+from captchaops.tracking_rest import TrackingRest
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ def create_app(
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
     metrics = ServingMetrics()
+    metrics.quality = LiveQuality(_version_tags(settings), metrics.registry)
     watcher = AliasWatcher.for_settings(settings, alias, metrics)
     scoring = invocations.Invocations(
         settings,
@@ -80,6 +83,19 @@ def create_app(
     return app
 
 
+def _version_tags(settings: Settings) -> Callable[[str], dict[str, str]]:
+    """Reads a served version's registry tags (its calibration) over the REST client."""
+
+    def tags(version: str) -> dict[str, str]:
+        rest = TrackingRest.for_settings(settings, timeout=10.0)
+        try:
+            return rest.version_tags(settings.model_name, version)
+        finally:
+            rest.close()
+
+    return tags
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     await app.state.invocations.start()
@@ -102,6 +118,8 @@ async def health(request: Request) -> Response:
     body["tensorflow_loaded"] = "tensorflow" in sys.modules
     body["pid"] = os.getpid()
     body["rss_bytes"] = request.app.state.process.memory_info().rss
+    quality = request.app.state.metrics.quality
+    body["live_estimate"] = quality.snapshot() if quality is not None else {}
     return JSONResponse(body, status_code=200 if body["model_loaded"] else 503)
 
 

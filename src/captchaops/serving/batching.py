@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ class _Job:
     images: list[bytes]
     pixels: list[int]
     future: asyncio.Future[Answer]
+    queued_at: float
     predictions: list[Prediction | None] = field(init=False)
     served: ServedModel | None = None
     scheduled: int = 0
@@ -77,6 +79,8 @@ class MicroBatcher:
         observe_batch: Callable[[int], None],
         max_pixels: int = 1_000_000,
         quantum: int = 4,
+        observe_queue: Callable[[float], None] = lambda seconds: None,
+        observe_compute: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.current = current
         self.max_images = max_images
@@ -85,6 +89,8 @@ class MicroBatcher:
         self.max_wait_s = max_wait_s
         self.max_pending_images = max_pending_images
         self.observe_batch = observe_batch
+        self.observe_queue = observe_queue
+        self.observe_compute = observe_compute
         self._fresh: deque[_Job] = deque()
         self._turns: deque[_Job] = deque()
         self._turns_due = False
@@ -129,8 +135,9 @@ class MicroBatcher:
             raise NoModel
         if self.pending_images + len(images) > self.max_pending_images:
             raise Overloaded
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        job = _Job(images, pixels or [0] * len(images), future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
+        job = _Job(images, pixels or [0] * len(images), future, loop.time())
         future.add_done_callback(lambda _: self._release(job))
         self._fresh.append(job)
         self.pending_images += len(images)
@@ -144,7 +151,12 @@ class MicroBatcher:
             if not batch:
                 continue
             self.observe_batch(sum(piece.stop - piece.start for piece in batch))
-            outcomes = await loop.run_in_executor(self._executor, self._run, batch)
+            now = loop.time()
+            for piece in batch:
+                if piece.start == 0:
+                    self.observe_queue(now - piece.job.queued_at)
+            outcomes, seconds = await loop.run_in_executor(self._executor, self._timed_run, batch)
+            self.observe_compute(seconds)
             for piece, outcome in zip(batch, outcomes, strict=True):
                 self._settle(piece, outcome)
 
@@ -242,6 +254,11 @@ class MicroBatcher:
         job.answered += piece.stop - piece.start
         if job.answered == len(job.images) and job.served is not None:
             job.future.set_result((job.served, [p for p in job.predictions if p is not None]))
+
+    def _timed_run(self, batch: list[_Slice]) -> tuple[list[Outcome], float]:
+        started = time.perf_counter()
+        outcomes = self._run(batch)
+        return outcomes, time.perf_counter() - started
 
     def _run(self, batch: list[_Slice]) -> list[Outcome]:
         """One model call per version in the batch; a failed call is retried slice by slice."""

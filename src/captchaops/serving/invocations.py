@@ -8,6 +8,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
@@ -22,6 +23,8 @@ from captchaops.serving.admission import (
 )
 from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
 from captchaops.serving.metrics import ServingMetrics
+from captchaops.serving.shadow import HEADER as SHADOW_HEADER
+from captchaops.serving.shadow import Copy, Shadow
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.settings import Settings
 
@@ -89,16 +92,31 @@ class Invocations:
             observe_batch=metrics.batch_size.observe,
             max_pixels=MODEL_BATCH_PIXELS,
             quantum=TURN_IMAGES,
+            observe_queue=metrics.queue_time.observe,
+            observe_compute=metrics.compute_time.observe,
         )
+        self.shadow: Shadow | None = None
+        if settings.shadow_url:
+            self.shadow = Shadow(
+                settings.shadow_url,
+                metrics,
+                queue_size=settings.shadow_queue,
+                timeout_s=settings.shadow_timeout_seconds,
+                per_second=settings.shadow_per_second,
+            )
         self._parser: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
         """Start the parsing thread and the batching loop."""
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
         await self.batcher.start()
+        if self.shadow is not None:
+            await self.shadow.start()
 
     async def stop(self) -> None:
-        """Stop batching and parsing; waiting requests are cancelled."""
+        """Stop batching, parsing and shadowing; waiting requests are cancelled."""
+        if self.shadow is not None:
+            await self.shadow.stop()
         await self.batcher.stop()
         if self._parser is not None:
             self._parser.shutdown(wait=False, cancel_futures=True)
@@ -106,7 +124,8 @@ class Invocations:
     async def handle(self, request: Request) -> Response:
         """Answer one scoring request and record it in the metrics."""
         started = time.perf_counter()
-        response = await self._answer(request)
+        with self.metrics.in_flight.track_inprogress():
+            response = await self._answer(request)
         self.metrics.requests.labels(str(response.status_code)).inc()
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.pending_images.set(self.batcher.pending_images)
@@ -121,6 +140,7 @@ class Invocations:
                     with self.batcher.arriving():
                         body = await read_body(request, self.max_body_bytes, ticket)
                         images, pixels = await self._parse(body)
+                        kept = body if self._shadowed(request, body) else None
                         del body
                     served, predictions = await self._predict(request, images, pixels)
         except protocol.ProtocolError as exc:
@@ -148,10 +168,26 @@ class Invocations:
             log.exception("prediction failed")
             return self._refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
         self.metrics.images.inc(len(images))
+        self.metrics.record_predictions(served.version, predictions)
+        copy = None
+        if self.shadow is not None and kept is not None:
+            content_type = request.headers.get("content-type", protocol.JSON_TYPE)
+            copy = BackgroundTask(
+                self.shadow.offer, Copy(kept, content_type, served.version, predictions)
+            )
         return Response(
             json.dumps({"predictions": predictions}),
             media_type=protocol.JSON_TYPE,
             headers={"X-Model-Version": served.version},
+            background=copy,
+        )
+
+    def _shadowed(self, request: Request, body: bytes) -> bool:
+        """Whether to copy this request to the shadow server once answered (never a copy)."""
+        return (
+            self.shadow is not None
+            and SHADOW_HEADER.lower() not in request.headers
+            and self.shadow.accepts(len(body))
         )
 
     async def _parse(self, body: bytes) -> tuple[list[bytes], list[int]]:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["CONTENT_TYPE", "ServingMetrics"]
+if TYPE_CHECKING:
+    from captchaops.serving.quality import LiveQuality
+
+__all__ = ["CONTENT_TYPE", "SWAP_CAUSES", "ServingMetrics"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999, 1.0)
+LENGTH_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16, 24, 32)
+DIFFERENCE_BUCKETS = (-0.5, -0.2, -0.1, -0.05, -0.02, -0.005, 0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+SWAP_CAUSES = ("startup", "poll", "webhook", "last_known_good", "deleted_alias")
+"""Why a server changed the model it serves; each starts at 0 so dashboards see every cause."""
 
 
 class ServingMetrics:
@@ -77,8 +87,91 @@ class ServingMetrics:
             "Failed checks of the alias against the tracking server.",
             registry=self.registry,
         )
+        self.queue_time = Histogram(
+            "captchaops_queue_seconds",
+            "Time a request's images waited in the batch queue before their first model call.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.compute_time = Histogram(
+            "captchaops_compute_seconds",
+            "Time one model call took (preprocessing, the network and decoding of a batch).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "captchaops_in_flight_requests",
+            "/invocations requests being served now (reading, parsing, queued or predicting).",
+            registry=self.registry,
+        )
+        self.confidence = Histogram(
+            "captchaops_prediction_confidence",
+            "Confidence of each answered image, by the version that predicted it.",
+            ["version"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.text_length = Histogram(
+            "captchaops_prediction_length_characters",
+            "Characters in each answered image's text, by the version that predicted it.",
+            ["version"],
+            buckets=LENGTH_BUCKETS,
+            registry=self.registry,
+        )
+        self.swaps = Counter(
+            "captchaops_swaps",
+            "Changes of the served model (a first load counts), by cause.",
+            ["cause"],
+            registry=self.registry,
+        )
+        pair = ["production_version", "staging_version"]
+        self.shadow_requests = Counter(
+            "captchaops_shadow_requests",
+            "Answered requests offered to the shadow server, by outcome: agree or disagree (every "
+            "image's text the same, or not), refused (it answered 503), error, dropped (queue "
+            "full), skipped (over the copies-per-second budget).",
+            [*pair, "result"],
+            registry=self.registry,
+        )
+        self.shadow_confidence_diff = Histogram(
+            "captchaops_shadow_confidence_difference",
+            "Shadow confidence minus this server's confidence, per image of an answered copy.",
+            pair,
+            buckets=DIFFERENCE_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_latency = Histogram(
+            "captchaops_shadow_latency_seconds",
+            "Time the shadow server took to answer a copy (sending to answer read).",
+            pair,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_queued = Gauge(
+            "captchaops_shadow_queued_requests",
+            "Copies waiting to be sent to the shadow server.",
+            registry=self.registry,
+        )
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        for cause in SWAP_CAUSES:
+            self.swaps.labels(cause)
+
+    quality: LiveQuality | None = None  # the live accuracy estimate, when the server has one
+
+    def record_swap(self, cause: str) -> None:
+        """Count one change of the served model; `cause` is one of SWAP_CAUSES."""
+        self.swaps.labels(cause).inc()
+
+    def record_predictions(self, version: str, predictions: list[dict[str, Any]]) -> None:
+        """Observe the confidence and text length of each answered image of `version`."""
+        confidence = self.confidence.labels(version)
+        length = self.text_length.labels(version)
+        for prediction in predictions:
+            confidence.observe(float(prediction["confidence"]))
+            length.observe(len(prediction["text"]))
+        if self.quality is not None:
+            self.quality.observe(version, (float(p["confidence"]) for p in predictions))
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""

@@ -82,6 +82,14 @@ def service_env(settings: Settings) -> dict[str, str]:
     }
 
 
+def shadow_env(settings: Settings, alias: str) -> dict[str, str]:
+    """Production copies its requests to staging (or to `shadow_url`); staging copies nothing."""
+    if alias != "production":
+        return {"CAPTCHAOPS_SHADOW_URL": ""}
+    url = settings.server_url("staging") if settings.shadow_url is None else settings.shadow_url
+    return {"CAPTCHAOPS_SHADOW_URL": url}
+
+
 def build_services(settings: Settings, store: Store, names: tuple[str, ...] = ALL) -> list[Service]:
     """The services to supervise for these settings, in start order."""
     if settings.auth:
@@ -181,7 +189,7 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     port_setting=setting,
                     health_url=f"{url}/ping",
                     url=url,
-                    env={**common, **service_env(settings)},
+                    env={**common, **service_env(settings), **shadow_env(settings, alias)},
                 )
             )
     if "app" in names:

@@ -36,7 +36,7 @@ class Store:
             )
         if self.kind == "s3":
             return f"store: S3 endpoint {mask_url(self.endpoint_url or '')}, bucket {settings.s3_bucket}"
-        return f"store: local folder {self.destination} (no MinIO found: {MINIO_HINT})"
+        return f"store: local folder {self.destination} (no `minio` on PATH; S3: docs/stack.md)"
 
 
 def choose_store(settings: Settings) -> tuple[Store, Settings]:

@@ -295,12 +295,11 @@ def fit(
 def holds_up(final: dict[str, float], best: Key, n_val: int) -> bool:
     """Whether the final weights (averaged, when EMA is on) are kept over the best checkpoint.
 
-    The final weights have seen the whole decaying schedule; a checkpoint that beat them by a
-    couple of validation images was more often picked by the noise of a small validation set
-    than better (on the stand-in folder, fold 2 kept an epoch-87 checkpoint that read 85% of
-    the held-out images, where final weights read 95-98% on the other folds). So the final
-    weights stay unless the best checkpoint reads 2.5 validation images more, or unless
-    nothing is read yet and the usual ranking (`better`) prefers the checkpoint.
+    The final weights have seen the whole decaying schedule; a checkpoint that beats them by a
+    couple of validation images is more likely picked by the noise of a small validation set
+    than better (docs/training.md has the measurements). So the final weights stay unless
+    the best checkpoint reads 2.5 validation images more, or unless nothing is read yet and
+    the usual ranking (`better`) prefers the checkpoint.
     """
     if final["val_seq_acc"] > 0 and final["val_seq_acc"] + 2.5 / max(n_val, 1) >= best[0]:
         return True

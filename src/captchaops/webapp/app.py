@@ -10,7 +10,7 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from captchaops.settings import Settings, ensure_secret
-from captchaops.webapp import api, review_page, views
+from captchaops.webapp import accounts, api, review_page, views
 from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
@@ -61,6 +61,8 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     demo = Demo(settings, timeout)
     app.extensions[EXTENSION] = demo
 
+    if settings.web_login:  # before CSRF: an anonymous request learns nothing else
+        accounts.install(app, settings, demo.timeout)
     api_bp = api.make_blueprint(demo)
     csrf = CSRFProtect(app)
     csrf.exempt(api_bp)

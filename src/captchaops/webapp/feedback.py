@@ -10,11 +10,10 @@ import uuid
 from dataclasses import dataclass
 
 from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, FEEDBACK_PATH, KIND_TAG
+from captchaops.model.preprocess import EXTENSIONS, MIME_TYPES
 from captchaops.webapp.tracking import Tracking, TrackingError
 
 KIND = "correction"
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp"}
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
 _STRIPES = 64
 
 
@@ -28,7 +27,7 @@ class Saved:
 
 def artifact_name(label: str, fmt: str) -> str:
     """The stored file name: the label, a random id, the sniffed format; never the upload's name."""
-    return f"{label}_{uuid.uuid4().hex}.{_EXTENSIONS[fmt]}"
+    return f"{label}_{uuid.uuid4().hex}.{EXTENSIONS[fmt]}"
 
 
 def image_digest(image: bytes) -> str:
@@ -75,7 +74,9 @@ class Corrections:
             self._experiment_id = None  # the experiment may have been deleted; look it up again
             raise
         try:
-            self.tracking.put_artifact(run["artifact_uri"], tags["artifact"], image, _MIME[fmt])
+            self.tracking.put_artifact(
+                run["artifact_uri"], tags["artifact"], image, MIME_TYPES[fmt]
+            )
         except Exception:
             self._finish(run["run_id"], "FAILED")
             raise

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-
-from captchaops.model.preprocess import InvalidImage, decode, sniff_format
+from captchaops.model.preprocess import (
+    BadBase64,
+    InvalidImage,
+    b64decode_image,
+    decode,
+    sniff_format,
+)
 
 MAX_LABEL_LENGTH = 64
 
@@ -40,14 +43,14 @@ def check_image(data: bytes | None, max_bytes: int) -> str:
 
 
 def decode_base64(text: object) -> bytes:
-    """Decode a base64 image field, strictly."""
+    """Decode a base64 image field with the decoder the model servers use (a data: URL is fine)."""
     if not isinstance(text, str) or not text:
         raise BadInput(400, "empty", 'Send the image as a base64 string in the field "image".')
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
+        return b64decode_image(text, 0)
+    except BadBase64 as exc:
         raise BadInput(
             400, "bad_base64", 'The field "image" is not valid base64; encode the file bytes.'
         ) from exc

@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from captchaops.data.feedback import DIGEST_TAG, KIND_TAG, REVIEW_KIND
-from captchaops.model.preprocess import InvalidImage, sniff_format
+from captchaops.model.preprocess import EXTENSIONS, InvalidImage, sniff_format
 from captchaops.webapp.feedback import Corrections, Saved
 
 REVIEW_PATH = "review"
 STATE_TAG = "review_state"
 PENDING, LABELLED, DISCARDED = "pending", "labelled", "discarded"
-_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp"}
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _PAGE = 1000
 
@@ -65,7 +64,7 @@ class ReviewStore:
 
     def store(self, sample: Sample) -> str:
         """Store one unlabelled sample as a pending review item; return its run id."""
-        path = f"{REVIEW_PATH}/{uuid.uuid4().hex}.{_EXTENSIONS[sample.fmt]}"
+        path = f"{REVIEW_PATH}/{uuid.uuid4().hex}.{EXTENSIONS[sample.fmt]}"
         tags = {
             KIND_TAG: REVIEW_KIND,
             STATE_TAG: PENDING,

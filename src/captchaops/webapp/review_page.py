@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 
-from captchaops.model.preprocess import InvalidImage, sniff_format
+from captchaops.model.preprocess import MIME_TYPES, InvalidImage, sniff_format
 from captchaops.webapp import reviewers
 from captchaops.webapp.inputs import BadInput
 from captchaops.webapp.limits import Throttled
@@ -17,7 +17,6 @@ from captchaops.webapp.tracking import TrackingError
 
 SHOWN = 12
 """How many pending items one page shows (oldest first); each costs one artifact download."""
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
 _GONE = "That item was labelled or discarded already; here are the ones still waiting."
 
 
@@ -105,7 +104,7 @@ def _shown(demo: Demo, item: Item) -> dict[str, Any]:
     """An item as the page shows it: its image as a data: URI (empty when it cannot be fetched)."""
     try:
         image = demo.review.image(item, demo.settings.max_upload_bytes)
-        src = f"data:{_MIME[sniff_format(image)]};base64,{base64.b64encode(image).decode()}"
+        src = f"data:{MIME_TYPES[sniff_format(image)]};base64,{base64.b64encode(image).decode()}"
     except (TrackingError, InvalidImage):
         src = ""
     return {"item": item, "src": src}

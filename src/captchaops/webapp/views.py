@@ -7,12 +7,11 @@ from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
+from captchaops.model.preprocess import MIME_TYPES
 from captchaops.webapp.inputs import BadInput, check_image, decode_base64
 from captchaops.webapp.limits import Throttled
 from captchaops.webapp.scheme import Example
 from captchaops.webapp.service import Demo, Result
-
-_MIME = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "BMP": "image/bmp"}
 
 
 def make_blueprint(demo: Demo) -> Blueprint:
@@ -112,7 +111,7 @@ def _page(demo: Demo, status: int, **context: Any) -> tuple[str, int]:
 
 def _view(data: bytes, fmt: str) -> dict[str, str]:
     encoded = base64.b64encode(data).decode()
-    return {"b64": encoded, "src": f"data:{_MIME[fmt]};base64,{encoded}"}
+    return {"b64": encoded, "src": f"data:{MIME_TYPES[fmt]};base64,{encoded}"}
 
 
 def _best_text(results: list[Result]) -> str:

@@ -1,0 +1,132 @@
+"""Attack benchmark on a whole stack: the hostile inputs of tests/e2e/test_attacks.py, timed.
+
+Usage:
+  python -m benchmarks attacks_e2e                   # via `make bench`
+  python -m benchmarks.bench_attacks_e2e [--repeats N]
+
+One stack started by `captchaops up` in a temporary home (a tiny model trained for seconds and
+gated to @production and @staging), then every input issue 14 lists against the model server,
+the web app's API and its forms. Prints one table: input, endpoint, answers by status, server
+errors (>= 500, a 503 with Retry-After excepted), median time to a refusal (in brackets: to
+any answer, where nothing was refused), and whether anything
+held before (runs, versions, aliases, audit trail, corrections) was lost or a normal request
+failed after that input. Targets (issue 14): 0 server errors, 0 data lost.
+benchmarks/bench_attack.py measures the model server alone (bombs' cost, a normal client's p99
+under batch attack, peak RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from captchaops import registry
+from captchaops.harness import attack_stack, attacks
+from captchaops.harness.attacks import Outcome, Targets
+from captchaops.harness.stack import PrivateStack, snapshot
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start a stack, run every attack, print the table and the verdict."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_attacks_e2e")
+    parser.add_argument("--repeats", type=int, default=5, help="tries of each bad input")
+    args = parser.parse_args(argv or [])
+    started = time.monotonic()
+    load = os.getloadavg()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-attacks-") as work,
+        attack_stack.attacked_stack(Path(work) / "home") as (stack, targets),
+    ):
+        print(f"stack up with a tiny model in {time.monotonic() - started:.0f}s", flush=True)
+        rows = attack_all(stack, targets, args.repeats)
+    print_table(rows)
+    errors = sum(o.server_errors() for o, _ in rows)
+    lost = sum(bool(problems) for _, problems in rows)
+    for outcome, problems in rows:
+        for line in outcome.failures() + problems:
+            print(f"  {line}")
+    print(
+        f"server errors: {errors} (target 0); inputs after which data was lost or a normal "
+        f"request failed: {lost} (target 0); load average {load[0]:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs; "
+        f"{time.monotonic() - started:.0f}s in all"
+    )
+
+
+def attack_all(
+    stack: PrivateStack, targets: Targets, repeats: int
+) -> list[tuple[Outcome, list[str]]]:
+    """Each attack in turn, with what was lost (or failed to answer) after it."""
+    settings = stack.settings()
+    first = attack_stack.duplicates(targets, seed=1)
+    assert first.answers[0].status == 201, first.answers
+    version = registry.resolve_alias(settings, registry.PRODUCTION)
+    assert version is not None
+    before, stored = snapshot(settings), attack_stack.stored_artifacts(settings)
+
+    def check() -> list[str]:
+        problems = attack_stack.lost(before, snapshot(settings))
+        if not stored <= attack_stack.stored_artifacts(settings):
+            problems.append("a correction stored before is gone")
+        return problems + attack_stack.still_serving(targets, version)
+
+    rows: list[tuple[Outcome, list[str]]] = []
+
+    def run(attack: Callable[[], list[Outcome]]) -> None:
+        outcomes = attack()
+        problems = check()
+        rows.extend((o, problems) for o in outcomes)
+
+    run(lambda: attacks.probe_all(targets, repeats))
+
+    def slow() -> list[Outcome]:
+        slow_model, slow_app, normal = attacks.during_slowloris(targets)
+        return [slow_model, slow_app, *normal]
+
+    run(slow)
+    run(lambda: attacks.flood(targets))
+    run(lambda: [attack_stack.duplicates(targets, seed=2)])
+    run(lambda: [attack_stack.junk_answered(targets, seed=3)])
+
+    def burst() -> list[Outcome]:
+        outcome, accepted = attack_stack.correction_burst(targets, first_seed=1000)
+        stored.update(accepted)  # each accepted correction must stay stored too
+        return [outcome]
+
+    run(burst)
+    if targets.app_remote:
+        run(lambda: attack_stack.review_from_elsewhere(targets))
+    return rows
+
+
+def print_table(rows: list[tuple[Outcome, list[str]]]) -> None:
+    print(
+        f"{'input':36} {'endpoint':22} {'answers by status':24} {'5xx':>3} "
+        f"{'refused in (median)':>19}  data lost"
+    )
+    for outcome, problems in rows:
+        refusal = outcome.median_refusal_ms()
+        statuses = ", ".join(f"{s}: {n}" for s, n in outcome.by_status().items())
+        print(
+            f"{outcome.name:36} {outcome.endpoint:22} {statuses:24} "
+            f"{outcome.server_errors():>3} "
+            f"{answered(outcome) if refusal is None else f'{refusal:.1f} ms':>19}  "
+            f"{'yes' if problems else 'no'}"
+        )
+
+
+def answered(outcome: Outcome) -> str:
+    """Nothing refused: the median time to any answer, in brackets."""
+    times = [a.seconds for a in outcome.answers]
+    return f"({statistics.median(times) * 1000:.0f} ms)" if times else "-"
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
