@@ -57,10 +57,13 @@ class Server:
             time.sleep(0.1)
         raise TimeoutError(f"{self.alias} never served v{version}: {self.health()}")
 
-    def deliveries(self, outcome: str) -> float:
+    def counter(self, name: str, label: str, value: str) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=5).text
-        line = f'captchaops_webhook_deliveries_total{{outcome="{outcome}"}} '
+        line = f'{name}{{{label}="{value}"}} '
         return float(next(row for row in text.splitlines() if row.startswith(line)).split()[-1])
+
+    def deliveries(self, outcome: str) -> float:
+        return self.counter("captchaops_webhook_deliveries_total", "outcome", outcome)
 
 
 @dataclass
@@ -155,10 +158,12 @@ def test_registration_is_verified_and_idempotent(stack: WebhookStack) -> None:
 def test_alias_move_swaps_through_the_webhook(stack: WebhookStack) -> None:
     assert webhooks.register(stack.settings, ("production",))[0].ok
     accepted = stack.production.deliveries("accepted")
+    by_webhook = stack.production.counter("captchaops_swaps_total", "cause", "webhook")
     set_alias(stack.tracking.uri, stack.settings.model_name, "production", stack.versions[1])
     health = stack.production.wait_version(stack.versions[1])
     assert health["last_swap"]["cause"] == "webhook"  # type: ignore[index]
     assert stack.production.deliveries("accepted") == accepted + 1
+    assert stack.production.counter("captchaops_swaps_total", "cause", "webhook") == by_webhook + 1
 
     # Deleting the alias is announced too: the server stops serving it.
     MlflowClient(stack.tracking.uri, stack.tracking.uri).delete_registered_model_alias(

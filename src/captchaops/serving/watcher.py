@@ -23,7 +23,7 @@ from captchaops.serving.loader import (
     VersionLoader,
     cache_dir_for,
 )
-from captchaops.serving.metrics import ServingMetrics
+from captchaops.serving.metrics import SWAP_CAUSES, ServingMetrics
 from captchaops.serving.poller import TIMER, AliasPoller, SwapMode, one_line
 from captchaops.settings import Settings
 from captchaops.tracking_rest import TrackingRest, VersionRef
@@ -247,6 +247,7 @@ class AliasWatcher:
             self.current = None
             self.dropped_version = dropped.version
             self.metrics.model_version.set(0)
+            self.metrics.record_swap("deleted_alias")
             log.warning(
                 "alias %s of %s no longer exists: stopped serving version %s",
                 self.alias,
@@ -320,6 +321,9 @@ class AliasWatcher:
             self._clear_failure()
         gc.freeze()
         self.metrics.reloads.labels("success").inc()
+        # `reload` (POST /reload) and `recheck` (the alias moved during a load) are registry
+        # checks like the timer's: the counter keeps the metric's own five causes.
+        self.metrics.record_swap(cause if cause in SWAP_CAUSES else "poll")
         self.metrics.model_version.set(_as_number(loaded.ref.version))
         if loaded.last_known_good:
             log.warning(
