@@ -181,7 +181,7 @@ def _disable_ours(rest: TrackingRest, settings: Settings, aliases: tuple[str, ..
 
 def _why(exc: TrackingError) -> str:
     if exc.status == 404:
-        return "this tracking server has no webhook API (MLflow older than 3.3?)"
+        return "this tracking server has no webhook API (an MLflow without webhooks)"
     if exc.status in (401, 403):
         return "the tracking server allows only its admin to manage webhooks"
     return str(exc)
