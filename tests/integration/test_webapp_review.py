@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, download_feedback
 from captchaops.data.synthetic import generate_one
 from captchaops.webapp.app import EXTENSION, create_app
+from captchaops.webapp.review import DISCARDED, KIND_TAG, PENDING, REVIEW_KIND, STATE_TAG
 from captchaops.webapp.sampler import ReviewSampler
 from captchaops.webapp.service import Demo
 from tests.integration.test_webapp import MODEL_NAME, WebappStack, csrf, webapp_stack
@@ -28,6 +29,24 @@ pytestmark = pytest.mark.slow
 
 FAR = "203.0.113.40"
 TOKEN = "review-token-for-tests-0123456789"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def empty_queue(webapp_stack: WebappStack) -> None:
+    """Start this module with no pending item: the session's tracking server is shared, and
+    every earlier module's low-confidence prediction queued one (the page shows the oldest
+    12, so this module's items would not be on it)."""
+    mlflow = MlflowClient(webapp_stack.tracking_uri, registry_uri=webapp_stack.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
+    if experiment is None:
+        return
+    pending = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{KIND_TAG}` = '{REVIEW_KIND}' and tags.`{STATE_TAG}` = '{PENDING}'",
+        max_results=5000,
+    )
+    for run in pending:
+        mlflow.set_tag(run.info.run_id, STATE_TAG, DISCARDED)
 
 
 def review_app(stack: WebappStack, **overrides: object) -> tuple[Flask, Demo]:
