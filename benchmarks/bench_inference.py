@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path("bench-results") / "inference.json"
-TARGET_P50_MS = 2.0
-TARGET_RSS_MB = 250.0
+TARGET_P50_MS = 0.5
+TARGET_BATCH = 4000.0
+TARGET_RSS_MB = 150.0
 
 _WORKER = r"""
 import json, os, sys, time
@@ -33,10 +34,10 @@ images = [s.image for s in generate(64, 5)]
 meta = json.loads(open(f"{model_dir}/meta.json").read())
 if side == "onnxruntime":
     from pathlib import Path
-    import mlflow.pyfunc  # the serving process imports MLflow too
-    from captchaops.model.reader import OnnxReader
+    from captchaops.model.reader import OnnxReader  # all a model server holds of a version
     model = OnnxReader(Path(model_dir) / "crnn.onnx", meta)
     read = model.predict_images
+    two = OnnxReader(Path(model_dir) / "crnn.onnx", meta, threads=2).predict_images
 else:
     import keras, tensorflow as tf
     from captchaops.model.ctc import decode_greedy
@@ -57,7 +58,15 @@ rounds = max(5, calls // 20)
 for _ in range(rounds):
     read(images)
 batch_s = time.perf_counter() - t
-print(json.dumps({
+both = {}
+if side == "onnxruntime":
+    for _ in range(5):
+        two(images)
+    t = time.perf_counter()
+    for _ in range(rounds):
+        two(images)
+    both = {"batch64_2threads_images_per_s": rounds * 64 / (time.perf_counter() - t)}
+print(json.dumps(both | {
     "p50_ms": float(np.percentile(single, 50) * 1000),
     "p99_ms": float(np.percentile(single, 99) * 1000),
     "batch64_images_per_s": rounds * 64 / batch_s,
@@ -74,6 +83,7 @@ def export(model_dir: Path, weights: Path | None) -> None:
 
     from captchaops.data.synthetic import DIGITS_UPPER
     from captchaops.model.crnn import Architecture, build_crnn
+    from captchaops.model.onnx_export import export_onnx
 
     arch = Architecture()
     if weights is not None:
@@ -81,9 +91,11 @@ def export(model_dir: Path, weights: Path | None) -> None:
         arch = Architecture(height=net.input_shape[1], width=net.input_shape[2])
     else:
         _, net = build_crnn(arch, len(DIGITS_UPPER) + 1)
-    net.predict(np.zeros((1, arch.height, arch.width, 1), np.float32), verbose=0)
+    sample = np.random.default_rng(0).random((4, arch.height, arch.width, 1), dtype=np.float32)
+    how = export_onnx(net, model_dir / "crnn.onnx", sample)
+    net.export(str(model_dir / "crnn.unrolled.onnx"), format="onnx", verbose=False)
     net.save(model_dir / "crnn.keras")
-    net.export(str(model_dir / "crnn.onnx"), format="onnx", verbose=False)
+    print(f"ONNX export: {how} (Keras' own unrolled export timed below as a variant)")
     meta = {"alphabet": DIGITS_UPPER, "height": arch.height, "width": arch.width}
     (model_dir / "meta.json").write_text(json.dumps(meta | {"model_format": "onnx"}))
 
@@ -116,6 +128,7 @@ def ort_variants(model_dir: Path, calls: int) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     reference = None
     for name, path, level in (
+        ("fp32 all, unrolled GRU", model_dir / "crnn.unrolled.onnx", levels.ORT_ENABLE_ALL),
         ("fp32 basic", fp32, levels.ORT_ENABLE_BASIC),
         ("fp32 extended", fp32, levels.ORT_ENABLE_EXTENDED),
         ("fp32 all (ours)", fp32, levels.ORT_ENABLE_ALL),
@@ -163,19 +176,23 @@ def main(argv: list[str] | None = None) -> None:
         tf = measure("tensorflow", model_dir, args.calls)
         variants = ort_variants(model_dir, args.calls)
     same = ort.pop("texts") == tf.pop("texts")
+    two_threads = ort.pop("batch64_2threads_images_per_s")
     print(f"{'':24}{'onnxruntime':>14}{'tensorflow':>14}{'ratio':>8}   target")
     rows = [
         ("single image p50 (ms)", "p50_ms", f"<= {TARGET_P50_MS}"),
         ("single image p99 (ms)", "p99_ms", ""),
-        ("batch of 64 (img/s)", "batch64_images_per_s", ""),
+        ("batch of 64 (img/s)", "batch64_images_per_s", f">= {TARGET_BATCH:.0f}"),
         ("process RSS (MB)", "rss_mb", f"<= {TARGET_RSS_MB:.0f}"),
     ]
     for label, key, target in rows:
         ratio = tf[key] / ort[key] if key != "batch64_images_per_s" else ort[key] / tf[key]
         print(f"{label:24}{ort[key]:14.2f}{tf[key]:14.2f}{ratio:7.1f}x   {target}")
+    print(f"batch of 64, same process with threads=2: {two_threads:.0f} img/s")
     print(f"same texts from both runtimes: {same}")
+    batch = max(ort["batch64_images_per_s"], two_threads)
     print(
         f"targets: p50 {'met' if ort['p50_ms'] <= TARGET_P50_MS else 'missed'}, "
+        f"batch {'met' if batch >= TARGET_BATCH else 'missed'} ({batch:.0f} img/s), "
         f"RSS {'met' if ort['rss_mb'] <= TARGET_RSS_MB else 'missed'}"
     )
     base = next(v for v in variants if v["variant"] == "fp32 all (ours)")
@@ -192,7 +209,12 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
         json.dumps(
-            {"onnxruntime": ort, "tensorflow": tf, "same_texts": same, "variants": variants},
+            {
+                "onnxruntime": ort | {"batch64_2threads_images_per_s": two_threads},
+                "tensorflow": tf,
+                "same_texts": same,
+                "variants": variants,
+            },
             indent=2,
         )
     )

@@ -78,7 +78,11 @@ def readers(version_dir: Path) -> Iterator[dict[str, Any]]:
     stock = mlflow.pyfunc.load_model(str(version_dir)).unwrap_python_model().reader  # type: ignore[attr-defined]
     try:
         assert type(stock).__module__ == "captcha_runtime.reader"
-        yield {"captchaops": open_version(version_dir), "captcha_runtime": stock}
+        yield {
+            "captchaops": open_version(version_dir),
+            "captchaops, 2 threads": open_version(version_dir, threads=2),  # images side by side
+            "captcha_runtime": stock,
+        }
     finally:
         sys.path[:] = path
         for name in set(sys.modules) - modules:

@@ -16,6 +16,8 @@ from mlflow.data.pandas_dataset import from_pandas
 
 from captchaops.data.dataset import LabelledImages
 from captchaops.evaluate import character_error_rate, confusions, sequence_accuracy
+from captchaops.model.onnx_export import export_onnx
+from captchaops.model.preprocess import preprocess
 from captchaops.model.pyfunc import log_model
 from captchaops.model.reader import OnnxReader
 from captchaops.model.version import file_sha256
@@ -31,9 +33,11 @@ def export_and_test(
 ) -> tuple[str, dict[str, float]]:
     """Export ONNX, score it as a server would on the test images, log it all and register
     the version; returns (version, test metrics)."""
-    infer.predict(np.zeros((1, meta["height"], meta["width"], 1), np.float32), verbose=0)
     onnx_path = tmp / "crnn.onnx"
-    infer.export(str(onnx_path), format="onnx", verbose=False)
+    sample = np.stack(
+        [preprocess(data, meta["height"], meta["width"]) for data in test_images[:16]]
+    )
+    mlflow.log_param("onnx_rnn", export_onnx(infer, onnx_path, sample))
     keras_path = tmp / "crnn.keras"
     infer.save(keras_path)
     mlflow.log_artifact(str(keras_path), "keras")
