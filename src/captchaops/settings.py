@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     service_password: SecretStr | None = None
 
     experiment_name: str = "text-captcha"
+    feedback_experiment: str = Field(
+        "text-captcha-feedback",
+        description="experiment of the web app's corrections and review items, read by training",
+    )
     model_name: str = "text-captcha"
     poll_seconds: float = Field(2.0, gt=0, description="how often model servers check their alias")
     webhooks: bool = Field(
