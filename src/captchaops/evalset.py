@@ -21,7 +21,7 @@ from captchaops.estimate import Calibration
 from captchaops.evaluate import character_error_rate, sequence_accuracy
 from captchaops.model.version import VersionError, load_registered
 from captchaops.scheme import Scheme
-from captchaops.settings import Settings
+from captchaops.settings import Settings, mask_credentials
 
 EVAL_SEED = 7_919_000
 """Seed of the generated part of the frozen set; training must never use it (see docs)."""
@@ -289,7 +289,7 @@ def score(
     except VersionError as exc:  # refused by a check: nothing of it ran
         return Score(version, evalset.digest, error=f"refused: {exc}")
     except Exception as exc:  # a broken model may fail in any library; the gate rejects it
-        first = mlflow_scope.mask_credentials((str(exc).strip().splitlines() or [""])[0])[:300]
+        first = mask_credentials((str(exc).strip().splitlines() or [""])[0])[:300]
         return Score(version, evalset.digest, error=f"{type(exc).__name__}: {first}")
     return Score(
         version=version,

@@ -15,7 +15,6 @@ for the code that needs the fluent API (training's `start_run`/`log_model`).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -36,8 +35,6 @@ _ENV_KEYS = (
     "MLFLOW_EXPERIMENT_ID",
     "MLFLOW_EXPERIMENT_NAME",
 )
-
-_USERINFO = re.compile(r"(://)[^/@\s]+@")
 
 
 def tracking_uri(settings: Settings) -> str:
@@ -62,11 +59,6 @@ def client(settings: Settings) -> MlflowClient:
     """An MLflow client for the configured tracking server and registry; no global state."""
     uri = tracking_uri(settings)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def mask_credentials(text: str) -> str:
-    """`text` with any `user:password@` of a URL replaced, for messages users see."""
-    return _USERINFO.sub(r"\1***@", text)
 
 
 def finish_run(mlflow_client: MlflowClient, run_id: str, status: str = "FINISHED") -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import tempfile
 from pathlib import Path
@@ -23,6 +24,9 @@ SECRET_FIELDS = (
     "webhook_encryption_key",
     "review_token",
 )
+# A URL's user information: a user without '/', then a password that may hold one (database
+# URLs allow it), up to the '@'.
+_USERINFO = re.compile(r"(://)[^/@\s:]*(?::[^@\s]*)?@")
 
 
 class Settings(BaseSettings):
@@ -97,6 +101,10 @@ class Settings(BaseSettings):
     service_password: SecretStr | None = None
 
     experiment_name: str = "text-captcha"
+    feedback_experiment: str = Field(
+        "text-captcha-feedback",
+        description="experiment of the web app's corrections and review items, read by training",
+    )
     model_name: str = "text-captcha"
     poll_seconds: float = Field(2.0, gt=0, description="how often model servers check their alias")
     webhooks: bool = Field(
@@ -226,9 +234,9 @@ class Settings(BaseSettings):
             if name in SECRET_FIELDS:
                 out[name] = "********" if value else "(unset)"
             else:
-                out[name] = "(unset)" if value is None else mask_url(str(value))
-        out["effective_tracking_uri"] = mask_url(self.effective_tracking_uri)
-        out["effective_backend_store_uri"] = mask_url(self.effective_backend_store_uri)
+                out[name] = "(unset)" if value is None else mask_credentials(str(value))
+        out["effective_tracking_uri"] = mask_credentials(self.effective_tracking_uri)
+        out["effective_backend_store_uri"] = mask_credentials(self.effective_backend_store_uri)
         return out
 
     def mlflow_env(self) -> dict[str, str]:
@@ -244,12 +252,9 @@ def client_host_for(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "::", "") else bind_host
 
 
-def mask_url(url: str) -> str:
-    """The URL with any user:password part replaced by asterisks."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://********@{rest.split('@', 1)[1]}"
-    return url
+def mask_credentials(text: str) -> str:
+    """`text` (a URL, or a message quoting URLs) with every URL's `user:password@` masked."""
+    return _USERINFO.sub(r"\1********@", text)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -11,10 +11,9 @@ from captchaops.settings import Settings
 from captchaops.tracking_rest import MISSING, TrackingError, TrackingRest, TrackingUnreachable
 
 ROLES = ("reader", "editor", "admin")
-# Experiments captchaops writes besides settings.experiment_name. Their owners (data/feedback.py,
-# evalset.py, registry.py) import MLflow and NumPy; repeating the names keeps `captchaops users`
-# quick, and tests/unit/test_users.py checks them.
-FEEDBACK_EXPERIMENT = "text-captcha-feedback"
+# Experiments captchaops writes besides the settings' experiment_name and feedback_experiment.
+# Their owners (evalset.py, registry.py) import MLflow and NumPy; repeating the names keeps
+# `captchaops users` quick, and tests/unit/test_users.py checks them.
 EVAL_EXPERIMENT = "text-captcha-evaluation"
 AUDIT_EXPERIMENT = "text-captcha-promotions"
 MIN_PASSWORD = 12
@@ -128,7 +127,7 @@ def _grants(settings: Settings, role: str) -> list[tuple[str, str, str]]:
         ("experiment", settings.experiment_name, write),
         ("experiment", EVAL_EXPERIMENT, write),
         ("experiment", AUDIT_EXPERIMENT, write),
-        ("experiment", FEEDBACK_EXPERIMENT, "READ"),
+        ("experiment", settings.feedback_experiment, "READ"),
         ("registered_model", settings.model_name, write),
     ]
 
@@ -204,7 +203,7 @@ def ensure_service_account(settings: Settings) -> Account:
             json={"username": username, "password": password},
         )
     grants = [
-        *(g for g in _grants(settings, "reader") if g[1] != FEEDBACK_EXPERIMENT),
-        ("experiment", FEEDBACK_EXPERIMENT, "EDIT"),
+        *(g for g in _grants(settings, "reader") if g[1] != settings.feedback_experiment),
+        ("experiment", settings.feedback_experiment, "EDIT"),
     ]
     return Account(username, "service", _apply(admin, username, grants))

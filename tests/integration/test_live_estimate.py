@@ -15,8 +15,8 @@ from captchaops.data.synthetic import generate
 from captchaops.estimate import Calibration
 from captchaops.harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
-from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import Tracking, stop_process
+from tests.fixtures.serving import ModelServer, serving
+from tests.fixtures.stack import Tracking
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,8 @@ def server(
     # A calibration no answer can pass: the estimate must read 0 and the alert must fire.
     for key, tag in Calibration(threshold=1.0, accuracy=0.95, size=2000).tags().items():
         client.set_model_version_tag(tiny_model.model_name, version, key, tag)
-    client.set_registered_model_alias(tiny_model.model_name, ALIAS, version)
-    running = start_model_server(tracking_server.uri, ALIAS, tmp_path_factory.mktemp("live"))
-    try:
-        running.wait_version(version)
+    with serving(tracking_server, ALIAS, tmp_path_factory.mktemp("live"), version) as running:
         yield running, version
-    finally:
-        stop_process(running.proc)
 
 
 def live(server: ModelServer) -> dict[str, dict[str, object]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -18,17 +17,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from mlflow import MlflowClient
 from PIL import Image
 
 from captchaops.data.synthetic import generate
 from tests.fixtures.models import TrainedModel
-from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
+from tests.fixtures.serving import ModelServer, serving
+from tests.fixtures.stack import Tracking
 
 pytestmark = pytest.mark.slow
-
-ALIAS = "serve-limits"
 
 
 def b64(data: bytes) -> str:
@@ -70,43 +66,27 @@ BOMB = png(4000, 4000)
 HEAVY = png(1000, 1000)  # just under the pixel cap: accepted, ~4 MB and tens of ms to decode
 
 
-@pytest.fixture(scope="module")
-def server(
-    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ModelServer]:
-    """A model server with default limits for an alias of its own pointing at the tiny model."""
-    MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri).set_registered_model_alias(
-        tiny_model.model_name, ALIAS, tiny_model.version
-    )
-    running = start_model_server(tracking_server.uri, ALIAS, tmp_path_factory.mktemp("limits"))
-    try:
-        running.wait_version(tiny_model.version)
-        yield running
-    finally:
-        stop_process(running.proc)
-
-
 def test_a_batch_of_png_bombs_is_refused_from_the_headers_without_decoding(
-    server: ModelServer,
+    tiny_server: ModelServer,
 ) -> None:
     body = json.dumps(split_body(*[BOMB] * 64)).encode()
     assert len(BOMB) < 100_000 and len(body) < 8 * 1024 * 1024
-    before = samples(server.url)
-    post(server.url, body)  # first one warms up whatever the parse path allocates
-    rss_before = psutil.Process(server.proc.pid).memory_info().rss
+    before = samples(tiny_server.url)
+    post(tiny_server.url, body)  # first one warms up whatever the parse path allocates
+    rss_before = psutil.Process(tiny_server.proc.pid).memory_info().rss
     for _ in range(5):
-        resp = post(server.url, body)
+        resp = post(tiny_server.url, body)
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"] == "too_many_pixels"
         assert resp.json()["detail"].startswith("image 0: the image is 4000x4000 pixels")
-    grown_mb = (psutil.Process(server.proc.pid).memory_info().rss - rss_before) / 2**20
+    grown_mb = (psutil.Process(tiny_server.proc.pid).memory_info().rss - rss_before) / 2**20
     assert grown_mb < 32, f"decoding one bomb costs 64 MB; RSS grew {grown_mb:.0f} MB"
-    after = samples(server.url)
+    after = samples(tiny_server.url)
     assert after["captchaops_batch_size_count"] == before["captchaops_batch_size_count"], (
         "no model call ran"
     )
     assert after['captchaops_errors_total{error="too_many_pixels"}'] >= 6
-    assert post(server.url, json.dumps(split_body(CAPTCHA)).encode()).status_code == 200
+    assert post(tiny_server.url, json.dumps(split_body(CAPTCHA)).encode()).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -119,16 +99,18 @@ def test_a_batch_of_png_bombs_is_refused_from_the_headers_without_decoding(
     ],
     ids=["200k deep", "50 deep", "500k arrays", "1M numbers"],
 )
-def test_hostile_json_is_refused_with_400_and_a_reason(server: ModelServer, raw: bytes) -> None:
-    resp = post(server.url, raw)
+def test_hostile_json_is_refused_with_400_and_a_reason(
+    tiny_server: ModelServer, raw: bytes
+) -> None:
+    resp = post(tiny_server.url, raw)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"] == "bad_json"
     assert "Traceback" not in resp.text
-    assert httpx.get(f"{server.url}/ping", timeout=10).status_code == 200
+    assert httpx.get(f"{tiny_server.url}/ping", timeout=10).status_code == 200
 
 
 def test_a_small_request_is_answered_while_a_big_batch_is_still_running(
-    server: ModelServer,
+    tiny_server: ModelServer,
 ) -> None:
     heavy = json.dumps(split_body(*[HEAVY] * 64)).encode()
     small = json.dumps(split_body(CAPTCHA)).encode()
@@ -136,13 +118,13 @@ def test_a_small_request_is_answered_while_a_big_batch_is_still_running(
     statuses: dict[str, int] = {}
 
     def send(name: str, body: bytes) -> None:
-        statuses[name] = post(server.url, body).status_code
+        statuses[name] = post(tiny_server.url, body).status_code
         finished.append(name)
 
-    calls = samples(server.url)["captchaops_batch_size_count"]
+    calls = samples(tiny_server.url)["captchaops_batch_size_count"]
     big = threading.Thread(target=send, args=("big", heavy))
     big.start()
-    while samples(server.url)["captchaops_batch_size_count"] == calls:  # its first call ran
+    while samples(tiny_server.url)["captchaops_batch_size_count"] == calls:  # its first call ran
         assert big.is_alive(), statuses
         time.sleep(0.01)
     send("small", small)
@@ -151,19 +133,19 @@ def test_a_small_request_is_answered_while_a_big_batch_is_still_running(
     assert finished == ["small", "big"]
 
 
-def test_a_client_that_leaves_has_its_remaining_images_dropped(server: ModelServer) -> None:
+def test_a_client_that_leaves_has_its_remaining_images_dropped(tiny_server: ModelServer) -> None:
     heavy = json.dumps(split_body(*[HEAVY] * 64)).encode()
-    before = samples(server.url)
+    before = samples(tiny_server.url)
     with pytest.raises(httpx.TimeoutException):
-        post(server.url, heavy, timeout=0.5)
+        post(tiny_server.url, heavy, timeout=0.5)
     give_up = time.monotonic() + 60
-    while samples(server.url)["captchaops_abandoned_requests_total"] == before.get(
+    while samples(tiny_server.url)["captchaops_abandoned_requests_total"] == before.get(
         "captchaops_abandoned_requests_total", 0
     ):
         assert time.monotonic() < give_up, "the server never noticed the client had left"
         time.sleep(0.05)
-    assert post(server.url, json.dumps(split_body(CAPTCHA)).encode()).status_code == 200
-    after = samples(server.url)
+    assert post(tiny_server.url, json.dumps(split_body(CAPTCHA)).encode()).status_code == 200
+    after = samples(tiny_server.url)
     predicted = after["captchaops_batch_size_sum"] - before["captchaops_batch_size_sum"]
     assert predicted < 64, f"{predicted:.0f} images were run for a client that had left"
 
@@ -173,26 +155,10 @@ def small_queue(
     tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path
 ) -> Iterator[str]:
     """A model server allowed 4 images per request, so 4 x 16 images may wait."""
-    MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri).set_registered_model_alias(
-        tiny_model.model_name, ALIAS, tiny_model.version
-    )
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAPTCHAOPS_HOME": str(tmp_path),
-        "CAPTCHAOPS_TRACKING_URI": tracking_server.uri,
-        "CAPTCHAOPS_MAX_BATCH_IMAGES": "4",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    url = f"http://127.0.0.1:{port}"
-    cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", ALIAS, "--port", str(port)]
-    proc = start_http_process(cmd, f"{url}/ping", env=env, log=tmp_path / "serve.log")
-    try:
-        running = ModelServer(ALIAS, url, port, proc, tmp_path / "serve.log")
-        running.wait_version(tiny_model.version)
-        yield url
-    finally:
-        stop_process(proc)
+    with serving(
+        tracking_server, "small-queue", tmp_path, tiny_model.version, max_batch_images="4"
+    ) as running:
+        yield running.url
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_serves_the_rest(small_queue: str) -> None:

@@ -6,22 +6,17 @@ import base64
 import json
 import socket
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
-from mlflow import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from captchaops.data.synthetic import generate
 from captchaops.serving.metrics import SWAP_CAUSES, ServingMetrics
 from tests.fixtures.models import TrainedModel
-from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import Tracking, stop_process
+from tests.fixtures.serving import ModelServer
 
 pytestmark = pytest.mark.slow
-
-ALIAS = "serve-metrics"
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -43,33 +38,18 @@ def body(*images: bytes) -> dict[str, object]:
     return {"inputs": [base64.b64encode(image).decode() for image in images]}
 
 
-@pytest.fixture(scope="module")
-def server(
-    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ModelServer]:
-    MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri).set_registered_model_alias(
-        tiny_model.model_name, ALIAS, tiny_model.version
-    )
-    running = start_model_server(tracking_server.uri, ALIAS, tmp_path_factory.mktemp("metrics"))
-    try:
-        running.wait_version(tiny_model.version)
-        yield running
-    finally:
-        stop_process(running.proc)
-
-
 def test_histograms_count_requests_model_calls_and_each_answered_image(
-    server: ModelServer, tiny_model: TrainedModel
+    tiny_server: ModelServer, tiny_model: TrainedModel
 ) -> None:
     captchas = [sample.image for sample in generate(7, seed=21)]
-    before = scrape(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    before = scrape(httpx.get(f"{tiny_server.url}/metrics", timeout=10).text)
     answers = []
     for request in ([captchas[0]], [captchas[1]], captchas[2:7]):
-        resp = server.invoke(body(*request))
+        resp = tiny_server.invoke(body(*request))
         assert resp.status_code == 200, resp.text
         answers += resp.json()["predictions"]
-    assert server.invoke({"inputs": ["not base64!"]}).status_code == 400
-    after = scrape(httpx.get(f"{server.url}/metrics", timeout=10).text)
+    assert tiny_server.invoke({"inputs": ["not base64!"]}).status_code == 400
+    after = scrape(httpx.get(f"{tiny_server.url}/metrics", timeout=10).text)
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -90,14 +70,14 @@ def test_histograms_count_requests_model_calls_and_each_answered_image(
         assert ("captchaops_swaps_total", frozenset({("cause", cause)})) in after
 
 
-def test_in_flight_counts_a_request_whose_body_is_still_arriving(server: ModelServer) -> None:
+def test_in_flight_counts_a_request_whose_body_is_still_arriving(tiny_server: ModelServer) -> None:
     def in_flight() -> float:
         return value(
-            scrape(httpx.get(f"{server.url}/metrics").text), "captchaops_in_flight_requests"
+            scrape(httpx.get(f"{tiny_server.url}/metrics").text), "captchaops_in_flight_requests"
         )
 
     payload = json.dumps(body(generate(1, seed=3)[0].image)).encode()
-    with socket.create_connection(("127.0.0.1", server.port)) as slow:
+    with socket.create_connection(("127.0.0.1", tiny_server.port)) as slow:
         slow.sendall(
             b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(payload)}\r\n\r\n".encode()

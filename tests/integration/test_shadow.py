@@ -12,19 +12,17 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from mlflow import MlflowClient
 
 from captchaops.data.synthetic import generate
 from tests.fixtures.models import TrainedModel
-from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import Tracking, free_port, stop_process
+from tests.fixtures.serving import ModelServer, serving
+from tests.fixtures.stack import Tracking, free_port
 from tests.integration.test_serving_metrics import Samples, scrape, value
 
 pytestmark = pytest.mark.slow
@@ -61,25 +59,6 @@ def wait_shadowed(server: ModelServer, count: int) -> Samples:
         if copies_made(samples) >= count or time.monotonic() > deadline:
             return samples
         time.sleep(0.1)
-
-
-@contextmanager
-def serving(
-    tracking: Tracking, alias: str, home: Path, version: str, **env: str
-) -> Iterator[ModelServer]:
-    """A real model server for `alias` (moved to `version`) with extra CAPTCHAOPS_* settings."""
-    MlflowClient(tracking.uri, registry_uri=tracking.uri).set_registered_model_alias(
-        "text-captcha", alias, version
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        for name, setting in env.items():
-            patch.setenv(f"CAPTCHAOPS_{name.upper()}", setting)
-        server = start_model_server(tracking.uri, alias, home)
-    try:
-        server.wait_version(version)
-        yield server
-    finally:
-        stop_process(server.proc)
 
 
 class StandIn:

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from captchaops.data import synthetic
-from captchaops.data.feedback import FEEDBACK_EXPERIMENT, download_feedback
+from captchaops.data.feedback import download_feedback
 from tests.fixtures.models import TrainedModel, make_settings, train_tiny
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, wait_http
 
@@ -207,7 +207,7 @@ def test_folder_training_reports_skips_and_feedback_merges(
     (folder / "broken.png").write_bytes(b"garbage")
     waiting = download_feedback(settings, tmp_path / "before")  # other tests may store some too
     mlflow.set_tracking_uri(tracking_server.uri)
-    mlflow.set_experiment(FEEDBACK_EXPERIMENT)
+    mlflow.set_experiment(settings.feedback_experiment)
     with mlflow.start_run():
         fb = tmp_path / "fb"
         fb.mkdir()

@@ -13,12 +13,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import flask
 import pytest
-from flask import Flask, request
+from flask import Flask
 from flask.testing import FlaskClient
 from mlflow import MlflowClient
 
-from captchaops.data.feedback import FEEDBACK_EXPERIMENT, download_feedback
+from captchaops.data.feedback import download_feedback
 from captchaops.data.synthetic import generate_one
 from captchaops.settings import Settings, load_settings
 from captchaops.webapp.app import SECURITY_HEADERS, create_app
@@ -34,13 +35,15 @@ pytestmark = pytest.mark.slow
 
 @dataclass
 class WebappStack:
-    """A model registered under its own name (two versions) served as production and staging."""
+    """A model registered under its own name (two versions) served as production and staging,
+    and a feedback experiment of its own, empty at first."""
 
     tracking_uri: str
     home: Path
     versions: tuple[str, str]
     production: ModelServer
     staging: ModelServer
+    feedback_experiment: str
 
     def settings(self, **overrides: object) -> Settings:
         """Settings that point the web app at these servers."""
@@ -50,6 +53,7 @@ class WebappStack:
             "model_name": MODEL_NAME,
             "production_port": self.production.port,
             "staging_port": self.staging.port,
+            "feedback_experiment": self.feedback_experiment,
         }
         return load_settings(**(values | overrides))
 
@@ -63,9 +67,14 @@ class WebappStack:
 
 @pytest.fixture(scope="module")
 def webapp_stack(
-    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tracking_server: Tracking,
+    tiny_model: TrainedModel,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WebappStack]:
-    """Versions 1 (@production) and 2 (@staging) of MODEL_NAME, both the tiny model, served."""
+    """Versions 1 (@production) and 2 (@staging) of MODEL_NAME, both the tiny model, served; the
+    feedback experiment is the test module's own, so no other module's corrections or review
+    items are in it."""
     home = tmp_path_factory.mktemp("webapp")
     client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
     source = f"models:/{tiny_model.model_name}/{tiny_model.version}"
@@ -80,7 +89,10 @@ def webapp_stack(
             servers.append(
                 start_model_server(tracking_server.uri, alias, home, model_name=MODEL_NAME)
             )
-        stack = WebappStack(tracking_server.uri, home, (versions[0], versions[1]), *servers)
+        feedback = f"{request.module.__name__.rsplit('.', 1)[-1]}-feedback"
+        stack = WebappStack(
+            tracking_server.uri, home, (versions[0], versions[1]), *servers, feedback
+        )
         stack.production.wait_version(versions[0])
         stack.staging.wait_version(versions[1])
         yield stack
@@ -132,10 +144,10 @@ def waiting(client: FlaskClient) -> int:
     return int(resp.json["waiting"])
 
 
-def feedback_names(tracking_uri: str) -> list[str]:
+def feedback_names(stack: WebappStack) -> list[str]:
     """Every stored correction's artifact path."""
-    mlflow = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
+    mlflow = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(stack.feedback_experiment)
     if experiment is None:
         return []
     runs = mlflow.search_runs([experiment.experiment_id])
@@ -215,7 +227,7 @@ def test_correction_is_stored_for_training_and_counted(
     page = client.get(resp.headers["Location"]).text
     assert "Thanks: saved as &#39;AB12&#39;" in page
     assert f'id="waiting-count">{before + 1}<' in page
-    names = feedback_names(webapp_stack.tracking_uri)
+    names = feedback_names(webapp_stack)
     assert any(re.fullmatch(r"feedback/AB12_[0-9a-f]{32}\.png", n) for n in names), names
     fetched = download_feedback(webapp_stack.settings(), tmp_path / "feedback")
     assert fetched >= 1
@@ -235,7 +247,7 @@ def test_correction_is_stored_for_training_and_counted(
 def test_bad_correction_is_refused_and_nothing_written(
     client: FlaskClient, webapp_stack: WebappStack, label: str, message: str
 ) -> None:
-    before = feedback_names(webapp_stack.tracking_uri)
+    before = feedback_names(webapp_stack)
     resp = client.post(
         "/feedback",
         data={
@@ -247,13 +259,13 @@ def test_bad_correction_is_refused_and_nothing_written(
     )
     assert resp.status_code == 400
     assert 'id="label-error"' in resp.text and message in resp.text
-    assert feedback_names(webapp_stack.tracking_uri) == before
+    assert feedback_names(webapp_stack) == before
 
 
 def test_correction_of_a_non_image_is_refused(
     client: FlaskClient, webapp_stack: WebappStack
 ) -> None:
-    before = feedback_names(webapp_stack.tracking_uri)
+    before = feedback_names(webapp_stack)
     resp = client.post(
         "/feedback",
         data={
@@ -264,7 +276,7 @@ def test_correction_of_a_non_image_is_refused(
     )
     assert resp.status_code == 415
     assert "Not a PNG, JPEG, GIF or BMP image" in resp.text
-    assert feedback_names(webapp_stack.tracking_uri) == before
+    assert feedback_names(webapp_stack) == before
 
 
 @pytest.mark.parametrize(
@@ -309,7 +321,7 @@ def test_body_over_the_request_limit_is_413(client: FlaskClient) -> None:
 
 
 def test_forms_need_the_csrf_token(client: FlaskClient, webapp_stack: WebappStack) -> None:
-    before = feedback_names(webapp_stack.tracking_uri)
+    before = feedback_names(webapp_stack)
     for path, data in [
         ("/predict", {"image": (io.BytesIO(png()), "x.png")}),
         ("/generate", {}),
@@ -318,7 +330,7 @@ def test_forms_need_the_csrf_token(client: FlaskClient, webapp_stack: WebappStac
         resp = client.post(path, data=data)
         assert resp.status_code == 400, path
         assert "reload the page and retry" in resp.text
-    assert feedback_names(webapp_stack.tracking_uri) == before
+    assert feedback_names(webapp_stack) == before
 
 
 def test_security_headers_on_page_api_and_static(client: FlaskClient) -> None:
@@ -395,7 +407,7 @@ def test_uploads_stay_in_memory(app: Flask) -> None:
     with app.test_request_context(
         "/predict", method="POST", data={"image": (io.BytesIO(big), "../../etc/evil.png")}
     ):
-        stream = request.files["image"].stream
+        stream = flask.request.files["image"].stream
         assert isinstance(stream, io.BytesIO)
         assert stream.getvalue() == big
 
@@ -472,6 +484,7 @@ def app_url(webapp_stack: WebappStack) -> Iterator[str]:
         "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
         "CAPTCHAOPS_PRODUCTION_PORT": str(webapp_stack.production.port),
         "CAPTCHAOPS_STAGING_PORT": str(webapp_stack.staging.port),
+        "CAPTCHAOPS_FEEDBACK_EXPERIMENT": webapp_stack.feedback_experiment,
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     url = f"http://127.0.0.1:{port}"

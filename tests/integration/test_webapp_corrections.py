@@ -17,7 +17,7 @@ import pytest
 from flask.testing import FlaskClient
 from mlflow import MlflowClient
 
-from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, download_feedback
+from captchaops.data.feedback import DIGEST_TAG, download_feedback
 from captchaops.data.synthetic import generate_one
 from captchaops.webapp.app import create_app
 from tests.integration.test_webapp import (
@@ -122,10 +122,10 @@ def b64(image: bytes) -> str:
     return base64.b64encode(image).decode()
 
 
-def runs_with_digest(tracking_uri: str, image: bytes) -> list[dict[str, str]]:
+def runs_with_digest(stack: WebappStack, image: bytes) -> list[dict[str, str]]:
     """The tags of every stored correction of exactly these image bytes."""
-    mlflow = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
+    mlflow = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(stack.feedback_experiment)
     assert experiment is not None
     digest = hashlib.sha256(image).hexdigest()
     runs = mlflow.search_runs(
@@ -156,12 +156,12 @@ def test_a_flood_from_one_client_is_throttled_after_the_limit_and_nothing_accept
     )
     # Every accepted correction is stored, and training fetches it byte for byte.
     stored = {a.json["stored"] for a in answers[:limit]}
-    assert stored <= set(feedback_names(webapp_stack.tracking_uri))
+    assert stored <= set(feedback_names(webapp_stack))
     download_feedback(webapp_stack.settings(), tmp_path / "fetched")
     fetched = {f"feedback/{p.name}": p.read_bytes() for p in (tmp_path / "fetched").iterdir()}
     assert [fetched[a.json["stored"]] for a in answers[:limit]] == images[:limit]
     for image in images[limit:-1]:
-        assert runs_with_digest(webapp_stack.tracking_uri, image) == []
+        assert runs_with_digest(webapp_stack, image) == []
 
 
 def test_the_page_says_when_to_retry_and_the_daily_quota_holds(
@@ -212,11 +212,11 @@ def test_the_same_image_and_label_is_stored_once(
     )
     assert page.status_code == 303
     assert "Already saved as &#39;GH78&#39;" in client.get(page.headers["Location"]).text
-    assert [t["label"] for t in runs_with_digest(webapp_stack.tracking_uri, image)] == ["GH78"]
+    assert [t["label"] for t in runs_with_digest(webapp_stack, image)] == ["GH78"]
     # Another label for the same image is a different correction.
     other = client.post("/api/feedback", json={"image": b64(image), "label": "GH79"})
     assert other.status_code == 201
-    labels = sorted(t["label"] for t in runs_with_digest(webapp_stack.tracking_uri, image))
+    labels = sorted(t["label"] for t in runs_with_digest(webapp_stack, image))
     assert labels == ["GH78", "GH79"]
 
 
@@ -224,10 +224,9 @@ def test_only_finished_corrections_are_ingested(
     webapp_stack: WebappStack, mlflow_client_env: str, tmp_path: Path
 ) -> None:
     mlflow = MlflowClient(webapp_stack.tracking_uri, registry_uri=webapp_stack.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
-    experiment_id = (
-        experiment.experiment_id if experiment else mlflow.create_experiment(FEEDBACK_EXPERIMENT)
-    )
+    feedback = webapp_stack.feedback_experiment
+    experiment = mlflow.get_experiment_by_name(feedback)
+    experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(feedback)
     names: dict[str, str] = {}
     for status in ("RUNNING", "FAILED", "FINISHED"):
         run = mlflow.create_run(experiment_id, tags={"captchaops.kind": "correction"})
@@ -274,7 +273,7 @@ def test_answered_with_junk_costs_no_tracking_call(
     only_junk = correct(50_003, junk)
     assert with_junk == clean == only_junk, (clean, with_junk, only_junk)
     assert len(clean) <= 5 and not [c for c in clean if "model-versions" in c or "runs/get" in c]
-    tags = runs_with_digest(webapp_stack.tracking_uri, generate_one(50_002).image)
+    tags = runs_with_digest(webapp_stack, generate_one(50_002).image)
     assert [t["model_version"] for t in tags] == [served]
     api = client.post(
         "/api/feedback",

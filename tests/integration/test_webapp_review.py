@@ -15,10 +15,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from mlflow import MlflowClient
 
-from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, download_feedback
+from captchaops.data.feedback import DIGEST_TAG, download_feedback
 from captchaops.data.synthetic import generate_one
 from captchaops.webapp.app import EXTENSION, create_app
-from captchaops.webapp.review import DISCARDED, KIND_TAG, PENDING, REVIEW_KIND, STATE_TAG
 from captchaops.webapp.sampler import ReviewSampler
 from captchaops.webapp.service import Demo
 from tests.integration.test_webapp import MODEL_NAME, WebappStack, csrf, webapp_stack
@@ -29,24 +28,6 @@ pytestmark = pytest.mark.slow
 
 FAR = "203.0.113.40"
 TOKEN = "review-token-for-tests-0123456789"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def empty_queue(webapp_stack: WebappStack) -> None:
-    """Start this module with no pending item: the session's tracking server is shared, and
-    every earlier module's low-confidence prediction queued one (the page shows the oldest
-    12, so this module's items would not be on it)."""
-    mlflow = MlflowClient(webapp_stack.tracking_uri, registry_uri=webapp_stack.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
-    if experiment is None:
-        return
-    pending = mlflow.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{KIND_TAG}` = '{REVIEW_KIND}' and tags.`{STATE_TAG}` = '{PENDING}'",
-        max_results=5000,
-    )
-    for run in pending:
-        mlflow.set_tag(run.info.run_id, STATE_TAG, DISCARDED)
 
 
 def review_app(stack: WebappStack, **overrides: object) -> tuple[Flask, Demo]:
@@ -78,10 +59,10 @@ def offer(client: FlaskClient, image: bytes, **fields: object) -> dict[str, obje
     return answer
 
 
-def review_runs(tracking_uri: str, image: bytes) -> list[tuple[str, dict[str, str]]]:
+def review_runs(stack: WebappStack, image: bytes) -> list[tuple[str, dict[str, str]]]:
     """Run id and tags of every review item holding exactly these image bytes."""
-    mlflow = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
+    mlflow = MlflowClient(stack.tracking_uri, registry_uri=stack.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(stack.feedback_experiment)
     assert experiment is not None
     digest = hashlib.sha256(image).hexdigest()
     runs = mlflow.search_runs(
@@ -122,7 +103,7 @@ def test_a_low_confidence_prediction_is_queued_once_and_listed(webapp_stack: Web
     client.post("/api/predict", json={"image": b64(image)})
     drained(demo)
 
-    runs = review_runs(webapp_stack.tracking_uri, image)
+    runs = review_runs(webapp_stack, image)
     assert len(runs) == 1, runs
     run_id, tags = runs[0]
     assert tags["review_state"] == "pending" and tags["source"] == "api"
@@ -153,7 +134,7 @@ def test_a_low_confidence_prediction_is_queued_once_and_listed(webapp_stack: Web
     other.test_client().post("/api/predict", json={"image": b64(image)})
     drained(other_demo)
     assert other_demo.sampler.stats()["dropped"]["duplicate"] == 1  # type: ignore[index]
-    assert len(review_runs(webapp_stack.tracking_uri, image)) == 1
+    assert len(review_runs(webapp_stack, image)) == 1
 
 
 def test_confident_predictions_are_not_offered(webapp_stack: WebappStack) -> None:
@@ -163,7 +144,7 @@ def test_confident_predictions_are_not_offered(webapp_stack: WebappStack) -> Non
     assert client.post("/api/predict", json={"image": b64(image)}).status_code == 200
     drained(demo)
     assert counts(client)["offered"] == 0
-    assert review_runs(webapp_stack.tracking_uri, image) == []
+    assert review_runs(webapp_stack, image) == []
 
 
 def test_labelling_makes_a_correction_and_discarding_removes_the_item(
@@ -175,8 +156,8 @@ def test_labelling_makes_a_correction_and_discarding_removes_the_item(
     for image in (readable, unreadable):
         assert client.post("/api/predict", json={"image": b64(image)}).status_code == 200
     drained(demo)
-    [(labelled_id, _)] = review_runs(webapp_stack.tracking_uri, readable)
-    [(discarded_id, _)] = review_runs(webapp_stack.tracking_uri, unreadable)
+    [(labelled_id, _)] = review_runs(webapp_stack, readable)
+    [(discarded_id, _)] = review_runs(webapp_stack, unreadable)
     token = csrf(client)
 
     refused = client.post(f"/review/{labelled_id}/label", data={"csrf_token": token, "label": "a?"})
@@ -192,10 +173,10 @@ def test_labelling_makes_a_correction_and_discarding_removes_the_item(
 
     page = client.get("/review").text
     assert labelled_id not in page and discarded_id not in page
-    [(_, tags)] = review_runs(webapp_stack.tracking_uri, readable)
+    [(_, tags)] = review_runs(webapp_stack, readable)
     assert tags["review_state"] == "labelled" and tags["review_label"] == "RV12"
     assert tags["correction"].startswith("feedback/RV12_")
-    [(_, tags)] = review_runs(webapp_stack.tracking_uri, unreadable)
+    [(_, tags)] = review_runs(webapp_stack, unreadable)
     assert tags["review_state"] == "discarded"
 
     fetched = fetched_images(webapp_stack, tmp_path / "fetched")
@@ -222,7 +203,7 @@ def test_labelling_makes_a_correction_and_discarding_removes_the_item(
 
 def tags_name(stack: WebappStack, image: bytes) -> str:
     """The file name of the correction a review item became."""
-    [(_, tags)] = review_runs(stack.tracking_uri, image)
+    [(_, tags)] = review_runs(stack, image)
     return tags["correction"].rsplit("/", 1)[-1]
 
 
@@ -233,10 +214,10 @@ def test_unlabelled_items_are_never_fetched_for_training(
     pending = generate_one(72_000).image
     assert offer(app.test_client(), pending) == {"queued": True}
     drained(demo)
-    assert review_runs(webapp_stack.tracking_uri, pending)
+    assert review_runs(webapp_stack, pending)
     # A review run holding a file under feedback/ (another writer, tampering) is skipped too.
     mlflow = MlflowClient(webapp_stack.tracking_uri, registry_uri=webapp_stack.tracking_uri)
-    experiment = mlflow.get_experiment_by_name(FEEDBACK_EXPERIMENT)
+    experiment = mlflow.get_experiment_by_name(webapp_stack.feedback_experiment)
     assert experiment is not None
     stray = generate_one(72_001).image
     run = mlflow.create_run(
@@ -263,7 +244,7 @@ def test_the_pending_and_hourly_caps_hold(webapp_stack: WebappStack) -> None:
     stats = counts(client)
     assert stats["stored"] == 1 and stats["pending"] == before + 1
     assert stats["dropped"]["pending_full"] == 2  # type: ignore[index]
-    assert sum(bool(review_runs(webapp_stack.tracking_uri, i)) for i in images) == 1
+    assert sum(bool(review_runs(webapp_stack, i)) for i in images) == 1
 
     hourly, demo = review_app(webapp_stack, review_per_hour=2)
     now = [1_000_000.0]

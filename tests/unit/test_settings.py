@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from captchaops.settings import Settings, ensure_secret, load_settings, write_env
+from captchaops.settings import (
+    Settings,
+    ensure_secret,
+    load_settings,
+    mask_credentials,
+    write_env,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -71,3 +77,13 @@ def test_masked_hides_secrets_and_database_passwords(tmp_path: Path) -> None:
     assert "s3cret" not in str(remote.masked())
     assert remote.masked()["effective_tracking_uri"] == "https://********@mlflow.example.org"
     assert shown["s3_secret_key"] == "********"
+
+
+def test_mask_credentials_masks_every_url_in_a_message_and_nothing_else() -> None:
+    message = "POST http://ci:s3cret@h:5000/api failed; db postgresql://u:pa/ss@db/x"
+    assert mask_credentials(message) == (
+        "POST http://********@h:5000/api failed; db postgresql://********@db/x"
+    )
+    assert mask_credentials("http://h/files/a@b and user@example.org") == (
+        "http://h/files/a@b and user@example.org"
+    )

@@ -25,11 +25,9 @@ def by_name(settings: Settings) -> dict:
 
 
 def test_experiment_names_match_their_owners() -> None:
-    from captchaops.data.feedback import FEEDBACK_EXPERIMENT
     from captchaops.evalset import EVAL_EXPERIMENT
     from captchaops.registry import AUDIT_EXPERIMENT
 
-    assert users.FEEDBACK_EXPERIMENT == FEEDBACK_EXPERIMENT
     assert users.EVAL_EXPERIMENT == EVAL_EXPERIMENT
     assert users.AUDIT_EXPERIMENT == AUDIT_EXPERIMENT
 
@@ -118,4 +116,5 @@ def test_roles_grant_what_the_team_guide_says(tmp_path: Path) -> None:
     assert editor[("registered_model", "text-captcha")] == "EDIT"
     assert editor[("experiment", "text-captcha")] == "EDIT"
     assert editor[("experiment", users.AUDIT_EXPERIMENT)] == "EDIT"
+    assert editor[("experiment", "text-captcha-feedback")] == "READ"
     assert users._grants(settings, "admin") == []

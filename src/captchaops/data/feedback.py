@@ -12,12 +12,11 @@ from captchaops.settings import Settings
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-FEEDBACK_EXPERIMENT = "text-captcha-feedback"
 FEEDBACK_PATH = "feedback"
 DIGEST_TAG = "image_sha256"
 """Run tag holding the SHA-256 of the corrected image: the web app stores an image+label once."""
 KIND_TAG = "captchaops.kind"
-"""Run tag saying what a run of the feedback experiment holds: `correction` or `review`."""
+"""Run tag saying what a run of `settings.feedback_experiment` holds: `correction` or `review`."""
 REVIEW_KIND = "review"
 """A review item: an unlabelled low-confidence input (image under `review/`), never fetched here."""
 
@@ -30,7 +29,7 @@ def download_feedback(settings: Settings, dest_dir: Path) -> int:
 
     uri = settings.effective_tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = client.get_experiment_by_name(FEEDBACK_EXPERIMENT)
+    experiment = client.get_experiment_by_name(settings.feedback_experiment)
     if experiment is None:
         return 0
     dest_dir = Path(dest_dir)

@@ -8,12 +8,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from captchaops.evalset import Score
-from captchaops.mlflow_scope import client, mask_credentials
+from captchaops.mlflow_scope import client
 from captchaops.registry.audit import Move, abandon_record, close_record, moves, open_record
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.lock import promotion_lock
 from captchaops.registry.names import PRODUCTION, STAGING
-from captchaops.settings import Settings
+from captchaops.settings import Settings, mask_credentials
 
 
 def alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> str | None:

@@ -8,8 +8,7 @@ from contextlib import contextmanager
 from mlflow.exceptions import MlflowException
 
 from captchaops.evalset import EvalSetError
-from captchaops.mlflow_scope import mask_credentials
-from captchaops.settings import Settings
+from captchaops.settings import Settings, mask_credentials
 
 
 class RegistryError(Exception):

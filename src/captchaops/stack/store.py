@@ -6,7 +6,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
-from captchaops.settings import ENV_PREFIX, Settings, ensure_secret, mask_url
+from captchaops.settings import ENV_PREFIX, Settings, ensure_secret, mask_credentials
 
 MINIO_HINT = (
     "install the `minio` server binary on PATH (https://min.io/docs/minio/linux/index.html) "
@@ -31,11 +31,11 @@ class Store:
         """One line saying which store was chosen and why."""
         if self.kind == "minio":
             return (
-                f"store: MinIO at {mask_url(self.endpoint_url or '')} (console http://{settings.host}:"
+                f"store: MinIO at {mask_credentials(self.endpoint_url or '')} (console http://{settings.host}:"
                 f"{settings.minio_console_port}), bucket {settings.s3_bucket}"
             )
         if self.kind == "s3":
-            return f"store: S3 endpoint {mask_url(self.endpoint_url or '')}, bucket {settings.s3_bucket}"
+            return f"store: S3 endpoint {mask_credentials(self.endpoint_url or '')}, bucket {settings.s3_bucket}"
         return f"store: local folder {self.destination} (no `minio` on PATH; S3: docs/stack.md)"
 
 

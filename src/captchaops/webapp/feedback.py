@@ -9,7 +9,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_EXPERIMENT, FEEDBACK_PATH, KIND_TAG
+from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_PATH, KIND_TAG
 from captchaops.model.preprocess import EXTENSIONS, MIME_TYPES
 from captchaops.webapp.tracking import Tracking, TrackingError
 
@@ -38,8 +38,9 @@ def image_digest(image: bytes) -> str:
 class Corrections:
     """The corrections in the tracking server: stored once per image and label, and counted."""
 
-    def __init__(self, tracking: Tracking) -> None:
+    def __init__(self, tracking: Tracking, experiment: str) -> None:
         self.tracking = tracking
+        self.experiment = experiment
         self._experiment_id: str | None = None
         # One lock per stripe of digests: the same image is never checked and stored twice at once.
         self._locks = [threading.Lock() for _ in range(_STRIPES)]
@@ -86,7 +87,7 @@ class Corrections:
     def count(self) -> int:
         """How many corrections are stored (each finished correction run holds exactly one image)."""
         experiment = self.tracking.call(
-            "GET", "experiments/get-by-name", params={"experiment_name": FEEDBACK_EXPERIMENT}
+            "GET", "experiments/get-by-name", params={"experiment_name": self.experiment}
         )
         if not experiment:
             return 0
@@ -132,7 +133,7 @@ class Corrections:
             return found
         try:
             created = self.tracking.call(
-                "POST", "experiments/create", json={"name": FEEDBACK_EXPERIMENT}
+                "POST", "experiments/create", json={"name": self.experiment}
             )
             return str(created["experiment_id"])
         except TrackingError:
@@ -143,7 +144,7 @@ class Corrections:
 
     def _get_experiment(self) -> str | None:
         found = self.tracking.call(
-            "GET", "experiments/get-by-name", params={"experiment_name": FEEDBACK_EXPERIMENT}
+            "GET", "experiments/get-by-name", params={"experiment_name": self.experiment}
         )
         return str(found["experiment"]["experiment_id"]) if found else None
 

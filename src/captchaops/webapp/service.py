@@ -67,7 +67,7 @@ class Demo:
         self.catalog = Catalog(self.tracking)
         self.held_out = HeldOutSets(self.tracking)
         self.urls = {alias: settings.server_url(alias) for alias in ENVIRONMENTS}
-        self.corrections = Corrections(self.tracking)
+        self.corrections = Corrections(self.tracking, settings.feedback_experiment)
         self.limiter = Limiter(
             settings.feedback_per_minute,
             settings.feedback_per_day,
