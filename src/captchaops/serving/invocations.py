@@ -22,6 +22,7 @@ from captchaops.serving.admission import (
     read_body,
 )
 from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
+from captchaops.serving.canary import Canary
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.shadow import HEADER as SHADOW_HEADER
 from captchaops.serving.shadow import Copy, Shadow
@@ -104,6 +105,7 @@ class Invocations:
                 timeout_s=settings.shadow_timeout_seconds,
                 per_second=settings.shadow_per_second,
             )
+        self.canary: Canary | None = None
         self._parser: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
@@ -127,7 +129,10 @@ class Invocations:
         with self.metrics.in_flight.track_inprogress():
             response = await self._answer(request)
         self.metrics.requests.labels(str(response.status_code)).inc()
-        self.metrics.latency.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.latency.observe(elapsed)
+        if self.canary is not None and response.status_code == 200:
+            self.canary.observe(response.headers.get("x-model-version"), elapsed)
         self.metrics.pending_images.set(self.batcher.pending_images)
         self.metrics.held_bytes.set(self.admission.held_bytes)
         return response
@@ -175,10 +180,13 @@ class Invocations:
             copy = BackgroundTask(
                 self.shadow.offer, Copy(kept, content_type, served.version, predictions)
             )
+        headers = {"X-Model-Version": served.version}
+        if served.alias != self.alias:
+            headers["X-Model-Alias"] = served.alias
         return Response(
             json.dumps({"predictions": predictions}),
             media_type=protocol.JSON_TYPE,
-            headers={"X-Model-Version": served.version},
+            headers=headers,
             background=copy,
         )
 
@@ -205,7 +213,8 @@ class Invocations:
         self, request: Request, images: list[bytes], pixels: list[int]
     ) -> tuple[ServedModel, list[Prediction]]:
         """The batcher's answer, or ClientGone (and the work dropped) if the client leaves first."""
-        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels))
+        canary = self.canary.pick() if self.canary is not None else None
+        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels, canary))
         watching = asyncio.ensure_future(disconnected(request.receive))
         try:
             await asyncio.wait({predicting, watching}, return_when=asyncio.FIRST_COMPLETED)
