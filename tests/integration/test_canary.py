@@ -243,13 +243,13 @@ def test_a_clean_window_promotes_the_canary(stack: Stack, cli: CliRunner) -> Non
                 "--version",
                 stack.good,
                 "--watch",
-                "0.25",
+                "0.2",
                 "--then-promote",
             ],
         )
     try:
         assert result.exit_code == 0, result.output
-        assert f"canary v{stack.good} passed 0.25 min cleanly (routing" in result.output
+        assert f"canary v{stack.good} passed 0.2 min cleanly (routing" in result.output
         assert f"promoted: @production v{stack.production} -> v{stack.good}" in result.output
         assert registry.resolve_alias(stack.settings, "production") == stack.good
         assert registry.resolve_alias(stack.settings, registry.CANARY) is None
