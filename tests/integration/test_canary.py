@@ -168,6 +168,7 @@ def test_the_cli_refuses_bad_canaries_in_one_line(stack: Stack, cli: CliRunner) 
             "--then-promote needs the watch; leave out --detach"
         ),
         ("--canary", "10", "--version", stack.good, "--watch", "0"): "--watch takes minutes",
+        ("--version", stack.good, "--detach", "--reason", "x"): "go with --canary PERCENT",
     }
     for args, expected in refusals.items():
         result = cli.invoke(app, ["promote", *args])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from captchaops.cli.base import console, fail
 from captchaops.settings import Settings
 
+WATCH_MINUTES = 5.0
+
 
 def start(
     settings: Settings,

@@ -63,7 +63,9 @@ def promote(
     canary: int | None = typer.Option(
         None, "--canary", help="send PERCENT (1-50) of production's traffic to the candidate"
     ),
-    watch: float = typer.Option(5.0, "--watch", help="canary: minutes to watch its breaker"),
+    watch: float | None = typer.Option(
+        None, "--watch", help="canary: minutes to watch its breaker (default 5)"
+    ),
     detach: bool = typer.Option(False, "--detach", help="canary: start it and return at once"),
     then_promote: bool = typer.Option(
         False, "--then-promote", help="canary: promote it when the watch passes cleanly"
@@ -77,6 +79,8 @@ def promote(
     from captchaops.console import print_decision
 
     settings = settings_for(model_name)
+    if canary is None and (watch is not None or detach or then_promote):
+        fail("--watch, --detach and --then-promote go with --canary PERCENT")
     if canary is not None:
         from captchaops.cli import canary as canaries
 
@@ -89,7 +93,7 @@ def promote(
             from_alias=from_alias,
             reason=reason,
             actor=actor,
-            watch_minutes=watch,
+            watch_minutes=canaries.WATCH_MINUTES if watch is None else watch,
             detach=detach,
             then_promote=then_promote,
         )
