@@ -145,6 +145,11 @@ class Canary:
         if reason is not None:
             self._trip(version, reason)
 
+    def failed(self, version: str, exc: Exception) -> None:
+        """The canary's model raised on a request: trip at once, whatever the answers so far."""
+        self._follow(self.watcher.target_version)
+        self._trip(version, f"prediction failed: {type(exc).__name__}: {one_line(exc, 200)}")
+
     def evidence(self) -> Evidence:
         """The numbers the breaker judges now."""
         live = self.quality.snapshot() if self.quality is not None else {}

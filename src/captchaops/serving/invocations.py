@@ -147,7 +147,7 @@ class Invocations:
                         images, pixels = await self._parse(body)
                         kept = body if self._shadowed(request, body) else None
                         del body
-                    served, predictions = await self._predict(request, images, pixels)
+                    served, predictions = await self._routed(request, images, pixels)
         except protocol.ProtocolError as exc:
             return self._refuse(exc.status, exc.error, exc.detail)
         except InvalidImage as exc:
@@ -209,12 +209,31 @@ class Invocations:
         images = protocol.parse_body(body, self.limits)
         return images, protocol.check_images(images, self.settings.max_image_pixels)
 
-    async def _predict(
+    async def _routed(
         self, request: Request, images: list[bytes], pixels: list[int]
     ) -> tuple[ServedModel, list[Prediction]]:
-        """The batcher's answer, or ClientGone (and the work dropped) if the client leaves first."""
+        """The canary's answer when this request is its turn, else production's. A canary whose
+        model fails trips its breaker at once, and production answers the request instead."""
         canary = self.canary.pick() if self.canary is not None else None
-        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels, canary))
+        if canary is None or self.canary is None:
+            return await self._predict(request, images, pixels)
+        try:
+            return await self._predict(request, images, pixels, canary)
+        except (InvalidImage, Overloaded, ClientGone):
+            raise
+        except Exception as exc:
+            self.canary.failed(canary.version, exc)
+        return await self._predict(request, images, pixels)
+
+    async def _predict(
+        self,
+        request: Request,
+        images: list[bytes],
+        pixels: list[int],
+        served: ServedModel | None = None,
+    ) -> tuple[ServedModel, list[Prediction]]:
+        """The batcher's answer, or ClientGone (and the work dropped) if the client leaves first."""
+        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels, served))
         watching = asyncio.ensure_future(disconnected(request.receive))
         try:
             await asyncio.wait({predicting, watching}, return_when=asyncio.FIRST_COMPLETED)
