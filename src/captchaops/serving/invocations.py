@@ -175,7 +175,7 @@ class Invocations:
         self.metrics.images.inc(len(images))
         self.metrics.record_predictions(served.version, predictions)
         copy = None
-        if self.shadow is not None and kept is not None:
+        if self.shadow is not None and kept is not None and served.alias == self.alias:
             content_type = request.headers.get("content-type", protocol.JSON_TYPE)
             copy = BackgroundTask(
                 self.shadow.offer, Copy(kept, content_type, served.version, predictions)
