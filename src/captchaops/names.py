@@ -1,5 +1,5 @@
-"""Which scheme (registered model) names are usable: MLflow-free, so a model server can check
-its name without importing the registry."""
+"""Which scheme (registered model) names are usable, and the canary's alias and tag: MLflow-free,
+so a model server can check its name and follow a canary without importing the registry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import re
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 RESERVED_SUFFIX = ".promotion-lock"
 """Older releases kept their lock as a registered model with this suffix; no scheme may use it."""
+CANARY = "canary"
+"""The alias of a version that gets a share of production's traffic (`promote --canary`)."""
+CANARY_PERCENT_TAG = "canary_percent"
+"""The version tag holding that share in percent ("0" once the canary ended)."""
+CANARY_MAX_PERCENT = 50
 
 
 def model_name_problem(name: str) -> str | None:

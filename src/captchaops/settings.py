@@ -119,6 +119,27 @@ class Settings(BaseSettings):
     webhook_encryption_key: SecretStr | None = Field(
         None, description="Fernet key the tracking server stores webhook secrets with (generated)"
     )
+    canary: bool = Field(
+        True, description="the production model server sends a share of its traffic to @canary"
+    )
+    canary_min_answers: int = Field(
+        100, ge=1, description="canary answers before its breaker judges the canary"
+    )
+    canary_drop_points: float = Field(
+        10.0,
+        gt=0,
+        le=100,
+        description="the breaker trips when the canary's live estimate is this many points below "
+        "its gate accuracy or production's estimate",
+    )
+    canary_p99_ratio: float = Field(
+        2.0,
+        gt=0,
+        description="the breaker trips when the canary's p99 exceeds production's times this",
+    )
+    canary_p99_slack_ms: float = Field(
+        50.0, ge=0, description="...plus this many milliseconds (timer noise on small models)"
+    )
     staging_floor: float = Field(
         0.5, ge=0, le=1, description="test sequence accuracy a new version needs for @staging"
     )

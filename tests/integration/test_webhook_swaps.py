@@ -264,3 +264,31 @@ def test_up_registers_once_and_status_names_the_swap_mode(tmp_path: Path) -> Non
         assert settings.webhook_secret.get_secret_value() not in status.stdout
     finally:
         stack.down()
+
+
+def test_a_canary_move_wakes_the_production_servers_canary_slot(stack: WebhookStack) -> None:
+    """The production server follows @canary too: its webhook wakes that slot (the servers here
+    poll once an hour, so only the delivery can make the canary show up in time)."""
+    assert webhooks.register(stack.settings, ("production",))[0].ok
+    client = MlflowClient(stack.tracking.uri, stack.tracking.uri)
+    name, version = stack.settings.model_name, stack.versions[2]
+    client.set_model_version_tag(name, version, "canary_percent", "10")
+    accepted = stack.production.deliveries("accepted")
+
+    def canary() -> dict[str, object] | None:
+        block: dict[str, object] | None = stack.production.health()["canary"]  # type: ignore[assignment]
+        return block
+
+    client.set_registered_model_alias(name, "canary", version)
+    deadline = time.monotonic() + 30
+    while (canary() or {}).get("version") != version and time.monotonic() < deadline:
+        time.sleep(0.1)
+    block = canary()
+    assert block is not None and block["version"] == version and block["percent"] == 10
+    assert stack.production.deliveries("accepted") == accepted + 1
+
+    client.delete_registered_model_alias(name, "canary")
+    deadline = time.monotonic() + 30
+    while canary() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert canary() is None

@@ -60,14 +60,44 @@ def promote(
     latency_slack_ms: float = typer.Option(
         5.0, help="gate: milliseconds added to the latency budget"
     ),
+    canary: int | None = typer.Option(
+        None, "--canary", help="send PERCENT (1-50) of production's traffic to the candidate"
+    ),
+    watch: float | None = typer.Option(
+        None, "--watch", help="canary: minutes to watch its breaker (default 5)"
+    ),
+    detach: bool = typer.Option(False, "--detach", help="canary: start it and return at once"),
+    then_promote: bool = typer.Option(
+        False, "--then-promote", help="canary: promote it when the watch passes cleanly"
+    ),
     actor: str | None = ACTOR_OPTION,
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
-    """Move @production: by hand (--version N | --from staging) or through the gate (--auto)."""
+    """Move @production: by hand (--version N | --from staging), through the gate (--auto), or
+    try a candidate on a share of production's traffic first (--canary PERCENT)."""
     from captchaops import gate, registry
     from captchaops.console import print_decision
 
     settings = settings_for(model_name)
+    if canary is None and (watch is not None or detach or then_promote):
+        fail("--watch, --detach and --then-promote go with --canary PERCENT")
+    if canary is not None:
+        from captchaops.cli import canary as canaries
+
+        if auto or force:
+            fail("--canary takes no --auto or --force; the canary's breaker is its gate")
+        canaries.start(
+            settings,
+            percent=canary,
+            version=version,
+            from_alias=from_alias,
+            reason=reason,
+            actor=actor,
+            watch_minutes=canaries.WATCH_MINUTES if watch is None else watch,
+            detach=detach,
+            then_promote=then_promote,
+        )
+        return
     if not auto and not reason:
         fail('say why with --reason "..." (it goes into the audit trail)')
     try:
@@ -102,13 +132,22 @@ def rollback(
         None, "--to", help="an earlier production version (default: the previous one)"
     ),
     reason: str = typer.Option("", "--reason", help="why (recorded in the audit trail)"),
+    canary: bool = typer.Option(False, "--canary", help="end the canary instead (remove @canary)"),
     actor: str | None = ACTOR_OPTION,
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
-    """Move @production back to the previous production version in the audit trail."""
+    """Move @production back to the previous production version in the audit trail, or end the
+    canary (--canary)."""
     from captchaops import registry
 
     settings = settings_for(model_name)
+    if canary:
+        from captchaops.cli import canary as canaries
+
+        if to is not None:
+            fail("--canary ends the canary and takes no --to")
+        canaries.end(settings, reason=reason, actor=actor)
+        return
     try:
         move = registry.rollback(settings, to=to, reason=reason, actor=actor)
     except registry.RegistryError as exc:

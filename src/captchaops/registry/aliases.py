@@ -109,6 +109,7 @@ def move_alias(
     champion: Score | None = None,
     thresholds: dict[str, float] | None = None,
     version_tags: dict[str, dict[str, str]] | None = None,
+    decision: str | None = None,
 ) -> Move:
     """Move an alias under the lock with its audit record: both happen or neither does.
 
@@ -133,7 +134,7 @@ def move_alias(
             actor=actor,
             reason=reason,
             kind=kind,
-            decision=_decision(alias, kind),
+            decision=decision or _decision(alias, kind),
             seq=seq,
             candidate=candidate,
             champion=champion,
@@ -159,6 +160,62 @@ def move_alias(
                 ) from exc
             raise
         sync_stages(mlflow_client, name)
+        set_version_tags(mlflow_client, name, version_tags)
+        mlflow_client.set_registered_model_tag(name, f"last_move_{alias}", move.line()[:4000])
+        return move
+
+
+def remove_alias(
+    mlflow_client: MlflowClient,
+    name: str,
+    *,
+    alias: str,
+    expect_version: str,
+    reason: str,
+    actor: str,
+    kind: str,
+    decision: str,
+    version_tags: dict[str, dict[str, str]] | None = None,
+) -> Move:
+    """Delete an alias under the lock with its audit record (to_version empty): both or neither.
+
+    Fails if the alias no longer holds `expect_version`; any failure after the delete puts the
+    alias back and marks the run FAILED.
+    """
+    with promotion_lock(mlflow_client, name, actor):
+        current = alias_version(mlflow_client, name, alias)
+        if current != expect_version:
+            where = f"v{current}" if current else "nothing"
+            raise RegistryError(
+                f"@{alias} of {name} holds {where}, not v{expect_version}; "
+                "check `captchaops models` and run the command again"
+            )
+        seq = max((m.seq for m in moves(mlflow_client, name, alias)), default=0) + 1
+        move = open_record(
+            mlflow_client,
+            name,
+            alias=alias,
+            from_version=current,
+            to_version="",
+            actor=actor,
+            reason=reason,
+            kind=kind,
+            decision=decision,
+            seq=seq,
+        )
+        try:
+            mlflow_client.delete_registered_model_alias(name, alias)
+            if alias_version(mlflow_client, name, alias) is not None:
+                raise RegistryError(
+                    f"@{alias} of {name} was set again outside captchaops during the removal; "
+                    "check `captchaops models` and run the command again"
+                )
+            close_record(mlflow_client, move.run_id)
+        except BaseException:
+            if alias_version(mlflow_client, name, alias) is None:
+                mlflow_client.set_registered_model_alias(name, alias, expect_version)
+            abandon_record(mlflow_client, move.run_id)
+            raise
         set_version_tags(mlflow_client, name, version_tags)
         mlflow_client.set_registered_model_tag(name, f"last_move_{alias}", move.line()[:4000])
         return move

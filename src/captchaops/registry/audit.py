@@ -39,8 +39,9 @@ class Move:
     def line(self) -> str:
         """The move as one human line."""
         source = f"v{self.from_version}" if self.from_version else "nothing"
+        target = f"v{self.to_version}" if self.to_version else "nothing"
         return (
-            f"@{self.alias} {source} -> v{self.to_version} ({self.decision}) by {self.actor} "
+            f"@{self.alias} {source} -> {target} ({self.decision}) by {self.actor} "
             f"at {self.at}: {self.reason}"
         )
 

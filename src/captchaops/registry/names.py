@@ -5,12 +5,12 @@ from __future__ import annotations
 import getpass
 from datetime import UTC, datetime
 
-from captchaops.names import MODEL_NAME, RESERVED_SUFFIX, model_name_problem
+from captchaops.names import CANARY, MODEL_NAME, RESERVED_SUFFIX, model_name_problem
 from captchaops.registry.errors import RegistryError
 
 PRODUCTION = "production"
 STAGING = "staging"
-__all__ = ["MODEL_NAME", "PRODUCTION", "RESERVED_SUFFIX", "STAGING", "check_model_name"]
+__all__ = ["CANARY", "MODEL_NAME", "PRODUCTION", "RESERVED_SUFFIX", "STAGING", "check_model_name"]
 
 
 def check_model_name(name: str) -> str:

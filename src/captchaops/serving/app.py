@@ -21,6 +21,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captchaops.serving import invocations
+from captchaops.serving.canary import Canary
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
 from captchaops.serving.quality import LiveQuality
 from captchaops.serving.watcher import AliasWatcher, ServedModel
@@ -47,6 +48,9 @@ def create_app(
     metrics = ServingMetrics()
     metrics.quality = LiveQuality(_version_tags(settings), metrics.registry)
     watcher = AliasWatcher.for_settings(settings, alias, metrics)
+    canary = None
+    if _follows_canary(settings, alias):
+        canary = Canary.for_settings(settings, watcher, metrics)
     scoring = invocations.Invocations(
         settings,
         alias,
@@ -56,6 +60,10 @@ def create_app(
         max_wait_s=max_wait_s,
         deadline_s=deadline_s,
     )
+    scoring.canary = canary
+    receiver = WebhookReceiver.for_settings(settings, watcher, metrics)
+    if canary is not None:
+        receiver.also(canary.watcher)
     app = Starlette(
         routes=[
             Route("/invocations", scoring.handle, methods=["POST"]),
@@ -64,11 +72,7 @@ def create_app(
             Route("/version", version, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
             Route("/reload", reload, methods=["POST"]),
-            Route(
-                "/webhook",
-                WebhookReceiver.for_settings(settings, watcher, metrics).handle,
-                methods=["POST"],
-            ),
+            Route("/webhook", receiver.handle, methods=["POST"]),
         ],
         middleware=[Middleware(ModelHeaders, watcher=watcher)],
         exception_handlers={HTTPException: http_error},
@@ -77,10 +81,16 @@ def create_app(
     app.state.watcher = watcher
     app.state.metrics = metrics
     app.state.invocations = scoring
+    app.state.canary = canary
     app.state.model_name = settings.model_name
     app.state.alias = alias
     app.state.process = psutil.Process()
     return app
+
+
+def _follows_canary(settings: Settings, alias: str) -> bool:
+    """Only the production server routes to `@canary`, unless `CAPTCHAOPS_CANARY=false`."""
+    return settings.canary and alias == "production"
 
 
 def _version_tags(settings: Settings) -> Callable[[str], dict[str, str]]:
@@ -100,9 +110,13 @@ def _version_tags(settings: Settings) -> Callable[[str], dict[str, str]]:
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     await app.state.invocations.start()
     app.state.watcher.start()
+    if app.state.canary is not None:
+        app.state.canary.start()
     try:
         yield
     finally:
+        if app.state.canary is not None:
+            app.state.canary.stop()
         app.state.watcher.stop()
         await app.state.invocations.stop()
 
@@ -120,6 +134,8 @@ async def health(request: Request) -> Response:
     body["rss_bytes"] = request.app.state.process.memory_info().rss
     quality = request.app.state.metrics.quality
     body["live_estimate"] = quality.snapshot() if quality is not None else {}
+    canary = request.app.state.canary
+    body["canary"] = canary.health() if canary is not None else None
     return JSONResponse(body, status_code=200 if body["model_loaded"] else 503)
 
 
@@ -175,7 +191,8 @@ class ModelHeaders:
                 if "x-model-version" not in headers:
                     headers["X-Model-Version"] = served.version if served else "none"
                 headers["X-Model-Name"] = self.watcher.name
-                headers["X-Model-Alias"] = self.watcher.alias
+                if "x-model-alias" not in headers:  # a canary's answer names its own alias
+                    headers["X-Model-Alias"] = self.watcher.alias
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -126,18 +126,24 @@ class MicroBatcher:
             self._arriving -= 1
             self._arrived.set()
 
-    async def predict(self, images: list[bytes], pixels: list[int] | None = None) -> Answer:
-        """Predictions for `images` (with their header pixel counts) and the version that made them.
+    async def predict(
+        self,
+        images: list[bytes],
+        pixels: list[int] | None = None,
+        served: ServedModel | None = None,
+    ) -> Answer:
+        """Predictions for `images` (with their header pixel counts) and the version that made them:
+        `served` when given (a canary), else the current one.
 
         Cancelling the caller drops the images not yet run.
         """
-        if self.current() is None:
+        if served is None and self.current() is None:
             raise NoModel
         if self.pending_images + len(images) > self.max_pending_images:
             raise Overloaded
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Answer] = loop.create_future()
-        job = _Job(images, pixels or [0] * len(images), future, loop.time())
+        job = _Job(images, pixels or [0] * len(images), future, loop.time(), served=served)
         future.add_done_callback(lambda _: self._release(job))
         self._fresh.append(job)
         self.pending_images += len(images)

@@ -22,6 +22,7 @@ from captchaops.serving.admission import (
     read_body,
 )
 from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
+from captchaops.serving.canary import Canary
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.shadow import HEADER as SHADOW_HEADER
 from captchaops.serving.shadow import Copy, Shadow
@@ -104,6 +105,7 @@ class Invocations:
                 timeout_s=settings.shadow_timeout_seconds,
                 per_second=settings.shadow_per_second,
             )
+        self.canary: Canary | None = None
         self._parser: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
@@ -127,7 +129,10 @@ class Invocations:
         with self.metrics.in_flight.track_inprogress():
             response = await self._answer(request)
         self.metrics.requests.labels(str(response.status_code)).inc()
-        self.metrics.latency.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.metrics.latency.observe(elapsed)
+        if self.canary is not None and response.status_code == 200:
+            self.canary.observe(response.headers.get("x-model-version"), elapsed)
         self.metrics.pending_images.set(self.batcher.pending_images)
         self.metrics.held_bytes.set(self.admission.held_bytes)
         return response
@@ -142,7 +147,7 @@ class Invocations:
                         images, pixels = await self._parse(body)
                         kept = body if self._shadowed(request, body) else None
                         del body
-                    served, predictions = await self._predict(request, images, pixels)
+                    served, predictions = await self._routed(request, images, pixels)
         except protocol.ProtocolError as exc:
             return self._refuse(exc.status, exc.error, exc.detail)
         except InvalidImage as exc:
@@ -170,15 +175,18 @@ class Invocations:
         self.metrics.images.inc(len(images))
         self.metrics.record_predictions(served.version, predictions)
         copy = None
-        if self.shadow is not None and kept is not None:
+        if self.shadow is not None and kept is not None and served.alias == self.alias:
             content_type = request.headers.get("content-type", protocol.JSON_TYPE)
             copy = BackgroundTask(
                 self.shadow.offer, Copy(kept, content_type, served.version, predictions)
             )
+        headers = {"X-Model-Version": served.version}
+        if served.alias != self.alias:
+            headers["X-Model-Alias"] = served.alias
         return Response(
             json.dumps({"predictions": predictions}),
             media_type=protocol.JSON_TYPE,
-            headers={"X-Model-Version": served.version},
+            headers=headers,
             background=copy,
         )
 
@@ -201,11 +209,31 @@ class Invocations:
         images = protocol.parse_body(body, self.limits)
         return images, protocol.check_images(images, self.settings.max_image_pixels)
 
-    async def _predict(
+    async def _routed(
         self, request: Request, images: list[bytes], pixels: list[int]
     ) -> tuple[ServedModel, list[Prediction]]:
+        """The canary's answer when this request is its turn, else production's. A canary whose
+        model fails trips its breaker at once, and production answers the request instead."""
+        canary = self.canary.pick() if self.canary is not None else None
+        if canary is None or self.canary is None:
+            return await self._predict(request, images, pixels)
+        try:
+            return await self._predict(request, images, pixels, canary)
+        except (InvalidImage, Overloaded, ClientGone):
+            raise
+        except Exception as exc:
+            self.canary.failed(canary.version, exc)
+        return await self._predict(request, images, pixels)
+
+    async def _predict(
+        self,
+        request: Request,
+        images: list[bytes],
+        pixels: list[int],
+        served: ServedModel | None = None,
+    ) -> tuple[ServedModel, list[Prediction]]:
         """The batcher's answer, or ClientGone (and the work dropped) if the client leaves first."""
-        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels))
+        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels, served))
         watching = asyncio.ensure_future(disconnected(request.receive))
         try:
             await asyncio.wait({predicting, watching}, return_when=asyncio.FIRST_COMPLETED)

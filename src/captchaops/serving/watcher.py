@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from captchaops.serving.loader import (
     ImageModel,
@@ -114,7 +114,7 @@ class AliasWatcher:
         alias: str,
         metrics: ServingMetrics,
         timeouts: Timeouts | None = None,
-    ) -> AliasWatcher:
+    ) -> Self:
         """A watcher for `models:/<settings.model_name>@<alias>`, its copy under the home."""
         rest = TrackingRest.for_settings(settings, POLL_TIMEOUT_S)
         cache = cache_dir_for(settings.home_dir, settings.model_name, alias)

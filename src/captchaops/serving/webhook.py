@@ -87,6 +87,11 @@ class WebhookReceiver:
         for outcome in ("accepted", "ignored", "duplicate", "refused"):
             self.deliveries.labels(outcome)
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._others: list[AliasWatcher] = []
+
+    def also(self, watcher: AliasWatcher) -> None:
+        """Wake `watcher` too on deliveries for its alias (the production server's canary)."""
+        self._others.append(watcher)
 
     @classmethod
     def for_settings(
@@ -120,22 +125,23 @@ class WebhookReceiver:
             event = json.loads(body)
         except ValueError:
             return _answer(400, "bad_json", "the webhook body is not JSON")
-        if not self._ours(event):
+        watcher = self._ours(event)
+        if watcher is None:
             self.deliveries.labels("ignored").inc()
             return JSONResponse({"status": "ignored", "reason": "not this server's model alias"})
         self.deliveries.labels("accepted").inc()
-        self.watcher.poll_soon("webhook")
+        watcher.poll_soon("webhook")
         return JSONResponse({"status": "checking"}, status_code=202)
 
-    def _ours(self, event: Any) -> bool:
+    def _ours(self, event: Any) -> AliasWatcher | None:
+        """The watcher of the model alias the event is about; None when it is not ours."""
         if not isinstance(event, dict) or event.get("entity") != ALIAS_ENTITY:
-            return False
+            return None
         data = event.get("data")
-        return (
-            isinstance(data, dict)
-            and data.get("name") == self.watcher.name
-            and data.get("alias") == self.watcher.alias
-        )
+        if not isinstance(data, dict) or data.get("name") != self.watcher.name:
+            return None
+        watchers = [self.watcher, *self._others]
+        return next((w for w in watchers if data.get("alias") == w.alias), None)
 
     def _remember(self, delivery_id: str) -> None:
         self._seen[delivery_id] = None
