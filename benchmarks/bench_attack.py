@@ -33,15 +33,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from benchmarks.bench_serving import (
+from benchmarks.bench_serving import prepare_model, request_body, run_load
+from captchaops.harness.processes import (
     VENV_BIN,
+    RssSampler,
     free_port,
-    peak_rss,
-    prepare_model,
-    process,
-    request_body,
-    run_load,
-    wait_http,
+    http_service,
+    tracking_server,
 )
 
 TARGET_BOMB_MS = 50.0
@@ -118,7 +116,7 @@ def under_attack(
         str(seconds + 2),
         str(attack),
     ]
-    with peak_rss(pid) as peak:
+    with RssSampler.of_pid(pid) as peak:
         floods = [
             subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(attackers)
         ]
@@ -128,7 +126,7 @@ def under_attack(
         for proc in floods:
             out, _ = proc.communicate()
             codes.update(json.loads(out))
-    return result.p99_ms, result.failed, peak[0], dict(codes)
+    return result.p99_ms, result.failed, peak.peak_total, dict(codes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -137,17 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-attack-"))
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    tracking_port = free_port()
-    tracking_uri = f"http://127.0.0.1:{tracking_port}"
-    tracking_cmd = [
-        sys.executable, "-m", "captchaops.stack.tracking",
-        "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-        "--artifacts-destination", str(work / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(tracking_port), "--workers", "1",
-    ]  # fmt: skip
     try:
-        with process(tracking_cmd, work / "tracking.log", env) as tracking:
-            wait_http(f"{tracking_uri}/health", tracking)
+        with tracking_server(work, env=env) as tracking:
+            tracking_uri = tracking.uri
             print("training a demo-architecture model for a few seconds ...", flush=True)
             prepare_model(tracking_uri, None, work)
             normal = request_body(work)
@@ -168,9 +158,10 @@ def main(argv: list[str] | None = None) -> None:
                 "--port",
                 str(port),
             ]
-            with process(cmd, work / "serve.log", serve_env) as server:
-                url = f"http://127.0.0.1:{port}"
-                wait_http(f"{url}/health", server)
+            url = f"http://127.0.0.1:{port}"
+            with http_service(
+                cmd, f"{url}/health", env=serve_env, log=work / "serve.log", timeout=120
+            ) as server:
                 report(url, server.pid, bomb, normal, {"bombs": bombs, "heavy": heavy}, args)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -194,11 +185,11 @@ def report(
         flush=True,
     )
     run_load(url, 1, 2.0, normal)
-    with peak_rss(pid) as idle_rss:
+    with RssSampler.of_pid(pid) as idle_rss:
         idle = run_load(url, 1, args.duration, normal)
     print(
         f"normal client idle: p50 {idle.p50_ms:.1f} ms, p99 {idle.p99_ms:.1f} ms, "
-        f"server peak RSS {idle_rss[0]:.0f} MB",
+        f"server peak RSS {idle_rss.peak_total:.0f} MB",
         flush=True,
     )
     allowed = max(TARGET_P99_FACTOR * idle.p99_ms, TARGET_P99_FLOOR_MS)

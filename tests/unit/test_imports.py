@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
+
+import pytest
 
 import captchaops
 
@@ -136,3 +139,14 @@ def test_no_import_cycle_in_the_package() -> None:
     graph = import_graph()
     assert "captchaops.webapp.api" in graph and len(graph) > 20
     assert cycles(graph) == []
+
+
+BENCHMARKS = sorted(path.stem for path in (ROOT.parents[1] / "benchmarks").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_module_imports(name: str) -> None:
+    """`make bench` imports each module only when it runs it; a broken import (a helper moved
+    to the harness) would otherwise surface only in a benchmark run."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert callable(module.main)
