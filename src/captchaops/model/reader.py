@@ -28,6 +28,8 @@ class OnnxReader:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if threads > 1:  # idle ONNX threads would spin on the cores the decoding threads need
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.meta = dict(meta)
         self._session = ort.InferenceSession(
             str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"]
