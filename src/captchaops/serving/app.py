@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captchaops.serving import invocations
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
+from captchaops.serving.monitor import REST_TIMEOUT_S, Monitor
 from captchaops.serving.quality import LiveQuality
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.serving.webhook import WebhookReceiver
@@ -80,6 +82,12 @@ def create_app(
     app.state.model_name = settings.model_name
     app.state.alias = alias
     app.state.process = psutil.Process()
+    app.state.monitor = None
+    if settings.monitor_seconds > 0:
+        rest = TrackingRest.for_settings(settings, timeout=REST_TIMEOUT_S)
+        app.state.monitor = Monitor(
+            rest, settings.model_name, alias, metrics, settings.monitor_seconds
+        )
     return app
 
 
@@ -100,11 +108,16 @@ def _version_tags(settings: Settings) -> Callable[[str], dict[str, str]]:
 async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     await app.state.invocations.start()
     app.state.watcher.start()
+    monitor: Monitor | None = app.state.monitor
+    if monitor is not None:
+        monitor.start()
     try:
         yield
     finally:
         app.state.watcher.stop()
         await app.state.invocations.stop()
+        if monitor is not None:
+            await asyncio.to_thread(monitor.stop)  # the last points, and the runs finished
 
 
 async def ping(request: Request) -> Response:
