@@ -5,6 +5,8 @@ shadow compared; the last points at shutdown, and the same run again after a res
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from captchaops.estimate import Calibration
 from captchaops.harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import Tracking, stop_process
+from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -158,3 +160,42 @@ def test_shutdown_logs_the_last_answers_and_a_restart_reuses_the_run(pair: Pair)
     history = pair.client().get_metric_history(after.info.run_id, monitoring.LIVE_ANSWERS)
     values = [m.value for m in sorted(history, key=lambda m: m.timestamp)]
     assert values[-2:] == [seen, len(IMAGES)]
+
+
+def test_models_shows_the_live_estimate_of_each_served_version(pair: Pair) -> None:
+    """`captchaops models` reads the servers' /health: the one that answers shows its served
+    version's estimate, answers and gate accuracy with the alert; the one that is down, nothing."""
+    prod = pair.versions[0]
+    assert pair.production.invoke({"inputs": IMAGES[:1]}).status_code == 200
+    calibrated(pair.production, prod)
+    for _ in range(REQUESTS):
+        assert pair.production.invoke({"inputs": IMAGES}).status_code == 200
+    env = {
+        **os.environ,
+        "CAPTCHAOPS_HOME": str(pair.home),
+        "CAPTCHAOPS_TRACKING_URI": pair.tracking.uri,
+        "CAPTCHAOPS_PRODUCTION_PORT": str(pair.production.port),
+        "CAPTCHAOPS_STAGING_PORT": str(free_port()),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [str(VENV_BIN / "captchaops"), "models", "--limit", "50"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [" ".join(line.split()) for line in done.stdout.splitlines()]
+    answers = int(
+        httpx.get(f"{pair.production.url}/health").json()["live_estimate"][prod]["answers_seen"]
+    )
+    assert (
+        f"live production v{prod}: live estimate 0.0% over {answers} answers; "
+        "gate accuracy 95.0%" in lines
+    ), done.stdout
+    alert = next(line for line in lines if line.startswith(f"ALERT production v{prod}: "))
+    assert "95.0 points below the 95.0% measured at promotion" in alert
+    assert not any(line.startswith(("live staging", "ALERT staging")) for line in lines)
+    row = next(line for line in lines if line.startswith(f"│ {prod} "))
+    assert "│ 0.0% │" in row, row  # the answers are in the line below the table
