@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     review_max_pending: int = Field(
         500, ge=0, description="unlabelled review items kept at most; more are dropped"
     )
+    review_url: str | None = Field(
+        None,
+        description="the web app whose review queue a model server offers its low-confidence "
+        "answers to (empty: none); `up` points production's at the app",
+    )
     review_queue_size: int = Field(
         32, ge=1, description="review items waiting in memory to be stored; more are dropped"
     )

@@ -152,6 +152,14 @@ class ServingMetrics:
             "Copies waiting to be sent to the shadow server.",
             registry=self.registry,
         )
+        self.review_offers = Counter(
+            "captchaops_review_offers",
+            "Low-confidence answers offered to the web app's review queue, by outcome: queued, "
+            "rate_limited, dropped (queue full), accepted, declined (the app's caps or a "
+            "duplicate), error.",
+            ["result"],
+            registry=self.registry,
+        )
         for result in ("success", "failure"):
             self.reloads.labels(result)
         for cause in SWAP_CAUSES:
