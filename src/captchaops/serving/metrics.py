@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -26,6 +27,9 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.shadow_difference_sums: dict[tuple[str, str], float] = {}
+        """(this version, shadow version) -> sum of shadow-minus-own confidences so far."""
+        self._sums_lock = threading.Lock()
         self.requests = Counter(
             "captchaops_requests",
             "Answered /invocations requests, by HTTP status.",
@@ -166,6 +170,23 @@ class ServingMetrics:
             self.swaps.labels(cause)
 
     quality: LiveQuality | None = None  # the live accuracy estimate, when the server has one
+
+    def record_shadow_differences(self, version: str, other: str, differences: list[float]) -> None:
+        """Observe shadow-minus-own confidences of one compared copy, and keep their sum (the
+        histogram has negative buckets, so Prometheus exports no `_sum` for it)."""
+        histogram = self.shadow_confidence_diff.labels(version, other)
+        for difference in differences:
+            histogram.observe(difference)
+        with self._sums_lock:
+            key = (version, other)
+            self.shadow_difference_sums[key] = self.shadow_difference_sums.get(key, 0.0) + sum(
+                differences
+            )
+
+    def shadow_sums(self) -> dict[tuple[str, str], float]:
+        """A copy of `shadow_difference_sums`, taken under its lock."""
+        with self._sums_lock:
+            return dict(self.shadow_difference_sums)
 
     def record_swap(self, cause: str) -> None:
         """Count one change of the served model; `cause` is one of SWAP_CAUSES."""

@@ -281,10 +281,10 @@ def shadow_outcomes(metrics: ServingMetrics) -> dict[str, _Shadowed]:
         elif result in ("dropped", "skipped"):
             setattr(shadowed, result, getattr(shadowed, result) + value)
     for name, labels, value in _samples(metrics.shadow_confidence_diff):
-        if name.endswith("_sum"):
-            pair(labels).diff_sum = value
-        elif name.endswith("_count"):
+        if name.endswith("_count"):
             pair(labels).diff_count = value
+    for (version, other), total in metrics.shadow_sums().items():
+        pair({"production_version": version, "staging_version": other}).diff_sum = total
     for name, labels, value in _samples(metrics.shadow_latency):
         if name.endswith("_bucket"):
             pair(labels).latency[float(labels["le"])] = value
