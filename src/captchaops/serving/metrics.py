@@ -188,9 +188,13 @@ class ServingMetrics:
         with self._sums_lock:
             return dict(self.shadow_difference_sums)
 
-    def record_swap(self, cause: str) -> None:
-        """Count one change of the served model; `cause` is one of SWAP_CAUSES."""
+    def record_swap(self, cause: str, version: str | None = None) -> None:
+        """Count one change of the served model; `cause` is one of SWAP_CAUSES. With the new
+        `version`, its live estimate reads the calibration now, so `/health` shows the gate
+        accuracy from the start and the first answers count."""
         self.swaps.labels(cause).inc()
+        if version is not None and self.quality is not None:
+            self.quality.observe(version, ())
 
     def record_predictions(self, version: str, predictions: list[dict[str, Any]]) -> None:
         """Observe the confidence and text length of each answered image of `version`."""
