@@ -1,7 +1,9 @@
 """Live evidence for the gate: what the monitoring runs say about a candidate and its champion.
 
 The staging server's run of the candidate holds its live estimate on the traffic staging saw
-(production's copies, when production shadows to it); the production server's run of the
+(production's copies, when production shadows to it; a production server that answers some
+requests with the candidate, as a canary does, leaves a production run of it, used when staging
+has none); the production server's run of the
 champion holds the champion's estimate over time and how often the candidate agreed with it on
 those copies. The gate compares the candidate's latest estimate with the champion's point
 nearest in time, so both describe the same stretch of traffic.
@@ -76,16 +78,19 @@ def gather(
     experiment = client.get_experiment_by_name(names.experiment_name(model))
     if experiment is None:
         return Evidence(min_shadow=min_shadow)
-    ours = _run(client, experiment.experiment_id, model, STAGING, candidate)
     theirs = (
         _run(client, experiment.experiment_id, model, PRODUCTION, champion) if champion else None
     )
     estimate, answers, at = None, 0, 0
-    if ours is not None:
-        latest = _latest(client, ours, names.LIVE_ESTIMATE)
-        if latest is not None:
+    # Staging's run (production's copies); else the candidate's run on the production server,
+    # which a canary leaves.
+    for alias in (STAGING, PRODUCTION):
+        ours = _run(client, experiment.experiment_id, model, alias, candidate)
+        latest = _latest(client, ours, names.LIVE_ESTIMATE) if ours is not None else None
+        if ours is not None and latest is not None:
             estimate, at = latest.value, latest.timestamp
             answers = int(ours.data.metrics.get(names.LIVE_ANSWERS, 0))
+            break
     champion_estimate, comparisons, agreement = None, 0, None
     if theirs is not None:
         if estimate is not None:

@@ -126,3 +126,17 @@ def test_live_evidence_refuses_a_twin_that_trails_and_promotes_one_that_keeps_up
         "same period, shadow agreement 96.0% over 250 comparisons"
     ) in line
     assert production(settings) == keeping
+
+    # A candidate a canary served from the production server: that run is its evidence.
+    canary = copy_version(settings, tiny_model)
+    stage(settings, canary)
+    monitored(settings, "production", keeping, {monitoring.LIVE_ESTIMATE: 0.9})
+    monitored(
+        settings,
+        "production",
+        canary,
+        {monitoring.LIVE_ESTIMATE: 0.7, monitoring.LIVE_ANSWERS: 150},
+    )
+    decision, _ = gate.auto_promote(settings, actor="pytest")
+    assert not decision.promote
+    assert "live estimate 70.0% over 150 answers vs production's 90.0%" in decision.reason()
