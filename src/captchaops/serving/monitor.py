@@ -76,6 +76,7 @@ class Monitor:
         self._shadow_of: dict[str, str] = {}  # version -> shadow version last compared against
         self._seen_pairs: dict[tuple[str, str], float] = {}
         self._stopping = threading.Event()
+        self._flushing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._unreachable = False
 
@@ -102,9 +103,12 @@ class Monitor:
             self.flush()
 
     def flush(self) -> None:
-        """Log what changed since the last call; never raises."""
-        if not self.enabled:
-            return
+        """Log what changed since the last call; never raises (one call at a time)."""
+        with self._flushing:
+            if self.enabled:
+                self._flush_once()
+
+    def _flush_once(self) -> None:
         try:
             self._flush()
             if self._unreachable:
