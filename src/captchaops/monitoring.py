@@ -24,9 +24,17 @@ SHADOW_DROPPED = "shadow_dropped"
 SHADOW_SKIPPED = "shadow_skipped"
 
 
+SUFFIX = "-monitoring"
+
+
 def experiment_name(model: str) -> str:
     """The experiment holding a registered model's monitoring runs."""
-    return f"{model}-monitoring"
+    return f"{model}{SUFFIX}"
+
+
+def is_monitoring(experiment: str) -> bool:
+    """Whether an experiment (by name) holds monitoring runs."""
+    return experiment.endswith(SUFFIX)
 
 
 def run_name(model: str, alias: str, version: str) -> str:
