@@ -17,6 +17,7 @@ from rich.table import Column, Table
 
 if TYPE_CHECKING:
     from captchaops.gate import Decision
+    from captchaops.live import LiveState
     from captchaops.registry import Listing
     from captchaops.settings import Settings
     from captchaops.stack.control import ServiceStatus
@@ -146,11 +147,13 @@ def versions_table(listing: Listing) -> Table:
         "test acc",
         "frozen acc",
         "frozen CER",
+        "live est.",
         "created (UTC)",
         "note",
     ):
         table.add_column(column)
     for row in listing.rows:
+        live = ", ".join(s.short() for s in listing.live_of(row.version)) or "-"
         table.add_row(
             row.version,
             ", ".join(f"@{a}" for a in row.aliases) or "-",
@@ -160,10 +163,21 @@ def versions_table(listing: Listing) -> Table:
                 f"{v:.4f}" if v is not None else "-"
                 for v in (row.test_seq_acc, row.eval_seq_acc, row.eval_cer)
             ),
+            live,
             row.created,
             row.note[:60],
         )
     return table
+
+
+def live_lines(states: list[LiveState]) -> list[str]:
+    """`models` and `status`: one line per served version's live estimate, and its alert."""
+    lines = []
+    for state in states:
+        lines.append(f"live {state.alias} v{state.version}: {state.line()}")
+        if state.alert:
+            lines.append(f"[red]ALERT[/red] {state.alias} v{state.version}: {state.alert}")
+    return lines
 
 
 def print_decision(console: Console, decision: Decision) -> None:

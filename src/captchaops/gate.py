@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+
+from mlflow import MlflowClient
 
 from captchaops import registry
 from captchaops.evalset import EvalSet, Score, ensure_evalset, score
+from captchaops.evidence import Evidence, gather
 from captchaops.registry import PRODUCTION, STAGING, Move
 from captchaops.scheme import scheme_of, scheme_refusals
 from captchaops.settings import Settings
@@ -38,6 +42,9 @@ class GateConfig:
         """The numbers the decision used, for the audit record."""
         values = asdict(self)
         values["floor"] = self.effective_floor(settings)
+        values["min_shadow"] = settings.gate_min_shadow
+        values["min_agreement"] = settings.gate_min_agreement
+        values["live_points"] = settings.gate_live_points
         return {k: float(v) for k, v in values.items()}
 
     def effective_floor(self, settings: Settings) -> float:
@@ -59,6 +66,8 @@ class Decision:
     """Whether auto_promote records the decision (audit run, candidate tags)."""
     digest: str = ""
     """The frozen set the decision was about ('' when none was loaded)."""
+    evidence: Evidence | None = None
+    """What the monitoring runs said (None when the gate refused before scoring)."""
 
     @property
     def promote(self) -> bool:
@@ -66,7 +75,12 @@ class Decision:
         return not self.refusals
 
     def reason(self) -> str:
-        """One line: the refusals, or the comparison that let the candidate through."""
+        """One line: the refusals, or the comparison that let the candidate through, and the
+        live evidence used."""
+        used = f"; {self.evidence.line()}" if self.evidence is not None else ""
+        return self._verdict() + used
+
+    def _verdict(self) -> str:
         if self.refusals:
             return "; ".join(self.refusals)
         c = self.candidate
@@ -99,6 +113,33 @@ def judge(candidate: Score, champion: Score | None, config: GateConfig, floor: f
     budget = champion.p95_ms * config.latency_ratio + config.latency_slack_ms
     if candidate.p95_ms > budget:
         refusals.append(f"p95 latency {candidate.p95_ms:.1f} ms is over budget {budget:.1f} ms")
+    return refusals
+
+
+def judge_evidence(
+    evidence: Evidence, candidate: Score, champion: Score | None, thresholds: dict[str, float]
+) -> list[str]:
+    """Why live evidence refuses a candidate the frozen set let through; empty when it does not.
+
+    Its live estimate may not trail production's over the same period by more than
+    `live_points`; its shadow agreement with production may not fall below `min_agreement`
+    unless it wins on the frozen set (a better model must disagree somewhere).
+    """
+    refusals = []
+    points = thresholds["live_points"]
+    mine, theirs = evidence.candidate_estimate, evidence.champion_estimate
+    if mine is not None and theirs is not None and mine + EPSILON < theirs - points / 100:
+        refusals.append(
+            f"live estimate {mine:.1%} is {(theirs - mine) * 100:.1f} points below production's "
+            f"{theirs:.1%} over the same period (at most {points:g} allowed)"
+        )
+    wins = champion is None or not champion.ok or candidate.seq_acc > champion.seq_acc + EPSILON
+    agreement, least = evidence.agreement, thresholds["min_agreement"]
+    if evidence.shadow and agreement is not None and agreement < least and not wins:
+        refusals.append(
+            f"shadow agreement {agreement:.1%} over {evidence.comparisons} comparisons is below "
+            f"{least:.0%} and it does not beat production on the frozen set"
+        )
     return refusals
 
 
@@ -162,6 +203,16 @@ def decide(
             if result is not None:
                 registry.record_score(client, settings.model_name, result)
     refusals = judge(candidate, champion, config, config.effective_floor(settings))
+    with registry.one_line_errors(settings):
+        evidence = gather(
+            client,
+            settings.model_name,
+            candidate_version,
+            champion_version,
+            min_shadow=settings.gate_min_shadow,
+        )
+    if not refusals:
+        refusals = judge_evidence(evidence, candidate, champion, thresholds)
     return Decision(
         candidate_version,
         champion_version,
@@ -170,6 +221,7 @@ def decide(
         thresholds,
         refusals,
         digest=evalset.digest,
+        evidence=evidence,
     )
 
 
@@ -188,33 +240,34 @@ def auto_promote(
     if not decision.promote and not decision.audited:
         return decision, None
     with registry.one_line_errors(settings):
-        client = registry.client(settings)
-        if decision.promote:
-            move = registry.to_production(
-                client,
-                settings.model_name,
-                decision.candidate_version,
-                expect_from=decision.champion_version,
-                reason=why,
-                actor=actor,
-                kind="gate",
-                candidate=decision.candidate,
-                champion=decision.champion,
-                thresholds=decision.thresholds,
-                validated=True,
-            )
-        else:
-            move = registry.record_rejection(
-                client,
-                settings.model_name,
-                version=decision.candidate_version,
-                reason=why,
-                actor=actor,
-                kind="gate",
-                candidate=decision.candidate,
-                champion=decision.champion,
-                thresholds=decision.thresholds,
-                digest=decision.digest,
-                version_tags={"validated_at": datetime.now(UTC).isoformat(timespec="seconds")},
-            )
+        move = _record(registry.client(settings), settings.model_name, decision, why, actor)
     return decision, move
+
+
+def _record(client: MlflowClient, name: str, decision: Decision, why: str, actor: str) -> Move:
+    """Promote and audit, or audit the rejection: the same record either way."""
+    record: dict[str, Any] = {
+        "reason": why,
+        "actor": actor,
+        "kind": "gate",
+        "candidate": decision.candidate,
+        "champion": decision.champion,
+        "thresholds": decision.thresholds,
+    }
+    if decision.promote:
+        return registry.to_production(
+            client,
+            name,
+            decision.candidate_version,
+            expect_from=decision.champion_version,
+            validated=True,
+            **record,
+        )
+    return registry.record_rejection(
+        client,
+        name,
+        version=decision.candidate_version,
+        digest=decision.digest,
+        version_tags={"validated_at": datetime.now(UTC).isoformat(timespec="seconds")},
+        **record,
+    )

@@ -82,6 +82,28 @@ class Settings(BaseSettings):
     shadow_timeout_seconds: float = Field(
         5.0, gt=0, description="a copy the shadow server has not answered by then is an error"
     )
+    monitor_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="how often model servers log each served version's monitoring run to "
+        "MLflow (and once at shutdown); 0: never",
+    )
+    gate_min_shadow: int = Field(
+        200, ge=1, description="shadow comparisons `promote --auto` needs to use shadow agreement"
+    )
+    gate_min_agreement: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="`promote --auto` rejects a candidate that agrees with production less than "
+        "this on shadow traffic, unless it wins on the frozen set",
+    )
+    gate_live_points: float = Field(
+        5.0,
+        ge=0,
+        description="`promote --auto` rejects a candidate whose live estimate is more than this "
+        "many points below production's over the same period",
+    )
     app_port: int = 8080
     app_secret_key: SecretStr | None = None
 
@@ -173,6 +195,11 @@ class Settings(BaseSettings):
     )
     review_max_pending: int = Field(
         500, ge=0, description="unlabelled review items kept at most; more are dropped"
+    )
+    review_url: str | None = Field(
+        None,
+        description="the web app whose review queue a model server offers its low-confidence "
+        "answers to (empty: none); `up` points production's at the app",
     )
     review_queue_size: int = Field(
         32, ge=1, description="review items waiting in memory to be stored; more are dropped"

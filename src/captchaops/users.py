@@ -7,6 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from captchaops import monitoring
 from captchaops.settings import Settings
 from captchaops.tracking_rest import MISSING, TrackingError, TrackingRest, TrackingUnreachable
 
@@ -205,5 +206,6 @@ def ensure_service_account(settings: Settings) -> Account:
     grants = [
         *(g for g in _grants(settings, "reader") if g[1] != settings.feedback_experiment),
         ("experiment", settings.feedback_experiment, "EDIT"),
+        ("experiment", monitoring.experiment_name(settings.model_name), "EDIT"),
     ]
     return Account(username, "service", _apply(admin, username, grants))

@@ -63,6 +63,8 @@ def test_visitor_flow_in_chromium(
     page.goto(app_url)
     expect(page.locator('.env-status[data-env="production"]')).to_contain_text(f"v{prod}")
     expect(page.locator('.env-status[data-env="staging"]')).to_contain_text(f"v{stag}")
+    live = page.locator('.env-status[data-env="production"] .live')
+    expect(live).to_contain_text(re.compile(r"live estimate (\d+\.\d %|after more answers)"))
     background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
     assert background == "rgb(245, 246, 248)", "the stylesheet did not load"
 

@@ -46,7 +46,7 @@ def test_the_estimate_and_its_alert_follow_the_answers(server: tuple[ModelServer
     assert running.invoke({"inputs": images[:1]}).status_code == 200
     deadline = time.monotonic() + 30
     while version not in live(running) and time.monotonic() < deadline:
-        time.sleep(0.2)  # the calibration is read off the request path, once per version
+        time.sleep(0.2)  # the calibration is read off the request path, once per version served
     state = live(running)[version]
     assert state["gate_accuracy"] == pytest.approx(0.95) and state["estimate"] is None
     for _ in range(6):

@@ -8,19 +8,22 @@ import os
 import re
 import socket
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import flask
+import httpx
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from mlflow import MlflowClient
 
 from captchaops.data.feedback import download_feedback
-from captchaops.data.synthetic import generate_one
+from captchaops.data.synthetic import generate, generate_one
+from captchaops.estimate import Calibration
 from captchaops.settings import Settings, load_settings
 from captchaops.webapp.app import SECURITY_HEADERS, create_app
 from tests.fixtures.models import TrainedModel
@@ -81,6 +84,9 @@ def webapp_stack(
     if not client.search_registered_models(f"name = '{MODEL_NAME}'"):
         client.create_registered_model(MODEL_NAME)
     versions = tuple(str(client.create_model_version(MODEL_NAME, source).version) for _ in range(2))
+    for version in versions:  # every answer counts as right: the estimate reads 100 %
+        for key, tag in Calibration(threshold=0.0, accuracy=0.9, size=200).tags().items():
+            client.set_model_version_tag(MODEL_NAME, version, key, tag)
     client.set_registered_model_alias(MODEL_NAME, "production", versions[0])
     client.set_registered_model_alias(MODEL_NAME, "staging", versions[1])
     servers: list[ModelServer] = []
@@ -177,6 +183,32 @@ def test_upload_shows_both_environments_with_versions_and_run_links(
     assert f"{webapp_stack.tracking_uri}/#/experiments/" in page and f"/runs/{run_id}" in page
     assert f"/#/models/{MODEL_NAME}/versions/{prod}" in page
     assert "unavailable" not in page
+
+
+def test_the_live_estimate_is_shown_beside_the_served_version(
+    client: FlaskClient, webapp_stack: WebappStack
+) -> None:
+    """Production has answered enough for an estimate, staging has not: each says so."""
+    server, prod = webapp_stack.production, webapp_stack.versions[0]
+    images = [base64.b64encode(s.image).decode() for s in generate(10, seed=3)]
+    deadline = time.monotonic() + 30
+    while prod not in httpx.get(f"{server.url}/health", timeout=10).json()["live_estimate"]:
+        assert time.monotonic() < deadline, "production never read the calibration"  # at load
+        time.sleep(0.2)
+    for _ in range(5):
+        assert server.invoke({"inputs": images}).status_code == 200
+    page = client.get("/").text
+    production = page.split('data-env="production"', 1)[1].split("</div>", 1)[0]
+    assert re.search(r"live estimate 100\.0 % \(\d+ answers\)", production), production
+    staging = page.split('data-env="staging"', 1)[1].split("</div>", 1)[0]
+    assert re.search(r"live estimate after more answers \(\d+ so far\)", staging), staging
+    resp = client.post(
+        "/predict",
+        data={"csrf_token": csrf(client), "image": (io.BytesIO(png()), "captcha.png")},
+    )
+    card = resp.text.split('id="answer-production"', 1)[1].split("</article>", 1)[0]
+    assert re.search(r"live estimate 100\.0 % over \d+ answers, gate 90\.0 %", card), card
+    assert "live-alert" not in resp.text
 
 
 def test_generate_shows_sample_with_true_label(

@@ -6,7 +6,8 @@ import pytest
 
 from captchaops.cli import parse_length
 from captchaops.evalset import Score
-from captchaops.gate import GateConfig, judge
+from captchaops.evidence import Evidence
+from captchaops.gate import GateConfig, judge, judge_evidence
 from captchaops.registry import Move, RegistryError, check_model_name, production_stack
 from captchaops.scheme import Scheme, scheme_refusals
 
@@ -128,3 +129,46 @@ def test_model_names_that_mlflow_takes(name: str) -> None:
 def test_bad_model_names_say_the_fix(name: str) -> None:
     with pytest.raises(RegistryError, match="--model-name bank-captcha"):
         check_model_name(name)
+
+
+THRESHOLDS = {"live_points": 5.0, "min_agreement": 0.9}
+
+
+def evidence(
+    mine: float | None = None, theirs: float | None = None, agreement: float | None = None
+) -> Evidence:
+    return Evidence(
+        candidate_estimate=mine,
+        candidate_answers=300,
+        champion_estimate=theirs,
+        comparisons=250 if agreement is not None else 0,
+        agreement=agreement,
+        min_shadow=200,
+    )
+
+
+def test_a_live_estimate_too_far_below_production_refuses() -> None:
+    twin, champion = result(0.9, 0.03), result(0.9, 0.03, version="1")
+    assert judge_evidence(evidence(0.85, 0.90), twin, champion, THRESHOLDS) == []
+    (refusal,) = judge_evidence(evidence(0.849, 0.90), twin, champion, THRESHOLDS)
+    assert "5.1 points below production's 90.0% over the same period" in refusal
+
+
+def test_low_shadow_agreement_refuses_unless_the_candidate_wins_on_the_frozen_set() -> None:
+    champion = result(0.9, 0.03, version="1")
+    (refusal,) = judge_evidence(evidence(agreement=0.8), result(0.9, 0.03), champion, THRESHOLDS)
+    assert "shadow agreement 80.0% over 250 comparisons is below 90%" in refusal
+    assert judge_evidence(evidence(agreement=0.8), result(0.95, 0.02), champion, THRESHOLDS) == []
+    assert judge_evidence(evidence(agreement=0.9), result(0.9, 0.03), champion, THRESHOLDS) == []
+
+
+def test_too_few_comparisons_are_named_but_not_used() -> None:
+    few = Evidence(comparisons=150, agreement=0.1, min_shadow=200)
+    assert judge_evidence(few, result(0.9, 0.03), result(0.9, 0.03, version="1"), THRESHOLDS) == []
+    assert few.line() == "live evidence: 150 shadow comparisons (< 200, unused)"
+    assert Evidence().line() == "no live evidence"
+    both = evidence(0.8, 0.82, agreement=0.95).line()
+    assert both == (
+        "live evidence: live estimate 80.0% over 300 answers vs production's 82.0% over the "
+        "same period, shadow agreement 95.0% over 250 comparisons"
+    )

@@ -34,3 +34,15 @@ def test_a_set_shadow_url_wins_and_an_empty_one_turns_shadowing_off(tmp_path: Pa
         "http://elsewhere:1"
     )
     assert shadow_urls(tmp_path, shadow_url="") == {"production": "", "staging": "", "app": None}
+
+
+def test_production_offers_low_confidence_answers_to_the_app_and_staging_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CAPTCHAOPS_REVIEW_URL", raising=False)
+    settings = load_settings(home=tmp_path, app_port=7180)
+    urls = {
+        svc.name: svc.env.get("CAPTCHAOPS_REVIEW_URL")
+        for svc in build_services(settings, STORE, ("production", "staging", "app"))
+    }
+    assert urls == {"production": "http://127.0.0.1:7180", "staging": "", "app": None}

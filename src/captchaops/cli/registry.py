@@ -24,7 +24,7 @@ def models(
 ) -> None:
     """List model versions with aliases, metrics, validation status and the last alias moves."""
     from captchaops import registry
-    from captchaops.console import versions_table
+    from captchaops.console import live_lines, versions_table
 
     settings = settings_for(model_name)
     try:
@@ -32,6 +32,8 @@ def models(
     except registry.RegistryError as exc:
         fail(str(exc))
     console.print(versions_table(listing))
+    for line in live_lines(listing.live):
+        console.print(line, highlight=False)
     for alias, line in sorted(listing.last_moves.items()):
         console.print(f"last {alias} move: {line}", highlight=False)
 

@@ -39,7 +39,8 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show each service (pid, URL, health, memory) and the effective settings."""
-    from captchaops.console import services_table, settings_table
+    from captchaops import live
+    from captchaops.console import live_lines, services_table, settings_table
     from captchaops.stack import control, webhooks
 
     settings = load_settings()
@@ -51,6 +52,9 @@ def status() -> None:
     if swaps:
         line = "; ".join(f"{alias} {how}" for alias, how in swaps.items())
         console.print(f"swaps: {line}", highlight=False)
+    urls = {r.name: r.url for r in rows if r.name in live.SERVED_ALIASES and r.healthy}
+    for line in live_lines(live.read(urls)):
+        console.print(line, highlight=False)
     console.print(settings_table(settings.masked()))
 
 

@@ -222,14 +222,16 @@ def copy_version(tracking_uri: str, name: str, version: str) -> str:
 
 def snapshot(settings: Settings) -> dict[str, Any]:
     """Everything the tracking server holds that must survive a restart: experiments, runs,
-    versions with their tags, aliases and the audit trail."""
+    versions with their tags, aliases and the audit trail. Monitoring runs are left out: the
+    running model servers keep adding to them (and finish and reopen them as they stop and
+    start), so two snapshots of a healthy stack would differ by them."""
     from mlflow import MlflowClient
 
-    from captchaops import registry
+    from captchaops import monitoring, registry
 
     uri = settings.effective_tracking_uri
     client = MlflowClient(uri, registry_uri=uri)
-    experiments = client.search_experiments()
+    experiments = [e for e in client.search_experiments() if not monitoring.is_monitoring(e.name)]
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=5000)
     model = client.get_registered_model(settings.model_name)
     versions = client.search_model_versions(f"name='{settings.model_name}'")

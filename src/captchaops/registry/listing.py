@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from captchaops.live import LiveState, read_stack
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import require_model
 from captchaops.registry.errors import one_line_errors
@@ -31,11 +32,17 @@ class VersionRow:
 
 @dataclass(frozen=True)
 class Listing:
-    """All versions of the registered model, newest first, and each alias's last audited move."""
+    """All versions of the registered model, newest first, each alias's last audited move, and
+    the live estimate of the versions the model servers serve."""
 
     name: str
     rows: list[VersionRow]
     last_moves: dict[str, str]
+    live: list[LiveState] = field(default_factory=list)
+
+    def live_of(self, version: str) -> list[LiveState]:
+        """The live states of one version (one per server serving it)."""
+        return [state for state in self.live if state.version == version]
 
 
 def _float(value: object) -> float | None:
@@ -91,4 +98,5 @@ def list_versions(settings: Settings, limit: int = 50) -> Listing:
             for key, value in model.tags.items()
             if key.startswith("last_move_")
         }
-        return Listing(name, rows, last_moves)
+        served = [state for state in read_stack(settings) if state.model == name]
+        return Listing(name, rows, last_moves, served)

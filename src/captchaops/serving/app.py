@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from captchaops.serving import invocations
 from captchaops.serving.canary import Canary
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
+from captchaops.serving.monitor import REST_TIMEOUT_S, Monitor
 from captchaops.serving.quality import LiveQuality
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.serving.webhook import WebhookReceiver
@@ -85,6 +87,12 @@ def create_app(
     app.state.model_name = settings.model_name
     app.state.alias = alias
     app.state.process = psutil.Process()
+    app.state.monitor = None
+    if settings.monitor_seconds > 0:
+        rest = TrackingRest.for_settings(settings, timeout=REST_TIMEOUT_S)
+        app.state.monitor = Monitor(
+            rest, settings.model_name, alias, metrics, settings.monitor_seconds
+        )
     return app
 
 
@@ -112,6 +120,9 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     app.state.watcher.start()
     if app.state.canary is not None:
         app.state.canary.start()
+    monitor: Monitor | None = app.state.monitor
+    if monitor is not None:
+        monitor.start()
     try:
         yield
     finally:
@@ -119,6 +130,8 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
             app.state.canary.stop()
         app.state.watcher.stop()
         await app.state.invocations.stop()
+        if monitor is not None:
+            await asyncio.to_thread(monitor.stop)  # the last points, and the runs finished
 
 
 async def ping(request: Request) -> Response:

@@ -24,6 +24,7 @@ from captchaops.serving.admission import (
 from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
 from captchaops.serving.canary import Canary
 from captchaops.serving.metrics import ServingMetrics
+from captchaops.serving.review_offers import ReviewOffers
 from captchaops.serving.shadow import HEADER as SHADOW_HEADER
 from captchaops.serving.shadow import Copy, Shadow
 from captchaops.serving.watcher import AliasWatcher, ServedModel
@@ -106,6 +107,18 @@ class Invocations:
                 per_second=settings.shadow_per_second,
             )
         self.canary: Canary | None = None
+        self.review: ReviewOffers | None = None
+        if settings.review_url:
+            token = settings.review_token
+            self.review = ReviewOffers(
+                settings.review_url,
+                settings.model_name,
+                metrics,
+                token=token.get_secret_value() if token else None,
+                below=settings.review_below_confidence,
+                per_hour=settings.review_per_hour,
+                queue_size=settings.review_queue_size,
+            )
         self._parser: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
@@ -114,11 +127,15 @@ class Invocations:
         await self.batcher.start()
         if self.shadow is not None:
             await self.shadow.start()
+        if self.review is not None:
+            self.review.start()
 
     async def stop(self) -> None:
         """Stop batching, parsing and shadowing; waiting requests are cancelled."""
         if self.shadow is not None:
             await self.shadow.stop()
+        if self.review is not None:
+            self.review.stop()
         await self.batcher.stop()
         if self._parser is not None:
             self._parser.shutdown(wait=False, cancel_futures=True)
@@ -174,6 +191,8 @@ class Invocations:
             return self._refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
         self.metrics.images.inc(len(images))
         self.metrics.record_predictions(served.version, predictions)
+        if self.review is not None and SHADOW_HEADER.lower() not in request.headers:
+            self.review.offer(images, predictions, served.version)
         copy = None
         if self.shadow is not None and kept is not None and served.alias == self.alias:
             content_type = request.headers.get("content-type", protocol.JSON_TYPE)

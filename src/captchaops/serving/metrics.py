@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
@@ -26,6 +27,9 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.shadow_difference_sums: dict[tuple[str, str], float] = {}
+        """(this version, shadow version) -> sum of shadow-minus-own confidences so far."""
+        self._sums_lock = threading.Lock()
         self.requests = Counter(
             "captchaops_requests",
             "Answered /invocations requests, by HTTP status.",
@@ -152,6 +156,14 @@ class ServingMetrics:
             "Copies waiting to be sent to the shadow server.",
             registry=self.registry,
         )
+        self.review_offers = Counter(
+            "captchaops_review_offers",
+            "Low-confidence answers offered to the web app's review queue, by outcome: queued, "
+            "rate_limited, dropped (queue full), accepted, declined (the app's caps or a "
+            "duplicate), error.",
+            ["result"],
+            registry=self.registry,
+        )
         for result in ("success", "failure"):
             self.reloads.labels(result)
         for cause in SWAP_CAUSES:
@@ -159,9 +171,30 @@ class ServingMetrics:
 
     quality: LiveQuality | None = None  # the live accuracy estimate, when the server has one
 
-    def record_swap(self, cause: str) -> None:
-        """Count one change of the served model; `cause` is one of SWAP_CAUSES."""
+    def record_shadow_differences(self, version: str, other: str, differences: list[float]) -> None:
+        """Observe shadow-minus-own confidences of one compared copy, and keep their sum (the
+        histogram has negative buckets, so Prometheus exports no `_sum` for it)."""
+        histogram = self.shadow_confidence_diff.labels(version, other)
+        for difference in differences:
+            histogram.observe(difference)
+        with self._sums_lock:
+            key = (version, other)
+            self.shadow_difference_sums[key] = self.shadow_difference_sums.get(key, 0.0) + sum(
+                differences
+            )
+
+    def shadow_sums(self) -> dict[tuple[str, str], float]:
+        """A copy of `shadow_difference_sums`, taken under its lock."""
+        with self._sums_lock:
+            return dict(self.shadow_difference_sums)
+
+    def record_swap(self, cause: str, version: str | None = None) -> None:
+        """Count one change of the served model; `cause` is one of SWAP_CAUSES. With the new
+        `version`, its live estimate reads the calibration now, so `/health` shows the gate
+        accuracy from the start and the first answers count."""
         self.swaps.labels(cause).inc()
+        if version is not None and self.quality is not None:
+            self.quality.observe(version, ())
 
     def record_predictions(self, version: str, predictions: list[dict[str, Any]]) -> None:
         """Observe the confidence and text length of each answered image of `version`."""

@@ -205,11 +205,13 @@ class Shadow:
             self._count(copy.version, other, "error")
             return
         self.metrics.shadow_latency.labels(copy.version, other).observe(elapsed)
-        difference = self.metrics.shadow_confidence_diff.labels(copy.version, other)
-        agree = True
-        for ours, shadow in zip(copy.predictions, theirs, strict=True):
-            difference.observe(float(shadow["confidence"]) - float(ours["confidence"]))
-            agree = agree and shadow["text"] == ours["text"]
+        pairs = list(zip(copy.predictions, theirs, strict=True))
+        self.metrics.record_shadow_differences(
+            copy.version,
+            other,
+            [float(shadow["confidence"]) - float(ours["confidence"]) for ours, shadow in pairs],
+        )
+        agree = all(shadow["text"] == ours["text"] for ours, shadow in pairs)
         self._count(copy.version, other, "agree" if agree else "disagree")
 
     def _count(self, version: str, other: str, result: str) -> None:

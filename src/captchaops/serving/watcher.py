@@ -323,7 +323,7 @@ class AliasWatcher:
         self.metrics.reloads.labels("success").inc()
         # `reload` (POST /reload) and `recheck` (the alias moved during a load) are registry
         # checks like the timer's: the counter keeps the metric's own five causes.
-        self.metrics.record_swap(cause if cause in SWAP_CAUSES else "poll")
+        self.metrics.record_swap(cause if cause in SWAP_CAUSES else "poll", loaded.ref.version)
         self.metrics.model_version.set(_as_number(loaded.ref.version))
         if loaded.last_known_good:
             log.warning(

@@ -83,11 +83,13 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 
 def shadow_env(settings: Settings, alias: str) -> dict[str, str]:
-    """Production copies its requests to staging (or to `shadow_url`); staging copies nothing."""
+    """Production copies its requests to staging (or to `shadow_url`) and offers low-confidence
+    answers to the app's review queue (or `review_url`); staging does neither (it sees copies)."""
     if alias != "production":
-        return {"CAPTCHAOPS_SHADOW_URL": ""}
+        return {"CAPTCHAOPS_SHADOW_URL": "", "CAPTCHAOPS_REVIEW_URL": ""}
     url = settings.server_url("staging") if settings.shadow_url is None else settings.shadow_url
-    return {"CAPTCHAOPS_SHADOW_URL": url}
+    review = settings.app_url if settings.review_url is None else settings.review_url
+    return {"CAPTCHAOPS_SHADOW_URL": url, "CAPTCHAOPS_REVIEW_URL": review}
 
 
 def build_services(settings: Settings, store: Store, names: tuple[str, ...] = ALL) -> list[Service]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from captchaops import live
 from captchaops.data.synthetic import DIGITS_UPPER, generate_one
 from captchaops.settings import Settings
 from captchaops.webapp import endpoints
@@ -24,6 +25,8 @@ from captchaops.webapp.sampler import ReviewSampler
 from captchaops.webapp.scheme import Example, HeldOutSets, SchemeError
 from captchaops.webapp.tracking import Tracking, TrackingError
 
+LIVE_SECONDS = 5.0
+"""How long the app reuses what the model servers said about their live estimates."""
 SEEN_VERSIONS = 16
 """How many served versions (`name/version` -> alphabet) the app remembers for checking corrections."""
 
@@ -79,6 +82,7 @@ class Demo:
         self._seen_lock = threading.Lock()
         self._waiting: tuple[float, int | None] | None = None
         self._counting = threading.Lock()
+        self._live: tuple[float, dict[str, live.LiveState]] | None = None
 
     def predict(self, image: bytes) -> list[Result]:
         """Every environment's answer for one checked image."""
@@ -103,6 +107,17 @@ class Demo:
         for s in served:
             self._remember(s.name, s.version, s.alphabet)
         return served
+
+    def live(self) -> dict[str, live.LiveState]:
+        """Alias -> the live estimate of the version its server serves now (servers that are
+        down or serve an uncalibrated version are absent); asked at most every LIVE_SECONDS."""
+        cached = self._live
+        if cached is not None and time.monotonic() - cached[0] < LIVE_SECONDS:
+            return cached[1]
+        states = live.read(self.urls, self.timeout, self.http)
+        found = {state.alias: state for state in states}
+        self._live = (time.monotonic(), found)
+        return found
 
     def answered_key(self, name: str | None, version: str) -> str:
         """How a page form and the `answered` field name a version: `name/version`."""

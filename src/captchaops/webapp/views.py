@@ -21,7 +21,9 @@ def make_blueprint(demo: Demo) -> Blueprint:
     @bp.get("/")
     def index() -> Any:
         """The page before any image: what each environment serves, how many corrections wait."""
-        return render_template("index.html", served=demo.served(), waiting=demo.waiting())
+        return render_template(
+            "index.html", served=demo.served(), live=demo.live(), waiting=demo.waiting()
+        )
 
     @bp.post("/predict")
     def predict() -> Any:
@@ -100,6 +102,7 @@ def _show(
         truth=truth,
         example=example,
         results=results,
+        live=demo.live(),
         answered=answered,
         label_value=truth or _best_text(results),
     )
