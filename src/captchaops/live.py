@@ -46,7 +46,36 @@ class LiveState:
 
 
 def from_health(alias: str, body: Mapping[str, Any]) -> list[LiveState]:
-    """The states in one server's `/health` body, for the version it serves now."""
+    """The states in one server's `/health` body: the version it serves now, and its canary."""
+    return _served(alias, body) + _canary(body)
+
+
+def _canary(body: Mapping[str, Any]) -> list[LiveState]:
+    """Production's canary (`/health` `canary` block), once the server knows its gate accuracy;
+    a tripped canary's reason is its alert."""
+    block = body.get("canary")
+    if not isinstance(block, Mapping) or block.get("gate_accuracy") is None:
+        return []
+    try:
+        estimate = block.get("estimate")
+        return [
+            LiveState(
+                alias="canary",
+                model=str(body.get("name") or ""),
+                version=str(block["version"]),
+                estimate=None if estimate is None else float(estimate),
+                answers=int(block.get("answers") or 0),
+                gate_accuracy=float(block["gate_accuracy"]),
+                alert=f"canary tripped: {block.get('reason')}"
+                if block.get("state") == "tripped"
+                else None,
+            )
+        ]
+    except (KeyError, TypeError, ValueError):
+        return []
+
+
+def _served(alias: str, body: Mapping[str, Any]) -> list[LiveState]:
     version = body.get("version")
     found = body.get("live_estimate")
     if version is None or not isinstance(found, Mapping):
