@@ -30,6 +30,8 @@ LogMetrics = Callable[[dict[str, float], int], None]
 
 Key = tuple[float, float, float]
 
+RECALIBRATE_IMAGES = 4096  # clean training images BatchNorm statistics are recomputed from
+
 
 def geometry(config: TrainConfig, data: LabelledImages | None, max_length: int) -> Architecture:
     """The network's input: a folder's width follows its images' aspect ratio; CTC needs
@@ -195,6 +197,38 @@ class Monitor(keras.callbacks.Callback):
         self.report(f"epoch {epoch + 1}", self.schedule.fraction(), metrics)
 
 
+def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, chunk: int = 1024) -> None:
+    """Set every BatchNormalization layer's moving mean and variance from clean images `x`.
+
+    During training the statistics are averaged over augmented batches of a moving network
+    (and the EMA weights never had statistics of their own), so inference normalises with
+    statistics of other inputs and other weights. One forward pass in training mode with the
+    momentum at 0 (chunks beyond the first weighted as a running mean) replaces them with those
+    of `x` under the current weights, layer after layer.
+    """
+    norms = [
+        layer for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not norms or len(x) == 0:
+        return
+    saved = [layer.momentum for layer in norms]
+    try:
+        for n, start in enumerate(range(0, len(x), chunk)):
+            for layer in norms:
+                layer.momentum = n / (n + 1)
+            model(x[start : start + chunk], training=True)
+    finally:
+        for layer, momentum in zip(norms, saved, strict=True):
+            layer.momentum = momentum
+
+
+def _layers(model: keras.Model) -> list[keras.layers.Layer]:
+    out: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        out += _layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return out
+
+
 @dataclass
 class Plan:
     """How long a fit may run, in optimiser steps and wall time."""
@@ -276,11 +310,25 @@ def fit(
         callbacks=[schedule, monitor],
         verbose=0,
     )
-    averaged = validate(infer, val) if config.ema_momentum else None  # fit swapped the EMA in
-    final = averaged if averaged is not None else (monitor.history[-1] if monitor.history else None)
-    keep_final = final is not None and holds_up(final, monitor.best_key, len(val.labels))
-    if monitor.best_weights is not None and not keep_final:
-        train_model.set_weights(monitor.best_weights)
+    # fit swapped the EMA in; its weights never had BatchNorm statistics of their own
+    final_weights = train_model.get_weights()
+    clean = train[0][:RECALIBRATE_IMAGES] if config.recalibrate_bn else None
+    if clean is not None:
+        recalibrate_batchnorm(infer, clean)
+    final = monitor.history[-1] if monitor.history else None
+    if config.ema_momentum or clean is not None:
+        final = validate(infer, val)
+    averaged = final if config.ema_momentum else None
+    best = monitor.best_key
+    if clean is not None and monitor.best_weights is not None:
+        train_model.set_weights(monitor.best_weights)  # judged with recomputed statistics too
+        recalibrate_batchnorm(infer, clean)
+        best = key(validate(infer, val))
+    keep_final = final is not None and holds_up(final, best, len(val.labels))
+    if monitor.best_weights is not None:
+        train_model.set_weights(final_weights if keep_final else monitor.best_weights)
+        if clean is not None:
+            recalibrate_batchnorm(infer, clean)
     return Fitted(
         infer=infer,
         history=monitor.history,
