@@ -1,7 +1,7 @@
 """Which weights a folder run should keep: every candidate of one training run, side by side.
 
 Usage:
-  python -m benchmarks.bench_folder_choice --only 0 1 [--folds 5] [--count 1040]
+  python -m benchmarks.bench_folder_choice --only 0 1 [--folds 5] [--count 1040] [--steps N]
 
 For each fold k (the same folds as `bench_folder`), trains the folder preset once on the
 other folds the way `captchaops train --data` does (same splits, same loop, no MLflow), then
@@ -9,7 +9,11 @@ scores four candidates on the held-out fold: the final (averaged) weights and th
 checkpoint, each with the BatchNorm statistics training left and with statistics recomputed
 on the clean training images (`training.loop.recalibrate_batchnorm`). The training noise is
 the same for all four, so the comparison is paired. Also printed: which candidate the current
-rule (`holds_up`) picks with and without recalibration. One JSON line per fold.
+rule (`holds_up`) picks with and without recalibration, and, scored the same way with
+recomputed statistics, longer weight averages of the same run: EMAs of momentum 0.995 and
+0.998 from a quarter of the planned steps, and uniform averages over the last 1,500 and 800
+steps (`emaM+bn`, `swaN+bn`). One JSON line per fold; `--steps N` plans fewer steps (a smoke
+test).
 """
 
 from __future__ import annotations
@@ -22,6 +26,46 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+
+
+class _Averages:
+    """Longer weight averages of the live (trainable) weights, kept beside the optimiser's EMA:
+    EMAs of other momenta from a quarter of the planned steps, and uniform averages over the last N steps."""
+
+    def __init__(self, model, total: int):  # type: ignore[no-untyped-def]
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_batch_end(cb, batch, logs=None):  # type: ignore[no-untyped-def]
+                self.update()
+
+        self.callback = Callback()
+        self.model, self.total, self.start, self.step = model, total, total // 4, 0
+        self.emas = {0.995: None, 0.998: None}
+        self.swas = {1500: (None, 0), 800: (None, 0)}
+
+    def update(self) -> None:
+        self.step += 1
+        if self.step < self.start:
+            return
+        w = [v.numpy() for v in self.model.trainable_variables]
+        for m, avg in self.emas.items():
+            self.emas[m] = (
+                [a.copy() for a in w]
+                if avg is None
+                else [m * a + (1 - m) * b for a, b in zip(avg, w, strict=True)]
+            )
+        for last, (avg, n) in self.swas.items():
+            if self.step > self.total - last:
+                acc = w if avg is None else [a + b for a, b in zip(avg, w, strict=True)]
+                self.swas[last] = ([a.copy() for a in acc] if avg is None else acc, n + 1)
+
+    def candidates(self) -> dict:  # type: ignore[type-arg]
+        out = {f"ema{m}": avg for m, avg in self.emas.items() if avg is not None}
+        for last, (avg, n) in self.swas.items():
+            if avg is not None:
+                out[f"swa{last}"] = [a / n for a in avg]
+        return out
 
 
 def _score(infer, x, labels, alphabet):  # type: ignore[no-untyped-def]
@@ -99,12 +143,13 @@ def run_fold(
         min_steps=plan.min_steps,
         patience=config.patience_steps,
     )
+    averages = _Averages(train_model, plan.steps)
     train_model.fit(
         x["train"],
         y["train"],
         batch_size=config.batch_size,
         epochs=config.epochs,
-        callbacks=[schedule, monitor],
+        callbacks=[schedule, monitor, averages.callback],
         verbose=0,
     )
     fit_minutes = (time.monotonic() - start) / 60
@@ -139,6 +184,19 @@ def run_fold(
                 "train_acc": round(tacc, 4),
                 "train_cer": round(tcer, 4),
             }
+    for cand, trainable in averages.candidates().items():
+        train_model.set_weights(final_weights)
+        for var, value in zip(train_model.trainable_variables, trainable, strict=True):
+            var.assign(value)
+        recalibrate_batchnorm(infer, x["train"])
+        v = validate(infer, val)
+        acc, cer = _score(infer, xh, heldout.labels, alphabet)
+        out[f"{cand}+bn"] = {
+            "heldout_acc": round(acc, 4),
+            "heldout_cer": round(cer, 4),
+            "val_acc": round(v["val_seq_acc"], 4),
+            "val_loss": round(v["val_loss"], 4),
+        }
     n_val = len(labels["val"])
     out["rule_now"] = "final" if holds_up(vals["final"], monitor.best_key, n_val) else "ckpt"
     out["rule_bn"] = (

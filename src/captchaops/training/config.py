@@ -32,7 +32,6 @@ class TrainConfig:
     min_steps: int = 1500  # never stop early before this many steps (or 20 epochs, if more)...
     patience_steps: int = 3000  # ...then stop after this many without a better val loss/CER/acc
     ema_momentum: float | None = None  # average the weights (EMA); kept when it validates as well
-    recalibrate_bn: bool = False  # BatchNorm statistics from clean training images before choosing
     holdout_fraction: float = 0.2  # folders: share frozen as the scheme's evaluation set
     fit_geometry: bool = True  # folders: input width from the images' aspect ratio
     augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
@@ -58,7 +57,6 @@ class TrainConfig:
             max_steps=4000,
             patience_steps=2500,
             ema_momentum=0.99,
-            recalibrate_bn=True,
             max_minutes=9.5,
             learning_rate=2e-3,
             val_fraction=0.1,

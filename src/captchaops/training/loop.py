@@ -30,8 +30,6 @@ LogMetrics = Callable[[dict[str, float], int], None]
 
 Key = tuple[float, float, float]
 
-RECALIBRATE_IMAGES = 4096  # clean training images BatchNorm statistics are recomputed from
-
 
 def geometry(config: TrainConfig, data: LabelledImages | None, max_length: int) -> Architecture:
     """The network's input: a folder's width follows its images' aspect ratio; CTC needs
@@ -310,25 +308,11 @@ def fit(
         callbacks=[schedule, monitor],
         verbose=0,
     )
-    # fit swapped the EMA in; its weights never had BatchNorm statistics of their own
-    final_weights = train_model.get_weights()
-    clean = train[0][:RECALIBRATE_IMAGES] if config.recalibrate_bn else None
-    if clean is not None:
-        recalibrate_batchnorm(infer, clean)
-    final = monitor.history[-1] if monitor.history else None
-    if config.ema_momentum or clean is not None:
-        final = validate(infer, val)
-    averaged = final if config.ema_momentum else None
-    best = monitor.best_key
-    if clean is not None and monitor.best_weights is not None:
-        train_model.set_weights(monitor.best_weights)  # judged with recomputed statistics too
-        recalibrate_batchnorm(infer, clean)
-        best = key(validate(infer, val))
-    keep_final = final is not None and holds_up(final, best, len(val.labels))
-    if monitor.best_weights is not None:
-        train_model.set_weights(final_weights if keep_final else monitor.best_weights)
-        if clean is not None:
-            recalibrate_batchnorm(infer, clean)
+    averaged = validate(infer, val) if config.ema_momentum else None  # fit swapped the EMA in
+    final = averaged if averaged is not None else (monitor.history[-1] if monitor.history else None)
+    keep_final = final is not None and holds_up(final, monitor.best_key, len(val.labels))
+    if monitor.best_weights is not None and not keep_final:
+        train_model.set_weights(monitor.best_weights)
     return Fitted(
         infer=infer,
         history=monitor.history,
