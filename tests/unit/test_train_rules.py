@@ -47,3 +47,25 @@ def test_final_weights_stay_unless_a_checkpoint_beats_them_beyond_validation_noi
     plateau = {"val_seq_acc": 0.0, "val_cer": 0.9, "val_loss": 20.0}
     assert not holds_up(plateau, (0.02, -0.5, -9.0), n_val=83)  # reads nothing: checkpoint
     assert holds_up(plateau, (0.0, -0.95, -21.0), n_val=83)  # plateau, lower CER: final
+
+
+def test_batchnorm_statistics_are_recomputed_from_the_given_images_layer_after_layer() -> None:
+    import keras
+    import numpy as np
+
+    from captchaops.training.loop import recalibrate_batchnorm
+
+    inner = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="second")])
+    image = keras.Input((3,))
+    first = keras.layers.BatchNormalization(name="first")
+    model = keras.Model(image, inner(keras.layers.Dense(3, name="mix")(first(image))))
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(64, 3)) * [1.0, 2.0, 3.0] + [5.0, -1.0, 0.5]).astype("float32")
+    recalibrate_batchnorm(model, x, chunk=16)  # 4 equal chunks: their running mean is exact
+    np.testing.assert_allclose(first.moving_mean.numpy(), x.mean(axis=0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(first.moving_variance.numpy(), x.var(axis=0), rtol=0.1)
+    # the nested layer sees the first layer's output normalised with the new statistics
+    mixed = model.get_layer("mix")(first(x, training=False)).numpy()
+    second = inner.get_layer("second")
+    np.testing.assert_allclose(second.moving_mean.numpy(), mixed.mean(axis=0), atol=0.05)
+    assert first.momentum == second.momentum == 0.99  # restored

@@ -195,6 +195,38 @@ class Monitor(keras.callbacks.Callback):
         self.report(f"epoch {epoch + 1}", self.schedule.fraction(), metrics)
 
 
+def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, chunk: int = 1024) -> None:
+    """Set every BatchNormalization layer's moving mean and variance from clean images `x`.
+
+    During training the statistics are averaged over augmented batches of a moving network
+    (and the EMA weights never had statistics of their own), so inference normalises with
+    statistics of other inputs and other weights. One forward pass in training mode with the
+    momentum at 0 (chunks beyond the first weighted as a running mean) replaces them with those
+    of `x` under the current weights, layer after layer.
+    """
+    norms = [
+        layer for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not norms or len(x) == 0:
+        return
+    saved = [layer.momentum for layer in norms]
+    try:
+        for n, start in enumerate(range(0, len(x), chunk)):
+            for layer in norms:
+                layer.momentum = n / (n + 1)
+            model(x[start : start + chunk], training=True)
+    finally:
+        for layer, momentum in zip(norms, saved, strict=True):
+            layer.momentum = momentum
+
+
+def _layers(model: keras.Model) -> list[keras.layers.Layer]:
+    out: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        out += _layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return out
+
+
 @dataclass
 class Plan:
     """How long a fit may run, in optimiser steps and wall time."""
