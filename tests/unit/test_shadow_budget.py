@@ -60,3 +60,21 @@ def test_copies_past_the_queue_or_its_bytes_are_dropped() -> None:
     offer(roomy, 3)
     assert outcomes(roomy.metrics) == {"dropped": 1}
     assert roomy.held_bytes == 20
+
+
+def test_the_request_path_admits_within_the_budget_and_queues_only_what_it_admitted() -> None:
+    clock = Clock()
+    metrics = ServingMetrics()
+    shadow = Shadow(
+        "http://unused", metrics, queue_size=100, timeout_s=1, per_second=2, clock=clock
+    )
+    admitted = [shadow.admit("3") for _ in range(5)]
+    assert admitted == [True, True, False, False, False]
+    assert outcomes(metrics) == {"skipped": 3}
+    assert shadow.held_bytes == 0  # admitting spends budget, nothing is queued yet
+
+    async def enqueue() -> None:
+        await shadow.enqueue(Copy(b"x" * 10, "application/json", "3", []))
+
+    asyncio.run(enqueue())
+    assert shadow.held_bytes == 10 and outcomes(metrics) == {"skipped": 3}

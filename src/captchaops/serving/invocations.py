@@ -194,10 +194,15 @@ class Invocations:
         if self.review is not None and SHADOW_HEADER.lower() not in request.headers:
             self.review.offer(images, predictions, served.version)
         copy = None
-        if self.shadow is not None and kept is not None and served.alias == self.alias:
+        if (
+            self.shadow is not None
+            and kept is not None
+            and served.alias == self.alias
+            and self.shadow.admit(served.version)  # most requests stop here: no task at all
+        ):
             content_type = request.headers.get("content-type", protocol.JSON_TYPE)
             copy = BackgroundTask(
-                self.shadow.offer, Copy(kept, content_type, served.version, predictions)
+                self.shadow.enqueue, Copy(kept, content_type, served.version, predictions)
             )
         headers = {"X-Model-Version": served.version}
         if served.alias != self.alias:

@@ -105,11 +105,21 @@ class Shadow:
                 self._queue.put_nowait(None)
         self._threads = []
 
+    def admit(self, version: str) -> bool:
+        """Spend one copy of the budget; past it, count a skip and say no. Called on the
+        request path (cheap, no I/O), so the requests not copied carry no background task."""
+        if self._take_token():
+            return True
+        self._count(version, UNKNOWN, "skipped")
+        return False
+
     async def offer(self, copy: Copy) -> None:
         """Queue a copy without waiting: skipped past the copy budget, dropped when full."""
-        if not self._take_token():
-            self._count(copy.version, UNKNOWN, "skipped")
-            return
+        if self.admit(copy.version):
+            await self.enqueue(copy)
+
+    async def enqueue(self, copy: Copy) -> None:
+        """Queue an admitted copy without waiting; dropped when the queue is full."""
         size = len(copy.body)
         with self._lock:
             if self.held_bytes + size > self.max_bytes:
