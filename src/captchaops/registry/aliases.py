@@ -124,7 +124,6 @@ def move_alias(
             raise RegistryError(
                 f"@{alias} of {name} moved to v{current} while this ran; run the command again"
             )
-        seq = max((m.seq for m in moves(mlflow_client, name, alias)), default=0) + 1
         move = open_record(
             mlflow_client,
             name,
@@ -135,7 +134,7 @@ def move_alias(
             reason=reason,
             kind=kind,
             decision=decision or _decision(alias, kind),
-            seq=seq,
+            seq=last_seq(mlflow_client, name, alias) + 1,
             candidate=candidate,
             champion=champion,
             thresholds=thresholds,
@@ -190,7 +189,6 @@ def remove_alias(
                 f"@{alias} of {name} holds {where}, not v{expect_version}; "
                 "check `captchaops models` and run the command again"
             )
-        seq = max((m.seq for m in moves(mlflow_client, name, alias)), default=0) + 1
         move = open_record(
             mlflow_client,
             name,
@@ -201,7 +199,7 @@ def remove_alias(
             reason=reason,
             kind=kind,
             decision=decision,
-            seq=seq,
+            seq=last_seq(mlflow_client, name, alias) + 1,
         )
         try:
             mlflow_client.delete_registered_model_alias(name, alias)
@@ -247,7 +245,7 @@ def record_rejection(
         reason=reason,
         kind=kind,
         decision="rejected",
-        seq=max((m.seq for m in moves(mlflow_client, name, alias)), default=0),
+        seq=last_seq(mlflow_client, name, alias),
         candidate=candidate,
         champion=champion,
         thresholds=thresholds,
@@ -284,3 +282,9 @@ def resolve_alias(settings: Settings, alias: str) -> str | None:
     """The version holding an alias, or None."""
     with one_line_errors(settings):
         return alias_version(client(settings), settings.model_name, alias)
+
+
+def last_seq(mlflow_client: MlflowClient, name: str, alias: str) -> int:
+    """The sequence number of the alias's last audited move (0 before any): a move takes the
+    next one, a refusal records the one it saw."""
+    return max((m.seq for m in moves(mlflow_client, name, alias)), default=0)
