@@ -52,7 +52,14 @@ def main(argv: list[str] | None = None) -> None:
             create_s = time.perf_counter() - began
             registry.promote(settings, version=champion, reason="benchmark champion", force=True)
             client = registry.client(settings)
-            client.set_registered_model_alias(settings.model_name, "staging", candidate)
+            registry.assign_alias(
+                client,
+                settings.model_name,
+                "staging",
+                candidate,
+                reason="benchmark candidate",
+                actor="bench_gate",
+            )
 
             began = time.perf_counter()
             decision = gate.decide(settings)

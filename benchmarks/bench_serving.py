@@ -151,6 +151,8 @@ def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tupl
     import mlflow
     from mlflow import MlflowClient
 
+    from captchaops import registry
+
     if model_dir is None:
         from captchaops.settings import load_settings
         from captchaops.train import TrainConfig, train
@@ -158,24 +160,20 @@ def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tupl
         config = TrainConfig(synthetic=400, epochs=1, max_minutes=1.0, workers=1)
         settings = load_settings(home=work / "home", tracking_uri=tracking_uri)
         result = train(config, settings)
-        source_run, version_a = result.run_id, result.version
-        client = MlflowClient(tracking_uri)
-        registered = client.get_model_version(MODEL_NAME, version_a)
-        source = registered.source
-        model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        version_a = result.version
+        version_b = registry.copy_version(client, MODEL_NAME, version_a)
     else:
         mlflow.set_tracking_uri(tracking_uri)
-        client = MlflowClient(tracking_uri)
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         with mlflow.start_run() as run:
             mlflow.log_artifacts(str(model_dir), "model")
-        source_run, source = run.info.run_id, f"runs:/{run.info.run_id}/model"
-        model_id = None
-        client.create_registered_model(MODEL_NAME)
-        version_a = client.create_model_version(MODEL_NAME, source, source_run).version
-    version_b = client.create_model_version(
-        MODEL_NAME, source, source_run, model_id=model_id
-    ).version
-    client.set_registered_model_alias(MODEL_NAME, "production", version_a)
+        source = f"runs:/{run.info.run_id}/model"
+        version_a = registry.register_version(client, MODEL_NAME, source, run.info.run_id)
+        version_b = registry.register_version(client, MODEL_NAME, source, run.info.run_id)
+    registry.assign_alias(
+        client, MODEL_NAME, "production", version_a, reason="benchmark A", actor="bench_serving"
+    )
     return str(version_a), str(version_b)
 
 
@@ -212,15 +210,27 @@ def measure(
 
 
 def hot_swap(url: str, tracking_uri: str, version_b: str, body: Path) -> tuple[float, int]:
-    """Move the alias under load; seconds until the first answer from B, failed requests."""
+    """Move the alias under load; seconds until the first answer from B, failed requests.
+
+    The clock starts before the audited move (lock, audit run, alias, read-back), so the swap
+    time includes the registry's own work."""
     from mlflow import MlflowClient
+
+    from captchaops import registry
 
     box: dict[str, LoadResult] = {}
     load = threading.Thread(target=lambda: box.setdefault("r", run_load(url, 8, 12.0, body)))
     load.start()
     time.sleep(3.0)
     moved = time.time()
-    MlflowClient(tracking_uri).set_registered_model_alias(MODEL_NAME, "production", version_b)
+    registry.assign_alias(
+        MlflowClient(tracking_uri, registry_uri=tracking_uri),
+        MODEL_NAME,
+        "production",
+        version_b,
+        reason="benchmark hot swap",
+        actor="bench_serving",
+    )
     load.join()
     result = box["r"]
     firsts = [t for t, version in result.versions if version == version_b and t >= moved]

@@ -74,7 +74,16 @@ def main(argv: list[str] | None = None) -> None:
             version, _ = prepare_model(tracking_uri, None, work)
             from mlflow import MlflowClient
 
-            MlflowClient(tracking_uri).set_registered_model_alias(MODEL_NAME, "staging", version)
+            from captchaops import registry
+
+            registry.assign_alias(
+                MlflowClient(tracking_uri, registry_uri=tracking_uri),
+                MODEL_NAME,
+                "staging",
+                version,
+                reason="shadow benchmark",
+                actor="bench_shadow",
+            )
             body = request_body(work)
             per_second = args.per_second or Settings().shadow_per_second
             ports = {name: free_port() for name in ("staging", "off", "on")}

@@ -41,14 +41,17 @@ SETTLE_S = 3.0
 
 
 def move_alias(tracking_uri: str, version: str) -> tuple[float, float]:
-    """Point production at `version`; the wall-clock time just before the call, and how long
-    the registry took to answer it."""
+    """Point production at `version` through the registry (an audited move); the wall-clock
+    time just before the call, and how long the registry took to make it."""
+    from mlflow import MlflowClient
+
+    from captchaops import registry
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     moved = time.time()
-    httpx.post(
-        f"{tracking_uri}/api/2.0/mlflow/registered-models/alias",
-        json={"name": MODEL_NAME, "alias": "production", "version": version},
-        timeout=30,
-    ).raise_for_status()
+    registry.assign_alias(
+        client, MODEL_NAME, "production", version, reason="swap benchmark", actor="bench_swap"
+    )
     return moved, time.time() - moved
 
 

@@ -20,6 +20,7 @@ from captchaops.data.synthetic import DIGITS_UPPER, generate
 from captchaops.estimate import Calibration
 from captchaops.evaluate import character_error_rate, sequence_accuracy
 from captchaops.model.version import VersionError, load_registered
+from captchaops.registry.versions import pin_evalset
 from captchaops.scheme import Scheme
 from captchaops.settings import Settings, mask_credentials
 
@@ -90,17 +91,6 @@ def _unpack(data: bytes) -> EvalSet:
 
 def _experiment_id(client: MlflowClient) -> str:
     return mlflow_scope.experiment_id(client, EVAL_EXPERIMENT, {"kind": "evalset"})
-
-
-def _ensure_model(client: MlflowClient, name: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        client.create_registered_model(name)
 
 
 def current_digest(settings: Settings) -> str | None:
@@ -178,10 +168,7 @@ def _store(settings: Settings, evalset: EvalSet, meta: dict[str, object]) -> Non
         path.write_bytes(pack(evalset.images, evalset.labels, meta))
         client.log_artifact(run.info.run_id, str(path))
     mlflow_scope.finish_run(client, run.info.run_id)
-    _ensure_model(client, settings.model_name)
-    client.set_registered_model_tag(settings.model_name, DIGEST_TAG, evalset.digest)
-    client.set_registered_model_tag(settings.model_name, "evalset_seed", str(evalset.seed))
-    client.set_registered_model_tag(settings.model_name, "evalset_kind", evalset.kind)
+    pin_evalset(client, settings.model_name, evalset.digest, evalset.seed, evalset.kind)
 
 
 def holdout_indices(names: list[str], fraction: float) -> list[int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import keras
 import mlflow
+from mlflow import MlflowClient
 
 from captchaops import registry
 from captchaops.data import synthetic
@@ -234,10 +235,14 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
             "model_format": "onnx",
         }
         with tempfile.TemporaryDirectory() as tmp:
-            version, metrics = export_and_test(
-                fitted.infer, meta, test_images, test_labels, Path(tmp), settings.model_name
+            model_uri, metrics = export_and_test(
+                fitted.infer, meta, test_images, test_labels, Path(tmp)
             )
-        result = _stage(run.info.run_id, version, metrics, settings)
+        mlflow_client = registry.client(settings)
+        version = registry.register_version(
+            mlflow_client, settings.model_name, model_uri, run.info.run_id
+        )
+        result = _stage(mlflow_client, run.info.run_id, version, metrics, settings)
         timings = fitted.summary() | {"wall_seconds": time.monotonic() - start}
         mlflow.log_metrics(timings)
         result.metrics = metrics | timings
@@ -255,10 +260,16 @@ def _log_epoch(metrics: dict[str, float], epoch: int) -> None:
     mlflow.log_metrics(metrics, step=epoch)
 
 
-def _stage(run_id: str, version: str, metrics: dict[str, float], settings: Settings) -> TrainResult:
+def _stage(
+    mlflow_client: MlflowClient,
+    run_id: str,
+    version: str,
+    metrics: dict[str, float],
+    settings: Settings,
+) -> TrainResult:
     """Hand the version to the registry, which stages it or records why not (both audited)."""
     reason = registry.stage_candidate(
-        registry.client(settings),
+        mlflow_client,
         settings.model_name,
         version,
         accuracy=metrics["test_seq_acc"],

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from captchaops import monitoring
+from captchaops.registry.rest_writes import ensure_registered_model
 from captchaops.settings import Settings
 from captchaops.tracking_rest import MISSING, TrackingError, TrackingRest, TrackingUnreachable
 
@@ -92,13 +93,8 @@ class _Admin:
         return str(made["experiment_id"])
 
     def registered_model(self, name: str) -> str:
-        """The name of a registered model, creating it when missing."""
-        found = self.call(
-            "GET", "/api/2.0/mlflow/registered-models/get", True, params={"name": name}
-        )
-        if not found:
-            self.call("POST", "/api/2.0/mlflow/registered-models/create", json={"name": name})
-        return name
+        """The name of a registered model, created through the registry when missing."""
+        return ensure_registered_model(self.call, name)
 
     def user_exists(self, username: str) -> bool:
         """True when basic-auth knows this user."""

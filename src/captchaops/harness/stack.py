@@ -213,11 +213,10 @@ def copy_version(tracking_uri: str, name: str, version: str) -> str:
     """Register a version's artifacts again as a new version of `name`; returns its number."""
     from mlflow import MlflowClient
 
+    from captchaops import registry
+
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    source = client.get_model_version(name, version)
-    uri = str(source.source)
-    model_id = uri.removeprefix("models:/") if uri.startswith("models:/m-") else None
-    return str(client.create_model_version(name, uri, source.run_id, model_id=model_id).version)
+    return registry.copy_version(client, name, version)
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:

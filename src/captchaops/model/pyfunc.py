@@ -70,9 +70,10 @@ def log_model(
     onnx_path: Path,
     meta: dict[str, Any],
     example_image: bytes,
-    registered_model_name: str | None = None,
 ) -> mlflow.models.model.ModelInfo:
-    """Log the servable pyfunc (ONNX network and checked meta.json) into the active run."""
+    """Log the servable pyfunc (ONNX network and checked meta.json) into the active run.
+
+    It is not registered here: `registry.register_version` makes a version of it."""
     checked = parse_meta(json.dumps(meta).encode())  # never register a version we would refuse
     with tempfile.TemporaryDirectory() as tmp:
         meta_path = Path(tmp) / "meta.json"
@@ -88,5 +89,4 @@ def log_model(
                 pip_requirements=pip_requirements(),
                 signature=SIGNATURE,
                 input_example=example,
-                registered_model_name=registered_model_name,
             )

@@ -1,47 +1,187 @@
-"""The registry: the only writer of aliases, version tags and audit runs.
+"""The registry: the only writer of registry state (models, versions, aliases, tags, audit runs).
 
-Modules: `names` (aliases, scheme names, actors), `errors` (one-line errors), `audit` (the
-audit trail), `lock` (the cross-process promotion lock), `aliases` (reading aliases, the one
-audited move and the audited removal), `scores` (frozen-set scores kept in version tags),
-`promotion` (promote, rollback, staging a trained version), `canary` (starting and ending a
-canary) and `listing` (the `models` table). Library functions take an explicit `MlflowClient`
-(from `registry.client(settings)`); the ones that take `Settings` make their own and turn
-tracking failures into one-line `RegistryError`s.
+Modules: `names` (aliases, scheme names, actors), `errors` (one-line errors), `versions`
+(registered models, version creation, the frozen set's pin), `rest_writes` (the same over REST,
+for account admin), `audit` (the audit trail), `lock` (the cross-process promotion lock),
+`aliases` (reading aliases, the one audited move and the audited removal), `scores`
+(frozen-set scores kept in version tags), `promotion` (promote, rollback, staging a trained
+version), `canary` (starting and ending a canary) and `listing` (the `models` table). Library
+functions take an explicit `MlflowClient` (from `registry.client(settings)`); the ones that
+take `Settings` make their own and turn tracking failures into one-line `RegistryError`s.
+
+Names are imported on first use, so `captchaops.registry.rest_writes` (and the `users` command)
+stays free of MLflow; `tests/unit/test_registry_writers.py` checks that the names below and
+the modules that define them agree.
 """
 
-from captchaops.mlflow_scope import client
-from captchaops.registry.aliases import (
-    alias_version,
-    move_alias,
-    record_rejection,
-    remove_alias,
-    resolve,
-    resolve_alias,
-    set_version_tags,
-    sync_stages,
-)
-from captchaops.registry.audit import (
-    AUDIT_EXPERIMENT,
-    MOVES,
-    Move,
-    history,
-    moves,
-    production_stack,
-)
-from captchaops.registry.canary import check_percent, end_canary, start_canary
-from captchaops.registry.errors import RegistryError, one_line_errors
-from captchaops.registry.listing import Listing, VersionRow, list_versions
-from captchaops.registry.lock import LOCK_STALE_S, LOCK_TIMEOUT_S, promotion_lock
-from captchaops.registry.names import (
-    CANARY,
-    PRODUCTION,
-    STAGING,
-    check_model_name,
-    default_actor,
-)
-from captchaops.registry.promotion import promote, rollback, stage_candidate, to_production
-from captchaops.registry.scores import cached_score, record_score
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from captchaops.mlflow_scope import (
+        client,
+    )
+    from captchaops.registry.aliases import (
+        alias_version,
+        assign_alias,
+        move_alias,
+        record_rejection,
+        remove_alias,
+        resolve,
+        resolve_alias,
+        set_version_tags,
+        sync_stages,
+    )
+    from captchaops.registry.audit import (
+        AUDIT_EXPERIMENT,
+        MOVES,
+        Move,
+        history,
+        moves,
+        production_stack,
+    )
+    from captchaops.registry.canary import (
+        check_percent,
+        end_canary,
+        start_canary,
+    )
+    from captchaops.registry.errors import (
+        RegistryError,
+        one_line_errors,
+    )
+    from captchaops.registry.listing import (
+        Listing,
+        VersionRow,
+        list_versions,
+    )
+    from captchaops.registry.lock import (
+        LOCK_STALE_S,
+        LOCK_TIMEOUT_S,
+        promotion_lock,
+    )
+    from captchaops.registry.names import (
+        CANARY,
+        PRODUCTION,
+        STAGING,
+        check_model_name,
+        default_actor,
+    )
+    from captchaops.registry.promotion import (
+        promote,
+        rollback,
+        stage_candidate,
+        to_production,
+    )
+    from captchaops.registry.scores import (
+        cached_score,
+        record_score,
+    )
+    from captchaops.registry.versions import (
+        copy_version,
+        ensure_model,
+        pin_evalset,
+        register_version,
+    )
+
+_HOMES = {
+    **dict.fromkeys(
+        ("client",),
+        "captchaops.mlflow_scope",
+    ),
+    **dict.fromkeys(
+        (
+            "alias_version",
+            "assign_alias",
+            "move_alias",
+            "record_rejection",
+            "remove_alias",
+            "resolve",
+            "resolve_alias",
+            "set_version_tags",
+            "sync_stages",
+        ),
+        "captchaops.registry.aliases",
+    ),
+    **dict.fromkeys(
+        (
+            "AUDIT_EXPERIMENT",
+            "MOVES",
+            "Move",
+            "history",
+            "moves",
+            "production_stack",
+        ),
+        "captchaops.registry.audit",
+    ),
+    **dict.fromkeys(
+        (
+            "check_percent",
+            "end_canary",
+            "start_canary",
+        ),
+        "captchaops.registry.canary",
+    ),
+    **dict.fromkeys(
+        (
+            "RegistryError",
+            "one_line_errors",
+        ),
+        "captchaops.registry.errors",
+    ),
+    **dict.fromkeys(
+        (
+            "Listing",
+            "VersionRow",
+            "list_versions",
+        ),
+        "captchaops.registry.listing",
+    ),
+    **dict.fromkeys(
+        (
+            "LOCK_STALE_S",
+            "LOCK_TIMEOUT_S",
+            "promotion_lock",
+        ),
+        "captchaops.registry.lock",
+    ),
+    **dict.fromkeys(
+        (
+            "CANARY",
+            "PRODUCTION",
+            "STAGING",
+            "check_model_name",
+            "default_actor",
+        ),
+        "captchaops.registry.names",
+    ),
+    **dict.fromkeys(
+        (
+            "promote",
+            "rollback",
+            "stage_candidate",
+            "to_production",
+        ),
+        "captchaops.registry.promotion",
+    ),
+    **dict.fromkeys(
+        (
+            "cached_score",
+            "record_score",
+        ),
+        "captchaops.registry.scores",
+    ),
+    **dict.fromkeys(
+        (
+            "copy_version",
+            "ensure_model",
+            "pin_evalset",
+            "register_version",
+        ),
+        "captchaops.registry.versions",
+    ),
+}
 __all__ = [
     "AUDIT_EXPERIMENT",
     "CANARY",
@@ -55,22 +195,27 @@ __all__ = [
     "RegistryError",
     "VersionRow",
     "alias_version",
+    "assign_alias",
     "cached_score",
     "check_model_name",
     "check_percent",
     "client",
+    "copy_version",
     "default_actor",
     "end_canary",
+    "ensure_model",
     "history",
     "list_versions",
     "move_alias",
     "moves",
     "one_line_errors",
+    "pin_evalset",
     "production_stack",
     "promote",
     "promotion_lock",
     "record_rejection",
     "record_score",
+    "register_version",
     "remove_alias",
     "resolve",
     "resolve_alias",
@@ -81,3 +226,13 @@ __all__ = [
     "sync_stages",
     "to_production",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import an exported name from its module on first use."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value

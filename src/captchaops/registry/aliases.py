@@ -164,6 +164,23 @@ def move_alias(
         return move
 
 
+def assign_alias(
+    mlflow_client: MlflowClient, name: str, alias: str, version: str, *, reason: str, actor: str
+) -> Move:
+    """Point an alias at a version whatever it holds now, audited: for setting up a stack."""
+    return move_alias(
+        mlflow_client,
+        name,
+        alias=alias,
+        to_version=version,
+        expect_from=None,
+        check_from=False,
+        reason=reason,
+        actor=actor,
+        kind="manual",
+    )
+
+
 def remove_alias(
     mlflow_client: MlflowClient,
     name: str,

@@ -29,10 +29,9 @@ def export_and_test(
     test_images: list[bytes],
     test_labels: list[str],
     tmp: Path,
-    model_name: str,
 ) -> tuple[str, dict[str, float]]:
-    """Export ONNX, score it as a server would on the test images, log it all and register
-    the version; returns (version, test metrics)."""
+    """Export ONNX, score it as a server would on the test images and log it all (the model
+    unregistered); returns (the logged model's URI, test metrics)."""
     onnx_path = tmp / "crnn.onnx"
     sample = np.stack(
         [preprocess(data, meta["height"], meta["width"]) for data in test_images[:16]]
@@ -59,8 +58,8 @@ def export_and_test(
         _sample_figure(test_images[:16], test_labels[:16], pred[:16]), "test_samples.png"
     )
     mlflow.set_tag("mlflow.note.content", _note(meta, metrics, top))
-    info = log_model(onnx_path, meta, test_images[0], registered_model_name=model_name)
-    return str(info.registered_model_version), metrics
+    info = log_model(onnx_path, meta, test_images[0])
+    return str(info.model_uri), metrics
 
 
 def log_dataset(data: LabelledImages, splits: dict[str, list[int]], digest: str) -> None:
