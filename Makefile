@@ -32,13 +32,13 @@ bench: install
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/mypy src
+	$(BIN)/ruff check src tests benchmarks harness
+	$(BIN)/ruff format --check src tests benchmarks harness
+	$(BIN)/mypy src harness
 
 format: install
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks harness
+	$(BIN)/ruff check --fix src tests benchmarks harness
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from benchmarks.bench_serving import prepare_model, request_body, run_load
-from captchaops.harness.processes import (
+from harness.processes import (
     VENV_BIN,
     RssSampler,
     free_port,

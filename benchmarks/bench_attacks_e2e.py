@@ -26,9 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from captchaops import registry
-from captchaops.harness import attack_stack, attacks
-from captchaops.harness.attacks import Outcome, Targets
-from captchaops.harness.stack import PrivateStack, snapshot
+from harness import attack_stack, attacks
+from harness.attacks import Outcome, Targets
+from harness.stack import PrivateStack, snapshot
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,10 +31,11 @@ from typing import Any
 
 import httpx
 
-from captchaops.harness.load import Load
-from captchaops.harness.mlflow_state import mlflow_state_restored
-from captchaops.harness.processes import RssSampler
-from captchaops.harness.stack import (
+from captchaops.settings import Settings
+from harness.load import Load
+from harness.mlflow_state import mlflow_state_restored
+from harness.processes import RssSampler
+from harness.stack import (
     PrivateStack,
     copy_version,
     fill,
@@ -43,7 +44,6 @@ from captchaops.harness.stack import (
     snapshot,
     unmount,
 )
-from captchaops.settings import Settings
 
 TARGET_DEMO_MIN = 10.0
 TARGET_RSS_MB = 1024 * 1.048576  # 1 GiB in MB

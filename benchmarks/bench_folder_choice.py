@@ -7,7 +7,8 @@ For each fold k (the same folds as `bench_folder`), trains the folder preset onc
 other folds the way `captchaops train --data` does (same splits, same loop, no MLflow), then
 scores four candidates on the held-out fold: the final (averaged) weights and the best
 checkpoint, each with the BatchNorm statistics training left and with statistics recomputed
-on the clean training images (`training.loop.recalibrate_batchnorm`). The training noise is
+on the clean training images (`recalibrate_batchnorm` below:
+measured here, not kept in the loop). The training noise is
 the same for all four, so the comparison is paired. Also printed: which candidate the current
 rule (`holds_up`) picks with and without recalibration, and, scored the same way with
 recomputed statistics, longer weight averages of the same run: EMAs of momentum 0.995 and
@@ -26,6 +27,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 
 class _Averages:
@@ -68,6 +70,42 @@ class _Averages:
         return out
 
 
+def recalibrate_batchnorm(model: Any, x: Any, chunk: int = 1024) -> None:
+    """Set every BatchNormalization layer's moving mean and variance from clean images `x`.
+
+    During training the statistics are averaged over augmented batches of a moving network
+    (and the EMA weights never had statistics of their own), so inference normalises with
+    statistics of other inputs and other weights. One forward pass in training mode with the
+    momentum at 0 (chunks beyond the first weighted as a running mean) replaces them with those
+    of `x` under the current weights, layer after layer.
+    """
+    import keras
+
+    norms = [
+        layer for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not norms or len(x) == 0:
+        return
+    saved = [layer.momentum for layer in norms]
+    try:
+        for n, start in enumerate(range(0, len(x), chunk)):
+            for layer in norms:
+                layer.momentum = n / (n + 1)
+            model(x[start : start + chunk], training=True)
+    finally:
+        for layer, momentum in zip(norms, saved, strict=True):
+            layer.momentum = momentum
+
+
+def _layers(model: Any) -> list[Any]:
+    import keras
+
+    out: list[Any] = []
+    for layer in model.layers:
+        out += _layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return out
+
+
 def _score(infer, x, labels, alphabet):  # type: ignore[no-untyped-def]
     from captchaops.evaluate import character_error_rate, sequence_accuracy
     from captchaops.model.ctc import decode_greedy
@@ -84,7 +122,6 @@ def run_fold(
 
     from captchaops.data.dataset import split_indices
     from captchaops.data.folder import read_folder
-    from captchaops.model.crnn import build_crnn
     from captchaops.model.ctc import encode_labels
     from captchaops.training.config import TrainConfig
     from captchaops.training.loop import (
@@ -93,10 +130,10 @@ def run_fold(
         Schedule,
         Validation,
         arrays,
+        compiled_crnn,
         geometry,
         holds_up,
         key,
-        recalibrate_batchnorm,
         validate,
     )
 
@@ -121,17 +158,8 @@ def run_fold(
     val = Validation(x["val"], y["val"], labels["val"], alphabet)
 
     plan = Plan.of(config, len(x["train"]))
-    train_model, infer = build_crnn(arch, len(alphabet) + 1, augment=True)
-    train_model.compile(
-        optimizer=keras.optimizers.AdamW(
-            config.learning_rate,
-            weight_decay=config.weight_decay,
-            clipnorm=config.clipnorm,
-            use_ema=True,
-            ema_momentum=config.ema_momentum or 0.99,
-        ),
-        loss=__import__("captchaops.model.crnn", fromlist=["ctc_loss"]).ctc_loss,
-    )
+    assert config.ema_momentum is not None, "the folder preset averages its weights"
+    train_model, infer = compiled_crnn(config, arch, len(alphabet) + 1, augment=True)
     start = time.monotonic()
     schedule = Schedule(config, plan.steps, start + max_minutes * 60)
     monitor = Monitor(

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     os.sched_setaffinity(0, cores)
 
     from captchaops import evalset, gate, registry
-    from captchaops.harness.processes import tracking_server
     from captchaops.settings import load_settings
     from captchaops.train import TrainConfig, train
+    from harness.processes import tracking_server
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)

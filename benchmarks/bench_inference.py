@@ -27,7 +27,7 @@ TARGET_RSS_MB = 150.0
 _WORKER = r"""
 import json, os, sys, time
 import numpy as np
-from captchaops.harness.processes import rss_mb
+from harness.processes import rss_mb
 side, model_dir, calls = sys.argv[1], sys.argv[2], int(sys.argv[3])
 from captchaops.data.synthetic import generate
 images = [s.image for s in generate(64, 5)]

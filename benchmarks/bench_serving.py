@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from captchaops.harness.processes import (
+from harness.processes import (
     VENV_BIN,
     RssSampler,
     free_port,

@@ -36,8 +36,8 @@ from benchmarks.bench_serving import (
     request_body,
     run_load,
 )
-from captchaops.harness.processes import VENV_BIN, free_port, http_service, tracking_server
 from captchaops.settings import Settings
+from harness.processes import VENV_BIN, free_port, http_service, tracking_server
 
 RESULTS = Path("bench-results") / "shadow.json"
 TARGET_RATIO = 1.10

@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from captchaops.harness.processes import VENV_BIN as BIN
-from captchaops.harness.processes import free_port, process_tree, rss_mb, wait_http
+from harness.processes import VENV_BIN as BIN
+from harness.processes import free_port, process_tree, rss_mb, wait_http
 
 TARGET_RSS_MB = 400
 TARGET_RECOVERY_S = 10

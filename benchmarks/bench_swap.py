@@ -29,10 +29,10 @@ from pathlib import Path
 import httpx
 
 from benchmarks.bench_serving import MODEL_NAME, LoadResult, prepare_model, request_body, run_load
-from captchaops.harness.processes import VENV_BIN, free_port, http_service, tracking_server
-from captchaops.harness.stack import copy_version
 from captchaops.settings import Settings, load_settings
 from captchaops.stack import webhooks
+from harness.processes import VENV_BIN, free_port, http_service, tracking_server
+from harness.stack import copy_version
 
 RESULTS = Path("bench-results") / "swap.json"
 TARGET_S = 0.5

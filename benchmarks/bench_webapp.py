@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from captchaops.data.synthetic import generate_one
-from captchaops.harness.processes import VENV_BIN, free_port, http_service
+from harness.processes import VENV_BIN, free_port, http_service
 
 RESULTS = Path("bench-results") / "webapp.json"
 MARGIN_S = 1.0

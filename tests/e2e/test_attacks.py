@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 
 from captchaops import registry
-from captchaops.harness import attack_stack, attacks
-from captchaops.harness.attacks import Outcome, Targets
-from captchaops.harness.mlflow_state import mlflow_state_restored
-from captchaops.harness.stack import PrivateStack, snapshot
 from captchaops.settings import Settings
+from harness import attack_stack, attacks
+from harness.attacks import Outcome, Targets
+from harness.mlflow_state import mlflow_state_restored
+from harness.stack import PrivateStack, snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -16,11 +16,11 @@ import pytest
 
 from captchaops import registry
 from captchaops.demo import run_demo
-from captchaops.harness.load import captcha_body
-from captchaops.harness.mlflow_state import mlflow_state_restored
-from captchaops.harness.stack import PrivateStack
 from captchaops.settings import load_settings
 from captchaops.train import TrainConfig
+from harness.load import captcha_body
+from harness.mlflow_state import mlflow_state_restored
+from harness.stack import PrivateStack
 
 pytestmark = pytest.mark.slow
 

@@ -28,9 +28,10 @@ import pytest
 
 from captchaops import gate, registry
 from captchaops.data.synthetic import generate_one
-from captchaops.harness.load import Load
-from captchaops.harness.mlflow_state import mlflow_state_restored
-from captchaops.harness.stack import (
+from captchaops.settings import Settings
+from harness.load import Load
+from harness.mlflow_state import mlflow_state_restored
+from harness.stack import (
     PrivateStack,
     copy_version,
     fill,
@@ -39,7 +40,6 @@ from captchaops.harness.stack import (
     snapshot,
     unmount,
 )
-from captchaops.settings import Settings
 from tests.fixtures.models import train_tiny
 
 pytestmark = pytest.mark.slow

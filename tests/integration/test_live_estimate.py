@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from captchaops.data.synthetic import generate
 from captchaops.estimate import Calibration
-from captchaops.harness.stack import copy_version
+from harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, serving
 from tests.fixtures.stack import Tracking

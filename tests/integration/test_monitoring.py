@@ -20,7 +20,7 @@ from mlflow.entities import Run
 from captchaops import monitoring
 from captchaops.data.synthetic import generate
 from captchaops.estimate import Calibration
-from captchaops.harness.stack import copy_version
+from harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process

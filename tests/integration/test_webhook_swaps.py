@@ -15,7 +15,10 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from captchaops.harness.processes import (
+from captchaops.serving.webhook import sign
+from captchaops.settings import Settings, load_settings
+from captchaops.stack import webhooks
+from harness.processes import (
     VENV_BIN,
     Tracking,
     free_port,
@@ -23,10 +26,7 @@ from captchaops.harness.processes import (
     start_tracking_server,
     stop_process,
 )
-from captchaops.harness.stack import PrivateStack
-from captchaops.serving.webhook import sign
-from captchaops.settings import Settings, load_settings
-from captchaops.stack import webhooks
+from harness.stack import PrivateStack
 from tests.fixtures.models import make_settings, train_tiny
 from tests.integration.test_serving import copy_version, set_alias
 

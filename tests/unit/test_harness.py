@@ -13,8 +13,9 @@ import httpx
 import psutil
 import pytest
 
-from captchaops.harness.mlflow_state import mlflow_state_restored
-from captchaops.harness.processes import (
+import captchaops
+from harness.mlflow_state import mlflow_state_restored
+from harness.processes import (
     RssSampler,
     free_port,
     http_service,
@@ -52,7 +53,7 @@ def test_the_import_scan_sees_test_imports(tmp_path: Path) -> None:
     sample.write_text(
         "import tests.fixtures.stack\nfrom tests.e2e import drills\n"
         "def main() -> None:\n    from tests.fixtures.stack import free_port\n"
-        "CMD = ['python', '-m', 'tests.e2e.drills']\nfrom captchaops import harness\n"
+        "CMD = ['python', '-m', 'tests.e2e.drills']\nimport harness\n"
     )
     assert [hit.split(": ")[1] for hit in _test_modules_named(sample)] == [
         "tests.fixtures.stack",
@@ -128,11 +129,45 @@ def test_mlflow_state_comes_back_even_for_variables_that_were_absent(
     assert mlflow.get_registry_uri() == before
 
 
-def test_the_load_generator_runs_as_a_module_of_the_package() -> None:
+def test_the_load_generator_runs_as_a_module_from_any_directory(tmp_path: Path) -> None:
+    from harness.load import _importable_env
+
     result = subprocess.run(
-        [sys.executable, "-c", "import captchaops.harness.load as m; print(m.__name__)"],
+        [sys.executable, "-c", "import harness.load as m; print(m.__name__)"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=tmp_path,
+        env=_importable_env(),
     )
-    assert result.stdout.strip() == "captchaops.harness.load"
+    assert result.stdout.strip() == "harness.load"
+
+
+def harness_imports(source: str) -> list[str]:
+    """The imports of the test harness in a module (`harness...` or the old `captchaops.harness`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names = (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and not node.level
+            else []
+        )
+        found += [
+            n for n in names if n.split(".")[0] == "harness" or n.startswith("captchaops.harness")
+        ]
+    return found
+
+
+def test_the_product_imports_no_test_support() -> None:
+    src = Path(captchaops.__file__).parent
+    files = sorted(src.rglob("*.py"))
+    assert len(files) > 50 and not (src / "harness").exists()
+    assert {str(p.relative_to(src)): harness_imports(p.read_text()) for p in files} == {
+        str(p.relative_to(src)): [] for p in files
+    }
+    planted = (
+        "import os\nfrom harness.processes import free_port\ndef f():\n    import harness.load\n"
+    )
+    assert harness_imports(planted) == ["harness.processes", "harness.load"]

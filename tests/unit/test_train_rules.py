@@ -53,7 +53,7 @@ def test_batchnorm_statistics_are_recomputed_from_the_given_images_layer_after_l
     import keras
     import numpy as np
 
-    from captchaops.training.loop import recalibrate_batchnorm
+    from benchmarks.bench_folder_choice import recalibrate_batchnorm
 
     inner = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization(name="second")])
     image = keras.Input((3,))

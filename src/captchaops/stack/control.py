@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from captchaops.harness.processes import rss_mb
 from captchaops.settings import Settings, client_host_for
 from captchaops.stack import supervisor, webhooks
+from captchaops.stack.memory import rss_mb
 from captchaops.stack.services import ALL, Service, build_services, team_secrets
 from captchaops.stack.store import Store, choose_store, ensure_bucket
 

@@ -195,38 +195,6 @@ class Monitor(keras.callbacks.Callback):
         self.report(f"epoch {epoch + 1}", self.schedule.fraction(), metrics)
 
 
-def recalibrate_batchnorm(model: keras.Model, x: np.ndarray, chunk: int = 1024) -> None:
-    """Set every BatchNormalization layer's moving mean and variance from clean images `x`.
-
-    During training the statistics are averaged over augmented batches of a moving network
-    (and the EMA weights never had statistics of their own), so inference normalises with
-    statistics of other inputs and other weights. One forward pass in training mode with the
-    momentum at 0 (chunks beyond the first weighted as a running mean) replaces them with those
-    of `x` under the current weights, layer after layer.
-    """
-    norms = [
-        layer for layer in _layers(model) if isinstance(layer, keras.layers.BatchNormalization)
-    ]
-    if not norms or len(x) == 0:
-        return
-    saved = [layer.momentum for layer in norms]
-    try:
-        for n, start in enumerate(range(0, len(x), chunk)):
-            for layer in norms:
-                layer.momentum = n / (n + 1)
-            model(x[start : start + chunk], training=True)
-    finally:
-        for layer, momentum in zip(norms, saved, strict=True):
-            layer.momentum = momentum
-
-
-def _layers(model: keras.Model) -> list[keras.layers.Layer]:
-    out: list[keras.layers.Layer] = []
-    for layer in model.layers:
-        out += _layers(layer) if isinstance(layer, keras.Model) else [layer]
-    return out
-
-
 @dataclass
 class Plan:
     """How long a fit may run, in optimiser steps and wall time."""
@@ -264,6 +232,25 @@ class Fitted:
         }
 
 
+def compiled_crnn(
+    config: TrainConfig, arch: Architecture, n_classes: int, *, augment: bool
+) -> tuple[keras.Model, keras.Model]:
+    """A fresh CRNN (training and inference networks) compiled with the loop's optimiser:
+    AdamW with weight decay, clipping and, when the config asks, an EMA of the weights."""
+    train_model, infer = build_crnn(arch, n_classes, augment=augment)
+    train_model.compile(
+        optimizer=keras.optimizers.AdamW(
+            config.learning_rate,
+            weight_decay=config.weight_decay,
+            clipnorm=config.clipnorm,
+            use_ema=config.ema_momentum is not None,
+            ema_momentum=config.ema_momentum or 0.99,
+        ),
+        loss=ctc_loss,
+    )
+    return train_model, infer
+
+
 def fit(
     config: TrainConfig,
     arch: Architecture,
@@ -278,17 +265,7 @@ def fit(
 ) -> Fitted:
     """Fit a fresh CRNN and keep the best weights (the averaged ones when they validate as well)."""
     plan = Plan.of(config, len(train[0]))
-    train_model, infer = build_crnn(arch, len(alphabet) + 1, augment=augment)
-    train_model.compile(
-        optimizer=keras.optimizers.AdamW(
-            config.learning_rate,
-            weight_decay=config.weight_decay,
-            clipnorm=config.clipnorm,
-            use_ema=config.ema_momentum is not None,
-            ema_momentum=config.ema_momentum or 0.99,
-        ),
-        loss=ctc_loss,
-    )
+    train_model, infer = compiled_crnn(config, arch, len(alphabet) + 1, augment=augment)
     schedule = Schedule(config, plan.steps, deadline)
     monitor = Monitor(
         infer,

@@ -15,7 +15,8 @@ from urllib.parse import urlencode
 import httpx
 
 from captchaops.data.synthetic import generate_one
-from captchaops.harness.attacks import (
+from captchaops.settings import Settings
+from harness.attacks import (
     JUNK_ANSWERED,
     Outcome,
     Targets,
@@ -26,8 +27,7 @@ from captchaops.harness.attacks import (
     scoring,
     send,
 )
-from captchaops.harness.stack import PrivateStack
-from captchaops.settings import Settings
+from harness.stack import PrivateStack
 
 # Corrections ----------------------------------------------------------------------------------
 
@@ -128,8 +128,8 @@ def attacked_stack(home: Path) -> Iterator[tuple[PrivateStack, Targets]]:
     @staging, listening on every interface when this machine has a non-loopback address (so
     the review queue's loopback rule can be tried); stopped afterwards."""
     from captchaops import gate
-    from captchaops.harness.mlflow_state import mlflow_state_restored
     from captchaops.train import TrainConfig, train
+    from harness.mlflow_state import mlflow_state_restored
 
     remote = remote_address()
     extra = {"CAPTCHAOPS_STAGING_FLOOR": "0"}

@@ -1,6 +1,6 @@
 """Open-loop HTTP load from a process of its own, for the drills and the end-to-end benchmark.
 
-`python -m captchaops.harness.load URL RATE SECONDS OUT [KIND]` posts one CAPTCHA per request to
+`python -m harness.load URL RATE SECONDS OUT [KIND]` posts one CAPTCHA per request to
 URL/invocations (KIND `invocations`, a model server) or URL/api/predict (KIND `app`, the web app)
 at RATE requests per second for SECONDS and writes every outcome to OUT. Open loop: requests go
 out on schedule whether or not earlier ones were answered, so a stalled server cannot slow the
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -30,6 +31,14 @@ def captcha_body(seed: int = 11) -> dict[str, Any]:
 
     image = base64.b64encode(generate_one(seed).image).decode()
     return {"dataframe_split": {"columns": ["image"], "data": [[image]]}}
+
+
+def _importable_env() -> dict[str, str]:
+    """This environment with the repository root first on PYTHONPATH, so `-m harness.load`
+    imports from any working directory (the harness is not part of the installed package)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 @dataclass
@@ -90,7 +99,8 @@ class Load:
         """Start posting to a model server (or the web app, kind `app`) at `rate`/s for `seconds`."""
         args = [url, str(rate), str(seconds), str(out), kind]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "captchaops.harness.load", *args],
+            [sys.executable, "-m", "harness.load", *args],
+            env=_importable_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import psutil
 
-from captchaops.harness.processes import VENV_BIN, free_port, rss_mb
 from captchaops.settings import Settings
+from harness.processes import VENV_BIN, free_port, rss_mb
 
 CLI = str(VENV_BIN / "captchaops")
 SERVICES = ("tracking", "production", "staging", "app")

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from captchaops.stack.memory import process_tree, rss_mb
+
 VENV_BIN = Path(sys.executable).parent
 """The folder of this interpreter's executables (`captchaops`, `mlflow`, `moto_server`)."""
 
@@ -132,26 +134,6 @@ def tracking_server(home: Path, env: dict[str, str] | None = None) -> Iterator[T
         yield server
     finally:
         stop_process(server.proc)
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    """A process and all its descendants (empty when it is gone)."""
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def rss_mb(pid: int | None, children: bool = True) -> float:
-    """Resident memory of a process and (unless `children` is false) its descendants, in MB;
-    0 when it is gone."""
-    procs = process_tree(pid) if pid else []
-    total = 0
-    for proc in procs if children else procs[:1]:
-        with suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return total / 1e6
 
 
 class RssSampler:
