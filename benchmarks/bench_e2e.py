@@ -119,7 +119,7 @@ def _demo(stack: PrivateStack, preset: str) -> dict[str, Any]:
         lines = [line for line in result.stdout.splitlines() if " : " in line]
     else:
         from captchaops.demo import run_demo
-        from captchaops.train import TrainConfig
+        from captchaops.training.run import TrainConfig
 
         saved = dict(os.environ)
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith("CAPTCHAOPS_")})

@@ -2,7 +2,7 @@
 
 Targets (issue 16): the estimate within 3 points of the true sequence accuracy on a stream of
 fresh CAPTCHAs; when the stream switches to another CAPTCHA style, the estimate falls and
-the alert fires within 200 requests. Side by side: ATC (`captchaops.estimate`) and the
+the alert fires within 200 requests. Side by side: ATC (`captchaops.live.estimate`) and the
 plain mean confidence.
 
   python -m benchmarks estimate
@@ -38,10 +38,10 @@ def _read(reader: OnnxReader, images: list[bytes]) -> tuple[list[str], np.ndarra
 
 def run(minutes: float) -> dict[str, float]:
     from captchaops.data import standin, synthetic
-    from captchaops.estimate import Calibration, LiveEstimate
+    from captchaops.live.estimate import Calibration, LiveEstimate
     from captchaops.model.version import load_registered
     from captchaops.settings import load_settings
-    from captchaops.train import TrainConfig, train
+    from captchaops.training.run import TrainConfig, train
 
     home = Path.cwd()
     with tempfile.TemporaryDirectory() as tmp:

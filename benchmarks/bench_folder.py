@@ -52,9 +52,9 @@ def run_fold(
     max_minutes: float | None = None,
 ) -> dict:
     """Freeze `fold` as the scheme's evaluation set, train on `folder`, return the fold's score."""
-    from captchaops.evalset import create_evalset
+    from captchaops.evaluation.evalset import create_evalset
     from captchaops.settings import load_settings
-    from captchaops.train import TrainConfig, train
+    from captchaops.training.run import TrainConfig, train
 
     held = work / f"heldout-{tag}"
     held.mkdir()

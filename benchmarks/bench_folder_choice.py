@@ -107,7 +107,7 @@ def _layers(model: Any) -> list[Any]:
 
 
 def _score(infer, x, labels, alphabet):  # type: ignore[no-untyped-def]
-    from captchaops.evaluate import character_error_rate, sequence_accuracy
+    from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
     from captchaops.model.ctc import decode_greedy
 
     probs = infer.predict(x, batch_size=256, verbose=0)

@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     cores = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cores)
 
-    from captchaops import evalset, gate, registry
+    from captchaops import registry
+    from captchaops.evaluation import evalset, gate
     from captchaops.settings import load_settings
-    from captchaops.train import TrainConfig, train
+    from captchaops.training.run import TrainConfig, train
     from harness.processes import tracking_server
 
     with tempfile.TemporaryDirectory() as tmp:

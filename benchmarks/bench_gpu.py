@@ -40,7 +40,7 @@ def run(minutes: float, images: int, out: Path | None, test_sizes: tuple[int, ..
 
     from captchaops.data import synthetic
     from captchaops.data.dataset import split_indices
-    from captchaops.evaluate import character_error_rate, sequence_accuracy
+    from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
     from captchaops.model.ctc import decode_greedy, encode_labels
     from captchaops.training.config import TrainConfig
     from captchaops.training.loop import Validation, fit

@@ -155,7 +155,7 @@ def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tupl
 
     if model_dir is None:
         from captchaops.settings import load_settings
-        from captchaops.train import TrainConfig, train
+        from captchaops.training.run import TrainConfig, train
 
         config = TrainConfig(synthetic=400, epochs=1, max_minutes=1.0, workers=1)
         settings = load_settings(home=work / "home", tracking_uri=tracking_uri)

@@ -5,7 +5,7 @@ Usage:
   python -m benchmarks.bench_training --mode demo         # same
   python -m benchmarks.bench_training --mode accuracy [--minutes 60]
 
-Runs `captchaops.train.train` in this process against a private tracking server, data
+Runs `captchaops.training.run.train` in this process against a private tracking server, data
 generation included in the wall time, then reads 2,000 fresh held-out CAPTCHAs (a seed the
 training never saw) through the registered pyfunc (ONNX Runtime, the served path).
 """
@@ -68,7 +68,7 @@ def held_out_accuracy(model_uri: str, tracking_uri: str, n: int) -> float:
     import mlflow
 
     from captchaops.data.synthetic import generate
-    from captchaops.evaluate import sequence_accuracy
+    from captchaops.evaluation.accuracy import sequence_accuracy
 
     samples = generate(n, HELD_OUT_SEED, workers=2)
     mlflow.set_tracking_uri(tracking_uri)
@@ -103,7 +103,7 @@ def run(
 ) -> dict[str, object]:
     """Train with the preset for `mode`, then measure held-out accuracy; return the numbers."""
     from captchaops.settings import load_settings
-    from captchaops.train import TrainConfig, train, with_overrides
+    from captchaops.training.run import TrainConfig, train, with_overrides
 
     config = TrainConfig.demo() if mode == "demo" else TrainConfig.accuracy()
     config = with_overrides(config, max_minutes=minutes, synthetic=synthetic, epochs=epochs)

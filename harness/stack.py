@@ -226,7 +226,8 @@ def snapshot(settings: Settings) -> dict[str, Any]:
     start), so two snapshots of a healthy stack would differ by them."""
     from mlflow import MlflowClient
 
-    from captchaops import monitoring, registry
+    from captchaops import registry
+    from captchaops.live import monitoring
 
     uri = settings.effective_tracking_uri
     client = MlflowClient(uri, registry_uri=uri)

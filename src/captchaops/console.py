@@ -16,12 +16,12 @@ from rich.progress import Progress as ProgressBar
 from rich.table import Column, Table
 
 if TYPE_CHECKING:
-    from captchaops.gate import Decision
-    from captchaops.live import LiveState
+    from captchaops.evaluation.gate import Decision
+    from captchaops.live.reported import LiveState
     from captchaops.registry import Listing
     from captchaops.settings import Settings
     from captchaops.stack.control import ServiceStatus
-    from captchaops.train import TrainConfig, TrainResult
+    from captchaops.training.run import TrainConfig, TrainResult
 
 
 class UnexpectedError(RuntimeError):
@@ -61,7 +61,7 @@ def library_output_to(path: Path) -> Iterator[TextIO]:
 
 def train_with_progress(config: TrainConfig, settings: Settings, console: Console) -> TrainResult:
     """`train` with a rich progress bar showing the stage and the latest validation metrics."""
-    from captchaops.train import train
+    from captchaops.training.run import train
 
     columns = (  # 24 + 16 + 4 + 7 + 19 characters and 4 gaps: fits 80 columns
         TextColumn("[bold]{task.description}", table_column=_fixed(24)),

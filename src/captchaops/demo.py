@@ -14,7 +14,7 @@ from captchaops.stack import control
 from captchaops.stack.services import ALL
 
 if TYPE_CHECKING:
-    from captchaops.train import TrainConfig, TrainResult
+    from captchaops.training.run import TrainConfig, TrainResult
 
 Say = Callable[[str], None]
 
@@ -68,8 +68,9 @@ def run_demo(
     trainer: Callable[[TrainConfig, Settings], TrainResult] | None = None,
 ) -> DemoSummary:
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
-    from captchaops import gate, registry
-    from captchaops.train import TrainConfig, train
+    from captchaops import registry
+    from captchaops.evaluation import gate
+    from captchaops.training.run import TrainConfig, train
 
     started = time.monotonic()
     control.up(settings, ALL, say=say)

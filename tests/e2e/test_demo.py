@@ -17,7 +17,7 @@ import pytest
 from captchaops import registry
 from captchaops.demo import run_demo
 from captchaops.settings import load_settings
-from captchaops.train import TrainConfig
+from captchaops.training.run import TrainConfig
 from harness.load import captcha_body
 from harness.mlflow_state import mlflow_state_restored
 from harness.stack import PrivateStack

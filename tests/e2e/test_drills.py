@@ -26,8 +26,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from captchaops import gate, registry
+from captchaops import registry
 from captchaops.data.synthetic import generate_one
+from captchaops.evaluation import gate
 from captchaops.settings import Settings
 from harness.load import Load
 from harness.mlflow_state import mlflow_state_restored

@@ -22,10 +22,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from captchaops import evalset, registry
+from captchaops import registry
 from captchaops.cli import app
 from captchaops.data.synthetic import generate
-from captchaops.estimate import Calibration
+from captchaops.evaluation import evalset
+from captchaops.live.estimate import Calibration
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.serving import ModelServer, start_model_server

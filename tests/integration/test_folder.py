@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from captchaops import evalset
 from captchaops.data import standin
 from captchaops.data.folder import read_folder
+from captchaops.evaluation import evalset
 from tests.fixtures.models import make_settings
 from tests.fixtures.stack import VENV_BIN, Tracking
 

@@ -24,8 +24,9 @@ import pytest
 from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
-from captchaops import evalset, gate, registry
-from captchaops.estimate import Calibration
+from captchaops import registry
+from captchaops.evaluation import evalset, gate
+from captchaops.live.estimate import Calibration
 from captchaops.mlflow_scope import pointed_at
 from captchaops.model.version import file_sha256
 from captchaops.settings import Settings

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from captchaops import evalset
 from captchaops.data.synthetic import generate
-from captchaops.evalset import EVAL_SEED, EvalSetError
-from captchaops.train import TrainConfig
+from captchaops.evaluation import evalset
+from captchaops.evaluation.evalset import EVAL_SEED, EvalSetError
+from captchaops.training.run import TrainConfig
 from tests.fixtures.models import make_settings
 from tests.fixtures.stack import Tracking
 

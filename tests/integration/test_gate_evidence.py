@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from captchaops import gate, monitoring, registry
+from captchaops import registry
+from captchaops.evaluation import gate
+from captchaops.live import monitoring
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.stack import Tracking

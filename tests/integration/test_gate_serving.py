@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from captchaops import gate, registry
+from captchaops import registry
+from captchaops.evaluation import gate
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import model_server
 from tests.fixtures.stack import Tracking

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from captchaops.data.synthetic import generate
-from captchaops.estimate import Calibration
+from captchaops.live.estimate import Calibration
 from harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, serving

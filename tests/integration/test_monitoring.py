@@ -17,9 +17,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from captchaops import monitoring
 from captchaops.data.synthetic import generate
-from captchaops.estimate import Calibration
+from captchaops.live import monitoring
+from captchaops.live.estimate import Calibration
 from harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server

@@ -25,8 +25,8 @@ from PIL import Image
 
 from captchaops.data import synthetic
 from captchaops.model.version import check_model_dir, open_version
-from captchaops.train import TrainConfig, load_data
 from captchaops.training.loop import arrays
+from captchaops.training.run import TrainConfig, load_data
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
 

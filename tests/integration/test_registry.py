@@ -9,7 +9,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from captchaops import evalset, gate, registry
+from captchaops import registry
+from captchaops.evaluation import evalset, gate
 from captchaops.mlflow_scope import pointed_at
 from captchaops.registry import RegistryError
 from captchaops.settings import Settings

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from captchaops import registry
 from captchaops.settings import Settings, load_settings
 from captchaops.stack.services import write_auth_config
-from captchaops.users import add_user
+from captchaops.team_accounts import add_user
 from tests.fixtures.stack import free_port, start_http_process, stop_process
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from captchaops import evalset, gate, registry, scheme
+from captchaops import registry
 from captchaops.cli import app
+from captchaops.evaluation import evalset, gate, scheme
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
@@ -41,7 +42,7 @@ class Schemes:
 
 def train_other_alphabet(settings: Settings) -> TrainedModel:
     """The tiny preset on 3-character labels over OTHER_ALPHABET, registered under settings."""
-    from captchaops.train import TrainConfig, train
+    from captchaops.training.run import TrainConfig, train
 
     config = replace(TrainConfig.tiny(), alphabet=OTHER_ALPHABET, length=(3, 3))
     result = train(config, settings)

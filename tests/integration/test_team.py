@@ -205,8 +205,8 @@ def test_team_mode_end_to_end(
     from captchaops.settings import load_settings
     from captchaops.stack.services import build_services
     from captchaops.stack.store import choose_store
-    from captchaops.train import TrainConfig, train
-    from captchaops.users import UsersError, add_user
+    from captchaops.team_accounts import UsersError, add_user
+    from captchaops.training.run import TrainConfig, train
 
     env, uri, home = team["env"], team["uri"], team["home"]
     secrets = team["secrets"]

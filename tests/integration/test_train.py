@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from captchaops.data import synthetic
-from captchaops.data.feedback import download_feedback
+from captchaops.data.corrections import download_feedback
 from tests.fixtures.models import TrainedModel, make_settings, train_tiny
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, wait_http
 
@@ -193,7 +193,7 @@ def test_folder_training_reports_skips_and_feedback_merges(
 ) -> None:
     from dataclasses import replace
 
-    from captchaops.train import TrainConfig, train
+    from captchaops.training.run import TrainConfig, train
 
     settings = make_settings(tracking_server, tmp_path / "home", model_name="folder-skips")
     folder = tmp_path / "real"

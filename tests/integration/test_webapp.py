@@ -21,9 +21,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from mlflow import MlflowClient
 
-from captchaops.data.feedback import download_feedback
+from captchaops.data.corrections import download_feedback
 from captchaops.data.synthetic import generate, generate_one
-from captchaops.estimate import Calibration
+from captchaops.live.estimate import Calibration
 from captchaops.settings import Settings, load_settings
 from captchaops.webapp.app import SECURITY_HEADERS, create_app
 from tests.fixtures.models import TrainedModel

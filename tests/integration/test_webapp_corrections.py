@@ -17,7 +17,7 @@ import pytest
 from flask.testing import FlaskClient
 from mlflow import MlflowClient
 
-from captchaops.data.feedback import DIGEST_TAG, download_feedback
+from captchaops.data.corrections import DIGEST_TAG, download_feedback
 from captchaops.data.synthetic import generate_one
 from captchaops.webapp.app import create_app
 from tests.integration.test_webapp import (

@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from mlflow import MlflowClient
 
-from captchaops.data.feedback import DIGEST_TAG, download_feedback
+from captchaops.data.corrections import DIGEST_TAG, download_feedback
 from captchaops.data.synthetic import generate_one
 from captchaops.webapp.app import EXTENSION, create_app
 from captchaops.webapp.sampler import ReviewSampler

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Param
 from PIL import Image, ImageDraw
 
-from captchaops.evalset import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, digest_of
+from captchaops.evaluation.evalset import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, digest_of
 from captchaops.webapp.app import EXTENSION, create_app
 from captchaops.webapp.service import Demo
 from tests.fixtures.models import make_settings

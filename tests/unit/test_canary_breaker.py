@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from captchaops.serving.breaker import Evidence, Latencies, Limits, Share, verdict
-from captchaops.serving.canary import Canary, CanaryWatcher, parse_percent
+from captchaops.serving.canary_slot import Canary, CanaryWatcher, parse_percent
 from captchaops.serving.loader import Timeouts, VersionLoader
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.watcher import AliasWatcher, ServedModel

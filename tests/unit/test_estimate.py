@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captchaops.estimate import Calibration, EstimateError, LiveEstimate
+from captchaops.live.estimate import Calibration, EstimateError, LiveEstimate
 
 
 def _stream(rng: np.random.Generator, n: int, accuracy: float) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from captchaops.evaluate import character_error_rate, confusions, sequence_accuracy
+from captchaops.evaluation.accuracy import character_error_rate, confusions, sequence_accuracy
 
 
 def test_sequence_accuracy() -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from captchaops.cli import parse_length
-from captchaops.evalset import Score
-from captchaops.evidence import Evidence
-from captchaops.gate import GateConfig, judge, judge_evidence
+from captchaops.evaluation.evalset import Score
+from captchaops.evaluation.evidence import Evidence
+from captchaops.evaluation.gate import GateConfig, judge, judge_evidence
+from captchaops.evaluation.scheme import Scheme, scheme_refusals
 from captchaops.registry import Move, RegistryError, check_model_name, production_stack
-from captchaops.scheme import Scheme, scheme_refusals
 
 
 def result(acc: float, cer: float, p95: float = 10.0, version: str = "2") -> Score:

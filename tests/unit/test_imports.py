@@ -116,20 +116,20 @@ def test_the_graph_sees_function_level_and_relative_imports() -> None:
         "    from captchaops.hidden import X\n"
         "def f():\n"
         "    from captchaops.webapp.app import create_app\n"
-        "    import captchaops.train\n"
+        "    import captchaops.training.run\n"
     )
     modules = {
         "captchaops.webapp",
         "captchaops.webapp.sibling",
         "captchaops.webapp.app",
         "captchaops.webapp.api",
-        "captchaops.train",
+        "captchaops.training.run",
         "captchaops.hidden",
     }
     assert imported_modules(tree, "captchaops.webapp.api", False, modules) == {
         "captchaops.webapp.sibling",
         "captchaops.webapp.app",
-        "captchaops.train",
+        "captchaops.training.run",
     }
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []

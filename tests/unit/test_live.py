@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from captchaops.console import live_lines
-from captchaops.live import from_health
+from captchaops.live.reported import from_health
 
 HEALTH: dict[str, Any] = {
     "name": "text-captcha",

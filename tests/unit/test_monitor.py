@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from captchaops.serving.metrics import ServingMetrics
-from captchaops.serving.monitor import Monitor, quantile, shadow_outcomes
+from captchaops.serving.monitoring_runs import Monitor, quantile, shadow_outcomes
 from captchaops.tracking_rest import TrackingRest
 
 
@@ -79,7 +79,7 @@ def test_without_write_rights_one_line_and_no_more_tries(
     metrics = ServingMetrics()
     metrics.shadow_requests.labels("3", "4", "agree").inc()
     monitor = Monitor(TrackingRest(url, timeout=2.0), "text-captcha", "production", metrics, 30)
-    with caplog.at_level(logging.INFO, logger="captchaops.serving.monitor"):
+    with caplog.at_level(logging.INFO, logger="captchaops.serving.monitoring_runs"):
         monitor.flush()
         metrics.shadow_requests.labels("3", "4", "agree").inc()
         monitor.flush()

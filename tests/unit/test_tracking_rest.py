@@ -27,7 +27,7 @@ from captchaops.tracking_rest import (
     TrackingUnreachable,
     VersionRef,
 )
-from captchaops.webapp.tracking import Tracking
+from captchaops.webapp.tracking_client import Tracking
 from tests.fixtures.stack import Tracking as TrackingServer
 
 Handler = Callable[[BaseHTTPRequestHandler], tuple[int, bytes]]

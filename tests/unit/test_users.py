@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from captchaops import users
+from captchaops import team_accounts as users
 from captchaops.settings import Settings, load_settings
 from captchaops.stack.services import build_services
 from captchaops.stack.store import Store
@@ -25,7 +25,7 @@ def by_name(settings: Settings) -> dict:
 
 
 def test_experiment_names_match_their_owners() -> None:
-    from captchaops.evalset import EVAL_EXPERIMENT
+    from captchaops.evaluation.evalset import EVAL_EXPERIMENT
     from captchaops.registry import AUDIT_EXPERIMENT
 
     assert users.EVAL_EXPERIMENT == EVAL_EXPERIMENT

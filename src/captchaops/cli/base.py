@@ -48,7 +48,7 @@ def settings_for(model_name: str | None) -> Settings:
     The name check is MLflow-free: `serve` uses this too, and importing the registry would
     add about 110 MB to every model server.
     """
-    from captchaops.names import model_name_problem
+    from captchaops.scheme_names import model_name_problem
 
     settings = load_settings(model_name=model_name) if model_name else load_settings()
     problem = model_name_problem(settings.model_name)

@@ -21,7 +21,8 @@ def start(
     then_promote: bool,
 ) -> None:
     """Give the candidate @canary at `percent`, then watch its breaker unless `detach`."""
-    from captchaops import canary, registry
+    from captchaops import registry
+    from captchaops.live import canary_watch as canary
 
     if detach and then_promote:
         fail("--then-promote needs the watch; leave out --detach")

@@ -77,8 +77,9 @@ def promote(
 ) -> None:
     """Move @production: by hand (--version N | --from staging), through the gate (--auto), or
     try a candidate on a share of production's traffic first (--canary PERCENT)."""
-    from captchaops import gate, registry
+    from captchaops import registry
     from captchaops.console import print_decision
+    from captchaops.evaluation import gate
 
     settings = settings_for(model_name)
     if canary is None and (watch is not None or detach or then_promote):
@@ -175,7 +176,7 @@ def evalset(
     """Create the frozen evaluation set every version is judged on (stored by digest)."""
     from captchaops import registry
     from captchaops.data.synthetic import DIGITS_UPPER
-    from captchaops.evalset import create_evalset
+    from captchaops.evaluation.evalset import create_evalset
 
     settings = settings_for(model_name)
     try:

@@ -39,8 +39,8 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show each service (pid, URL, health, memory) and the effective settings."""
-    from captchaops import live
     from captchaops.console import live_lines, services_table, settings_table
+    from captchaops.live import reported as live
     from captchaops.stack import control, webhooks
 
     settings = load_settings()

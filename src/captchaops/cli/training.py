@@ -66,8 +66,8 @@ def train_command(
     log = settings.home_dir / "logs" / "libraries.log"
     try:
         with quiet_libraries(log):  # Keras and TensorFlow print on import
-            from captchaops import train as training
             from captchaops.console import train_with_progress
+            from captchaops.training import run as training
 
             preset = training.TrainConfig.folder() if data else training.TrainConfig.demo()
             config = training.with_overrides(

@@ -25,7 +25,7 @@ def users_add(
     ),
 ) -> None:
     """Create an account: readers read, editors train/register/promote, admins manage users."""
-    from captchaops import users
+    from captchaops import team_accounts as users
 
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
     try:
@@ -42,7 +42,7 @@ def users_add(
 @users_app.command("service")
 def users_service() -> None:
     """Create or refresh the service account the model servers and the web app log in with."""
-    from captchaops import users
+    from captchaops import team_accounts as users
 
     try:
         account = users.ensure_service_account(load_settings())

@@ -1,6 +1,6 @@
 """The frozen evaluation set's storage format, free of MLflow: names, digest and zip layout.
 
-`captchaops.evalset` stores and loads sets through MLflow; the web app, which must not import
+`captchaops.evaluation.evalset` stores and loads sets through MLflow; the web app, which must not import
 MLflow, reads the same archives over REST. Both use this module.
 """
 

@@ -5,7 +5,7 @@ Modules: `names` (aliases, scheme names, actors), `errors` (one-line errors), `v
 for account admin), `audit` (the audit trail), `lock` (the cross-process promotion lock),
 `aliases` (reading aliases, the one audited move and the audited removal), `scores`
 (frozen-set scores kept in version tags), `promotion` (promote, rollback, staging a trained
-version), `canary` (starting and ending a canary) and `listing` (the `models` table). Library
+version), `canaries` (starting and ending a canary) and `listing` (the `models` table). Library
 functions take an explicit `MlflowClient` (from `registry.client(settings)`); the ones that
 take `Settings` make their own and turn tracking failures into one-line `RegistryError`s.
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
         moves,
         production_stack,
     )
-    from captchaops.registry.canary import (
+    from captchaops.registry.canaries import (
         check_percent,
         end_canary,
         start_canary,
@@ -121,7 +121,7 @@ _HOMES = {
             "end_canary",
             "start_canary",
         ),
-        "captchaops.registry.canary",
+        "captchaops.registry.canaries",
     ),
     **dict.fromkeys(
         (

@@ -7,7 +7,7 @@ import warnings
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from captchaops.evalset import Score
+from captchaops.evaluation.evalset import Score
 from captchaops.mlflow_scope import client
 from captchaops.registry.audit import Move, abandon_record, close_record, moves, open_record
 from captchaops.registry.errors import RegistryError, one_line_errors

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from captchaops.evalset import Score
+from captchaops.evaluation.evalset import Score
 from captchaops.mlflow_scope import client, experiment_id, finish_run
 from captchaops.registry.errors import one_line_errors
 from captchaops.registry.names import PRODUCTION, now

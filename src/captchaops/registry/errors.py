@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from mlflow.exceptions import MlflowException
 
-from captchaops.evalset import EvalSetError
+from captchaops.evaluation.evalset import EvalSetError
 from captchaops.settings import Settings, mask_credentials
 
 

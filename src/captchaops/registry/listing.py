@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from captchaops.live import LiveState, read_stack
+from captchaops.live.reported import LiveState, read_stack
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import require_model
 from captchaops.registry.errors import one_line_errors

@@ -5,8 +5,8 @@ from __future__ import annotations
 import getpass
 from datetime import UTC, datetime
 
-from captchaops.names import CANARY, MODEL_NAME, RESERVED_SUFFIX, model_name_problem
 from captchaops.registry.errors import RegistryError
+from captchaops.scheme_names import CANARY, MODEL_NAME, RESERVED_SUFFIX, model_name_problem
 
 PRODUCTION = "production"
 STAGING = "staging"

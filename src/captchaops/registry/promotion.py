@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from captchaops.evalset import Score
+from captchaops.evaluation.evalset import Score
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import (
     alias_version,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
-from captchaops.estimate import Calibration
-from captchaops.evalset import SCORE_TAGS, EvalSet, Score, ensure_evalset, score
+from captchaops.evaluation.evalset import SCORE_TAGS, EvalSet, Score, ensure_evalset, score
+from captchaops.live.estimate import Calibration
 from captchaops.settings import Settings
 
 

@@ -22,10 +22,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captchaops.serving import invocations
-from captchaops.serving.canary import Canary
+from captchaops.serving.canary_slot import Canary
+from captchaops.serving.live_estimate import LiveQuality
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
-from captchaops.serving.monitor import REST_TIMEOUT_S, Monitor
-from captchaops.serving.quality import LiveQuality
+from captchaops.serving.monitoring_runs import REST_TIMEOUT_S, Monitor
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.serving.webhook import WebhookReceiver
 from captchaops.settings import Settings

@@ -22,7 +22,7 @@ from captchaops.serving.admission import (
     read_body,
 )
 from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
-from captchaops.serving.canary import Canary
+from captchaops.serving.canary_slot import Canary
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.review_offers import ReviewOffers
 from captchaops.serving.shadow import HEADER as SHADOW_HEADER

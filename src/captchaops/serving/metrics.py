@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from captchaops.serving.quality import LiveQuality
+    from captchaops.serving.live_estimate import LiveQuality
 
 __all__ = ["CONTENT_TYPE", "SWAP_CAUSES", "ServingMetrics"]
 

@@ -114,7 +114,7 @@ def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) 
             if svc.name == "store" and ensure_bucket(store, settings):
                 say(f"created bucket {settings.s3_bucket}")
             if svc.name == "tracking" and settings.auth:
-                from captchaops import users
+                from captchaops import team_accounts as users
 
                 users.ensure_service_account(settings)
             say(f"{svc.name:<11} healthy  {svc.url}")

@@ -1,6 +1,6 @@
 """Training pieces that need no MLflow: the presets and the fitting loop.
 
-`captchaops.train` runs them inside an MLflow run; anything here also runs on a machine that
+`captchaops.training.run` runs them inside an MLflow run; anything here also runs on a machine that
 has only Keras and a backend (for example a GPU box with JAX).
 """
 

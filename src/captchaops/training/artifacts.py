@@ -15,7 +15,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.pandas_dataset import from_pandas
 
 from captchaops.data.dataset import LabelledImages
-from captchaops.evaluate import character_error_rate, confusions, sequence_accuracy
+from captchaops.evaluation.accuracy import character_error_rate, confusions, sequence_accuracy
 from captchaops.model.onnx_export import export_onnx
 from captchaops.model.preprocess import preprocess
 from captchaops.model.pyfunc import log_model

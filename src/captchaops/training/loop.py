@@ -1,7 +1,7 @@
 """The fitting loop: schedule, validation, checkpoint choice and early stopping, in steps.
 
 MLflow-free: metrics leave through the `log` callable the caller passes, so the same loop
-runs inside an MLflow run (`captchaops.train`) or bare on an accelerator box.
+runs inside an MLflow run (`captchaops.training.run`) or bare on an accelerator box.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from captchaops.data.dataset import DataError, LabelledImages
-from captchaops.evaluate import character_error_rate, sequence_accuracy
+from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
 from captchaops.model.ctc import decode_greedy
 from captchaops.model.preprocess import image_size, preprocess

@@ -11,7 +11,7 @@ from captchaops.webapp import reviewers
 from captchaops.webapp.inputs import MAX_LABEL_LENGTH, BadInput, check_image, decode_base64
 from captchaops.webapp.limits import Throttled
 from captchaops.webapp.service import Demo
-from captchaops.webapp.tracking import TrackingError
+from captchaops.webapp.tracking_client import TrackingError
 
 _FORMS = 'multipart/form-data with a file field "image", or JSON {"image": "<base64>"}'
 _OFFER = '{"image": "<base64>", "text": "7KQ2", "confidence": 0.41, "model": "text-captcha/3"}'

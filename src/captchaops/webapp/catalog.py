@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from captchaops.webapp.tracking import Tracking, TrackingError
+from captchaops.webapp.tracking_client import Tracking, TrackingError
 
 
 @dataclass(frozen=True)

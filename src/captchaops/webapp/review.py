@@ -9,9 +9,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from captchaops.data.feedback import DIGEST_TAG, KIND_TAG, REVIEW_KIND
+from captchaops.data.corrections import DIGEST_TAG, KIND_TAG, REVIEW_KIND
 from captchaops.model.preprocess import EXTENSIONS, InvalidImage, sniff_format
-from captchaops.webapp.feedback import Corrections, Saved
+from captchaops.webapp.correction_runs import Corrections, Saved
 
 REVIEW_PATH = "review"
 STATE_TAG = "review_state"

@@ -13,7 +13,7 @@ from captchaops.webapp.inputs import BadInput
 from captchaops.webapp.limits import Throttled
 from captchaops.webapp.review import Item, ReviewGone
 from captchaops.webapp.service import Demo
-from captchaops.webapp.tracking import TrackingError
+from captchaops.webapp.tracking_client import TrackingError
 
 SHOWN = 12
 """How many pending items one page shows (oldest first); each costs one artifact download."""

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from captchaops.settings import Settings
 from captchaops.webapp.review import ReviewStore, Sample
-from captchaops.webapp.tracking import TrackingError
+from captchaops.webapp.tracking_client import TrackingError
 
 HOUR = 3600.0
 REMEMBERED = 4096

@@ -11,19 +11,19 @@ from dataclasses import dataclass
 
 import httpx
 
-from captchaops import live
 from captchaops.data.synthetic import DIGITS_UPPER, generate_one
+from captchaops.live import reported as live
 from captchaops.settings import Settings
 from captchaops.webapp import endpoints
 from captchaops.webapp.catalog import Catalog, VersionInfo
+from captchaops.webapp.correction_runs import Corrections, Saved
 from captchaops.webapp.endpoints import ENVIRONMENTS, Answer, Served
-from captchaops.webapp.feedback import Corrections, Saved
+from captchaops.webapp.examples import Example, HeldOutSets, SchemeError
 from captchaops.webapp.inputs import BadInput, check_label
 from captchaops.webapp.limits import Limiter
 from captchaops.webapp.review import ReviewStore
 from captchaops.webapp.sampler import ReviewSampler
-from captchaops.webapp.scheme import Example, HeldOutSets, SchemeError
-from captchaops.webapp.tracking import Tracking, TrackingError
+from captchaops.webapp.tracking_client import Tracking, TrackingError
 
 LIVE_SECONDS = 5.0
 """How long the app reuses what the model servers said about their live estimates."""

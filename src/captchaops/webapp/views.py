@@ -8,9 +8,9 @@ from typing import Any
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from captchaops.model.preprocess import MIME_TYPES
+from captchaops.webapp.examples import Example
 from captchaops.webapp.inputs import BadInput, check_image, decode_base64
 from captchaops.webapp.limits import Throttled
-from captchaops.webapp.scheme import Example
 from captchaops.webapp.service import Demo, Result
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, ArchiveTooLarge, unpack
-from captchaops.webapp.tracking import ArtifactTooLarge, Tracking, TrackingError
+from captchaops.webapp.tracking_client import ArtifactTooLarge, Tracking, TrackingError
 
 MAX_SET_BYTES = 50 * 2**20
 """Largest frozen set the app downloads; a larger one is refused, not held in memory."""

@@ -15,9 +15,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from captchaops.estimate import Calibration, LiveEstimate
+from captchaops.live.estimate import Calibration, LiveEstimate
 
-log = logging.getLogger("captchaops.serving.quality")
+log = logging.getLogger("captchaops.serving.live_estimate")
 
 Tags = Callable[[str], dict[str, str]]
 """A version number -> its registry tags."""

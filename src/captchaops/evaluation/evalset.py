@@ -17,11 +17,11 @@ from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
 from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, digest_of, pack, unpack
 from captchaops.data.synthetic import DIGITS_UPPER, generate
-from captchaops.estimate import Calibration
-from captchaops.evaluate import character_error_rate, sequence_accuracy
+from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
+from captchaops.evaluation.scheme import Scheme
+from captchaops.live.estimate import Calibration
 from captchaops.model.version import VersionError, load_registered
 from captchaops.registry.versions import pin_evalset
-from captchaops.scheme import Scheme
 from captchaops.settings import Settings, mask_credentials
 
 EVAL_SEED = 7_919_000

@@ -1,7 +1,7 @@
 """Names of the monitoring runs: one MLflow run per (model, alias, version) a model server serves.
 
-Model servers write them over REST (`serving/monitor.py`); the gate reads them as evidence
-(`evidence.py`). MLflow-free, so both sides share these names.
+Model servers write them over REST (`serving/monitoring_runs.py`); the gate reads them as evidence
+(`evaluation/evidence.py`). MLflow-free, so both sides share these names.
 """
 
 from __future__ import annotations

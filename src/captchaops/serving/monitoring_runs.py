@@ -21,7 +21,7 @@ from typing import Any
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from captchaops import monitoring as names
+from captchaops.live import monitoring as names
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.tracking_rest import API, TrackingError, TrackingRest, TrackingUnreachable
 

@@ -7,14 +7,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from captchaops import monitoring
+from captchaops.live import monitoring
 from captchaops.registry.rest_writes import ensure_registered_model
 from captchaops.settings import Settings
 from captchaops.tracking_rest import MISSING, TrackingError, TrackingRest, TrackingUnreachable
 
 ROLES = ("reader", "editor", "admin")
 # Experiments captchaops writes besides the settings' experiment_name and feedback_experiment.
-# Their owners (evalset.py, registry.py) import MLflow and NumPy; repeating the names keeps
+# Their owners (evaluation/evalset.py, registry/audit.py) import MLflow and NumPy; repeating the names keeps
 # `captchaops users` quick, and tests/unit/test_users.py checks them.
 EVAL_EXPERIMENT = "text-captcha-evaluation"
 AUDIT_EXPERIMENT = "text-captcha-promotions"

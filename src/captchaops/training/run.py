@@ -18,10 +18,10 @@ from mlflow import MlflowClient
 
 from captchaops import registry
 from captchaops.data import synthetic
+from captchaops.data.corrections import download_feedback
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
-from captchaops.data.feedback import download_feedback
 from captchaops.data.folder import read_folder
-from captchaops.evalset import EvalSet, EvalSetError, folder_evalset
+from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
 from captchaops.mlflow_scope import pointed_at
 from captchaops.model.ctc import encode_labels
 from captchaops.model.version import META_SCHEMA, PREPROCESSING

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
-from captchaops import monitoring as names
+from captchaops.live import monitoring as names
 from captchaops.registry import PRODUCTION, STAGING
 
 SAME_PERIOD_S = 600.0

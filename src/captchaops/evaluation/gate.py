@@ -9,10 +9,10 @@ from typing import Any
 from mlflow import MlflowClient
 
 from captchaops import registry
-from captchaops.evalset import EvalSet, Score, ensure_evalset, score
-from captchaops.evidence import Evidence, gather
+from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
+from captchaops.evaluation.evidence import Evidence, gather
+from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.registry import PRODUCTION, STAGING, Move
-from captchaops.scheme import scheme_of, scheme_refusals
 from captchaops.settings import Settings
 
 EPSILON = 1e-9

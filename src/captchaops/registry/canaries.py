@@ -8,9 +8,9 @@ server reads). Ending one deletes the alias through `remove_alias` (audited, dec
 
 from __future__ import annotations
 
-from captchaops.evalset import ensure_evalset
+from captchaops.evaluation.evalset import ensure_evalset
+from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.mlflow_scope import client
-from captchaops.names import CANARY, CANARY_MAX_PERCENT, CANARY_PERCENT_TAG
 from captchaops.registry.aliases import (
     alias_version,
     move_alias,
@@ -23,7 +23,7 @@ from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.names import PRODUCTION, STAGING, default_actor, now
 from captchaops.registry.scores import cached_score
-from captchaops.scheme import scheme_of, scheme_refusals
+from captchaops.scheme_names import CANARY, CANARY_MAX_PERCENT, CANARY_PERCENT_TAG
 from captchaops.settings import Settings
 
 TRIPPED = "rolled-back"

@@ -9,9 +9,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from captchaops.data.feedback import DIGEST_TAG, FEEDBACK_PATH, KIND_TAG
+from captchaops.data.corrections import DIGEST_TAG, FEEDBACK_PATH, KIND_TAG
 from captchaops.model.preprocess import EXTENSIONS, MIME_TYPES
-from captchaops.webapp.tracking import Tracking, TrackingError
+from captchaops.webapp.tracking_client import Tracking, TrackingError
 
 KIND = "correction"
 _STRIPES = 64

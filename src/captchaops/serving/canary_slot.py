@@ -17,11 +17,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from captchaops.names import CANARY, CANARY_MAX_PERCENT, CANARY_PERCENT_TAG
+from captchaops.scheme_names import CANARY, CANARY_MAX_PERCENT, CANARY_PERCENT_TAG
 from captchaops.serving.breaker import Evidence, Latencies, Limits, Share, verdict
+from captchaops.serving.live_estimate import LiveQuality
 from captchaops.serving.metrics import LATENCY_BUCKETS, ServingMetrics
 from captchaops.serving.poller import TIMER, one_line
-from captchaops.serving.quality import LiveQuality
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.settings import Settings
 from captchaops.tracking_rest import VersionRef
