@@ -262,6 +262,36 @@ def test_team_mode_end_to_end(
     with pytest.raises(UsersError, match="not an admin"):
         add_user(as_reader, "eve", "reader")
 
+    # Errors name the fix in one line, before any work: no login, a wrong password, a reader's
+    # train (50,000 images it never generates: no run is started).
+    nobody = {**env, "HOME": str(tmp_path / "nobody")}  # no ~/.mlflow/credentials either
+    anonymous = cli(nobody, "models")
+    assert anonymous.returncode == 1 and len(anonymous.stderr.strip().splitlines()) == 1
+    assert "needs a login (401)" in anonymous.stderr
+    assert "CAPTCHAOPS_TRACKING_USERNAME" in anonymous.stderr
+    assert "~/.mlflow/credentials" in anonymous.stderr
+    as_rita = {
+        **nobody,
+        "CAPTCHAOPS_TRACKING_USERNAME": "rita",
+        "CAPTCHAOPS_TRACKING_PASSWORD": reader_password,
+    }
+    wrong = cli({**as_rita, "CAPTCHAOPS_TRACKING_PASSWORD": "not-her-password"}, "models")
+    assert wrong.returncode == 1 and "refused user 'rita' (401)" in wrong.stderr
+    assert cli(as_rita, "models").returncode == 0  # a reader reads
+    refused = cli(as_rita, "train", "--synthetic", "50000")
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "user 'rita' may not train text-captcha" in refused.stderr
+    assert "editor role" in refused.stderr and "EDIT on registered model" in refused.stderr
+    experiment = httpx.get(
+        f"{uri}/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": "text-captcha"},
+        auth=admin,
+    ).json()["experiment"]["experiment_id"]
+    runs = httpx.post(
+        f"{uri}/api/2.0/mlflow/runs/search", json={"experiment_ids": [experiment]}, auth=admin
+    )
+    assert runs.status_code == 200 and runs.json().get("runs", []) == []
+
     # The editor trains (real tiny model), registers and promotes.
     use_account(monkeypatch, uri, "ed", editor_password)
     ed_settings = load_settings(
@@ -274,6 +304,10 @@ def test_team_mode_end_to_end(
     result = train(TrainConfig.tiny(), ed_settings)
     assert result.version == "1"
     promote(ed_settings, version=result.version, reason="team test", actor="ed")
+    not_hers = cli(as_rita, "promote", "--version", result.version, "--reason", "try")
+    assert not_hers.returncode == 1 and len(not_hers.stderr.strip().splitlines()) == 1
+    assert "user 'rita' may not promote text-captcha" in not_hers.stderr
+    assert "editor role" in not_hers.stderr
 
     # The reader sees runs and versions but cannot move an alias.
     use_account(monkeypatch, uri, "rita", reader_password)

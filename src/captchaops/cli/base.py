@@ -57,6 +57,16 @@ def settings_for(model_name: str | None) -> Settings:
     return settings
 
 
+def require_access(settings: Settings, action: str) -> None:
+    """Fail in one line, before any work, unless this login may do `action` (team mode)."""
+    from captchaops.access import AccessError, check
+
+    try:
+        check(settings, action)
+    except AccessError as exc:
+        fail(str(exc))
+
+
 def parse_length(text: str) -> tuple[int, int]:
     """`MIN-MAX` (or one number) as a label length range; ValueError with the fix if malformed."""
     found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)

@@ -13,6 +13,7 @@ from captchaops.cli.base import (
     console,
     fail,
     parse_length,
+    require_access,
     settings_for,
 )
 
@@ -27,6 +28,7 @@ def models(
     from captchaops.console import live_lines, versions_table
 
     settings = settings_for(model_name)
+    require_access(settings, "models")
     try:
         listing = registry.list_versions(settings, limit=limit)
     except registry.RegistryError as exc:
@@ -82,6 +84,7 @@ def promote(
     from captchaops.evaluation import gate
 
     settings = settings_for(model_name)
+    require_access(settings, "promote")
     if canary is None and (watch is not None or detach or then_promote):
         fail("--watch, --detach and --then-promote go with --canary PERCENT")
     if canary is not None:
@@ -144,6 +147,7 @@ def rollback(
     from captchaops import registry
 
     settings = settings_for(model_name)
+    require_access(settings, "rollback")
     if canary:
         from captchaops.cli import canary as canaries
 
@@ -179,6 +183,7 @@ def evalset(
     from captchaops.evaluation.evalset import create_evalset
 
     settings = settings_for(model_name)
+    require_access(settings, "evalset")
     try:
         lengths = parse_length(length)
     except ValueError as exc:

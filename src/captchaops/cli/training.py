@@ -13,6 +13,7 @@ from captchaops.cli.base import (
     console,
     fail,
     quiet_libraries,
+    require_access,
     settings_for,
 )
 from captchaops.settings import load_settings
@@ -63,6 +64,7 @@ def train_command(
     if data is not None and synthetic is not None:
         fail("use either --data DIR or --synthetic N, not both")
     settings = settings_for(model_name)
+    require_access(settings, "train")
     log = settings.home_dir / "logs" / "libraries.log"
     try:
         with quiet_libraries(log):  # Keras and TensorFlow print on import

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 from mlflow.exceptions import MlflowException
 
+from captchaops.access import explain
 from captchaops.evaluation.evalset import EvalSetError
 from captchaops.settings import Settings, mask_credentials
 
@@ -25,6 +26,9 @@ def one_line_errors(settings: Settings) -> Iterator[None]:
     except MlflowException as exc:
         first = mask_credentials((str(exc).strip().splitlines() or ["unknown error"])[0])[:300]
         where = mask_credentials(settings.effective_tracking_uri)
+        named = explain(settings, first)
+        if named:
+            raise RegistryError(named) from exc
         if "503" in first:
             raise RegistryError(
                 f"tracking server {where} answers 503 (unavailable): "
