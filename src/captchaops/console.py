@@ -10,15 +10,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
 from rich.table import Column, Table
 
+from captchaops.live.reported import NO_CALIBRATION
+
 if TYPE_CHECKING:
     from captchaops.evaluation.gate import Decision
     from captchaops.live.reported import LiveState
-    from captchaops.registry import Listing
+    from captchaops.registry import Listing, VersionRow
     from captchaops.settings import Settings
     from captchaops.stack.control import ServiceStatus
     from captchaops.training.run import TrainConfig, TrainResult
@@ -109,11 +112,21 @@ def print_summary(result: TrainResult, console: Console) -> None:
         console.print(f"[yellow]warning:[/yellow] {result.warning}", highlight=False)
 
 
+WIDE = 110
+"""From this many columns on, tables show more (the deprecated stage, full dates, a settings table)."""
+SERVED = ("production", "staging", "canary")
+
+
+def _table(title: str) -> Table:
+    """A table without vertical rules, so short columns fit 80 columns; cells fold, never `…`."""
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
 def services_table(rows: list[ServiceStatus]) -> Table:
     """`status`: one row per service."""
-    table = Table(title="captchaops services")
+    table = _table("captchaops services")
     for column in ("service", "pid", "state", "URL", "health", "RSS MB"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
             row.name,
@@ -126,48 +139,77 @@ def services_table(rows: list[ServiceStatus]) -> Table:
     return table
 
 
-def settings_table(values: dict[str, str]) -> Table:
-    """`status`: every effective setting, secrets already masked by the caller."""
-    table = Table(title="effective settings")
-    table.add_column("setting")
-    table.add_column("value")
+def print_settings(console: Console, values: dict[str, str]) -> None:
+    """`status`: every effective setting (secrets already masked by the caller); a table on a
+    wide terminal, else one line each, a value too long for its line on a line of its own."""
+    if console.width >= WIDE:
+        table = _table("effective settings")
+        table.add_column("setting", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for key, value in values.items():
+            table.add_row(key, value)
+        console.print(table)
+        return
+    console.print("effective settings", style="italic", highlight=False)
+    pad = max((len(key) for key in values), default=0)
     for key, value in values.items():
-        table.add_row(key, value)
-    return table
+        if pad + 2 + len(value) <= console.width:
+            console.print(f"{key:<{pad}}  {value}", highlight=False, markup=False)
+        else:
+            console.print(key, highlight=False, markup=False)
+            console.print(f"    {value}", highlight=False, markup=False, overflow="fold")
 
 
-def versions_table(listing: Listing) -> Table:
-    """`models`: one row per version with aliases, scores and validation status."""
-    table = Table(title=f"{listing.name} versions")
-    for column in (
-        "version",
-        "aliases",
-        "stage",
-        "status",
-        "test acc",
-        "frozen acc",
-        "frozen CER",
-        "live est.",
-        "created (UTC)",
-        "note",
-    ):
-        table.add_column(column)
+def _live_cell(listing: Listing, row: VersionRow) -> str:
+    states = listing.live_of(row.version)
+    if states:
+        return ", ".join(s.short() for s in states)
+    return "none" if _uncalibrated_and_served(row) else "-"
+
+
+def _uncalibrated_and_served(row: VersionRow) -> bool:
+    return not row.calibrated and any(alias in SERVED for alias in row.aliases)
+
+
+def versions_table(listing: Listing, width: int = 80) -> Table:
+    """`models`: one short row per version (notes go below, `version_notes`); a wide terminal
+    also gets the deprecated stage and full dates."""
+    wide = width >= WIDE
+    table = _table(f"{listing.name} versions")
+    columns = ["ver", "aliases", "status", "test", "frozen", "CER", "live", "created"]
+    if wide:
+        columns.insert(3, "stage")
+    for column in columns:
+        table.add_column(column, overflow="fold", justify="right" if column == "ver" else "left")
     for row in listing.rows:
-        live = ", ".join(s.short() for s in listing.live_of(row.version)) or "-"
-        table.add_row(
+        scores = [
+            f"{v:.3f}" if v is not None else "-"
+            for v in (row.test_seq_acc, row.eval_seq_acc, row.eval_cer)
+        ]
+        cells = [
             row.version,
-            ", ".join(f"@{a}" for a in row.aliases) or "-",
-            row.stage,
+            " ".join(f"@{a}" for a in row.aliases) or "-",
             row.status,
-            *(
-                f"{v:.4f}" if v is not None else "-"
-                for v in (row.test_seq_acc, row.eval_seq_acc, row.eval_cer)
-            ),
-            live,
-            row.created,
-            row.note[:60],
-        )
+            *scores,
+            _live_cell(listing, row),
+            row.created if wide else row.created[5:],
+        ]
+        if wide:
+            cells.insert(3, row.stage)
+        table.add_row(*cells)
     return table
+
+
+def version_notes(listing: Listing) -> list[str]:
+    """`models`: each version's note (why it was promoted or rejected) and missing live
+    estimate, one line each below the table."""
+    lines = []
+    for row in listing.rows:
+        if _uncalibrated_and_served(row):
+            lines.append(f"v{row.version}: {NO_CALIBRATION}")
+        if row.note:
+            lines.append(f"v{row.version}: {row.note}")
+    return lines
 
 
 def live_lines(states: list[LiveState]) -> list[str]:

@@ -59,3 +59,22 @@ def test_bodies_without_a_served_version_or_with_odd_values_give_nothing() -> No
     assert from_health("staging", HEALTH | {"live_estimate": {"7": {"estimate": "high"}}}) == []
     no_version = from_health("production", HEALTH | {"canary": {"gate_accuracy": 0.9}})
     assert [s.alias for s in no_version] == ["production"]
+
+
+def test_a_version_the_gate_never_scored_says_so_on_both_sides() -> None:
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from captchaops.live.reported import NO_CALIBRATION
+    from captchaops.serving.live_estimate import LiveQuality
+
+    quality = LiveQuality(lambda version: {}, CollectorRegistry())  # no calibration tags
+    quality.observe("7", [0.9])
+    deadline = time.monotonic() + 10
+    while not quality.snapshot() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the tags are read in a thread of their own
+    assert quality.snapshot() == {"7": {"calibrated": False}}
+    (state,) = from_health("production", HEALTH | {"live_estimate": quality.snapshot()})
+    assert not state.calibrated and state.short() == "none"
+    assert live_lines([state]) == [f"live production v7: {NO_CALIBRATION}"]

@@ -25,7 +25,7 @@ def models(
 ) -> None:
     """List model versions with aliases, metrics, validation status and the last alias moves."""
     from captchaops import registry
-    from captchaops.console import live_lines, versions_table
+    from captchaops.console import live_lines, version_notes, versions_table
 
     settings = settings_for(model_name)
     require_access(settings, "models")
@@ -33,7 +33,9 @@ def models(
         listing = registry.list_versions(settings, limit=limit)
     except registry.RegistryError as exc:
         fail(str(exc))
-    console.print(versions_table(listing))
+    console.print(versions_table(listing, console.width))
+    for line in version_notes(listing):
+        console.print(line, highlight=False, markup=False)
     for line in live_lines(listing.live):
         console.print(line, highlight=False)
     for alias, line in sorted(listing.last_moves.items()):

@@ -39,7 +39,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show each service (pid, URL, health, memory) and the effective settings."""
-    from captchaops.console import live_lines, services_table, settings_table
+    from captchaops.console import live_lines, print_settings, services_table
     from captchaops.live import reported as live
     from captchaops.stack import control, webhooks
 
@@ -55,7 +55,7 @@ def status() -> None:
     urls = {r.name: r.url for r in rows if r.name in live.SERVED_ALIASES and r.healthy}
     for line in live_lines(live.read(urls)):
         console.print(line, highlight=False)
-    console.print(settings_table(settings.masked()))
+    print_settings(console, settings.masked())
 
 
 @app.command()

@@ -30,19 +30,34 @@ class LiveState:
     estimate: float | None
     """None until the server has seen enough answers of this version."""
     answers: int
-    gate_accuracy: float
+    gate_accuracy: float | None
+    """None for a version the gate never scored: it has no calibration, so no estimate."""
     alert: str | None
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the version has a calibration (the gate scored it) and so can be estimated."""
+        return self.gate_accuracy is not None
+
     def short(self) -> str:
-        """A narrow table cell: `61.5%`, or `...` while too few answers were seen."""
+        """A narrow table cell: `61.5%`, `...` while too few answers were seen, `none` without
+        a calibration."""
+        if not self.calibrated:
+            return "none"
         return f"{self.estimate:.1%}" if self.estimate is not None else "..."
 
     def line(self) -> str:
         """One sentence: the estimate, the answers it rests on and the gate's accuracy."""
+        if not self.calibrated:
+            return NO_CALIBRATION
         gate = f"gate accuracy {self.gate_accuracy:.1%}"
         if self.estimate is None:
             return f"live estimate after more answers ({self.answers} so far); {gate}"
         return f"live estimate {self.estimate:.1%} over {self.answers} answers; {gate}"
+
+
+NO_CALIBRATION = "no live estimate: never scored by the gate"
+"""What a version without a calibration says (promoted with --force, or never through the gate)."""
 
 
 def from_health(alias: str, body: Mapping[str, Any]) -> list[LiveState]:
@@ -85,6 +100,7 @@ def _served(alias: str, body: Mapping[str, Any]) -> list[LiveState]:
         return []
     try:
         estimate = state.get("estimate")
+        uncalibrated = state.get("calibrated") is False
         return [
             LiveState(
                 alias=alias,
@@ -92,7 +108,7 @@ def _served(alias: str, body: Mapping[str, Any]) -> list[LiveState]:
                 version=str(version),
                 estimate=None if estimate is None else float(estimate),
                 answers=int(state.get("answers_seen") or 0),
-                gate_accuracy=float(state["gate_accuracy"]),
+                gate_accuracy=None if uncalibrated else float(state["gate_accuracy"]),
                 alert=str(state["alert"]) if state.get("alert") else None,
             )
         ]

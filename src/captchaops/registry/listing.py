@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from captchaops.live.estimate import Calibration
 from captchaops.live.reported import LiveState, read_stack
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import require_model
@@ -28,6 +29,8 @@ class VersionRow:
     eval_seq_acc: float | None
     eval_cer: float | None
     note: str
+    calibrated: bool = False
+    """Whether the gate scored it (so a server can estimate its live accuracy)."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def list_versions(settings: Settings, limit: int = 50) -> Listing:
                     eval_seq_acc=_float(tags.get("eval_seq_acc")),
                     eval_cer=_float(tags.get("eval_cer")),
                     note=tags.get("rejection_reason") or tags.get("promotion_reason", ""),
+                    calibrated=Calibration.from_tags(tags) is not None,
                 )
             )
         last_moves = {

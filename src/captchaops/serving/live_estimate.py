@@ -39,6 +39,7 @@ class LiveQuality:
         self.window, self.min_count, self.alert_points = window, min_count, alert_points
         self._live: dict[str, LiveEstimate | None] = {}  # None: fetching, or uncalibrated
         self._alerting: set[str] = set()
+        self._uncalibrated: set[str] = set()  # versions the gate never scored
         self.estimate = Gauge(
             "captchaops_live_accuracy_estimate_ratio",
             "Estimated sequence accuracy over the last answers (ATC on confidences), by version.",
@@ -96,6 +97,8 @@ class LiveQuality:
             return
         if calibration is None:
             log.info("version %s carries no calibration; no live estimate", version)
+            with self._lock:
+                self._uncalibrated.add(version)
             return
         live = LiveEstimate(
             calibration,
@@ -108,15 +111,18 @@ class LiveQuality:
             self._live[version] = live
 
     def snapshot(self) -> dict[str, Any]:
-        """For `/health`: each calibrated version's estimate, gate accuracy and alert line."""
+        """For `/health`: each calibrated version's estimate, gate accuracy and alert line, and
+        `{"calibrated": false}` for a version that carries no calibration (never gate-scored)."""
         with self._lock:
             items = [(v, live) for v, live in self._live.items() if live is not None]
-        return {
-            version: {
+            bare = sorted(self._uncalibrated)
+        found: dict[str, Any] = {version: {"calibrated": False} for version in bare}
+        for version, live in items:
+            found[version] = {
+                "calibrated": True,
                 "estimate": live.estimate(),
                 "gate_accuracy": live.calibration.accuracy,
                 "answers_seen": live.seen,
                 "alert": live.alert(),
             }
-            for version, live in items
-        }
+        return found

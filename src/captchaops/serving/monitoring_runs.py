@@ -156,7 +156,7 @@ class Monitor:
         self, version: str, live: dict[str, Any], shadow: _Shadowed | None
     ) -> tuple[dict[str, float], dict[str, str]]:
         values: dict[str, float] = {}
-        if live:
+        if live and live.get("calibrated", True):
             values[names.LIVE_ANSWERS] = float(live.get("answers_seen") or 0)
             values[names.GATE_ACCURACY] = float(live["gate_accuracy"])
             values[names.LIVE_ALERT] = 1.0 if live.get("alert") else 0.0
