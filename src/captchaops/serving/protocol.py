@@ -9,6 +9,7 @@ from typing import Any
 from captchaops.model.preprocess import (
     ImageTooLarge,
     InvalidImage,
+    TooCostly,
     TooManyPixels,
     b64decode_image,
     check_size,
@@ -91,6 +92,8 @@ def check_images(images: list[bytes], max_pixels: int) -> list[int]:
             width, height = check_size(data, max_pixels)
         except TooManyPixels as exc:
             raise ProtocolError(400, "too_many_pixels", f"image {index}: {exc}") from exc
+        except TooCostly as exc:
+            raise ProtocolError(400, "too_costly", f"image {index}: {exc}") from exc
         except InvalidImage as exc:
             raise ProtocolError(400, "invalid_image", f"image {index}: {exc}") from exc
         pixels.append(width * height)
