@@ -225,6 +225,15 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="model servers refuse images whose header declares more pixels, undecoded",
     )
+    head_timeout_seconds: float = Field(
+        10.0, gt=0, description="model servers close a connection whose request head is slower"
+    )
+    body_timeout_seconds: float = Field(
+        10.0, gt=0, description="model servers answer 408 to a request body slower than this"
+    )
+    max_connections_per_client: int = Field(
+        64, ge=1, description="connections one client address may hold to a model server at once"
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from captchaops.serving import invocations
+from captchaops.serving import connections, invocations
 from captchaops.serving.canary import Canary
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
 from captchaops.serving.monitor import REST_TIMEOUT_S, Monitor
@@ -234,6 +234,12 @@ def run(settings: Settings, alias: str, port: int, host: str | None = None) -> N
         access_log=False,
         log_level="info",
         timeout_graceful_shutdown=5,
+        http=connections.guarded_protocol(
+            settings.head_timeout_seconds, settings.max_connections_per_client
+        ),
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=connections.MAX_HEAD_BYTES,
+        limit_concurrency=connections.MAX_CONNECTIONS,
     )
 
 

@@ -157,14 +157,17 @@ class Invocations:
     async def _answer(self, request: Request) -> Response:
         try:
             protocol.check_content_type(request.headers.get("content-type", ""))
-            with self.admission.request() as ticket:
-                async with asyncio.timeout(self.deadline_s):
-                    with self.batcher.arriving():
-                        body = await read_body(request, self.max_body_bytes, ticket)
-                        images, pixels = await self._parse(body)
-                        kept = body if self._shadowed(request, body) else None
-                        del body
-                    served, predictions = await self._routed(request, images, pixels)
+            with self.admission.holding() as ticket:
+                body = await read_body(
+                    request, self.max_body_bytes, ticket, self.settings.body_timeout_seconds
+                )
+                with self.admission.request():
+                    async with asyncio.timeout(self.deadline_s):
+                        with self.batcher.arriving():
+                            images, pixels = await self._parse(body)
+                            kept = body if self._shadowed(request, body) else None
+                            del body
+                        served, predictions = await self._routed(request, images, pixels)
         except protocol.ProtocolError as exc:
             return self._refuse(exc.status, exc.error, exc.detail)
         except InvalidImage as exc:

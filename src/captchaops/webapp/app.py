@@ -14,6 +14,18 @@ from captchaops.webapp import accounts, api, review_page, views
 from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
+SERVER_LIMITS: dict[str, Any] = {
+    "threads": 8,
+    "connection_limit": 1_000,
+    "asyncore_use_poll": True,
+    "channel_timeout": 30,
+    "cleanup_interval": 5,
+    "max_request_header_size": 16 * 1024,
+    "backlog": 1_024,
+}
+"""Waitress reads each request whole in its event loop before a thread runs it, so a slow client
+holds a socket, never a thread; with its default of 100 connections (and select()), 120 slow
+connections left new visitors waiting. Idle connections close after 30 s."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
@@ -119,7 +131,7 @@ def run(settings: Settings, port: int | None = None, host: str | None = None) ->
         create_app(settings),
         host=host or settings.host,
         port=port or settings.app_port,
-        threads=8,
         ident="captchaops",
         max_request_body_size=settings.max_upload_bytes * 8,
+        **SERVER_LIMITS,
     )
