@@ -135,6 +135,7 @@ TRUNCATED_B64 = b64(captcha())[:-3]
 TRUNCATED_PNG = b64(captcha()[:200])
 GARBAGE_B64 = "!!!! this is not base64 ~~~~"
 BIG_BODY = b'{"image": "' + b"A" * EIGHT_MB + b'"}'
+WIDE_JSON = b"[" + b"{}," * (2 * 1024 * 1024 // 3) + b"{}]"
 
 
 def model_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
@@ -172,6 +173,7 @@ def api_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
         ("64 png bombs", {"files": files}, bad),
         ("jpeg of 60,000 scans", {"json": {"image": b64(jpeg_bomb())}}, bad),
         ("json 200,000 deep", {"content": DEEP_JSON, "headers": _json_type()}, bad),
+        ("2 MiB of [{},{},...]", {"content": WIDE_JSON, "headers": _json_type()}, bad),
         ("8 MB body", {"content": BIG_BODY, "headers": _json_type()}, bad),
         ("text/plain", {"content": json.dumps({"image": b64(captcha())}), "headers": _text()}, bad),
         (

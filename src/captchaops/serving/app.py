@@ -23,12 +23,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captchaops.serving import connections, invocations
 from captchaops.serving.canary import Canary
+from captchaops.serving.guard import Guard
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
 from captchaops.serving.monitor import REST_TIMEOUT_S, Monitor
 from captchaops.serving.quality import LiveQuality
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.serving.webhook import WebhookReceiver
-from captchaops.settings import Settings
+from captchaops.settings import Settings, ensure_secret
 from captchaops.tracking_rest import TrackingRest
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def create_app(
     deadline_s: float = invocations.DEFAULT_DEADLINE_S,
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
+    if settings.auth:  # team mode: guarded endpoints need the serving token
+        settings = ensure_secret(settings, "serving_token", 32)
     metrics = ServingMetrics()
     metrics.quality = LiveQuality(_version_tags(settings), metrics.registry)
     watcher = AliasWatcher.for_settings(settings, alias, metrics)
@@ -76,7 +79,10 @@ def create_app(
             Route("/reload", reload, methods=["POST"]),
             Route("/webhook", receiver.handle, methods=["POST"]),
         ],
-        middleware=[Middleware(ModelHeaders, watcher=watcher)],
+        middleware=[
+            Middleware(Guard, settings=settings, alias=alias),
+            Middleware(ModelHeaders, watcher=watcher),
+        ],
         exception_handlers={HTTPException: http_error},
         lifespan=_lifespan,
     )

@@ -7,8 +7,9 @@ from typing import IO, Any
 
 from flask import Flask, Request, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, SecurityError
 
+from captchaops import access
 from captchaops.settings import Settings, ensure_secret
 from captchaops.webapp import accounts, api, review_page, views
 from captchaops.webapp.service import Demo
@@ -54,8 +55,9 @@ class InMemoryRequest(Request):
 
 def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     """A configured web app; model servers slower than `timeout` (default: the setting) count as down."""
-    if settings.auth:  # team mode: the review queue always needs its token
+    if settings.auth:  # team mode: the review queue and the model servers need their tokens
         settings = ensure_secret(settings, "review_token", 32)
+        settings = ensure_secret(settings, "serving_token", 32)
     settings = ensure_secret(settings, "app_secret_key")
     assert settings.app_secret_key is not None
     app = Flask(__name__)
@@ -69,6 +71,8 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         WTF_CSRF_TIME_LIMIT=None,
+        # Only the names the app is configured under (DNS rebinding): a foreign Host is a 400.
+        TRUSTED_HOSTS=sorted(access.allowed_hosts(settings)),
     )
     demo = Demo(settings, timeout)
     app.extensions[EXTENSION] = demo
@@ -100,6 +104,14 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
         return _error(
             413, "too_large", f"The upload is too large; send an image of at most {limit} KiB."
         )
+
+    @app.errorhandler(SecurityError)
+    def _bad_host(exc: SecurityError) -> Any:  # no page: URLs cannot be built for a foreign host
+        return jsonify(
+            error="bad_host",
+            detail="This app does not answer to that host name; use its configured name or "
+            "127.0.0.1 (add names with CAPTCHAOPS_ALLOWED_HOSTS).",
+        ), 400
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from captchaops import live
+from captchaops import access, live
 from captchaops.data.synthetic import DIGITS_UPPER, generate_one
 from captchaops.settings import Settings
 from captchaops.webapp import endpoints
@@ -65,7 +65,7 @@ class Demo:
     def __init__(self, settings: Settings, timeout: float | None = None) -> None:
         self.settings = settings
         self.timeout = timeout or settings.model_timeout_seconds
-        self.http = httpx.Client()
+        self.http = httpx.Client(headers=access.bearer_headers(settings))
         self.tracking = Tracking(settings, self.timeout)
         self.catalog = Catalog(self.tracking)
         self.held_out = HeldOutSets(self.tracking)
