@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
 from rich.table import Column, Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from captchaops.gate import Decision
@@ -22,6 +24,21 @@ if TYPE_CHECKING:
     from captchaops.settings import Settings
     from captchaops.stack.control import ServiceStatus
     from captchaops.train import TrainConfig, TrainResult
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Control characters, and the bidirectional overrides that reorder what a terminal shows."""
+
+
+def literal(value: object) -> Text:
+    """Text read from the registry, runs or a server, shown as it is: never markup, control
+    characters escaped (`\\x1b`), so a tag cannot restyle, hide or break the output."""
+    return Text(_CONTROL.sub(_escaped, str(value)))
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class UnexpectedError(RuntimeError):
@@ -99,14 +116,16 @@ def print_summary(result: TrainResult, console: Console) -> None:
     if result.skipped != "none":
         console.print(f"skipped files: {result.skipped}", highlight=False)
     if result.frozen:
-        console.print(result.frozen, highlight=False)
-    console.print(f"run {result.run_id}; registered {result.model_uri}", highlight=False)
+        console.print(literal(result.frozen), highlight=False)
+    console.print(literal(f"run {result.run_id}; registered {result.model_uri}"), highlight=False)
     if result.staged:
         console.print("alias staging -> this version", highlight=False)
     else:
-        console.print(f"not staged: {result.rejection_reason}", highlight=False)
+        console.print(literal(f"not staged: {result.rejection_reason}"), highlight=False)
     if result.warning:
-        console.print(f"[yellow]warning:[/yellow] {result.warning}", highlight=False)
+        console.print(
+            Text.assemble(("warning:", "yellow"), " ", literal(result.warning)), highlight=False
+        )
 
 
 def services_table(rows: list[ServiceStatus]) -> Table:
@@ -116,11 +135,11 @@ def services_table(rows: list[ServiceStatus]) -> Table:
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row.name,
+            literal(row.name),
             str(row.pid or "-"),
-            row.state,
-            row.url,
-            "[green]ok[/green]" if row.healthy else "[red]down[/red]",
+            literal(row.state),
+            literal(row.url),
+            Text("ok", style="green") if row.healthy else Text("down", style="red"),
             f"{row.rss_mb:.0f}",
         )
     return table
@@ -132,13 +151,13 @@ def settings_table(values: dict[str, str]) -> Table:
     table.add_column("setting")
     table.add_column("value")
     for key, value in values.items():
-        table.add_row(key, value)
+        table.add_row(literal(key), literal(value))
     return table
 
 
 def versions_table(listing: Listing) -> Table:
     """`models`: one row per version with aliases, scores and validation status."""
-    table = Table(title=f"{listing.name} versions")
+    table = Table(title=literal(f"{listing.name} versions"))
     for column in (
         "version",
         "aliases",
@@ -155,28 +174,29 @@ def versions_table(listing: Listing) -> Table:
     for row in listing.rows:
         live = ", ".join(s.short() for s in listing.live_of(row.version)) or "-"
         table.add_row(
-            row.version,
-            ", ".join(f"@{a}" for a in row.aliases) or "-",
-            row.stage,
-            row.status,
+            literal(row.version),
+            literal(", ".join(f"@{a}" for a in row.aliases) or "-"),
+            literal(row.stage),
+            literal(row.status),
             *(
                 f"{v:.4f}" if v is not None else "-"
                 for v in (row.test_seq_acc, row.eval_seq_acc, row.eval_cer)
             ),
-            live,
-            row.created,
-            row.note[:60],
+            literal(live),
+            literal(row.created),
+            literal(row.note[:60]),
         )
     return table
 
 
-def live_lines(states: list[LiveState]) -> list[str]:
+def live_lines(states: list[LiveState]) -> list[Text]:
     """`models` and `status`: one line per served version's live estimate, and its alert."""
     lines = []
     for state in states:
-        lines.append(f"live {state.alias} v{state.version}: {state.line()}")
+        lines.append(literal(f"live {state.alias} v{state.version}: {state.line()}"))
         if state.alert:
-            lines.append(f"[red]ALERT[/red] {state.alias} v{state.version}: {state.alert}")
+            where = literal(f" {state.alias} v{state.version}: {state.alert}")
+            lines.append(Text.assemble(("ALERT", "red"), where))
     return lines
 
 
@@ -190,6 +210,8 @@ def print_decision(console: Console, decision: Decision) -> None:
                 highlight=False,
             )
         elif result is not None:
-            console.print(f"{role} v{result.version}: failed ({result.error})", highlight=False)
-    verdict = "[green]promoted[/green]" if decision.promote else "[yellow]rejected[/yellow]"
-    console.print(f"{verdict} v{decision.candidate_version}: {decision.reason()}", highlight=False)
+            line = f"{role} v{result.version}: failed ({result.error})"
+            console.print(literal(line), highlight=False)
+    verdict = ("promoted", "green") if decision.promote else ("rejected", "yellow")
+    reason = literal(f" v{decision.candidate_version}: {decision.reason()}")
+    console.print(Text.assemble(verdict, reason), highlight=False)

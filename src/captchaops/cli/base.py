@@ -11,7 +11,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from captchaops.console import literal
 from captchaops.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -20,13 +22,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# No markup: what the CLI prints comes from the registry, runs and servers (a tag holding `[/x]`
+# must print as itself); styles are added as Text where the CLI wants them.
+console = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line and exit non-zero."""
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(Text.assemble(("error:", "red"), " ", literal(message)), highlight=False)
     raise typer.Exit(code)
 
 

@@ -15,6 +15,7 @@ from captchaops.cli.base import (
     parse_length,
     settings_for,
 )
+from captchaops.console import literal
 
 
 @app.command()
@@ -34,8 +35,8 @@ def models(
     console.print(versions_table(listing))
     for line in live_lines(listing.live):
         console.print(line, highlight=False)
-    for alias, line in sorted(listing.last_moves.items()):
-        console.print(f"last {alias} move: {line}", highlight=False)
+    for alias, move in sorted(listing.last_moves.items()):
+        console.print(literal(f"last {alias} move: {move}"), highlight=False)
 
 
 @app.command()
@@ -112,7 +113,7 @@ def promote(
                 actor=actor,
                 force=force,
             )
-            console.print(f"promoted: {move.line()}", highlight=False)
+            console.print(literal(f"promoted: {move.line()}"), highlight=False)
             return
         config = gate.GateConfig(
             margin=margin,
@@ -154,7 +155,7 @@ def rollback(
         move = registry.rollback(settings, to=to, reason=reason, actor=actor)
     except registry.RegistryError as exc:
         fail(str(exc))
-    console.print(f"rolled back: {move.line()}", highlight=False)
+    console.print(literal(f"rolled back: {move.line()}"), highlight=False)
 
 
 @app.command()
