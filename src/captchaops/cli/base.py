@@ -61,6 +61,15 @@ def settings_for(model_name: str | None) -> Settings:
     return settings
 
 
+def audited_actor(settings: Settings, given: str | None) -> str | None:
+    """Who the audit trail names: the account the tracking server authenticates, where there is
+    one (a different --actor is kept beside it, never instead); else --actor or the login name."""
+    account = settings.tracking_username
+    if not account:
+        return given
+    return account if given in (None, account) else f"{account} (as {given})"
+
+
 def parse_length(text: str) -> tuple[int, int]:
     """`MIN-MAX` (or one number) as a label length range; ValueError with the fix if malformed."""
     found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)

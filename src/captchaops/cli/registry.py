@@ -10,6 +10,7 @@ from captchaops.cli.base import (
     ACTOR_OPTION,
     MODEL_NAME_OPTION,
     app,
+    audited_actor,
     console,
     fail,
     parse_length,
@@ -82,6 +83,7 @@ def promote(
     from captchaops.console import print_decision
 
     settings = settings_for(model_name)
+    actor = audited_actor(settings, actor)
     if canary is None and (watch is not None or detach or then_promote):
         fail("--watch, --detach and --then-promote go with --canary PERCENT")
     if canary is not None:
@@ -144,6 +146,7 @@ def rollback(
     from captchaops import registry
 
     settings = settings_for(model_name)
+    actor = audited_actor(settings, actor)
     if canary:
         from captchaops.cli import canary as canaries
 
