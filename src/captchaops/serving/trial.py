@@ -85,6 +85,8 @@ def run_trial(folder: Path, limits: TrialLimits) -> list[str]:
         report = json.loads(lines[-1]) if lines else {}
     except ValueError:
         report = {}
+    if not isinstance(report, dict):
+        report = {}
     if done.returncode == 0 and isinstance(report.get("ops"), list):
         return [str(op) for op in report["ops"]]
     if "error" in report:
@@ -94,10 +96,9 @@ def run_trial(folder: Path, limits: TrialLimits) -> list[str]:
             f"trying the version used more than {limits.cpu_seconds} s of CPU; it was stopped"
         )
     tail = " ".join(done.stderr.decode(errors="replace").split())[-200:]
-    raise TrialFailed(
-        f"trying the version failed (exit {done.returncode}"
-        f"{', likely over ' + str(limits.memory_bytes // 2**20) + ' MiB of memory' if 'alloc' in tail.lower() else ''}): {tail}"
-    )
+    memory = limits.memory_bytes // 2**20
+    why = f", likely over {memory} MiB of memory" if "alloc" in tail.lower() else ""
+    raise TrialFailed(f"trying the version failed (exit {done.returncode}{why}): {tail}")
 
 
 def _trial(folder: Path) -> list[str]:
