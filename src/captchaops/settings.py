@@ -248,7 +248,7 @@ class Settings(BaseSettings):
         10.0, gt=0, description="model servers answer 408 to a request body slower than this"
     )
     max_connections_per_client: int = Field(
-        64, ge=1, description="connections one client address may hold to a model server at once"
+        128, ge=1, description="connections one client address may hold to a model server at once"
     )
 
     @property

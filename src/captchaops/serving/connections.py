@@ -19,7 +19,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEAD_TIMEOUT_S = 10.0
-MAX_CONNECTIONS_PER_CLIENT = 64
+MAX_CONNECTIONS_PER_CLIENT = 128
 MAX_HEAD_BYTES = 16 * 1024
 """Largest request head (h11's incomplete-event limit): a scoring request needs under 1 KiB."""
 MAX_CONNECTIONS = 1_024
