@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +160,12 @@ def saved(tmp_path: Path, model: onnx.ModelProto) -> Path:
     return path
 
 
-def no_children_left() -> list[psutil.Process]:
-    return psutil.Process().children(recursive=True)
+@pytest.fixture()
+def no_children_left() -> Callable[[], list[psutil.Process]]:
+    """Children of this process started since the test began and still alive (other tests'
+    module-scoped servers are not this test's)."""
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    return lambda: [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
 
 
 @pytest.mark.parametrize(
@@ -230,7 +235,9 @@ def test_a_recorded_op_set_must_match_the_graph(tmp_path: Path) -> None:
         open_version(folder)
 
 
-def test_the_trial_of_an_honest_version_returns_its_op_set(tmp_path: Path) -> None:
+def test_the_trial_of_an_honest_version_returns_its_op_set(
+    tmp_path: Path, no_children_left: Callable[[], list[psutil.Process]]
+) -> None:
     folder = version_dir(tmp_path / "v", honest(), onnx_ops=["MatMul", "Reshape", "Softmax"])
     assert run_trial(folder, TrialLimits(memory_bytes=2**31, cpu_seconds=30, wall_seconds=60)) == [
         "MatMul",
@@ -246,14 +253,19 @@ def test_the_trial_of_an_honest_version_returns_its_op_set(tmp_path: Path) -> No
     ids=["ConstantOfShape", "Loop"],
 )
 def test_the_trial_refuses_the_attack_graphs(
-    model: onnx.ModelProto, words: str, tmp_path: Path
+    model: onnx.ModelProto,
+    words: str,
+    tmp_path: Path,
+    no_children_left: Callable[[], list[psutil.Process]],
 ) -> None:
     with pytest.raises(TrialFailed, match=words):
         run_trial(version_dir(tmp_path / "v", model), TrialLimits(wall_seconds=60))
     assert no_children_left() == []
 
 
-def test_a_graph_that_spins_is_stopped_at_its_cpu_limit(tmp_path: Path) -> None:
+def test_a_graph_that_spins_is_stopped_at_its_cpu_limit(
+    tmp_path: Path, no_children_left: Callable[[], list[psutil.Process]]
+) -> None:
     folder = version_dir(tmp_path / "v", spinning())
     started = time.monotonic()
     with pytest.raises(TrialFailed, match=r"CPU|longer than"):
@@ -262,14 +274,18 @@ def test_a_graph_that_spins_is_stopped_at_its_cpu_limit(tmp_path: Path) -> None:
     assert no_children_left() == []
 
 
-def test_a_graph_that_spins_is_killed_at_its_wall_clock_limit(tmp_path: Path) -> None:
+def test_a_graph_that_spins_is_killed_at_its_wall_clock_limit(
+    tmp_path: Path, no_children_left: Callable[[], list[psutil.Process]]
+) -> None:
     folder = version_dir(tmp_path / "v", spinning())
     with pytest.raises(TrialFailed, match="longer than 6 s; it was stopped"):
         run_trial(folder, TrialLimits(cpu_seconds=600, wall_seconds=6))
     assert no_children_left() == []
 
 
-def test_a_graph_that_allocates_gigabytes_is_stopped_at_its_memory_limit(tmp_path: Path) -> None:
+def test_a_graph_that_allocates_gigabytes_is_stopped_at_its_memory_limit(
+    tmp_path: Path, no_children_left: Callable[[], list[psutil.Process]]
+) -> None:
     folder = version_dir(tmp_path / "v", hungry())
     with pytest.raises(TrialFailed, match="MiB"):
         run_trial(folder, TrialLimits(memory_bytes=2**31, cpu_seconds=60, wall_seconds=60))
