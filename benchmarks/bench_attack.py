@@ -11,6 +11,10 @@ refuse a 4000x4000 PNG bomb, a normal one-CAPTCHA client's p99 idle and while N 
 64-image batches (bombs, then accepted 1000x1000 images), and the server's peak RSS.
 Targets (issue 14): bomb refused with a 4xx in < 50 ms; p99 under attack
 <= max(5 x idle p99, 250 ms) with every normal request answered 200; peak RSS <= 300 MB.
+Issue 22 adds: a 60,000-scan JPEG bomb refused with a 4xx in < 100 ms; the normal p99 while
+clients send JPEG bombs (same target); a normal client while one client holds 300 slow bodies
+(>= 99% answered 200, p99 <= 250 ms); the web app (`captchaops app` before the server): a new
+visitor during 120 slow connections (200 in < 1 s) and 2 MiB of `[{},{},...]` (4xx, RSS + < 50 MB).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from benchmarks.bench_serving import prepare_model, request_body, run_load
+from harness import slow
+from harness.attacks import WIDE_JSON
+from harness.images import jpeg_bomb
 from harness.processes import (
     VENV_BIN,
     RssSampler,
@@ -46,6 +53,10 @@ TARGET_BOMB_MS = 50.0
 TARGET_P99_FLOOR_MS = 250.0
 TARGET_P99_FACTOR = 5.0
 TARGET_RSS_MB = 300.0
+TARGET_JPEG_MS = 100.0
+TARGET_SLOW_OK = 0.99
+TARGET_VISITOR_S = 1.0
+TARGET_APP_RSS_MB = 50.0
 
 
 def blank_png(width: int, height: int) -> bytes:
@@ -144,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             bomb = blank_png(4000, 4000)
             bombs = batch_body(bomb, 64, work / "bombs.json")
             heavy = batch_body(blank_png(1000, 1000), 64, work / "heavy.json")
+            jpegs = batch_body(jpeg_bomb(), 1, work / "jpegs.json")
             port = free_port()
             serve_env = {
                 **env,
@@ -162,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
             with http_service(
                 cmd, f"{url}/health", env=serve_env, log=work / "serve.log", timeout=120
             ) as server:
-                report(url, server.pid, bomb, normal, {"bombs": bombs, "heavy": heavy}, args)
+                attacks = {"bombs": bombs, "heavy": heavy, "one-image JPEG bombs": jpegs}
+                report(url, server.pid, bomb, normal, attacks, args)
+                slow_bodies(url, normal, args.duration)
+                web_app(url, serve_env, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -203,6 +218,73 @@ def report(
             f"(target <= {allowed:.0f}), normal failures {failed}, attackers got {codes}, "
             f"server peak RSS {rss:.0f} MB (target <= {TARGET_RSS_MB:.0f}) "
             f"{'OK' if met else 'MISSED'}",
+            flush=True,
+        )
+
+
+def slow_bodies(url: str, normal: Path, seconds: float) -> None:
+    """A normal client while one client (127.0.0.2) tries to hold 300 unfinished bodies."""
+    median_ms, worst_ms, codes = bomb_refusal_ms(url, jpeg_bomb())
+    ok = max(codes) < 500 and min(codes) >= 400 and median_ms < TARGET_JPEG_MS
+    print(
+        f"JPEG bomb (60,000 scans, {len(jpeg_bomb()) / 1024:.0f} KB): HTTP {sorted(codes)} in "
+        f"median {median_ms:.1f} ms, worst {worst_ms:.1f} ms (target 4xx < "
+        f"{TARGET_JPEG_MS:.0f} ms) {'OK' if ok else 'MISSED'}",
+        flush=True,
+    )
+    first = slow.head(url, "/invocations", 10_000) + b'{"inputs": ["'
+    with slow.holding(url, 300, first, source="127.0.0.2") as held:
+        result = run_load(url, 1, seconds, normal)
+        kept = held.still_open()
+    share = result.ok / max(result.ok + result.failed, 1)
+    met = share >= TARGET_SLOW_OK and result.p99_ms <= TARGET_P99_FLOOR_MS
+    print(
+        f"one client holding 300 slow bodies (server kept {kept}): normal client {share:.1%} "
+        f"answered 200 of {result.ok + result.failed}, p99 {result.p99_ms:.1f} ms (target >= "
+        f"{TARGET_SLOW_OK:.0%}, p99 <= {TARGET_P99_FLOOR_MS:.0f} ms) {'OK' if met else 'MISSED'}",
+        flush=True,
+    )
+
+
+def web_app(model_url: str, env: dict[str, str], work: Path) -> None:
+    """`captchaops app` in front of the server: a visitor during 120 slow connections, and
+    2 MiB of wide JSON."""
+    port = free_port()
+    app_env = {**env, "CAPTCHAOPS_HOME": str(work / "app-home")}
+    app_env["CAPTCHAOPS_PRODUCTION_URL"] = app_env["CAPTCHAOPS_STAGING_URL"] = model_url
+    app = f"http://127.0.0.1:{port}"
+    cmd = [str(VENV_BIN / "captchaops"), "app", "--port", str(port)]
+    with http_service(cmd, f"{app}/healthz", env=app_env, log=work / "app.log") as proc:
+        with slow.holding(app, 120, b"GET / HTTP/1.1\r\nHo") as held, httpx.Client() as client:
+            times, codes = [], set()
+            for _ in range(5):
+                started = time.perf_counter()
+                codes.add(client.get(f"{app}/", timeout=30).status_code)
+                times.append(time.perf_counter() - started)
+            kept = held.still_open()
+        met = codes == {200} and max(times) < TARGET_VISITOR_S
+        print(
+            f"web app visitor during 120 slow connections ({kept} held): HTTP {sorted(codes)}, "
+            f"worst {max(times):.2f} s (target 200 in < {TARGET_VISITOR_S:.0f} s) "
+            f"{'OK' if met else 'MISSED'}",
+            flush=True,
+        )
+        with RssSampler.of_pid(proc.pid) as before:
+            time.sleep(0.5)
+        with RssSampler.of_pid(proc.pid) as during:
+            answer = httpx.post(
+                f"{app}/api/predict",
+                content=WIDE_JSON,
+                headers={"Content-Type": "application/json"},
+                timeout=60,
+            )
+            time.sleep(0.5)
+        grew = during.peak_total - before.peak_total
+        met = 400 <= answer.status_code < 500 and grew < TARGET_APP_RSS_MB
+        print(
+            f"web app, 2 MiB of [{{}},{{}},...]: HTTP {answer.status_code}, RSS "
+            f"{before.peak_total:.0f} -> {during.peak_total:.0f} MB (target 4xx, + < "
+            f"{TARGET_APP_RSS_MB:.0f} MB) {'OK' if met else 'MISSED'}",
             flush=True,
         )
 

@@ -99,6 +99,7 @@ def attack_all(
         return [outcome]
 
     run(burst)
+    run(lambda: attack_stack.foreign_host(targets))
     if targets.app_remote:
         run(lambda: attack_stack.review_from_elsewhere(targets))
     return rows

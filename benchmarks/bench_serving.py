@@ -270,7 +270,11 @@ def main(argv: list[str] | None = None) -> None:
                 "--host", "127.0.0.1", "--port", str(theirs_port),
             ]  # fmt: skip
             theirs_env = {**env, "MLFLOW_TRACKING_URI": tracking_uri}
+            bare_port = free_port()
+            bare_url = f"http://127.0.0.1:{bare_port}"
+            bare_cmd = [sys.executable, "-m", "benchmarks.bare_endpoint", str(bare_port)]
             with (
+                http_service(bare_cmd, f"{bare_url}/ping", env=env, log=work / "bare.log") as bare,
                 http_service(
                     ours_cmd, f"{ours_url}/health", env=ours_env, log=work / "ours.log", timeout=120
                 ) as ours,
@@ -284,7 +288,11 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 print(f"both serve version {version_a}; {args.duration:.0f}s per run", flush=True)
                 results = measure(
-                    {"ours": (ours_url, ours.pid), "mlflow": (theirs_url, theirs.pid)},
+                    {
+                        "ours": (ours_url, ours.pid),
+                        "mlflow": (theirs_url, theirs.pid),
+                        "bare": (bare_url, bare.pid),
+                    },
                     levels,
                     args.duration,
                     body,
@@ -338,6 +346,11 @@ def report(
         print(
             f"concurrency 8: {at8['speedup']:.1f}x requests/s (target >= {TARGET_SPEEDUP:.0f}x), "
             f"p99 ratio {at8['p99_ratio']:.2f} (target <= 0.33)"
+        )
+        bare = results["bare"][8][0].rps
+        print(
+            f"concurrency 8: {results['ours'][8][0].rps / bare:.0%} of a bare Starlette "
+            f"endpoint's {bare:.0f} req/s (target >= 50%)"
         )
     print(f"peak RSS of our server: {peak_ours:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB)")
     print(

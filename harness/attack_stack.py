@@ -108,6 +108,22 @@ def review_from_elsewhere(targets: Targets) -> list[Outcome]:
     return [out, page]
 
 
+def foreign_host(targets: Targets) -> list[Outcome]:
+    """Requests naming a host the services do not serve (DNS rebinding): 400 from each."""
+    rebound = {"Host": "attacker.example"}
+    outcomes = []
+    with httpx.Client(timeout=30) as client:
+        for endpoint, method, url in (
+            ("model /reload", "POST", f"{targets.model}/reload"),
+            ("model /invocations", "POST", f"{targets.model}/invocations"),
+            ("app /api/predict", "POST", f"{targets.app}/api/predict"),
+            ("app / (page)", "GET", f"{targets.app}/"),
+        ):
+            answer = send(client, method, url, headers=rebound, json={"image": b64(captcha())})
+            outcomes.append(Outcome("foreign Host header", endpoint, frozenset({400}), [answer]))
+    return outcomes
+
+
 def remote_address() -> str | None:
     """A non-loopback IPv4 address of this machine, or None."""
     try:
@@ -135,6 +151,7 @@ def attacked_stack(home: Path) -> Iterator[tuple[PrivateStack, Targets]]:
     extra = {"CAPTCHAOPS_STAGING_FLOOR": "0"}
     if remote:
         extra["CAPTCHAOPS_HOST"] = "0.0.0.0"
+        extra["CAPTCHAOPS_ALLOWED_HOSTS"] = remote  # its services answer to that name
     stack = PrivateStack.create(home, **extra)
     try:
         with mlflow_state_restored():

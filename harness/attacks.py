@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from captchaops.data.synthetic import generate_one
+from harness.images import gif_comment_bomb, jpeg_bomb, png_chunk_bomb
 
 REFUSALS = frozenset({400, 403, 409, 413, 415, 429})
 EIGHT_MB = 8 * 1024 * 1024
@@ -134,6 +135,7 @@ TRUNCATED_B64 = b64(captcha())[:-3]
 TRUNCATED_PNG = b64(captcha()[:200])
 GARBAGE_B64 = "!!!! this is not base64 ~~~~"
 BIG_BODY = b'{"image": "' + b"A" * EIGHT_MB + b'"}'
+WIDE_JSON = b"[" + b"{}," * (2 * 1024 * 1024 // 3) + b"{}]"
 
 
 def model_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
@@ -143,6 +145,9 @@ def model_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
     return [
         ("png bomb 4000x4000", {"json": scoring(bomb)}, bad),
         ("64 png bombs", {"json": scoring(*[bomb] * 64)}, bad),
+        ("jpeg of 60,000 scans", {"json": scoring(b64(jpeg_bomb()))}, bad),
+        ("png of 60,000 chunks", {"json": scoring(b64(png_chunk_bomb()))}, bad),
+        ("gif of 120,000 comments", {"json": scoring(b64(gif_comment_bomb()))}, bad),
         ("json 200,000 deep", {"content": DEEP_JSON, "headers": _json_type()}, bad),
         ("8 MB body", {"content": BIG_BODY, "headers": _json_type()}, bad),
         ("text/plain", {"content": json.dumps(scoring(b64(captcha()))), "headers": _text()}, bad),
@@ -166,7 +171,9 @@ def api_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
     return [
         ("png bomb 4000x4000", {"json": {"image": b64(bomb)}}, bad),
         ("64 png bombs", {"files": files}, bad),
+        ("jpeg of 60,000 scans", {"json": {"image": b64(jpeg_bomb())}}, bad),
         ("json 200,000 deep", {"content": DEEP_JSON, "headers": _json_type()}, bad),
+        ("2 MiB of [{},{},...]", {"content": WIDE_JSON, "headers": _json_type()}, bad),
         ("8 MB body", {"content": BIG_BODY, "headers": _json_type()}, bad),
         ("text/plain", {"content": json.dumps({"image": b64(captcha())}), "headers": _text()}, bad),
         (
@@ -187,6 +194,7 @@ def form_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
     bad = frozenset({400, 413, 415})
     return [
         ("png bomb 4000x4000", {"files": {"image": ("b.png", bomb, "image/png")}}, bad),
+        ("jpeg of 60,000 scans", {"files": {"image": ("b.jpg", jpeg_bomb(), "image/jpeg")}}, bad),
         (
             "64 png bombs",
             {"files": [("image", (f"b{i}.png", bomb, "image/png")) for i in range(64)]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as ProgressBar
 from rich.table import Column, Table
+from rich.text import Text
 
 from captchaops.live.reported import NO_CALIBRATION
 
@@ -25,6 +27,21 @@ if TYPE_CHECKING:
     from captchaops.settings import Settings
     from captchaops.stack.control import ServiceStatus
     from captchaops.training.run import TrainConfig, TrainResult
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Control characters, and the bidirectional overrides that reorder what a terminal shows."""
+
+
+def literal(value: object) -> Text:
+    """Text read from the registry, runs or a server, shown as it is: never markup, control
+    characters escaped (`\\x1b`), so a tag cannot restyle, hide or break the output."""
+    return Text(_CONTROL.sub(_escaped, str(value)))
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class UnexpectedError(RuntimeError):
@@ -102,14 +119,16 @@ def print_summary(result: TrainResult, console: Console) -> None:
     if result.skipped != "none":
         console.print(f"skipped files: {result.skipped}", highlight=False)
     if result.frozen:
-        console.print(result.frozen, highlight=False)
-    console.print(f"run {result.run_id}; registered {result.model_uri}", highlight=False)
+        console.print(literal(result.frozen), highlight=False)
+    console.print(literal(f"run {result.run_id}; registered {result.model_uri}"), highlight=False)
     if result.staged:
         console.print("alias staging -> this version", highlight=False)
     else:
-        console.print(f"not staged: {result.rejection_reason}", highlight=False)
+        console.print(literal(f"not staged: {result.rejection_reason}"), highlight=False)
     if result.warning:
-        console.print(f"[yellow]warning:[/yellow] {result.warning}", highlight=False)
+        console.print(
+            Text.assemble(("warning:", "yellow"), " ", literal(result.warning)), highlight=False
+        )
 
 
 WIDE = 110
@@ -117,7 +136,7 @@ WIDE = 110
 SERVED = ("production", "staging", "canary")
 
 
-def _table(title: str) -> Table:
+def _table(title: str | Text) -> Table:
     """A table without vertical rules, so short columns fit 80 columns; cells fold, never `…`."""
     return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
 
@@ -129,11 +148,11 @@ def services_table(rows: list[ServiceStatus]) -> Table:
         table.add_column(column, overflow="fold")
     for row in rows:
         table.add_row(
-            row.name,
+            literal(row.name),
             str(row.pid or "-"),
-            row.state,
-            row.url,
-            "[green]ok[/green]" if row.healthy else "[red]down[/red]",
+            literal(row.state),
+            literal(row.url),
+            Text("ok", style="green") if row.healthy else Text("down", style="red"),
             f"{row.rss_mb:.0f}",
         )
     return table
@@ -154,10 +173,10 @@ def print_settings(console: Console, values: dict[str, str]) -> None:
     pad = max((len(key) for key in values), default=0)
     for key, value in values.items():
         if pad + 2 + len(value) <= console.width:
-            console.print(f"{key:<{pad}}  {value}", highlight=False, markup=False)
+            console.print(literal(f"{key:<{pad}}  {value}"), highlight=False)
         else:
-            console.print(key, highlight=False, markup=False)
-            console.print(f"    {value}", highlight=False, markup=False, overflow="fold")
+            console.print(literal(key), highlight=False)
+            console.print(literal(f"    {value}"), highlight=False, overflow="fold")
 
 
 def _live_cell(listing: Listing, row: VersionRow) -> str:
@@ -175,7 +194,7 @@ def versions_table(listing: Listing, width: int = 80) -> Table:
     """`models`: one short row per version (notes go below, `version_notes`); a wide terminal
     also gets the deprecated stage and full dates."""
     wide = width >= WIDE
-    table = _table(f"{listing.name} versions")
+    table = _table(literal(f"{listing.name} versions"))
     columns = ["ver", "aliases", "status", "test", "frozen", "CER", "live", "created"]
     if wide:
         columns.insert(3, "stage")
@@ -186,39 +205,40 @@ def versions_table(listing: Listing, width: int = 80) -> Table:
             f"{v:.3f}" if v is not None else "-"
             for v in (row.test_seq_acc, row.eval_seq_acc, row.eval_cer)
         ]
-        cells = [
-            row.version,
-            " ".join(f"@{a}" for a in row.aliases) or "-",
-            row.status,
+        cells: list[Text | str] = [
+            literal(row.version),
+            literal(" ".join(f"@{a}" for a in row.aliases) or "-"),
+            literal(row.status),
             *scores,
-            _live_cell(listing, row),
-            row.created if wide else row.created[5:],
+            literal(_live_cell(listing, row)),
+            literal(row.created if wide else row.created[5:]),
         ]
         if wide:
-            cells.insert(3, row.stage)
+            cells.insert(3, literal(row.stage))
         table.add_row(*cells)
     return table
 
 
-def version_notes(listing: Listing) -> list[str]:
+def version_notes(listing: Listing) -> list[Text]:
     """`models`: each version's note (why it was promoted or rejected) and missing live
     estimate, one line each below the table."""
     lines = []
     for row in listing.rows:
         if _uncalibrated_and_served(row):
-            lines.append(f"v{row.version}: {NO_CALIBRATION}")
+            lines.append(literal(f"v{row.version}: {NO_CALIBRATION}"))
         if row.note:
-            lines.append(f"v{row.version}: {row.note}")
+            lines.append(literal(f"v{row.version}: {row.note}"))
     return lines
 
 
-def live_lines(states: list[LiveState]) -> list[str]:
+def live_lines(states: list[LiveState]) -> list[Text]:
     """`models` and `status`: one line per served version's live estimate, and its alert."""
     lines = []
     for state in states:
-        lines.append(f"live {state.alias} v{state.version}: {state.line()}")
+        lines.append(literal(f"live {state.alias} v{state.version}: {state.line()}"))
         if state.alert:
-            lines.append(f"[red]ALERT[/red] {state.alias} v{state.version}: {state.alert}")
+            where = literal(f" {state.alias} v{state.version}: {state.alert}")
+            lines.append(Text.assemble(("ALERT", "red"), where))
     return lines
 
 
@@ -232,6 +252,8 @@ def print_decision(console: Console, decision: Decision) -> None:
                 highlight=False,
             )
         elif result is not None:
-            console.print(f"{role} v{result.version}: failed ({result.error})", highlight=False)
-    verdict = "[green]promoted[/green]" if decision.promote else "[yellow]rejected[/yellow]"
-    console.print(f"{verdict} v{decision.candidate_version}: {decision.reason()}", highlight=False)
+            line = f"{role} v{result.version}: failed ({result.error})"
+            console.print(literal(line), highlight=False)
+    verdict = ("promoted", "green") if decision.promote else ("rejected", "yellow")
+    reason = literal(f" v{decision.candidate_version}: {decision.reason()}")
+    console.print(Text.assemble(verdict, reason), highlight=False)

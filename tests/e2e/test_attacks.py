@@ -134,6 +134,13 @@ def test_the_review_queue_refuses_another_address_without_the_token(attacked: At
     assert failures(outcomes) == []
 
 
+def test_a_foreign_host_header_is_refused_by_every_service(attacked: Attacked) -> None:
+    outcomes = attack_stack.foreign_host(attacked.targets)
+    print(table(outcomes))
+    assert failures(outcomes) == []
+    assert all('"bad_host"' in a.body for o in outcomes for a in o.answers), table(outcomes)
+
+
 def test_nothing_was_lost_and_the_servers_still_answer(attacked: Attacked) -> None:
     after = snapshot(attacked.settings)
     assert attack_stack.lost(attacked.before, after) == []

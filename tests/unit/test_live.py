@@ -22,10 +22,12 @@ def test_the_served_version_only_with_its_alert() -> None:
     (state,) = from_health("production", HEALTH)
     assert (state.alias, state.version, state.answers, state.alert) == ("production", "7", 200, "x")
     assert state.short() == "61.0%"
-    assert live_lines([state]) == [
+    lines = live_lines([state])
+    assert [line.plain for line in lines] == [
         "live production v7: live estimate 61.0% over 200 answers; gate accuracy 95.1%",
-        "[red]ALERT[/red] production v7: x",
+        "ALERT production v7: x",
     ]
+    assert lines[1].spans[0].style == "red" and lines[1].spans[0].end == len("ALERT")
 
 
 def test_a_tripped_canary_is_listed_with_its_reason_as_the_alert() -> None:

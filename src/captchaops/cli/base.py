@@ -11,7 +11,9 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from captchaops.console import literal
 from captchaops.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -20,13 +22,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# No markup: what the CLI prints comes from the registry, runs and servers (a tag holding `[/x]`
+# must print as itself); styles are added as Text where the CLI wants them.
+console = Console(soft_wrap=True, markup=False)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 def fail(message: str, code: int = 1) -> None:
     """Print one line and exit non-zero."""
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(Text.assemble(("error:", "red"), " ", literal(message)), highlight=False)
     raise typer.Exit(code)
 
 
@@ -65,6 +69,15 @@ def require_access(settings: Settings, action: str) -> None:
         check(settings, action)
     except AccessError as exc:
         fail(str(exc))
+
+
+def audited_actor(settings: Settings, given: str | None) -> str | None:
+    """Who the audit trail names: the account the tracking server authenticates, where there is
+    one (a different --actor is kept beside it, never instead); else --actor or the login name."""
+    account = settings.tracking_username
+    if not account:
+        return given
+    return account if given in (None, account) else f"{account} (as {given})"
 
 
 def parse_length(text: str) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from captchaops.cli.base import console, fail
+from captchaops.console import literal
 from captchaops.settings import Settings
 
 WATCH_MINUTES = 5.0
@@ -39,7 +40,7 @@ def start(
         )
     except registry.RegistryError as exc:
         fail(str(exc))
-    console.print(f"canary: {move.line()}", highlight=False)
+    console.print(literal(f"canary: {move.line()}"), highlight=False)
     if detach:
         console.print(
             f"not watching: the production server's breaker stops routing to v{move.to_version} "
@@ -71,7 +72,7 @@ def start(
         )
     if outcome.code != canary.EXIT_CLEAN:
         fail(outcome.line, outcome.code)
-    console.print(outcome.line, highlight=False)
+    console.print(literal(outcome.line), highlight=False)
 
 
 def end(settings: Settings, *, reason: str, actor: str | None) -> None:
@@ -82,4 +83,4 @@ def end(settings: Settings, *, reason: str, actor: str | None) -> None:
         move = registry.end_canary(settings, reason=reason or "canary ended by hand", actor=actor)
     except registry.RegistryError as exc:
         fail(str(exc))
-    console.print(f"canary ended: {move.line()}", highlight=False)
+    console.print(literal(f"canary ended: {move.line()}"), highlight=False)

@@ -10,12 +10,14 @@ from captchaops.cli.base import (
     ACTOR_OPTION,
     MODEL_NAME_OPTION,
     app,
+    audited_actor,
     console,
     fail,
     parse_length,
     require_access,
     settings_for,
 )
+from captchaops.console import literal
 
 
 @app.command()
@@ -38,8 +40,8 @@ def models(
         console.print(line, highlight=False, markup=False)
     for line in live_lines(listing.live):
         console.print(line, highlight=False)
-    for alias, line in sorted(listing.last_moves.items()):
-        console.print(f"last {alias} move: {line}", highlight=False)
+    for alias, move in sorted(listing.last_moves.items()):
+        console.print(literal(f"last {alias} move: {move}"), highlight=False)
 
 
 @app.command()
@@ -87,6 +89,7 @@ def promote(
 
     settings = settings_for(model_name)
     require_access(settings, "promote")
+    actor = audited_actor(settings, actor)
     if canary is None and (watch is not None or detach or then_promote):
         fail("--watch, --detach and --then-promote go with --canary PERCENT")
     if canary is not None:
@@ -118,7 +121,7 @@ def promote(
                 actor=actor,
                 force=force,
             )
-            console.print(f"promoted: {move.line()}", highlight=False)
+            console.print(literal(f"promoted: {move.line()}"), highlight=False)
             return
         config = gate.GateConfig(
             margin=margin,
@@ -150,6 +153,7 @@ def rollback(
 
     settings = settings_for(model_name)
     require_access(settings, "rollback")
+    actor = audited_actor(settings, actor)
     if canary:
         from captchaops.cli import canary as canaries
 
@@ -161,7 +165,7 @@ def rollback(
         move = registry.rollback(settings, to=to, reason=reason, actor=actor)
     except registry.RegistryError as exc:
         fail(str(exc))
-    console.print(f"rolled back: {move.line()}", highlight=False)
+    console.print(literal(f"rolled back: {move.line()}"), highlight=False)
 
 
 @app.command()

@@ -7,6 +7,7 @@ import sys
 import typer
 
 from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, settings_for
+from captchaops.console import literal
 from captchaops.settings import load_settings
 
 
@@ -50,8 +51,8 @@ def status() -> None:
     serving = tuple(r.name for r in rows if r.name in webhooks.SERVED_ALIASES and r.healthy)
     swaps = webhooks.swap_lines(settings, serving)
     if swaps:
-        line = "; ".join(f"{alias} {how}" for alias, how in swaps.items())
-        console.print(f"swaps: {line}", highlight=False)
+        shown = "; ".join(f"{alias} {how}" for alias, how in swaps.items())
+        console.print(literal(f"swaps: {shown}"), highlight=False)
     urls = {r.name: r.url for r in rows if r.name in live.SERVED_ALIASES and r.healthy}
     for line in live_lines(live.read(urls)):
         console.print(line, highlight=False)

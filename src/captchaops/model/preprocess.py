@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
+import struct
 import warnings
 
 import numpy as np
@@ -17,6 +19,25 @@ from PIL import Image
 MAX_PIXELS = 1_000_000
 """Images whose header declares more pixels than this are refused before decoding (CAPTCHAs
 are a few thousand; a 4000x4000 PNG bomb would need 64 MB to decode)."""
+
+MAX_JPEG_SCANS = 32
+"""Scans a JPEG may hold: a baseline file has 1 to 3, Pillow's and libjpeg's progressive ones 6
+to 10. Each scan costs a pass over every block, so 83,000 tiny repeated scans in a 1 MB
+1000x1000 file take tens of seconds to decode; they are counted from the markers and refused."""
+MAX_JPEG_SEGMENTS = 512
+"""Marker segments (tables, scans, metadata) a JPEG may hold."""
+MAX_PNG_CHUNKS = 1_024
+"""Chunks a PNG may hold: encoders split pixel data into 8-64 KiB IDAT chunks, so a 1 MiB file
+needs about 130; Pillow parses each chunk in Python (80,000 empty ones take seconds)."""
+MAX_PNG_TEXT_CHUNKS = 16
+"""Text chunks (tEXt, zTXt, iTXt) a PNG may hold: each zTXt can inflate to 1 MB in Pillow."""
+MAX_GIF_FRAMES = 256
+MAX_GIF_BLOCKS = 16_384
+"""Frames, and extension blocks plus data sub-blocks, a GIF may hold (Pillow reads extensions in
+Python: 200,000 tiny comments take a second)."""
+MAX_RLE_BMP_BYTES = 64 * 1024
+"""RLE-compressed BMPs are decoded by Pillow in Python (2 s for 1000x1000); larger ones are
+refused."""
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -45,6 +66,10 @@ class ImageTooLarge(InvalidImage):
 
 class TooManyPixels(InvalidImage):
     """An image whose header declares more pixels than the limit (refused without decoding)."""
+
+
+class TooCostly(InvalidImage):
+    """An image whose structure would make decoding expensive (too many scans, chunks or frames)."""
 
 
 def b64decode_image(value: object, index: int, max_bytes: int | None = None) -> bytes:
@@ -93,9 +118,121 @@ def to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
     return (np.asarray(gray, dtype=np.float32) / 255.0)[:, :, None]
 
 
+_JPEG_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7])")
+"""A marker after entropy-coded data: 0xFF not followed by a stuffed zero or a restart code."""
+
+
+def _check_jpeg(data: bytes) -> None:
+    """Count the JPEG's marker segments and scans without decoding any (refuse too many)."""
+    pos, scans, segments = 2, 0, 0
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # end of image
+            return
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            raise TooCostly(
+                f"the JPEG holds more than {MAX_JPEG_SEGMENTS} marker segments; "
+                "re-encode it as a plain JPEG or PNG"
+            )
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise TooCostly(
+                    f"the JPEG holds more than {MAX_JPEG_SCANS} scans; "
+                    "re-encode it as a baseline JPEG or PNG"
+                )
+            found = _JPEG_NEXT_MARKER.search(data, pos)
+            if found is None:
+                return
+            pos = found.start()
+
+
+def _check_png(data: bytes) -> None:
+    """Count the PNG's chunks (and its text chunks) without inflating any (refuse too many)."""
+    pos, chunks, texts = 8, 0, 0
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS:
+            raise TooCostly(
+                f"the PNG holds more than {MAX_PNG_CHUNKS:,} chunks; re-save it with a common encoder"
+            )
+        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+            texts += 1
+            if texts > MAX_PNG_TEXT_CHUNKS:
+                raise TooCostly(
+                    f"the PNG holds more than {MAX_PNG_TEXT_CHUNKS} text chunks; "
+                    "strip its metadata and send it again"
+                )
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
+def _check_gif(data: bytes) -> None:
+    """Count the GIF's frames and blocks by walking its block structure (refuse too many)."""
+    pos = 13 + (3 << ((data[10] & 7) + 1) if len(data) > 10 and data[10] & 0x80 else 0)
+    frames = blocks = 0
+    while pos < len(data):
+        kind = data[pos]
+        if kind == 0x3B:  # trailer
+            return
+        blocks += 1
+        if kind == 0x21:  # extension: label, then sub-blocks
+            pos += 2
+        elif kind == 0x2C:  # image: descriptor, local table, LZW code size, then sub-blocks
+            frames += 1
+            if frames > MAX_GIF_FRAMES:
+                raise TooCostly(
+                    f"the GIF holds more than {MAX_GIF_FRAMES} frames; send a single image"
+                )
+            flags = data[pos + 9] if pos + 9 < len(data) else 0
+            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1
+        else:
+            return  # not a block Pillow reads either: it reports the damage
+        while pos < len(data) and data[pos]:
+            blocks += 1
+            if blocks > MAX_GIF_BLOCKS:
+                raise TooCostly(
+                    f"the GIF holds more than {MAX_GIF_BLOCKS:,} blocks; re-save it as one plain frame"
+                )
+            pos += 1 + data[pos]
+        pos += 1
+
+
+def _check_bmp(data: bytes) -> None:
+    """Refuse large run-length-encoded BMPs (Pillow decodes those in Python)."""
+    if len(data) < 34 or struct.unpack_from("<I", data, 14)[0] < 40:
+        return  # an OS/2 core header: no compression field
+    rle = struct.unpack_from("<I", data, 30)[0] in (1, 2)
+    if rle and len(data) > MAX_RLE_BMP_BYTES:
+        raise TooCostly(
+            f"the run-length-encoded BMP is larger than {MAX_RLE_BMP_BYTES // 1024} KiB; "
+            "send it as PNG"
+        )
+
+
+_COST_CHECKS = {"JPEG": _check_jpeg, "PNG": _check_png, "GIF": _check_gif, "BMP": _check_bmp}
+
+
+def check_cost(data: bytes) -> str:
+    """The sniffed format, after refusing structures that are expensive to decode (no decoding)."""
+    fmt = sniff_format(data)
+    _COST_CHECKS[fmt](data)
+    return fmt
+
+
 def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """The image opened lazily: header parsed, no pixel decoded yet."""
-    fmt = sniff_format(data)
+    fmt = check_cost(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

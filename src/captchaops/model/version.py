@@ -54,6 +54,9 @@ class VersionMeta(BaseModel):
     scheme: str = Field(min_length=1, max_length=100)
     data_kind: Literal["folder", "synthetic"]
     model_format: Literal["onnx"] = "onnx"
+    onnx_ops: tuple[str, ...] = ()
+    """The graph's operator types, recorded at export (`graph_policy.op_set`); empty in older
+    versions."""
 
     @field_validator("alphabet")
     @classmethod
@@ -170,9 +173,19 @@ def check_model_dir(model_dir: Path) -> tuple[VersionMeta, Path]:
     return meta, onnx
 
 
-def open_version(model_dir: Path, threads: int = 1) -> OnnxReader:
-    """A checked, downloaded version as a reader (ONNX Runtime, our own preprocessing)."""
+def open_version(model_dir: Path, threads: int = 1, check_ops: bool = True) -> OnnxReader:
+    """A checked, downloaded version as a reader (ONNX Runtime, our own preprocessing); the graph
+    policy is checked unless the caller has (a model server's trial in a child process)."""
     meta, onnx = check_model_dir(model_dir)
+    if check_ops:
+        from captchaops.model.graph_policy import GraphRefused, check_graph
+
+        try:
+            ops = check_graph(onnx)
+        except GraphRefused as exc:
+            raise VersionError(str(exc)) from exc
+        if meta.onnx_ops and sorted(meta.onnx_ops) != ops:
+            raise VersionError("the graph's operators differ from those meta.json records")
     try:
         return OnnxReader(onnx, meta.model_dump(), threads=threads)
     except Exception as exc:  # onnxruntime raises its own types for a malformed graph

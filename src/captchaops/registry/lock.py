@@ -11,6 +11,10 @@ The run itself is made once: a creator that finds no other lock run after creati
 seals it (parameter `sealed`); one that does find another abandons its own (tag `abandoned`:
 editors may not delete runs) and uses the sealed one. At most one run is ever sealed: of two
 creators, the later one's search sees the earlier one's run.
+
+A hold is stamped, and judged stale, by the tracking server's clock (the Date header of its
+answers), so a holder whose clock runs behind cannot have its fresh lock taken over, nor one
+whose clock runs ahead leave a crashed lock that never looks stale.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
+from mlflow.utils.rest_utils import http_request
 
 from captchaops.mlflow_scope import finish_run
 from captchaops.registry.audit import audit_experiment
@@ -92,9 +98,23 @@ def _state(mlflow_client: MlflowClient, run_id: str) -> tuple[int, str | None]:
     return last, params[f"hold_{last}"]
 
 
-def _token_age_s(token: str) -> float:
+def server_time(mlflow_client: MlflowClient) -> float:
+    """The tracking server's clock in epoch seconds (the Date header of its /health answer);
+    this machine's when the store is not a server or does not say."""
+    store = getattr(getattr(mlflow_client, "_tracking_client", None), "store", None)
+    host_creds = getattr(store, "get_host_creds", None)
+    if host_creds is None:
+        return time.time()
     try:
-        return time.time() - float(token.split("|")[1])
+        response = http_request(host_creds(), "/health", "GET", max_retries=0, timeout=10)
+        return parsedate_to_datetime(response.headers["Date"]).timestamp()
+    except (MlflowException, OSError, KeyError, TypeError, ValueError):
+        return time.time()
+
+
+def _token_age_s(token: str, now: float) -> float:
+    try:
+        return now - float(token.split("|")[1])
     except (IndexError, ValueError):
         return LOCK_STALE_S + 1
 
@@ -106,10 +126,11 @@ def promotion_lock(
     """Hold the model's promotion lock for a block; RegistryError if it stays taken `timeout_s`."""
     run_id = lock_run(mlflow_client, name, actor)
     deadline = time.monotonic() + timeout_s
-    token = f"{uuid.uuid4().hex}|{time.time():.0f}|{actor[:200]}"
     while True:
         last, held = _state(mlflow_client, run_id)
-        if held is None or _token_age_s(held) > LOCK_STALE_S:
+        now = server_time(mlflow_client)
+        token = f"{uuid.uuid4().hex}|{now:.0f}|{actor[:200]}"
+        if held is None or _token_age_s(held, now) > LOCK_STALE_S:
             try:
                 mlflow_client.log_param(run_id, f"hold_{last + 1}", token)
                 break
@@ -121,7 +142,7 @@ def promotion_lock(
             holder = held.split("|", 2)[-1]
             raise RegistryError(
                 f"another promotion of {name} holds the lock (by {holder}, "
-                f"{_token_age_s(held):.0f}s ago); wait and retry"
+                f"{_token_age_s(held, now):.0f}s ago); wait and retry"
             )
         _pause()
     try:

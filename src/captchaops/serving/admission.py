@@ -1,14 +1,19 @@
-"""What a model server lets in at once: requests, body bytes, time; and noticing a client has gone."""
+"""What a model server lets in at once: requests, body bytes, time; and noticing a client has gone.
+
+A body is read, within its own deadline, before its request takes one of the request slots: a
+client sending slowly holds a connection and (past 64 KiB) body bytes, never a slot.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 
+import anyio
 from starlette.requests import Request
 from starlette.types import Receive
 
-from captchaops.serving.protocol import too_large
+from captchaops.serving.protocol import ProtocolError, too_large
 
 SMALL_BODY_BYTES = 64 * 1024
 """Bodies up to this size (a few CAPTCHAs) are parsed on the event loop and not charged to the
@@ -50,6 +55,15 @@ class Admission:
         self.held_bytes += size
 
     @contextlib.contextmanager
+    def holding(self) -> Iterator[Ticket]:
+        """A ticket for one request's body bytes (no request slot), returned when the block ends."""
+        ticket = Ticket(self)
+        try:
+            yield ticket
+        finally:
+            self.held_bytes -= ticket.charged
+
+    @contextlib.contextmanager
     def request(self) -> Iterator[Ticket]:
         """Admit one request for the block, or raise Busy when too many are in."""
         if self.requests >= self.max_requests:
@@ -63,8 +77,11 @@ class Admission:
             self.held_bytes -= ticket.charged
 
 
-async def read_body(request: Request, limit: int, ticket: Ticket) -> bytes:
-    """The request body, refused (413) past `limit` bytes and charged to `ticket` as it arrives."""
+async def read_body(
+    request: Request, limit: int, ticket: Ticket, timeout_s: float | None = None
+) -> bytes:
+    """The request body, refused (413) past `limit` bytes and charged to `ticket` as it arrives;
+    a body that has not all arrived within `timeout_s` seconds is refused with 408."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
         if int(declared) > limit:
@@ -72,12 +89,20 @@ async def read_body(request: Request, limit: int, ticket: Ticket) -> bytes:
         ticket.charge(int(declared))
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        ticket.charge(size)
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                ticket.charge(size)
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise ProtocolError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within {timeout_s:g} s; send it at once",
+        ) from exc
     return b"".join(chunks)
 
 

@@ -21,14 +21,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from captchaops.serving import invocations
+from captchaops.serving import connections, invocations
 from captchaops.serving.canary_slot import Canary
+from captchaops.serving.guard import Guard
 from captchaops.serving.live_estimate import LiveQuality
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
 from captchaops.serving.monitoring_runs import REST_TIMEOUT_S, Monitor
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.serving.webhook import WebhookReceiver
-from captchaops.settings import Settings
+from captchaops.settings import Settings, ensure_secret
 from captchaops.tracking_rest import TrackingRest
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def create_app(
     deadline_s: float = invocations.DEFAULT_DEADLINE_S,
 ) -> Starlette:
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
+    if settings.auth:  # team mode: guarded endpoints need the serving token
+        settings = ensure_secret(settings, "serving_token", 32)
     metrics = ServingMetrics()
     metrics.quality = LiveQuality(_version_tags(settings), metrics.registry)
     watcher = AliasWatcher.for_settings(settings, alias, metrics)
@@ -76,7 +79,10 @@ def create_app(
             Route("/reload", reload, methods=["POST"]),
             Route("/webhook", receiver.handle, methods=["POST"]),
         ],
-        middleware=[Middleware(ModelHeaders, watcher=watcher)],
+        middleware=[
+            Middleware(Guard, settings=settings, alias=alias),
+            Middleware(ModelHeaders, watcher=watcher),
+        ],
         exception_handlers={HTTPException: http_error},
         lifespan=_lifespan,
     )
@@ -234,6 +240,12 @@ def run(settings: Settings, alias: str, port: int, host: str | None = None) -> N
         access_log=False,
         log_level="info",
         timeout_graceful_shutdown=5,
+        http=connections.guarded_protocol(
+            settings.head_timeout_seconds, settings.max_connections_per_client
+        ),
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=connections.MAX_HEAD_BYTES,
+        limit_concurrency=connections.MAX_CONNECTIONS,
     )
 
 

@@ -12,6 +12,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from captchaops import service_auth
 from captchaops.model.preprocess import InvalidImage
 from captchaops.serving import protocol
 from captchaops.serving.admission import (
@@ -51,6 +52,11 @@ RETRY_AFTER_S = 1
 
 class ClientGone(Exception):
     """The client closed the connection before its answer was ready."""
+
+
+def _trusted(request: Request) -> bool:
+    """Whether the request counts for the live estimate (set by `serving.guard.Guard`)."""
+    return bool(request.scope.get("state", {}).get("trusted", True))
 
 
 def error_response(
@@ -105,6 +111,7 @@ class Invocations:
                 queue_size=settings.shadow_queue,
                 timeout_s=settings.shadow_timeout_seconds,
                 per_second=settings.shadow_per_second,
+                headers=service_auth.bearer_headers(settings),
             )
         self.canary: Canary | None = None
         self.review: ReviewOffers | None = None
@@ -148,7 +155,7 @@ class Invocations:
         self.metrics.requests.labels(str(response.status_code)).inc()
         elapsed = time.perf_counter() - started
         self.metrics.latency.observe(elapsed)
-        if self.canary is not None and response.status_code == 200:
+        if self.canary is not None and response.status_code == 200 and _trusted(request):
             self.canary.observe(response.headers.get("x-model-version"), elapsed)
         self.metrics.pending_images.set(self.batcher.pending_images)
         self.metrics.held_bytes.set(self.admission.held_bytes)
@@ -157,14 +164,17 @@ class Invocations:
     async def _answer(self, request: Request) -> Response:
         try:
             protocol.check_content_type(request.headers.get("content-type", ""))
-            with self.admission.request() as ticket:
-                async with asyncio.timeout(self.deadline_s):
-                    with self.batcher.arriving():
-                        body = await read_body(request, self.max_body_bytes, ticket)
-                        images, pixels = await self._parse(body)
-                        kept = body if self._shadowed(request, body) else None
-                        del body
-                    served, predictions = await self._routed(request, images, pixels)
+            with self.admission.holding() as ticket:
+                body = await read_body(
+                    request, self.max_body_bytes, ticket, self.settings.body_timeout_seconds
+                )
+                with self.admission.request():
+                    async with asyncio.timeout(self.deadline_s):
+                        with self.batcher.arriving():
+                            images, pixels = await self._parse(body)
+                            kept = body if self._shadowed(request, body) else None
+                            del body
+                        served, predictions = await self._routed(request, images, pixels)
         except protocol.ProtocolError as exc:
             return self._refuse(exc.status, exc.error, exc.detail)
         except InvalidImage as exc:
@@ -190,7 +200,8 @@ class Invocations:
             log.exception("prediction failed")
             return self._refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
         self.metrics.images.inc(len(images))
-        self.metrics.record_predictions(served.version, predictions)
+        if _trusted(request):  # anonymous noise feeds no estimate, breaker or shadow
+            self.metrics.record_predictions(served.version, predictions)
         if self.review is not None and SHADOW_HEADER.lower() not in request.headers:
             self.review.offer(images, predictions, served.version)
         copy = None
@@ -218,6 +229,7 @@ class Invocations:
         """Whether to copy this request to the shadow server once answered (never a copy)."""
         return (
             self.shadow is not None
+            and _trusted(request)
             and SHADOW_HEADER.lower() not in request.headers
             and self.shadow.accepts(len(body))
         )

@@ -10,7 +10,6 @@ artifact stores the tracking server does not proxy.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -24,12 +23,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from PIL import Image
 
 from captchaops.model.version import MAX_META_BYTES, META_ARTIFACT, ONNX_ARTIFACT, open_version
+from captchaops.serving.trial import ImageModel as ImageModel
+from captchaops.serving.trial import TrialFailed, TrialLimits, run_trial, warm_up
 from captchaops.tracking_rest import (
     ArtifactTooLarge,
     TrackingError,
@@ -42,16 +42,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 GOOD_FILE = "good.json"
 _SAFE_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-class ImageModel(Protocol):
-    """What a server needs from a loaded version."""
-
-    meta: dict[str, Any]
-
-    def predict_images(self, images: list[bytes]) -> list[dict[str, Any]]:
-        """Text and confidence for each image."""
-        ...
 
 
 class LoadError(Exception):
@@ -82,27 +72,20 @@ def cache_dir_for(home: Path, name: str, alias: str) -> Path:
     return home / "serving-cache" / _path_part(name) / _path_part(alias)
 
 
-def warm_up(model: ImageModel) -> None:
-    """Run one prediction on a blank image of the model's input size; raise if it misbehaves."""
-    size = (int(model.meta["width"]), int(model.meta["height"]))
-    buffer = io.BytesIO()
-    Image.new("L", size, 255).save(buffer, format="PNG")
-    result = model.predict_images([buffer.getvalue()])
-    if (
-        len(result) != 1
-        or not isinstance(result[0].get("text"), str)
-        or not 0.0 <= float(result[0].get("confidence", -1.0)) <= 1.0
-    ):
-        raise RuntimeError(f"warm-up prediction returned {result!r}, not one text and confidence")
-
-
 class VersionLoader:
     """Loads versions of one alias and keeps the last good one under `cache_dir`."""
 
-    def __init__(self, rest: TrackingRest, cache_dir: Path, timeouts: Timeouts) -> None:
+    def __init__(
+        self,
+        rest: TrackingRest,
+        cache_dir: Path,
+        timeouts: Timeouts,
+        trial: TrialLimits | None = None,
+    ) -> None:
         self.rest = rest
         self.cache_dir = cache_dir
         self.timeouts = timeouts
+        self.trial = trial or TrialLimits(wall_seconds=timeouts.load + timeouts.warm_up)
         self._overdue: threading.Thread | None = None
 
     def load(self, ref: VersionRef) -> Loaded:
@@ -187,8 +170,14 @@ class VersionLoader:
         return self.rest.download_artifacts(uri, folder, deadline=deadline)
 
     def _open(self, folder: Path) -> ImageModel:
+        try:  # the graph policy, opening and warm-up in a limited child first
+            run_trial(folder, self.trial)
+        except TrialFailed as exc:
+            raise LoadError(str(exc)) from exc
         model: ImageModel = self._within(
-            self.timeouts.load, "checking and opening the version", lambda: open_version(folder)
+            self.timeouts.load,
+            "checking and opening the version",
+            lambda: open_version(folder, check_ops=False),
         )
         self._within(self.timeouts.warm_up, "the warm-up prediction", lambda: warm_up(model))
         return model

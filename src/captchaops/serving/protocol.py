@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
+from captchaops import bounded_json
 from captchaops.model.preprocess import (
     ImageTooLarge,
     InvalidImage,
+    TooCostly,
     TooManyPixels,
     b64decode_image,
     check_size,
@@ -17,12 +18,7 @@ from captchaops.model.preprocess import (
 FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 IMAGE_COLUMN = "image"
 JSON_TYPE = "application/json"
-MAX_JSON_DEPTH = 8
-"""Nesting a scoring request needs: 4 (`{"dataframe_split": {"data": [[...]]}}`), with room."""
-MAX_JSON_CONTAINERS = 1_000
-MAX_JSON_VALUES = 10_000
-"""Arrays/objects and commas a body may hold, counted in its bytes before parsing: a 8 MiB body
-of `[[],[],...]` would otherwise build millions of Python objects (hundreds of MB)."""
+MAX_JSON_DEPTH = bounded_json.MAX_JSON_DEPTH
 
 
 class ProtocolError(Exception):
@@ -91,6 +87,8 @@ def check_images(images: list[bytes], max_pixels: int) -> list[int]:
             width, height = check_size(data, max_pixels)
         except TooManyPixels as exc:
             raise ProtocolError(400, "too_many_pixels", f"image {index}: {exc}") from exc
+        except TooCostly as exc:
+            raise ProtocolError(400, "too_costly", f"image {index}: {exc}") from exc
         except InvalidImage as exc:
             raise ProtocolError(400, "invalid_image", f"image {index}: {exc}") from exc
         pixels.append(width * height)
@@ -98,52 +96,16 @@ def check_images(images: list[bytes], max_pixels: int) -> list[int]:
 
 
 def _load_json(body: bytes) -> Any:
-    """The decoded body, refusing shapes no scoring request needs before building any object."""
-    containers = body.count(b"[") + body.count(b"{")
-    if containers > MAX_JSON_CONTAINERS or body.count(b",") > MAX_JSON_VALUES:
-        raise ProtocolError(
-            400,
-            "bad_json",
-            f"the body holds more than {MAX_JSON_CONTAINERS:,} arrays and objects or "
-            f"{MAX_JSON_VALUES:,} values; send one flat row per image",
-        )
+    """The decoded body within `bounded_json`'s shape limits, or a 400 saying which one."""
     try:
-        payload = json.loads(body)
-    except RecursionError as exc:
-        raise _too_deep() from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(
-            400, "bad_json", f"the body is not valid JSON ({exc}); send a JSON object"
-        ) from exc
-    if _depth(payload) > MAX_JSON_DEPTH:
-        raise _too_deep()
-    return payload
-
-
-def _depth(payload: Any) -> int:
-    """How deeply arrays and objects nest in a decoded JSON value (a scalar is 0)."""
-    deepest = 0
-    level: list[Any] = [payload]
-    while level:
-        children: list[Any] = []
-        for item in level:
-            if isinstance(item, dict):
-                children.extend(item.values())
-            elif isinstance(item, list):
-                children.extend(item)
-        if not any(isinstance(item, dict | list) for item in level):
-            break
-        deepest += 1
-        level = children
-    return deepest
-
-
-def _too_deep() -> ProtocolError:
-    return ProtocolError(
-        400,
-        "bad_json",
-        f"the body's JSON nests deeper than {MAX_JSON_DEPTH} levels; send a flat JSON object",
-    )
+        return bounded_json.loads(body)
+    except bounded_json.JsonShapeError as exc:
+        fix = {
+            "shape": "send one flat row per image",
+            "depth": "send a flat JSON object",
+            "syntax": "send a JSON object",
+        }[exc.reason]
+        raise ProtocolError(400, "bad_json", f"{exc.detail}; {fix}") from exc
 
 
 def too_large(max_body_bytes: int) -> ProtocolError:

@@ -61,8 +61,10 @@ class Shadow:
         senders: int = SENDERS,
         max_bytes: int = MAX_QUEUED_BYTES,
         clock: Callable[[], float] = time.monotonic,
+        headers: dict[str, str] | None = None,
     ) -> None:
         parts = urlsplit(url.rstrip("/"))
+        self._headers = dict(headers or {})
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"shadow URL {url!r} is not http(s)://host[:port]; fix shadow_url")
         self.url = f"{url.rstrip('/')}/invocations"
@@ -201,7 +203,7 @@ class Shadow:
             "POST",
             f"{self._target.path}/invocations",
             body=copy.body,
-            headers={"Content-Type": copy.content_type, HEADER: "1"},
+            headers={**self._headers, "Content-Type": copy.content_type, HEADER: "1"},
         )
         resp = connection.getresponse()
         data = resp.read()

@@ -36,8 +36,9 @@ def _bin(name: str) -> str:
 
 
 def team_secrets(settings: Settings) -> Settings:
-    """Generate the team-mode secrets on first use: admin and service passwords, session key."""
-    for name in ("admin_password", "service_password", "auth_secret_key"):
+    """Generate the team-mode secrets on first use: admin and service passwords, session key,
+    the model servers' token."""
+    for name in ("admin_password", "service_password", "auth_secret_key", "serving_token"):
         settings = ensure_secret(settings, name)
     return settings
 

@@ -16,6 +16,7 @@ from mlflow.data.pandas_dataset import from_pandas
 
 from captchaops.data.dataset import LabelledImages
 from captchaops.evaluation.accuracy import character_error_rate, confusions, sequence_accuracy
+from captchaops.model.graph_policy import op_set
 from captchaops.model.onnx_export import export_onnx
 from captchaops.model.preprocess import preprocess
 from captchaops.model.pyfunc import log_model
@@ -40,7 +41,9 @@ def export_and_test(
     keras_path = tmp / "crnn.keras"
     infer.save(keras_path)
     mlflow.log_artifact(str(keras_path), "keras")
-    meta = meta | {"onnx_sha256": file_sha256(onnx_path)}
+    ops = op_set(onnx_path)
+    mlflow.log_param("onnx_ops", ",".join(ops))
+    meta = meta | {"onnx_sha256": file_sha256(onnx_path), "onnx_ops": ops}
     served = OnnxReader(onnx_path, meta)
     outputs = served.read_all(test_images)
     pred = [o["text"] for o in outputs]

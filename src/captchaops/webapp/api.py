@@ -7,6 +7,7 @@ from typing import Any
 
 from flask import Blueprint, jsonify, request, session
 
+from captchaops import bounded_json
 from captchaops.webapp import reviewers
 from captchaops.webapp.inputs import MAX_LABEL_LENGTH, BadInput, check_image, decode_base64
 from captchaops.webapp.limits import Throttled
@@ -136,12 +137,15 @@ def _image() -> bytes:
 
 
 def _json_body() -> dict[str, Any]:
+    """The JSON object sent, parsed within the model servers' shape limits (counted first)."""
     try:
-        body = request.get_json(silent=True)
-    except RecursionError as exc:
-        raise BadInput(
-            400, "bad_json", 'The JSON body is nested too deeply; send {"image": "<base64>"}.'
-        ) from exc
+        body = bounded_json.loads(request.get_data(cache=True))
+    except bounded_json.JsonShapeError as exc:
+        what = {
+            "depth": "The JSON body is nested too deeply",
+            "shape": "The JSON body holds too many arrays, objects or values",
+        }.get(exc.reason, "The body is not a JSON object")
+        raise BadInput(400, "bad_json", f'{what}; send {{"image": "<base64>"}}.') from exc
     if not isinstance(body, dict):
         raise BadInput(
             400, "bad_json", 'The body is not a JSON object; send {"image": "<base64>"}.'

@@ -7,13 +7,26 @@ from typing import IO, Any
 
 from flask import Flask, Request, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, SecurityError
 
+from captchaops import service_auth
 from captchaops.settings import Settings, ensure_secret
 from captchaops.webapp import accounts, api, review_page, views
 from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
+SERVER_LIMITS: dict[str, Any] = {
+    "threads": 8,
+    "connection_limit": 1_000,
+    "asyncore_use_poll": True,
+    "channel_timeout": 30,
+    "cleanup_interval": 5,
+    "max_request_header_size": 16 * 1024,
+    "backlog": 1_024,
+}
+"""Waitress reads each request whole in its event loop before a thread runs it, so a slow client
+holds a socket, never a thread; with its default of 100 connections (and select()), 120 slow
+connections left new visitors waiting. Idle connections close after 30 s."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
@@ -42,8 +55,9 @@ class InMemoryRequest(Request):
 
 def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     """A configured web app; model servers slower than `timeout` (default: the setting) count as down."""
-    if settings.auth:  # team mode: the review queue always needs its token
+    if settings.auth:  # team mode: the review queue and the model servers need their tokens
         settings = ensure_secret(settings, "review_token", 32)
+        settings = ensure_secret(settings, "serving_token", 32)
     settings = ensure_secret(settings, "app_secret_key")
     assert settings.app_secret_key is not None
     app = Flask(__name__)
@@ -57,6 +71,8 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         WTF_CSRF_TIME_LIMIT=None,
+        # Only the names the app is configured under (DNS rebinding): a foreign Host is a 400.
+        TRUSTED_HOSTS=sorted(service_auth.allowed_hosts(settings)),
     )
     demo = Demo(settings, timeout)
     app.extensions[EXTENSION] = demo
@@ -89,6 +105,14 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
             413, "too_large", f"The upload is too large; send an image of at most {limit} KiB."
         )
 
+    @app.errorhandler(SecurityError)
+    def _bad_host(exc: SecurityError) -> Any:  # no page: URLs cannot be built for a foreign host
+        return jsonify(
+            error="bad_host",
+            detail="This app does not answer to that host name; use its configured name or "
+            "127.0.0.1 (add names with CAPTCHAOPS_ALLOWED_HOSTS).",
+        ), 400
+
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Any:
         return _error(
@@ -119,7 +143,7 @@ def run(settings: Settings, port: int | None = None, host: str | None = None) ->
         create_app(settings),
         host=host or settings.host,
         port=port or settings.app_port,
-        threads=8,
         ident="captchaops",
         max_request_body_size=settings.max_upload_bytes * 8,
+        **SERVER_LIMITS,
     )

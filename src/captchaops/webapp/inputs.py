@@ -5,6 +5,7 @@ from __future__ import annotations
 from captchaops.model.preprocess import (
     BadBase64,
     InvalidImage,
+    TooCostly,
     b64decode_image,
     decode,
     sniff_format,
@@ -36,10 +37,15 @@ def check_image(data: bytes | None, max_bytes: int) -> str:
     try:
         fmt = sniff_format(data)
         decode(data)
+    except TooCostly as exc:
+        raise BadInput(400, "too_costly", _sentence(str(exc))) from exc
     except InvalidImage as exc:
-        message = str(exc)
-        raise BadInput(415, "invalid_image", message[:1].upper() + message[1:] + ".") from exc
+        raise BadInput(415, "invalid_image", _sentence(str(exc))) from exc
     return fmt
+
+
+def _sentence(message: str) -> str:
+    return message[:1].upper() + message[1:] + "."
 
 
 def decode_base64(text: object) -> bytes:

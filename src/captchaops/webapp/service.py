@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from captchaops import service_auth
 from captchaops.data.synthetic import DIGITS_UPPER, generate_one
 from captchaops.live import reported as live
 from captchaops.settings import Settings
@@ -65,7 +66,7 @@ class Demo:
     def __init__(self, settings: Settings, timeout: float | None = None) -> None:
         self.settings = settings
         self.timeout = timeout or settings.model_timeout_seconds
-        self.http = httpx.Client()
+        self.http = httpx.Client(headers=service_auth.bearer_headers(settings))
         self.tracking = Tracking(settings, self.timeout)
         self.catalog = Catalog(self.tracking)
         self.held_out = HeldOutSets(self.tracking)
