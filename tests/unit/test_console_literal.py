@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from captchaops.console import literal, live_lines, services_table, versions_table
+from captchaops.console import literal, live_lines, services_table, version_notes, versions_table
 from captchaops.live.reported import LiveState
 from captchaops.registry import Listing
 from captchaops.registry.listing import VersionRow
@@ -58,8 +58,9 @@ def test_the_versions_table_prints_any_tag_as_itself(text: str) -> None:
 
 
 def test_a_closing_tag_in_a_tag_no_longer_breaks_the_table() -> None:
-    output = rendered(versions_table(Listing("text-captcha", [row("[/x] rejected")], {})))
-    assert "[/x] rejected" in output
+    listing = Listing("text-captcha", [row("[/x] rejected")], {})
+    output = rendered(versions_table(listing), *version_notes(listing))
+    assert "v3: [/x] rejected" in output
 
 
 def test_live_lines_and_services_keep_their_own_styles_only() -> None:

@@ -79,4 +79,4 @@ def test_a_version_the_gate_never_scored_says_so_on_both_sides() -> None:
     assert quality.snapshot() == {"7": {"calibrated": False}}
     (state,) = from_health("production", HEALTH | {"live_estimate": quality.snapshot()})
     assert not state.calibrated and state.short() == "none"
-    assert live_lines([state]) == [f"live production v7: {NO_CALIBRATION}"]
+    assert [line.plain for line in live_lines([state])] == [f"live production v7: {NO_CALIBRATION}"]
