@@ -27,6 +27,7 @@ def test_models_prints_hostile_tags_literally(
     client.set_model_version_tag(name, version, "validation_status", "[/x]")
     client.set_model_version_tag(name, version, "rejection_reason", "\x1b[2J\x1b[31mwiped[/red]")
     client.set_registered_model_tag(name, "last_move_production", "[bold]\x07\u202eevil")
+    client.set_registered_model_alias(name, "production", version)  # around captchaops
     env = {
         **os.environ,
         "CAPTCHAOPS_HOME": str(tmp_path / "cli"),
@@ -49,3 +50,4 @@ def test_models_prints_hostile_tags_literally(
     assert "\\x1b[2J\\x1b[31mwiped[/red]" in done.stdout
     assert "last production move: [bold]\\x07\\u202eevil" in done.stdout
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\u202e" not in done.stdout
+    assert f"UNAUDITED: @production -> v{version} has no audit record" in done.stdout

@@ -358,5 +358,5 @@ def test_without_a_version_for_the_alias_it_answers_503_then_loads_when_promoted
         time.sleep(1.5)
         assert running.proc.poll() is None
         set_alias(tracking_server.uri, tiny_model.model_name, alias, tiny_model.version)
-        running.wait_version(tiny_model.version, timeout=10)
+        running.wait_version(tiny_model.version, timeout=60)  # a load now starts a trial process
         assert running.invoke(split_body(IMAGE)).status_code == 200

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from captchaops.model import graph_policy
 from captchaops.model.crnn import Architecture, build_crnn
 from captchaops.model.onnx_export import GRU_NODE, UNROLLED, export_onnx
 
@@ -38,6 +39,7 @@ def test_the_bigru_is_one_gru_node_with_keras_outputs(network: object, tmp_path:
     ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     assert ops["GRU"] == 1
     assert ops["Sigmoid"] == ops["Tanh"] == 0  # nothing unrolled is left
+    assert set(ops) <= graph_policy.GRU_NODE_OPS, "the exporter emits an operator not allowed"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     served = session.run(None, {session.get_inputs()[0].name: images})[0]
     keras_probs = network.predict(images, verbose=0)  # type: ignore[attr-defined]
@@ -71,6 +73,7 @@ def test_a_network_without_the_bigru_is_exported_as_keras_exports_it(tmp_path: P
     path = tmp_path / "other.onnx"
 
     assert export_onnx(other, path, sample) == UNROLLED
+    assert set(graph_policy.op_set(path)) <= graph_policy.ALLOWED_OPS
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     served = session.run(None, {session.get_inputs()[0].name: sample})[0]

@@ -42,6 +42,15 @@ def models(
         console.print(line, highlight=False)
     for alias, move in sorted(listing.last_moves.items()):
         console.print(literal(f"last {alias} move: {move}"), highlight=False)
+    for alias, version in sorted(listing.unaudited.items()):
+        console.print(
+            literal(
+                f"UNAUDITED: @{alias} -> v{version} has no audit record (moved around "
+                f"captchaops); record it with `captchaops promote` or move it back"
+            ),
+            style="red",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -11,9 +12,13 @@ from mlflow.exceptions import MlflowException
 from captchaops.live.estimate import Calibration
 from captchaops.live.reported import LiveState, read_stack
 from captchaops.mlflow_scope import client
+from captchaops.names import CANARY
 from captchaops.registry.aliases import require_model
 from captchaops.registry.errors import one_line_errors
 from captchaops.settings import Settings
+
+MANAGED_ALIASES = ("production", "staging", CANARY)
+_MOVED_TO = re.compile(r" -> v(\S+) \(")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class Listing:
     rows: list[VersionRow]
     last_moves: dict[str, str]
     live: list[LiveState] = field(default_factory=list)
+    unaudited: dict[str, str] = field(default_factory=dict)
+    """Managed aliases whose version no audited move put there (alias -> version): set around
+    captchaops, in the MLflow UI or with its client."""
 
     def live_of(self, version: str) -> list[LiveState]:
         """The live states of one version (one per server serving it)."""
@@ -103,4 +111,17 @@ def list_versions(settings: Settings, limit: int = 50) -> Listing:
             if key.startswith("last_move_")
         }
         served = [state for state in read_stack(settings) if state.model == name]
-        return Listing(name, rows, last_moves, served)
+        unaudited = unaudited_aliases(model.aliases or {}, last_moves)
+        return Listing(name, rows, last_moves, served, unaudited)
+
+
+def unaudited_aliases(aliases: dict[str, str], last_moves: dict[str, str]) -> dict[str, str]:
+    """Managed aliases (alias -> version) that their last audited move did not point there."""
+    out = {}
+    for alias, version in aliases.items():
+        if alias not in MANAGED_ALIASES:
+            continue
+        found = _MOVED_TO.search(last_moves.get(alias, ""))
+        if found is None or found.group(1) != str(version):
+            out[alias] = str(version)
+    return out

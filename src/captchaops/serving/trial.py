@@ -41,7 +41,8 @@ class TrialFailed(Exception):
 class TrialLimits:
     """What the child trying a version may use before it is stopped."""
 
-    memory_bytes: int = 2 * 2**30
+    memory_bytes: int = 2**30
+    """Address space (RLIMIT_AS): a few hundred MiB open and run our models."""
     cpu_seconds: int = 60
     wall_seconds: float = 90.0
 
