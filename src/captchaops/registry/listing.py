@@ -12,9 +12,9 @@ from mlflow.exceptions import MlflowException
 from captchaops.live.estimate import Calibration
 from captchaops.live.reported import LiveState, read_stack
 from captchaops.mlflow_scope import client
-from captchaops.names import CANARY
 from captchaops.registry.aliases import require_model
 from captchaops.registry.errors import one_line_errors
+from captchaops.scheme_names import CANARY
 from captchaops.settings import Settings
 
 MANAGED_ALIASES = ("production", "staging", CANARY)
