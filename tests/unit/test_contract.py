@@ -1,6 +1,6 @@
 """A version's declared contract: the reader feeds and reads a network the way meta.json says.
 
-A small CTC network built with `onnx.helper` stands in for ours (NHWC grey in [0, 1], output
+A small CTC network built with `onnx.helper` (`tiny_ctc`) stands in for ours (NHWC grey in [0, 1], output
 probabilities [B, T, C], blank last); `tests.fixtures.foreign.reexport` wraps it into other
 contracts, and read under the matching contract every wrapping must give exactly its answers.
 """
@@ -11,48 +11,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from captchaops.data.synthetic import generate
 from captchaops.model.ctc import decode_greedy
 from captchaops.model.preprocess import network_input, preprocess
 from captchaops.model.reader import CONTRACT, ContractError, OnnxReader
 from captchaops.model.version import META_SCHEMA, VersionError, parse_meta
-from tests.fixtures.foreign import reexport
-
-ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-HEIGHT, WIDTH = 16, 64
-
-
-def tiny_ctc(path: Path, seed: int = 0) -> Path:
-    """image [N, H, W, 1] -> per column a softmax over the alphabet and the blank (last)."""
-    rng = np.random.default_rng(seed)
-    classes = len(ALPHABET) + 1
-    weights = {
-        "shape": np.array([0, HEIGHT, WIDTH], np.int64),
-        "w": rng.normal(0, 3, (HEIGHT, classes)).astype(np.float32),
-        "b": rng.normal(0, 1, classes).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Reshape", ["image", "shape"], ["hw"]),
-        helper.make_node("Transpose", ["hw"], ["wh"], perm=[0, 2, 1]),
-        helper.make_node("MatMul", ["wh", "w"], ["mm"]),
-        helper.make_node("Add", ["mm", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny_ctc",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", HEIGHT, WIDTH, 1])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", WIDTH, classes])],
-        [numpy_helper.from_array(v, k) for k, v in weights.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+from tests.fixtures.foreign import ALPHABET, HEIGHT, WIDTH, reexport, tiny_ctc
 
 
 def meta(**contract: object) -> dict[str, object]:

@@ -132,6 +132,16 @@ class OnnxReader:
         """Read each image: [{"text": ..., "confidence": ...}] in input order."""
         if not images:
             return []
+        probs = self.outputs(self.tensor(images))
+        return [
+            {"text": text, "confidence": confidence}
+            for text, confidence in decode_greedy(
+                probs, self.meta["alphabet"], self.contract["blank"]
+            )
+        ]
+
+    def tensor(self, images: list[bytes]) -> np.ndarray:
+        """The network's input for a batch of image bytes, as the contract lays it out."""
         height, width = int(self.meta["height"]), int(self.meta["width"])
         c = self.contract
         batch = np.empty((len(images), height, width, c["channels"]), dtype=np.float32)
@@ -147,18 +157,13 @@ class OnnxReader:
                 prepare(i)
         else:
             list(self._pool.map(prepare, range(len(images))))  # re-raises the first failure
-        tensor = network_input(
+        return network_input(
             batch, c["input_layout"], c["pixel_scaling"], c["pixel_mean"], c["pixel_std"]
         )
-        probs = self.outputs(tensor)
-        return [
-            {"text": text, "confidence": confidence}
-            for text, confidence in decode_greedy(probs, self.meta["alphabet"], c["blank"])
-        ]
 
-    def outputs(self, tensor: np.ndarray) -> np.ndarray:
-        """The network's output for an input tensor as probabilities [B, T, C] (blank where the
-        contract says)."""
+    def outputs(self, tensor: np.ndarray, probabilities: bool = True) -> np.ndarray:
+        """The network's output for an input tensor as [B, T, C], softmaxed when the contract
+        says logits (unless `probabilities` is False); the blank stays where it is."""
         out = np.asarray(self._session.run(None, {self._input_name: tensor})[0])
         n = len(tensor)
         if out.ndim != 3:
@@ -171,7 +176,9 @@ class OnnxReader:
                 f"the output's batch axis has {out.shape[0]} items for {n} images",
                 {"output_layout": other} if out.shape[1] == n else None,
             )
-        return softmax(out) if self.contract["output_kind"] == "logits" else out
+        if probabilities and self.contract["output_kind"] == "logits":
+            return softmax(out)
+        return out
 
     def read_all(self, images: list[bytes], chunk: int = 256) -> list[dict[str, Any]]:
         """`predict_images` over any number of images, `chunk` at a time (bounded memory)."""

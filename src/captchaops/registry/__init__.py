@@ -4,7 +4,8 @@ Modules: `names` (aliases, scheme names, actors), `errors` (one-line errors), `a
 audit trail), `lock` (the cross-process promotion lock), `aliases` (reading aliases, the one
 audited move and the audited removal), `scores` (frozen-set scores kept in version tags),
 `promotion` (promote, rollback, staging a trained version), `canary` (starting and ending a
-canary) and `listing` (the `models` table). Library functions take an explicit `MlflowClient`
+canary), `listing` (the `models` table) and `versions` (creating registered models and their
+versions). Library functions take an explicit `MlflowClient`
 (from `registry.client(settings)`); the ones that take `Settings` make their own and turn
 tracking failures into one-line `RegistryError`s.
 """
@@ -41,6 +42,7 @@ from captchaops.registry.names import (
 )
 from captchaops.registry.promotion import promote, rollback, stage_candidate, to_production
 from captchaops.registry.scores import cached_score, record_score
+from captchaops.registry.versions import ensure_model, register_version
 
 __all__ = [
     "AUDIT_EXPERIMENT",
@@ -61,6 +63,7 @@ __all__ = [
     "client",
     "default_actor",
     "end_canary",
+    "ensure_model",
     "history",
     "list_versions",
     "move_alias",
@@ -71,6 +74,7 @@ __all__ = [
     "promotion_lock",
     "record_rejection",
     "record_score",
+    "register_version",
     "remove_alias",
     "resolve",
     "resolve_alias",
