@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from captchaops import registry
+from captchaops import registry, report
 from captchaops.evalset import EvalSet, current_digest, ensure_evalset, load_evalset
 from captchaops.evaluate import character_error_rate, sequence_accuracy
 from captchaops.model.reader import ContractError, OnnxReader
@@ -328,4 +328,13 @@ def register_onnx(
                     floor=settings.staging_floor,
                     actor=actor,
                 )
-    return Registered(version, run.info.run_id, metrics, reason is None, reason)
+            found = report.build(
+                evalset.labels,
+                outputs,
+                model_name=settings.model_name,
+                version=version,
+                evalset_digest=evalset.digest,
+            )
+            report.log_report(client, run.info.run_id, found, evalset.images)
+    where = f"{run.info.artifact_uri.rstrip('/')}/{report.FOLDER}"
+    return Registered(version, run.info.run_id, metrics, reason is None, reason, where)

@@ -65,6 +65,20 @@ def test_visitor_flow_in_chromium(
     expect(page.locator('.env-status[data-env="staging"]')).to_contain_text(f"v{stag}")
     live = page.locator('.env-status[data-env="production"] .live')
     expect(live).to_contain_text(re.compile(r"live estimate (\d+\.\d %|after more answers)"))
+    report = page.locator('.env-status[data-env="production"] a.report-link')
+    expect(report).to_have_attribute(
+        "href",
+        re.compile(
+            rf"^{re.escape(webapp_stack.tracking_uri)}/#/experiments/\d+/runs/\w+/artifactPath/report$"
+        ),
+    )
+    # The link opens the version's report in the MLflow UI: its files are listed there.
+    ui = context.new_page()
+    ui.goto(str(report.get_attribute("href")))
+    expect(ui.get_by_text("reliability.png").first).to_be_visible(timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    ui.screenshot(path=str(ARTIFACTS / "report-in-mlflow-ui.png"))
+    ui.close()
     background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
     assert background == "rgb(245, 246, 248)", "the stylesheet did not load"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from captchaops import report
 from captchaops.data.synthetic import generate
 from captchaops.model.version import check_model_dir, load_registered
 from tests.fixtures.foreign import ALPHABET, HEIGHT, WIDTH, reexport, tiny_ctc
@@ -136,6 +138,31 @@ def test_the_registered_version_carries_its_contract_and_source_digest(
     )
     reader = load_registered(tracking_server.uri, NAME, registered)
     assert reader.contract["input_layout"] == "NCHW" and reader.contract["blank"] == "first"
+
+
+def test_register_logs_the_visual_report_and_models_names_it(
+    tracking_server: Tracking, registered: str, home: Path, tmp_path: Path
+) -> None:
+    client = MlflowClient(tracking_server.uri, tracking_server.uri)
+    run_id = client.get_model_version(NAME, registered).run_id
+    files = {f.path for f in client.list_artifacts(run_id, "report")}
+    assert files == {f"report/{name}" for name in ("report.json", *report.PNG_FILES)}
+    local = client.download_artifacts(run_id, "report/report.json", str(tmp_path))
+    found = json.loads(Path(local).read_text())
+    metrics = client.get_run(run_id).data.metrics
+    assert (found["model_name"], found["version"], found["n"]) == (NAME, registered, 100)
+    assert found["seq_acc"] == pytest.approx(metrics["test_seq_acc"])
+    assert set(found["by_length"]) == {"4"} and len(found["reliability"]) == report.BINS
+
+    shown = cli(tracking_server, home, "models", "--version", registered, "--model-name", NAME)
+    assert shown.returncode == 0, shown.stderr
+    experiment = client.get_run(run_id).info.experiment_id
+    assert f"report: {client.get_run(run_id).info.artifact_uri}/report" in shown.stdout
+    assert (
+        f"MLflow UI: {tracking_server.uri}/#/experiments/{experiment}/runs/{run_id}"
+        "/artifactPath/report"
+    ) in shown.stdout
+    assert f"accuracy {found['seq_acc']:.4f}" in shown.stdout
 
 
 def answers(url: str, images: list[bytes]) -> list[dict[str, Any]]:

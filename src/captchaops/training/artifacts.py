@@ -14,6 +14,7 @@ import numpy as np
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.pandas_dataset import from_pandas
 
+from captchaops import report
 from captchaops.data.dataset import LabelledImages
 from captchaops.evaluate import character_error_rate, confusions, sequence_accuracy
 from captchaops.model.onnx_export import export_onnx
@@ -60,7 +61,12 @@ def export_and_test(
     )
     mlflow.set_tag("mlflow.note.content", _note(meta, metrics, top))
     info = log_model(onnx_path, meta, test_images[0], registered_model_name=model_name)
-    return str(info.registered_model_version), metrics
+    version = str(info.registered_model_version)
+    run = mlflow.active_run()
+    assert run is not None  # export_and_test runs inside the training run
+    found = report.build(test_labels, outputs, model_name=model_name, version=version)
+    report.log_report(mlflow.MlflowClient(), run.info.run_id, found, test_images)
+    return version, metrics
 
 
 def log_dataset(data: LabelledImages, splits: dict[str, list[int]], digest: str) -> None:
