@@ -50,7 +50,7 @@ def _confusion(report: dict[str, Any]) -> Any:
         ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=5, color="red")
     fig.colorbar(shown, ax=ax, fraction=0.046, label="share of the true character's readings")
     ax.set_title(_title(report, "character confusions"), fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.9, bottom=0.07, top=0.94)
     return fig
 
 
@@ -58,7 +58,8 @@ def _worst(report: dict[str, Any], images: list[bytes]) -> Any:
     worst = report["worst"]
     cols = 4
     rows = max(1, math.ceil(len(worst) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.8, rows * 1.4 + 0.4))
+    height = rows * 1.4 + 0.6
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.8, height))
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, item in zip(np.ravel(axes), worst, strict=False):
@@ -70,7 +71,9 @@ def _worst(report: dict[str, Any], images: list[bytes]) -> Any:
             color="red",
         )
     fig.suptitle(_title(report, "worst-read images"), fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(
+        left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / height, hspace=0.6, wspace=0.05
+    )
     return fig
 
 
