@@ -84,9 +84,14 @@ class Registered:
 def check_graph(path: Path) -> list[str]:
     """The sorted operators of the ONNX file at `path`; RegisterError unless it is one flat,
     self-contained graph of allowed operators within the size limits."""
-    import onnx
-    from onnx import AttributeProto, TensorProto
-
+    try:
+        import onnx
+        from onnx import AttributeProto, TensorProto
+    except ImportError as exc:
+        raise RegisterError(
+            "register reads the graph with the onnx package; install it with "
+            "pip install 'captchaops[train]'"
+        ) from exc
     if not path.is_file():
         raise RegisterError(f"{path} is not a file; pass the exported .onnx file")
     if path.stat().st_size > MAX_ONNX_BYTES:
@@ -275,9 +280,13 @@ def register_onnx(
     from captchaops.model.pyfunc import log_model
 
     ops = check_graph(onnx_path)
-    meta, evalset = prepare(settings, onnx_path, fields)
+    with registry.one_line_errors(settings):
+        meta, evalset = prepare(settings, onnx_path, fields)
     reader = diagnose(onnx_path, meta, evalset)
-    outputs = reader.read_all(evalset.images, chunk=64)
+    try:
+        outputs = reader.read_all(evalset.images, chunk=64)
+    except ContractError as exc:
+        raise RegisterError(_fix(exc)) from exc
     texts = [o["text"] for o in outputs]
     metrics = {
         "test_seq_acc": sequence_accuracy(texts, evalset.labels),
@@ -285,7 +294,7 @@ def register_onnx(
         "test_mean_confidence": float(np.mean([o["confidence"] for o in outputs])),
     }
     contract = {k: json.dumps(v) if isinstance(v, list) else v for k, v in reader.contract.items()}
-    with pointed_at(settings):
+    with pointed_at(settings), registry.one_line_errors(settings):
         mlflow.set_experiment(settings.experiment_name)
         with mlflow.start_run(run_name=f"register {onnx_path.name}"[:200]) as run:
             mlflow.log_params(
@@ -315,19 +324,18 @@ def register_onnx(
                 f"{meta['onnx_sha256'][:12]}), frozen-set accuracy {metrics['test_seq_acc']:.4f}.",
             )
             info = log_model(onnx_path, meta, evalset.images[0])
-            with registry.one_line_errors(settings):
-                client = registry.client(settings)
-                version = registry.register_version(
-                    client, settings.model_name, info.model_uri, run.info.run_id
-                )
-                reason = registry.stage_candidate(
-                    client,
-                    settings.model_name,
-                    version,
-                    accuracy=metrics["test_seq_acc"],
-                    floor=settings.staging_floor,
-                    actor=actor,
-                )
+            client = registry.client(settings)
+            version = registry.register_version(
+                client, settings.model_name, info.model_uri, run.info.run_id
+            )
+            reason = registry.stage_candidate(
+                client,
+                settings.model_name,
+                version,
+                accuracy=metrics["test_seq_acc"],
+                floor=settings.staging_floor,
+                actor=actor,
+            )
             found = report.build(
                 evalset.labels,
                 outputs,

@@ -72,10 +72,15 @@ def test_visitor_flow_in_chromium(
             rf"^{re.escape(webapp_stack.tracking_uri)}/#/experiments/\d+/runs/\w+/artifactPath/report$"
         ),
     )
-    # The link opens the version's report in the MLflow UI: its files are listed there.
+    # The link opens the version's report in the MLflow UI: its files are listed there, and
+    # a figure opens in the preview.
     ui = context.new_page()
     ui.goto(str(report.get_attribute("href")))
-    expect(ui.get_by_text("reliability.png").first).to_be_visible(timeout=60_000)
+    for name in ("report.json", "worst_read.png", "reliability.png"):
+        expect(ui.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
+    ui.get_by_text("reliability.png", exact=True).first.click()
+    shown = ui.locator("img[src*='reliability'], img[src^='blob:'], img[alt*='reliability']")
+    expect(shown.first).to_be_visible(timeout=30_000)
     ARTIFACTS.mkdir(exist_ok=True)
     ui.screenshot(path=str(ARTIFACTS / "report-in-mlflow-ui.png"))
     ui.close()
