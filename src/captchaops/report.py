@@ -6,7 +6,7 @@ calibration error) and the worst-read images. `log` writes them to the version's
 under `report/`: `report.json` always, and the four PNGs where matplotlib is installed (the
 `train` extra; model servers never import this module). The gate logs one for every version
 it scores, `train` and `register` one for the version they make, so two versions' reports sit
-side by side in the MLflow UI (compare runs, artifacts).
+side by side in the MLflow UI (the same files under each version's run).
 """
 
 from __future__ import annotations

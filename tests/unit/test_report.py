@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from captchaops import report
@@ -63,3 +65,11 @@ def test_the_ui_link_is_the_runs_report_folder_with_ids_escaped() -> None:
     assert (
         url == "http://mlflow.example:5000/#/experiments/7/runs/ab%2F..%2Fc%20d/artifactPath/report"
     )
+
+
+def test_without_matplotlib_the_report_is_its_numbers_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    found = report.build(LABELS, OUTPUTS)
+    assert report.render(found, []) == {}
