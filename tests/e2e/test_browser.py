@@ -65,6 +65,25 @@ def test_visitor_flow_in_chromium(
     expect(page.locator('.env-status[data-env="staging"]')).to_contain_text(f"v{stag}")
     live = page.locator('.env-status[data-env="production"] .live')
     expect(live).to_contain_text(re.compile(r"live estimate (\d+\.\d %|after more answers)"))
+    report = page.locator('.env-status[data-env="production"] a.report-link')
+    expect(report).to_have_attribute(
+        "href",
+        re.compile(
+            rf"^{re.escape(webapp_stack.tracking_uri)}/#/experiments/\d+/runs/\w+/artifactPath/report$"
+        ),
+    )
+    # The link opens the version's report in the MLflow UI: its files are listed there, and
+    # a figure opens in the preview.
+    ui = context.new_page()
+    ui.goto(str(report.get_attribute("href")))
+    for name in ("report.json", "worst_read.png", "reliability.png"):
+        expect(ui.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
+    ui.get_by_text("reliability.png", exact=True).first.click()
+    shown = ui.locator("img[src*='reliability'], img[src^='blob:'], img[alt*='reliability']")
+    expect(shown.first).to_be_visible(timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    ui.screenshot(path=str(ARTIFACTS / "report-in-mlflow-ui.png"))
+    ui.close()
     background = page.evaluate("getComputedStyle(document.documentElement).backgroundColor")
     assert background == "rgb(245, 246, 248)", "the stylesheet did not load"
 

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
 from captchaops import registry
-from captchaops.evaluation import evalset, gate
+from captchaops.evaluation import evalset, gate, report
 from captchaops.live.estimate import Calibration
 from captchaops.mlflow_scope import pointed_at
 from captchaops.model.version import file_sha256
@@ -142,6 +142,20 @@ def test_first_candidate_is_promoted_and_stage_resolves(
     assert loaded.unwrap_python_model().reader.predict_images(
         [evalset.load_evalset(settings, evalset.current_digest(settings) or "").images[0]]
     )
+    # The gate logged the version's visual report to its run, about this frozen set.
+    run_id = client.get_model_version(settings.model_name, version).run_id
+    files = {f.path for f in client.list_artifacts(run_id, "report")}
+    assert files == {f"report/{name}" for name in ("report.json", *report.PNG_FILES)}
+    found = json.loads(
+        Path(client.download_artifacts(run_id, "report/report.json", tmp_path)).read_text()
+    )
+    assert (found["evalset_digest"], found["n"], found["version"]) == (
+        decision.digest,
+        EVAL_SIZE,
+        version,
+    )
+    assert found["seq_acc"] == pytest.approx(decision.candidate.seq_acc)
+    assert sum(b["n"] for b in found["reliability"]) == EVAL_SIZE
 
 
 def test_first_candidate_below_the_floor_is_rejected(

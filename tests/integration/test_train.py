@@ -44,7 +44,7 @@ def test_run_has_params_metrics_dataset_and_artifacts(
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.digest == params["dataset_sha256"][:32]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"keras", "confusions.json", "test_samples.png"} <= artifacts
+    assert {"keras", "confusions.json", "test_samples.png", "report"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "keras")] == ["keras/crnn.keras"]
     version = client.get_model_version(tiny_model.model_name, tiny_model.version)
     assert version.run_id == tiny_model.run_id

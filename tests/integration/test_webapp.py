@@ -185,6 +185,27 @@ def test_upload_shows_both_environments_with_versions_and_run_links(
     assert "unavailable" not in page
 
 
+def test_each_served_version_links_to_its_visual_report(
+    client: FlaskClient, webapp_stack: WebappStack
+) -> None:
+    page = client.get("/").text
+    mlflow = MlflowClient(webapp_stack.tracking_uri, registry_uri=webapp_stack.tracking_uri)
+    for alias, version in zip(("production", "staging"), webapp_stack.versions, strict=True):
+        block = page.split(f'data-env="{alias}"', 1)[1].split("</div>", 1)[0]
+        run = mlflow.get_run(mlflow.get_model_version(MODEL_NAME, version).run_id)
+        url = (
+            f"{webapp_stack.tracking_uri}/#/experiments/{run.info.experiment_id}/runs/"
+            f"{run.info.run_id}/artifactPath/report"
+        )
+        assert (
+            f'<a class="report-link" href="{url}" rel="noopener" target="_blank">report</a>'
+            in block
+        )
+        assert {"report/report.json", "report/reliability.png"} <= {
+            f.path for f in mlflow.list_artifacts(run.info.run_id, "report")
+        }  # training logged it
+
+
 def test_the_live_estimate_is_shown_beside_the_served_version(
     client: FlaskClient, webapp_stack: WebappStack
 ) -> None:

@@ -11,10 +11,19 @@ import os
 # The import order is the order `captchaops --help` lists the commands in.
 # isort: off
 from captchaops.cli.base import app, parse_length
-from captchaops.cli import stack, training, registry, users
+from captchaops.cli import bring_your_model, registry, stack, training, users
 # isort: on
 
-__all__ = ["app", "main", "parse_length", "registry", "stack", "training", "users"]
+__all__ = [
+    "app",
+    "bring_your_model",
+    "main",
+    "parse_length",
+    "registry",
+    "stack",
+    "training",
+    "users",
+]
 
 
 def main() -> None:

@@ -105,7 +105,7 @@ def quiet_libraries(log: Path) -> Iterator[None]:
             err.file = sys.stderr
 
 
-REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset"}
+REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset", "register"}
 
 
 @app.callback()

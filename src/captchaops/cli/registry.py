@@ -18,11 +18,15 @@ from captchaops.cli.base import (
     settings_for,
 )
 from captchaops.console import literal
+from captchaops.settings import Settings
 
 
 @app.command()
 def models(
     limit: int = typer.Option(20, help="show at most this many versions"),
+    version: str | None = typer.Option(
+        None, "--version", help="name where version N's visual report is (and its numbers)"
+    ),
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """List model versions with aliases, metrics, validation status and the last alias moves."""
@@ -31,6 +35,9 @@ def models(
 
     settings = settings_for(model_name)
     require_access(settings, "models")
+    if version is not None:
+        _report(settings, version)
+        return
     try:
         listing = registry.list_versions(settings, limit=limit)
     except registry.RegistryError as exc:
@@ -51,6 +58,46 @@ def models(
             style="red",
             highlight=False,
         )
+
+
+def _report(settings: Settings, version: str) -> None:
+    """Print where a version's report is, and its headline numbers."""
+    from captchaops import registry
+    from captchaops.evaluation import report
+
+    try:
+        with registry.one_line_errors(settings):
+            where = report.locate(
+                registry.client(settings),
+                settings.public_tracking_url,
+                settings.model_name,
+                version,
+            )
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    name = f"{settings.model_name} v{version}"
+    if where["run_id"] is None:
+        fail(f"{name} has no run, so no report; register it with `captchaops train` or `register`")
+    console.print(f"{name}: run {where['run_id']}", highlight=False)
+    console.print(f"report: {where['artifact_uri']}", highlight=False)
+    console.print(f"MLflow UI: {where['ui_url']}", highlight=False)
+    found = where["report"]
+    if found is None:
+        console.print(
+            f"no report yet: `captchaops promote --auto --model-name {settings.model_name}` "
+            "scores it and writes one",
+            highlight=False,
+        )
+        return
+    confused = ", ".join(
+        f"{c['true']}->{c['pred']} ({c['count']})" for c in found["top_confusions"][:5]
+    )
+    console.print(
+        f"accuracy {found['seq_acc']:.4f}, CER {found['cer']:.4f}, calibration error "
+        f"{found['expected_calibration_error']:.3f} on {found['n']} images; most confused: "
+        f"{confused or 'none'}",
+        highlight=False,
+    )
 
 
 @app.command()

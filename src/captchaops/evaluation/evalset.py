@@ -7,6 +7,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -262,11 +263,15 @@ def score(
     *,
     batch_size: int = 64,
     latency_samples: int = 50,
+    readings: list[dict[str, Any]] | None = None,
 ) -> Score:
-    """Accuracy, CER and single-image latency of a version, checked and loaded as servers load it."""
+    """Accuracy, CER and single-image latency of a version, checked and loaded as servers load
+    it; its answers are added to `readings` when one is given (for its report)."""
     try:
         model = load_registered(mlflow_scope.tracking_uri(settings), settings.model_name, version)
         outputs = model.read_all(evalset.images, chunk=batch_size)
+        if readings is not None:
+            readings.extend(outputs)
         texts = [o["text"] for o in outputs]
         latencies = []
         for image in evalset.images[:latency_samples]:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from captchaops import registry
+from captchaops.evaluation import report
 from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
 from captchaops.evaluation.evidence import Evidence, gather
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.registry import PRODUCTION, STAGING, Move
 from captchaops.settings import Settings
 
+log = logging.getLogger(__name__)
 EPSILON = 1e-9
 EXIT_PROMOTED = 0
 EXIT_ERROR = 1
@@ -196,12 +200,21 @@ def decide(
     if refusals:
         return refused(refusals, digest=evalset.digest)
     kwargs = {"batch_size": config.batch_size, "latency_samples": config.latency_samples}
-    candidate = score(settings, candidate_version, evalset, **kwargs)
-    champion = score(settings, champion_version, evalset, **kwargs) if champion_version else None
+    readings: dict[str, list[dict[str, Any]]] = {candidate_version: []}
+    candidate = score(
+        settings, candidate_version, evalset, readings=readings[candidate_version], **kwargs
+    )
+    champion = None
+    if champion_version:
+        readings[champion_version] = []
+        champion = score(
+            settings, champion_version, evalset, readings=readings[champion_version], **kwargs
+        )
     with registry.one_line_errors(settings):
         for result in (candidate, champion):
             if result is not None:
                 registry.record_score(client, settings.model_name, result)
+    _reports(client, settings.model_name, evalset, readings)
     refusals = judge(candidate, champion, config, config.effective_floor(settings))
     with registry.one_line_errors(settings):
         evidence = gather(
@@ -223,6 +236,22 @@ def decide(
         digest=evalset.digest,
         evidence=evidence,
     )
+
+
+def _reports(
+    client: MlflowClient, name: str, evalset: EvalSet, readings: dict[str, list[dict[str, Any]]]
+) -> None:
+    """Log each scored version's visual report to its run; a report that cannot be written is
+    logged as a warning and never decides anything."""
+    for version, outputs in readings.items():
+        if len(outputs) != len(evalset):
+            continue  # it failed to load or predict: nothing to show
+        try:
+            report.log_for_version(
+                client, name, version, evalset.labels, evalset.images, outputs, evalset.digest
+            )
+        except (MlflowException, OSError) as exc:
+            log.warning("no report for %s v%s: %s", name, version, exc)
 
 
 def auto_promote(

@@ -1,4 +1,8 @@
-"""Alphabet <-> indices and greedy CTC decoding with a per-string confidence (blank = last class)."""
+"""Alphabet <-> indices and greedy CTC decoding with a per-string confidence.
+
+Our CRNN trains with the blank as the last class; a network trained elsewhere may put it first
+(PyTorch's `CTCLoss` default), which `decode_greedy(..., blank="first")` reads.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +18,22 @@ def encode_labels(labels: list[str], alphabet: str, max_length: int) -> np.ndarr
     return out
 
 
-def decode_greedy(probs: np.ndarray, alphabet: str) -> list[tuple[str, float]]:
+def decode_greedy(probs: np.ndarray, alphabet: str, blank: str = "last") -> list[tuple[str, float]]:
     """Best-path decode of softmax outputs [B, T, C]: (text, confidence) per item.
 
     The confidence is the product of the per-step maximum probabilities along the kept path.
+    `blank` says whether the blank is the `last` class (the alphabet's characters are classes
+    0..C-2) or the `first` (they are 1..C-1).
     """
     probs = np.asarray(probs)
     if probs.ndim != 3 or probs.shape[2] != len(alphabet) + 1:
         raise ValueError(
             f"expected probabilities [B, T, {len(alphabet) + 1}], got {list(probs.shape)}"
         )
+    if blank == "first":
+        probs = np.roll(probs, -1, axis=2)  # class 0 (blank) to the end, characters from 0
+    elif blank != "last":
+        raise ValueError(f"blank must be 'first' or 'last', not {blank!r}")
     blank = probs.shape[2] - 1
     best = probs.argmax(axis=2)
     best_p = np.take_along_axis(probs, best[:, :, None], axis=2)[:, :, 0].astype(np.float64)

@@ -1,7 +1,9 @@
-"""THE image pipeline: image bytes -> float32[H, W, 1] in [0, 1] for training, evaluation and serving.
+"""THE image pipeline: image bytes -> the network's input tensor, for training, evaluation and serving.
 
-Shipped inside every registered version as `captcha_runtime.preprocess`: standard library,
-numpy and Pillow only, no captchaops imports.
+Decoding and resizing give float32[H, W, C] in [0, 1] (C = 1 grey, as our CRNN trains on, or
+3 RGB); `network_input` then scales a batch and lays it out as a version's contract asks
+(meta.json: NHWC or NCHW, 0..1, -1..1 or mean/std). Shipped inside every registered version
+as `captcha_runtime.preprocess`: standard library, numpy and Pillow only, no captchaops imports.
 """
 
 from __future__ import annotations
@@ -108,14 +110,41 @@ def sniff_format(data: bytes) -> str:
     raise InvalidImage("not a PNG, JPEG, GIF or BMP image; send one of those formats")
 
 
-def to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """A decoded PIL image as float32[height, width, 1] grayscale in [0, 1] (transparency on white)."""
+def to_array(image: Image.Image, height: int, width: int, channels: int = 1) -> np.ndarray:
+    """A decoded PIL image as float32[height, width, channels] in [0, 1], grey (1) or RGB (3),
+    transparency on white."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    gray = image.convert("L").resize((width, height), Image.Resampling.BILINEAR)
-    return (np.asarray(gray, dtype=np.float32) / 255.0)[:, :, None]
+    mode = {1: "L", 3: "RGB"}[channels]
+    pixels = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(pixels, dtype=np.float32) / 255.0
+    return array[:, :, None] if channels == 1 else array
+
+
+def network_input(
+    batch: np.ndarray,
+    layout: str = "NHWC",
+    scaling: str = "0..1",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> np.ndarray:
+    """A batch float32[N, H, W, C] in [0, 1] scaled (`0..1`, `-1..1` or `mean_std`: (x - mean)
+    / std per channel) and laid out (`NHWC` or `NCHW`) as a version's contract asks."""
+    if scaling == "-1..1":
+        batch = batch * np.float32(2.0) - np.float32(1.0)
+    elif scaling == "mean_std":
+        if mean is None or std is None:
+            raise ValueError("mean_std scaling needs a mean and a std per channel")
+        batch = (batch - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    elif scaling != "0..1":
+        raise ValueError(f"unknown pixel scaling {scaling!r}; use 0..1, -1..1 or mean_std")
+    if layout == "NCHW":
+        return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    if layout != "NHWC":
+        raise ValueError(f"unknown input layout {layout!r}; use NHWC or NCHW")
+    return batch
 
 
 _JPEG_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7])")
@@ -284,6 +313,8 @@ def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     return image
 
 
-def preprocess(data: bytes, height: int, width: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Image bytes as the network input: float32[height, width, 1] in [0, 1]."""
-    return to_array(decode(data, max_pixels), height, width)
+def preprocess(
+    data: bytes, height: int, width: int, max_pixels: int = MAX_PIXELS, channels: int = 1
+) -> np.ndarray:
+    """Image bytes as one network input: float32[height, width, channels] in [0, 1]."""
+    return to_array(decode(data, max_pixels), height, width, channels)

@@ -13,15 +13,16 @@ import json
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from captchaops.model.reader import OnnxReader
+from captchaops.model.reader import CONTRACT, ContractError, OnnxReader
 
-META_SCHEMA = 1
-"""Version of the meta.json layout below; a reader refuses any other."""
+META_SCHEMA = 2
+"""Version of the meta.json layout below: 2 declares the network's input and output contract,
+1 (versions trained before it) has our CRNN's; a reader refuses any other."""
 PREPROCESSING = 1
 """Version of `captchaops.model.preprocess` (grayscale, transparency on white, bilinear)."""
 ONNX_ARTIFACT = "onnx_model"
@@ -31,6 +32,7 @@ MAX_ONNX_BYTES = 64 * 2**20
 SIGNATURE_INPUTS = [("image", "string")]
 SIGNATURE_OUTPUTS = [("text", "string"), ("confidence", "double")]
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_Pixel = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 
 
 class VersionError(Exception):
@@ -42,7 +44,7 @@ class VersionMeta(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     alphabet: str = Field(min_length=1, max_length=256)
     min_length: int = Field(ge=1, le=64)
     max_length: int = Field(ge=1, le=64)
@@ -57,6 +59,16 @@ class VersionMeta(BaseModel):
     onnx_ops: tuple[str, ...] = ()
     """The graph's operator types, recorded at export (`graph_policy.op_set`); empty in older
     versions."""
+    input_layout: Literal["NHWC", "NCHW"] = "NHWC"
+    channels: Literal[1, 3] = 1
+    pixel_scaling: Literal["0..1", "-1..1", "mean_std"] = "0..1"
+    """`mean_std`: (x - pixel_mean) / pixel_std per channel, x in [0, 1] (torchvision's Normalize)."""
+    pixel_mean: list[_Pixel] | None = Field(default=None, min_length=1, max_length=3)
+    pixel_std: list[_Pixel] | None = Field(default=None, min_length=1, max_length=3)
+    output_kind: Literal["probabilities", "logits"] = "probabilities"
+    """`logits` are put through a softmax (log-probabilities too: softmax(log p) = p)."""
+    output_layout: Literal["BTC", "TBC"] = "BTC"
+    blank: Literal["first", "last"] = "last"
 
     @field_validator("alphabet")
     @classmethod
@@ -78,9 +90,29 @@ class VersionMeta(BaseModel):
     def _lengths(self) -> VersionMeta:
         if self.min_length > self.max_length:
             raise ValueError("min_length is above max_length")
-        if self.width // 4 < 2 * self.max_length + 1:
+        # Schema 1 is our CRNN, whose time steps are the width / 4; a declared contract's
+        # network has its own, checked against the labels when it is registered.
+        if self.schema_version == 1 and self.width // 4 < 2 * self.max_length + 1:
             raise ValueError("the input is too narrow for the longest label")
         return self
+
+    @model_validator(mode="after")
+    def _contract(self) -> VersionMeta:
+        if self.schema_version == 1 and self.contract() != CONTRACT:
+            raise ValueError("schema_version 1 has no contract fields; declare schema_version 2")
+        scaled = self.pixel_scaling == "mean_std"
+        for name, values in (("pixel_mean", self.pixel_mean), ("pixel_std", self.pixel_std)):
+            if scaled != (values is not None):
+                raise ValueError(f"{name} goes with pixel_scaling mean_std, and only with it")
+            if values is not None and len(values) != self.channels:
+                raise ValueError(f"{name} needs one value per channel ({self.channels})")
+        if self.pixel_std is not None and min(abs(v) for v in self.pixel_std) < 1e-6:
+            raise ValueError("pixel_std values must not be zero")
+        return self
+
+    def contract(self) -> dict[str, Any]:
+        """The input/output contract fields (the reader's `CONTRACT` keys)."""
+        return {key: getattr(self, key) for key in CONTRACT}
 
 
 def file_sha256(path: Path) -> str:
@@ -188,6 +220,8 @@ def open_version(model_dir: Path, threads: int = 1, check_ops: bool = True) -> O
             raise VersionError("the graph's operators differ from those meta.json records")
     try:
         return OnnxReader(onnx, meta.model_dump(), threads=threads)
+    except ContractError as exc:
+        raise VersionError(str(exc)) from exc
     except Exception as exc:  # onnxruntime raises its own types for a malformed graph
         raise VersionError(
             f"ONNX Runtime cannot open the network ({' '.join(str(exc).split())[:200]})"

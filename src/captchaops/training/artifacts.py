@@ -15,6 +15,7 @@ from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.pandas_dataset import from_pandas
 
 from captchaops.data.dataset import LabelledImages
+from captchaops.evaluation import report
 from captchaops.evaluation.accuracy import character_error_rate, confusions, sequence_accuracy
 from captchaops.model.graph_policy import op_set
 from captchaops.model.onnx_export import export_onnx
@@ -61,6 +62,10 @@ def export_and_test(
         _sample_figure(test_images[:16], test_labels[:16], pred[:16]), "test_samples.png"
     )
     mlflow.set_tag("mlflow.note.content", _note(meta, metrics, top))
+    run = mlflow.active_run()
+    assert run is not None  # export_and_test runs inside the training run
+    found = report.build(test_labels, outputs)
+    report.log_report(mlflow.MlflowClient(), run.info.run_id, found, test_images)
     info = log_model(onnx_path, meta, test_images[0])
     return str(info.model_uri), metrics
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from captchaops.webapp.tracking_client import Tracking, TrackingError
 
@@ -23,6 +24,8 @@ class VersionInfo:
     version_url: str
     data_kind: str = "synthetic"
     """What the version was trained on: "folder" (a labelled folder) or "synthetic"."""
+    report_url: str = ""
+    """The MLflow UI page of the run's `report/` artifacts (the version's visual report)."""
 
 
 class Catalog:
@@ -63,6 +66,10 @@ class Catalog:
             run_url=f"{uri}/#/experiments/{experiment_id}/runs/{run_id}",
             version_url=f"{uri}/#/models/{name}/versions/{version}",
             data_kind=params.get("data_kind") or "synthetic",
+            report_url=(
+                f"{uri}/#/experiments/{quote(str(experiment_id), safe='')}/runs/"
+                f"{quote(str(run_id), safe='')}/artifactPath/report"
+            ),
         )
         with self._lock:
             self._cache[key] = info

@@ -109,6 +109,12 @@ class Demo:
             self._remember(s.name, s.version, s.alphabet)
         return served
 
+    def versions(self, served: list[Served]) -> dict[str, VersionInfo]:
+        """Alias -> what the tracking server says about the version it serves (for the report
+        links); aliases whose version it cannot describe are absent."""
+        found = {s.alias: self._info(s.name, s.version) for s in served if not s.error}
+        return {alias: info for alias, info in found.items() if info is not None}
+
     def live(self) -> dict[str, live.LiveState]:
         """Alias -> the live estimate of the version its server serves now (servers that are
         down or serve an uncalibrated version are absent); asked at most every LIVE_SECONDS."""

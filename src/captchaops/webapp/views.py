@@ -21,8 +21,13 @@ def make_blueprint(demo: Demo) -> Blueprint:
     @bp.get("/")
     def index() -> Any:
         """The page before any image: what each environment serves, how many corrections wait."""
+        served = demo.served()
         return render_template(
-            "index.html", served=demo.served(), live=demo.live(), waiting=demo.waiting()
+            "index.html",
+            served=served,
+            versions=demo.versions(served),
+            live=demo.live(),
+            waiting=demo.waiting(),
         )
 
     @bp.post("/predict")
