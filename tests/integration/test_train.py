@@ -38,6 +38,7 @@ def test_run_has_params_metrics_dataset_and_artifacts(
     assert params["optimizer"] == "AdamW"
     assert {"arch_height", "arch_width", "arch_filters", "batch_size", "data_source"} <= set(params)
     assert len(params["dataset_sha256"]) == 64
+    assert params["data_path"] == "fresh"  # synthetic presets draw new images while training
     for key in ("loss", "val_loss", "val_seq_acc", "val_cer"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2
     assert {"test_seq_acc", "test_cer", "wall_seconds"} <= set(run.data.metrics)

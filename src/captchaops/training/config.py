@@ -36,6 +36,8 @@ class TrainConfig:
     fit_geometry: bool = True  # folders: input width from the images' aspect ratio
     augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
     workers: int = 2  # processes generating synthetic data
+    fresh: bool = True  # synthetic: draw new images while training (False: one fixed set first)
+    reuse: float = 3.0  # fresh: each generated training image is used this often on average
     arch: Architecture = field(default_factory=Architecture)
 
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -104,6 +104,15 @@ class Schedule(keras.callbacks.Callback):
         self.step += 1
         if self.step >= self.total_steps or time.monotonic() >= self.deadline:
             self.model.stop_training = True
+
+
+@dataclass
+class Stream:
+    """Endless training batches (fresh images), validated every `steps_per_epoch` steps."""
+
+    batches: Iterator[tuple[np.ndarray, np.ndarray]]
+    steps_per_epoch: int
+    generated: Callable[[], int]  # fresh training images drawn so far
 
 
 @dataclass
@@ -236,8 +245,8 @@ class Plan:
     steps_per_epoch: int
 
     @classmethod
-    def of(cls, config: TrainConfig, n_train: int) -> Plan:
-        per_epoch = math.ceil(n_train / config.batch_size)
+    def of(cls, config: TrainConfig, n_train: int, steps_per_epoch: int | None = None) -> Plan:
+        per_epoch = steps_per_epoch or math.ceil(n_train / config.batch_size)
         steps = int(min(config.max_steps or math.inf, per_epoch * config.epochs))
         return cls(steps, min(max(config.min_steps, 20 * per_epoch), steps), per_epoch)
 
@@ -268,7 +277,7 @@ def fit(
     config: TrainConfig,
     arch: Architecture,
     alphabet: str,
-    train: tuple[np.ndarray, np.ndarray],
+    train: tuple[np.ndarray, np.ndarray] | Stream,
     val: Validation,
     *,
     augment: bool,
@@ -277,7 +286,10 @@ def fit(
     log: LogMetrics,
 ) -> Fitted:
     """Fit a fresh CRNN and keep the best weights (the averaged ones when they validate as well)."""
-    plan = Plan.of(config, len(train[0]))
+    if isinstance(train, Stream):
+        plan = Plan.of(config, 0, train.steps_per_epoch)
+    else:
+        plan = Plan.of(config, len(train[0]))
     train_model, infer = build_crnn(arch, len(alphabet) + 1, augment=augment)
     train_model.compile(
         optimizer=keras.optimizers.AdamW(
@@ -300,14 +312,25 @@ def fit(
         patience=config.patience_steps,
     )
     fit_start = time.monotonic()
-    train_model.fit(
-        train[0],
-        train[1],
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        callbacks=[schedule, monitor],
-        verbose=0,
-    )
+    callbacks = [schedule, monitor]
+    if isinstance(train, Stream):
+        train_model.fit(
+            train.batches,
+            steps_per_epoch=train.steps_per_epoch,
+            epochs=config.epochs,
+            callbacks=callbacks,
+            shuffle=False,  # the stream's batches are already drawn at random
+            verbose=0,
+        )
+    else:
+        train_model.fit(
+            train[0],
+            train[1],
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            callbacks=callbacks,
+            verbose=0,
+        )
     averaged = validate(infer, val) if config.ema_momentum else None  # fit swapped the EMA in
     final = averaged if averaged is not None else (monitor.history[-1] if monitor.history else None)
     keep_final = final is not None and holds_up(final, monitor.best_key, len(val.labels))
