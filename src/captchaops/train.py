@@ -268,7 +268,7 @@ def _run(
                 "planned_steps": plan.steps,
                 "effective_min_steps": plan.min_steps,
                 "optimizer": "AdamW",
-                "lr_schedule": "linear warmup + cosine (steps or time budget)",
+                "lr_schedule": "linear warmup + cosine in steps, planned from measured step time",
                 "keras_backend": keras.backend.backend(),
                 "keras_version": keras.__version__,
             }
@@ -319,7 +319,10 @@ def _run(
                 fitted.infer, meta, test_images, test_labels, Path(tmp), settings.model_name
             )
         result = _stage(run.info.run_id, version, metrics, settings)
-        timings = fitted.summary() | {"wall_seconds": time.monotonic() - start}
+        timings = fitted.summary() | {
+            "wall_seconds": time.monotonic() - start,
+            "seconds_to_first_step": fitted.first_step_at - start,
+        }
         mlflow.log_metrics(timings)
         result.metrics = metrics | timings
         result.skipped = data.skipped.summary()

@@ -21,6 +21,7 @@ from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
 from captchaops.model.ctc import decode_greedy
 from captchaops.model.preprocess import image_size, preprocess
 from captchaops.training.config import TrainConfig
+from captchaops.training.schedule import StepPlan, WarmupCosine
 
 Progress = Callable[[str, float, dict[str, float]], None]
 """Called with (stage description, fraction done 0..1, latest metrics)."""
@@ -77,35 +78,6 @@ def better(candidate: Key, best: Key) -> bool:
     return candidate[0] > 0 or candidate[2] > best[2]
 
 
-class Schedule(keras.callbacks.Callback):
-    """Warmup + cosine learning rate over whichever ends first: the steps or the time budget."""
-
-    def __init__(self, config: TrainConfig, total_steps: int, deadline: float):
-        super().__init__()
-        self.config, self.total_steps, self.deadline = config, total_steps, deadline
-        self.start = time.monotonic()
-        self.step = 0
-
-    def fraction(self) -> float:
-        by_time = (time.monotonic() - self.start) / max(self.deadline - self.start, 1e-9)
-        return min(1.0, max(self.step / self.total_steps, by_time))
-
-    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        f, warm = self.fraction(), self.config.warmup_fraction
-        peak = self.config.learning_rate
-        lr = (
-            peak * f / warm
-            if f < warm
-            else peak * 0.5 * (1 + math.cos(math.pi * (f - warm) / (1 - warm)))
-        )
-        self.model.optimizer.learning_rate.assign(max(lr, peak * 1e-3))
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self.step += 1
-        if self.step >= self.total_steps or time.monotonic() >= self.deadline:
-            self.model.stop_training = True
-
-
 @dataclass
 class Stream:
     """Endless training batches (fresh images), validated every `steps_per_epoch` steps."""
@@ -151,7 +123,7 @@ class Monitor(keras.callbacks.Callback):
         self,
         infer: keras.Model,
         val: Validation,
-        schedule: Schedule,
+        schedule: StepPlan,
         report: Progress,
         log: LogMetrics,
         *,
@@ -175,7 +147,8 @@ class Monitor(keras.callbacks.Callback):
         if now - self._last_report > 0.5:
             self._last_report = now
             latest = self.history[-1] if self.history else {}
-            self.report(f"epoch {len(self.history) + 1}", self.schedule.fraction(), latest)
+            stage = f"epoch {len(self.history) + 1}"
+            self.report(stage, self.schedule.fraction(), latest | self.schedule.speed())
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -183,6 +156,7 @@ class Monitor(keras.callbacks.Callback):
             "loss": float(logs.get("loss", float("nan"))),
             **validate(self.infer, self.val),
             "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            **self.schedule.speed(),
         }
         self.log(metrics, epoch)
         self.history.append(metrics)
@@ -262,13 +236,23 @@ class Fitted:
     fit_seconds: float
     averaged: dict[str, float] | None  # the EMA weights' validation metrics, when EMA was on
     kept_final: bool = True  # the final weights, not an earlier checkpoint
+    planned: int = 0  # steps the schedule ran over, as planned from the measured step time
+    step_seconds: float = math.nan  # measured seconds per step (validation included)
+    first_step_at: float = math.nan  # time.monotonic() when the first step finished
+    images: int = 0  # training images seen (steps x batch)
+    fresh_images: int = 0  # distinct training images drawn while training (fresh path)
 
     def summary(self) -> dict[str, float]:
+        """The run's step and speed figures, as logged with it."""
         return {
             "best_epoch": float(self.best_epoch + 1),
             "kept_final_weights": float(self.kept_final),
             "epochs_run": float(len(self.history)),
             "steps_run": float(self.steps),
+            "steps_planned": float(self.planned),
+            "step_ms": self.step_seconds * 1000,
+            "images_per_second": self.images / max(self.fit_seconds, 1e-9),
+            "fresh_images": float(self.fresh_images),
             "fit_seconds": self.fit_seconds,
         }
 
@@ -291,9 +275,10 @@ def fit(
     else:
         plan = Plan.of(config, len(train[0]))
     train_model, infer = build_crnn(arch, len(alphabet) + 1, augment=augment)
+    schedule = WarmupCosine(config.learning_rate, config.warmup_fraction, plan.steps)
     train_model.compile(
         optimizer=keras.optimizers.AdamW(
-            config.learning_rate,
+            schedule,
             weight_decay=config.weight_decay,
             clipnorm=config.clipnorm,
             use_ema=config.ema_momentum is not None,
@@ -301,18 +286,18 @@ def fit(
         ),
         loss=ctc_loss,
     )
-    schedule = Schedule(config, plan.steps, deadline)
+    steps = StepPlan(schedule, plan.steps, deadline, batch=config.batch_size)
     monitor = Monitor(
         infer,
         val,
-        schedule,
+        steps,
         report,
         log,
         min_steps=plan.min_steps,
         patience=config.patience_steps,
     )
     fit_start = time.monotonic()
-    callbacks = [schedule, monitor]
+    callbacks = [steps, monitor]
     if isinstance(train, Stream):
         train_model.fit(
             train.batches,
@@ -340,10 +325,15 @@ def fit(
         infer=infer,
         history=monitor.history,
         best_epoch=len(monitor.history) - 1 if keep_final else monitor.best_epoch,
-        steps=schedule.step,
+        steps=steps.step,
         fit_seconds=time.monotonic() - fit_start,
         averaged=averaged,
         kept_final=keep_final,
+        planned=steps.planned,
+        step_seconds=steps.step_seconds,
+        first_step_at=steps.first_step_at or math.nan,
+        images=steps.step * config.batch_size,
+        fresh_images=train.generated() if isinstance(train, Stream) else 0,
     )
 
 
