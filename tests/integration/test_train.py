@@ -273,5 +273,7 @@ def test_cli_train_runs_with_progress_and_registers(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "test sequence accuracy" in done.stdout
+    assert "5 of 5 planned steps" in done.stdout  # 160 pool images / batch 32, one epoch
+    assert "images/s" in done.stdout and "first step after" in done.stdout
     assert "registered models:/text-captcha/" in done.stdout
     assert "not staged: test sequence accuracy" in done.stdout

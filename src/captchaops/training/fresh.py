@@ -32,7 +32,7 @@ class FreshData:
     test: list[Future[Shard]]
     n_val: int
     n_test: int
-    capacity: int
+    capacity: int  # training images in the pool, as asked (the stream rounds up to whole shards)
 
     def stream(self, steps_per_epoch: int) -> Stream:
         """The training batches for `fit`, `steps_per_epoch` steps between validations."""
@@ -83,4 +83,4 @@ def fresh_data(config: TrainConfig, arch: Architecture, alphabet: str) -> Iterat
         val = Validation(
             shard.x, encode_labels(shard.labels, alphabet, config.length[1]), shard.labels, alphabet
         )
-        yield FreshData(images, val, shard, test, n_val, n_test, images.capacity)
+        yield FreshData(images, val, shard, test, n_val, n_test, pool)
