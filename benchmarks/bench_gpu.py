@@ -94,14 +94,15 @@ def run(
         stream = fresh.stream(math.ceil(fresh.capacity / config.batch_size))
         probe, _ = build_crnn(arch, len(alphabet) + 1)
         probe.compile(optimizer=keras.optimizers.AdamW(1e-4), loss=ctc_loss)
-        device_s = device_step_seconds(probe, (fresh.val.x[:256], fresh.val.y[:256]))
+        val = fresh.validation()
+        device_s = device_step_seconds(probe, (val.x[:256], val.y[:256]))
         note({"stage": "device step", "ms": round(device_s * 1000, 2)})
         fitted = fit(
             config,
             arch,
             alphabet,
             stream,
-            fresh.val,
+            val,
             augment=False,
             deadline=start + config.max_minutes * 60,
             report=lambda stage, fraction, metrics: None,

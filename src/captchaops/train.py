@@ -149,7 +149,8 @@ class _Prepared:
     arch: Architecture
     train: tuple[np.ndarray, np.ndarray] | Stream
     n_train: int
-    val: Validation
+    val: Validation | Callable[[], Validation]  # fresh: drawn while training starts
+    n_val: int
     held_out: Callable[[], tuple[LabelledImages, dict[str, list[int]]]]  # after fitting
     test: Callable[[LabelledImages, dict[str, list[int]]], tuple[list[bytes], list[str]]]
     augment: bool
@@ -177,7 +178,8 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
                 arch=arch,
                 train=fresh.stream(math.ceil(fresh.capacity / config.batch_size)),
                 n_train=fresh.capacity,
-                val=fresh.val,
+                val=fresh.validation,
+                n_val=n_val,
                 held_out=lambda: (fresh.held_out(config.seed), splits),
                 test=lambda data, splits: (
                     [data.images[i] for i in splits["test"]],
@@ -233,6 +235,7 @@ def _prepare_fixed(config: TrainConfig, settings: Settings, report: Progress) ->
         train=(x["train"], y["train"]),
         n_train=len(splits["train"]),
         val=Validation(x["val"], y["val"], labels["val"], alphabet),
+        n_val=len(splits["val"]),
         held_out=lambda: (data, splits),
         test=test,
         augment=config.augment if config.augment is not None else config.data_dir is not None,
@@ -261,7 +264,7 @@ def _run(
                 "scheme": settings.model_name,
                 "n_read": p.n_read,
                 "n_train": p.n_train,
-                "n_val": len(p.val.labels),
+                "n_val": p.n_val,
                 "test_set": "frozen held-out set" if frozen is not None else "test split",
                 "frozen_evalset_digest": frozen.digest if frozen is not None else "",
                 "augment_applied": p.augment,

@@ -14,6 +14,7 @@ different batch. Memory is bounded by the pool plus `window` shards in flight.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import deque
@@ -137,9 +138,9 @@ class FreshImages:
             for s in range(start, stop, 500)
         ]
 
-    def start(self) -> None:
-        """Queue the first `window` training shards (call after any held-out set comes first)."""
-        while len(self._pending) < self.window:
+    def start(self, shards: int | None = None) -> None:
+        """Queue training shards up to `shards` in flight (default: the whole window)."""
+        while len(self._pending) < min(shards or self.window, self.window):
             self._submit_next()
 
     @property
@@ -150,7 +151,7 @@ class FreshImages:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(x, y) batches for steps 0, 1, 2, ...; the same seed gives the same batches."""
         rng = np.random.default_rng((self.spec.seed, 23))
-        for step in range(2**62):
+        for step in itertools.count():
             needed = 1 + int(step * self.fresh_per_step // self.shard)
             while self.admitted < needed:
                 self._admit()

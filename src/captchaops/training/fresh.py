@@ -24,23 +24,35 @@ from captchaops.training.loop import Stream, Validation
 
 @dataclass
 class FreshData:
-    """The fixed held-out sets and the stream of fresh training batches."""
+    """The fixed held-out sets (drawn while training starts) and the fresh training stream."""
 
     images: FreshImages
-    val: Validation
-    val_shard: Shard
-    test: list[Future[Shard]]
+    val_parts: list[Future[Shard]]
+    test_parts: list[Future[Shard]]
+    alphabet: str
+    max_length: int
     n_val: int
     n_test: int
     capacity: int  # training images in the pool, as asked (the stream rounds up to whole shards)
+    _val: Shard | None = None
 
     def stream(self, steps_per_epoch: int) -> Stream:
         """The training batches for `fit`, `steps_per_epoch` steps between validations."""
         return Stream(self.images.batches(), steps_per_epoch, lambda: self.images.generated)
 
+    def validation(self) -> Validation:
+        """The validation set (waits for it the first time: the first epoch's end needs it)."""
+        if self._val is None:
+            self._val = join([f.result() for f in self.val_parts])
+        labels = self._val.labels
+        y = encode_labels(labels, self.alphabet, self.max_length)
+        return Validation(self._val.x, y, labels, self.alphabet)
+
     def held_out(self, seed: int) -> LabelledImages:
-        """Validation then test images (waits for the test set), named as `generate` names them."""
-        both = join([self.val_shard, *(f.result() for f in self.test)])
+        """Validation then test images (waits for both), named as `generate` names them."""
+        self.validation()
+        assert self._val is not None
+        both = join([self._val, *(f.result() for f in self.test_parts)])
         return LabelledImages(
             images=both.images,
             labels=both.labels,
@@ -64,7 +76,8 @@ def sizes(config: TrainConfig) -> tuple[int, int, int]:
 
 @contextmanager
 def fresh_data(config: TrainConfig, arch: Architecture, alphabet: str) -> Iterator[FreshData]:
-    """Start the generator workers: validation set first, then training shards and the test set."""
+    """Start the generator workers: the first training shard, the validation set, the rest of
+    the training window, then the test set (the first step waits for one shard only)."""
     n_val, n_test, pool = sizes(config)
     spec = Spec(config.seed, alphabet, config.length, arch.height, arch.width)
     images = FreshImages(
@@ -76,11 +89,8 @@ def fresh_data(config: TrainConfig, arch: Architecture, alphabet: str) -> Iterat
         workers=config.workers,
     )
     with images:
-        val_futures = images.held_out(0, n_val, keep_images=True)
+        images.start(1)
+        val = images.held_out(0, n_val, keep_images=True)
         images.start()
         test = images.held_out(n_val, n_val + n_test, keep_images=True)
-        shard = join([f.result() for f in val_futures])
-        val = Validation(
-            shard.x, encode_labels(shard.labels, alphabet, config.length[1]), shard.labels, alphabet
-        )
-        yield FreshData(images, val, shard, test, n_val, n_test, pool)
+        yield FreshData(images, val, test, alphabet, config.length[1], n_val, n_test, pool)

@@ -122,7 +122,7 @@ class Monitor(keras.callbacks.Callback):
     def __init__(
         self,
         infer: keras.Model,
-        val: Validation,
+        val: Validation | Callable[[], Validation],
         schedule: StepPlan,
         report: Progress,
         log: LogMetrics,
@@ -131,7 +131,8 @@ class Monitor(keras.callbacks.Callback):
         patience: int,
     ):
         super().__init__()
-        self.infer, self.val, self.schedule = infer, val, schedule
+        self.infer, self.schedule = infer, schedule
+        self._val = val
         self.report, self.log = report, log
         self.min_steps, self.patience = min_steps, patience
         self.best_key: Key = (-1.0, -math.inf, -math.inf)
@@ -141,6 +142,13 @@ class Monitor(keras.callbacks.Callback):
         self.improved_at = 0
         self.history: list[dict[str, float]] = []
         self._last_report = 0.0
+
+    @property
+    def val(self) -> Validation:
+        """The validation set (one that is still being drawn is waited for once, here)."""
+        if not isinstance(self._val, Validation):
+            self._val = self._val()
+        return self._val
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         now = time.monotonic()
@@ -262,7 +270,7 @@ def fit(
     arch: Architecture,
     alphabet: str,
     train: tuple[np.ndarray, np.ndarray] | Stream,
-    val: Validation,
+    val: Validation | Callable[[], Validation],
     *,
     augment: bool,
     deadline: float,
@@ -316,9 +324,9 @@ def fit(
             callbacks=callbacks,
             verbose=0,
         )
-    averaged = validate(infer, val) if config.ema_momentum else None  # fit swapped the EMA in
+    averaged = validate(infer, monitor.val) if config.ema_momentum else None  # EMA swapped in
     final = averaged if averaged is not None else (monitor.history[-1] if monitor.history else None)
-    keep_final = final is not None and holds_up(final, monitor.best_key, len(val.labels))
+    keep_final = final is not None and holds_up(final, monitor.best_key, len(monitor.val.labels))
     if monitor.best_weights is not None and not keep_final:
         train_model.set_weights(monitor.best_weights)
     return Fitted(
