@@ -127,7 +127,6 @@ def run_fold(
     from captchaops.training.loop import (
         Monitor,
         Plan,
-        Schedule,
         Validation,
         arrays,
         compiled_crnn,
@@ -159,9 +158,15 @@ def run_fold(
 
     plan = Plan.of(config, len(x["train"]))
     assert config.ema_momentum is not None, "the folder preset averages its weights"
-    train_model, infer = compiled_crnn(config, arch, len(alphabet) + 1, augment=True)
     start = time.monotonic()
-    schedule = Schedule(config, plan.steps, start + max_minutes * 60)
+    train_model, infer, schedule = compiled_crnn(
+        config,
+        arch,
+        len(alphabet) + 1,
+        augment=True,
+        total_steps=plan.steps,
+        deadline=start + max_minutes * 60,
+    )
     monitor = Monitor(
         infer,
         val,

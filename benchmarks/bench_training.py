@@ -2,12 +2,19 @@
 
 Usage:
   python -m benchmarks training                           # via `make bench`: the demo budget
-  python -m benchmarks.bench_training --mode demo         # same
+  python -m benchmarks.bench_training --mode demo [--runs 3] [--busy] [--baseline full]
   python -m benchmarks.bench_training --mode accuracy [--minutes 60]
 
 Runs `captchaops.training.run.train` in this process against a private tracking server, data
 generation included in the wall time, then reads 2,000 fresh held-out CAPTCHAs (a seed the
 training never saw) through the registered pyfunc (ONNX Runtime, the served path).
+
+The presets draw fresh images while training. `--baseline first-step` (the default) also
+times the old fixed-set path (`fresh=False`: the whole set drawn first) to its first
+optimiser step, in the same invocation; `--baseline full` trains it to the end as well, for
+its accuracy. `--busy` runs a second CPU-bound process beside the training (the issue's
+half-speed machine). Targets (issue 23): demo >= 96% held-out, median of 3 idle runs,
+>= 94% with a second CPU-bound process; first step <= 15 s; accuracy preset >= 99.6%.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,7 +36,9 @@ import psutil
 
 VENV_BIN = Path(sys.executable).parent
 RESULTS = Path("bench-results") / "training.json"
-TARGETS = {"demo": (0.95, 5.0), "accuracy": (0.996, 60.0)}  # (sequence accuracy, minutes)
+TARGETS = {"demo": (0.96, 5.0), "accuracy": (0.996, 60.0)}  # (sequence accuracy, minutes)
+BUSY_TARGET = 0.94  # demo, with a second CPU-bound process
+FIRST_STEP_TARGET_S = 15.0
 HELD_OUT_SEED = 1_000_003
 
 
@@ -98,16 +110,41 @@ def _print_epochs(started: float):  # type: ignore[no-untyped-def]
     return report
 
 
+@contextmanager
+def cpu_hog(on: bool) -> Iterator[None]:
+    """A second CPU-bound process for the duration of the block (when `on`)."""
+    if not on:
+        yield
+        return
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 def run(
-    mode: str, minutes: float | None, held_out: int, synthetic: int | None, epochs: int | None
+    mode: str,
+    minutes: float | None,
+    held_out: int,
+    synthetic: int | None,
+    epochs: int | None,
+    *,
+    fresh: bool = True,
+    busy: bool = False,
+    evaluate: bool = True,
+    reuse: float | None = None,
 ) -> dict[str, object]:
     """Train with the preset for `mode`, then measure held-out accuracy; return the numbers."""
     from captchaops.settings import load_settings
     from captchaops.training.run import TrainConfig, train, with_overrides
 
     config = TrainConfig.demo() if mode == "demo" else TrainConfig.accuracy()
-    config = with_overrides(config, max_minutes=minutes, synthetic=synthetic, epochs=epochs)
-    with tempfile.TemporaryDirectory() as tmp:
+    config = with_overrides(
+        config, max_minutes=minutes, synthetic=synthetic, epochs=epochs, fresh=fresh, reuse=reuse
+    )
+    with tempfile.TemporaryDirectory() as tmp, cpu_hog(busy):
         proc, uri = _tracking_server(Path(tmp))
         try:
             settings = load_settings(home=Path(tmp) / "home", tracking_uri=uri, staging_floor=0.0)
@@ -115,19 +152,28 @@ def run(
             result = train(config, settings, progress=_print_epochs(started))
             wall = time.monotonic() - started
             print(f"trained in {wall:.0f}s: {result.metrics}", flush=True)
-            accuracy = held_out_accuracy(result.model_uri, uri, held_out)
+            accuracy = held_out_accuracy(result.model_uri, uri, held_out) if evaluate else None
         finally:
             proc.terminate()
             proc.wait(timeout=20)
     since_process_start = time.time() - psutil.Process().create_time()
+    m = result.metrics
     return {
         "mode": mode,
+        "path": "fresh" if fresh else "fixed",
+        "busy": busy,
         "config": {k: str(v) for k, v in config.params().items()},
         "train_wall_s": wall,
         "process_wall_s": since_process_start,
-        "fit_s": result.metrics["fit_seconds"],
-        "epochs_run": result.metrics["epochs_run"],
-        "test_seq_acc": result.metrics["test_seq_acc"],
+        "fit_s": m["fit_seconds"],
+        "first_step_s": m["seconds_to_first_step"],
+        "epochs_run": m["epochs_run"],
+        "steps_run": m["steps_run"],
+        "steps_planned": m["steps_planned"],
+        "images_per_second": m["images_per_second"],
+        "fresh_images": m["fresh_images"],
+        "reuse": config.reuse,
+        "test_seq_acc": m["test_seq_acc"],
         "held_out_n": held_out,
         "held_out_seq_acc": accuracy,
         "cpu_count": psutil.cpu_count(),
@@ -135,43 +181,79 @@ def run(
     }
 
 
-def report(numbers: dict[str, object]) -> None:
-    """Print measured numbers beside their targets."""
-    target_acc, target_min = TARGETS[str(numbers["mode"])]
-    acc = float(numbers["held_out_seq_acc"])  # type: ignore[arg-type]
-    wall_min = float(numbers["train_wall_s"]) / 60  # type: ignore[arg-type]
+def report(runs: list[dict[str, object]], baseline: dict[str, object] | None) -> None:
+    """Print measured numbers beside their targets (and the fixed-set path's, when measured)."""
+    first = runs[0]
+    mode, busy = str(first["mode"]), bool(first["busy"])
+    target_acc, target_min = TARGETS[mode]
+    if mode == "demo" and busy:
+        target_acc = BUSY_TARGET
     print(
-        f"mode {numbers['mode']}: {numbers['cpu_count']} CPUs, load average {numbers['load_avg_1m']:.1f}"
+        f"mode {mode}: {first['cpu_count']} CPUs, load average "
+        + ", ".join(f"{float(r['load_avg_1m']):.1f}" for r in runs)  # type: ignore[arg-type]
+        + (" (plus a second CPU-bound process)" if busy else "")
     )
+    for r in [*runs, *([baseline] if baseline else [])]:
+        acc = r["held_out_seq_acc"]
+        shown = f"{float(acc):.4f}" if acc is not None else "not measured"  # type: ignore[arg-type]
+        print(
+            f"  {r['path']:<5} held-out {shown}  in-run test {float(r['test_seq_acc']):.4f}  "  # type: ignore[arg-type]
+            f"first step {float(r['first_step_s']):.1f}s  "  # type: ignore[arg-type]
+            f"steps {float(r['steps_run']):,.0f}/{float(r['steps_planned']):,.0f}  "  # type: ignore[arg-type]
+            f"{float(r['images_per_second']):,.0f} img/s  "  # type: ignore[arg-type]
+            f"fresh {float(r['fresh_images']):,.0f}  wall {float(r['train_wall_s']) / 60:.2f} min"  # type: ignore[arg-type]
+        )
+    accs = [float(r["held_out_seq_acc"]) for r in runs]  # type: ignore[arg-type]
+    acc = statistics.median(accs)
     print(
-        f"held-out sequence accuracy {acc:.4f} on {numbers['held_out_n']} fresh images "
-        f"(target >= {target_acc}; ratio {acc / target_acc:.3f}; "
-        f"gap {max(0.0, target_acc - acc) * 100:.2f} points)"
+        f"held-out sequence accuracy, median of {len(runs)}: {acc:.4f} on "
+        f"{first['held_out_n']} fresh images (target >= {target_acc}; ratio "
+        f"{acc / target_acc:.3f}; gap {max(0.0, target_acc - acc) * 100:.2f} points)"
     )
+    first_step = statistics.median(float(r["first_step_s"]) for r in runs)  # type: ignore[arg-type]
+    old = f"; fixed-set path {float(baseline['first_step_s']):.1f}s" if baseline else ""  # type: ignore[arg-type]
     print(
-        f"wall time {wall_min:.2f} min including data generation "
-        f"(target <= {target_min} min; ratio {wall_min / target_min:.2f}); "
-        f"process total {float(numbers['process_wall_s']) / 60:.2f} min"  # type: ignore[arg-type]
+        f"time to the first optimiser step {first_step:.1f}s (target <= {FIRST_STEP_TARGET_S:.0f}s; "
+        f"ratio {first_step / FIRST_STEP_TARGET_S:.2f}){old}"
     )
+    wall_min = max(float(r["train_wall_s"]) for r in runs) / 60  # type: ignore[arg-type]
     print(
-        f"fit {float(numbers['fit_s']):.0f}s over {numbers['epochs_run']:.0f} epochs; "  # type: ignore[arg-type]
-        f"in-run test split accuracy {float(numbers['test_seq_acc']):.4f}"  # type: ignore[arg-type]
+        f"wall time at most {wall_min:.2f} min including data generation "
+        f"(target <= {target_min} min; ratio {wall_min / target_min:.2f})"
     )
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run one training benchmark, print it and save bench-results/training.json."""
+    """Run the training benchmark, print it and save bench-results/training.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=sorted(TARGETS), default="demo")
     parser.add_argument("--minutes", type=float, default=None, help="override the time budget")
     parser.add_argument("--synthetic", type=int, default=None, help="override the data size")
     parser.add_argument("--epochs", type=int, default=None, help="override the epochs")
     parser.add_argument("--held-out", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=1, help="runs of the fresh path (median)")
+    parser.add_argument("--busy", action="store_true", help="a second CPU-bound process runs")
+    parser.add_argument("--reuse", type=float, default=None, help="override the preset's reuse")
+    parser.add_argument(
+        "--baseline",
+        choices=("none", "first-step", "full"),
+        default="first-step",
+        help="also run the old fixed-set path: to its first step, or to the end",
+    )
     args = parser.parse_args(argv if argv is not None else [])
-    numbers = run(args.mode, args.minutes, args.held_out, args.synthetic, args.epochs)
-    report(numbers)
+    common = (args.mode, args.minutes, args.held_out, args.synthetic, args.epochs)
+    runs = [run(*common, busy=args.busy, reuse=args.reuse) for _ in range(args.runs)]
+    baseline = None
+    if args.baseline != "none":
+        full = args.baseline == "full"
+        minutes = args.minutes if full else 0.05  # stops after the first step
+        baseline = run(
+            args.mode, minutes, args.held_out, args.synthetic, args.epochs,
+            fresh=False, busy=args.busy, evaluate=full,
+        )  # fmt: skip
+    report(runs, baseline)
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(numbers, indent=2))
+    RESULTS.write_text(json.dumps({"runs": runs, "baseline": baseline}, indent=2))
 
 
 if __name__ == "__main__":

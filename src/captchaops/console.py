@@ -84,6 +84,7 @@ def train_with_progress(config: TrainConfig, settings: Settings, console: Consol
     from captchaops.training.run import train
 
     columns = (  # 24 + 16 + 4 + 7 + 19 characters and 4 gaps: fits 80 columns
+        # "epoch 12 step 5400/6000" and "acc 0.953 812 img/s"
         TextColumn("[bold]{task.description}", table_column=_fixed(24)),
         BarColumn(bar_width=16),
         TaskProgressColumn(),
@@ -94,12 +95,14 @@ def train_with_progress(config: TrainConfig, settings: Settings, console: Consol
         task = bar.add_task("starting", total=1.0, metrics="")
 
         def report(stage: str, fraction: float, metrics: dict[str, float]) -> None:
-            shown = " ".join(
-                f"{short} {metrics[k]:.3f}"
-                for k, short in (("val_seq_acc", "acc"), ("val_cer", "cer"))
-                if k in metrics
-            )
-            bar.update(task, description=stage, completed=fraction, metrics=shown)
+            if "steps" in metrics:
+                stage = f"{stage} step {metrics['steps']:.0f}/{metrics['steps_planned']:.0f}"
+            shown = []
+            if "val_seq_acc" in metrics:
+                shown.append(f"acc {metrics['val_seq_acc']:.3f}")
+            if metrics.get("images_per_second"):
+                shown.append(f"{metrics['images_per_second']:.0f} img/s")
+            bar.update(task, description=stage, completed=fraction, metrics=" ".join(shown))
 
         return train(config, settings, progress=report)
 
@@ -116,6 +119,7 @@ def print_summary(result: TrainResult, console: Console) -> None:
         f"{m['epochs_run']:.0f} epochs in {m['wall_seconds']:.0f}s",
         highlight=False,
     )
+    console.print(training_speed(m), highlight=False)
     if result.skipped != "none":
         console.print(f"skipped files: {result.skipped}", highlight=False)
     if result.frozen:
@@ -139,6 +143,16 @@ SERVED = ("production", "staging", "canary")
 def _table(title: str | Text) -> Table:
     """A table without vertical rules, so short columns fit 80 columns; cells fold, never `…`."""
     return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
+def training_speed(m: dict[str, float]) -> str:
+    """One line: steps done of those planned, images per second, time to the first step."""
+    fresh = f", {m['fresh_images']:,.0f} fresh images" if m.get("fresh_images") else ""
+    return (
+        f"{m['steps_run']:,.0f} of {m['steps_planned']:,.0f} planned steps, "
+        f"{m['images_per_second']:,.0f} images/s{fresh}, "
+        f"first step after {m['seconds_to_first_step']:.0f}s"
+    )
 
 
 def services_table(rows: list[ServiceStatus]) -> Table:

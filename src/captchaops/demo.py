@@ -28,6 +28,7 @@ class DemoSummary:
     staging_version: str | None
     trained_version: str | None = None
     test_seq_acc: float | None = None
+    speed: str = ""  # steps done of planned, images/s (console.training_speed)
     decision: str = ""
     minutes: float = 0.0
     lines: list[str] = field(default_factory=list)
@@ -69,6 +70,7 @@ def run_demo(
 ) -> DemoSummary:
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
     from captchaops import registry
+    from captchaops.console import training_speed
     from captchaops.evaluation import gate
     from captchaops.training.run import TrainConfig, train
 
@@ -100,6 +102,7 @@ def run_demo(
         result = (trainer or train)(config or TrainConfig.demo(), settings)
         summary.trained_version = result.version
         summary.test_seq_acc = result.metrics.get("test_seq_acc")
+        summary.speed = training_speed(result.metrics)
         if result.staged:
             decision, _ = gate.auto_promote(settings, actor="captchaops demo")
             summary.decision = (
@@ -131,6 +134,7 @@ def _summary_lines(s: DemoSummary) -> list[str]:
     return [
         f"trained version : {('v' + s.trained_version) if s.trained_version else 'none (reused)'}",
         f"test accuracy   : {accuracy}",
+        *([f"training        : {s.speed}"] if s.speed else []),
         f"gate            : {s.decision}",
         f"serving         : production v{s.production_version or '-'}, staging v{s.staging_version or '-'}",
         f"took            : {s.minutes:.1f} min",

@@ -53,7 +53,9 @@ def test_demo_trains_promotes_serves_then_reuses_and_down_leaves_nothing(
     assert summary.decision.startswith("promoted"), summary.decision
     assert summary.production_version == summary.trained_version
     assert not any(line.startswith("warning") for line in said), "\n".join(said)
-    assert len(summary.lines) == 5
+    assert len(summary.lines) == 6
+    assert summary.lines[2].startswith("training        : 16 of 16 planned steps, ")
+    assert "images/s" in summary.lines[2] and "first step after" in summary.lines[2]
     assert summary.urls == {
         "MLflow UI": stack.url("tracking"),
         "web app": stack.url("app"),

@@ -38,9 +38,18 @@ def test_run_has_params_metrics_dataset_and_artifacts(
     assert params["optimizer"] == "AdamW"
     assert {"arch_height", "arch_width", "arch_filters", "batch_size", "data_source"} <= set(params)
     assert len(params["dataset_sha256"]) == 64
+    assert params["data_path"] == "fresh"  # synthetic presets draw new images while training
     for key in ("loss", "val_loss", "val_seq_acc", "val_cer"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 2
     assert {"test_seq_acc", "test_cer", "wall_seconds"} <= set(run.data.metrics)
+    done = run.data.metrics  # the tiny preset plans 2 epochs x 8 steps and runs all of them
+    assert done["steps_planned"] == done["steps_run"] == float(params["planned_steps"]) == 16
+    assert (
+        done["images_per_second"] > 0 and 0 < done["seconds_to_first_step"] < done["wall_seconds"]
+    )
+    assert 256 <= done["fresh_images"] < 16 * 32  # new images, fewer than the steps drew (reuse)
+    steps = client.get_metric_history(run.info.run_id, "steps")
+    assert [m.value for m in steps] == [8.0, 16.0]
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.digest == params["dataset_sha256"][:32]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -264,5 +273,7 @@ def test_cli_train_runs_with_progress_and_registers(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "test sequence accuracy" in done.stdout
+    assert "5 of 5 planned steps" in done.stdout  # 160 pool images / batch 32, one epoch
+    assert "images/s" in done.stdout and "first step after" in done.stdout
     assert "registered models:/text-captcha/" in done.stdout
     assert "not staged: test sequence accuracy" in done.stdout

@@ -83,16 +83,17 @@ def generate_one(
     return _draw(rng, ImageCaptcha(width=width, height=height), alphabet, length)
 
 
-def _generate_range(
+def generate_range(
     start: int,
     stop: int,
     seed: int,
     alphabet: str,
     length: tuple[int, int],
-    width: int,
-    height: int,
-    preprocess_to: tuple[int, int] | None,
+    width: int = 160,
+    height: int = 60,
+    preprocess_to: tuple[int, int] | None = None,
 ) -> list[Sample]:
+    """Samples [start, stop) of `seed`: sample i depends only on (seed, i)."""
     generator = ImageCaptcha(width=width, height=height)
     samples = [
         _draw(random.Random(f"{seed}/{i}"), generator, alphabet, length) for i in range(start, stop)
@@ -121,8 +122,8 @@ def generate(
         raise ValueError("need a non-empty alphabet and 1 <= min length <= max length")
     args = (seed, alphabet, length, width, height, preprocess_to)
     if workers <= 1 or n <= _CHUNK:
-        return _generate_range(0, n, *args)
+        return generate_range(0, n, *args)
     starts = range(0, n, _CHUNK)
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_generate_range, s, min(s + _CHUNK, n), *args) for s in starts]
+        futures = [pool.submit(generate_range, s, min(s + _CHUNK, n), *args) for s in starts]
         return [sample for future in futures for sample in future.result()]

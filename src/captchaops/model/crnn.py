@@ -84,6 +84,7 @@ def build_crnn(
 def ctc_loss(y_true: Any, y_pred: Any) -> Any:
     """Mean CTC loss; labels are int [B, L] padded with -1, blank is the last class."""
     labels = ops.cast(y_true, "int32")
+    y_pred = ops.cast(y_pred, "float32")  # the loss in float32 under mixed precision too
     label_length = ops.sum(ops.cast(labels >= 0, "int32"), axis=1)
     labels = ops.where(labels >= 0, labels, ops.zeros_like(labels))
     batch = ops.shape(y_pred)[0]

@@ -36,6 +36,8 @@ class TrainConfig:
     fit_geometry: bool = True  # folders: input width from the images' aspect ratio
     augment: bool | None = None  # None: on for folders (small real sets), off for synthetic
     workers: int = 2  # processes generating synthetic data
+    fresh: bool = True  # synthetic: draw new images while training (False: one fixed set first)
+    reuse: float = 3.0  # fresh: each generated training image is used this often on average
     arch: Architecture = field(default_factory=Architecture)
 
     @classmethod
@@ -79,8 +81,8 @@ class TrainConfig:
 
     @classmethod
     def gpu(cls) -> TrainConfig:
-        """One H100/H200-class GPU for at most 10 minutes: 400k images, batch 256, a 2x wider
-        network and weight averaging (`benchmarks/bench_gpu.py`, docs/training.md)."""
+        """One H100/H200-class GPU for at most 10 minutes: a pool of 400k fresh images, batch 256,
+        a 2x wider network and weight averaging (`benchmarks/bench_gpu.py`, docs/training.md)."""
         return cls(
             synthetic=400_000,
             epochs=200,
@@ -91,7 +93,8 @@ class TrainConfig:
             ema_momentum=0.999,
             val_fraction=0.01,
             test_fraction=0.005,
-            workers=16,
+            workers=15,
+            reuse=8.0,  # 15 processes draw ~1/8 of what the device trains on (not yet measured)
             arch=Architecture(height=32, width=88, filters=(32, 64, 96, 128), rnn_units=128),
         )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,6 +21,7 @@ from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
 from captchaops.model.ctc import decode_greedy
 from captchaops.model.preprocess import image_size, preprocess
 from captchaops.training.config import TrainConfig
+from captchaops.training.schedule import StepPlan, WarmupCosine
 
 Progress = Callable[[str, float, dict[str, float]], None]
 """Called with (stage description, fraction done 0..1, latest metrics)."""
@@ -77,33 +78,13 @@ def better(candidate: Key, best: Key) -> bool:
     return candidate[0] > 0 or candidate[2] > best[2]
 
 
-class Schedule(keras.callbacks.Callback):
-    """Warmup + cosine learning rate over whichever ends first: the steps or the time budget."""
+@dataclass
+class Stream:
+    """Endless training batches (fresh images), validated every `steps_per_epoch` steps."""
 
-    def __init__(self, config: TrainConfig, total_steps: int, deadline: float):
-        super().__init__()
-        self.config, self.total_steps, self.deadline = config, total_steps, deadline
-        self.start = time.monotonic()
-        self.step = 0
-
-    def fraction(self) -> float:
-        by_time = (time.monotonic() - self.start) / max(self.deadline - self.start, 1e-9)
-        return min(1.0, max(self.step / self.total_steps, by_time))
-
-    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        f, warm = self.fraction(), self.config.warmup_fraction
-        peak = self.config.learning_rate
-        lr = (
-            peak * f / warm
-            if f < warm
-            else peak * 0.5 * (1 + math.cos(math.pi * (f - warm) / (1 - warm)))
-        )
-        self.model.optimizer.learning_rate.assign(max(lr, peak * 1e-3))
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self.step += 1
-        if self.step >= self.total_steps or time.monotonic() >= self.deadline:
-            self.model.stop_training = True
+    batches: Iterator[tuple[np.ndarray, np.ndarray]]
+    steps_per_epoch: int
+    generated: Callable[[], int]  # fresh training images drawn so far
 
 
 @dataclass
@@ -141,8 +122,8 @@ class Monitor(keras.callbacks.Callback):
     def __init__(
         self,
         infer: keras.Model,
-        val: Validation,
-        schedule: Schedule,
+        val: Validation | Callable[[], Validation],
+        schedule: StepPlan,
         report: Progress,
         log: LogMetrics,
         *,
@@ -150,7 +131,8 @@ class Monitor(keras.callbacks.Callback):
         patience: int,
     ):
         super().__init__()
-        self.infer, self.val, self.schedule = infer, val, schedule
+        self.infer, self.schedule = infer, schedule
+        self._val = val
         self.report, self.log = report, log
         self.min_steps, self.patience = min_steps, patience
         self.best_key: Key = (-1.0, -math.inf, -math.inf)
@@ -161,12 +143,20 @@ class Monitor(keras.callbacks.Callback):
         self.history: list[dict[str, float]] = []
         self._last_report = 0.0
 
+    @property
+    def val(self) -> Validation:
+        """The validation set (one that is still being drawn is waited for once, here)."""
+        if not isinstance(self._val, Validation):
+            self._val = self._val()
+        return self._val
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         now = time.monotonic()
         if now - self._last_report > 0.5:
             self._last_report = now
             latest = self.history[-1] if self.history else {}
-            self.report(f"epoch {len(self.history) + 1}", self.schedule.fraction(), latest)
+            stage = f"epoch {len(self.history) + 1}"
+            self.report(stage, self.schedule.fraction(), latest | self.schedule.speed())
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -174,6 +164,7 @@ class Monitor(keras.callbacks.Callback):
             "loss": float(logs.get("loss", float("nan"))),
             **validate(self.infer, self.val),
             "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            **self.schedule.speed(),
         }
         self.log(metrics, epoch)
         self.history.append(metrics)
@@ -204,8 +195,8 @@ class Plan:
     steps_per_epoch: int
 
     @classmethod
-    def of(cls, config: TrainConfig, n_train: int) -> Plan:
-        per_epoch = math.ceil(n_train / config.batch_size)
+    def of(cls, config: TrainConfig, n_train: int, steps_per_epoch: int | None = None) -> Plan:
+        per_epoch = steps_per_epoch or math.ceil(n_train / config.batch_size)
         steps = int(min(config.max_steps or math.inf, per_epoch * config.epochs))
         return cls(steps, min(max(config.min_steps, 20 * per_epoch), steps), per_epoch)
 
@@ -221,26 +212,44 @@ class Fitted:
     fit_seconds: float
     averaged: dict[str, float] | None  # the EMA weights' validation metrics, when EMA was on
     kept_final: bool = True  # the final weights, not an earlier checkpoint
+    planned: int = 0  # steps the schedule ran over, as planned from the measured step time
+    step_seconds: float = math.nan  # measured seconds per step (validation included)
+    first_step_at: float = math.nan  # time.monotonic() when the first step finished
+    images: int = 0  # training images seen (steps x batch)
+    fresh_images: int = 0  # distinct training images drawn while training (fresh path)
 
     def summary(self) -> dict[str, float]:
+        """The run's step and speed figures, as logged with it."""
         return {
             "best_epoch": float(self.best_epoch + 1),
             "kept_final_weights": float(self.kept_final),
             "epochs_run": float(len(self.history)),
             "steps_run": float(self.steps),
+            "steps_planned": float(self.planned),
+            "step_ms": self.step_seconds * 1000,
+            "images_per_second": self.images / max(self.fit_seconds, 1e-9),
+            "fresh_images": float(self.fresh_images),
             "fit_seconds": self.fit_seconds,
         }
 
 
 def compiled_crnn(
-    config: TrainConfig, arch: Architecture, n_classes: int, *, augment: bool
-) -> tuple[keras.Model, keras.Model]:
+    config: TrainConfig,
+    arch: Architecture,
+    n_classes: int,
+    *,
+    augment: bool,
+    total_steps: int,
+    deadline: float,
+) -> tuple[keras.Model, keras.Model, StepPlan]:
     """A fresh CRNN (training and inference networks) compiled with the loop's optimiser:
-    AdamW with weight decay, clipping and, when the config asks, an EMA of the weights."""
+    AdamW with weight decay, clipping and, when the config asks, an EMA of the weights, on the
+    warm-up + cosine schedule counted in steps; and the callback that plans and counts them."""
     train_model, infer = build_crnn(arch, n_classes, augment=augment)
+    schedule = WarmupCosine(config.learning_rate, config.warmup_fraction, total_steps)
     train_model.compile(
         optimizer=keras.optimizers.AdamW(
-            config.learning_rate,
+            schedule,
             weight_decay=config.weight_decay,
             clipnorm=config.clipnorm,
             use_ema=config.ema_momentum is not None,
@@ -248,15 +257,15 @@ def compiled_crnn(
         ),
         loss=ctc_loss,
     )
-    return train_model, infer
+    return train_model, infer, StepPlan(schedule, total_steps, deadline, batch=config.batch_size)
 
 
 def fit(
     config: TrainConfig,
     arch: Architecture,
     alphabet: str,
-    train: tuple[np.ndarray, np.ndarray],
-    val: Validation,
+    train: tuple[np.ndarray, np.ndarray] | Stream,
+    val: Validation | Callable[[], Validation],
     *,
     augment: bool,
     deadline: float,
@@ -264,40 +273,65 @@ def fit(
     log: LogMetrics,
 ) -> Fitted:
     """Fit a fresh CRNN and keep the best weights (the averaged ones when they validate as well)."""
-    plan = Plan.of(config, len(train[0]))
-    train_model, infer = compiled_crnn(config, arch, len(alphabet) + 1, augment=augment)
-    schedule = Schedule(config, plan.steps, deadline)
+    if isinstance(train, Stream):
+        plan = Plan.of(config, 0, train.steps_per_epoch)
+    else:
+        plan = Plan.of(config, len(train[0]))
+    train_model, infer, steps = compiled_crnn(
+        config,
+        arch,
+        len(alphabet) + 1,
+        augment=augment,
+        total_steps=plan.steps,
+        deadline=deadline,
+    )
     monitor = Monitor(
         infer,
         val,
-        schedule,
+        steps,
         report,
         log,
         min_steps=plan.min_steps,
         patience=config.patience_steps,
     )
     fit_start = time.monotonic()
-    train_model.fit(
-        train[0],
-        train[1],
-        batch_size=config.batch_size,
-        epochs=config.epochs,
-        callbacks=[schedule, monitor],
-        verbose=0,
-    )
-    averaged = validate(infer, val) if config.ema_momentum else None  # fit swapped the EMA in
+    callbacks = [steps, monitor]
+    if isinstance(train, Stream):
+        train_model.fit(
+            train.batches,
+            steps_per_epoch=train.steps_per_epoch,
+            epochs=config.epochs,
+            callbacks=callbacks,
+            shuffle=False,  # the stream's batches are already drawn at random
+            verbose=0,
+        )
+    else:
+        train_model.fit(
+            train[0],
+            train[1],
+            batch_size=config.batch_size,
+            epochs=config.epochs,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    averaged = validate(infer, monitor.val) if config.ema_momentum else None  # EMA swapped in
     final = averaged if averaged is not None else (monitor.history[-1] if monitor.history else None)
-    keep_final = final is not None and holds_up(final, monitor.best_key, len(val.labels))
+    keep_final = final is not None and holds_up(final, monitor.best_key, len(monitor.val.labels))
     if monitor.best_weights is not None and not keep_final:
         train_model.set_weights(monitor.best_weights)
     return Fitted(
         infer=infer,
         history=monitor.history,
         best_epoch=len(monitor.history) - 1 if keep_final else monitor.best_epoch,
-        steps=schedule.step,
+        steps=steps.step,
         fit_seconds=time.monotonic() - fit_start,
         averaged=averaged,
         kept_final=keep_final,
+        planned=steps.planned,
+        step_seconds=steps.step_seconds,
+        first_step_at=steps.first_step_at or math.nan,
+        images=steps.step * config.batch_size,
+        fresh_images=train.generated() if isinstance(train, Stream) else 0,
     )
 
 

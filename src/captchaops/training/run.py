@@ -6,14 +6,17 @@ the run's parameters and artefacts, and hands the exported version to the regist
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import keras
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 
 from captchaops import registry
@@ -23,13 +26,15 @@ from captchaops.data.dataset import DataError, LabelledImages, split_indices
 from captchaops.data.folder import read_folder
 from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
 from captchaops.mlflow_scope import pointed_at
+from captchaops.model.crnn import Architecture
 from captchaops.model.ctc import encode_labels
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.settings import Settings
 from captchaops.training import TrainError
 from captchaops.training.artifacts import export_and_test, log_dataset
 from captchaops.training.config import TrainConfig, with_overrides
-from captchaops.training.loop import Plan, Progress, Validation, arrays, fit, geometry
+from captchaops.training.fresh import fresh_data
+from captchaops.training.loop import Plan, Progress, Stream, Validation, arrays, fit, geometry
 
 __all__ = [
     "DataError",
@@ -135,11 +140,62 @@ def _frozen_for_folder(
     return frozen, data.subset(keep)
 
 
+@dataclass
+class _Prepared:
+    """What `_run` trains on: the fixed path's arrays or the fresh path's stream."""
+
+    kind: str
+    alphabet: str
+    lengths: tuple[int, int]
+    arch: Architecture
+    train: tuple[np.ndarray, np.ndarray] | Stream
+    n_train: int
+    val: Validation | Callable[[], Validation]  # fresh: drawn while training starts
+    n_val: int
+    held_out: Callable[[], tuple[LabelledImages, dict[str, list[int]]]]  # after fitting
+    test: Callable[[LabelledImages, dict[str, list[int]]], tuple[list[bytes], list[str]]]
+    augment: bool
+    n_read: int
+    frozen: EvalSet | None = None
+
+
 def _train(config: TrainConfig, settings: Settings, report: Progress, start: float) -> TrainResult:
     keras.utils.set_random_seed(config.seed)
+    if config.data_dir is None and config.fresh and not config.include_feedback:
+        alphabet = config.alphabet or synthetic.DIGITS_UPPER
+        arch = geometry(config, None, config.length[1])
+        report("starting the generators", 0.0, {})
+        with fresh_data(config, arch, alphabet) as fresh:
+            n_val, n_test = fresh.n_val, fresh.n_test
+            splits = {
+                "train": [],
+                "val": list(range(n_val)),
+                "test": list(range(n_val, n_val + n_test)),
+            }
+            prepared = _Prepared(
+                kind="synthetic",
+                alphabet=alphabet,
+                lengths=config.length,
+                arch=arch,
+                train=fresh.stream(math.ceil(fresh.capacity / config.batch_size)),
+                n_train=fresh.capacity,
+                val=fresh.validation,
+                n_val=n_val,
+                held_out=lambda: (fresh.held_out(config.seed), splits),
+                test=lambda data, splits: (
+                    [data.images[i] for i in splits["test"]],
+                    [data.labels[i] for i in splits["test"]],
+                ),
+                augment=bool(config.augment),
+                n_read=config.synthetic,
+            )
+            return _run(config, settings, report, start, prepared)
+    return _run(config, settings, report, start, _prepare_fixed(config, settings, report))
 
+
+def _prepare_fixed(config: TrainConfig, settings: Settings, report: Progress) -> _Prepared:
+    """A folder, or one generated set drawn before training starts, split and preprocessed."""
     data = load_data(config, settings, report)
-    kind = "synthetic" if config.data_dir is None else "folder"
     frozen: EvalSet | None = None
     n_read = len(data)
     if config.data_dir is not None:
@@ -166,57 +222,85 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
     x = {name: arrays(data, idx, arch) for name, idx in splits.items() if idx}
     labels = {name: [data.labels[i] for i in idx] for name, idx in splits.items()}
     y = {name: encode_labels(labels[name], alphabet, max(lengths)) for name in x}
-    augment = config.augment if config.augment is not None else config.data_dir is not None
-    if frozen is not None:
-        test_images, test_labels = frozen.images, frozen.labels
-    else:
-        test_images, test_labels = [data.images[i] for i in splits["test"]], labels["test"]
 
+    def test(data: LabelledImages, splits: dict[str, list[int]]) -> tuple[list[bytes], list[str]]:
+        if frozen is not None:
+            return frozen.images, frozen.labels
+        return [data.images[i] for i in splits["test"]], labels["test"]
+
+    return _Prepared(
+        kind="synthetic" if config.data_dir is None else "folder",
+        alphabet=alphabet,
+        lengths=(min(lengths), max(lengths)),
+        arch=arch,
+        train=(x["train"], y["train"]),
+        n_train=len(splits["train"]),
+        val=Validation(x["val"], y["val"], labels["val"], alphabet),
+        n_val=len(splits["val"]),
+        held_out=lambda: (data, splits),
+        test=test,
+        augment=config.augment if config.augment is not None else config.data_dir is not None,
+        n_read=n_read,
+        frozen=frozen,
+    )
+
+
+def _run(
+    config: TrainConfig, settings: Settings, report: Progress, start: float, p: _Prepared
+) -> TrainResult:
+    frozen, arch, alphabet = p.frozen, p.arch, p.alphabet
     mlflow.set_experiment(settings.experiment_name)
-    with mlflow.start_run(run_name=_run_name(config, data)) as run:
-        digest = data.digest()
-        plan = Plan.of(config, len(splits["train"]))
+    with mlflow.start_run(run_name=_run_name(config, p.n_read)) as run:
+        plan = Plan.of(config, p.n_train)
         mlflow.log_params(
             config.params()
             | arch.params()
             | {
                 "alphabet": alphabet,
                 "num_classes": len(alphabet) + 1,
-                "min_length": min(lengths),
-                "max_length": max(lengths),
-                "data_kind": kind,
+                "min_length": p.lengths[0],
+                "max_length": p.lengths[1],
+                "data_kind": p.kind,
+                "data_path": "fresh" if isinstance(p.train, Stream) else "fixed",
                 "scheme": settings.model_name,
-                "data_source": data.source,
-                "dataset_sha256": digest,
-                "n_read": n_read,
-                "n_train": len(splits["train"]),
-                "n_val": len(splits["val"]),
-                "n_test": len(test_labels),
+                "n_read": p.n_read,
+                "n_train": p.n_train,
+                "n_val": p.n_val,
                 "test_set": "frozen held-out set" if frozen is not None else "test split",
                 "frozen_evalset_digest": frozen.digest if frozen is not None else "",
-                "excluded_frozen_images": n_read - len(data),
-                "skipped_files": data.skipped.total,
-                "augment_applied": augment,
+                "augment_applied": p.augment,
                 "planned_steps": plan.steps,
                 "effective_min_steps": plan.min_steps,
                 "optimizer": "AdamW",
-                "lr_schedule": "linear warmup + cosine (steps or time budget)",
+                "lr_schedule": "linear warmup + cosine in steps, planned from measured step time",
                 "keras_backend": keras.backend.backend(),
                 "keras_version": keras.__version__,
             }
         )
-        log_dataset(data, splits, digest)
         fitted = fit(
             config,
             arch,
             alphabet,
-            (x["train"], y["train"]),
-            Validation(x["val"], y["val"], labels["val"], alphabet),
-            augment=augment,
+            p.train,
+            p.val,
+            augment=p.augment,
             deadline=start + config.max_minutes * 60,
             report=report,
             log=_log_epoch,
         )
+        data, splits = p.held_out()
+        test_images, test_labels = p.test(data, splits)
+        digest = data.digest()
+        mlflow.log_params(
+            {
+                "data_source": data.source,
+                "dataset_sha256": digest,
+                "n_test": len(test_labels),
+                "excluded_frozen_images": p.n_read - len(data) if frozen is not None else 0,
+                "skipped_files": data.skipped.total,
+            }
+        )
+        log_dataset(data, splits, digest)
         mlflow.log_param("model_parameters", fitted.infer.count_params())
         if fitted.averaged is not None:
             mlflow.log_metrics({f"ema_{k}": v for k, v in fitted.averaged.items()})
@@ -226,12 +310,12 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
             "alphabet": alphabet,
             "height": arch.height,
             "width": arch.width,
-            "min_length": min(lengths),
-            "max_length": max(lengths),
+            "min_length": p.lengths[0],
+            "max_length": p.lengths[1],
             "preprocessing": PREPROCESSING,
             "dataset_sha256": digest,
             "scheme": settings.model_name,
-            "data_kind": kind,
+            "data_kind": p.kind,
             "model_format": "onnx",
         }
         with tempfile.TemporaryDirectory() as tmp:
@@ -243,11 +327,14 @@ def _train(config: TrainConfig, settings: Settings, report: Progress, start: flo
             mlflow_client, settings.model_name, model_uri, run.info.run_id
         )
         result = _stage(mlflow_client, run.info.run_id, version, metrics, settings)
-        timings = fitted.summary() | {"wall_seconds": time.monotonic() - start}
+        timings = fitted.summary() | {
+            "wall_seconds": time.monotonic() - start,
+            "seconds_to_first_step": fitted.first_step_at - start,
+        }
         mlflow.log_metrics(timings)
         result.metrics = metrics | timings
         result.skipped = data.skipped.summary()
-        result.warning = _reads_nothing(result, len(data), config)
+        result.warning = _reads_nothing(result, p.n_train, config)
         if frozen is not None:
             result.frozen = (
                 f"tested on {settings.model_name}'s frozen evaluation set {frozen.digest[:12]}: "
@@ -296,6 +383,6 @@ def _reads_nothing(result: TrainResult, n: int, config: TrainConfig) -> str | No
     )
 
 
-def _run_name(config: TrainConfig, data: LabelledImages) -> str:
+def _run_name(config: TrainConfig, n: int) -> str:
     kind = Path(config.data_dir).name if config.data_dir is not None else "synthetic"
-    return f"{kind}-{len(data)}-seed{config.seed}"
+    return f"{kind}-{n}-seed{config.seed}"

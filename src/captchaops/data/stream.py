@@ -1,0 +1,184 @@
+"""Fresh synthetic CAPTCHAs while training: worker processes draw shards, the loop samples batches.
+
+Drawing a CAPTCHA is `captcha`'s Python code, so it runs in worker processes
+(`concurrent.futures.ProcessPoolExecutor`, spawned) that overlap the optimiser steps instead of
+drawing a whole set before the first one. Sample i depends only on (seed, i), exactly as in
+`synthetic.generate`; the training stream starts at index `first`, so the fixed validation and
+test images (indices below `first`) are never trained on, by construction.
+
+Batches come from a pool of the latest `capacity` training images. Step t admits shards until
+`1 + t * batch / (reuse * shard)` have arrived, so each image is used `reuse` times on average
+and the batch at step t depends only on the seed: a late shard costs waiting time, never a
+different batch. Memory is bounded by the pool plus `window` shards in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from types import TracebackType
+
+import numpy as np
+
+from captchaops.data import synthetic
+from captchaops.model.ctc import encode_labels
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the generator draws and the network input it is preprocessed to."""
+
+    seed: int
+    alphabet: str
+    length: tuple[int, int]
+    height: int
+    width: int
+
+
+@dataclass
+class Shard:
+    """Consecutive samples [start, start + n): network inputs, labels and (if asked) PNG bytes."""
+
+    start: int
+    x: np.ndarray
+    labels: list[str]
+    images: list[bytes] = field(default_factory=list)
+
+
+def draw_shard(spec: Spec, start: int, stop: int, keep_images: bool) -> Shard:
+    """Samples [start, stop) of `spec.seed`, preprocessed (runs in a worker process)."""
+    samples = synthetic.generate_range(
+        start,
+        stop,
+        spec.seed,
+        spec.alphabet,
+        spec.length,
+        preprocess_to=(spec.height, spec.width),
+    )
+    x = np.stack([s.array for s in samples if s.array is not None])
+    images = [s.image for s in samples] if keep_images else []
+    return Shard(start, x, [s.label for s in samples], images)
+
+
+def join(shards: list[Shard]) -> Shard:
+    """One shard from consecutive shards."""
+    return Shard(
+        shards[0].start,
+        np.concatenate([s.x for s in shards]),
+        [label for s in shards for label in s.labels],
+        [image for s in shards for image in s.images],
+    )
+
+
+class FreshImages:
+    """An endless, seeded stream of training batches drawn from freshly generated CAPTCHAs.
+
+    Use as a context manager: entering starts the workers (and their first shards), leaving
+    stops them. `held_out` draws fixed sets on the same workers.
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        *,
+        batch: int,
+        first: int,
+        capacity: int,
+        reuse: float,
+        workers: int,
+        shard: int = 256,
+        window: int | None = None,
+    ) -> None:
+        if reuse <= 0 or batch < 1 or workers < 1 or shard < 1:
+            raise ValueError("need reuse > 0 and at least one worker, image per batch and shard")
+        self.spec, self.batch, self.first, self.shard = spec, batch, first, shard
+        self.capacity = max(1, math.ceil(capacity / shard)) * shard
+        self.fresh_per_step = batch / reuse
+        self.workers = workers
+        self.window = window or 2 * workers
+        self.x = np.empty((self.capacity, spec.height, spec.width, 1), dtype=np.float32)
+        self.y = np.empty((self.capacity, spec.length[1]), dtype=np.int32)
+        self.admitted = 0  # shards in the pool so far
+        self.waited = 0.0  # seconds the training loop waited for a shard
+        self._pending: deque[Future[Shard]] = deque()
+        self._submitted = 0
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> FreshImages:
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers; shards still queued are dropped."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
+
+    def held_out(self, start: int, stop: int, keep_images: bool = False) -> list[Future[Shard]]:
+        """Queue samples [start, stop) (below `first`) on the workers, in chunks of 500."""
+        if stop > self.first:
+            raise ValueError("held-out samples must lie below the training stream's first index")
+        return [
+            self._executor().submit(draw_shard, self.spec, s, min(s + 500, stop), keep_images)
+            for s in range(start, stop, 500)
+        ]
+
+    def start(self, shards: int | None = None) -> None:
+        """Queue training shards up to `shards` in flight (default: the whole window)."""
+        while len(self._pending) < min(shards or self.window, self.window):
+            self._submit_next()
+
+    @property
+    def generated(self) -> int:
+        """Training images admitted to the pool so far."""
+        return self.admitted * self.shard
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(x, y) batches for steps 0, 1, 2, ...; the same seed gives the same batches."""
+        rng = np.random.default_rng((self.spec.seed, 23))
+        for step in itertools.count():
+            needed = 1 + int(step * self.fresh_per_step // self.shard)
+            while self.admitted < needed:
+                self._admit()
+            rows = rng.integers(0, min(self.capacity, self.generated), self.batch)
+            yield self.x[rows], self.y[rows]
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            raise RuntimeError("FreshImages is used outside its `with` block")
+        return self._pool
+
+    def _submit_next(self) -> None:
+        start = self.first + self._submitted * self.shard
+        future = self._executor().submit(draw_shard, self.spec, start, start + self.shard, False)
+        self._pending.append(future)
+        self._submitted += 1
+
+    def _admit(self) -> None:
+        if not self._pending:
+            self.start()
+        began = time.monotonic()
+        shard = self._pending.popleft().result()
+        self.waited += time.monotonic() - began
+        self._submit_next()
+        slot = (self.admitted * self.shard) % self.capacity
+        self.x[slot : slot + self.shard] = shard.x
+        self.y[slot : slot + self.shard] = encode_labels(
+            shard.labels, self.spec.alphabet, self.spec.length[1]
+        )
+        self.admitted += 1

@@ -1,0 +1,119 @@
+"""The learning-rate schedule in optimiser steps, and how many steps fit in the time budget.
+
+The schedule (linear warm-up, then cosine decay to 1/1000 of the peak) is a Keras
+`LearningRateSchedule`, so it is computed inside the compiled training step: no per-step
+callback writes to the optimiser. Its length is a variable, set from a short measurement of
+the step time at the start and corrected at epoch ends when the machine turns out slower or
+faster, so a slower machine runs fewer steps of the same complete schedule instead of a
+schedule cut off by the deadline. The deadline stays a hard cap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import keras
+
+
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up over `warmup_fraction` of the planned steps, then cosine decay."""
+
+    def __init__(self, peak: float, warmup_fraction: float, total_steps: int) -> None:
+        self.peak, self.warmup_fraction = peak, warmup_fraction
+        self.total = keras.Variable(
+            float(total_steps), trainable=False, dtype="float32", name="planned_steps"
+        )
+
+    def __call__(self, step: Any) -> Any:
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        total = ops.maximum(ops.cast(self.total, "float32"), 1.0)
+        warm = ops.maximum(self.warmup_fraction * total, 1.0)
+        rising = self.peak * step / warm
+        done = ops.clip((step - warm) / ops.maximum(total - warm, 1.0), 0.0, 1.0)
+        falling = self.peak * 0.5 * (1.0 + ops.cos(math.pi * done))
+        return ops.maximum(ops.where(step < warm, rising, falling), self.peak * 1e-3)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "peak": self.peak,
+            "warmup_fraction": self.warmup_fraction,
+            "total_steps": int(keras.ops.convert_to_numpy(self.total)),
+        }
+
+
+class StepPlan(keras.callbacks.Callback):
+    """Counts steps, sizes the schedule from the measured step time, stops at the plan's end.
+
+    After `settle` steps (tracing and the first shards are behind), it times steps for
+    `measure_seconds` and plans as many as fit before the deadline, at most `most`. At each
+    epoch end it measures again over everything since settling (validation included) and
+    re-plans when the two differ by more than 3%.
+    """
+
+    def __init__(
+        self,
+        schedule: WarmupCosine,
+        most: int,
+        deadline: float,
+        *,
+        batch: int = 1,
+        settle: int = 10,
+        measure_seconds: float = 8.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.schedule, self.most, self.deadline = schedule, most, deadline
+        self.batch, self.settle, self.measure_seconds = batch, settle, measure_seconds
+        self.clock = clock
+        self.planned = most
+        self.step = 0
+        self.first_step_at: float | None = None
+        self.step_seconds = math.nan
+        self._mark: tuple[int, float] | None = None
+        self._measured = False
+
+    def fraction(self) -> float:
+        """How much of the planned schedule is done, 0..1."""
+        return min(1.0, self.step / max(self.planned, 1))
+
+    def speed(self) -> dict[str, float]:
+        """Steps done and planned, and training images per second since the first step."""
+        since = self.clock() - (self.first_step_at or self.clock())
+        done = max(self.step - 1, 0)
+        return {
+            "steps": float(self.step),
+            "steps_planned": float(self.planned),
+            "images_per_second": done * self.batch / since if since > 0 else 0.0,
+        }
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.step += 1
+        now = self.clock()
+        if self.first_step_at is None:
+            self.first_step_at = now
+        if self.step == self.settle:
+            self._mark = (self.step, now)
+        elif not self._measured and self._mark and now - self._mark[1] >= self.measure_seconds:
+            self._measured = True
+            self._plan(now)
+        if self.step >= self.planned or now >= self.deadline:
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._measured:
+            self._plan(self.clock())
+
+    def _plan(self, now: float) -> None:
+        assert self._mark is not None
+        self.step_seconds = (now - self._mark[1]) / max(self.step - self._mark[0], 1)
+        fits = self.step + int(max(self.deadline - now, 0.0) / self.step_seconds)
+        planned = max(self.step + 1, min(self.most, fits))
+        if abs(planned - self.planned) > 0.03 * self.planned:
+            self.planned = planned
+            self.schedule.total.assign(float(planned))
+            if keras.backend.backend() == "jax":  # jit captured the old value: trace again
+                self.model.make_train_function(force=True)

@@ -1,0 +1,80 @@
+"""The fresh training stream: reproducible per seed, disjoint from the held-out sets, bounded."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import numpy as np
+import pytest
+
+from captchaops.data.stream import FreshImages, Spec, draw_shard, join
+from captchaops.model.preprocess import preprocess
+
+SPEC = Spec(seed=3, alphabet="0123456789ABC", length=(4, 4), height=24, width=72)
+FIRST = 64  # samples [0, 64) are the held-out sets
+
+
+def stream(workers: int, seed: int = 3, **kw: object) -> FreshImages:
+    spec = Spec(seed, SPEC.alphabet, SPEC.length, SPEC.height, SPEC.width)
+    options: dict[str, object] = {"capacity": 64, "reuse": 2.0, "shard": 16} | kw
+    return FreshImages(spec, batch=8, first=FIRST, workers=workers, **options)  # type: ignore[arg-type]
+
+
+def first_batches(images: FreshImages, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    with images:
+        images.start()
+        return list(itertools.islice(images.batches(), n))
+
+
+def digests(x: np.ndarray) -> set[str]:
+    return {hashlib.sha256(row.tobytes()).hexdigest() for row in x}
+
+
+@pytest.fixture(scope="module")
+def two_workers() -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first 20 batches (16 shards of 16 fresh images) drawn by two worker processes."""
+    return first_batches(stream(workers=2), 20)
+
+
+def test_same_seed_same_batches_with_any_worker_count(
+    two_workers: list[tuple[np.ndarray, np.ndarray]],
+) -> None:
+    again = first_batches(stream(workers=1), 20)
+    for (x1, y1), (x2, y2) in zip(two_workers, again, strict=True):
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    other = first_batches(stream(workers=1, seed=4), 2)
+    assert not np.array_equal(other[0][0], two_workers[0][0])
+
+
+def test_training_images_never_include_the_held_out_samples(
+    two_workers: list[tuple[np.ndarray, np.ndarray]],
+) -> None:
+    held_out = draw_shard(SPEC, 0, FIRST, keep_images=True)
+    trained = np.concatenate([x for x, _ in two_workers])
+    assert len(digests(trained)) > 3 * 16  # fresh shards keep arriving, not one shard reused
+    assert digests(trained).isdisjoint(digests(held_out.x))
+    # and the stream's arrays are what the one image pipeline makes of the PNG bytes
+    assert np.array_equal(held_out.x[5], preprocess(held_out.images[5], SPEC.height, SPEC.width))
+
+
+def test_the_pool_and_the_shards_in_flight_stay_bounded() -> None:
+    images = stream(workers=1, capacity=40, reuse=1.0, window=3)
+    assert images.capacity == 48  # rounded up to whole shards
+    with images:
+        images.start()
+        batches = images.batches()
+        for _ in range(40):  # 40 steps x 8 fresh images: 20 shards through a pool of 3
+            next(batches)
+            assert len(images._pending) == 3
+        assert images.generated == 20 * 16  # step t needs 1 + t * 8 // 16 shards
+        assert images.x.shape[0] == 48
+
+
+def test_held_out_sets_must_lie_below_the_stream() -> None:
+    with stream(workers=1) as images:
+        with pytest.raises(ValueError, match="below the training stream"):
+            images.held_out(0, FIRST + 1)
+        parts = images.held_out(0, FIRST, keep_images=True)
+        shard = join([f.result() for f in parts])
+    assert len(shard.labels) == len(shard.images) == FIRST
