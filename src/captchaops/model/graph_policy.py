@@ -31,7 +31,16 @@ UNROLLED_OPS = frozenset(
     }
 )  # fmt: skip
 """Operators of Keras' own (unrolled) export, `onnx_export`'s fallback."""
-ALLOWED_OPS: set[str] = set(GRU_NODE_OPS | UNROLLED_OPS)
+FOREIGN_EXPORT_OPS = frozenset(
+    {
+        "AveragePool", "BatchNormalization", "Clip", "Constant", "Div", "Dropout", "Elu",
+        "Flatten", "Gemm", "GlobalAveragePool", "Identity", "LSTM", "LeakyRelu", "Log",
+        "LogSoftmax", "Pad", "Pow", "ReduceMean", "Sqrt",
+    }
+)  # fmt: skip
+"""What PyTorch (`torch.onnx.export`) and Keras/TensorFlow (tf2onnx) CRNN exports add to ours:
+networks trained elsewhere enter through `captchaops register` (`training/external.py`)."""
+ALLOWED_OPS: set[str] = set(GRU_NODE_OPS | UNROLLED_OPS | FOREIGN_EXPORT_OPS)
 """Every operator a served graph may use (default ONNX domain only). Exporters for other
 frameworks add theirs here, each after reading a freshly exported model's op set."""
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx"})

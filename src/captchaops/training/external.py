@@ -44,21 +44,6 @@ OPTIONS = {
     "blank": "--blank",
 }
 """The `captchaops register` option of each contract field (named in refusals)."""
-EXTERNAL_OPS = frozenset(
-    {
-        # our own exports (GRU node and unrolled)
-        "Add", "Cast", "Concat", "Conv", "Expand", "GRU", "Gather", "MatMul", "MaxPool", "Mul",
-        "ReduceProd", "Relu", "Reshape", "ReverseSequence", "Shape", "Sigmoid", "Slice",
-        "Softmax", "Split", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
-        # what PyTorch (torch.onnx.export) and Keras/TensorFlow (tf2onnx) CRNN exports add
-        "AveragePool", "BatchNormalization", "Clip", "Constant", "Div", "Dropout", "Elu",
-        "Flatten", "Gemm", "GlobalAveragePool", "Identity", "LSTM", "LeakyRelu", "Log",
-        "LogSoftmax", "Pad", "Pow", "ReduceMean", "Sqrt",
-    }
-)  # fmt: skip
-"""Operators a registered network may use (default ONNX domain, no subgraphs)."""
-MAX_ELEMENTS = 16_000_000
-"""Largest weight tensor (64 MB of float32)."""
 NEAR_ZERO = 0.05
 """A declared contract reading at most this accuracy is compared with its neighbours..."""
 CER_GAIN = 0.3
@@ -84,10 +69,11 @@ class Registered:
 
 def check_graph(path: Path) -> list[str]:
     """The sorted operators of the ONNX file at `path`; RegisterError unless it is one flat,
-    self-contained graph of allowed operators within the size limits."""
+    self-contained graph within the size limits that every served version meets
+    (`model.graph_policy`: the same operator allow-list, tensor and output bounds)."""
     try:
-        import onnx
-        from onnx import AttributeProto, TensorProto
+        from captchaops.model.graph_policy import GraphRefused
+        from captchaops.model.graph_policy import check_graph as policy
     except ImportError as exc:
         raise RegisterError(
             "register reads the graph with the onnx package; install it with "
@@ -100,28 +86,11 @@ def check_graph(path: Path) -> list[str]:
             f"{path.name} is over {MAX_ONNX_BYTES // 2**20} MiB; export a smaller model"
         )
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return policy(path)
+    except GraphRefused as exc:
+        raise RegisterError(str(exc)) from exc
     except Exception as exc:  # protobuf's DecodeError is no OSError
         raise RegisterError(f"{path.name} is not an ONNX model ({exc}); export it again") from exc
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL:
-            raise RegisterError(
-                f"weight {tensor.name!r} is kept outside {path.name}; save the model as one file"
-            )
-        if int(np.prod(tensor.dims)) > MAX_ELEMENTS:
-            raise RegisterError(f"weight {tensor.name!r} has over {MAX_ELEMENTS:,} elements")
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in EXTERNAL_OPS:
-            op = f"{node.domain}:{node.op_type}" if node.domain else node.op_type
-            raise RegisterError(
-                f"the graph uses the operator {op}, which registered versions may not use; "
-                "export it with standard ONNX operators (no custom or control-flow ones)"
-            )
-        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in node.attribute):
-            raise RegisterError(
-                f"node {node.name or node.op_type!r} nests a subgraph; export a flat graph"
-            )
-    return sorted({node.op_type for node in model.graph.node})
 
 
 def graph_geometry(path: Path, layout: str) -> dict[str, int]:
