@@ -78,3 +78,20 @@ def test_held_out_sets_must_lie_below_the_stream() -> None:
         parts = images.held_out(0, FIRST, keep_images=True)
         shard = join([f.result() for f in parts])
     assert len(shard.labels) == len(shard.images) == FIRST
+
+
+def test_held_out_sets_wait_for_the_first_step_and_are_numbered_below_the_stream() -> None:
+    from captchaops.training.config import TrainConfig
+    from captchaops.training.fresh import fresh_data
+
+    config = TrainConfig.tiny()  # 300: 30 validation, 30 test, a pool of 240
+    with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
+        assert len(fresh.images._pending) == 1 and not fresh.val_parts  # one shard only
+        first = next(fresh.stream(8).batches)
+        val = fresh.validation()  # what the first step (or the first validation) queues
+        assert len(fresh.images._pending) == fresh.images.window
+        data = fresh.held_out(config.seed)
+    assert len(val.labels) == 30 and val.x.shape == (30, 24, 72, 1)
+    assert data.names[0] == "synthetic-0-0000000" and data.names[-1] == "synthetic-0-0000059"
+    assert data.labels[:30] == val.labels and len(data.images) == 60
+    assert digests(first[0]).isdisjoint(digests(val.x))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from captchaops.data.dataset import DataError, LabelledImages
 from captchaops.data.stream import FreshImages, Shard, Spec, join
@@ -27,21 +27,35 @@ class FreshData:
     """The fixed held-out sets (drawn while training starts) and the fresh training stream."""
 
     images: FreshImages
-    val_parts: list[Future[Shard]]
-    test_parts: list[Future[Shard]]
     alphabet: str
     max_length: int
     n_val: int
     n_test: int
     capacity: int  # training images in the pool, as asked (the stream rounds up to whole shards)
+    val_parts: list[Future[Shard]] = field(default_factory=list)
+    test_parts: list[Future[Shard]] = field(default_factory=list)
     _val: Shard | None = None
 
     def stream(self, steps_per_epoch: int) -> Stream:
         """The training batches for `fit`, `steps_per_epoch` steps between validations."""
-        return Stream(self.images.batches(), steps_per_epoch, lambda: self.images.generated)
+        images = self.images
+        return Stream(images.batches(), steps_per_epoch, lambda: images.generated, self.queue_rest)
+
+    def queue_rest(self) -> None:
+        """Queue the validation set, the rest of the training window and the test set (once).
+
+        Called at the first optimiser step: until then the workers draw only the first
+        shard and leave the cores to tracing the training step.
+        """
+        if not self.val_parts:
+            self.val_parts = self.images.held_out(0, self.n_val, keep_images=True)
+            self.images.start()
+            end = self.n_val + self.n_test
+            self.test_parts = self.images.held_out(self.n_val, end, keep_images=True)
 
     def validation(self) -> Validation:
         """The validation set (waits for it the first time: the first epoch's end needs it)."""
+        self.queue_rest()
         if self._val is None:
             self._val = join([f.result() for f in self.val_parts])
         labels = self._val.labels
@@ -76,8 +90,7 @@ def sizes(config: TrainConfig) -> tuple[int, int, int]:
 
 @contextmanager
 def fresh_data(config: TrainConfig, arch: Architecture, alphabet: str) -> Iterator[FreshData]:
-    """Start the generator workers: the first training shard, the validation set, the rest of
-    the training window, then the test set (the first step waits for one shard only)."""
+    """Start the generator workers on the first training shard (`queue_rest` adds the others)."""
     n_val, n_test, pool = sizes(config)
     spec = Spec(config.seed, alphabet, config.length, arch.height, arch.width)
     images = FreshImages(
@@ -90,7 +103,4 @@ def fresh_data(config: TrainConfig, arch: Architecture, alphabet: str) -> Iterat
     )
     with images:
         images.start(1)
-        val = images.held_out(0, n_val, keep_images=True)
-        images.start()
-        test = images.held_out(n_val, n_val + n_test, keep_images=True)
-        yield FreshData(images, val, test, alphabet, config.length[1], n_val, n_test, pool)
+        yield FreshData(images, alphabet, config.length[1], n_val, n_test, pool)

@@ -85,6 +85,7 @@ class Stream:
     batches: Iterator[tuple[np.ndarray, np.ndarray]]
     steps_per_epoch: int
     generated: Callable[[], int]  # fresh training images drawn so far
+    on_first_step: Callable[[], None] | None = None  # e.g. start drawing the held-out sets
 
 
 @dataclass
@@ -295,7 +296,12 @@ def fit(
         patience=config.patience_steps,
     )
     fit_start = time.monotonic()
-    callbacks = [steps, monitor]
+    callbacks: list[keras.callbacks.Callback] = [steps, monitor]
+    if isinstance(train, Stream) and train.on_first_step is not None:
+        first = train.on_first_step
+        callbacks.append(
+            keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: first())
+        )
     if isinstance(train, Stream):
         train_model.fit(
             train.batches,
