@@ -11,10 +11,10 @@ import os
 # The import order is the order `captchaops --help` lists the commands in.
 # isort: off
 from captchaops.cli.base import app, parse_length
-from captchaops.cli import stack, training, registry, users
+from captchaops.cli import stack, training, scaleout, registry, users
 # isort: on
 
-__all__ = ["app", "main", "parse_length", "registry", "stack", "training", "users"]
+__all__ = ["app", "main", "parse_length", "registry", "scaleout", "stack", "training", "users"]
 
 
 def main() -> None:

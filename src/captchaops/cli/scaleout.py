@@ -1,0 +1,124 @@
+"""Commands whose work is many independent training runs on Ray: cv (folds) and tune (trials)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, quiet_libraries, settings_for
+
+CLUSTER_OPTION = typer.Option(
+    None,
+    "--cluster",
+    envvar="RAY_ADDRESS",
+    help="a Ray cluster's address (e.g. 127.0.0.1:6379); default: a local Ray for this command",
+    show_default=False,
+)
+
+
+@contextmanager
+def live_board(title: str) -> Iterator[tuple[object, Callable[[], None]]]:
+    """A board and the function that redraws it as a live table on the console."""
+    from rich.live import Live
+
+    from captchaops.scaleout.board import Board
+
+    board = Board(title)
+    with Live(board.table(), console=console, refresh_per_second=2, transient=False) as live:
+        yield board, lambda: live.update(board.table())
+
+
+@app.command("cv")
+def cv_command(
+    data: str = typer.Option(..., "--data", help="folder of images named <label>.png"),
+    folds: int = typer.Option(5, "--folds", help="how many folds (each a training run)"),
+    cluster: str | None = CLUSTER_OPTION,
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="time budget per fold"),
+    steps: int | None = typer.Option(None, "--steps", help="optimiser steps planned per fold"),
+    seed: int | None = typer.Option(None, "--seed", help="fold k trains with seed + k"),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Cross-validated held-out accuracy of the folder preset: one training run per fold on Ray."""
+    from captchaops.console import UnexpectedError
+    from captchaops.data.dataset import DataError
+    from captchaops.scaleout import ScaleoutError
+    from captchaops.scaleout.board import Board
+    from captchaops.training import TrainError
+
+    settings = settings_for(model_name)
+    log = settings.home_dir / "logs" / "libraries.log"
+    try:
+        with quiet_libraries(log):
+            from captchaops.scaleout.cv import cross_validate
+            from captchaops.training.config import TrainConfig, with_overrides
+
+            config = with_overrides(
+                TrainConfig.folder(),
+                data_dir=Path(data),
+                max_minutes=max_minutes,
+                max_steps=steps,
+                seed=seed,
+            )
+            _check_tracking(settings)
+            with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
+                assert isinstance(board, Board)
+                result = cross_validate(config, settings, folds, cluster, board, redraw)
+    except (DataError, TrainError, ScaleoutError, UnexpectedError) as exc:
+        fail(str(exc))
+    console.print()
+    for line in _cv_lines(result):
+        console.print(line, highlight=False)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+def _cv_lines(result: object) -> list[str]:
+    from captchaops.scaleout.cv import INTERVAL, CvResult
+
+    assert isinstance(result, CvResult)
+    lines = []
+    for f in result.folds:
+        if f.accuracy is None:
+            lines.append(f"fold {f.fold}: no score ({f.note})")
+            continue
+        correct = round(f.accuracy * f.n)
+        retried = f" ({f.note})" if f.note else ""
+        lines.append(
+            f"fold {f.fold}: {f.accuracy:.1%} held-out accuracy ({correct} of {f.n} images), "
+            f"best val CER {f.best_val_cer:.4f}, {f.minutes:.1f} min{retried}"
+        )
+    if result.mean is not None and result.worst is not None:
+        scored = [f for f in result.folds if f.accuracy is not None]
+        worst = min(scored, key=lambda f: f.accuracy or 0.0)
+        interval = (
+            f"{result.interval[0]:.1%} to {result.interval[1]:.1%} ({INTERVAL})"
+            if result.interval
+            else "none (fewer than two folds scored)"
+        )
+        lines.append(
+            f"mean {result.mean:.1%} over {len(scored)} folds, worst fold {result.worst:.1%} "
+            f"(fold {worst.fold}), 95% interval {interval}"
+        )
+    if result.interrupted:
+        lines.append("stopped by Ctrl-C: the folds that finished are logged")
+    lines.append(f"parent run {result.parent_run_id} ({len(result.folds)} child runs)")
+    return lines
+
+
+def _check_tracking(settings: object) -> None:
+    from captchaops.settings import Settings
+    from captchaops.train import _check_tracking as check
+
+    assert isinstance(settings, Settings)
+    check(settings)
+    if not settings.effective_tracking_uri.startswith("http"):
+        from captchaops.scaleout import ScaleoutError
+
+        raise ScaleoutError(
+            "Ray workers reach the data and log through a tracking server; start one with "
+            "`captchaops up` or set CAPTCHAOPS_TRACKING_URI to an http(s) URL"
+        )
