@@ -171,3 +171,42 @@ def test_cv_runs_on_a_separately_started_ray_head(
     client = MlflowClient(tracking_server.uri)
     runs = children(client, parent_of(done.stdout))
     assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2
+
+
+SCHEME = "tuned-scheme"
+
+
+@pytest.fixture(scope="module")
+def tune_run(
+    cluster: str, folder: Path, tracking_server: Tracking, tmp_path_factory: pytest.TempPathFactory
+) -> subprocess.CompletedProcess[str]:
+    home = tmp_path_factory.mktemp("tune-home")
+    args = ["tune", "--data", str(folder), "--trials", "2", "--cluster", cluster, *STEPS]
+    return cli([*args, "--model-name", SCHEME], tracking_server, home)
+
+
+def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
+    tune_run: subprocess.CompletedProcess[str], tracking_server: Tracking, tmp_path: Path
+) -> None:
+    assert tune_run.returncode == 0, tune_run.stdout[-2000:] + tune_run.stderr[-2000:]
+    out = tune_run.stdout
+    assert "best trial " in out and "registered version 1" in out
+    assert "frozen evaluation set" in out and "alias staging -> this version" in out
+    client = MlflowClient(tracking_server.uri)
+    parent = parent_of(out)
+    runs = children(client, parent)
+    assert len(runs) == 2
+    for run in runs:
+        assert {"learning_rate", "conv_scale", "rnn_units", "augment_strength"} <= set(
+            run.data.params
+        )
+        assert len(client.get_metric_history(run.info.run_id, "val_cer")) >= 1
+    [version] = client.search_model_versions(f"name = '{SCHEME}'")
+    assert version.run_id == client.get_run(parent).data.tags["best_trial_run"]
+    assert version.run_id in {r.info.run_id for r in runs}
+    assert client.get_registered_model(SCHEME).aliases.get("staging") == "1"
+    # The gate judges the tuned version on the scheme's frozen set, like any candidate.
+    judged = cli(["promote", "--auto", "--model-name", SCHEME], tracking_server, tmp_path)
+    assert judged.returncode in (0, 1), judged.stdout + judged.stderr
+    assert "Traceback" not in judged.stdout + judged.stderr
+    assert "images)" in judged.stdout + judged.stderr

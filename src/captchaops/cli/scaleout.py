@@ -122,3 +122,76 @@ def _check_tracking(settings: object) -> None:
             "Ray workers reach the data and log through a tracking server; start one with "
             "`captchaops up` or set CAPTCHAOPS_TRACKING_URI to an http(s) URL"
         )
+
+
+@app.command("tune")
+def tune_command(
+    data: str | None = typer.Option(None, "--data", help="folder of images named <label>.png"),
+    synthetic: int | None = typer.Option(None, "--synthetic", help="search on N generated images"),
+    trials: int = typer.Option(16, "--trials", help="how many settings to try"),
+    minutes: float | None = typer.Option(None, "--minutes", help="time budget of the whole search"),
+    cluster: str | None = CLUSTER_OPTION,
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="time budget per trial"),
+    steps: int | None = typer.Option(None, "--steps", help="steps the search is centred on"),
+    seed: int | None = typer.Option(None, "--seed"),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Search training settings (Optuna TPE on Ray Tune, ASHA) and register the best trial."""
+    from captchaops.console import UnexpectedError
+    from captchaops.data.dataset import DataError
+    from captchaops.scaleout import ScaleoutError
+    from captchaops.scaleout.board import Board
+    from captchaops.training import TrainError
+
+    if (data is None) == (synthetic is None):
+        fail("use either --data DIR or --synthetic N")
+    settings = settings_for(model_name)
+    log = settings.home_dir / "logs" / "libraries.log"
+    try:
+        with quiet_libraries(log):
+            from captchaops.scaleout.sweep import tune_settings
+            from captchaops.training.config import TrainConfig, with_overrides
+
+            preset = TrainConfig.folder() if data else TrainConfig.demo()
+            config = with_overrides(
+                preset,
+                data_dir=Path(data) if data else None,
+                synthetic=synthetic,
+                max_minutes=max_minutes,
+                max_steps=steps,
+                seed=seed,
+            )
+            _check_tracking(settings)
+            with live_board(f"tune: {trials} trials") as (board, redraw):
+                assert isinstance(board, Board)
+                result = tune_settings(config, settings, trials, minutes, cluster, board, redraw)
+    except (DataError, TrainError, ScaleoutError, UnexpectedError) as exc:
+        fail(str(exc))
+    console.print()
+    for line in _tune_lines(result):
+        console.print(line, highlight=False)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+
+
+def _tune_lines(result: object) -> list[str]:
+    from captchaops.scaleout.sweep import TuneResult
+
+    assert isinstance(result, TuneResult)
+    lines = [f"parent run {result.parent_run_id} ({result.trials} trials)"]
+    best = result.best
+    if best is None or result.metrics is None:
+        return [*lines, "no trial finished; give trials more time (--max-minutes) or more data"]
+    shown = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()
+    )
+    lines.append(f"best trial {best.trial_id} (val CER {best.val_cer:.4f}): {shown}")
+    m = result.metrics
+    lines.append(f"test sequence accuracy {m['test_seq_acc']:.4f}, CER {m['test_cer']:.4f}")
+    if result.frozen:
+        lines.append(result.frozen)
+    lines.append(f"run {best.run_id}; registered version {result.version}")
+    if result.staged:
+        lines.append("alias staging -> this version; next: captchaops promote --auto")
+    else:
+        lines.append(f"not staged: {result.rejection_reason}")
+    return lines

@@ -46,6 +46,7 @@ def ray_session(
             context = ray.init(address=cluster, **quiet, **local)  # type: ignore[arg-type]
         else:
             context = ray.init(
+                address="local",  # a new Ray for this command, never one found on the machine
                 num_cpus=cpus or os.cpu_count() or 1,
                 include_dashboard=dashboard,
                 dashboard_host="127.0.0.1",
