@@ -39,6 +39,9 @@ def cv_command(
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="time budget per fold"),
     steps: int | None = typer.Option(None, "--steps", help="optimiser steps planned per fold"),
     seed: int | None = typer.Option(None, "--seed", help="fold k trains with seed + k"),
+    cpus: int | None = typer.Option(
+        None, "--cpus", min=1, help="cores the local Ray offers (default: all of them)"
+    ),
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Cross-validated held-out accuracy of the folder preset: one training run per fold on Ray."""
@@ -65,7 +68,7 @@ def cv_command(
             _check_tracking(settings)
             with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
                 assert isinstance(board, Board)
-                result = cross_validate(config, settings, folds, cluster, board, redraw)
+                result = cross_validate(config, settings, folds, cluster, board, redraw, cpus)
     except (DataError, TrainError, ScaleoutError, UnexpectedError) as exc:
         fail(str(exc))
     console.print()

@@ -85,6 +85,7 @@ def cross_validate(
     cluster: str | None,
     board: Board,
     redraw: Callable[[], None] = lambda: None,
+    cpus: int | None = None,
 ) -> CvResult:
     """Train one run per fold on Ray, log parent and child runs, return the held-out scores."""
     if config.data_dir is None:
@@ -157,7 +158,7 @@ def cross_validate(
     start = time.monotonic()
     interrupted = False
     try:
-        with ray_session(cluster) as engine:
+        with ray_session(cluster, cpus=cpus) as engine:
             board.dashboard_url = engine.dashboard_url
             results: dict[str, Outcome | Failure] = dict(
                 run_jobs(jobs, cpus_per_run(engine, folds), board, client, redraw)
