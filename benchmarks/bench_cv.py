@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         folder = args.folder or work / "standin"
         if args.folder is None:
             standin.build(folder, args.count, seed=0)
+        (work / "tracking").mkdir()
         tracking = start_tracking_server(work / "tracking")
         try:
             if not args.efficiency_only:

@@ -7,6 +7,7 @@ serves the whole module; the commands run as a user runs them, in a subprocess w
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from captchaops.data import standin
+from captchaops.harness.mlflow_state import mlflow_state_restored
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process
 
 pytestmark = pytest.mark.slow
@@ -210,3 +212,53 @@ def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
     assert judged.returncode in (0, 1), judged.stdout + judged.stderr
     assert "Traceback" not in judged.stdout + judged.stderr
     assert "images)" in judged.stdout + judged.stderr
+
+
+ENSEMBLE = "ensemble-scheme"
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(
+    cluster: str, folder: Path, tracking_server: Tracking, tmp_path_factory: pytest.TempPathFactory
+) -> subprocess.CompletedProcess[str]:
+    home = tmp_path_factory.mktemp("ensemble-home")
+    args = ["train", "--data", str(folder), "--members", "2", "--cluster", cluster, *STEPS]
+    return cli([*args, "--model-name", ENSEMBLE], tracking_server, home)
+
+
+def test_members_are_one_version_that_reads_like_one_model(
+    ensemble_run: subprocess.CompletedProcess[str],
+    tracking_server: Tracking,
+    folder: Path,
+    tmp_path: Path,
+) -> None:
+    import mlflow.pyfunc
+    import onnx
+    import pandas as pd
+
+    from captchaops.model.version import load_registered
+
+    assert ensemble_run.returncode == 0, ensemble_run.stdout[-2000:] + ensemble_run.stderr[-2000:]
+    assert "2 members, combined by" in ensemble_run.stdout
+    client = MlflowClient(tracking_server.uri)
+    [version] = client.search_model_versions(f"name = '{ENSEMBLE}'")
+    assert len(children(client, version.run_id)) == 2  # a child run per member
+    reader = load_registered(tracking_server.uri, ENSEMBLE, version.version)
+    assert reader.meta["members"] == 2 and reader.meta["combine"] in ("max_confidence", "vote")
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri(ENSEMBLE, version.version),
+        dst_path=str(tmp_path),
+        tracking_uri=tracking_server.uri,
+    )
+    [graph] = Path(local).rglob("*.onnx")
+    model = onnx.load(str(graph))
+    assert len(model.graph.input) == 1 and len(model.graph.output) == 2
+    # The models-from-code pyfunc (what stock `mlflow models serve` runs) answers as our reader.
+    images = [p.read_bytes() for p in sorted(folder.iterdir())[:8]]
+    ours = reader.predict_images(images)
+    with mlflow_state_restored():
+        stock = mlflow.pyfunc.load_model(local)
+    b64 = [base64.b64encode(i).decode() for i in images]
+    answers = stock.predict(pd.DataFrame({"image": b64}))
+    assert list(answers["text"]) == [o["text"] for o in ours]
+    assert list(answers["confidence"]) == pytest.approx([o["confidence"] for o in ours])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from captchaops.data.dataset import LabelledImages
+from captchaops.model.reader import VOTE, combine_members
 from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.cv import fold_of, t_interval
 from captchaops.scaleout.engine import _reachable
@@ -42,3 +43,14 @@ def test_a_cluster_address_nobody_answers_is_one_line_with_the_fix() -> None:
         _reachable("127.0.0.1:1", timeout=2)
     with pytest.raises(ScaleoutError, match="HOST:PORT"):
         _reachable("nonsense")
+
+
+def test_members_combine_by_the_most_confident_answer_or_a_weighted_vote() -> None:
+    a = [("3ny45", 0.9), ("44pe", 0.4), ("b4y5x", 0.5)]
+    b = [("3n45", 0.6), ("44ype", 0.7), ("b45x", 0.3)]
+    c = [("3n45", 0.5), ("44ype", 0.2), ("b4y5x", 0.4)]
+    assert combine_members([a]) == a
+    assert combine_members([a, b]) == [("3ny45", 0.9), ("44ype", 0.7), ("b4y5x", 0.5)]
+    voted = combine_members([a, b, c], VOTE)
+    assert [t for t, _ in voted] == ["3n45", "44ype", "b4y5x"]
+    assert voted[0][1] == pytest.approx((0.6 + 0.5) / 3)

@@ -198,3 +198,32 @@ def _tune_lines(result: object) -> list[str]:
     else:
         lines.append(f"not staged: {result.rejection_reason}")
     return lines
+
+
+def train_ensemble(config: object, settings: object, members: int, cluster: str | None) -> None:
+    """`train --members K`: the members on Ray, registered as one version; prints the result."""
+    from captchaops.scaleout.board import Board
+    from captchaops.scaleout.members import train_members
+    from captchaops.settings import Settings
+    from captchaops.training.config import TrainConfig
+
+    assert isinstance(config, TrainConfig) and isinstance(settings, Settings)
+    _check_tracking(settings)
+    with live_board(f"train: {members} members") as (board, _):
+        assert isinstance(board, Board)
+        run_id, version, metrics, reason, rule = train_members(
+            config, settings, members, cluster, board
+        )
+    console.print()
+    console.print(
+        f"test sequence accuracy {metrics['test_seq_acc']:.4f}, CER {metrics['test_cer']:.4f} "
+        f"({members} members, combined by {rule.replace('_', ' ')})",
+        highlight=False,
+    )
+    console.print(
+        f"run {run_id}; registered models:/{settings.model_name}/{version}", highlight=False
+    )
+    console.print(
+        "alias staging -> this version" if reason is None else f"not staged: {reason}",
+        highlight=False,
+    )

@@ -18,6 +18,34 @@ import onnxruntime as ort
 from .ctc import decode_greedy
 from .preprocess import InvalidImage, preprocess
 
+MAX_CONFIDENCE = "max_confidence"
+VOTE = "vote"
+
+
+def combine_members(
+    members: list[list[tuple[str, float]]], rule: str = MAX_CONFIDENCE
+) -> list[tuple[str, float]]:
+    """One (text, confidence) per image from each ensemble member's decoded answers.
+
+    CTC members trained apart do not share an alignment, so their per-step probabilities are
+    not averaged; their decoded strings are combined instead. `max_confidence`: the most
+    confident member's answer. `vote`: the string with the largest summed confidence, its
+    confidence that sum over the number of members. One member passes through unchanged.
+    """
+    if len(members) == 1:
+        return members[0]
+    out: list[tuple[str, float]] = []
+    for answers in zip(*members, strict=True):
+        if rule == VOTE:
+            votes: dict[str, float] = {}
+            for text, confidence in answers:
+                votes[text] = votes.get(text, 0.0) + confidence
+            text = max(votes, key=lambda t: votes[t])
+            out.append((text, votes[text] / len(answers)))
+        else:
+            out.append(max(answers, key=lambda answer: answer[1]))
+    return out
+
 
 class OnnxReader:
     """Reads CAPTCHAs with an ONNX CRNN whose alphabet and geometry come from `meta`."""
@@ -56,11 +84,10 @@ class OnnxReader:
                 prepare(i)
         else:
             list(self._pool.map(prepare, range(len(images))))  # re-raises the first failure
-        probs = self._session.run(None, {self._input_name: batch})[0]
-        return [
-            {"text": text, "confidence": confidence}
-            for text, confidence in decode_greedy(probs, self.meta["alphabet"])
-        ]
+        outputs = self._session.run(None, {self._input_name: batch})
+        members = [decode_greedy(probs, self.meta["alphabet"]) for probs in outputs]
+        answers = combine_members(members, self.meta.get("combine", MAX_CONFIDENCE))
+        return [{"text": text, "confidence": confidence} for text, confidence in answers]
 
     def read_all(self, images: list[bytes], chunk: int = 256) -> list[dict[str, Any]]:
         """`predict_images` over any number of images, `chunk` at a time (bounded memory)."""

@@ -54,6 +54,8 @@ class VersionMeta(BaseModel):
     scheme: str = Field(min_length=1, max_length=100)
     data_kind: Literal["folder", "synthetic"]
     model_format: Literal["onnx"] = "onnx"
+    members: int = Field(1, ge=1, le=16)  # an ensemble: one ONNX output per member
+    combine: Literal["max_confidence", "vote"] = "max_confidence"  # how members' answers join
 
     @field_validator("alphabet")
     @classmethod

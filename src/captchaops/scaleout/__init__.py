@@ -5,6 +5,8 @@
 this package: the model servers and the web app never load Ray.
 """
 
+from captchaops.training import TrainError
 
-class ScaleoutError(RuntimeError):
+
+class ScaleoutError(TrainError):
     """Ray or the tracking server cannot run the work (the message says how to fix it)."""

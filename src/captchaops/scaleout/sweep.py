@@ -16,6 +16,7 @@ from captchaops import mlflow_scope, registry
 from captchaops.data import synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
 from captchaops.evalset import EvalSet, EvalSetError, folder_evalset
+from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
@@ -44,20 +45,21 @@ class TuneResult:
     frozen: str | None = None
 
 
-def tune_settings(
-    config: TrainConfig,
-    settings: Settings,
-    trials: int,
-    minutes: float | None,
-    cluster: str | None,
-    board: Board,
-    redraw: Callable[[], None] = lambda: None,
-) -> TuneResult:
-    """Search training settings on Ray, register the best trial and stage it like `train`."""
+@dataclass
+class Prepared:
+    """The data as `train` splits it: frozen set held out (folders), train/val(/test) by name."""
+
+    data: LabelledImages
+    frozen: EvalSet | None
+    alphabet: str
+    arch: Architecture
+    splits: dict[str, list[int]]
+
+
+def prepare(config: TrainConfig, settings: Settings) -> Prepared:
+    """Read or generate the data, hold out the scheme's frozen set, split the rest by name."""
     from captchaops.train import load_data
 
-    if not 1 <= trials <= 1000:
-        raise DataError(f"--trials {trials} is out of range; use 1 to 1000 (16 is a good start)")
     data = load_data(config, settings, lambda stage, fraction, metrics: None)
     frozen: EvalSet | None = None
     if config.data_dir is not None:
@@ -76,6 +78,30 @@ def tune_settings(
     splits = split_indices(data.names, config.val_fraction, 0.0 if frozen else config.test_fraction)
     if not splits["train"] or not splits["val"] or (frozen is None and not splits["test"]):
         raise DataError(f"{len(data)} usable images are too few to search on; add more images")
+    return Prepared(data, frozen, alphabet, arch, splits)
+
+
+def tune_settings(
+    config: TrainConfig,
+    settings: Settings,
+    trials: int,
+    minutes: float | None,
+    cluster: str | None,
+    board: Board,
+    redraw: Callable[[], None] = lambda: None,
+) -> TuneResult:
+    """Search training settings on Ray, register the best trial and stage it like `train`."""
+    if not 1 <= trials <= 1000:
+        raise DataError(f"--trials {trials} is out of range; use 1 to 1000 (16 is a good start)")
+    prepared = prepare(config, settings)
+    data, frozen, alphabet, arch, splits = (
+        prepared.data,
+        prepared.frozen,
+        prepared.alphabet,
+        prepared.arch,
+        prepared.splits,
+    )
+    lengths = [len(label) for label in data.labels]
     client = mlflow_scope.client(settings)
     experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
     source = config.data_dir.name if config.data_dir else "synthetic"

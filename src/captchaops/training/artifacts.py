@@ -41,6 +41,18 @@ def export_and_test(
     keras_path = tmp / "crnn.keras"
     infer.save(keras_path)
     mlflow.log_artifact(str(keras_path), "keras")
+    return test_and_log(onnx_path, meta, test_images, test_labels, model_name)
+
+
+def test_and_log(
+    onnx_path: Path,
+    meta: dict[str, Any],
+    test_images: list[bytes],
+    test_labels: list[str],
+    model_name: str,
+) -> tuple[str, dict[str, float]]:
+    """Score an exported ONNX network as a server would, log the scores, samples and the
+    servable model, and register the version; returns (version, test metrics)."""
     meta = meta | {"onnx_sha256": file_sha256(onnx_path)}
     served = OnnxReader(onnx_path, meta)
     outputs = served.read_all(test_images)
