@@ -67,7 +67,7 @@ def cli(
         env=env,
         capture_output=True,
         text=True,
-        timeout=500,
+        timeout=800,
         check=False,
     )
 
