@@ -11,7 +11,7 @@ import os
 # The import order is the order `captchaops --help` lists the commands in.
 # isort: off
 from captchaops.cli.base import app, parse_length
-from captchaops.cli import bring_your_model, registry, stack, training, users
+from captchaops.cli import stack, training, scaleout, registry, bring_your_model, users
 # isort: on
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "main",
     "parse_length",
     "registry",
+    "scaleout",
     "stack",
     "training",
     "users",

@@ -54,6 +54,13 @@ def train_command(
     include_feedback: bool = typer.Option(
         False, "--include-feedback", help="add corrections submitted in the web app"
     ),
+    steps: int | None = typer.Option(None, "--steps", help="optimiser steps the schedule plans"),
+    members: int = typer.Option(
+        1, "--members", min=1, help="train K members on Ray and register them as one version"
+    ),
+    cluster: str | None = typer.Option(
+        None, "--cluster", envvar="RAY_ADDRESS", help="Ray cluster for --members (default: local)"
+    ),
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
@@ -82,7 +89,13 @@ def train_command(
                 val_fraction=val_fraction,
                 seed=seed,
                 include_feedback=include_feedback or None,
+                max_steps=steps,
             )
+            if members > 1:
+                from captchaops.cli.scaleout import train_ensemble
+
+                train_ensemble(config, settings, members, cluster)
+                return
             result = train_with_progress(config, settings, console)
     except (DataError, TrainError, UnexpectedError) as exc:
         fail(str(exc))

@@ -18,6 +18,7 @@ class Architecture:
     filters: tuple[int, ...] = (16, 32, 48, 64)
     rnn_units: int = 64
     dropout: float = 0.2
+    augment_strength: float = 1.0  # scales every jitter of the training-only augmentation
 
     @property
     def time_steps(self) -> int:
@@ -37,16 +38,21 @@ def _conv(x: KerasTensor, filters: int, name: str) -> KerasTensor:
     return layers.Activation("relu", name=f"{name}_relu")(x)
 
 
-def _augmentation() -> keras.Sequential:
-    """Jitter suited to real scans and photos (geometry, blur, contrast, noise); training only."""
+def _augmentation(strength: float = 1.0) -> keras.Sequential:
+    """Jitter suited to real scans and photos (geometry, blur, contrast, noise); training only.
+
+    `strength` scales every amount (1.0: the values the presets were measured with)."""
+    s = strength
     return keras.Sequential(
         [
-            layers.RandomTranslation(0.08, 0.04, fill_mode="nearest"),
-            layers.RandomRotation(0.015, fill_mode="nearest"),
-            layers.RandomZoom(0.08, fill_mode="nearest"),
-            layers.RandomGaussianBlur(0.5, kernel_size=3, sigma=(0.1, 1.0), value_range=(0, 1)),
-            layers.RandomContrast(0.3, value_range=(0, 1)),
-            layers.GaussianNoise(0.03),
+            layers.RandomTranslation(0.08 * s, 0.04 * s, fill_mode="nearest"),
+            layers.RandomRotation(0.015 * s, fill_mode="nearest"),
+            layers.RandomZoom(0.08 * s, fill_mode="nearest"),
+            layers.RandomGaussianBlur(
+                min(1.0, 0.5 * s), kernel_size=3, sigma=(0.1, 1.0), value_range=(0, 1)
+            ),
+            layers.RandomContrast(min(1.0, 0.3 * s), value_range=(0, 1)),
+            layers.GaussianNoise(0.03 * s),
         ],
         name="augment",
     )
@@ -78,7 +84,9 @@ def build_crnn(
         return keras.Model(image, logits, name="crnn_train"), infer
     trunk = keras.Model(image, logits, name="crnn_logits")
     train_input = keras.Input(shape=(arch.height, arch.width, 1), name="image")
-    return keras.Model(train_input, trunk(_augmentation()(train_input)), name="crnn_train"), infer
+    return keras.Model(
+        train_input, trunk(_augmentation(arch.augment_strength)(train_input)), name="crnn_train"
+    ), infer
 
 
 def ctc_loss(y_true: Any, y_pred: Any) -> Any:

@@ -59,6 +59,35 @@ def _known(dim: object) -> int | None:
     return dim if isinstance(dim, int) and dim > 0 else None
 
 
+MAX_CONFIDENCE = "max_confidence"
+VOTE = "vote"
+
+
+def combine_members(
+    members: list[list[tuple[str, float]]], rule: str = MAX_CONFIDENCE
+) -> list[tuple[str, float]]:
+    """One (text, confidence) per image from each ensemble member's decoded answers.
+
+    CTC members trained apart do not share an alignment, so their per-step probabilities are
+    not averaged; their decoded strings are combined instead. `max_confidence`: the most
+    confident member's answer. `vote`: the string with the largest summed confidence, its
+    confidence that sum over the number of members. One member passes through unchanged.
+    """
+    if len(members) == 1:
+        return members[0]
+    out: list[tuple[str, float]] = []
+    for answers in zip(*members, strict=True):
+        if rule == VOTE:
+            votes: dict[str, float] = {}
+            for text, confidence in answers:
+                votes[text] = votes.get(text, 0.0) + confidence
+            text = max(votes, key=lambda t: votes[t])
+            out.append((text, votes[text] / len(answers)))
+        else:
+            out.append(max(answers, key=lambda answer: answer[1]))
+    return out
+
+
 class OnnxReader:
     """Reads CAPTCHAs with an ONNX CTC network whose alphabet, geometry and contract come from
     `meta`."""
@@ -132,13 +161,12 @@ class OnnxReader:
         """Read each image: [{"text": ..., "confidence": ...}] in input order."""
         if not images:
             return []
-        probs = self.outputs(self.tensor(images))
-        return [
-            {"text": text, "confidence": confidence}
-            for text, confidence in decode_greedy(
-                probs, self.meta["alphabet"], self.contract["blank"]
-            )
+        members = [
+            decode_greedy(probs, self.meta["alphabet"], self.contract["blank"])
+            for probs in self.member_outputs(self.tensor(images))
         ]
+        answers = combine_members(members, self.meta.get("combine", MAX_CONFIDENCE))
+        return [{"text": text, "confidence": confidence} for text, confidence in answers]
 
     def tensor(self, images: list[bytes]) -> np.ndarray:
         """The network's input for a batch of image bytes, as the contract lays it out."""
@@ -163,22 +191,31 @@ class OnnxReader:
 
     def outputs(self, tensor: np.ndarray, probabilities: bool = True) -> np.ndarray:
         """The network's output for an input tensor as [B, T, C], softmaxed when the contract
-        says logits (unless `probabilities` is False); the blank stays where it is."""
-        out = np.asarray(self._session.run(None, {self._input_name: tensor})[0])
+        says logits (unless `probabilities` is False); the blank stays where it is. For an
+        ensemble, the first member's."""
+        return self.member_outputs(tensor, probabilities)[0]
+
+    def member_outputs(self, tensor: np.ndarray, probabilities: bool = True) -> list[np.ndarray]:
+        """Each member's output for an input tensor, as `outputs` shapes it: one for a single
+        network, one per member for an ensemble (one ONNX output each)."""
         n = len(tensor)
-        if out.ndim != 3:
-            raise ContractError(f"the network's output has shape {list(out.shape)}, not 3 axes")
-        if self.contract["output_layout"] == "TBC":
-            out = out.transpose(1, 0, 2)
-        if out.shape[0] != n:
-            other = "BTC" if self.contract["output_layout"] == "TBC" else "TBC"
-            raise ContractError(
-                f"the output's batch axis has {out.shape[0]} items for {n} images",
-                {"output_layout": other} if out.shape[1] == n else None,
-            )
-        if probabilities and self.contract["output_kind"] == "logits":
-            return softmax(out)
-        return out
+        found = []
+        for raw in self._session.run(None, {self._input_name: tensor}):
+            out = np.asarray(raw)
+            if out.ndim != 3:
+                raise ContractError(f"the network's output has shape {list(out.shape)}, not 3 axes")
+            if self.contract["output_layout"] == "TBC":
+                out = out.transpose(1, 0, 2)
+            if out.shape[0] != n:
+                other = "BTC" if self.contract["output_layout"] == "TBC" else "TBC"
+                raise ContractError(
+                    f"the output's batch axis has {out.shape[0]} items for {n} images",
+                    {"output_layout": other} if out.shape[1] == n else None,
+                )
+            if probabilities and self.contract["output_kind"] == "logits":
+                out = softmax(out)
+            found.append(out)
+        return found
 
     def read_all(self, images: list[bytes], chunk: int = 256) -> list[dict[str, Any]]:
         """`predict_images` over any number of images, `chunk` at a time (bounded memory)."""

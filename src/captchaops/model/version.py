@@ -69,6 +69,8 @@ class VersionMeta(BaseModel):
     """`logits` are put through a softmax (log-probabilities too: softmax(log p) = p)."""
     output_layout: Literal["BTC", "TBC"] = "BTC"
     blank: Literal["first", "last"] = "last"
+    members: int = Field(1, ge=1, le=16)  # an ensemble: one ONNX output per member
+    combine: Literal["max_confidence", "vote"] = "max_confidence"  # how members' answers join
 
     @field_validator("alphabet")
     @classmethod

@@ -42,6 +42,18 @@ def export_and_test(
     keras_path = tmp / "crnn.keras"
     infer.save(keras_path)
     mlflow.log_artifact(str(keras_path), "keras")
+    return test_and_log(onnx_path, meta, test_images, test_labels)
+
+
+def test_and_log(
+    onnx_path: Path,
+    meta: dict[str, Any],
+    test_images: list[bytes],
+    test_labels: list[str],
+) -> tuple[str, dict[str, float]]:
+    """Score an exported ONNX network as a server would, log the scores, samples, its visual
+    report and the servable model (unregistered: `registry.register_version` registers it);
+    returns (the logged model's URI, test metrics)."""
     ops = op_set(onnx_path)
     mlflow.log_param("onnx_ops", ",".join(ops))
     meta = meta | {"onnx_sha256": file_sha256(onnx_path), "onnx_ops": ops}

@@ -1,0 +1,229 @@
+"""Commands whose work is many independent training runs on Ray: cv (folds) and tune (trials)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+
+from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, quiet_libraries, settings_for
+
+CLUSTER_OPTION = typer.Option(
+    None,
+    "--cluster",
+    envvar="RAY_ADDRESS",
+    help="a Ray cluster's address (e.g. 127.0.0.1:6379); default: a local Ray for this command",
+    show_default=False,
+)
+
+
+@contextmanager
+def live_board(title: str) -> Iterator[tuple[object, Callable[[], None]]]:
+    """A board and the function that redraws it as a live table on the console."""
+    from rich.live import Live
+
+    from captchaops.scaleout.board import Board
+
+    board = Board(title)
+    with Live(board.table(), console=console, refresh_per_second=2, transient=False) as live:
+        yield board, lambda: live.update(board.table())
+
+
+@app.command("cv")
+def cv_command(
+    data: str = typer.Option(..., "--data", help="folder of images named <label>.png"),
+    folds: int = typer.Option(5, "--folds", help="how many folds (each a training run)"),
+    cluster: str | None = CLUSTER_OPTION,
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="time budget per fold"),
+    steps: int | None = typer.Option(None, "--steps", help="optimiser steps planned per fold"),
+    seed: int | None = typer.Option(None, "--seed", help="fold k trains with seed + k"),
+    cpus: int | None = typer.Option(
+        None, "--cpus", min=1, help="cores the local Ray offers (default: all of them)"
+    ),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Cross-validated held-out accuracy of the folder preset: one training run per fold on Ray."""
+    from captchaops.console import UnexpectedError
+    from captchaops.data.dataset import DataError
+    from captchaops.scaleout import ScaleoutError
+    from captchaops.scaleout.board import Board
+    from captchaops.training import TrainError
+
+    settings = settings_for(model_name)
+    log = settings.home_dir / "logs" / "libraries.log"
+    try:
+        with quiet_libraries(log):
+            from captchaops.scaleout.cv import cross_validate
+            from captchaops.training.config import TrainConfig, with_overrides
+
+            config = with_overrides(
+                TrainConfig.folder(),
+                data_dir=Path(data),
+                max_minutes=max_minutes,
+                max_steps=steps,
+                seed=seed,
+            )
+            _check_tracking(settings)
+            with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
+                assert isinstance(board, Board)
+                result = cross_validate(config, settings, folds, cluster, board, redraw, cpus)
+    except (DataError, TrainError, ScaleoutError, UnexpectedError) as exc:
+        fail(str(exc))
+    console.print()
+    for line in _cv_lines(result):
+        console.print(line, highlight=False)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+def _cv_lines(result: object) -> list[str]:
+    from captchaops.scaleout.cv import INTERVAL, CvResult
+
+    assert isinstance(result, CvResult)
+    lines = []
+    for f in result.folds:
+        if f.accuracy is None:
+            lines.append(f"fold {f.fold}: no score ({f.note})")
+            continue
+        correct = round(f.accuracy * f.n)
+        retried = f" ({f.note})" if f.note else ""
+        lines.append(
+            f"fold {f.fold}: {f.accuracy:.1%} held-out accuracy ({correct} of {f.n} images), "
+            f"best val CER {f.best_val_cer:.4f}, {f.minutes:.1f} min{retried}"
+        )
+    if result.mean is not None and result.worst is not None:
+        scored = [f for f in result.folds if f.accuracy is not None]
+        worst = min(scored, key=lambda f: f.accuracy or 0.0)
+        interval = (
+            f"{result.interval[0]:.1%} to {result.interval[1]:.1%} ({INTERVAL})"
+            if result.interval
+            else "none (fewer than two folds scored)"
+        )
+        lines.append(
+            f"mean {result.mean:.1%} over {len(scored)} folds, worst fold {result.worst:.1%} "
+            f"(fold {worst.fold}), 95% interval {interval}"
+        )
+    if result.interrupted:
+        lines.append("stopped by Ctrl-C: the folds that finished are logged")
+    lines.append(f"parent run {result.parent_run_id} ({len(result.folds)} child runs)")
+    return lines
+
+
+def _check_tracking(settings: object) -> None:
+    from captchaops.settings import Settings
+    from captchaops.training.run import _check_tracking as check
+
+    assert isinstance(settings, Settings)
+    check(settings)
+    if not settings.effective_tracking_uri.startswith("http"):
+        from captchaops.scaleout import ScaleoutError
+
+        raise ScaleoutError(
+            "Ray workers reach the data and log through a tracking server; start one with "
+            "`captchaops up` or set CAPTCHAOPS_TRACKING_URI to an http(s) URL"
+        )
+
+
+@app.command("tune")
+def tune_command(
+    data: str | None = typer.Option(None, "--data", help="folder of images named <label>.png"),
+    synthetic: int | None = typer.Option(None, "--synthetic", help="search on N generated images"),
+    trials: int = typer.Option(16, "--trials", help="how many settings to try"),
+    minutes: float | None = typer.Option(None, "--minutes", help="time budget of the whole search"),
+    cluster: str | None = CLUSTER_OPTION,
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="time budget per trial"),
+    steps: int | None = typer.Option(None, "--steps", help="steps the search is centred on"),
+    seed: int | None = typer.Option(None, "--seed"),
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Search training settings (Optuna TPE on Ray Tune, ASHA) and register the best trial."""
+    from captchaops.console import UnexpectedError
+    from captchaops.data.dataset import DataError
+    from captchaops.scaleout import ScaleoutError
+    from captchaops.scaleout.board import Board
+    from captchaops.training import TrainError
+
+    if (data is None) == (synthetic is None):
+        fail("use either --data DIR or --synthetic N")
+    settings = settings_for(model_name)
+    log = settings.home_dir / "logs" / "libraries.log"
+    try:
+        with quiet_libraries(log):
+            from captchaops.scaleout.sweep import tune_settings
+            from captchaops.training.config import TrainConfig, with_overrides
+
+            preset = TrainConfig.folder() if data else TrainConfig.demo()
+            config = with_overrides(
+                preset,
+                data_dir=Path(data) if data else None,
+                synthetic=synthetic,
+                max_minutes=max_minutes,
+                max_steps=steps,
+                seed=seed,
+            )
+            _check_tracking(settings)
+            with live_board(f"tune: {trials} trials") as (board, redraw):
+                assert isinstance(board, Board)
+                result = tune_settings(config, settings, trials, minutes, cluster, board, redraw)
+    except (DataError, TrainError, ScaleoutError, UnexpectedError) as exc:
+        fail(str(exc))
+    console.print()
+    for line in _tune_lines(result):
+        console.print(line, highlight=False)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+
+
+def _tune_lines(result: object) -> list[str]:
+    from captchaops.scaleout.sweep import TuneResult
+
+    assert isinstance(result, TuneResult)
+    lines = [f"parent run {result.parent_run_id} ({result.trials} trials)"]
+    best = result.best
+    if best is None or result.metrics is None:
+        return [*lines, "no trial finished; give trials more time (--max-minutes) or more data"]
+    shown = ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()
+    )
+    lines.append(f"best trial {best.trial_id} (val CER {best.val_cer:.4f}): {shown}")
+    m = result.metrics
+    lines.append(f"test sequence accuracy {m['test_seq_acc']:.4f}, CER {m['test_cer']:.4f}")
+    if result.frozen:
+        lines.append(result.frozen)
+    lines.append(f"run {best.run_id}; registered version {result.version}")
+    if result.staged:
+        lines.append("alias staging -> this version; next: captchaops promote --auto")
+    else:
+        lines.append(f"not staged: {result.rejection_reason}")
+    return lines
+
+
+def train_ensemble(config: object, settings: object, members: int, cluster: str | None) -> None:
+    """`train --members K`: the members on Ray, registered as one version; prints the result."""
+    from captchaops.scaleout.board import Board
+    from captchaops.scaleout.members import train_members
+    from captchaops.settings import Settings
+    from captchaops.training.config import TrainConfig
+
+    assert isinstance(config, TrainConfig) and isinstance(settings, Settings)
+    _check_tracking(settings)
+    with live_board(f"train: {members} members") as (board, _):
+        assert isinstance(board, Board)
+        run_id, version, metrics, reason, rule = train_members(
+            config, settings, members, cluster, board
+        )
+    console.print()
+    console.print(
+        f"test sequence accuracy {metrics['test_seq_acc']:.4f}, CER {metrics['test_cer']:.4f} "
+        f"({members} members, combined by {rule.replace('_', ' ')})",
+        highlight=False,
+    )
+    console.print(
+        f"run {run_id}; registered models:/{settings.model_name}/{version}", highlight=False
+    )
+    console.print(
+        "alias staging -> this version" if reason is None else f"not staged: {reason}",
+        highlight=False,
+    )

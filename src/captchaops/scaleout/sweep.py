@@ -1,0 +1,208 @@
+"""The `tune` driver: data and frozen set as `train` makes them, the parent run, the search on
+Ray, and the best trial handed to the registry through `train`'s publish path."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Param
+
+from captchaops import mlflow_scope, registry
+from captchaops.data import synthetic
+from captchaops.data.dataset import DataError, LabelledImages, split_indices
+from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
+from captchaops.model.crnn import Architecture
+from captchaops.model.version import META_SCHEMA, PREPROCESSING
+from captchaops.scaleout import ScaleoutError
+from captchaops.scaleout.board import Board
+from captchaops.scaleout.engine import cpus_per_run, ray_session
+from captchaops.scaleout.shipping import publish
+from captchaops.scaleout.tune import Best, ChildRuns, best_network, search
+from captchaops.scaleout.work import Job
+from captchaops.settings import Settings
+from captchaops.training import TrainError
+from captchaops.training.artifacts import export_and_test
+from captchaops.training.config import TrainConfig
+from captchaops.training.loop import geometry
+
+
+@dataclass
+class TuneResult:
+    """What a search produced: the parent run and the best trial's registered version."""
+
+    parent_run_id: str
+    trials: int
+    best: Best | None
+    version: str | None = None
+    metrics: dict[str, float] | None = None
+    staged: bool = False
+    rejection_reason: str | None = None
+    frozen: str | None = None
+
+
+@dataclass
+class Prepared:
+    """The data as `train` splits it: frozen set held out (folders), train/val(/test) by name."""
+
+    data: LabelledImages
+    frozen: EvalSet | None
+    alphabet: str
+    arch: Architecture
+    splits: dict[str, list[int]]
+
+
+def prepare(config: TrainConfig, settings: Settings) -> Prepared:
+    """Read or generate the data, hold out the scheme's frozen set, split the rest by name."""
+    from captchaops.training.run import load_data
+
+    data = load_data(config, settings, lambda stage, fraction, metrics: None)
+    frozen: EvalSet | None = None
+    if config.data_dir is not None:
+        try:
+            frozen = folder_evalset(settings, data, config.holdout_fraction)
+        except EvalSetError as exc:
+            raise TrainError(str(exc)) from exc
+        data = data.subset(frozen.unseen(data.images))
+    alphabet = config.alphabet or (
+        synthetic.DIGITS_UPPER
+        if config.data_dir is None
+        else "".join(sorted(set(data.alphabet()) | set(frozen.alphabet() if frozen else "")))
+    )
+    lengths = [len(label) for label in data.labels]
+    arch = geometry(config, data, max(lengths))
+    splits = split_indices(data.names, config.val_fraction, 0.0 if frozen else config.test_fraction)
+    if not splits["train"] or not splits["val"] or (frozen is None and not splits["test"]):
+        raise DataError(f"{len(data)} usable images are too few to search on; add more images")
+    return Prepared(data, frozen, alphabet, arch, splits)
+
+
+def tune_settings(
+    config: TrainConfig,
+    settings: Settings,
+    trials: int,
+    minutes: float | None,
+    cluster: str | None,
+    board: Board,
+    redraw: Callable[[], None] = lambda: None,
+) -> TuneResult:
+    """Search training settings on Ray, register the best trial and stage it like `train`."""
+    if not 1 <= trials <= 1000:
+        raise DataError(f"--trials {trials} is out of range; use 1 to 1000 (16 is a good start)")
+    prepared = prepare(config, settings)
+    data, frozen, alphabet, arch, splits = (
+        prepared.data,
+        prepared.frozen,
+        prepared.alphabet,
+        prepared.arch,
+        prepared.splits,
+    )
+    lengths = [len(label) for label in data.labels]
+    client = mlflow_scope.client(settings)
+    experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
+    source = config.data_dir.name if config.data_dir else "synthetic"
+    parent = client.create_run(
+        experiment, run_name=f"tune-{source}-{trials}trials", tags={"captchaops.kind": "tune"}
+    )
+    parent_id = parent.info.run_id
+    params = config.params() | {"trials": trials, "search": "Optuna TPE via Ray Tune, ASHA"}
+    params |= {"dataset_sha256": data.digest(), "alphabet": alphabet, "n_read": len(data)}
+    client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    job = Job(
+        name="trial",
+        config=config,
+        arch=arch,
+        alphabet=alphabet,
+        max_length=max(lengths),
+        augment=config.augment if config.augment is not None else config.data_dir is not None,
+        tracking_uri=mlflow_scope.tracking_uri(settings),
+        dataset_run_id=parent_id,
+        dataset_path=publish(client, parent_id, data),
+        train=tuple(splits["train"]),
+        val=tuple(splits["val"]),
+    )
+    children = ChildRuns(client, experiment, parent_id, board, redraw)
+    start = time.monotonic()
+    try:
+        with ray_session(cluster) as engine:
+            board.dashboard_url = engine.dashboard_url
+            cpus = cpus_per_run(engine, trials)
+            best = search(
+                job, trials, minutes, cpus, settings.home_dir / "ray-results", children, config.seed
+            )
+    except ScaleoutError:
+        mlflow_scope.finish_run(client, parent_id, "FAILED")
+        raise
+    client.log_metric(parent_id, "tune_wall_seconds", time.monotonic() - start)
+    result = TuneResult(parent_id, len(children.runs), best)
+    if best is not None:
+        test = _test_set(data, splits["test"], frozen)
+        _publish(best, settings, client, test, result, min(lengths), data.digest())
+        client.set_tag(parent_id, "best_trial_run", best.run_id)
+        if frozen is not None:
+            result.frozen = (
+                f"tested on {settings.model_name}'s frozen evaluation set {frozen.digest[:12]}: "
+                f"{len(frozen)} held-out images, none of them searched on"
+            )
+    mlflow_scope.finish_run(client, parent_id)
+    return result
+
+
+def _test_set(
+    data: LabelledImages, test: list[int], frozen: EvalSet | None
+) -> tuple[list[bytes], list[str]]:
+    if frozen is not None:
+        return frozen.images, frozen.labels
+    return [data.images[i] for i in test], [data.labels[i] for i in test]
+
+
+def _publish(
+    best: Best,
+    settings: Settings,
+    client: object,
+    test: tuple[list[bytes], list[str]],
+    result: TuneResult,
+    min_length: int,
+    digest: str,
+) -> None:
+    """Export, test, log and register the best trial in its child run, then stage it."""
+    from mlflow.tracking import MlflowClient
+
+    assert isinstance(client, MlflowClient)
+    infer = best_network(best, client)
+    job = best.job
+    meta = {
+        "schema_version": META_SCHEMA,
+        "alphabet": job.alphabet,
+        "height": job.arch.height,
+        "width": job.arch.width,
+        "min_length": min_length,
+        "max_length": job.max_length,
+        "preprocessing": PREPROCESSING,
+        "dataset_sha256": digest,
+        "scheme": settings.model_name,
+        "data_kind": "folder" if job.config.data_dir is not None else "synthetic",
+        "model_format": "onnx",
+    }
+    with (
+        mlflow_scope.pointed_at(settings),
+        mlflow.start_run(run_id=best.run_id),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        model_uri, metrics = export_and_test(infer, meta, test[0], test[1], Path(tmp))
+        version = registry.register_version(
+            registry.client(settings), settings.model_name, model_uri, best.run_id
+        )
+    reason = registry.stage_candidate(
+        registry.client(settings),
+        settings.model_name,
+        version,
+        accuracy=metrics["test_seq_acc"],
+        floor=settings.staging_floor,
+    )
+    result.version, result.metrics = version, metrics
+    result.staged, result.rejection_reason = reason is None, reason

@@ -1,0 +1,249 @@
+"""`captchaops tune`: Optuna's TPE through Ray Tune, ASHA stopping on validation CER, and the
+best trial registered as a candidate the way `train` registers a run.
+
+The search space (docs/training.md): peak learning rate, planned steps, width of the
+convolutions and of the GRU, augmentation strength, weight averaging. Each trial is the unit
+of work `work.run_job` (the same loop as `train`); Tune reports each epoch's validation
+metrics to ASHA and to the driver, whose callback keeps one child run per trial. The best
+trial's weights come back through the tracking server, and the version is exported, tested on
+the scheme's frozen set (never on the search's validation data) and staged like `train`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from captchaops import mlflow_scope
+from captchaops.scaleout.board import Board
+from captchaops.scaleout.work import Job, run_job
+from captchaops.training.config import TrainConfig
+from captchaops.training.loop import Plan
+
+WEIGHTS = "trials"
+METRIC = "val_cer"
+
+
+def search_space(base: TrainConfig) -> dict[str, Any]:
+    """What TPE searches, around the preset `base` (docs/training.md lists it)."""
+    steps = base.max_steps or 4000
+    return {
+        "learning_rate": tune.loguniform(5e-4, 5e-3),
+        "max_steps": tune.choice([max(2, steps // 2), steps, steps * 3 // 2]),
+        "conv_scale": tune.choice([0.75, 1.0, 1.5]),
+        "rnn_units": tune.choice([48, 64, 96]),
+        "augment_strength": tune.uniform(0.5, 1.5),
+        "ema_momentum": tune.choice([0.0, 0.99, 0.995]),
+    }
+
+
+def configure(job: Job, params: dict[str, Any]) -> Job:
+    """The job with one trial's sampled settings applied."""
+    arch = replace(
+        job.arch,
+        filters=tuple(max(4, round(f * params["conv_scale"])) for f in job.arch.filters),
+        rnn_units=int(params["rnn_units"]),
+        augment_strength=float(params["augment_strength"]),
+    )
+    config = replace(
+        job.config,
+        learning_rate=float(params["learning_rate"]),
+        max_steps=int(params["max_steps"]),
+        ema_momentum=float(params["ema_momentum"]) or None,
+        arch=arch,
+    )
+    return replace(job, config=config, arch=arch)
+
+
+def trial(params: dict[str, Any], job: Job) -> None:
+    """One trial (runs in a Tune worker): fit, report every epoch, log the weights it keeps."""
+    trial_id = tune.get_context().get_trial_id()
+    mine = replace(configure(job, params), name=trial_id, keep_weights=True)
+    outcome = run_job(mine, on_epoch=lambda metrics, epoch: tune.report(metrics))
+    assert outcome.weights is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.npz"
+        np.savez(path, *outcome.weights)
+        client = MlflowClient(job.tracking_uri, job.tracking_uri)
+        client.log_artifact(job.dataset_run_id, str(path), f"{WEIGHTS}/{trial_id}")
+    final = {k.removeprefix("final_"): v for k, v in outcome.metrics.items() if "final_" in k}
+    tune.report(final | {"best_val_cer": outcome.metrics["best_val_cer"], "weights_logged": 1.0})
+
+
+@dataclass
+class Best:
+    """The trial a search chose."""
+
+    trial_id: str
+    run_id: str
+    params: dict[str, Any]
+    val_cer: float
+    job: Job
+
+
+class ChildRuns:
+    """A Tune callback in the driver: one child run per trial, its metrics, the live table."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment: str,
+        parent: str,
+        board: Board,
+        redraw: Callable[[], None],
+    ) -> None:
+        self.client, self.experiment, self.parent = client, experiment, parent
+        self.board, self.redraw = board, redraw
+        self.runs: dict[str, str] = {}
+
+    def start(self, trial_id: str, config: dict[str, Any]) -> None:
+        """A trial started: its child run, with the sampled settings as parameters."""
+        run = self.client.create_run(
+            self.experiment,
+            run_name=f"trial {trial_id}",
+            tags={"mlflow.parentRunId": self.parent, "captchaops.kind": "tune-trial"},
+        )
+        self.runs[trial_id] = run.info.run_id
+        self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
+        self.board.running(trial_id)
+        self.redraw()
+
+    def result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """An epoch's metrics from a trial."""
+        run_id = self.runs.get(trial_id)
+        if run_id is None:
+            return
+        step, now = int(result.get("training_iteration", 0)), int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, step)
+            for k, v in result.items()
+            if k in ("loss", "val_loss", "val_cer", "val_seq_acc", "learning_rate", "best_val_cer")
+            and isinstance(v, int | float)
+            and math.isfinite(v)
+        ]
+        self.client.log_batch(run_id, metrics=metrics)
+        self.board.running(trial_id, result.get("best_val_cer"))
+        self.redraw()
+
+    def end(self, trial_id: str, status: str, note: str = "") -> None:
+        """A trial ended (FINISHED, FAILED)."""
+        run_id = self.runs.get(trial_id)
+        if run_id is not None:
+            mlflow_scope.finish_run(self.client, run_id, status)
+        self.board.end(trial_id, "done" if status == "FINISHED" else "failed", note=note)
+        self.redraw()
+
+
+_DRIVERS: dict[str, ChildRuns] = {}  # by parent run: Tune pickles its callbacks, not these
+
+
+class _Callback(tune.Callback):  # type: ignore[misc]
+    """Forwards Tune's trial events to the driver's `ChildRuns` (found by the parent run id)."""
+
+    def __init__(self, parent: str) -> None:
+        self.parent = parent
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _DRIVERS[self.parent].start(trial.trial_id, dict(trial.config))
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        _DRIVERS[self.parent].result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _DRIVERS[self.parent].end(trial.trial_id, "FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _DRIVERS[self.parent].end(trial.trial_id, "FAILED", "failed twice (see the Ray logs)")
+
+
+def search(
+    job: Job,
+    trials: int,
+    minutes: float | None,
+    cpus: float,
+    storage: Path,
+    children: ChildRuns,
+    seed: int,
+) -> Best | None:
+    """Run the search on the connected Ray; the best trial that logged its weights, if any."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    # Tune's own console report would interleave with the live table: the legacy reporter
+    # honours verbose=0 and prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    plan = Plan.of(job.config, len(job.train))
+    epochs = max(1, math.ceil(plan.steps / plan.steps_per_epoch) * 2)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trial, job=job), {"cpu": cpus}),
+        param_space=search_space(job.config),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="min",
+            search_alg=OptunaSearch(seed=seed),
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=epochs,
+                grace_period=max(1, epochs // 8),
+                reduction_factor=3,
+            ),
+            num_samples=trials,
+            time_budget_s=minutes * 60 if minutes else None,
+        ),
+        run_config=tune.RunConfig(
+            name="captchaops-tune",
+            storage_path=str(storage),
+            verbose=0,
+            callbacks=[_Callback(children.parent)],
+            failure_config=tune.FailureConfig(max_failures=1),  # a dead trial is tried once more
+        ),
+    )
+    _DRIVERS[children.parent] = children
+    try:
+        results = tuner.fit()
+    finally:
+        _DRIVERS.pop(children.parent, None)
+    done = [
+        (dict(r.metrics), dict(r.config or {}))
+        for r in (results[i] for i in range(len(results)))
+        if r.metrics and r.metrics.get("weights_logged")
+    ]
+    if not done:
+        return None
+    metrics, config = min(done, key=lambda pair: float(pair[0][METRIC]))
+    trial_id = str(metrics["trial_id"])
+    return Best(
+        trial_id=trial_id,
+        run_id=children.runs[trial_id],
+        params=config,
+        val_cer=float(metrics[METRIC]),
+        job=configure(job, config),
+    )
+
+
+def best_network(best: Best, client: MlflowClient) -> Any:
+    """The best trial's inference network, rebuilt from the weights it logged."""
+    from captchaops.model.crnn import build_crnn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(
+            best.job.dataset_run_id, f"{WEIGHTS}/{best.trial_id}/weights.npz", tmp
+        )
+        with np.load(local) as saved:
+            weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+    _, infer = build_crnn(best.job.arch, len(best.job.alphabet) + 1)
+    infer.set_weights(weights)
+    return infer

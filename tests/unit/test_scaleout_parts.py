@@ -1,0 +1,56 @@
+"""The pieces of scale-out that need no Ray: folds, the interval, the data set's zip, the address."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from captchaops.data.dataset import LabelledImages
+from captchaops.model.reader import VOTE, combine_members
+from captchaops.scaleout import ScaleoutError
+from captchaops.scaleout.cv import fold_of, t_interval
+from captchaops.scaleout.engine import _reachable
+from captchaops.scaleout.shipping import pack, unpack
+
+
+def test_folds_are_decided_by_name_and_cover_every_fold() -> None:
+    names = [f"img{i}.png" for i in range(200)]
+    folds = [fold_of(n, 5) for n in names]
+    assert folds == [fold_of(n, 5) for n in names]
+    assert set(folds) == set(range(5))
+
+
+def test_t_interval_widens_with_spread_and_needs_two_folds() -> None:
+    assert t_interval([0.9]) is None
+    low, high = t_interval([0.9, 0.95, 1.0, 0.97, 0.93]) or (0, 0)
+    assert low < 0.95 < high <= 1.0
+    narrow = t_interval([0.95, 0.951, 0.949, 0.95, 0.95]) or (0, 0)
+    assert narrow[1] - narrow[0] < high - low
+
+
+def test_the_data_set_zip_round_trips_and_is_named_by_digest(tmp_path: Path) -> None:
+    data = LabelledImages([b"\x89PNG a", b"\x89PNG b"], ["ab", "cd"], ["ab.png", "cd.png"], "f")
+    path = pack(data, tmp_path)
+    assert path.name == f"{data.digest()}.zip"
+    back = unpack(path)
+    assert (back.images, back.labels, back.names) == (data.images, data.labels, data.names)
+    assert back.digest() == data.digest()
+
+
+def test_a_cluster_address_nobody_answers_is_one_line_with_the_fix() -> None:
+    with pytest.raises(ScaleoutError, match="ray start --head"):
+        _reachable("127.0.0.1:1", timeout=2)
+    with pytest.raises(ScaleoutError, match="HOST:PORT"):
+        _reachable("nonsense")
+
+
+def test_members_combine_by_the_most_confident_answer_or_a_weighted_vote() -> None:
+    a = [("3ny45", 0.9), ("44pe", 0.4), ("b4y5x", 0.5)]
+    b = [("3n45", 0.6), ("44ype", 0.7), ("b45x", 0.3)]
+    c = [("3n45", 0.5), ("44ype", 0.2), ("b4y5x", 0.4)]
+    assert combine_members([a]) == a
+    assert combine_members([a, b]) == [("3ny45", 0.9), ("44ype", 0.7), ("b4y5x", 0.5)]
+    voted = combine_members([a, b, c], VOTE)
+    assert [t for t, _ in voted] == ["3n45", "44ype", "b4y5x"]
+    assert voted[0][1] == pytest.approx((0.6 + 0.5) / 3)
