@@ -148,10 +148,11 @@ def _table(title: str | Text) -> Table:
 def training_speed(m: dict[str, float]) -> str:
     """One line: steps done of those planned, images per second, time to the first step."""
     fresh = f", {m['fresh_images']:,.0f} fresh images" if m.get("fresh_images") else ""
+    first = m.get("seconds_to_first_step")
     return (
-        f"{m['steps_run']:,.0f} of {m['steps_planned']:,.0f} planned steps, "
-        f"{m['images_per_second']:,.0f} images/s{fresh}, "
-        f"first step after {m['seconds_to_first_step']:.0f}s"
+        f"{m.get('steps_run', 0):,.0f} of {m.get('steps_planned', 0):,.0f} planned steps, "
+        f"{m.get('images_per_second', 0):,.0f} images/s{fresh}"
+        + (f", first step after {first:.0f}s" if first is not None else "")
     )
 
 

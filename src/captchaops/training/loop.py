@@ -220,8 +220,10 @@ class Fitted:
     fresh_images: int = 0  # distinct training images drawn while training (fresh path)
 
     def summary(self) -> dict[str, float]:
-        """The run's step and speed figures, as logged with it."""
-        return {
+        """The run's step and speed figures, as logged with it (those it could not measure, such
+        as the step time of a run too short to time, are left out: a NaN metric equals nothing,
+        not even itself, so a run that logged one would never compare equal to its own copy)."""
+        figures = {
             "best_epoch": float(self.best_epoch + 1),
             "kept_final_weights": float(self.kept_final),
             "epochs_run": float(len(self.history)),
@@ -232,6 +234,7 @@ class Fitted:
             "fresh_images": float(self.fresh_images),
             "fit_seconds": self.fit_seconds,
         }
+        return {name: value for name, value in figures.items() if math.isfinite(value)}
 
 
 def compiled_crnn(

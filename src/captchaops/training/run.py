@@ -327,10 +327,9 @@ def _run(
             mlflow_client, settings.model_name, model_uri, run.info.run_id
         )
         result = _stage(mlflow_client, run.info.run_id, version, metrics, settings)
-        timings = fitted.summary() | {
-            "wall_seconds": time.monotonic() - start,
-            "seconds_to_first_step": fitted.first_step_at - start,
-        }
+        timings = fitted.summary() | {"wall_seconds": time.monotonic() - start}
+        if math.isfinite(fitted.first_step_at):
+            timings["seconds_to_first_step"] = fitted.first_step_at - start
         mlflow.log_metrics(timings)
         result.metrics = metrics | timings
         result.skipped = data.skipped.summary()
