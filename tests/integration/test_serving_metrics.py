@@ -79,7 +79,7 @@ def test_in_flight_counts_a_request_whose_body_is_still_arriving(tiny_server: Mo
     payload = json.dumps(body(generate(1, seed=3)[0].image)).encode()
     with socket.create_connection(("127.0.0.1", tiny_server.port)) as slow:
         slow.sendall(
-            b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(payload)}\r\n\r\n".encode()
             + payload[:10]
         )
