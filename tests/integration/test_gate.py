@@ -28,6 +28,7 @@ from captchaops import registry
 from captchaops.evaluation import evalset, gate, report
 from captchaops.live.estimate import Calibration
 from captchaops.mlflow_scope import pointed_at
+from captchaops.model.graph_policy import op_set
 from captchaops.model.version import file_sha256
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
@@ -67,7 +68,10 @@ def damaged_version(settings: Settings, base: TrainedModel, how: str) -> str:
         else:
             _emit_junk(network, meta)
         # Registered by someone who signs what they register: the digest matches the new bytes.
-        meta_path.write_text(json.dumps(meta | {"onnx_sha256": file_sha256(network)}))
+        signed = {"onnx_sha256": file_sha256(network)}
+        if how != "corrupt":
+            signed["onnx_ops"] = op_set(network)  # type: ignore[assignment]
+        meta_path.write_text(json.dumps(meta | signed))
         experiment = mlflow.set_experiment("registry-tests")
         run = client.create_run(experiment.experiment_id, run_name=f"{how} copy")
         client.log_artifacts(run.info.run_id, str(local), "model")
