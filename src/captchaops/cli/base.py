@@ -110,7 +110,11 @@ REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset", "register"}
 
 @app.callback()
 def _before(ctx: typer.Context) -> None:
-    """Registry commands give up after ~30 s of tracking errors (MLflow's default is ~4 min)."""
+    """Registry commands give up after ~30 s of tracking errors (MLflow's default is ~4 min) and
+    draw no download bars."""
     if ctx.invoked_subcommand in REGISTRY_COMMANDS:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        # The CLI says what happened in its own lines; MLflow's download bars on stderr would
+        # turn a one-line error (a full disk, a refused promotion) into twenty.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
