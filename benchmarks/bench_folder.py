@@ -52,6 +52,7 @@ def run_fold(
     max_minutes: float | None = None,
 ) -> dict:
     """Freeze `fold` as the scheme's evaluation set, train on `folder`, return the fold's score."""
+    from captchaops import mlflow_scope
     from captchaops.evaluation.evalset import create_evalset
     from captchaops.settings import load_settings
     from captchaops.training.run import TrainConfig, train
@@ -66,7 +67,7 @@ def run_fold(
         model_name=f"folder-{tag}",
         staging_floor=0.0,
     )
-    create_evalset(settings, size=0, folder=held)
+    create_evalset(mlflow_scope.client(settings), settings, size=0, folder=held)
     base = TrainConfig.folder() if config_name == "folder" else TrainConfig.demo()
     config = replace(base, data_dir=folder, max_minutes=max_minutes or base.max_minutes)
     began = time.monotonic()

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cores)
 
-    from captchaops import registry
+    from captchaops import mlflow_scope, registry
     from captchaops.evaluation import evalset, gate
     from captchaops.settings import load_settings
     from captchaops.training.run import TrainConfig, train
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             candidate = train(replace(quick, seed=1), settings).version
 
             began = time.perf_counter()
-            frozen = evalset.create_evalset(settings, size=args.size)
+            frozen = evalset.create_evalset(mlflow_scope.client(settings), settings, size=args.size)
             create_s = time.perf_counter() - began
             registry.promote(settings, version=champion, reason="benchmark champion", force=True)
             client = registry.client(settings)

@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from captchaops.evaluation.gate import Decision
     from captchaops.live.reported import LiveState
     from captchaops.registry import Listing, VersionRow
-    from captchaops.settings import Settings
     from captchaops.stack.control import ServiceStatus
-    from captchaops.training.run import TrainConfig, TrainResult
+    from captchaops.training.loop import Progress
+    from captchaops.training.run import TrainResult
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -79,10 +79,10 @@ def library_output_to(path: Path) -> Iterator[TextIO]:
         terminal.close()
 
 
-def train_with_progress(config: TrainConfig, settings: Settings, console: Console) -> TrainResult:
-    """`train` with a rich progress bar showing the stage and the latest validation metrics."""
-    from captchaops.training.run import train
-
+@contextmanager
+def progress_bar(console: Console) -> Iterator[Progress]:
+    """A rich progress bar for training, drawn while the block runs; yields the `Progress`
+    callback to hand to `training.run.train` (this module only draws, it runs nothing)."""
     columns = (  # 24 + 16 + 4 + 7 + 19 characters and 4 gaps: fits 80 columns
         # "epoch 12 step 5400/6000" and "acc 0.953 812 img/s"
         TextColumn("[bold]{task.description}", table_column=_fixed(24)),
@@ -104,7 +104,7 @@ def train_with_progress(config: TrainConfig, settings: Settings, console: Consol
                 shown.append(f"{metrics['images_per_second']:.0f} img/s")
             bar.update(task, description=stage, completed=fraction, metrics=" ".join(shown))
 
-        return train(config, settings, progress=report)
+        yield report
 
 
 def _fixed(width: int) -> Column:

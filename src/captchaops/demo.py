@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -14,9 +15,18 @@ from captchaops.stack import control
 from captchaops.stack.services import ALL
 
 if TYPE_CHECKING:
-    from captchaops.training.run import TrainConfig, TrainResult
+    from captchaops.training.loop import Progress
+    from captchaops.training.run import TrainConfig
 
 Say = Callable[[str], None]
+
+
+@contextmanager
+def _silent() -> Iterator[Progress]:
+    """No progress shown (the default of `run_demo`)."""
+    from captchaops.training.loop import silent
+
+    yield silent
 
 
 @dataclass
@@ -66,7 +76,7 @@ def run_demo(
     say: Say = print,
     retrain: bool = False,
     config: TrainConfig | None = None,
-    trainer: Callable[[TrainConfig, Settings], TrainResult] | None = None,
+    progress: Callable[[], AbstractContextManager[Progress]] | None = None,
 ) -> DemoSummary:
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
     from captchaops import registry
@@ -99,7 +109,8 @@ def run_demo(
         summary.decision = "kept the existing production model"
     else:
         say("training the demo model (about 5 minutes on 2 cores)")
-        result = (trainer or train)(config or TrainConfig.demo(), settings)
+        with (progress or _silent)() as report:
+            result = train(config or TrainConfig.demo(), settings, report)
         summary.trained_version = result.version
         summary.test_seq_acc = result.metrics.get("test_seq_acc")
         summary.speed = training_speed(result.metrics)

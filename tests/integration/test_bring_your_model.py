@@ -25,6 +25,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from captchaops import mlflow_scope
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import report
 from captchaops.model.version import check_model_dir, load_registered
@@ -199,7 +200,9 @@ def test_on_the_frozen_set_the_version_reads_exactly_like_the_original(
     from captchaops.settings import load_settings
 
     settings = load_settings(home=home, tracking_uri=tracking_server.uri, model_name=NAME)
-    frozen = load_evalset(settings, str(current_digest(settings)))
+    frozen = load_evalset(
+        mlflow_scope.client(settings), str(current_digest(mlflow_scope.client(settings), settings))
+    )
     version = load_registered(tracking_server.uri, NAME, registered)
     original = load_registered(tracking_server.uri, tiny_model.model_name, tiny_model.version)
     same(version.read_all(frozen.images), original.read_all(frozen.images))

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from captchaops import registry
+from captchaops import mlflow_scope, registry
 from captchaops.cli import app
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import evalset
@@ -74,7 +74,7 @@ def stack(
     settings = make_settings(
         tracking_server, home, model_name=f"canary-{uuid.uuid4().hex[:8]}", poll_seconds=0.5
     )
-    evalset.create_evalset(settings, size=60)
+    evalset.create_evalset(mlflow_scope.client(settings), settings, size=60)
     production = copy_version(settings, tiny_model)
     registry.promote(settings, version=production, reason="first", actor="pytest")
     good, bad = copy_version(settings, tiny_model), copy_version(settings, tiny_model)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from captchaops import mlflow_scope
 from captchaops.data import standin
 from captchaops.data.folder import read_folder
 from captchaops.evaluation import evalset
@@ -65,7 +66,7 @@ def test_train_on_a_folder_freezes_held_out_images_never_trained_on(
     model = client.get_registered_model(SCHEME)
     assert model.tags["evalset_kind"] == "folder"
     settings = make_settings(tracking_server, folder.parent, model_name=SCHEME)
-    frozen = evalset.load_evalset(settings, model.tags[evalset.DIGEST_TAG])
+    frozen = evalset.load_evalset(mlflow_scope.client(settings), model.tags[evalset.DIGEST_TAG])
     on_disk = {hashlib.sha256(p.read_bytes()).hexdigest(): p.stem for p in folder.iterdir()}
     # Every frozen image is one of the folder's files, with that file's label.
     assert frozen.kind == "folder" and 20 <= len(frozen) <= 80
@@ -94,12 +95,14 @@ def test_folder_scheme_keeps_its_frozen_set_and_refuses_a_generated_one(
 ) -> None:
     settings = make_settings(tracking_server, folder.parent, model_name=SCHEME)
     data = read_folder(folder)
-    digest = evalset.current_digest(settings)
-    assert evalset.folder_evalset(settings, data, 0.5).digest == digest  # reused, not re-made
+    digest = evalset.current_digest(mlflow_scope.client(settings), settings)
+    assert (
+        evalset.folder_evalset(mlflow_scope.client(settings), settings, data, 0.5).digest == digest
+    )  # reused, not re-made
     synthetic = make_settings(tracking_server, folder.parent, model_name="generated-scheme")
-    evalset.create_evalset(synthetic, size=12)
+    evalset.create_evalset(mlflow_scope.client(synthetic), synthetic, size=12)
     with pytest.raises(evalset.EvalSetError, match="--model-name"):
-        evalset.folder_evalset(synthetic, data, 0.2)
+        evalset.folder_evalset(mlflow_scope.client(synthetic), synthetic, data, 0.2)
 
 
 def test_gate_judges_the_folder_scheme_on_its_own_held_out_images(
@@ -109,7 +112,10 @@ def test_gate_judges_the_folder_scheme_on_its_own_held_out_images(
 ) -> None:
     assert trained.returncode == 0, trained.stderr[-2000:]
     settings = make_settings(tracking_server, tmp_path, model_name=SCHEME)
-    frozen = evalset.load_evalset(settings, evalset.current_digest(settings) or "")
+    frozen = evalset.load_evalset(
+        mlflow_scope.client(settings),
+        evalset.current_digest(mlflow_scope.client(settings), settings) or "",
+    )
     done = cli(["promote", "--auto", "--model-name", SCHEME], tracking_server, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"({len(frozen)} images)" in done.stdout

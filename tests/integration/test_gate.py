@@ -24,7 +24,7 @@ import pytest
 from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
-from captchaops import registry
+from captchaops import mlflow_scope, registry
 from captchaops.evaluation import evalset, gate, report
 from captchaops.live.estimate import Calibration
 from captchaops.mlflow_scope import pointed_at
@@ -43,7 +43,7 @@ def isolated(tracking_server: Tracking, tmp_path: Path, **overrides: object) -> 
     settings = make_settings(
         tracking_server, tmp_path, model_name=f"gate-{uuid.uuid4().hex[:8]}", **overrides
     )
-    evalset.create_evalset(settings, size=EVAL_SIZE)
+    evalset.create_evalset(mlflow_scope.client(settings), settings, size=EVAL_SIZE)
     return settings
 
 
@@ -137,14 +137,19 @@ def test_first_candidate_is_promoted_and_stage_resolves(
     tags = client.get_model_version(settings.model_name, version).tags
     calibration = Calibration.from_tags(tags)  # for the servers' live accuracy estimate
     assert calibration is not None and calibration.size == len(
-        evalset.load_evalset(settings, tags["eval_digest"])
+        evalset.load_evalset(mlflow_scope.client(settings), tags["eval_digest"])
     )
     assert calibration.accuracy == pytest.approx(decision.candidate.seq_acc, abs=1e-6)
     with pointed_at(settings):
         loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
     assert loaded.metadata.run_id == client.get_model_version(settings.model_name, version).run_id
     assert loaded.unwrap_python_model().reader.predict_images(
-        [evalset.load_evalset(settings, evalset.current_digest(settings) or "").images[0]]
+        [
+            evalset.load_evalset(
+                mlflow_scope.client(settings),
+                evalset.current_digest(mlflow_scope.client(settings), settings) or "",
+            ).images[0]
+        ]
     )
     # The gate logged the version's visual report to its run, about this frozen set.
     run_id = client.get_model_version(settings.model_name, version).run_id

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from captchaops import mlflow_scope
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import evalset
 from captchaops.evaluation.evalset import EVAL_SEED, EvalSetError
@@ -27,14 +28,14 @@ def test_frozen_set_is_stored_once_and_loaded_by_digest(
         (folder / f"{sample.label}.png").write_bytes(sample.image)
     (folder / "notes.txt").write_text("not an image")
 
-    made = evalset.create_evalset(settings, size=40, folder=folder)
+    made = evalset.create_evalset(mlflow_scope.client(settings), settings, size=40, folder=folder)
 
     assert len(made) == 43 and made.seed == EVAL_SEED
     assert made.digest == evalset.digest_of(made.images, made.labels)
-    assert evalset.current_digest(settings) == made.digest
-    loaded = evalset.load_evalset(settings, made.digest)
+    assert evalset.current_digest(mlflow_scope.client(settings), settings) == made.digest
+    loaded = evalset.load_evalset(mlflow_scope.client(settings), made.digest)
     assert loaded.images == made.images and loaded.labels == made.labels
-    assert evalset.ensure_evalset(settings).digest == made.digest
+    assert evalset.ensure_evalset(mlflow_scope.client(settings), settings).digest == made.digest
     again = evalset.create_evalset(
         settings.model_copy(update={"model_name": "other-" + settings.model_name}),
         size=40,
@@ -43,11 +44,17 @@ def test_frozen_set_is_stored_once_and_loaded_by_digest(
     assert again.digest == made.digest
 
     with pytest.raises(EvalSetError, match="already has a frozen evaluation set"):
-        evalset.create_evalset(settings, size=40)
+        evalset.create_evalset(mlflow_scope.client(settings), settings, size=40)
     with pytest.raises(EvalSetError, match="no stored frozen evaluation set"):
-        evalset.load_evalset(settings, "0" * 64)
-    replaced = evalset.create_evalset(settings, size=30, replace=True)
-    assert evalset.current_digest(settings) == replaced.digest != made.digest
+        evalset.load_evalset(mlflow_scope.client(settings), "0" * 64)
+    replaced = evalset.create_evalset(
+        mlflow_scope.client(settings), settings, size=30, replace=True
+    )
+    assert (
+        evalset.current_digest(mlflow_scope.client(settings), settings)
+        == replaced.digest
+        != made.digest
+    )
 
 
 def test_training_never_uses_the_evaluation_seed() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from captchaops import registry
+from captchaops import mlflow_scope, registry
 from captchaops.evaluation import evalset, gate
 from captchaops.mlflow_scope import pointed_at
 from captchaops.registry import RegistryError
@@ -82,7 +82,9 @@ def test_rollback_restores_the_previous_production_version(
         assert {"candidate_seq_acc", "candidate_cer", "champion_seq_acc", "champion_cer"} <= set(
             record.data.metrics
         )
-        assert record.data.params["evalset_digest"] == evalset.current_digest(settings)
+        assert record.data.params["evalset_digest"] == evalset.current_digest(
+            mlflow_scope.client(settings), settings
+        )
     assert records[2].data.metrics["candidate_cer"] < records[2].data.metrics["champion_cer"]
 
     with pytest.raises(RegistryError, match="nothing earlier to roll back to"):
@@ -215,7 +217,10 @@ def test_concurrent_cli_processes_leave_a_consistent_registry(
     first, second = copy_version(settings, tiny_model), copy_version(settings, tiny_model)
     for version in (first, second):
         registry.cached_score(
-            registry.client(settings), settings, version, evalset.ensure_evalset(settings)
+            registry.client(settings),
+            settings,
+            version,
+            evalset.ensure_evalset(mlflow_scope.client(settings), settings),
         )
 
     results: list[subprocess.CompletedProcess[str]] = []

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from captchaops import registry
+from captchaops.evaluation.gate import stage_candidate
 from captchaops.registry import LOCK_STALE_S, RegistryError
 from captchaops.registry.lock import lock_run
 from tests.fixtures.models import TrainedModel, make_settings
@@ -51,9 +52,10 @@ def test_stage_candidate_stages_or_rejects_as_training_did(
     name, client = settings.model_name, registry.client(settings)
     first, second, low = (copy_version(settings, tiny_model) for _ in range(3))
 
-    assert registry.stage_candidate(client, name, first, accuracy=0.91234, floor=0.5) is None
-    assert registry.stage_candidate(client, name, second, accuracy=0.5, floor=0.5) is None
-    reason = registry.stage_candidate(client, name, low, accuracy=0.1, floor=0.5, actor="ci")
+    half = settings.model_copy(update={"staging_floor": 0.5})  # the gate decides, registry writes
+    assert stage_candidate(client, half, first, 0.91234) is None
+    assert stage_candidate(client, half, second, 0.5) is None
+    reason = stage_candidate(client, half, low, 0.1, actor="ci")
 
     assert reason == "test sequence accuracy 0.1000 is below the staging floor 0.5"
     assert registry.resolve_alias(settings, "staging") == second
@@ -115,7 +117,7 @@ def test_a_failed_audit_write_of_a_first_move_removes_the_alias(
     failing = FailingFinish(registry.client(settings))
 
     with pytest.raises(MlflowException, match="injected"):
-        registry.stage_candidate(failing, settings.model_name, version, accuracy=1.0, floor=0.0)  # type: ignore[arg-type]
+        stage_candidate(failing, settings, version, 1.0)  # type: ignore[arg-type]
 
     assert registry.resolve_alias(settings, "staging") is None
     assert registry.history(settings, "staging") == []

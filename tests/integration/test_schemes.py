@@ -17,7 +17,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from captchaops import registry
+from captchaops import mlflow_scope, registry
 from captchaops.cli import app
 from captchaops.evaluation import evalset, gate, scheme
 from captchaops.settings import Settings
@@ -67,7 +67,7 @@ def schemes(
     home = tmp_path_factory.mktemp("schemes")
     a = make_settings(tracking_server, home, model_name=unique("scheme-a"))
     b = make_settings(tracking_server, home, model_name=unique("scheme-b"))
-    evalset.create_evalset(a, size=EVAL_SIZE)
+    evalset.create_evalset(mlflow_scope.client(a), a, size=EVAL_SIZE)
     version_a = copy_version(a, tiny_model)
     stage(a, version_a)
     model_b = train_other_alphabet(b)
@@ -111,9 +111,12 @@ def snapshot(settings: Settings) -> tuple[object, ...]:
 def test_each_scheme_keeps_its_own_aliases_frozen_set_and_audit(schemes: Schemes) -> None:
     a, b = schemes.a, schemes.b
     assert production(b) == schemes.model_b.version
-    digest_a, digest_b = evalset.current_digest(a), evalset.current_digest(b)
+    digest_a, digest_b = (
+        evalset.current_digest(mlflow_scope.client(a), a),
+        evalset.current_digest(mlflow_scope.client(b), b),
+    )
     assert digest_a and digest_b and digest_a != digest_b
-    frozen_b = evalset.load_evalset(b, digest_b)
+    frozen_b = evalset.load_evalset(mlflow_scope.client(b), digest_b)
     assert {len(label) for label in frozen_b.labels} == {3}
     assert set("".join(frozen_b.labels)) <= set(OTHER_ALPHABET)
     client = registry.client(a)
@@ -182,14 +185,14 @@ def test_gate_refuses_a_candidate_of_another_scheme(schemes: Schemes, cli: CliRu
     (record,) = [m for m in registry.history(a) if m.to_version == stranger]
     assert record.decision == "rejected" and record.actor == "cli-test"
     params = client.get_run(record.run_id).data.params
-    assert params["evalset_digest"] == evalset.current_digest(a)
+    assert params["evalset_digest"] == evalset.current_digest(mlflow_scope.client(a), a)
 
 
 def test_gate_refuses_a_frozen_set_the_candidate_cannot_read(
     tracking_server: Tracking, tmp_path: Path, schemes: Schemes
 ) -> None:
     settings = make_settings(tracking_server, tmp_path, model_name=unique("scheme-d"))
-    evalset.create_evalset(settings, size=20)
+    evalset.create_evalset(mlflow_scope.client(settings), settings, size=20)
     candidate = copy_version(settings, schemes.model_b)
     stage(settings, candidate)
 
@@ -246,7 +249,10 @@ def test_sample_data_and_evalset_options(
         app, ["evalset", "--model-name", name, "--folder", str(folder), "--size", "0"]
     )
     assert only_folder.exit_code == 0, only_folder.output
-    frozen = evalset.load_evalset(settings, evalset.current_digest(settings) or "")
+    frozen = evalset.load_evalset(
+        mlflow_scope.client(settings),
+        evalset.current_digest(mlflow_scope.client(settings), settings) or "",
+    )
     assert sorted(frozen.labels) == sorted(p.stem for p in folder.iterdir())
 
     generated = cli.invoke(
@@ -258,7 +264,10 @@ def test_sample_data_and_evalset_options(
     )  # fmt: skip
     assert generated.exit_code == 0, generated.output
     assert f"of {name} (40 images" in generated.stdout
-    frozen = evalset.load_evalset(settings, evalset.current_digest(settings) or "")
+    frozen = evalset.load_evalset(
+        mlflow_scope.client(settings),
+        evalset.current_digest(mlflow_scope.client(settings), settings) or "",
+    )
     assert set("".join(frozen.labels)) == {"X", "Y"}
     assert {len(label) for label in frozen.labels} == {2, 3}
 

@@ -18,7 +18,10 @@ from captchaops.cli.base import (
     settings_for,
 )
 from captchaops.console import literal
+from captchaops.evaluation.gate_rules import GateConfig
 from captchaops.settings import Settings
+
+_GATE = GateConfig()
 
 
 @app.command()
@@ -111,18 +114,21 @@ def promote(
     auto: bool = typer.Option(
         False, "--auto", help="let the gate decide: exit 0 promoted, 3 rejected, 1 error"
     ),
-    margin: float = typer.Option(
-        0.0, help="gate: accuracy the candidate must add over the champion"
+    margin: float | None = typer.Option(
+        None, help=f"gate: accuracy the candidate must add over the champion [{_GATE.margin}]"
     ),
     floor: float | None = typer.Option(
-        None, help="gate: accuracy a first candidate needs (default: staging floor)"
+        None, help="gate: accuracy a first candidate needs [the staging floor]"
     ),
-    cer_tolerance: float = typer.Option(0.0, help="gate: how much worse the CER may be"),
-    latency_ratio: float = typer.Option(
-        1.5, help="gate: p95 latency budget as a multiple of the champion's"
+    cer_tolerance: float | None = typer.Option(
+        None, help=f"gate: how much worse the CER may be [{_GATE.cer_tolerance}]"
     ),
-    latency_slack_ms: float = typer.Option(
-        5.0, help="gate: milliseconds added to the latency budget"
+    latency_ratio: float | None = typer.Option(
+        None,
+        help=f"gate: p95 latency budget as a multiple of the champion's [{_GATE.latency_ratio}]",
+    ),
+    latency_slack_ms: float | None = typer.Option(
+        None, help=f"gate: milliseconds added to the latency budget [{_GATE.latency_slack_ms}]"
     ),
     canary: int | None = typer.Option(
         None, "--canary", help="send PERCENT (1-50) of production's traffic to the candidate"
@@ -179,7 +185,7 @@ def promote(
             )
             console.print(literal(f"promoted: {move.line()}"), highlight=False)
             return
-        config = gate.GateConfig(
+        config = GateConfig.with_options(
             margin=margin,
             floor=floor,
             cer_tolerance=cer_tolerance,
@@ -255,6 +261,7 @@ def evalset(
     try:
         with registry.one_line_errors(settings):
             made = create_evalset(
+                registry.client(settings),
                 settings,
                 size=size,
                 folder=Path(folder) if folder else None,

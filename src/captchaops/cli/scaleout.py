@@ -114,7 +114,7 @@ def _cv_lines(result: object) -> list[str]:
 
 def _check_tracking(settings: object) -> None:
     from captchaops.settings import Settings
-    from captchaops.training.run import _check_tracking as check
+    from captchaops.training.run import check_tracking as check
 
     assert isinstance(settings, Settings)
     check(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -75,7 +76,7 @@ def train_command(
     log = settings.home_dir / "logs" / "libraries.log"
     try:
         with quiet_libraries(log):  # Keras and TensorFlow print on import
-            from captchaops.console import train_with_progress
+            from captchaops.console import progress_bar
             from captchaops.training import run as training
 
             preset = training.TrainConfig.folder() if data else training.TrainConfig.demo()
@@ -96,7 +97,8 @@ def train_command(
 
                 train_ensemble(config, settings, members, cluster)
                 return
-            result = train_with_progress(config, settings, console)
+            with progress_bar(console) as report:
+                result = training.train(config, settings, report)
     except (DataError, TrainError, UnexpectedError) as exc:
         fail(str(exc))
     print_summary(result, console)
@@ -108,7 +110,7 @@ def demo(
     retrain: bool = typer.Option(False, "--retrain", help="train again even if production exists"),
 ) -> None:
     """Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs."""
-    from captchaops.console import UnexpectedError, train_with_progress
+    from captchaops.console import UnexpectedError, progress_bar
     from captchaops.data.dataset import DataError
     from captchaops.demo import run_demo
     from captchaops.registry import RegistryError
@@ -124,7 +126,7 @@ def demo(
                 settings,
                 say=lambda line: console.print(line, highlight=False),
                 retrain=retrain,
-                trainer=lambda config, settings: train_with_progress(config, settings, console),
+                progress=partial(progress_bar, console),
             )
     except (
         StackError,

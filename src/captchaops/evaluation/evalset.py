@@ -1,4 +1,7 @@
-"""The frozen evaluation set: made once, stored by digest on the tracking server, scored through pyfunc."""
+"""The frozen evaluation set: made once, stored by digest on the tracking server, scored through pyfunc.
+
+Every function that reads or writes the tracking server takes the caller's `MlflowClient`.
+"""
 
 from __future__ import annotations
 
@@ -94,12 +97,12 @@ def _experiment_id(client: MlflowClient) -> str:
     return mlflow_scope.experiment_id(client, EVAL_EXPERIMENT, {"kind": "evalset"})
 
 
-def current_digest(settings: Settings) -> str | None:
+def current_digest(client: MlflowClient, settings: Settings) -> str | None:
     """Digest of the frozen set the registered model is judged on, if one was made."""
     from mlflow.exceptions import MlflowException
 
     try:
-        model = mlflow_scope.client(settings).get_registered_model(settings.model_name)
+        model = client.get_registered_model(settings.model_name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
@@ -108,6 +111,7 @@ def current_digest(settings: Settings) -> str | None:
 
 
 def create_evalset(
+    client: MlflowClient,
     settings: Settings,
     *,
     size: int = 2000,
@@ -118,7 +122,7 @@ def create_evalset(
     replace: bool = False,
 ) -> EvalSet:
     """Generate (plus an optional labelled folder), store and pin the frozen set for the model."""
-    existing = current_digest(settings)
+    existing = current_digest(client, settings)
     if existing and not replace:
         raise EvalSetError(
             f"{settings.model_name} already has a frozen evaluation set ({existing[:12]}); "
@@ -147,13 +151,14 @@ def create_evalset(
         "alphabet": alphabet,
         "length": list(length),
     }
-    _store(settings, evalset, meta)
+    _store(client, settings, evalset, meta)
     return evalset
 
 
-def _store(settings: Settings, evalset: EvalSet, meta: dict[str, object]) -> None:
+def _store(
+    client: MlflowClient, settings: Settings, evalset: EvalSet, meta: dict[str, object]
+) -> None:
     """Log the set as an MLflow run artifact and pin it to the registered model by digest."""
-    client = mlflow_scope.client(settings)
     meta = meta | {"kind": evalset.kind, "images": len(evalset)}
     run = client.create_run(
         _experiment_id(client),
@@ -182,14 +187,16 @@ def holdout_indices(names: list[str], fraction: float) -> list[int]:
     ]
 
 
-def folder_evalset(settings: Settings, data: LabelledImages, fraction: float) -> EvalSet:
+def folder_evalset(
+    client: MlflowClient, settings: Settings, data: LabelledImages, fraction: float
+) -> EvalSet:
     """A folder scheme's frozen set: the stored one, or held-out images of `data` frozen now.
 
     Training must leave out every image whose content is in the returned set.
     """
-    digest = current_digest(settings)
+    digest = current_digest(client, settings)
     if digest:
-        evalset = load_evalset(settings, digest)
+        evalset = load_evalset(client, digest)
         if evalset.kind != "folder":
             raise EvalSetError(
                 f"{settings.model_name} is judged on generated CAPTCHAs, not on held-out images "
@@ -213,13 +220,12 @@ def folder_evalset(settings: Settings, data: LabelledImages, fraction: float) ->
         "alphabet": data.alphabet(),
         "length": [min(map(len, labels)), max(map(len, labels))],
     }
-    _store(settings, evalset, meta)
+    _store(client, settings, evalset, meta)
     return evalset
 
 
-def load_evalset(settings: Settings, digest: str) -> EvalSet:
+def load_evalset(client: MlflowClient, digest: str) -> EvalSet:
     """The stored frozen set with this digest, verified against its content."""
-    client = mlflow_scope.client(settings)
     experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
     runs = (
         client.search_runs(
@@ -244,16 +250,18 @@ def load_evalset(settings: Settings, digest: str) -> EvalSet:
     return evalset
 
 
-def ensure_evalset(settings: Settings, size: int = 2000, scheme: Scheme | None = None) -> EvalSet:
+def ensure_evalset(
+    client: MlflowClient, settings: Settings, size: int = 2000, scheme: Scheme | None = None
+) -> EvalSet:
     """The model's frozen set; on first use generated with the default seed, in the alphabet
     and lengths of `scheme` when it is a synthetic one (else digits + uppercase, 4 long)."""
-    digest = current_digest(settings)
+    digest = current_digest(client, settings)
     if digest:
-        return load_evalset(settings, digest)
+        return load_evalset(client, digest)
     if scheme is not None and scheme.data_kind == "synthetic":
         length = (scheme.min_length, scheme.max_length)
-        return create_evalset(settings, size=size, alphabet=scheme.alphabet, length=length)
-    return create_evalset(settings, size=size)
+        return create_evalset(client, settings, size=size, alphabet=scheme.alphabet, length=length)
+    return create_evalset(client, settings, size=size)
 
 
 def score(

@@ -1,9 +1,14 @@
-"""The continuous-deployment gate: candidate @staging vs champion @production on the frozen set."""
+"""The continuous-deployment gate: candidate @staging vs champion @production on the frozen set.
+
+It applies the rules of `evaluation.gate_rules` (the thresholds' one home) and has `registry`
+write what it decided: `auto_promote` (`promote --auto`) and `stage_candidate` (training's
+staging floor). One `MlflowClient` is made at the top of each and passed down.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,46 +19,57 @@ from captchaops import registry
 from captchaops.evaluation import report
 from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
 from captchaops.evaluation.evidence import Evidence, gather
+from captchaops.evaluation.gate_rules import (
+    GateConfig,
+    judge,
+    judge_evidence,
+    staging_rejection,
+)
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.registry import PRODUCTION, STAGING, Move
 from captchaops.settings import Settings
 
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_PROMOTED",
+    "EXIT_REJECTED",
+    "Decision",
+    "GateConfig",
+    "auto_promote",
+    "decide",
+    "judge",
+    "judge_evidence",
+    "stage_candidate",
+]
 log = logging.getLogger(__name__)
-EPSILON = 1e-9
 EXIT_PROMOTED = 0
 EXIT_ERROR = 1
 EXIT_REJECTED = 3
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    """Thresholds of the gate; every field is a `captchaops promote --auto` option."""
-
-    margin: float = 0.0
-    """Candidate sequence accuracy must reach the champion's plus this."""
-    floor: float | None = None
-    """Accuracy a first candidate (no champion) needs; None means settings.staging_floor."""
-    cer_tolerance: float = 0.0
-    """How much higher than the champion's the candidate's CER may be."""
-    latency_ratio: float = 1.5
-    """Candidate p95 latency budget as a multiple of the champion's..."""
-    latency_slack_ms: float = 5.0
-    """...plus this many milliseconds, so timer noise on tiny models does not decide."""
-    batch_size: int = 64
-    latency_samples: int = 50
-
-    def thresholds(self, settings: Settings) -> dict[str, float]:
-        """The numbers the decision used, for the audit record."""
-        values = asdict(self)
-        values["floor"] = self.effective_floor(settings)
-        values["min_shadow"] = settings.gate_min_shadow
-        values["min_agreement"] = settings.gate_min_agreement
-        values["live_points"] = settings.gate_live_points
-        return {k: float(v) for k, v in values.items()}
-
-    def effective_floor(self, settings: Settings) -> float:
-        """The floor in force."""
-        return settings.staging_floor if self.floor is None else self.floor
+def stage_candidate(
+    client: MlflowClient,
+    settings: Settings,
+    version: str,
+    accuracy: float,
+    *,
+    actor: str | None = None,
+) -> str | None:
+    """Decide whether a trained version reaches the staging floor and have the registry write
+    it (@staging, or the audited rejection); the rejection reason, or None when staged."""
+    floor = GateConfig().resolved(settings).staging_floor
+    assert floor is not None
+    rejection = staging_rejection(accuracy, floor)
+    registry.stage_version(
+        client,
+        settings.model_name,
+        version,
+        accuracy=accuracy,
+        rejection=rejection,
+        floor=floor,
+        actor=actor,
+    )
+    return rejection
 
 
 @dataclass(frozen=True)
@@ -98,68 +114,27 @@ class Decision:
         )
 
 
-def judge(candidate: Score, champion: Score | None, config: GateConfig, floor: float) -> list[str]:
-    """Why the candidate may not replace the champion; empty when it may."""
-    if not candidate.ok:
-        return [f"candidate v{candidate.version} failed to load or predict ({candidate.error})"]
-    if champion is None or not champion.ok:
-        if candidate.seq_acc + EPSILON < floor:
-            return [f"accuracy {candidate.seq_acc:.4f} is below the floor {floor:.4f}"]
-        return []
-    refusals = []
-    needed = champion.seq_acc + config.margin
-    if candidate.seq_acc + EPSILON < needed:
-        refusals.append(
-            f"accuracy {candidate.seq_acc:.4f} < champion {champion.seq_acc:.4f} + margin {config.margin}"
-        )
-    if candidate.cer > champion.cer + config.cer_tolerance + EPSILON:
-        refusals.append(f"CER {candidate.cer:.4f} is worse than champion {champion.cer:.4f}")
-    budget = champion.p95_ms * config.latency_ratio + config.latency_slack_ms
-    if candidate.p95_ms > budget:
-        refusals.append(f"p95 latency {candidate.p95_ms:.1f} ms is over budget {budget:.1f} ms")
-    return refusals
-
-
-def judge_evidence(
-    evidence: Evidence, candidate: Score, champion: Score | None, thresholds: dict[str, float]
-) -> list[str]:
-    """Why live evidence refuses a candidate the frozen set let through; empty when it does not.
-
-    Its live estimate may not trail production's over the same period by more than
-    `live_points`; its shadow agreement with production may not fall below `min_agreement`
-    unless it wins on the frozen set (a better model must disagree somewhere).
-    """
-    refusals = []
-    points = thresholds["live_points"]
-    mine, theirs = evidence.candidate_estimate, evidence.champion_estimate
-    if mine is not None and theirs is not None and mine + EPSILON < theirs - points / 100:
-        refusals.append(
-            f"live estimate {mine:.1%} is {(theirs - mine) * 100:.1f} points below production's "
-            f"{theirs:.1%} over the same period (at most {points:g} allowed)"
-        )
-    wins = champion is None or not champion.ok or candidate.seq_acc > champion.seq_acc + EPSILON
-    agreement, least = evidence.agreement, thresholds["min_agreement"]
-    if evidence.shadow and agreement is not None and agreement < least and not wins:
-        refusals.append(
-            f"shadow agreement {agreement:.1%} over {evidence.comparisons} comparisons is below "
-            f"{least:.0%} and it does not beat production on the frozen set"
-        )
-    return refusals
-
-
 def decide(
-    settings: Settings, config: GateConfig | None = None, evalset: EvalSet | None = None
+    settings: Settings,
+    config: GateConfig | None = None,
+    evalset: EvalSet | None = None,
+    *,
+    client: MlflowClient | None = None,
 ) -> Decision:
     """Score @staging and @production on the frozen set and judge them; changes no alias.
 
     A synthetic scheme's first frozen set is generated with its candidate's alphabet and
     lengths. A candidate of another scheme than the champion, or one that cannot read the
-    frozen set's characters, is refused without being scored.
+    frozen set's characters, is refused without being scored. Every read goes through
+    `client` (one is made when none is given).
     """
-    config = config or GateConfig()
+    config = (config or GateConfig()).resolved(settings)
     thresholds = config.thresholds(settings)
-    candidate_version = registry.resolve(settings, alias=STAGING)
-    champion_version = registry.resolve_alias(settings, PRODUCTION)
+    name = settings.model_name
+    with registry.one_line_errors(settings):
+        client = client or registry.client(settings)
+        candidate_version = registry.resolve(settings, alias=STAGING, mlflow_client=client)
+        champion_version = registry.alias_version(client, name, PRODUCTION)
 
     def refused(reasons: list[str], audited: bool = True, digest: str = "") -> Decision:
         return Decision(
@@ -179,22 +154,21 @@ def decide(
             audited=False,
         )
     with registry.one_line_errors(settings):
-        client = registry.client(settings)
-        tags = client.get_model_version(settings.model_name, candidate_version).tags
+        tags = client.get_model_version(name, candidate_version).tags
         if tags.get("validation_status") == "rejected":
             why = tags.get("rejection_reason", "no reason recorded")[:200]
             return refused(
                 [f"v{candidate_version} was rejected before ({why}); train a new candidate"],
                 audited=False,
             )
-        scheme = scheme_of(client, settings.model_name, candidate_version)
+        scheme = scheme_of(client, name, candidate_version)
         if evalset is None:
-            evalset = ensure_evalset(settings, scheme=scheme)
+            evalset = ensure_evalset(client, settings, scheme=scheme)
         refusals = scheme_refusals(
             candidate_version,
             scheme,
             champion_version,
-            scheme_of(client, settings.model_name, champion_version) if champion_version else None,
+            scheme_of(client, name, champion_version) if champion_version else None,
             evalset.labels,
         )
     if refusals:
@@ -213,16 +187,13 @@ def decide(
     with registry.one_line_errors(settings):
         for result in (candidate, champion):
             if result is not None:
-                registry.record_score(client, settings.model_name, result)
-    _reports(client, settings.model_name, evalset, readings)
-    refusals = judge(candidate, champion, config, config.effective_floor(settings))
+                registry.record_score(client, name, result)
+    _reports(client, name, evalset, readings)
+    assert config.floor is not None and config.min_shadow is not None
+    refusals = judge(candidate, champion, config, config.floor)
     with registry.one_line_errors(settings):
         evidence = gather(
-            client,
-            settings.model_name,
-            candidate_version,
-            champion_version,
-            min_shadow=settings.gate_min_shadow,
+            client, name, candidate_version, champion_version, min_shadow=config.min_shadow
         )
     if not refusals:
         refusals = judge_evidence(evidence, candidate, champion, thresholds)
@@ -262,14 +233,16 @@ def auto_promote(
     reason: str = "",
     evalset: EvalSet | None = None,
 ) -> tuple[Decision, Move | None]:
-    """Run the gate and act on it: promote and audit, or audit the rejection."""
+    """Run the gate and act on it: promote and audit, or audit the rejection (one client)."""
     actor = actor or registry.default_actor()
-    decision = decide(settings, config, evalset)
+    with registry.one_line_errors(settings):
+        client = registry.client(settings)
+    decision = decide(settings, config, evalset, client=client)
     why = f"gate: {decision.reason()}" + (f" ({reason})" if reason else "")
     if not decision.promote and not decision.audited:
         return decision, None
     with registry.one_line_errors(settings):
-        move = _record(registry.client(settings), settings.model_name, decision, why, actor)
+        move = _record(client, settings.model_name, decision, why, actor)
     return decision, move
 
 

@@ -4,10 +4,11 @@ Modules: `names` (aliases, scheme names, actors), `errors` (one-line errors), `v
 (registered models, version creation, the frozen set's pin), `rest_writes` (the same over REST,
 for account admin), `audit` (the audit trail), `lock` (the cross-process promotion lock),
 `aliases` (reading aliases, the one audited move and the audited removal), `scores`
-(frozen-set scores kept in version tags), `promotion` (promote, rollback, staging a trained
-version), `canaries` (starting and ending a canary) and `listing` (the `models` table). Library
-functions take an explicit `MlflowClient` (from `registry.client(settings)`); the ones that
-take `Settings` make their own and turn tracking failures into one-line `RegistryError`s.
+(frozen-set scores kept in version tags), `promotion` (promote, rollback, the staging the gate
+decided for a trained version), `canaries` (starting and ending a canary) and `listing` (the
+`models` table). Library functions take an explicit `MlflowClient` (from
+`registry.client(settings)`); the ones that take `Settings` make their own and turn tracking
+failures into one-line `RegistryError`s.
 
 Names are imported on first use, so `captchaops.registry.rest_writes` (and the `users` command)
 stays free of MLflow; `tests/unit/test_registry_writers.py` checks that the names below and
@@ -71,7 +72,7 @@ if TYPE_CHECKING:
     from captchaops.registry.promotion import (
         promote,
         rollback,
-        stage_candidate,
+        stage_version,
         to_production,
     )
     from captchaops.registry.scores import (
@@ -160,7 +161,7 @@ _HOMES = {
         (
             "promote",
             "rollback",
-            "stage_candidate",
+            "stage_version",
             "to_production",
         ),
         "captchaops.registry.promotion",
@@ -221,7 +222,7 @@ __all__ = [
     "resolve_alias",
     "rollback",
     "set_version_tags",
-    "stage_candidate",
+    "stage_version",
     "start_canary",
     "sync_stages",
     "to_production",

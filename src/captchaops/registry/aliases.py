@@ -278,10 +278,19 @@ def record_rejection(
     return move
 
 
-def resolve(settings: Settings, *, version: str | None = None, alias: str | None = None) -> str:
-    """The version number named directly or through an alias; one-line error if there is none."""
+def resolve(
+    settings: Settings,
+    *,
+    version: str | None = None,
+    alias: str | None = None,
+    mlflow_client: MlflowClient | None = None,
+) -> str:
+    """The version number named directly or through an alias; one-line error if there is none.
+
+    Reads through `mlflow_client` when one is given, else through a client of its own.
+    """
     with one_line_errors(settings):
-        mlflow_client = client(settings)
+        mlflow_client = mlflow_client or client(settings)
         require_model(mlflow_client, settings)
         if version is not None:
             require_version(mlflow_client, settings.model_name, version)

@@ -84,7 +84,7 @@ def start_canary(
                 '`captchaops rollback --canary --reason "..."`'
             )
         scheme = scheme_of(mlflow_client, name, target)
-        evalset = ensure_evalset(settings, scheme=scheme)
+        evalset = ensure_evalset(mlflow_client, settings, scheme=scheme)
         refusals = scheme_refusals(
             target, scheme, production, scheme_of(mlflow_client, name, production), evalset.labels
         )

@@ -1,4 +1,8 @@
-"""Promotion, rollback and staging: the decisions that move an alias, each through `move_alias`."""
+"""Promotion, rollback and staging: the alias moves they make, each through `move_alias`.
+
+The gate (`evaluation.gate`) decides whether a trained version reaches the staging floor;
+`stage_version` writes what it decided.
+"""
 
 from __future__ import annotations
 
@@ -169,23 +173,24 @@ def rollback(
         )
 
 
-def stage_candidate(
+def stage_version(
     mlflow_client: MlflowClient,
     name: str,
     version: str,
     *,
     accuracy: float,
+    rejection: str | None,
     floor: float,
     actor: str | None = None,
-) -> str | None:
-    """Stage a freshly trained version (@staging, pending) or reject it below the floor.
+) -> None:
+    """Write the staging decision `evaluation.gate.stage_candidate` made for a trained version:
+    @staging (pending) when `rejection` is None, else the audited rejection.
 
-    Tags the version's test sequence accuracy first; returns the rejection reason, or None
-    when it was staged. Both outcomes are audited.
+    Tags the version's test sequence accuracy first; both outcomes are audited.
     """
     actor = actor or default_actor()
     mlflow_client.set_model_version_tag(name, version, "test_seq_acc", f"{accuracy:.4f}")
-    if accuracy >= floor:
+    if rejection is None:
         move_alias(
             mlflow_client,
             name,
@@ -199,16 +204,14 @@ def stage_candidate(
             thresholds={"floor": floor},
             version_tags={version: {"validation_status": "pending"}},
         )
-        return None
-    reason = f"test sequence accuracy {accuracy:.4f} is below the staging floor {floor}"
+        return
     record_rejection(
         mlflow_client,
         name,
         alias=STAGING,
         version=version,
-        reason=reason,
+        reason=rejection,
         actor=actor,
         kind="training",
         thresholds={"floor": floor},
     )
-    return reason

@@ -42,7 +42,7 @@ def scores(
     mlflow_client: MlflowClient, settings: Settings, to_version: str, from_version: str | None
 ) -> tuple[Score, Score | None]:
     """The target's and the current holder's scores on the model's frozen set."""
-    evalset = ensure_evalset(settings)
+    evalset = ensure_evalset(mlflow_client, settings)
     candidate = cached_score(mlflow_client, settings, to_version, evalset)
     champion = (
         cached_score(mlflow_client, settings, from_version, evalset) if from_version else None

@@ -22,6 +22,7 @@ from mlflow.entities import Param
 
 from captchaops import mlflow_scope, registry
 from captchaops.evaluation.accuracy import sequence_accuracy
+from captchaops.evaluation.gate import stage_candidate
 from captchaops.model.crnn import build_crnn
 from captchaops.model.onnx_export import export_onnx
 from captchaops.model.preprocess import preprocess
@@ -151,18 +152,11 @@ def train_members(
         rule = max((MAX_CONFIDENCE, VOTE), key=lambda r: (scores[r], r == MAX_CONFIDENCE))
         mlflow.log_metrics({f"val_seq_acc_{r}": v for r, v in scores.items()})
         mlflow.log_param("combine", rule)
-        model_uri, metrics = test_and_log(path, meta | {"combine": rule}, test[0], test[1])
-        version = registry.register_version(
-            registry.client(settings), settings.model_name, model_uri, parent_id
-        )
+        client = registry.client(settings)
+        model_uri, metrics = test_and_log(client, path, meta | {"combine": rule}, test[0], test[1])
+        version = registry.register_version(client, settings.model_name, model_uri, parent_id)
         mlflow.log_metric("wall_seconds", time.monotonic() - start)
-    reason = registry.stage_candidate(
-        registry.client(settings),
-        settings.model_name,
-        version,
-        accuracy=metrics["test_seq_acc"],
-        floor=settings.staging_floor,
-    )
+    reason = stage_candidate(client, settings, version, metrics["test_seq_acc"])
     return parent_id, version, metrics, reason, rule
 
 

@@ -16,6 +16,7 @@ from captchaops import mlflow_scope, registry
 from captchaops.data import synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
 from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
+from captchaops.evaluation.gate import stage_candidate
 from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout import ScaleoutError
@@ -64,7 +65,9 @@ def prepare(config: TrainConfig, settings: Settings) -> Prepared:
     frozen: EvalSet | None = None
     if config.data_dir is not None:
         try:
-            frozen = folder_evalset(settings, data, config.holdout_fraction)
+            frozen = folder_evalset(
+                mlflow_scope.client(settings), settings, data, config.holdout_fraction
+            )
         except EvalSetError as exc:
             raise TrainError(str(exc)) from exc
         data = data.subset(frozen.unseen(data.images))
@@ -193,16 +196,9 @@ def _publish(
         mlflow.start_run(run_id=best.run_id),
         tempfile.TemporaryDirectory() as tmp,
     ):
-        model_uri, metrics = export_and_test(infer, meta, test[0], test[1], Path(tmp))
-        version = registry.register_version(
-            registry.client(settings), settings.model_name, model_uri, best.run_id
-        )
-    reason = registry.stage_candidate(
-        registry.client(settings),
-        settings.model_name,
-        version,
-        accuracy=metrics["test_seq_acc"],
-        floor=settings.staging_floor,
-    )
+        client = registry.client(settings)
+        model_uri, metrics = export_and_test(client, infer, meta, test[0], test[1], Path(tmp))
+        version = registry.register_version(client, settings.model_name, model_uri, best.run_id)
+    reason = stage_candidate(client, settings, version, metrics["test_seq_acc"])
     result.version, result.metrics = version, metrics
     result.staged, result.rejection_reason = reason is None, reason

@@ -11,6 +11,7 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.pandas_dataset import from_pandas
 
@@ -26,6 +27,7 @@ from captchaops.model.version import file_sha256
 
 
 def export_and_test(
+    client: MlflowClient,
     infer: keras.Model,
     meta: dict[str, Any],
     test_images: list[bytes],
@@ -42,10 +44,11 @@ def export_and_test(
     keras_path = tmp / "crnn.keras"
     infer.save(keras_path)
     mlflow.log_artifact(str(keras_path), "keras")
-    return test_and_log(onnx_path, meta, test_images, test_labels)
+    return test_and_log(client, onnx_path, meta, test_images, test_labels)
 
 
 def test_and_log(
+    client: MlflowClient,
     onnx_path: Path,
     meta: dict[str, Any],
     test_images: list[bytes],
@@ -77,7 +80,7 @@ def test_and_log(
     run = mlflow.active_run()
     assert run is not None  # export_and_test runs inside the training run
     found = report.build(test_labels, outputs)
-    report.log_report(mlflow.MlflowClient(), run.info.run_id, found, test_images)
+    report.log_report(client, run.info.run_id, found, test_images)
     info = log_model(onnx_path, meta, test_images[0])
     return str(info.model_uri), metrics
 

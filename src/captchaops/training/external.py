@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow import MlflowClient
 
 from captchaops import registry
 from captchaops.evaluation import report
 from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.evaluation.evalset import EvalSet, current_digest, ensure_evalset, load_evalset
+from captchaops.evaluation.gate import stage_candidate
 from captchaops.evaluation.scheme import Scheme
 from captchaops.model.reader import ContractError, OnnxReader
 from captchaops.model.version import (
@@ -113,21 +115,21 @@ def graph_geometry(path: Path, layout: str) -> dict[str, int]:
     return {k: v for k, v in (("height", h), ("width", w), ("channels", c)) if v is not None}
 
 
-def _frozen(settings: Settings, fields: dict[str, Any]) -> EvalSet:
-    digest = current_digest(settings)
+def _frozen(client: MlflowClient, settings: Settings, fields: dict[str, Any]) -> EvalSet:
+    digest = current_digest(client, settings)
     if digest:
-        return load_evalset(settings, digest)
+        return load_evalset(client, digest)
     if "min_length" not in fields:
         raise RegisterError(
             f"{settings.model_name} has no frozen evaluation set yet; pass --length MIN-MAX "
             "(or make one first with `captchaops evalset`)"
         )
     scheme = Scheme(fields["alphabet"], fields["min_length"], fields["max_length"])
-    return ensure_evalset(settings, scheme=scheme)
+    return ensure_evalset(client, settings, scheme=scheme)
 
 
 def prepare(
-    settings: Settings, onnx_path: Path, fields: dict[str, Any]
+    client: MlflowClient, settings: Settings, onnx_path: Path, fields: dict[str, Any]
 ) -> tuple[dict[str, Any], EvalSet]:
     """The checked meta.json for the network and the frozen set it is judged on."""
     if not fields.get("alphabet"):
@@ -136,7 +138,7 @@ def prepare(
     for name in ("height", "width"):
         if name not in fields:
             raise RegisterError(f"the graph's input leaves the {name} open; pass --{name}")
-    evalset = _frozen(settings, fields)
+    evalset = _frozen(client, settings, fields)
     lengths = [len(label) for label in evalset.labels]
     fields = {"min_length": min(lengths), "max_length": max(lengths)} | fields
     meta = {
@@ -251,7 +253,8 @@ def register_onnx(
 
     ops = check_graph(onnx_path)
     with registry.one_line_errors(settings):
-        meta, evalset = prepare(settings, onnx_path, fields)
+        client = registry.client(settings)
+        meta, evalset = prepare(client, settings, onnx_path, fields)
     reader = diagnose(onnx_path, meta, evalset)
     try:
         outputs = reader.read_all(evalset.images, chunk=64)
@@ -294,17 +297,11 @@ def register_onnx(
                 f"{meta['onnx_sha256'][:12]}), frozen-set accuracy {metrics['test_seq_acc']:.4f}.",
             )
             info = log_model(onnx_path, meta, evalset.images[0])
-            client = registry.client(settings)
             version = registry.register_version(
                 client, settings.model_name, info.model_uri, run.info.run_id
             )
-            reason = registry.stage_candidate(
-                client,
-                settings.model_name,
-                version,
-                accuracy=metrics["test_seq_acc"],
-                floor=settings.staging_floor,
-                actor=actor,
+            reason = stage_candidate(
+                client, settings, version, metrics["test_seq_acc"], actor=actor
             )
             found = report.build(
                 evalset.labels,

@@ -26,8 +26,13 @@ from captchaops.training.schedule import StepPlan, WarmupCosine
 Progress = Callable[[str, float, dict[str, float]], None]
 """Called with (stage description, fraction done 0..1, latest metrics)."""
 
-LogMetrics = Callable[[dict[str, float], int], None]
-"""Called with (metrics, epoch) after each epoch."""
+LogMetrics = Callable[[dict[str, float], int], object]
+"""Called with (metrics, epoch) after each epoch (e.g. `mlflow.log_metrics`); its result is unused."""
+
+
+def silent(stage: str, fraction: float, metrics: dict[str, float]) -> None:
+    """A `Progress` that shows nothing."""
+
 
 Key = tuple[float, float, float]
 
