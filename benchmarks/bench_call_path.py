@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv or [])
     if args.src is not None:
         sys.path.insert(0, str(args.src.resolve()))
+    from mlflow import MlflowClient
+
     import captchaops
     from harness.calltrace import CallTrace
     from harness.processes import tracking_server
@@ -79,29 +81,34 @@ def main(argv: list[str] | None = None) -> None:
             for label, command in commands:
                 if label == "train --synthetic":
                     os.environ["CAPTCHAOPS_MODEL_NAME"] = "captcha-syn"
-                trace = CallTrace(package)
+                trace = CallTrace(package, watch=(MlflowClient.__init__.__code__,))
                 began = time.monotonic()
                 with trace.running():
                     status = _cli(command)
                 seconds = time.monotonic() - began
                 os.environ.pop("CAPTCHAOPS_MODEL_NAME", None)
-                rows.append((label, status, seconds, trace.summary()))
+                rows.append((label, status, seconds, trace.summary(), trace.watched))
     print()
-    print(f"{'command':<18} {'exit':>4} {'s':>5} {'stops':>5} {'crossings':>9} {'climb-backs':>11}")
-    for label, status, seconds, summary in rows:
+    print(
+        f"{'command':<18} {'exit':>4} {'s':>5} {'stops':>5} {'crossings':>9} {'climbs':>6} {'clients':>7}"
+    )
+    for label, status, seconds, summary, clients in rows:
         print(
             f"{label:<18} {status:>4} {seconds:>5.0f} {summary.stops:>5} "
-            f"{len(summary.crossings):>9} {len(summary.climbs):>11}"
+            f"{len(summary.crossings):>9} {len(summary.climbs):>6} {sum(clients.values()):>7}"
         )
-    for label, _, _, summary in rows:
+    for label, *_, summary, clients in rows:
         for line in summary.lines()[: args.show]:
-            print(f"  {label}: {line}")
-    worst = max(len(s.climbs) for *_, s in rows)
+            print(f"  {label}: climb-back {line}")
+        for (file, function), n in sorted(clients.items()):
+            print(f"  {label}: MlflowClient made in {file}:{function} ({n}x)")
+    worst = max(len(row[3].climbs) for row in rows)
     verdict = "meets" if worst <= TARGET_CLIMBS else "MISSES"
     print(
         f"climb-backs (distinct caller -> callee): at most {worst} (target {TARGET_CLIMBS}: {verdict})"
     )
-    print("stops: distinct source files; crossings: distinct caller -> callee function pairs")
+    print("stops: distinct source files; crossings: distinct caller -> callee function pairs;")
+    print("clients: MlflowClient objects made directly by captchaops code")
 
 
 if __name__ == "__main__":

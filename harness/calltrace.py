@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 Site = tuple[str, str]
@@ -70,11 +70,17 @@ def count(calls: Sequence[tuple[Sequence[Site], Site]]) -> Summary:
 
 
 class CallTrace:
-    """Records calls into files under `root` while it is entered (this thread and new ones)."""
+    """Records calls into files under `root` while it is entered (this thread and new ones).
 
-    def __init__(self, root: Path) -> None:
+    `watch` names outside functions (their code objects) whose calls made directly from a
+    traced file are counted by caller in `watched`, e.g. `MlflowClient.__init__`: clients made.
+    """
+
+    def __init__(self, root: Path, watch: tuple[CodeType, ...] = ()) -> None:
         self.root = str(root.resolve()) + "/"
         self.calls: list[tuple[tuple[Site, ...], Site]] = []
+        self.watch = watch
+        self.watched: Counter[Site] = Counter()
         self._known: dict[Any, Site | None] = {}
 
     def _site(self, frame: FrameType) -> Site | None:
@@ -92,6 +98,10 @@ class CallTrace:
             return
         callee = self._site(frame)
         if callee is None:
+            if frame.f_code in self.watch and frame.f_back is not None:
+                caller = self._site(frame.f_back)
+                if caller is not None:
+                    self.watched[caller] += 1
             return
         stack: list[Site] = []
         below = frame.f_back

@@ -6,7 +6,9 @@ The "outside" model is the shared tiny model re-exported NCHW with the blank fir
 own scheme. The refusals are shown on a small random network (`tiny_ctc`, which reads varied
 texts where the seconds-trained tiny model may read nothing) re-exported the same way, judged
 on a frozen set labelled with its own readings: under the right contract it scores 1.0, under a
-wrong one about 0. Everything runs through the real CLI against the session's tracking server.
+wrong one about 0. Everything runs through the real CLI (its typer app, in this process: a
+fresh `captchaops` process per command spent most of this module's time importing) against
+the session's tracking server; the refusals and the right contract share one frozen set.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import base64
 import hashlib
 import json
 import os
-import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +26,14 @@ import httpx
 import mlflow
 import pytest
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
 from captchaops import mlflow_scope
+from captchaops.cli import app
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import report
 from captchaops.model.version import check_model_dir, load_registered
+from harness.mlflow_state import mlflow_state_restored
 from tests.fixtures.foreign import ALPHABET, HEIGHT, WIDTH, reexport, tiny_ctc
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import start_model_server
@@ -45,21 +50,31 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("byom_home")
 
 
-def cli(tracking: Tracking, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`captchaops ARGS` as a user would run it, against the test tracking server."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTCHAOPS_", "MLFLOW_"))}
+@dataclass(frozen=True)
+class Done:
+    """What a command left: its exit status and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(tracking: Tracking, home: Path, *args: str) -> Done:
+    """`captchaops ARGS` as a user would run it, against the test tracking server: the CLI's
+    own app in this process, with only the environment below; an unexpected error fails."""
+    env: dict[str, str | None] = {
+        k: None for k in os.environ if k.startswith(("CAPTCHAOPS_", "MLFLOW_"))
+    }
     env |= {
         "CAPTCHAOPS_HOME": str(home),
         "CAPTCHAOPS_TRACKING_URI": tracking.uri,
         "CAPTCHAOPS_STAGING_FLOOR": "0",  # the seconds-trained tiny model may read nothing
     }
-    return subprocess.run(
-        [str(VENV_BIN / "captchaops"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    with mlflow_state_restored():
+        result = CliRunner().invoke(app, list(args), env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Done(result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -253,56 +268,42 @@ def count_runs(client: MlflowClient) -> int:
     return len(client.search_runs(ids, max_results=10_000))
 
 
-@pytest.mark.parametrize(
-    ("options", "fix"),
-    [
-        (["--layout", "NCHW"], "the blank looks like index 0; pass --blank first"),
-        (["--blank", "first"], "pass --layout NCHW"),
-        (["--layout", "NCHW", "--blank", "first", "--output", "logits"], "--output probabilities"),
-    ],
-    ids=["blank", "layout", "output-kind"],
-)
-def test_a_contract_that_does_not_fit_is_refused_in_one_line_and_nothing_is_registered(
-    tracking_server: Tracking,
-    home: Path,
-    random_theirs: tuple[Path, Path],
-    options: list[str],
-    fix: str,
+REFUSED = [
+    (["--layout", "NCHW"], "the blank looks like index 0; pass --blank first"),
+    (["--blank", "first"], "pass --layout NCHW"),
+    (["--layout", "NCHW", "--blank", "first", "--output", "logits"], "--output probabilities"),
+]
+
+
+def test_a_contract_that_does_not_fit_is_refused_in_one_line_and_the_right_one_reads_perfectly(
+    tracking_server: Tracking, home: Path, random_theirs: tuple[Path, Path]
 ) -> None:
+    """Each wrong contract (blank, layout, output kind) is refused in one line and nothing is
+    registered or logged; declared right, the same network is taken and reads its frozen set
+    perfectly, so the refusals are about the contract."""
     network, read = random_theirs
     client = MlflowClient(tracking_server.uri, tracking_server.uri)
-    if not client.search_registered_models(f"name = '{WRONG}'"):
-        made = cli(
-            tracking_server, home, "evalset", "--folder", str(read), "--size", "0",
-            "--model-name", WRONG,
+    made = cli(
+        tracking_server, home, "evalset", "--folder", str(read), "--size", "0",
+        "--model-name", WRONG,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    for options, fix in REFUSED:
+        runs_before = count_runs(client)
+
+        done = cli(
+            tracking_server, home, "register", "--onnx", str(network), "--model-name", WRONG,
+            "--alphabet", ALPHABET, *options,
         )  # fmt: skip
-        assert made.returncode == 0, made.stderr
-    runs_before = count_runs(client)
+
+        assert done.returncode == 1, (options, done.stdout)
+        assert fix in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "Traceback" not in done.stderr + done.stdout
+        assert client.search_model_versions(f"name = '{WRONG}'") == []
+        assert count_runs(client) == runs_before  # nothing logged either
 
     done = cli(
         tracking_server, home, "register", "--onnx", str(network), "--model-name", WRONG,
-        "--alphabet", ALPHABET, *options,
-    )  # fmt: skip
-
-    assert done.returncode == 1, done.stdout
-    assert fix in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "Traceback" not in done.stderr + done.stdout
-    assert client.search_model_versions(f"name = '{WRONG}'") == []
-    assert count_runs(client) == runs_before  # nothing logged either
-
-
-def test_the_right_contract_reads_the_random_network_perfectly(
-    tracking_server: Tracking, home: Path, random_theirs: tuple[Path, Path]
-) -> None:
-    """The refusals above are about the contract: declared right, the same network is taken."""
-    network, read = random_theirs
-    name = "byom-random"
-    made = cli(
-        tracking_server, home, "evalset", "--folder", str(read), "--size", "0", "--model-name", name
-    )
-    assert made.returncode == 0, made.stderr
-    done = cli(
-        tracking_server, home, "register", "--onnx", str(network), "--model-name", name,
         "--alphabet", ALPHABET, "--layout", "NCHW", "--blank", "first",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -11,6 +11,11 @@ from harness.calltrace import CallTrace, count
 A, B, C = ("a.py", "f"), ("b.py", "g"), ("c.py", "h")
 
 
+def outside() -> int:
+    """A function outside the traced files (as MlflowClient.__init__ is)."""
+    return 3
+
+
 def test_count_finds_a_planted_climb_back_and_nothing_else() -> None:
     one_way = count([((), A), ((A,), B), ((A, B), C), ((A, B), ("b.py", "inner"))])
     assert (one_way.stops, len(one_way.crossings), one_way.climbs) == (3, 2, {})
@@ -42,6 +47,12 @@ def test_trace_sees_a_callback_into_a_file_still_on_the_stack(tmp_path: Path) ->
         with trace.running():
             top.down()
         assert trace.summary().lines() == ["low.py:call -> top.py:back (1 calls)"]
+
+        low = importlib.import_module("planted.low")
+        trace = CallTrace(package, watch=(outside.__code__,))
+        with trace.running():
+            low.call(outside)
+        assert trace.watched == {("low.py", "call"): 1}  # e.g. MlflowClient made here
     finally:
         sys.path.remove(str(tmp_path))
         for name in ("planted", "planted.top", "planted.low"):

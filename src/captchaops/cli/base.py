@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,7 +101,7 @@ def quiet_libraries(log: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            err.file = sys.stderr
+            err.file = None  # type: ignore[assignment]  # follows sys.stderr again, as at start
 
 
 REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset", "register"}
