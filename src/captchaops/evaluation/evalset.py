@@ -272,11 +272,14 @@ def score(
     batch_size: int = 64,
     latency_samples: int = 50,
     readings: list[dict[str, Any]] | None = None,
+    client: MlflowClient | None = None,
 ) -> Score:
     """Accuracy, CER and single-image latency of a version, checked and loaded as servers load
     it; its answers are added to `readings` when one is given (for its report)."""
     try:
-        model = load_registered(mlflow_scope.tracking_uri(settings), settings.model_name, version)
+        model = load_registered(
+            mlflow_scope.tracking_uri(settings), settings.model_name, version, client=client
+        )
         outputs = model.read_all(evalset.images, chunk=batch_size)
         if readings is not None:
             readings.extend(outputs)

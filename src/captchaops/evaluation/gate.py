@@ -173,7 +173,11 @@ def decide(
         )
     if refusals:
         return refused(refusals, digest=evalset.digest)
-    kwargs = {"batch_size": config.batch_size, "latency_samples": config.latency_samples}
+    kwargs: dict[str, Any] = {
+        "batch_size": config.batch_size,
+        "latency_samples": config.latency_samples,
+        "client": client,
+    }
     readings: dict[str, list[dict[str, Any]]] = {candidate_version: []}
     candidate = score(
         settings, candidate_version, evalset, readings=readings[candidate_version], **kwargs

@@ -230,14 +230,20 @@ def open_version(model_dir: Path, threads: int = 1, check_ops: bool = True) -> O
         ) from exc
 
 
-def load_registered(tracking_uri: str, name: str, version: str, threads: int = 1) -> OnnxReader:
-    """Download `models:/name/version`, check it and open it; VersionError when it fails a check."""
+def load_registered(
+    tracking_uri: str, name: str, version: str, threads: int = 1, client: Any = None
+) -> OnnxReader:
+    """Download `models:/name/version`, check it and open it; VersionError when it fails a check.
+
+    `client` is the caller's `MlflowClient` for `tracking_uri`, when it has one.
+    """
     import mlflow.artifacts
     from mlflow import MlflowClient
 
     # The version's own artifact URI: a models:/ URI would be resolved through MLflow's
     # process-wide registry URI, whatever this function is told.
-    source = MlflowClient(tracking_uri, tracking_uri).get_model_version_download_uri(name, version)
+    client = client or MlflowClient(tracking_uri, tracking_uri)
+    source = client.get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory(prefix="captchaops-version-") as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri

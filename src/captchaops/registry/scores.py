@@ -33,7 +33,7 @@ def cached_score(
         return Score(
             version, evalset.digest, seq_acc, cer, p50_ms, p95_ms, len(evalset), None, calibration
         )
-    result = score(settings, version, evalset)
+    result = score(settings, version, evalset, client=mlflow_client)
     record_score(mlflow_client, settings.model_name, result)
     return result
 
