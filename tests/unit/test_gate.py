@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from captchaops.cli import parse_length
 from captchaops.evaluation.evalset import Score
 from captchaops.evaluation.evidence import Evidence
 from captchaops.evaluation.gate import GateConfig, judge, judge_evidence
+from captchaops.evaluation.gate_rules import staging_rejection
 from captchaops.evaluation.scheme import Scheme, scheme_refusals
 from captchaops.registry import Move, RegistryError, check_model_name, production_stack
+from captchaops.settings import load_settings
 
 
 def result(acc: float, cer: float, p95: float = 10.0, version: str = "2") -> Score:
@@ -171,4 +175,19 @@ def test_too_few_comparisons_are_named_but_not_used() -> None:
     assert both == (
         "live evidence: live estimate 80.0% over 300 answers vs production's 82.0% over the "
         "same period, shadow agreement 95.0% over 250 comparisons"
+    )
+
+
+def test_gate_config_is_the_one_home_of_thresholds_options_first_then_settings(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(home=tmp_path, staging_floor=0.7, gate_live_points=2.0)
+    config = GateConfig.with_options(margin=0.02, floor=None).resolved(settings)
+    assert (config.margin, config.floor, config.staging_floor) == (0.02, 0.7, 0.7)
+    assert (config.live_points, config.latency_ratio) == (2.0, 1.5)
+    assert "staging_floor" not in config.thresholds(settings)  # not a gate threshold
+    assert GateConfig.with_options(floor=0.3).resolved(settings).floor == 0.3
+    assert staging_rejection(0.7, 0.7) is None
+    assert staging_rejection(0.1, 0.5) == (
+        "test sequence accuracy 0.1000 is below the staging floor 0.5"
     )
