@@ -3,33 +3,32 @@
 Usage:
   python -m benchmarks serving                       # via `make bench`
   python -m benchmarks.bench_serving [--duration S] [--concurrency 1,8,32] [--model-dir PATH]
-  python -m benchmarks.bench_serving load URL CONCURRENCY SECONDS BODY_FILE   # the load generator
+  python -m benchmarks.serving_load URL CONCURRENCY SECONDS BODY_FILE   # the load generator
 
 Everything runs on this machine in one invocation: a private tracking server, a model
 (trained for a few seconds at the demo architecture, or copied from --model-dir), both
-servers, and the load generator in a process of its own. Prints requests/s, p50/p99 latency
-and peak server RSS per concurrency with the ratios, then the hot-swap timings.
+servers, a bare Starlette endpoint (the ceiling) and the load generator in a process of its own.
+Prints requests/s, p50/p99 latency and peak server RSS per concurrency with the ratios, the
+three servers' requests/s at 8 clients side by side, our server's images/s for requests of 64
+images, then the hot-swap timings.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import http.client
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import httpx
 
+from benchmarks.serving_load import LoadResult, run_load
 from harness.processes import (
     VENV_BIN,
     RssSampler,
@@ -43,104 +42,8 @@ RESULTS = Path("bench-results") / "serving.json"
 TARGET_SPEEDUP = 5.0  # issue 13 (was 3, issue 5)
 TARGET_RSS_MB = 150.0  # issue 13: one model server
 TARGET_SWAP_S = 5.0
-
-
-@dataclass
-class LoadResult:
-    """What one load-generator run measured."""
-
-    concurrency: int
-    seconds: float
-    ok: int
-    failed: int
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    versions: list[tuple[float, str]]
-
-
-# --- load generator (runs in its own process) ---------------------------------------------
-
-
-def generate_load(url: str, concurrency: int, seconds: float, body: bytes) -> dict[str, object]:
-    """POST `body` to url/invocations from `concurrency` keep-alive connections for `seconds`."""
-    parts = urlsplit(url)
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    failures = [0] * concurrency
-    versions: list[list[tuple[float, str]]] = [[] for _ in range(concurrency)]
-    start = time.monotonic()
-    deadline = start + seconds
-    headers = {"Content-Type": "application/json"}
-
-    def worker(i: int) -> None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-        last_version = ""
-        while time.monotonic() < deadline:
-            sent = time.perf_counter()
-            try:
-                conn.request("POST", "/invocations", body=body, headers=headers)
-                resp = conn.getresponse()
-                payload = resp.read()
-                ok = resp.status == 200 and payload.startswith(b'{"predictions"')
-                version = resp.getheader("X-Model-Version") or ""
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-                ok, version = False, ""
-            if ok:
-                latencies[i].append(time.perf_counter() - sent)
-                if version != last_version:
-                    versions[i].append((time.time(), version))
-                    last_version = version
-            else:
-                failures[i] += 1
-        conn.close()
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.monotonic() - start
-    flat = sorted(x for per in latencies for x in per)
-    return {
-        "concurrency": concurrency,
-        "seconds": elapsed,
-        "ok": len(flat),
-        "failed": sum(failures),
-        "rps": len(flat) / elapsed,
-        "p50_ms": _quantile(flat, 0.50) * 1000,
-        "p99_ms": _quantile(flat, 0.99) * 1000,
-        "versions": sorted(v for per in versions for v in per),
-    }
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
-def run_load(url: str, concurrency: int, seconds: float, body_file: Path) -> LoadResult:
-    """Run the load generator in a separate process and read its result."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bench_serving",
-            "load",
-            url,
-            str(concurrency),
-            str(seconds),
-            str(body_file),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    data = json.loads(out.stdout)
-    data["versions"] = [tuple(v) for v in data["versions"]]
-    return LoadResult(**data)
+TARGET_BARE_SHARE = 0.5  # issue 22: our req/s at 8 clients over a bare Starlette endpoint's
+TARGET_BATCH64 = 4000.0  # issue 22: images/s for requests of 64 images, one server process
 
 
 # --- the benchmark ----------------------------------------------------------------------
@@ -177,15 +80,27 @@ def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tupl
     return str(version_a), str(version_b)
 
 
-def request_body(work: Path) -> Path:
-    """One generated CAPTCHA as a `dataframe_split` request body, written to a file."""
+def request_body(work: Path, images: int = 1) -> Path:
+    """`images` generated CAPTCHAs as a `dataframe_split` request body, written to a file."""
     from captchaops.data.synthetic import generate
 
-    image = generate(1, seed=7)[0].image
-    body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
-    path = work / "body.json"
+    rows = [[base64.b64encode(sample.image).decode()] for sample in generate(images, seed=7)]
+    body = {"dataframe_split": {"columns": ["image"], "data": rows}}
+    path = work / f"body-{images}.json"
     path.write_text(json.dumps(body))
     return path
+
+
+def batch_throughput(url: str, seconds: float, body: Path) -> float:
+    """Images/s our server answers for requests of 64 images from two clients (so one request
+    is always waiting while the other is computed): the one-process batch rate."""
+    result = run_load(url, 2, seconds, body)
+    print(
+        f"    ours 64-image requests c=2 {result.rps * 64:8.0f} img/s  "
+        f"p50 {result.p50_ms:7.1f} ms  failed {result.failed}",
+        flush=True,
+    )
+    return result.rps * 64
 
 
 def measure(
@@ -297,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                     args.duration,
                     body,
                 )
+                batch64 = batch_throughput(ours_url, args.duration, request_body(work, 64))
                 swap_s, swap_failed = hot_swap(ours_url, tracking_uri, version_b, body)
                 tf_loaded = httpx.get(f"{ours_url}/health").json()["tensorflow_loaded"]
-        report(results, levels, swap_s, swap_failed, tf_loaded)
+        report(results, levels, swap_s, swap_failed, tf_loaded, batch64)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -310,6 +226,7 @@ def report(
     swap_s: float,
     swap_failed: int,
     tf_loaded: bool,
+    batch64: float,
 ) -> None:
     """Print the comparison table and write it to bench-results/serving.json."""
     rows = []
@@ -347,11 +264,19 @@ def report(
             f"concurrency 8: {at8['speedup']:.1f}x requests/s (target >= {TARGET_SPEEDUP:.0f}x), "
             f"p99 ratio {at8['p99_ratio']:.2f} (target <= 0.33)"
         )
-        bare = results["bare"][8][0].rps
+        ours8, bare = results["ours"][8][0].rps, results["bare"][8][0].rps
         print(
-            f"concurrency 8: {results['ours'][8][0].rps / bare:.0%} of a bare Starlette "
-            f"endpoint's {bare:.0f} req/s (target >= 50%)"
+            f"concurrency 8, side by side: ours {ours8:.0f} req/s | mlflow models serve "
+            f"{results['mlflow'][8][0].rps:.0f} req/s | bare Starlette {bare:.0f} req/s"
         )
+        print(
+            f"  ours/mlflow {at8['speedup']:.1f}x (target >= {TARGET_SPEEDUP:.0f}x), ours/bare "
+            f"{ours8 / bare:.0%} (target >= {TARGET_BARE_SHARE:.0%})"
+        )
+    print(
+        f"batch of 64 images, our server (one process): {batch64:.0f} img/s "
+        f"(target >= {TARGET_BATCH64:.0f})"
+    )
     print(f"peak RSS of our server: {peak_ours:.0f} MB (target <= {TARGET_RSS_MB:.0f} MB)")
     print(
         f"hot swap: first answer from the new version {swap_s:.2f} s after the alias moved "
@@ -367,6 +292,7 @@ def report(
                 "swap_seconds": swap_s,
                 "swap_failed": swap_failed,
                 "tensorflow_loaded": tf_loaded,
+                "batch64_images_per_s": batch64,
             },
             indent=2,
         )
@@ -393,12 +319,4 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "load":
-        url, concurrency, seconds, body_file = sys.argv[2:6]
-        print(
-            json.dumps(
-                generate_load(url, int(concurrency), float(seconds), Path(body_file).read_bytes())
-            )
-        )
-    else:
-        main(sys.argv[1:])
+    main(sys.argv[1:])

@@ -246,6 +246,16 @@ def version_notes(listing: Listing) -> list[Text]:
     return lines
 
 
+def unaudited_lines(unaudited: dict[str, str]) -> list[Text]:
+    """Two lines (under 80 columns) per alias whose version no audited move put there."""
+    lines = []
+    for alias, version in sorted(unaudited.items()):
+        line = literal(f"UNAUDITED: @{alias} -> v{version}: no audit record (moved around the CLI)")
+        line.stylize("red")
+        lines += [line, Text("  audit it with `captchaops promote` or move it back")]
+    return lines
+
+
 def live_lines(states: list[LiveState]) -> list[Text]:
     """`models` and `status`: one line per served version's live estimate, and its alert."""
     lines = []

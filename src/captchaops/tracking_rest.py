@@ -126,6 +126,31 @@ class TrackingRest:
             raise TrackingError(f"the registry's answer for {name}@{alias} names no version")
         return VersionRef(name, str(mv["version"]), str(mv.get("run_id") or ""))
 
+    def registered_model(self, name: str) -> tuple[dict[str, str], dict[str, str]]:
+        """A registered model's aliases ({alias: version}) and tags; both empty if it is missing."""
+        found = self.call(
+            "GET", f"{API}/registered-models/get", missing_ok=True, params={"name": name}
+        )
+        model = found.get("registered_model") or {}
+        aliases = {
+            str(a.get("alias")): str(a.get("version"))
+            for a in model.get("aliases") or []
+            if isinstance(a, dict)
+        }
+        tags = model.get("tags") or []
+        return aliases, {
+            str(t.get("key")): str(t.get("value", "")) for t in tags if isinstance(t, dict)
+        }
+
+    def version_ref(self, name: str, version: str) -> VersionRef:
+        """A registered version as an alias answer would name it (with its run id)."""
+        found = self.call(
+            "GET", f"{API}/model-versions/get", params={"name": name, "version": version}
+        )
+        return VersionRef(
+            name, version, str((found.get("model_version") or {}).get("run_id") or "")
+        )
+
     def version_tags(self, name: str, version: str) -> dict[str, str]:
         """A registered version's tags."""
         found = self.call(

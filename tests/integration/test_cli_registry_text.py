@@ -1,5 +1,6 @@
 """`captchaops models` prints whatever the registry holds as text: a tag with `[/x]`, terminal
-escape sequences or a bidi override neither breaks the command nor reaches the terminal raw."""
+escape sequences or a bidi override neither breaks the command nor reaches the terminal raw;
+`models` and `status` report an alias moved around the CLI, in 80 columns."""
 
 from __future__ import annotations
 
@@ -35,13 +36,16 @@ def test_models_prints_hostile_tags_literally(
         "COLUMNS": "250",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(
-        [str(VENV_BIN / "captchaops"), "models", "--model-name", name],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    done, status = (
+        subprocess.run(
+            [str(VENV_BIN / "captchaops"), command, *(["--model-name", name] if models else [])],
+            env=env | ({} if models else {"CAPTCHAOPS_MODEL_NAME": name, "COLUMNS": "80"}),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        for command, models in (("models", True), ("status", False))
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
@@ -50,4 +54,8 @@ def test_models_prints_hostile_tags_literally(
     assert "\\x1b[2J\\x1b[31mwiped[/red]" in done.stdout
     assert "last production move: [bold]\\x07\\u202eevil" in done.stdout
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout and "\u202e" not in done.stdout
-    assert f"UNAUDITED: @production -> v{version} has no audit record" in done.stdout
+    unaudited = f"UNAUDITED: @production -> v{version}: no audit record (moved around the CLI)"
+    for shown in (done, status):
+        assert shown.returncode == 0, shown.stdout + shown.stderr
+        assert unaudited in shown.stdout.splitlines()  # whole: status draws in 80 columns
+    assert "audit it with `captchaops promote` or move it back" in status.stdout

@@ -17,10 +17,9 @@ from captchaops import registry
 from captchaops.model.graph_policy import ALLOWED_OPS
 from captchaops.model.version import file_sha256
 from tests.fixtures.models import TrainedModel
-from tests.fixtures.serving import start_model_server
-from tests.fixtures.stack import Tracking, stop_process
+from tests.fixtures.serving import staging_server, wait_refusal
+from tests.fixtures.stack import Tracking
 from tests.integration.test_gate import copy_version, isolated, stage
-from tests.integration.test_version_safety import wait_refusal
 from tests.unit.test_graph_policy import constant_of_shape, endless_loop
 
 pytestmark = pytest.mark.slow
@@ -63,12 +62,9 @@ def test_hostile_graphs_are_refused_and_the_next_good_version_loads(
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
     good = copy_version(settings, tiny_model)
-    stage(settings, good)
-    server = start_model_server(
-        tracking_server.uri, "staging", tmp_path / "serve", model_name=settings.model_name
-    )
-    try:
-        server.wait_version(good)
+    with staging_server(
+        tracking_server.uri, settings.model_name, good, tmp_path / "serve"
+    ) as server:
         process = psutil.Process(server.proc.pid)
         for graph, operator in ((constant_of_shape(), "ConstantOfShape"), (endless_loop(), "Loop")):
             bad = hostile_version(settings, tiny_model, graph)
@@ -83,5 +79,3 @@ def test_hostile_graphs_are_refused_and_the_next_good_version_loads(
         after = copy_version(settings, tiny_model)
         stage(settings, after)
         server.wait_version(after)
-    finally:
-        stop_process(server.proc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -16,8 +15,8 @@ from captchaops import registry
 from captchaops.model.pyfunc import SIGNATURE
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
-from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import VENV_BIN, Tracking, stop_process
+from tests.fixtures.serving import staging_server, wait_refusal
+from tests.fixtures.stack import VENV_BIN, Tracking
 from tests.integration.test_gate import copy_version, isolated, stage
 
 pytestmark = pytest.mark.slow
@@ -70,17 +69,6 @@ def tampered(settings: Settings, base: TrainedModel) -> str:
     return str(mlflow.register_model(f"runs:/{run.info.run_id}/model", settings.model_name).version)
 
 
-def wait_refusal(server: ModelServer, version: str, timeout: float = 60.0) -> dict[str, object]:
-    """/health once the server has tried `version` and refused it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        health = httpx.get(f"{server.url}/health", timeout=5).json()
-        if health.get("failed_version") == version:
-            return dict(health)
-        time.sleep(0.2)
-    raise TimeoutError(server.log.read_text()[-3000:])
-
-
 def promote_auto(settings: Settings, home: Path) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
@@ -108,12 +96,9 @@ def test_refused_version_never_runs_and_staging_keeps_serving(
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
     good = copy_version(settings, tiny_model)
-    stage(settings, good)
-    server = start_model_server(
-        tracking_server.uri, "staging", tmp_path / "serve", model_name=settings.model_name
-    )
-    try:
-        server.wait_version(good)
+    with staging_server(
+        tracking_server.uri, settings.model_name, good, tmp_path / "serve"
+    ) as server:
         marker = tmp_path / "trap-sprung"
         bad = (
             booby_trapped(settings, tiny_model, marker)
@@ -137,8 +122,6 @@ def test_refused_version_never_runs_and_staging_keeps_serving(
         assert "Traceback" not in done.stdout + done.stderr
         assert registry.resolve_alias(settings, registry.PRODUCTION) is None
         assert not marker.exists(), "something unpickled the booby-trapped version"
-    finally:
-        stop_process(server.proc)
 
 
 def _png_b64() -> str:

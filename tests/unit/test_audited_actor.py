@@ -23,3 +23,14 @@ def test_without_an_account_the_option_or_the_login_name_stands(tmp_path: Path) 
     local = load_settings(home=tmp_path, tracking_username=None)
     assert audited_actor(local, "ci-bot") == "ci-bot"
     assert audited_actor(local, None) is None  # the registry then uses the login name
+
+
+def test_a_client_acts_as_the_account_it_authenticates_as() -> None:
+    from mlflow import MlflowClient
+
+    from captchaops.registry.names import client_actor, default_actor
+
+    uri = "http://ed:secret@127.0.0.1:9"
+    assert client_actor(MlflowClient(uri, registry_uri=uri)) == "ed"
+    plain = "http://127.0.0.1:9"
+    assert client_actor(MlflowClient(plain, registry_uri=plain)) == default_actor()

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from captchaops.model.preprocess import MAX_PIXELS, InvalidImage, preprocess, sniff_format
+from captchaops.model.preprocess import (
+    MAX_PIXELS,
+    InvalidImage,
+    TooManyPixels,
+    check_size,
+    preprocess,
+    sniff_format,
+)
 
 
 def encode(image: Image.Image, fmt: str, **options: int) -> bytes:
@@ -114,3 +121,16 @@ def test_invalid_image_is_a_value_error_with_one_line() -> None:
     with pytest.raises(ValueError) as info:
         preprocess(b"nope", 32, 96)
     assert "\n" not in str(info.value)
+
+
+def test_a_png_size_is_read_from_its_header_as_pillow_reads_it() -> None:
+    for size, mode in (((160, 60), "RGB"), ((7, 300), "LA"), ((1, 1), "P")):
+        buffer = io.BytesIO()
+        Image.new(mode, size).save(buffer, format="PNG")
+        assert check_size(buffer.getvalue()) == size
+    huge = io.BytesIO()
+    Image.new("L", (1, 1)).save(huge, format="PNG")
+    declared = bytearray(huge.getvalue())
+    declared[16:24] = struct.pack(">II", 5000, 5000)  # the header lies; refused before any read
+    with pytest.raises(TooManyPixels):
+        check_size(bytes(declared))

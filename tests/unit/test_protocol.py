@@ -8,12 +8,14 @@ import json
 import pytest
 
 from captchaops.serving.protocol import (
+    PRECHECK_CHARS,
     Limits,
     ProtocolError,
     check_content_type,
     image_values,
     parse_body,
 )
+from harness.images import jpeg_bomb
 
 LIMITS = Limits(max_body_bytes=10_000, max_image_bytes=100, max_images=3)
 A, B = b"\x89PNG first", b"\x89PNG second"
@@ -104,3 +106,19 @@ def test_other_content_types_are_refused_with_415(content_type: str) -> None:
     with pytest.raises(ProtocolError) as caught:
         check_content_type(content_type)
     assert caught.value.status == 415
+
+
+def test_a_jpeg_bomb_is_refused_on_its_first_bytes_before_the_rest_is_decoded() -> None:
+    bomb = jpeg_bomb()
+    assert len(bomb) > 4 * PRECHECK_CHARS
+    # Past the prefix the base64 is broken: a refusal that decoded the whole would say bad_base64.
+    text = base64.b64encode(bomb).decode()[: 2 * PRECHECK_CHARS] + "!" * 64
+    big = Limits(max_body_bytes=4 << 20, max_image_bytes=2 << 20, max_images=1)
+    with pytest.raises(ProtocolError) as refused:
+        parse_body(body({"inputs": [text]}), big)
+    assert (refused.value.status, refused.value.error) == (400, "too_costly")
+    assert refused.value.detail.startswith("image 0: the JPEG holds more than 32 scans")
+    ordinary = base64.b64encode(b"\xff\xd8\xff" + bytes(PRECHECK_CHARS)).decode() + "!"
+    with pytest.raises(ProtocolError) as judged_whole:
+        parse_body(body({"inputs": [ordinary]}), big)
+    assert judged_whole.value.error == "bad_base64"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from captchaops.registry.listing import unaudited_aliases
+from captchaops.registry.unaudited import unaudited_aliases
 
 MOVE = "@production v2 -> v3 (promoted) by alice at 2026-12-03T10:00:00+00:00: better"
 

@@ -34,7 +34,7 @@ def models(
 ) -> None:
     """List model versions with aliases, metrics, validation status and the last alias moves."""
     from captchaops import registry
-    from captchaops.console import live_lines, version_notes, versions_table
+    from captchaops.console import live_lines, unaudited_lines, version_notes, versions_table
 
     settings = settings_for(model_name)
     require_access(settings, "models")
@@ -52,15 +52,8 @@ def models(
         console.print(line, highlight=False)
     for alias, move in sorted(listing.last_moves.items()):
         console.print(literal(f"last {alias} move: {move}"), highlight=False)
-    for alias, version in sorted(listing.unaudited.items()):
-        console.print(
-            literal(
-                f"UNAUDITED: @{alias} -> v{version} has no audit record (moved around "
-                f"captchaops); record it with `captchaops promote` or move it back"
-            ),
-            style="red",
-            highlight=False,
-        )
+    for line in unaudited_lines(listing.unaudited):
+        console.print(line, highlight=False)
 
 
 def _report(settings: Settings, version: str) -> None:

@@ -8,7 +8,7 @@ import typer
 
 from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, settings_for
 from captchaops.console import literal
-from captchaops.settings import load_settings
+from captchaops.settings import Settings, load_settings
 
 
 @app.command()
@@ -40,7 +40,7 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show each service (pid, URL, health, memory) and the effective settings."""
-    from captchaops.console import live_lines, print_settings, services_table
+    from captchaops.console import live_lines, print_settings, services_table, unaudited_lines
     from captchaops.live import reported as live
     from captchaops.stack import control, webhooks
 
@@ -56,7 +56,24 @@ def status() -> None:
     urls = {r.name: r.url for r in rows if r.name in live.SERVED_ALIASES and r.healthy}
     for line in live_lines(live.read(urls)):
         console.print(line, highlight=False)
+    for line in unaudited_lines(_unaudited(settings)):
+        console.print(line, highlight=False)
     print_settings(console, settings.masked())
+
+
+def _unaudited(settings: Settings) -> dict[str, str]:
+    """The settings' model's aliases with no audit record; {} when the registry does not answer."""
+    from captchaops.registry.unaudited import last_moves, unaudited_aliases
+    from captchaops.tracking_rest import TrackingError, TrackingRest
+
+    rest = TrackingRest.for_settings(settings, timeout=5.0)
+    try:
+        aliases, tags = rest.registered_model(settings.model_name)
+    except TrackingError:
+        return {}
+    finally:
+        rest.close()
+    return unaudited_aliases(aliases, last_moves(tags))
 
 
 @app.command()

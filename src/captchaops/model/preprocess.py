@@ -119,7 +119,8 @@ def to_array(image: Image.Image, height: int, width: int, channels: int = 1) -> 
         image = Image.alpha_composite(white, rgba)
     mode = {1: "L", 3: "RGB"}[channels]
     pixels = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(pixels, dtype=np.float32) / 255.0
+    array = np.asarray(pixels, dtype=np.float32)
+    array /= 255.0  # in place: the same values as a division into a new array, one copy less
     return array[:, :, None] if channels == 1 else array
 
 
@@ -276,8 +277,8 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         ) from exc
 
 
-def _check_pixels(image: Image.Image, max_pixels: int) -> None:
-    width, height = image.size
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
     if width * height > max_pixels:
         raise TooManyPixels(
             f"the image is {width}x{height} pixels, more than {max_pixels:,}; send a smaller image"
@@ -292,17 +293,31 @@ def image_size(data: bytes) -> tuple[int, int]:
         return image.size
 
 
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, which the format puts first; None without one."""
+    if len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack_from(">II", data, 16)
+        return width, height
+    return None
+
+
 def check_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) from the header, refusing images over `max_pixels` without decoding them."""
+    """(width, height) from the header, refusing images over `max_pixels` without decoding them.
+
+    A PNG's size is read from its IHDR bytes (a model server checks every image of a request
+    on its event loop; Pillow's open costs ten times more); the decode opens it with Pillow."""
+    if check_cost(data) == "PNG" and (size := _png_size(data)) is not None:
+        _check_pixels(size, max_pixels)
+        return size
     with _open(data, max_pixels)[0] as image:
-        _check_pixels(image, max_pixels)
+        _check_pixels(image.size, max_pixels)
         return image.size
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes into a loaded PIL image, refusing oversized (by header) or broken files."""
     image, fmt = _open(data, max_pixels)
-    _check_pixels(image, max_pixels)
+    _check_pixels(image.size, max_pixels)
     try:
         image.seek(0)
         image.load()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -14,11 +13,9 @@ from captchaops.live.reported import LiveState, read_stack
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import require_model
 from captchaops.registry.errors import one_line_errors
-from captchaops.scheme_names import CANARY
+from captchaops.registry.unaudited import last_moves as moves_of
+from captchaops.registry.unaudited import unaudited_aliases
 from captchaops.settings import Settings
-
-MANAGED_ALIASES = ("production", "staging", CANARY)
-_MOVED_TO = re.compile(r" -> v(\S+) \(")
 
 
 @dataclass(frozen=True)
@@ -105,23 +102,7 @@ def list_versions(settings: Settings, limit: int = 50) -> Listing:
                     calibrated=Calibration.from_tags(tags) is not None,
                 )
             )
-        last_moves = {
-            key.removeprefix("last_move_"): value
-            for key, value in model.tags.items()
-            if key.startswith("last_move_")
-        }
+        last_moves = moves_of(dict(model.tags or {}))
         served = [state for state in read_stack(settings) if state.model == name]
         unaudited = unaudited_aliases(model.aliases or {}, last_moves)
         return Listing(name, rows, last_moves, served, unaudited)
-
-
-def unaudited_aliases(aliases: dict[str, str], last_moves: dict[str, str]) -> dict[str, str]:
-    """Managed aliases (alias -> version) that their last audited move did not point there."""
-    out = {}
-    for alias, version in aliases.items():
-        if alias not in MANAGED_ALIASES:
-            continue
-        found = _MOVED_TO.search(last_moves.get(alias, ""))
-        if found is None or found.group(1) != str(version):
-            out[alias] = str(version)
-    return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import getpass
 from datetime import UTC, datetime
+from typing import Protocol
+from urllib.parse import urlsplit
 
 from captchaops.registry.errors import RegistryError
 from captchaops.scheme_names import CANARY, MODEL_NAME, RESERVED_SUFFIX, model_name_problem
@@ -27,6 +29,16 @@ def default_actor() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+class _HasTrackingUri(Protocol):
+    @property
+    def tracking_uri(self) -> str: ...
+
+
+def client_actor(mlflow_client: _HasTrackingUri) -> str:
+    """Who acts through a client: the account it authenticates as (team mode), else the login."""
+    return urlsplit(str(mlflow_client.tracking_uri)).username or default_actor()
 
 
 def now() -> str:

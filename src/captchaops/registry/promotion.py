@@ -20,7 +20,7 @@ from captchaops.registry.aliases import (
 )
 from captchaops.registry.audit import Move, moves, production_stack
 from captchaops.registry.errors import RegistryError, one_line_errors
-from captchaops.registry.names import PRODUCTION, STAGING, default_actor, now
+from captchaops.registry.names import PRODUCTION, STAGING, client_actor, default_actor, now
 from captchaops.registry.scores import scores
 from captchaops.settings import Settings
 
@@ -69,7 +69,7 @@ def promote(
     force: bool = False,
 ) -> Move:
     """A person moves @production to a version (or to the @staging one), scored and audited."""
-    actor = actor or default_actor()
+    actor = actor or settings.tracking_username or default_actor()
     name = settings.model_name
     target = resolve(settings, version=version, alias=from_alias)
     with one_line_errors(settings):
@@ -136,7 +136,7 @@ def rollback(
     settings: Settings, *, to: str | None = None, reason: str = "", actor: str | None = None
 ) -> Move:
     """Move @production back to the previous audited production version (or to `to`)."""
-    actor = actor or default_actor()
+    actor = actor or settings.tracking_username or default_actor()
     name = settings.model_name
     with one_line_errors(settings):
         mlflow_client = client(settings)
@@ -188,7 +188,7 @@ def stage_version(
 
     Tags the version's test sequence accuracy first; both outcomes are audited.
     """
-    actor = actor or default_actor()
+    actor = actor or client_actor(mlflow_client)
     mlflow_client.set_model_version_tag(name, version, "test_seq_acc", f"{accuracy:.4f}")
     if rejection is None:
         move_alias(

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import sha256
 from pathlib import Path, PurePosixPath
@@ -70,6 +70,34 @@ class Loaded:
 def cache_dir_for(home: Path, name: str, alias: str) -> Path:
     """`<home>/serving-cache/<model>/<alias>`: where a server keeps its last-known-good copy."""
     return home / "serving-cache" / _path_part(name) / _path_part(alias)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded, warmed-up registered model version."""
+
+    name: str
+    alias: str
+    version: str
+    run_id: str
+    loaded_at: str
+    load_seconds: float
+    model: ImageModel = field(repr=False)
+    last_known_good: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        """What `/version` answers."""
+        return {
+            "name": self.name,
+            "alias": self.alias,
+            "version": self.version,
+            "run_id": self.run_id,
+            "loaded_at": self.loaded_at,
+            "load_seconds": round(self.load_seconds, 3),
+            "alphabet": self.model.meta.get("alphabet"),
+            "height": self.model.meta.get("height"),
+            "width": self.model.meta.get("width"),
+        }
 
 
 class VersionLoader:

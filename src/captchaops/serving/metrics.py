@@ -86,6 +86,11 @@ class ServingMetrics:
             "1 while the alias points to a version that failed to load or warm up.",
             registry=self.registry,
         )
+        self.unaudited = Gauge(
+            "captchaops_unaudited_alias",
+            "1 while the alias holds a version no audited move put there (moved around the CLI).",
+            registry=self.registry,
+        )
         self.poll_errors = Counter(
             "captchaops_poll_errors",
             "Failed checks of the alias against the tracking server.",

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from captchaops.serving.audit_gate import RECHECK_S, AuditGate
 from captchaops.tracking_rest import TrackingRest, VersionRef
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ TIMER = "poll"
 
 
 class AliasPoller:
-    """Asks the registry where `name@alias` points, every `poll_seconds`, in a thread of its own."""
+    """Asks the registry where `name@alias` points, every `poll_seconds`, in a thread of its own;
+    with a `gate`, answers are judged against the alias's audit record first."""
 
     def __init__(
         self,
@@ -30,8 +32,10 @@ class AliasPoller:
         poll_seconds: float,
         on_answer: Callable[[VersionRef | None, str], None],
         on_failure: Callable[[str], None],
+        gate: AuditGate | None = None,
     ) -> None:
         self.rest = rest
+        self.gate = gate
         self.name = name
         self.alias = alias
         self.on_answer = on_answer
@@ -76,6 +80,8 @@ class AliasPoller:
         the failure."""
         try:
             ref = self.rest.alias_version(self.name, self.alias)
+            if self.gate is not None:
+                ref = self.gate.judge(ref)
         except Exception as exc:
             self.last_poll_at = _now()
             self.last_error = f"{type(exc).__name__}: {one_line(exc)}"
@@ -103,7 +109,8 @@ class AliasPoller:
                 self.poll_once(cause)
             except Exception:  # a bug in a callback must not end polling for good
                 log.exception("checking alias %s failed", self.alias)
-            woken = self._wake.wait(self.poll_seconds)
+            soon = self.gate is not None and self.gate.pending()
+            woken = self._wake.wait(RECHECK_S if soon else self.poll_seconds)
             self._wake.clear()
             cause, self._cause = (self._cause if woken else TIMER), TIMER
 

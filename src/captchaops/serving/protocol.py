@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import binascii
 from dataclasses import dataclass
+from struct import error as struct_error
 from typing import Any
 
 from captchaops import bounded_json
@@ -12,6 +14,7 @@ from captchaops.model.preprocess import (
     TooCostly,
     TooManyPixels,
     b64decode_image,
+    check_cost,
     check_size,
 )
 
@@ -19,6 +22,9 @@ FORMATS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 IMAGE_COLUMN = "image"
 JSON_TYPE = "application/json"
 MAX_JSON_DEPTH = bounded_json.MAX_JSON_DEPTH
+PRECHECK_CHARS = 64 * 1024
+"""Base64 characters decoded first from a larger image to count its structure (a JPEG's scans):
+an image too costly to decode is refused before the rest of it is decoded."""
 
 
 class ProtocolError(Exception):
@@ -136,13 +142,28 @@ def image_values(payload: Any) -> list[Any]:
 
 
 def decode_image(value: Any, index: int, max_image_bytes: int) -> bytes:
-    """One base64 cell as bytes, refusing non-text, non-base64 and oversized images."""
+    """One base64 cell as bytes, refusing non-text, non-base64, oversized and (judged by their
+    first PRECHECK_CHARS) too costly images."""
+    if isinstance(value, str) and len(value) > PRECHECK_CHARS:
+        _precheck(value, index)
     try:
         return b64decode_image(value, index, max_image_bytes)
     except ImageTooLarge as exc:
         raise ProtocolError(413, "image_too_large", str(exc)) from exc
     except InvalidImage as exc:
         raise ProtocolError(400, "bad_base64", str(exc)) from exc
+
+
+def _precheck(value: str, index: int) -> None:
+    """Refuse a large image whose first bytes already hold too many scans, chunks or frames (a
+    prefix holds no more of them than the whole); anything else is judged after the decode."""
+    text = "".join(value[:PRECHECK_CHARS].split())
+    try:
+        check_cost(binascii.a2b_base64(text[: len(text) // 4 * 4]))
+    except TooCostly as exc:
+        raise ProtocolError(400, "too_costly", f"image {index}: {exc}") from exc
+    except (InvalidImage, binascii.Error, ValueError, IndexError, struct_error):
+        return
 
 
 def _format_error(found: str) -> ProtocolError:

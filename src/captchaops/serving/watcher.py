@@ -12,17 +12,12 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
 
-from captchaops.serving.loader import (
-    ImageModel,
-    Loaded,
-    Timeouts,
-    VersionLoader,
-    cache_dir_for,
-)
+from captchaops.registry.unaudited import MANAGED_ALIASES
+from captchaops.serving.audit_gate import AuditGate
+from captchaops.serving.loader import Loaded, ServedModel, Timeouts, VersionLoader, cache_dir_for
 from captchaops.serving.metrics import SWAP_CAUSES, ServingMetrics
 from captchaops.serving.poller import TIMER, AliasPoller, SwapMode, one_line
 from captchaops.settings import Settings
@@ -31,34 +26,6 @@ from captchaops.tracking_rest import TrackingRest, VersionRef
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 10.0
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A loaded, warmed-up registered model version."""
-
-    name: str
-    alias: str
-    version: str
-    run_id: str
-    loaded_at: str
-    load_seconds: float
-    model: ImageModel = field(repr=False)
-    last_known_good: bool = False
-
-    def describe(self) -> dict[str, Any]:
-        """What `/version` answers."""
-        return {
-            "name": self.name,
-            "alias": self.alias,
-            "version": self.version,
-            "run_id": self.run_id,
-            "loaded_at": self.loaded_at,
-            "load_seconds": round(self.load_seconds, 3),
-            "alphabet": self.model.meta.get("alphabet"),
-            "height": self.model.meta.get("height"),
-            "width": self.model.meta.get("width"),
-        }
 
 
 _LAST_GOOD = VersionRef("", "", "")
@@ -78,6 +45,7 @@ class AliasWatcher:
         loader: VersionLoader,
         retry_failed_seconds: float = 60.0,
         webhook_poll_seconds: float | None = None,
+        gate: AuditGate | None = None,
     ) -> None:
         self.name = name
         self.alias = alias
@@ -102,7 +70,7 @@ class AliasWatcher:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.poller = AliasPoller(
-            rest, name, alias, poll_seconds, self._on_answer, self._on_failure
+            rest, name, alias, poll_seconds, self._on_answer, self._on_failure, gate
         )
         self.swaps = SwapMode(self.poller, poll_seconds, webhook_poll_seconds)
         self.webhook_delivered = self.swaps.delivered
@@ -127,6 +95,11 @@ class AliasWatcher:
             metrics,
             loader,
             webhook_poll_seconds=settings.webhook_poll_seconds,
+            gate=AuditGate(
+                rest, settings.model_name, alias, follow=not settings.auth, gauge=metrics.unaudited
+            )
+            if alias in MANAGED_ALIASES
+            else None,
         )
 
     @property
@@ -162,15 +135,19 @@ class AliasWatcher:
         served = self.current
         poll_error = self.poller.last_error
         stale = self.poller.stale()
+        gate = self.poller.gate
+        held = gate.reason() if gate is not None and not gate.follow else None
         status = "degraded"
         if served is None:
-            status, reason = "no_model", self._no_model_reason()
+            status, reason = "no_model", held or self._no_model_reason()
         elif stale:
             reason = f"no answer from the registry for {self.poller.silent_seconds():.0f} s" + (
                 f" ({poll_error})" if poll_error else ""
             )
         elif self.last_reload_error:
             reason = f"keeping version {served.version}: {self.last_reload_error}"
+        elif held:
+            reason = held
         elif poll_error:
             reason = f"cannot check the alias: {poll_error}"
         else:
@@ -196,6 +173,7 @@ class AliasWatcher:
             "poll_stale": stale,
             "last_reload_error": self.last_reload_error,
             "failed_version": self.failed_version,
+            **(gate.describe() if gate is not None else {}),
             **self.swaps.describe(),
             "last_swap": self.last_swap,
         }
