@@ -103,7 +103,7 @@ def load_data(config: TrainConfig, settings: Settings, report: Progress) -> Labe
     return data
 
 
-def _check_tracking(settings: Settings) -> None:
+def check_tracking(settings: Settings) -> None:
     uri = settings.effective_tracking_uri
     if not uri.startswith("http"):
         return
@@ -122,7 +122,7 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
     the caller's process is left talking to whatever it talked to before.
     """
     start = time.monotonic()
-    _check_tracking(settings)
+    check_tracking(settings)
     with pointed_at(settings):
         return _train(config, settings, progress or (lambda stage, fraction, metrics: None), start)
 
