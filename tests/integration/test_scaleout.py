@@ -1,32 +1,42 @@
-"""Folds and trials on a real two-node Ray cluster, end to end with a real tracking server.
+"""Folds, trials and members on real Ray clusters, end to end with a real tracking server.
 
-One `ray.cluster_utils.Cluster` (a head and one worker node, one CPU each, both on 127.0.0.1)
-serves the whole module; the commands run as a user runs them, in a subprocess with
-`--cluster`, on a tiny stand-in folder with a few optimiser steps per run.
+One `ray.cluster_utils.Cluster` (a head and one worker node, one CPU each, on 127.0.0.1) and
+one separately started `ray start --head` serve the whole module. The three long commands run
+as a user runs them (`cv` against the `ray start` head, `tune` and `train --members` against
+the two-node cluster, each a subprocess with `--cluster`) and are started together when the
+module begins, so their start-up waits overlap; each test reads the one it checks. A tiny
+stand-in folder and a few optimiser steps per run keep the module to a few minutes.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from captchaops.data import standin
-from harness.mlflow_state import mlflow_state_restored
+from harness.processes import process_tree, wait_http
+from tests.fixtures.serving import start_model_server
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process
 
 pytestmark = pytest.mark.slow
-STEPS = ["--steps", "12", "--max-minutes", "1.5"]
+STEPS = ["--steps", "4", "--max-minutes", "3"]
 # Ray 2.60 swaps a loopback node address for the machine's outward one unless this is off,
 # and a head started by `ray start` requires its token from drivers (docs/training.md).
 LOOPBACK_HEAD = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+SCHEME = "tuned-scheme"
+ENSEMBLE = "ensemble-scheme"
 
 
 @pytest.fixture(scope="module")
@@ -44,32 +54,148 @@ def cluster() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A separately started `ray start --head --block` on 127.0.0.1; its process tree is
+    stopped after the module (never `ray stop`, which would stop every Ray on the machine)."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "ray.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | LOOPBACK_HEAD
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
+    cmd += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while not _listening(port):
+            assert proc.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "ray start --head did not listen in 90 s"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("scaleout") / "captchas"
     standin.build(path, count=60, seed=5)
     return path
 
 
+@dataclass
+class Command:
+    """A `captchaops` command running in the background, its output going to files."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    @classmethod
+    def start(cls, args: list[str], tracking: Tracking, home: Path, **extra: str) -> Command:
+        """Start `captchaops ARGS` as a user would, with its own home and this tracking server."""
+        home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "CAPTCHAOPS_TRACKING_URI": tracking.uri,
+            "CAPTCHAOPS_HOME": str(home),
+            "CAPTCHAOPS_STAGING_FLOOR": "0",
+            "COLUMNS": "120",
+            **extra,
+        }
+        env.pop("RAY_ADDRESS", None)
+        out, err = home / "stdout.txt", home / "stderr.txt"
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "captchaops"), *args],
+            env=env,
+            stdout=out.open("wb"),
+            stderr=err.open("wb"),
+            start_new_session=True,  # Ctrl-C in a terminal goes to the whole group
+        )
+        return cls(proc, out, err)
+
+    def result(self, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """Wait for the command; its exit status and output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                stop_process(self.proc)
+        return subprocess.CompletedProcess(
+            self.proc.args, self.proc.returncode, self.out.read_text(), self.err.read_text()
+        )
+
+
 def cli(
     args: list[str], tracking: Tracking, home: Path, **extra: str
 ) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "CAPTCHAOPS_TRACKING_URI": tracking.uri,
-        "CAPTCHAOPS_HOME": str(home),
-        "CAPTCHAOPS_STAGING_FLOOR": "0",
-        "COLUMNS": "120",
-        **extra,
+    return Command.start(args, tracking, home, **extra).result()
+
+
+@pytest.fixture(scope="module")
+def commands(
+    cluster: str,
+    ray_head: str,
+    folder: Path,
+    tracking_server: Tracking,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[dict[str, Command]]:
+    """cv (on the `ray start` head), tune and `train --members 2` (on the two-node cluster),
+    all started at once."""
+    home = tmp_path_factory.mktemp("homes")
+    data = ["--data", str(folder)]
+    started = {
+        "cv": Command.start(
+            ["cv", *data, "--folds", "2", "--cluster", ray_head, *STEPS],
+            tracking_server,
+            home / "cv",
+            **LOOPBACK_HEAD,
+        ),
+        "tune": Command.start(
+            ["tune", *data, "--trials", "2", "--cluster", cluster, *STEPS, "--model-name", SCHEME],
+            tracking_server,
+            home / "tune",
+        ),
+        "members": Command.start(
+            [
+                "train",
+                *data,
+                "--members",
+                "2",
+                "--cluster",
+                cluster,
+                *STEPS,
+                "--model-name",
+                ENSEMBLE,
+            ],
+            tracking_server,
+            home / "members",
+        ),
     }
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run(
-        [str(VENV_BIN / "captchaops"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=800,
-        check=False,
-    )
+    try:
+        yield started
+    finally:
+        for command in started.values():
+            if command.proc.poll() is None:
+                stop_process(command.proc)
+
+
+@pytest.fixture(scope="module")
+def cv_run(commands: dict[str, Command]) -> subprocess.CompletedProcess[str]:
+    return commands["cv"].result()
+
+
+@pytest.fixture(scope="module")
+def tune_run(commands: dict[str, Command]) -> subprocess.CompletedProcess[str]:
+    return commands["tune"].result()
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(commands: dict[str, Command]) -> subprocess.CompletedProcess[str]:
+    return commands["members"].result()
 
 
 def children(client: MlflowClient, parent: str) -> list:
@@ -84,19 +210,7 @@ def parent_of(stdout: str) -> str:
     return line.split()[2]
 
 
-@pytest.fixture(scope="module")
-def cv_run(
-    cluster: str, folder: Path, tracking_server: Tracking, tmp_path_factory: pytest.TempPathFactory
-) -> subprocess.CompletedProcess[str]:
-    home = tmp_path_factory.mktemp("cv-home")
-    return cli(
-        ["cv", "--data", str(folder), "--folds", "2", "--cluster", cluster, *STEPS],
-        tracking_server,
-        home,
-    )
-
-
-def test_cv_runs_each_fold_as_a_child_run_and_prints_the_summary(
+def test_cv_on_a_separately_started_head_runs_each_fold_as_a_child_run(
     cv_run: subprocess.CompletedProcess[str], tracking_server: Tracking, folder: Path
 ) -> None:
     assert cv_run.returncode == 0, cv_run.stdout[-2000:] + cv_run.stderr[-2000:]
@@ -133,58 +247,37 @@ def test_cv_refuses_a_bad_fold_count_in_one_line(
     assert "Traceback" not in done.stdout + done.stderr
 
 
-@pytest.fixture()
-def ray_head(tmp_path: Path) -> Iterator[str]:
-    """A separately started `ray start --head --block` on 127.0.0.1; its process tree is
-    stopped after the test (never `ray stop`, which would stop every Ray on the machine)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | LOOPBACK_HEAD
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
-    cmd += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=(tmp_path / "ray.log").open("wb"), stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while not _listening(port):
-            assert proc.poll() is None, (tmp_path / "ray.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "ray start --head did not listen in 90 s"
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_process(proc)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def test_cv_runs_on_a_separately_started_ray_head(
-    ray_head: str, folder: Path, tracking_server: Tracking, tmp_path: Path
+def test_ctrl_c_ends_cv_as_killed_shuts_its_ray_down_and_prints_one_line(
+    folder: Path, tracking_server: Tracking, tmp_path: Path
 ) -> None:
-    done = cli(
-        ["cv", "--data", str(folder), "--folds", "2", "--cluster", ray_head, *STEPS],
-        tracking_server,
-        tmp_path,
-        **LOOPBACK_HEAD,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) while the folds
+    train on a local Ray: parent and child runs KILLED, every Ray process gone, no traceback."""
+    args = ["cv", "--data", str(folder), "--folds", "2", "--cpus", "1", "--steps", "5000"]
+    command = Command.start(args, tracking_server, tmp_path)
     client = MlflowClient(tracking_server.uri)
-    runs = children(client, parent_of(done.stdout))
-    assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) == 2
-
-
-SCHEME = "tuned-scheme"
-
-
-@pytest.fixture(scope="module")
-def tune_run(
-    cluster: str, folder: Path, tracking_server: Tracking, tmp_path_factory: pytest.TempPathFactory
-) -> subprocess.CompletedProcess[str]:
-    home = tmp_path_factory.mktemp("tune-home")
-    args = ["tune", "--data", str(folder), "--trials", "2", "--cluster", cluster, *STEPS]
-    return cli([*args, "--model-name", SCHEME], tracking_server, home)
+    deadline = time.monotonic() + 240
+    running: list = []
+    while not running:
+        assert command.proc.poll() is None, command.err.read_text()[-2000:]
+        assert time.monotonic() < deadline, "no fold started training in 240 s"
+        time.sleep(1)
+        running = client.search_runs(
+            [e.experiment_id for e in client.search_experiments()],
+            filter_string="tags.state = 'running' and attributes.status = 'RUNNING'",
+        )
+        running = [r for r in running if r.data.params.get("folds") == "2"]
+    ray_processes = process_tree(command.proc.pid)[1:]
+    os.killpg(command.proc.pid, signal.SIGINT)
+    done = command.result(timeout=120)
+    assert done.returncode == 130, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "stopped by Ctrl-C" in done.stdout
+    parent = client.get_run(parent_of(done.stdout))
+    assert parent.info.status == "KILLED"
+    assert {r.info.status for r in children(client, parent.info.run_id)} <= {"KILLED", "FINISHED"}
+    assert "KILLED" in {r.info.status for r in children(client, parent.info.run_id)}
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, [p.info for p in alive]
 
 
 def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
@@ -214,51 +307,70 @@ def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
     assert "images)" in judged.stdout + judged.stderr
 
 
-ENSEMBLE = "ensemble-scheme"
-
-
-@pytest.fixture(scope="module")
-def ensemble_run(
-    cluster: str, folder: Path, tracking_server: Tracking, tmp_path_factory: pytest.TempPathFactory
-) -> subprocess.CompletedProcess[str]:
-    home = tmp_path_factory.mktemp("ensemble-home")
-    args = ["train", "--data", str(folder), "--members", "2", "--cluster", cluster, *STEPS]
-    return cli([*args, "--model-name", ENSEMBLE], tracking_server, home)
-
-
-def test_members_are_one_version_that_reads_like_one_model(
+def test_members_are_one_version_served_alike_by_our_server_and_stock_mlflow(
     ensemble_run: subprocess.CompletedProcess[str],
     tracking_server: Tracking,
     folder: Path,
     tmp_path: Path,
 ) -> None:
-    import mlflow.pyfunc
+    import mlflow.artifacts
     import onnx
-    import pandas as pd
 
     from captchaops.model.version import load_registered
 
     assert ensemble_run.returncode == 0, ensemble_run.stdout[-2000:] + ensemble_run.stderr[-2000:]
     assert "2 members, combined by" in ensemble_run.stdout
+    assert "alias staging -> this version" in ensemble_run.stdout
     client = MlflowClient(tracking_server.uri)
     [version] = client.search_model_versions(f"name = '{ENSEMBLE}'")
     assert len(children(client, version.run_id)) == 2  # a child run per member
-    reader = load_registered(tracking_server.uri, ENSEMBLE, version.version)
-    assert reader.meta["members"] == 2 and reader.meta["combine"] in ("max_confidence", "vote")
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=client.get_model_version_download_uri(ENSEMBLE, version.version),
-        dst_path=str(tmp_path),
-        tracking_uri=tracking_server.uri,
+    # Stock `mlflow models serve` (the models-from-code pyfunc) starts while we look at the graph.
+    port = free_port()
+    stock_log = tmp_path / "mlflow-serve.log"
+    uri = f"models:/{ENSEMBLE}/{version.version}"
+    cmd = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local"]
+    stock = subprocess.Popen(
+        [*cmd, "--host", "127.0.0.1", "--port", str(port)],
+        # mlflow runs `uvicorn` by name: our venv's bin first on PATH, as an activated venv has.
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_server.uri}
+        | {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+        stdout=stock_log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    [graph] = Path(local).rglob("*.onnx")
-    model = onnx.load(str(graph))
-    assert len(model.graph.input) == 1 and len(model.graph.output) == 2
-    # The models-from-code pyfunc (what stock `mlflow models serve` runs) answers as our reader.
-    images = [p.read_bytes() for p in sorted(folder.iterdir())[:8]]
-    ours = reader.predict_images(images)
-    with mlflow_state_restored():
-        stock = mlflow.pyfunc.load_model(local)
-    b64 = [base64.b64encode(i).decode() for i in images]
-    answers = stock.predict(pd.DataFrame({"image": b64}))
-    assert list(answers["text"]) == [o["text"] for o in ours]
-    assert list(answers["confidence"]) == pytest.approx([o["confidence"] for o in ours])
+    ours = None
+    try:
+        reader = load_registered(tracking_server.uri, ENSEMBLE, version.version)
+        assert reader.meta["members"] == 2
+        assert reader.meta["combine"] in ("max_confidence", "vote")
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(ENSEMBLE, version.version),
+            dst_path=str(tmp_path / "version"),
+            tracking_uri=tracking_server.uri,
+        )
+        [graph] = Path(local).rglob("*.onnx")
+        model = onnx.load(str(graph))  # one graph: one input, an output per member
+        assert len(model.graph.input) == 1 and len(model.graph.output) == 2
+        images = [p.read_bytes() for p in sorted(folder.iterdir())[:8]]
+        want = reader.predict_images(images)
+        body = {
+            "dataframe_split": {
+                "columns": ["image"],
+                "data": [[base64.b64encode(i).decode("ascii")] for i in images],
+            }
+        }
+        ours = start_model_server(tracking_server.uri, "staging", tmp_path / "ours", ENSEMBLE)
+        ours.wait_version(version.version)
+        wait_http(f"http://127.0.0.1:{port}/ping", timeout=180, proc=stock)
+        for url in (ours.url, f"http://127.0.0.1:{port}"):
+            resp = httpx.post(f"{url}/invocations", json=body, timeout=60)
+            assert resp.status_code == 200, (url, resp.text)
+            got = resp.json()["predictions"]
+            assert [g["text"] for g in got] == [w["text"] for w in want], url
+            assert [g["confidence"] for g in got] == pytest.approx(
+                [w["confidence"] for w in want], abs=1e-5
+            ), url
+    finally:
+        if ours is not None:
+            stop_process(ours.proc)
+        stop_process(stock)

@@ -1,4 +1,5 @@
-"""The pieces of scale-out that need no Ray: folds, the interval, the data set's zip, the address."""
+"""The pieces of scale-out that need no running Ray: folds, the interval, the data set's zip, the
+address, the search space."""
 
 from __future__ import annotations
 
@@ -54,3 +55,28 @@ def test_members_combine_by_the_most_confident_answer_or_a_weighted_vote() -> No
     voted = combine_members([a, b, c], VOTE)
     assert [t for t, _ in voted] == ["3n45", "44ype", "b4y5x"]
     assert voted[0][1] == pytest.approx((0.6 + 0.5) / 3)
+
+
+def test_the_preset_is_a_point_of_its_own_search_space_and_a_trial_reads_back() -> None:
+    from ray.tune.search.sample import Categorical, Float
+
+    from captchaops.model.crnn import Architecture
+    from captchaops.scaleout.tune import preset_point, search_space, with_trial
+    from captchaops.training.config import TrainConfig
+
+    for base in (TrainConfig.folder(), TrainConfig.demo()):
+        space, point = search_space(base), preset_point(base)
+        assert set(space) == set(point)
+        for name, domain in space.items():
+            if isinstance(domain, Categorical):
+                assert point[name] in domain.categories, name
+            else:
+                assert isinstance(domain, Float)
+                assert domain.lower <= point[name] <= domain.upper, name
+    # Applying the preset's own point changes nothing that trains.
+    base = TrainConfig.folder()
+    same = with_trial(base, base.arch, preset_point(base))
+    assert same.arch == base.arch and same.learning_rate == base.learning_rate
+    assert same.max_steps == base.max_steps and same.ema_momentum == base.ema_momentum
+    wider = with_trial(base, Architecture(), preset_point(base) | {"conv_scale": 1.5})
+    assert wider.arch.filters == tuple(round(f * 1.5) for f in Architecture().filters)

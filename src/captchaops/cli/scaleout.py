@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, quiet_libraries, settings_for
+
+if TYPE_CHECKING:
+    from captchaops.settings import Settings
+    from captchaops.training.config import TrainConfig
 
 CLUSTER_OPTION = typer.Option(
     None,
@@ -42,39 +47,27 @@ def cv_command(
     cpus: int | None = typer.Option(
         None, "--cpus", min=1, help="cores the local Ray offers (default: all of them)"
     ),
+    trial: str | None = typer.Option(
+        None, "--trial", help="cross-validate the settings of this tune trial (its run id)"
+    ),
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Cross-validated held-out accuracy of the folder preset: one training run per fold on Ray."""
-    from captchaops.console import UnexpectedError
-    from captchaops.data.dataset import DataError
-    from captchaops.scaleout import ScaleoutError
     from captchaops.scaleout.board import Board
-    from captchaops.training import TrainError
 
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
-    try:
-        with quiet_libraries(log):
-            from captchaops.scaleout.cv import cross_validate
-            from captchaops.training.config import TrainConfig, with_overrides
+    with reported(log):
+        from captchaops.scaleout.cv import cross_validate
 
-            config = with_overrides(
-                TrainConfig.folder(),
-                data_dir=Path(data),
-                max_minutes=max_minutes,
-                max_steps=steps,
-                seed=seed,
-            )
-            _check_tracking(settings)
-            with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
-                assert isinstance(board, Board)
-                result = cross_validate(config, settings, folds, cluster, board, redraw, cpus)
-    except (DataError, TrainError, ScaleoutError, UnexpectedError) as exc:
-        fail(str(exc))
-    console.print()
-    for line in _cv_lines(result):
-        console.print(line, highlight=False)
-    console.print(f"library messages: {log}", highlight=False, style="dim")
+        config = _config(data, None, max_minutes, steps, seed)
+        check_tracking(settings)
+        if trial is not None:
+            config = _trial_config(config, settings, trial)
+        with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
+            assert isinstance(board, Board)
+            result = cross_validate(config, settings, folds, cluster, board, redraw, cpus)
+    _print(_cv_lines(result), log)
     if result.interrupted:
         raise typer.Exit(130)
 
@@ -112,7 +105,71 @@ def _cv_lines(result: object) -> list[str]:
     return lines
 
 
-def _check_tracking(settings: object) -> None:
+def _config(
+    data: str | None,
+    synthetic: int | None,
+    max_minutes: float | None,
+    steps: int | None,
+    seed: int | None,
+) -> TrainConfig:
+    """The preset (folder with --data, demo otherwise) with the command's overrides."""
+    from captchaops.training.config import TrainConfig, with_overrides
+
+    return with_overrides(
+        TrainConfig.folder() if data else TrainConfig.demo(),
+        data_dir=Path(data) if data else None,
+        synthetic=synthetic,
+        max_minutes=max_minutes,
+        max_steps=steps,
+        seed=seed,
+    )
+
+
+def _trial_config(config: TrainConfig, settings: Settings, run_id: str) -> TrainConfig:
+    """`config` with the settings a tune trial used (they win over --steps)."""
+    from captchaops import mlflow_scope
+    from captchaops.scaleout.tune import trial_settings, with_trial
+
+    params = trial_settings(mlflow_scope.client(settings), run_id)
+    return with_trial(config, config.arch, params)
+
+
+@contextmanager
+def reported(log: Path) -> Iterator[None]:
+    """Libraries' output to `log`; a failure the user can fix as one line (exit 1), Ctrl-C as
+    one line (exit 130), never a traceback."""
+    from captchaops.console import UnexpectedError
+    from captchaops.data.dataset import DataError
+    from captchaops.training import TrainError
+
+    try:
+        with quiet_libraries(log):
+            yield
+    except (DataError, TrainError, UnexpectedError) as exc:  # ScaleoutError is a TrainError
+        fail(str(exc))
+    except KeyboardInterrupt:
+        stopped()
+
+
+def _print(lines: list[str], log: Path) -> None:
+    console.print()
+    for line in lines:
+        console.print(line, highlight=False)
+    console.print(f"library messages: {log}", highlight=False, style="dim")
+
+
+def stopped() -> None:
+    """Ctrl-C: one line (the runs are already ended as KILLED, Ray shut down), exit 130."""
+    console.print()
+    console.print(
+        "stopped by Ctrl-C: the runs that finished are logged, the rest are marked KILLED",
+        highlight=False,
+    )
+    raise typer.Exit(130)
+
+
+def check_tracking(settings: object) -> None:
+    """The tracking server answers, and is one Ray workers can reach (http(s))."""
     from captchaops.settings import Settings
     from captchaops.training.run import check_tracking as check
 
@@ -140,40 +197,21 @@ def tune_command(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Search training settings (Optuna TPE on Ray Tune, ASHA) and register the best trial."""
-    from captchaops.console import UnexpectedError
-    from captchaops.data.dataset import DataError
-    from captchaops.scaleout import ScaleoutError
     from captchaops.scaleout.board import Board
-    from captchaops.training import TrainError
 
     if (data is None) == (synthetic is None):
         fail("use either --data DIR or --synthetic N")
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
-    try:
-        with quiet_libraries(log):
-            from captchaops.scaleout.sweep import tune_settings
-            from captchaops.training.config import TrainConfig, with_overrides
+    with reported(log):
+        from captchaops.scaleout.sweep import tune_settings
 
-            preset = TrainConfig.folder() if data else TrainConfig.demo()
-            config = with_overrides(
-                preset,
-                data_dir=Path(data) if data else None,
-                synthetic=synthetic,
-                max_minutes=max_minutes,
-                max_steps=steps,
-                seed=seed,
-            )
-            _check_tracking(settings)
-            with live_board(f"tune: {trials} trials") as (board, redraw):
-                assert isinstance(board, Board)
-                result = tune_settings(config, settings, trials, minutes, cluster, board, redraw)
-    except (DataError, TrainError, ScaleoutError, UnexpectedError) as exc:
-        fail(str(exc))
-    console.print()
-    for line in _tune_lines(result):
-        console.print(line, highlight=False)
-    console.print(f"library messages: {log}", highlight=False, style="dim")
+        config = _config(data, synthetic, max_minutes, steps, seed)
+        check_tracking(settings)
+        with live_board(f"tune: {trials} trials") as (board, redraw):
+            assert isinstance(board, Board)
+            result = tune_settings(config, settings, trials, minutes, cluster, board, redraw)
+    _print(_tune_lines(result), log)
 
 
 def _tune_lines(result: object) -> list[str]:
@@ -208,12 +246,15 @@ def train_ensemble(config: object, settings: object, members: int, cluster: str 
     from captchaops.training.config import TrainConfig
 
     assert isinstance(config, TrainConfig) and isinstance(settings, Settings)
-    _check_tracking(settings)
-    with live_board(f"train: {members} members") as (board, _):
-        assert isinstance(board, Board)
-        run_id, version, metrics, reason, rule = train_members(
-            config, settings, members, cluster, board
-        )
+    check_tracking(settings)
+    try:
+        with live_board(f"train: {members} members") as (board, _):
+            assert isinstance(board, Board)
+            run_id, version, metrics, reason, rule = train_members(
+                config, settings, members, cluster, board
+            )
+    except KeyboardInterrupt:
+        stopped()
     console.print()
     console.print(
         f"test sequence accuracy {metrics['test_seq_acc']:.4f}, CER {metrics['test_cer']:.4f} "

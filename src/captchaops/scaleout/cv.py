@@ -12,19 +12,17 @@ import hashlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
-from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import cpus_per_run, ray_session
-from captchaops.scaleout.runner import Failure, Interrupted, run_jobs
+from captchaops.scaleout.runner import Failure, Interrupted, ParentRun, parent_run, run_jobs
 from captchaops.scaleout.shipping import publish
 from captchaops.scaleout.work import Job, Outcome
 from captchaops.settings import Settings
@@ -99,21 +97,31 @@ def cross_validate(
             f"{len(data)} images are too few for {folds} folds; add images or use fewer"
         )
     alphabet = config.alphabet or data.alphabet()
+    arch = geometry(config, data, max(len(label) for label in data.labels))
+    params = config.params() | arch.params() | _data_params(data, alphabet, folds)
+    name = f"cv-{config.data_dir.name}-{folds}folds"
+    with parent_run(settings, name, "cv", params) as parent:
+        return _run_folds(config, settings, parent, data, of, folds, cluster, board, redraw, cpus)
+
+
+def _run_folds(
+    config: TrainConfig,
+    settings: Settings,
+    parent: ParentRun,
+    data: LabelledImages,
+    of: list[int],
+    folds: int,
+    cluster: str | None,
+    board: Board,
+    redraw: Callable[[], None],
+    cpus: int | None,
+) -> CvResult:
+    """Publish the data, a child run and a Ray task per fold; log the summary."""
+    client, parent_id = parent.client, parent.run_id
+    alphabet = config.alphabet or data.alphabet()
     max_length = max(len(label) for label in data.labels)
     arch = geometry(config, data, max_length)
     augment = config.augment if config.augment is not None else True
-    client = mlflow_scope.client(settings)
-    experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
-    parent = client.create_run(
-        experiment,
-        run_name=f"cv-{config.data_dir.name}-{folds}folds",
-        tags={"captchaops.kind": "cv"},
-    )
-    parent_id = parent.info.run_id
-    client.log_batch(
-        parent_id,
-        params=_params(config.params() | arch.params() | _data_params(data, alphabet, folds)),
-    )
     dataset_path = publish(client, parent_id, data)
     jobs: list[Job] = []
     for k in range(folds):
@@ -122,22 +130,8 @@ def cross_validate(
         val = tuple(i for i in rest if split_of(data.names[i], config.val_fraction, 0.0) == "val")
         held = set(val)
         train = tuple(i for i in rest if i not in held)
-        child = client.create_run(
-            experiment,
-            run_name=f"fold {k + 1}",
-            tags={
-                "mlflow.parentRunId": parent_id,
-                "captchaops.kind": "cv-fold",
-                "state": "pending",
-            },
-        )
-        client.log_batch(
-            child.info.run_id,
-            params=_params(
-                {"fold": k + 1, "folds": folds, "n_train": len(train), "n_val": len(val)}
-                | {"n_test": len(test)}
-            ),
-        )
+        sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
+        child = parent.child(f"fold {k + 1}", "cv-fold", {"fold": k + 1, "folds": folds} | sizes)
         jobs.append(
             Job(
                 name=f"fold {k + 1}",
@@ -152,7 +146,7 @@ def cross_validate(
                 train=train,
                 val=val,
                 test=test,
-                run_id=child.info.run_id,
+                run_id=child,
             )
         )
     start = time.monotonic()
@@ -165,9 +159,6 @@ def cross_validate(
             )
     except Interrupted as stop:
         results, interrupted = dict(stop.finished), True
-    except ScaleoutError:
-        mlflow_scope.finish_run(client, parent_id, "FAILED")
-        raise
     scores = [_close(client, job, results.get(job.name), k) for k, job in enumerate(jobs)]
     result = _summary(parent_id, scores, interrupted)
     summary = {"cv_wall_seconds": time.monotonic() - start}
@@ -230,7 +221,3 @@ def _data_params(data: LabelledImages, alphabet: str, folds: int) -> dict[str, o
         "skipped_files": data.skipped.total,
         "interval": INTERVAL,
     }
-
-
-def _params(values: Mapping[str, object]) -> list[Param]:
-    return [Param(k, str(v)[:6000]) for k, v in values.items()]

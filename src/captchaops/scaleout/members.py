@@ -18,7 +18,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import onnx
-from mlflow.entities import Param
 
 from captchaops import mlflow_scope, registry
 from captchaops.evaluation.accuracy import sequence_accuracy
@@ -30,9 +29,8 @@ from captchaops.model.reader import MAX_CONFIDENCE, VOTE, OnnxReader
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import cpus_per_run, ray_session
-from captchaops.scaleout.runner import Failure, run_jobs
-from captchaops.scaleout.shipping import publish
-from captchaops.scaleout.sweep import prepare
+from captchaops.scaleout.runner import Failure, ParentRun, parent_run, run_jobs
+from captchaops.scaleout.sweep import Prepared, base_job, prepare
 from captchaops.scaleout.work import Job, Outcome
 from captchaops.settings import Settings
 from captchaops.training import TrainError
@@ -75,39 +73,31 @@ def train_members(
         raise TrainError(f"--members {members} is out of range; use 2 to 16 (or leave it out)")
     start = time.monotonic()
     p = prepare(config, settings)
-    lengths = [len(label) for label in p.data.labels]
-    client = mlflow_scope.client(settings)
-    experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
     source = config.data_dir.name if config.data_dir else "synthetic"
-    parent = client.create_run(
-        experiment, run_name=f"{source}-{members}members", tags={"captchaops.kind": "ensemble"}
-    )
-    parent_id = parent.info.run_id
     params = config.params() | p.arch.params() | {"members": members, "alphabet": p.alphabet}
-    client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    base = Job(
-        name="member",
-        config=config,
-        arch=p.arch,
-        alphabet=p.alphabet,
-        max_length=max(lengths),
-        augment=config.augment if config.augment is not None else config.data_dir is not None,
-        tracking_uri=mlflow_scope.tracking_uri(settings),
-        dataset_run_id=parent_id,
-        dataset_path=publish(client, parent_id, p.data),
-        train=tuple(p.splits["train"]),
-        val=tuple(p.splits["val"]),
-        keep_weights=True,
-    )
+    with parent_run(settings, f"{source}-{members}members", "ensemble", params) as parent:
+        return _train(config, settings, p, parent, members, cluster, board, start)
+
+
+def _train(
+    config: TrainConfig,
+    settings: Settings,
+    p: Prepared,
+    parent: ParentRun,
+    members: int,
+    cluster: str | None,
+    board: Board,
+    start: float,
+) -> tuple[str, str, dict[str, float], str | None, str]:
+    """The members as Ray tasks, merged, scored, registered and staged."""
+    client, parent_id = parent.client, parent.run_id
+    lengths = [len(label) for label in p.data.labels]
+    base = replace(base_job("member", p, config, settings, parent), keep_weights=True)
     jobs = []
     for i in range(members):
-        child = client.create_run(
-            experiment,
-            run_name=f"member {i + 1}",
-            tags={"mlflow.parentRunId": parent_id, "state": "pending"},
-        )
+        child = parent.child(f"member {i + 1}", "ensemble-member")
         seeded = replace(config, seed=config.seed + i)
-        jobs.append(replace(base, name=f"member {i + 1}", config=seeded, run_id=child.info.run_id))
+        jobs.append(replace(base, name=f"member {i + 1}", config=seeded, run_id=child))
     with ray_session(cluster) as engine:
         board.dashboard_url = engine.dashboard_url
         results = run_jobs(jobs, cpus_per_run(engine, members), board, client)
@@ -117,7 +107,6 @@ def train_members(
         ok = isinstance(results.get(job.name), Outcome)
         mlflow_scope.finish_run(client, job.run_id, "FINISHED" if ok else "FAILED")
     if failed:
-        mlflow_scope.finish_run(client, parent_id, "FAILED")
         raise TrainError(f"{failed[0].name} failed ({failed[0].reason}); run train again")
     outcomes = [r for r in results.values() if isinstance(r, Outcome)]
     if p.frozen is not None:

@@ -7,14 +7,18 @@ has room for); this module only submits, waits and reports.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
+from captchaops import mlflow_scope
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.work import Job, Outcome, run_job
+from captchaops.settings import Settings
 
 POLL_SECONDS = 2.0
 
@@ -33,6 +37,65 @@ class Failure:
 
     name: str
     reason: str
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """The MLflow run that holds a command's data set and summary; its child runs hold the work."""
+
+    client: MlflowClient
+    experiment: str
+    run_id: str
+
+    def child(self, name: str, kind: str, params: Mapping[str, object] | None = None) -> str:
+        """A child run for one piece of work (pending until its worker starts); its id."""
+        tags = {"mlflow.parentRunId": self.run_id, "captchaops.kind": kind, "state": "pending"}
+        run = self.client.create_run(self.experiment, run_name=name, tags=tags)
+        if params:
+            self.client.log_batch(run.info.run_id, params=as_params(params))
+        return str(run.info.run_id)
+
+
+def as_params(values: Mapping[str, object]) -> list[Param]:
+    """MLflow parameters, each value cut to MLflow's limit."""
+    return [Param(k, str(v)[:6000]) for k, v in values.items()]
+
+
+@contextmanager
+def parent_run(
+    settings: Settings, name: str, kind: str, params: Mapping[str, object]
+) -> Iterator[ParentRun]:
+    """The command's parent run, with `params`; if the block is stopped by Ctrl-C it ends KILLED
+    (and so does every child run still open), if it fails FAILED. Ending it when the work
+    succeeds is the block's job (it logs its summary first)."""
+    client = mlflow_scope.client(settings)
+    experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
+    run = client.create_run(experiment, run_name=name, tags={"captchaops.kind": kind})
+    parent = ParentRun(client, experiment, str(run.info.run_id))
+    client.log_batch(parent.run_id, params=as_params(params))
+    try:
+        yield parent
+    except KeyboardInterrupt:
+        end_open_runs(parent, "KILLED")
+        raise
+    except BaseException:
+        end_open_runs(parent, "FAILED")
+        raise
+
+
+def end_open_runs(parent: ParentRun, status: str) -> None:
+    """End the parent run and each of its child runs still open with `status`."""
+    open_children = parent.client.search_runs(
+        [parent.experiment],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and "
+        "attributes.status = 'RUNNING'",
+    )
+    for run in open_children:
+        parent.client.set_tag(
+            run.info.run_id, "state", "stopped" if status == "KILLED" else "failed"
+        )
+        mlflow_scope.finish_run(parent.client, run.info.run_id, status)
+    mlflow_scope.finish_run(parent.client, parent.run_id, status)
 
 
 def run_jobs(

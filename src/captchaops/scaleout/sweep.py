@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Param
 
 from captchaops import mlflow_scope, registry
 from captchaops.data import synthetic
@@ -19,9 +18,9 @@ from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
 from captchaops.evaluation.gate import stage_candidate
 from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
-from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import cpus_per_run, ray_session
+from captchaops.scaleout.runner import ParentRun, parent_run
 from captchaops.scaleout.shipping import publish
 from captchaops.scaleout.tune import Best, ChildRuns, best_network, search
 from captchaops.scaleout.work import Job
@@ -55,6 +54,26 @@ class Prepared:
     alphabet: str
     arch: Architecture
     splits: dict[str, list[int]]
+
+
+def base_job(
+    name: str, p: Prepared, config: TrainConfig, settings: Settings, parent: ParentRun
+) -> Job:
+    """The unit of work every trial or member starts from: the data set published on the parent
+    run once, the train and validation splits, the preset's settings."""
+    return Job(
+        name=name,
+        config=config,
+        arch=p.arch,
+        alphabet=p.alphabet,
+        max_length=max(len(label) for label in p.data.labels),
+        augment=config.augment if config.augment is not None else config.data_dir is not None,
+        tracking_uri=mlflow_scope.tracking_uri(settings),
+        dataset_run_id=parent.run_id,
+        dataset_path=publish(parent.client, parent.run_id, p.data),
+        train=tuple(p.splits["train"]),
+        val=tuple(p.splits["val"]),
+    )
 
 
 def prepare(config: TrainConfig, settings: Settings) -> Prepared:
@@ -97,49 +116,38 @@ def tune_settings(
     if not 1 <= trials <= 1000:
         raise DataError(f"--trials {trials} is out of range; use 1 to 1000 (16 is a good start)")
     prepared = prepare(config, settings)
-    data, frozen, alphabet, arch, splits = (
-        prepared.data,
-        prepared.frozen,
-        prepared.alphabet,
-        prepared.arch,
-        prepared.splits,
-    )
-    lengths = [len(label) for label in data.labels]
-    client = mlflow_scope.client(settings)
-    experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
+    data, alphabet = prepared.data, prepared.alphabet
     source = config.data_dir.name if config.data_dir else "synthetic"
-    parent = client.create_run(
-        experiment, run_name=f"tune-{source}-{trials}trials", tags={"captchaops.kind": "tune"}
-    )
-    parent_id = parent.info.run_id
     params = config.params() | {"trials": trials, "search": "Optuna TPE via Ray Tune, ASHA"}
     params |= {"dataset_sha256": data.digest(), "alphabet": alphabet, "n_read": len(data)}
-    client.log_batch(parent_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    job = Job(
-        name="trial",
-        config=config,
-        arch=arch,
-        alphabet=alphabet,
-        max_length=max(lengths),
-        augment=config.augment if config.augment is not None else config.data_dir is not None,
-        tracking_uri=mlflow_scope.tracking_uri(settings),
-        dataset_run_id=parent_id,
-        dataset_path=publish(client, parent_id, data),
-        train=tuple(splits["train"]),
-        val=tuple(splits["val"]),
-    )
-    children = ChildRuns(client, experiment, parent_id, board, redraw)
+    with parent_run(settings, f"tune-{source}-{trials}trials", "tune", params) as parent:
+        return _search(config, settings, prepared, parent, trials, minutes, cluster, board, redraw)
+
+
+def _search(
+    config: TrainConfig,
+    settings: Settings,
+    prepared: Prepared,
+    parent: ParentRun,
+    trials: int,
+    minutes: float | None,
+    cluster: str | None,
+    board: Board,
+    redraw: Callable[[], None],
+) -> TuneResult:
+    """The search on Ray under `parent`, then the best trial published."""
+    data, frozen, splits = prepared.data, prepared.frozen, prepared.splits
+    client, parent_id = parent.client, parent.run_id
+    lengths = [len(label) for label in data.labels]
+    job = base_job("trial", prepared, config, settings, parent)
+    children = ChildRuns(client, parent.experiment, parent_id, board, redraw)
     start = time.monotonic()
-    try:
-        with ray_session(cluster) as engine:
-            board.dashboard_url = engine.dashboard_url
-            cpus = cpus_per_run(engine, trials)
-            best = search(
-                job, trials, minutes, cpus, settings.home_dir / "ray-results", children, config.seed
-            )
-    except ScaleoutError:
-        mlflow_scope.finish_run(client, parent_id, "FAILED")
-        raise
+    with ray_session(cluster) as engine:
+        board.dashboard_url = engine.dashboard_url
+        cpus = cpus_per_run(engine, trials)
+        best = search(
+            job, trials, minutes, cpus, settings.home_dir / "ray-results", children, config.seed
+        )
     client.log_metric(parent_id, "tune_wall_seconds", time.monotonic() - start)
     result = TuneResult(parent_id, len(children.runs), best)
     if best is not None:

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from captchaops import mlflow_scope
+from captchaops.model.crnn import Architecture
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.work import Job, run_job
 from captchaops.training.config import TrainConfig
@@ -36,34 +37,85 @@ METRIC = "val_cer"
 
 
 def search_space(base: TrainConfig) -> dict[str, Any]:
-    """What TPE searches, around the preset `base` (docs/training.md lists it)."""
+    """What TPE searches, around the preset `base` (docs/training.md lists it); every range
+    holds the preset's own value, which the search tries first."""
     steps = base.max_steps or 4000
+    lr, arch = base.learning_rate, base.arch
     return {
-        "learning_rate": tune.loguniform(5e-4, 5e-3),
+        "learning_rate": tune.loguniform(min(5e-4, lr), max(5e-3, lr)),
         "max_steps": tune.choice([max(2, steps // 2), steps, steps * 3 // 2]),
         "conv_scale": tune.choice([0.75, 1.0, 1.5]),
-        "rnn_units": tune.choice([48, 64, 96]),
-        "augment_strength": tune.uniform(0.5, 1.5),
-        "ema_momentum": tune.choice([0.0, 0.99, 0.995]),
+        "rnn_units": tune.choice(sorted({48, 64, 96, arch.rnn_units})),
+        "augment_strength": tune.uniform(
+            min(0.5, arch.augment_strength), max(1.5, arch.augment_strength)
+        ),
+        "ema_momentum": tune.choice(sorted({0.0, 0.99, 0.995, base.ema_momentum or 0.0})),
     }
 
 
-def configure(job: Job, params: dict[str, Any]) -> Job:
-    """The job with one trial's sampled settings applied."""
+def preset_point(base: TrainConfig) -> dict[str, Any]:
+    """The preset itself as a point of the search space: every search's first trial, so one
+    trial trains what `train` trains and the best is never a guess worse than the preset."""
+    return {
+        "learning_rate": base.learning_rate,
+        "max_steps": base.max_steps or 4000,
+        "conv_scale": 1.0,
+        "rnn_units": base.arch.rnn_units,
+        "augment_strength": base.arch.augment_strength,
+        "ema_momentum": base.ema_momentum or 0.0,
+    }
+
+
+KINDS: dict[str, Callable[[str], Any]] = {
+    "learning_rate": float,
+    "max_steps": lambda text: int(float(text)),
+    "conv_scale": float,
+    "rnn_units": lambda text: int(float(text)),
+    "augment_strength": float,
+    "ema_momentum": float,
+}
+
+
+def with_trial(config: TrainConfig, arch: Architecture, params: dict[str, Any]) -> TrainConfig:
+    """`config` with one trial's settings applied to it and to `arch` (its `arch` is the result)."""
     arch = replace(
-        job.arch,
-        filters=tuple(max(4, round(f * params["conv_scale"])) for f in job.arch.filters),
+        arch,
+        filters=tuple(max(4, round(f * params["conv_scale"])) for f in arch.filters),
         rnn_units=int(params["rnn_units"]),
         augment_strength=float(params["augment_strength"]),
     )
-    config = replace(
-        job.config,
+    return replace(
+        config,
         learning_rate=float(params["learning_rate"]),
         max_steps=int(params["max_steps"]),
         ema_momentum=float(params["ema_momentum"]) or None,
         arch=arch,
     )
-    return replace(job, config=config, arch=arch)
+
+
+def configure(job: Job, params: dict[str, Any]) -> Job:
+    """The job with one trial's sampled settings applied."""
+    config = with_trial(job.config, job.arch, params)
+    return replace(job, config=config, arch=config.arch)
+
+
+def trial_settings(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    """The settings a `tune` trial used, read from its child run's parameters."""
+    from mlflow.exceptions import MlflowException
+
+    from captchaops.scaleout import ScaleoutError
+
+    try:
+        params = client.get_run(run_id).data.params
+    except MlflowException as exc:
+        raise ScaleoutError(f"no run {run_id} on the tracking server ({exc.message})") from exc
+    missing = sorted(set(KINDS) - set(params))
+    if missing:
+        raise ScaleoutError(
+            f"run {run_id} is not a tune trial (it has no {', '.join(missing)}); give the run id "
+            "of a trial (a child of a tune parent run)"
+        )
+    return {name: kind(params[name]) for name, kind in KINDS.items()}
 
 
 def trial(params: dict[str, Any], job: Job) -> None:
@@ -185,6 +237,9 @@ def search(
     # Tune's own console report would interleave with the live table: the legacy reporter
     # honours verbose=0 and prints nothing.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C is the command's to handle (its runs end KILLED, Ray shuts down, one line is
+    # printed); Tune's own handler would swallow it and save the experiment for a resume.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     plan = Plan.of(job.config, len(job.train))
     epochs = max(1, math.ceil(plan.steps / plan.steps_per_epoch) * 2)
     tuner = tune.Tuner(
@@ -193,7 +248,7 @@ def search(
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="min",
-            search_alg=OptunaSearch(seed=seed),
+            search_alg=OptunaSearch(points_to_evaluate=[preset_point(job.config)], seed=seed),
             scheduler=ASHAScheduler(
                 time_attr="training_iteration",
                 max_t=epochs,

@@ -1,0 +1,96 @@
+"""Issue 21's `tune` targets: its overhead over `train`, and 16 trials' best against the preset.
+
+Usage:
+  python -m benchmarks tune --overhead      # one trial through tune vs train, same settings
+  python -m benchmarks tune                 # 16 trials, then best vs preset by cv on the same folds
+  python -m benchmarks.bench_tune [--overhead] [--trials 16] [--folds 5] [--count 1040]
+                                  [--steps N] [--max-minutes M] [--folder DIR] [--quick]
+
+Overhead: `tune --trials 1` trains exactly the preset (a search's first trial is always the
+preset), so its extra wall time over `train` with the same options is what Ray, Tune and the
+trial's bookkeeping cost (target <= 10% more). Best vs preset: `tune --trials 16` on the
+stand-in, then `cv --trial RUN` (the best trial's settings) and `cv` (the preset) on the same
+folds (folds are fixed by image name); the per-fold differences give the mean difference and
+its 95% t-interval. `--quick` checks either path with a few steps on 200 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+from benchmarks.scaleout_runs import Bench, bench, load, stand_in_options
+
+OVERHEAD_TARGET = 0.10
+
+
+def overhead(b: Bench, steps: int, max_minutes: float) -> None:
+    """One trial through tune against the same settings through train, as a wall-time ratio."""
+    same = ["--data", str(b.folder), "--steps", str(steps), "--max-minutes", str(max_minutes)]
+    plain, _ = b.run(["train", *same], "train")
+    tuned, _ = b.run(["tune", *same, "--trials", "1"], "tune")
+    ratio = tuned / plain
+    print(
+        f"overhead, one trial of {steps} steps: train {plain:.0f}s, tune {tuned:.0f}s, "
+        f"ratio {ratio:.3f} ({ratio - 1:+.1%}; target <= +{OVERHEAD_TARGET:.0%})"
+    )
+
+
+def best_vs_preset(b: Bench, trials: int, folds: int, extra: list[str]) -> None:
+    """The best of `trials` against the preset, by cv on the same folds."""
+    from mlflow.tracking import MlflowClient
+    from scipy import stats
+
+    data = ["--data", str(b.folder)]
+    wall, out = b.run(["tune", *data, "--trials", str(trials), *extra], "tune16")
+    parent, _ = b.parent_metrics(out)
+    best = MlflowClient(b.uri).get_run(parent).data.tags["best_trial_run"]
+    print(f"tune, {trials} trials: {wall / 60:.1f} min wall, best trial run {best}")
+    scores = {}
+    for name, more in (("preset", []), ("best", ["--trial", best])):
+        wall, out = b.run(["cv", *data, "--folds", str(folds), *extra, *more], f"cv-{name}")
+        run_id, _ = b.parent_metrics(out)
+        children = MlflowClient(b.uri).search_runs(
+            [MlflowClient(b.uri).get_run(run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        )
+        scores[name] = {
+            r.info.run_name: r.data.metrics["test_seq_acc"] for r in children if r.data.metrics
+        }
+        mean = statistics.fmean(scores[name].values())
+        print(f"cv of the {name}: {mean:.4f} mean held-out accuracy, {wall / 60:.1f} min wall")
+    paired = [scores["best"][f] - scores["preset"][f] for f in sorted(scores["preset"])]
+    half = float(stats.t.ppf(0.975, len(paired) - 1)) * statistics.stdev(paired)
+    half /= len(paired) ** 0.5
+    low, high = statistics.fmean(paired) - half, statistics.fmean(paired) + half
+    print(
+        f"best - preset on the same {folds} folds: {statistics.fmean(paired) * 100:+.2f} points, "
+        f"95% t-interval [{low * 100:+.2f}, {high * 100:+.2f}] points"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the overhead ratio, or the 16-trial comparison, and print them next to the targets."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_tune")
+    parser.add_argument("--overhead", action="store_true", help="only the overhead ratio")
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--folds", type=int, default=5)
+    stand_in_options(parser)
+    args = parser.parse_args(argv if argv is not None else [])
+    if args.quick:
+        args.count, args.steps = min(args.count, 200), args.steps or 40
+        args.trials, args.folds = min(args.trials, 2), min(args.folds, 2)
+    print(f"start: {load()}")
+    with bench(args.count, args.folder) as b:
+        if args.overhead:
+            overhead(b, args.steps or 4000, args.max_minutes or 9.5)
+        else:
+            extra = ["--steps", str(args.steps)] if args.steps else []
+            extra += ["--max-minutes", str(args.max_minutes)] if args.max_minutes else []
+            best_vs_preset(b, args.trials, args.folds, extra)
+    print(f"end: {load()}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
