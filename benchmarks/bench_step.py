@@ -1,0 +1,217 @@
+"""Time one demo-preset training step, built the way the importable captchaops builds it.
+
+A probe for A/B runs across commits (issue 23): it builds the demo preset's network,
+optimiser and per-step callbacks with whichever `captchaops` is on the path (this tree, or
+an older worktree's `src` put first with PYTHONPATH), fits fixed arrays (no generator, no
+worker processes) and prints the median and mean step time after a warm-up. Run it
+alternately against two trees in the same minutes; a shared machine's load moves too much for
+runs an hour apart to compare:
+
+    python -m benchmarks.bench_step                       # this tree, as `train` builds it
+    PYTHONPATH=/work/wt/old17/src python -m benchmarks.bench_step   # an older tree
+
+`--variant` isolates one part of the set-up (only on trees with `compiled_crnn`):
+`const-lr` compiles the same optimiser with a constant learning rate instead of the
+step-counted schedule; `bare` fits without the loop's callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DATA = Path("/tmp/captchaops_bench_step.npz")
+ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _data(n: int, arch: Any, alphabet: str) -> tuple[np.ndarray, np.ndarray]:
+    """`n` demo-preset CAPTCHAs as network input, cached so every probe fits the same arrays."""
+    if DATA.exists():
+        cached = np.load(DATA)
+        if len(cached["x"]) >= n and cached["x"].shape[1:3] == (arch.height, arch.width):
+            return cached["x"][:n], cached["y"][:n]
+    from captchaops.data.synthetic import generate
+    from captchaops.model.ctc import encode_labels
+
+    samples = generate(n, 7, preprocess_to=(arch.height, arch.width), workers=1)
+    x = np.stack([s.array for s in samples]).astype(np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    y = encode_labels([s.label for s in samples], alphabet, 4)
+    np.savez(DATA, x=x, y=y, labels=np.array([s.label for s in samples]))
+    return x, y
+
+
+class Timer:
+    """Wall time at the end of every step (a Keras callback, built lazily to import Keras late)."""
+
+    def __new__(cls) -> Any:
+        import keras
+
+        class _Timer(keras.callbacks.Callback):
+            def __init__(self) -> None:
+                super().__init__()
+                self.ends: list[float] = []
+
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                self.ends.append(time.perf_counter())
+
+        return _Timer()
+
+
+def build(variant: str, steps: int, val: Any) -> tuple[Any, list[Any], str]:
+    """(training model, the loop's callbacks, how it was built) for the importable tree."""
+    import keras
+
+    from captchaops.model.crnn import build_crnn, ctc_loss
+    from captchaops.training import loop
+    from captchaops.training.config import TrainConfig
+
+    config = TrainConfig.demo()
+    arch, alphabet = config.arch, ALPHABET
+    deadline = time.monotonic() + 3600
+    noop = lambda *args: None  # noqa: E731
+    if hasattr(loop, "compiled_crnn"):
+        model, infer, plan = loop.compiled_crnn(
+            config, arch, len(alphabet) + 1, augment=False, total_steps=steps, deadline=deadline
+        )
+        how = "compiled_crnn (WarmupCosine in the optimiser, StepPlan)"
+        if variant == "const-lr":
+            model, infer = build_crnn(arch, len(alphabet) + 1, augment=False)
+            model.compile(
+                optimizer=keras.optimizers.AdamW(
+                    config.learning_rate,
+                    weight_decay=config.weight_decay,
+                    clipnorm=config.clipnorm,
+                ),
+                loss=ctc_loss,
+            )
+            how = "build_crnn + AdamW(constant lr), StepPlan"
+        monitor = loop.Monitor(infer, val, plan, noop, noop, min_steps=10**9, patience=10**9)
+        callbacks = [plan, monitor]
+    else:
+        model, infer = build_crnn(arch, len(alphabet) + 1, augment=False)
+        model.compile(
+            optimizer=keras.optimizers.AdamW(
+                config.learning_rate, weight_decay=config.weight_decay, clipnorm=config.clipnorm
+            ),
+            loss=ctc_loss,
+        )
+        schedule = loop.Schedule(config, steps, deadline)
+        monitor = loop.Monitor(infer, val, schedule, noop, noop, min_steps=10**9, patience=10**9)
+        callbacks = [schedule, monitor]
+        how = "build_crnn + AdamW(lr), Schedule callback assigning the lr each step"
+    if variant == "bare":
+        callbacks, how = [], how + ", no loop callbacks"
+    return model, callbacks, how
+
+
+def whole_loop(seconds: float, warmup: int) -> dict[str, Any]:
+    """The tree's `loop.fit` on fixed arrays for `seconds`, every step's end timed."""
+    import keras
+
+    import captchaops
+    from captchaops.training import loop
+    from captchaops.training.config import TrainConfig
+
+    config = TrainConfig.demo()
+    x, y = _data(4096, config.arch, ALPHABET)
+    labels = [str(label) for label in np.load(DATA)["labels"][:4096]]
+    train = (np.concatenate([x] * 6)[:24_000], np.concatenate([y] * 6)[:24_000])
+    val = loop.Validation(x[:3000], y[:3000], labels[:3000], ALPHABET)
+    timer = Timer()
+    plain_fit = keras.Model.fit
+
+    def timed_fit(self: Any, *args: Any, callbacks: Any = None, **kwargs: Any) -> Any:
+        return plain_fit(self, *args, callbacks=[*(callbacks or []), timer], **kwargs)
+
+    keras.Model.fit = timed_fit  # type: ignore[method-assign]
+    started = time.perf_counter()
+    noop = lambda *args: None  # noqa: E731
+    fitted = loop.fit(
+        config,
+        config.arch,
+        ALPHABET,
+        train,
+        val,
+        augment=False,
+        deadline=time.monotonic() + seconds,
+        report=noop,
+        log=noop,
+    )
+    ends = timer.ends
+    gaps = np.diff(ends[warmup - 1 :]) * 1000
+    return {
+        "src": str(Path(captchaops.__file__).parent),
+        "mode": f"loop.fit for {seconds:.0f} s",
+        "first_step_s": round(ends[0] - started, 2),
+        "steps": len(ends),
+        "epochs": len(fitted.history),
+        "step_ms_median": round(statistics.median(gaps), 2),
+        "step_ms_mean_validation_included": round(
+            (ends[-1] - ends[warmup - 1]) * 1000 / len(gaps), 2
+        ),
+        "load": Path("/proc/loadavg").read_text().split()[0],
+    }
+
+
+def main() -> None:
+    """Print one JSON line: the tree, how it built the step, and its step times."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="timed steps after the warm-up")
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--variant", choices=["as-is", "const-lr", "bare"], default="as-is")
+    parser.add_argument(
+        "--loop-seconds",
+        type=float,
+        default=0.0,
+        help="instead: run the tree's own `loop.fit` on 24,000 fixed images (750 steps an "
+        "epoch, 3,000 validated at its end, as the demo preset) for this many seconds",
+    )
+    args = parser.parse_args()
+    if args.loop_seconds:
+        print(json.dumps(whole_loop(args.loop_seconds, args.warmup)))
+        return
+    import keras
+
+    import captchaops
+    from captchaops.training.config import TrainConfig
+    from captchaops.training.loop import Validation
+
+    total, batch = args.steps + args.warmup, TrainConfig.demo().batch_size
+    x, y = _data(min(total * batch, 4096), TrainConfig.demo().arch, ALPHABET)
+    labels = [str(label) for label in np.load(DATA)["labels"][:64]]
+    model, callbacks, how = build(args.variant, total, Validation(x[:64], y[:64], labels, ALPHABET))
+    reps = -(-total * batch // len(x))
+    x, y = np.concatenate([x] * reps)[: total * batch], np.concatenate([y] * reps)[: total * batch]
+    timer = Timer()
+    started = time.perf_counter()
+    model.fit(
+        x, y, batch_size=batch, epochs=1, shuffle=False, callbacks=[*callbacks, timer], verbose=0
+    )
+    gaps = np.diff(timer.ends[args.warmup - 1 :]) * 1000
+    print(
+        json.dumps(
+            {
+                "src": str(Path(captchaops.__file__).parent),
+                "variant": args.variant,
+                "built": how,
+                "keras": keras.__version__,
+                "first_step_s": round(timer.ends[0] - started, 2),
+                "steps_timed": len(gaps),
+                "step_ms_median": round(statistics.median(gaps), 2),
+                "step_ms_mean": round(float(np.mean(gaps)), 2),
+                "load": Path("/proc/loadavg").read_text().split()[0],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
