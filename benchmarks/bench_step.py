@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,7 @@ def whole_loop(seconds: float, warmup: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print one JSON line: the tree, how it built the step, and its step times."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps after the warm-up")
@@ -220,7 +221,7 @@ def main() -> None:
         help="instead: time drawing and preprocessing this many CAPTCHAs on one process (pure "
         "Python and Pillow, no TensorFlow: how fast this machine is, whichever tree)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv if argv is not None else [])
     if args.draw:
         print(json.dumps(draw(args.draw)))
         return
@@ -264,4 +265,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
