@@ -12,7 +12,9 @@ runs an hour apart to compare:
 
 `--variant` isolates one part of the set-up (only on trees with `compiled_crnn`):
 `const-lr` compiles the same optimiser with a constant learning rate instead of the
-step-counted schedule; `bare` fits without the loop's callbacks.
+step-counted schedule; `bare` fits without the loop's callbacks; `xla` compiles the
+training step with XLA (`jit_compile=True`); `rolled` builds the GRU with `unroll=False`. TensorFlow's own thread pools follow
+TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS in the environment.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ def _data(n: int, arch: Any, alphabet: str) -> tuple[np.ndarray, np.ndarray]:
     from captchaops.model.ctc import encode_labels
 
     samples = generate(n, 7, preprocess_to=(arch.height, arch.width), workers=1)
-    x = np.stack([s.array for s in samples]).astype(np.float32)
+    x = np.stack([s.array for s in samples]).astype(np.float32)  # type: ignore[misc]
     if x.ndim == 3:
         x = x[..., None]
     y = encode_labels([s.label for s in samples], alphabet, 4)
@@ -58,9 +61,11 @@ class Timer:
             def __init__(self) -> None:
                 super().__init__()
                 self.ends: list[float] = []
+                self.cpu: list[float] = []  # this process's CPU seconds (all its threads)
 
             def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
                 self.ends.append(time.perf_counter())
+                self.cpu.append(time.process_time())
 
         return _Timer()
 
@@ -75,6 +80,9 @@ def build(variant: str, steps: int, val: Any) -> tuple[Any, list[Any], str]:
 
     config = TrainConfig.demo()
     arch, alphabet = config.arch, ALPHABET
+    if variant == "rolled":  # the same GRU as a loop instead of unrolled over the time steps
+        gru = keras.layers.GRU
+        keras.layers.GRU = lambda *a, **k: gru(*a, **(k | {"unroll": False}))
     deadline = time.monotonic() + 3600
     noop = lambda *args: None  # noqa: E731
     if hasattr(loop, "compiled_crnn"):
@@ -103,13 +111,42 @@ def build(variant: str, steps: int, val: Any) -> tuple[Any, list[Any], str]:
             ),
             loss=ctc_loss,
         )
-        schedule = loop.Schedule(config, steps, deadline)
+        schedule = loop.Schedule(  # type: ignore[attr-defined]
+            config, steps, deadline
+        )
         monitor = loop.Monitor(infer, val, schedule, noop, noop, min_steps=10**9, patience=10**9)
         callbacks = [schedule, monitor]
         how = "build_crnn + AdamW(lr), Schedule callback assigning the lr each step"
+    if variant == "rolled":
+        how += ", GRU unroll=False"
+    if variant == "xla":
+        model.jit_compile, how = True, how + ", jit_compile=True (XLA)"
     if variant == "bare":
         callbacks, how = [], how + ", no loop callbacks"
     return model, callbacks, how
+
+
+def draw(n: int) -> dict[str, Any]:
+    """Milliseconds per CAPTCHA drawn and preprocessed by the tree's generator on one process."""
+    import captchaops
+    from captchaops.data.synthetic import generate
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    generate(n, 11, preprocess_to=(32, 80), workers=1)
+    return {
+        "src": str(Path(captchaops.__file__).parent),
+        "mode": f"draw {n}",
+        "ms_per_image": round((time.perf_counter() - wall) * 1000 / n, 3),
+        "cpu_ms_per_image": round((time.process_time() - cpu) * 1000 / n, 3),
+        "load": Path("/proc/loadavg").read_text().split()[0],
+    }
+
+
+def _cpu_per_step(timer: Any, warmup: int) -> float:
+    """CPU milliseconds the process spent per step after the warm-up: less moved by the load of
+    other processes than wall time, so it separates a costlier step from a busier machine."""
+    cpu = timer.cpu[warmup - 1 :]
+    return round((cpu[-1] - cpu[0]) * 1000 / max(len(cpu) - 1, 1), 2)
 
 
 def whole_loop(seconds: float, warmup: int) -> dict[str, Any]:
@@ -154,6 +191,7 @@ def whole_loop(seconds: float, warmup: int) -> dict[str, Any]:
         "steps": len(ends),
         "epochs": len(fitted.history),
         "step_ms_median": round(statistics.median(gaps), 2),
+        "cpu_ms_per_step": _cpu_per_step(timer, warmup),
         "step_ms_mean_validation_included": round(
             (ends[-1] - ends[warmup - 1]) * 1000 / len(gaps), 2
         ),
@@ -161,12 +199,14 @@ def whole_loop(seconds: float, warmup: int) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Print one JSON line: the tree, how it built the step, and its step times."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed steps after the warm-up")
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--variant", choices=["as-is", "const-lr", "bare"], default="as-is")
+    parser.add_argument(
+        "--variant", choices=["as-is", "const-lr", "bare", "xla", "rolled"], default="as-is"
+    )
     parser.add_argument(
         "--loop-seconds",
         type=float,
@@ -174,7 +214,17 @@ def main() -> None:
         help="instead: run the tree's own `loop.fit` on 24,000 fixed images (750 steps an "
         "epoch, 3,000 validated at its end, as the demo preset) for this many seconds",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--draw",
+        type=int,
+        default=0,
+        help="instead: time drawing and preprocessing this many CAPTCHAs on one process (pure "
+        "Python and Pillow, no TensorFlow: how fast this machine is, whichever tree)",
+    )
+    args = parser.parse_args(argv if argv is not None else [])
+    if args.draw:
+        print(json.dumps(draw(args.draw)))
+        return
     if args.loop_seconds:
         print(json.dumps(whole_loop(args.loop_seconds, args.warmup)))
         return
@@ -207,6 +257,7 @@ def main() -> None:
                 "steps_timed": len(gaps),
                 "step_ms_median": round(statistics.median(gaps), 2),
                 "step_ms_mean": round(float(np.mean(gaps)), 2),
+                "cpu_ms_per_step": _cpu_per_step(timer, args.warmup),
                 "load": Path("/proc/loadavg").read_text().split()[0],
             }
         )
@@ -214,4 +265,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -54,8 +54,10 @@ def test_training_images_never_include_the_held_out_samples(
     trained = np.concatenate([x for x, _ in two_workers])
     assert len(digests(trained)) > 3 * 16  # fresh shards keep arriving, not one shard reused
     assert digests(trained).isdisjoint(digests(held_out.x))
-    # and the stream's arrays are what the one image pipeline makes of the PNG bytes
-    assert np.array_equal(held_out.x[5], preprocess(held_out.images[5], SPEC.height, SPEC.width))
+    # and the stream's arrays (made from the drawn image, not by decoding its PNG again) are
+    # exactly what the one image pipeline makes of the PNG bytes the readers get
+    for x, png in zip(held_out.x, held_out.images, strict=True):
+        assert np.array_equal(x, preprocess(png, SPEC.height, SPEC.width))
 
 
 def test_the_pool_and_the_shards_in_flight_stay_bounded() -> None:

@@ -15,7 +15,7 @@ import captcha.image
 import numpy as np
 from captcha.image import ImageCaptcha
 
-from captchaops.model.preprocess import preprocess
+from captchaops.model.preprocess import to_array
 
 DIGITS_UPPER = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _LOCK = threading.Lock()
@@ -60,14 +60,21 @@ def _seeded(rng: random.Random) -> Iterator[None]:
 
 
 def _draw(
-    rng: random.Random, generator: ImageCaptcha, alphabet: str, length: tuple[int, int]
+    rng: random.Random,
+    generator: ImageCaptcha,
+    alphabet: str,
+    length: tuple[int, int],
+    preprocess_to: tuple[int, int] | None = None,
 ) -> Sample:
     label = "".join(rng.choice(alphabet) for _ in range(rng.randint(length[0], length[1])))
     with _seeded(rng):
         image = generator.generate_image(label)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)
-    return Sample(image=buffer.getvalue(), label=label)
+    # The network input from the drawn image itself: PNG is lossless, so this is what
+    # `preprocess` makes of the bytes, without decoding (and checking) our own PNG again.
+    array = to_array(image, *preprocess_to) if preprocess_to is not None else None
+    return Sample(image=buffer.getvalue(), label=label, array=array)
 
 
 def generate_one(
@@ -95,12 +102,10 @@ def generate_range(
 ) -> list[Sample]:
     """Samples [start, stop) of `seed`: sample i depends only on (seed, i)."""
     generator = ImageCaptcha(width=width, height=height)
-    samples = [
-        _draw(random.Random(f"{seed}/{i}"), generator, alphabet, length) for i in range(start, stop)
+    return [
+        _draw(random.Random(f"{seed}/{i}"), generator, alphabet, length, preprocess_to)
+        for i in range(start, stop)
     ]
-    if preprocess_to is None:
-        return samples
-    return [Sample(s.image, s.label, preprocess(s.image, *preprocess_to)) for s in samples]
 
 
 def generate(
