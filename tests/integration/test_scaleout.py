@@ -210,6 +210,52 @@ def parent_of(stdout: str) -> str:
     return line.split()[2]
 
 
+def test_cv_refuses_a_bad_fold_count_in_one_line(
+    commands: dict[str, Command], folder: Path, tracking_server: Tracking, tmp_path: Path
+) -> None:
+    # (Asks for `commands` so that the long commands run while this test does.)
+    done = cli(["cv", "--data", str(folder), "--folds", "1"], tracking_server, tmp_path)
+    assert done.returncode == 1
+    assert "--folds 1 is out of range" in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_ctrl_c_ends_cv_as_killed_shuts_its_ray_down_and_prints_one_line(
+    commands: dict[str, Command], folder: Path, tracking_server: Tracking, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) while the folds
+    train on a local Ray: parent and child runs KILLED, every Ray process gone, no traceback.
+    (It runs while the long commands do.)"""
+    args = ["cv", "--data", str(folder), "--folds", "2", "--cpus", "1", "--steps", "5000"]
+    # Its own experiment, so that the folds of the `cv` running beside it are not taken for its own.
+    command = Command.start(args, tracking_server, tmp_path, CAPTCHAOPS_EXPERIMENT_NAME="ctrl-c")
+    client = MlflowClient(tracking_server.uri)
+    deadline = time.monotonic() + 300
+    running: list = []
+    while not running:
+        assert command.proc.poll() is None, command.err.read_text()[-2000:]
+        assert time.monotonic() < deadline, "no fold started training in 300 s"
+        time.sleep(1)
+        experiment = client.get_experiment_by_name("ctrl-c")
+        if experiment is not None:
+            running = client.search_runs(
+                [experiment.experiment_id],
+                filter_string="tags.state = 'running' and attributes.status = 'RUNNING'",
+            )
+    ray_processes = process_tree(command.proc.pid)[1:]
+    os.killpg(command.proc.pid, signal.SIGINT)
+    done = command.result(timeout=120)
+    assert done.returncode == 130, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "stopped by Ctrl-C" in done.stdout
+    parent = client.get_run(parent_of(done.stdout))
+    assert parent.info.status == "KILLED"
+    assert {r.info.status for r in children(client, parent.info.run_id)} <= {"KILLED", "FINISHED"}
+    assert "KILLED" in {r.info.status for r in children(client, parent.info.run_id)}
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, [p.info for p in alive]
+
+
 def test_cv_on_a_separately_started_head_runs_each_fold_as_a_child_run(
     cv_run: subprocess.CompletedProcess[str], tracking_server: Tracking, folder: Path
 ) -> None:
@@ -236,48 +282,6 @@ def test_cv_on_a_separately_started_head_runs_each_fold_as_a_child_run(
     # The workers read the data set the driver logged once, by digest, on the parent run.
     [logged] = client.list_artifacts(parent, "dataset")
     assert logged.path == f"dataset/{top.data.params['dataset_sha256']}.zip"
-
-
-def test_cv_refuses_a_bad_fold_count_in_one_line(
-    folder: Path, tracking_server: Tracking, tmp_path: Path
-) -> None:
-    done = cli(["cv", "--data", str(folder), "--folds", "1"], tracking_server, tmp_path)
-    assert done.returncode == 1
-    assert "--folds 1 is out of range" in done.stderr
-    assert "Traceback" not in done.stdout + done.stderr
-
-
-def test_ctrl_c_ends_cv_as_killed_shuts_its_ray_down_and_prints_one_line(
-    folder: Path, tracking_server: Tracking, tmp_path: Path
-) -> None:
-    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) while the folds
-    train on a local Ray: parent and child runs KILLED, every Ray process gone, no traceback."""
-    args = ["cv", "--data", str(folder), "--folds", "2", "--cpus", "1", "--steps", "5000"]
-    command = Command.start(args, tracking_server, tmp_path)
-    client = MlflowClient(tracking_server.uri)
-    deadline = time.monotonic() + 240
-    running: list = []
-    while not running:
-        assert command.proc.poll() is None, command.err.read_text()[-2000:]
-        assert time.monotonic() < deadline, "no fold started training in 240 s"
-        time.sleep(1)
-        running = client.search_runs(
-            [e.experiment_id for e in client.search_experiments()],
-            filter_string="tags.state = 'running' and attributes.status = 'RUNNING'",
-        )
-        running = [r for r in running if r.data.params.get("folds") == "2"]
-    ray_processes = process_tree(command.proc.pid)[1:]
-    os.killpg(command.proc.pid, signal.SIGINT)
-    done = command.result(timeout=120)
-    assert done.returncode == 130, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "Traceback" not in done.stdout + done.stderr
-    assert "stopped by Ctrl-C" in done.stdout
-    parent = client.get_run(parent_of(done.stdout))
-    assert parent.info.status == "KILLED"
-    assert {r.info.status for r in children(client, parent.info.run_id)} <= {"KILLED", "FINISHED"}
-    assert "KILLED" in {r.info.status for r in children(client, parent.info.run_id)}
-    _, alive = psutil.wait_procs(ray_processes, timeout=30)
-    assert not alive, [p.info for p in alive]
 
 
 def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
