@@ -37,6 +37,7 @@ def test_frozen_set_is_stored_once_and_loaded_by_digest(
     assert loaded.images == made.images and loaded.labels == made.labels
     assert evalset.ensure_evalset(mlflow_scope.client(settings), settings).digest == made.digest
     again = evalset.create_evalset(
+        mlflow_scope.client(settings),
         settings.model_copy(update={"model_name": "other-" + settings.model_name}),
         size=40,
         folder=folder,
