@@ -88,7 +88,11 @@ def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) 
     running_before = supervisor.is_running(settings)
     info = supervisor.process_info(settings) if running_before else {}
     wanted = [svc for svc in services if svc.name in names]
-    already = [svc for svc in wanted if info.get(svc.name, {}).get("statename") == "RUNNING"]
+    # STARTING too: supervisord says RUNNING only `startsecs` after the start, while the service
+    # may already answer (a second `up` right after the first found its own app's port "in use")
+    already = [
+        svc for svc in wanted if info.get(svc.name, {}).get("statename") in ("RUNNING", "STARTING")
+    ]
     todo = [svc for svc in wanted if svc not in already]
     if already:
         say("already running: " + ", ".join(f"{svc.name} ({svc.url})" for svc in already))
