@@ -70,17 +70,14 @@ class GateConfig:
 
     def resolved(self, settings: Settings) -> GateConfig:
         """Every threshold left None filled from the settings."""
-        staging = settings.staging_floor if self.staging_floor is None else self.staging_floor
-        return replace(
-            self,
-            staging_floor=staging,
-            floor=staging if self.floor is None else self.floor,
-            min_shadow=settings.gate_min_shadow if self.min_shadow is None else self.min_shadow,
-            min_agreement=settings.gate_min_agreement
-            if self.min_agreement is None
-            else self.min_agreement,
-            live_points=settings.gate_live_points if self.live_points is None else self.live_points,
-        )
+        defaults: dict[str, Any] = {
+            "staging_floor": settings.staging_floor,
+            "min_shadow": settings.gate_min_shadow,
+            "min_agreement": settings.gate_min_agreement,
+            "live_points": settings.gate_live_points,
+        }
+        filled = replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+        return filled if filled.floor is not None else replace(filled, floor=filled.staging_floor)
 
     def thresholds(self, settings: Settings) -> dict[str, float]:
         """The numbers the decision used, for the audit record."""

@@ -271,9 +271,9 @@ def check_cost(data: bytes) -> str:
     return fmt
 
 
-def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
-    """The image opened lazily: header parsed, no pixel decoded yet."""
-    fmt = check_cost(data)
+def _open(data: bytes, max_pixels: int, fmt: str | None = None) -> tuple[Image.Image, str]:
+    """The image opened lazily: header parsed, no pixel decoded yet (`fmt`: already checked)."""
+    fmt = fmt or check_cost(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -317,12 +317,13 @@ def check_size(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
 
     A PNG's size is read from its IHDR bytes (a model server checks every image of a request
     on its event loop; Pillow's open costs ten times more); the decode opens it with Pillow."""
-    if check_cost(data) == "PNG" and (size := _png_size(data)) is not None:
-        _check_pixels(size, max_pixels)
-        return size
-    with _open(data, max_pixels)[0] as image:
-        _check_pixels(image.size, max_pixels)
-        return image.size
+    fmt = check_cost(data)  # once: a JPEG's scan walk is the costliest check on the event loop
+    size = _png_size(data) if fmt == "PNG" else None
+    if size is None:
+        with _open(data, max_pixels, fmt)[0] as image:
+            size = image.size
+    _check_pixels(size, max_pixels)
+    return size
 
 
 def decode(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
