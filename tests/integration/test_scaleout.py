@@ -311,6 +311,34 @@ def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
     assert "images)" in judged.stdout + judged.stderr
 
 
+def test_cv_of_a_trial_cross_validates_that_trials_settings(
+    tune_run: subprocess.CompletedProcess[str],
+    cluster: str,
+    folder: Path,
+    tracking_server: Tracking,
+    tmp_path: Path,
+) -> None:
+    """`cv --trial RUN` (how bench_tune compares the best trial with the preset) trains the
+    folds with the trial's settings; a run that is not a trial is refused in one line."""
+    assert tune_run.returncode == 0, tune_run.stderr[-2000:]
+    client = MlflowClient(tracking_server.uri)
+    parent = parent_of(tune_run.stdout)
+    best = client.get_run(parent).data.tags["best_trial_run"]
+    data = ["cv", "--data", str(folder), "--folds", "2", "--cluster", cluster, *STEPS]
+    refused = cli([*data, "--trial", parent], tracking_server, tmp_path / "refused")
+    assert refused.returncode == 1
+    assert f"run {parent} is not a tune trial" in refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
+    done = cli([*data, "--trial", best], tracking_server, tmp_path / "trial")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    trial = client.get_run(best).data.params
+    used = client.get_run(parent_of(done.stdout)).data.params
+    assert float(used["learning_rate"]) == pytest.approx(float(trial["learning_rate"]))
+    assert int(used["arch_rnn_units"]) == int(trial["rnn_units"])
+    assert int(used["max_steps"]) == int(trial["max_steps"])
+    assert len(children(client, parent_of(done.stdout))) == 2
+
+
 def test_members_are_one_version_served_alike_by_our_server_and_stock_mlflow(
     ensemble_run: subprocess.CompletedProcess[str],
     tracking_server: Tracking,

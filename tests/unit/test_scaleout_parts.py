@@ -80,3 +80,15 @@ def test_the_preset_is_a_point_of_its_own_search_space_and_a_trial_reads_back() 
     assert same.max_steps == base.max_steps and same.ema_momentum == base.ema_momentum
     wider = with_trial(base, Architecture(), preset_point(base) | {"conv_scale": 1.5})
     assert wider.arch.filters == tuple(round(f * 1.5) for f in Architecture().filters)
+
+
+def test_trials_tied_on_validation_cer_are_ranked_by_validation_loss() -> None:
+    from captchaops.scaleout.tune import rank
+
+    done = [
+        {"trial_id": "a", "val_cer": 0.0, "val_loss": 0.31},
+        {"trial_id": "b", "val_cer": 0.0, "val_loss": 0.02},
+        {"trial_id": "c", "val_cer": 0.01, "val_loss": 0.001},
+        {"trial_id": "d", "val_cer": 0.0},  # a result without a loss ranks last among its ties
+    ]
+    assert [m["trial_id"] for m in sorted(done, key=rank)] == ["b", "a", "d", "c"]

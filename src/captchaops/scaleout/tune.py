@@ -278,7 +278,7 @@ def search(
     ]
     if not done:
         return None
-    metrics, config = min(done, key=lambda pair: float(pair[0][METRIC]))
+    metrics, config = min(done, key=lambda pair: rank(pair[0]))
     trial_id = str(metrics["trial_id"])
     return Best(
         trial_id=trial_id,
@@ -287,6 +287,14 @@ def search(
         val_cer=float(metrics[METRIC]),
         job=configure(job, config),
     )
+
+
+def rank(metrics: dict[str, Any]) -> tuple[float, float]:
+    """How trials are ordered for "best": validation CER, then validation loss. On a folder of
+    about 1,000 images the validation split is about 80 images, and half of a 16-trial search
+    read none of them wrong (measured 2026-12-03: 8 of 16 trials at CER 0), so the loss, which
+    still tells those apart, breaks the tie instead of the order the trials finished in."""
+    return float(metrics[METRIC]), float(metrics.get("val_loss", math.inf))
 
 
 def best_network(best: Best, client: MlflowClient) -> Any:
