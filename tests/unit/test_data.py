@@ -47,6 +47,19 @@ def test_worker_count_does_not_change_the_set() -> None:
     assert synthetic.generate(n, seed=3, workers=2) == synthetic.generate(n, seed=3)
 
 
+def test_a_draw_stops_at_its_deadline_with_a_prefix_of_the_same_set() -> None:
+    """A fixed set drawn under the training budget: whole chunks of 500 drawn by the deadline
+    (at least one), the very images an unhurried draw starts with, on any worker count."""
+    import time
+
+    n = 1200
+    whole = synthetic.generate(n, seed=5)
+    assert synthetic.generate(n, seed=5, deadline=time.monotonic()) == whole[:500]
+    late = synthetic.generate(n, seed=5, workers=2, deadline=time.monotonic() + 0.5)
+    assert len(late) in (500, 1000) and late == whole[: len(late)]
+    assert synthetic.generate(n, seed=5, workers=2, deadline=time.monotonic() + 600) == whole
+
+
 def test_generate_one_is_reproducible_only_with_a_seed() -> None:
     assert synthetic.generate_one(42) == synthetic.generate_one(42)
     assert synthetic.generate_one().image != synthetic.generate_one().image

@@ -97,3 +97,43 @@ def test_held_out_sets_wait_for_the_first_step_and_are_numbered_below_the_stream
     assert data.names[0] == "synthetic-0-0000000" and data.names[-1] == "synthetic-0-0000059"
     assert data.labels[:30] == val.labels and len(data.images) == 60
     assert digests(first[0]).isdisjoint(digests(val.x))
+
+
+def test_a_one_fill_pool_is_in_by_fill_steps_and_then_nothing_more_is_drawn() -> None:
+    """`fill_steps`: the fixed set's images without the wait, the same batches on any workers."""
+    runs = []
+    for workers in (1, 2):
+        images = stream(workers=workers, capacity=64, fill_steps=8)
+        with images:
+            images.start(1)
+            batches = images.batches()
+            taken = [next(batches)]
+            images.fill()  # what the first step queues: the rest of the pool
+            assert images._submitted == 4 and images.total == 4  # 64 images, shards of 16
+            taken += [next(batches) for _ in range(7)]
+            assert images.generated == 64  # step 7 needed 1 + 7 * 4 // 8 = 4 shards: all in
+            taken += [next(batches) for _ in range(40)]
+            assert images.generated == 64 and not images._pending  # no shard after the pool
+        runs.append(taken)
+    for (x1, y1), (x2, y2) in zip(*runs, strict=True):
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    trained = np.concatenate([x for x, _ in runs[0][8:]])
+    assert len(digests(trained)) > 40  # later batches sample the whole pool, not its first shard
+    with pytest.raises(ValueError, match="fill_steps"):
+        stream(workers=1, fill_steps=0)
+
+
+def test_a_one_fill_pool_queues_all_of_itself_at_the_first_step_around_the_validation_set() -> None:
+    from dataclasses import replace
+
+    from captchaops.training.config import TrainConfig
+    from captchaops.training.fresh import fresh_data
+
+    config = replace(TrainConfig.tiny(), fill_steps=100)  # a pool of 240: one shard of 256
+    with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
+        first = next(fresh.stream(8).batches)
+        val = fresh.validation()
+        assert fresh.images.total == 1 and fresh.images._submitted == 1  # nothing beyond it
+        data = fresh.held_out(config.seed)
+    assert len(val.labels) == 30 and len(data.images) == 60
+    assert digests(first[0]).isdisjoint(digests(val.x))

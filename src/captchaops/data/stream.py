@@ -10,6 +10,12 @@ Batches come from a pool of the latest `capacity` training images. Step t admits
 `1 + t * batch / (reuse * shard)` have arrived, so each image is used `reuse` times on average
 and the batch at step t depends only on the seed: a late shard costs waiting time, never a
 different batch. Memory is bounded by the pool plus `window` shards in flight.
+
+With `fill_steps` the stream draws one pool and no more: every shard is queued at once (the
+workers draw as fast as they can, beside the optimiser steps) and step t admits
+`1 + t * shards // fill_steps` of them, so the whole pool is in by step `fill_steps` and
+training then samples it like a fixed set. This is the fixed set drawn first, without the
+minute of waiting before the first step; batches still depend only on the seed.
 """
 
 from __future__ import annotations
@@ -94,12 +100,17 @@ class FreshImages:
         workers: int,
         shard: int = 256,
         window: int | None = None,
+        fill_steps: int | None = None,
     ) -> None:
         if reuse <= 0 or batch < 1 or workers < 1 or shard < 1:
             raise ValueError("need reuse > 0 and at least one worker, image per batch and shard")
+        if fill_steps is not None and fill_steps < 1:
+            raise ValueError("fill_steps must be at least 1")
         self.spec, self.batch, self.first, self.shard = spec, batch, first, shard
         self.capacity = max(1, math.ceil(capacity / shard)) * shard
         self.fresh_per_step = batch / reuse
+        self.fill_steps = fill_steps
+        self.total = self.capacity // shard if fill_steps else None  # shards ever drawn
         self.workers = workers
         self.window = window or 2 * workers
         self.x = np.empty((self.capacity, spec.height, spec.width, 1), dtype=np.float32)
@@ -140,7 +151,12 @@ class FreshImages:
 
     def start(self, shards: int | None = None) -> None:
         """Queue training shards up to `shards` in flight (default: the whole window)."""
-        while len(self._pending) < min(shards or self.window, self.window):
+        while len(self._pending) < min(shards or self.window, self.window) and self._more():
+            self._submit_next()
+
+    def fill(self) -> None:
+        """With `fill_steps`: queue every shard of the pool not yet queued."""
+        while self.total is not None and self._more():
             self._submit_next()
 
     @property
@@ -152,7 +168,10 @@ class FreshImages:
         """(x, y) batches for steps 0, 1, 2, ...; the same seed gives the same batches."""
         rng = np.random.default_rng((self.spec.seed, 23))
         for step in itertools.count():
-            needed = 1 + int(step * self.fresh_per_step // self.shard)
+            if self.total is not None and self.fill_steps is not None:
+                needed = min(self.total, 1 + step * self.total // self.fill_steps)
+            else:
+                needed = 1 + int(step * self.fresh_per_step // self.shard)
             while self.admitted < needed:
                 self._admit()
             rows = rng.integers(0, min(self.capacity, self.generated), self.batch)
@@ -162,6 +181,10 @@ class FreshImages:
         if self._pool is None:
             raise RuntimeError("FreshImages is used outside its `with` block")
         return self._pool
+
+    def _more(self) -> bool:
+        """Whether another training shard is to be drawn (always, unless the pool is one fill)."""
+        return self.total is None or self._submitted < self.total
 
     def _submit_next(self) -> None:
         start = self.first + self._submitted * self.shard
@@ -175,7 +198,8 @@ class FreshImages:
         began = time.monotonic()
         shard = self._pending.popleft().result()
         self.waited += time.monotonic() - began
-        self._submit_next()
+        if self.total is None:
+            self._submit_next()
         slot = (self.admitted * self.shard) % self.capacity
         self.x[slot : slot + self.shard] = shard.x
         self.y[slot : slot + self.shard] = encode_labels(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import random
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -118,17 +120,36 @@ def generate(
     height: int = 60,
     workers: int = 1,
     preprocess_to: tuple[int, int] | None = None,
+    deadline: float | None = None,
 ) -> list[Sample]:
     """`n` CAPTCHAs; sample i depends only on (seed, i), so any worker count gives the same set.
 
     With `preprocess_to=(height, width)` each sample also carries its network input array.
+    With `deadline` (a `time.monotonic()` value) it returns the samples [0, k) drawn by then,
+    in whole chunks of 500 and at least one chunk, so a slow machine gets fewer of the same
+    images instead of a draw that eats the training budget.
     """
     if not alphabet or length[0] < 1 or length[1] < length[0]:
         raise ValueError("need a non-empty alphabet and 1 <= min length <= max length")
     args = (seed, alphabet, length, width, height, preprocess_to)
-    if workers <= 1 or n <= _CHUNK:
-        return generate_range(0, n, *args)
     starts = range(0, n, _CHUNK)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    if workers <= 1 or n <= _CHUNK:
+        drawn: list[Sample] = []
+        for s in starts:
+            if drawn and deadline is not None and time.monotonic() >= deadline:
+                break
+            drawn += generate_range(s, min(s + _CHUNK, n), *args)
+        return drawn
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    try:
         futures = [pool.submit(generate_range, s, min(s + _CHUNK, n), *args) for s in starts]
-        return [sample for future in futures for sample in future.result()]
+        drawn = []
+        for future in futures:
+            left = None if deadline is None or not drawn else deadline - time.monotonic()
+            try:
+                drawn += future.result(timeout=None if left is None else max(left, 0.0))
+            except FuturesTimeout:
+                break
+        return drawn
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -38,6 +38,8 @@ class TrainConfig:
     workers: int = 2  # processes generating synthetic data
     fresh: bool = True  # synthetic: draw new images while training (False: one fixed set first)
     reuse: float = 3.0  # fresh: each generated training image is used this often on average
+    fill_steps: int | None = None  # fresh: draw one pool (no more), all of it in by this step
+    draw_share: float = 0.5  # fixed generated set: drawing stops at this share of max_minutes
     arch: Architecture = field(default_factory=Architecture)
 
     @classmethod

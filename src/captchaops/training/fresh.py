@@ -45,11 +45,16 @@ class FreshData:
         """Queue the validation set, the rest of the training window and the test set (once).
 
         Called at the first optimiser step: until then the workers draw only the first
-        shard and leave the cores to tracing the training step.
+        shard and leave the cores to tracing the training step. A one-fill pool
+        (`fill_steps`) queues a window of training shards before the validation set, so the
+        first steps do not wait behind it, and the rest of the pool after it.
         """
         if not self.val_parts:
+            if self.images.fill_steps:  # one pool: a window of it first, the rest after val
+                self.images.start()
             self.val_parts = self.images.held_out(0, self.n_val, keep_images=True)
             self.images.start()
+            self.images.fill()
             end = self.n_val + self.n_test
             self.test_parts = self.images.held_out(self.n_val, end, keep_images=True)
 
@@ -100,6 +105,7 @@ def fresh_data(config: TrainConfig, arch: Architecture, alphabet: str) -> Iterat
         capacity=pool,
         reuse=config.reuse,
         workers=config.workers,
+        fill_steps=config.fill_steps,
     )
     with images:
         images.start(1)

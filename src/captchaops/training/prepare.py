@@ -30,8 +30,13 @@ from captchaops.training.fresh import fresh_data
 from captchaops.training.loop import Progress, Stream, Validation, arrays, geometry
 
 
-def load_data(config: TrainConfig, settings: Settings, report: Progress) -> LabelledImages:
-    """The labelled images a config asks for (folder or generated, plus feedback if asked)."""
+def load_data(
+    config: TrainConfig, settings: Settings, report: Progress, deadline: float | None = None
+) -> LabelledImages:
+    """The labelled images a config asks for (folder or generated, plus feedback if asked).
+
+    A generated set is drawn until `deadline` (`time.monotonic()`) at the latest: a slower
+    machine trains on fewer of the same images rather than spending its budget drawing."""
     if config.data_dir is not None:
         data = read_folder(config.data_dir, alphabet=config.alphabet)
     else:
@@ -45,7 +50,10 @@ def load_data(config: TrainConfig, settings: Settings, report: Progress) -> Labe
             length=config.length,
             workers=config.workers,
             preprocess_to=(config.arch.height, config.arch.width),
+            deadline=deadline,
         )
+        if len(samples) < config.synthetic:
+            report(f"drew {len(samples):,} of {config.synthetic:,} CAPTCHAs in the time", 0.0, {})
         data = LabelledImages(
             images=[s.image for s in samples],
             labels=[s.label for s in samples],
@@ -108,9 +116,14 @@ class Prepared:
 
 @contextmanager
 def prepared(
-    client: MlflowClient, config: TrainConfig, settings: Settings, report: Progress
+    client: MlflowClient,
+    config: TrainConfig,
+    settings: Settings,
+    report: Progress,
+    start: float | None = None,
 ) -> Iterator[Prepared]:
-    """The data to fit on; the fresh path's generators run until the block ends."""
+    """The data to fit on; the fresh path's generators run until the block ends. A fixed
+    generated set is drawn in at most `config.draw_share` of the budget counted from `start`."""
     if config.data_dir is None and config.fresh and not config.include_feedback:
         alphabet = config.alphabet or synthetic.DIGITS_UPPER
         arch = geometry(config, None, config.length[1])
@@ -140,14 +153,19 @@ def prepared(
                 n_read=config.synthetic,
             )
         return
-    yield _prepare_fixed(client, config, settings, report)
+    deadline = None if start is None else start + config.draw_share * config.max_minutes * 60
+    yield _prepare_fixed(client, config, settings, report, deadline)
 
 
 def _prepare_fixed(
-    client: MlflowClient, config: TrainConfig, settings: Settings, report: Progress
+    client: MlflowClient,
+    config: TrainConfig,
+    settings: Settings,
+    report: Progress,
+    deadline: float | None,
 ) -> Prepared:
     """A folder, or one generated set drawn before training starts, split and preprocessed."""
-    data = load_data(config, settings, report)
+    data = load_data(config, settings, report, deadline)
     frozen: EvalSet | None = None
     n_read = len(data)
     if config.data_dir is not None:

@@ -63,7 +63,7 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
     with pointed_at(settings):
         client = registry.client(settings)
         keras.utils.set_random_seed(config.seed)
-        with prepared(client, config, settings, report) as p:
+        with prepared(client, config, settings, report, start) as p:
             mlflow.set_experiment(settings.experiment_name)
             with mlflow.start_run(run_name=_run_name(config, p.n_read)) as run:
                 mlflow.log_params(_params(config, settings, p))
