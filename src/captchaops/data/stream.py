@@ -110,7 +110,6 @@ class FreshImages:
         self.capacity = max(1, math.ceil(capacity / shard)) * shard
         self.fresh_per_step = batch / reuse
         self.fill_steps = fill_steps
-        self.total = self.capacity // shard if fill_steps else None  # shards ever drawn
         self.workers = workers
         self.window = window or 2 * workers
         self.x = np.empty((self.capacity, spec.height, spec.width, 1), dtype=np.float32)
@@ -156,8 +155,13 @@ class FreshImages:
 
     def fill(self) -> None:
         """With `fill_steps`: queue every shard of the pool not yet queued."""
-        while self.total is not None and self._more():
+        while self.fill_steps and self._more():
             self._submit_next()
+
+    @property
+    def total(self) -> int | None:
+        """Training shards ever drawn: the pool's, with `fill_steps`; None: no end."""
+        return self.capacity // self.shard if self.fill_steps else None
 
     @property
     def generated(self) -> int:
@@ -168,8 +172,9 @@ class FreshImages:
         """(x, y) batches for steps 0, 1, 2, ...; the same seed gives the same batches."""
         rng = np.random.default_rng((self.spec.seed, 23))
         for step in itertools.count():
-            if self.total is not None and self.fill_steps is not None:
-                needed = min(self.total, 1 + step * self.total // self.fill_steps)
+            if self.fill_steps:
+                pool = self.capacity // self.shard
+                needed = min(pool, 1 + step * pool // self.fill_steps)
             else:
                 needed = 1 + int(step * self.fresh_per_step // self.shard)
             while self.admitted < needed:
@@ -184,7 +189,7 @@ class FreshImages:
 
     def _more(self) -> bool:
         """Whether another training shard is to be drawn (always, unless the pool is one fill)."""
-        return self.total is None or self._submitted < self.total
+        return not self.fill_steps or self._submitted < self.capacity // self.shard
 
     def _submit_next(self) -> None:
         start = self.first + self._submitted * self.shard
@@ -198,7 +203,7 @@ class FreshImages:
         began = time.monotonic()
         shard = self._pending.popleft().result()
         self.waited += time.monotonic() - began
-        if self.total is None:
+        if not self.fill_steps:
             self._submit_next()
         slot = (self.admitted * self.shard) % self.capacity
         self.x[slot : slot + self.shard] = shard.x

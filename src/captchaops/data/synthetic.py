@@ -6,11 +6,12 @@ import io
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 
 import captcha.image
@@ -110,6 +111,27 @@ def generate_range(
     ]
 
 
+def _draw_chunk(start: int, stop: int, args: tuple, timeout: float | None) -> list[Sample]:
+    return generate_range(start, stop, *args)  # in this process: no wait to bound
+
+
+def _within(
+    deadline: float | None, chunks: list[Callable[[float | None], list[Sample]]]
+) -> list[Sample]:
+    """The chunks in order until `deadline` (at least the first): each is asked with the time
+    left, and one not ready in time (`TimeoutError`) ends the draw."""
+    drawn: list[Sample] = []
+    for chunk in chunks:
+        left = None if deadline is None or not drawn else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        try:
+            drawn += chunk(left)
+        except FuturesTimeout:
+            break
+    return drawn
+
+
 def generate(
     n: int,
     seed: int,
@@ -132,24 +154,12 @@ def generate(
     if not alphabet or length[0] < 1 or length[1] < length[0]:
         raise ValueError("need a non-empty alphabet and 1 <= min length <= max length")
     args = (seed, alphabet, length, width, height, preprocess_to)
-    starts = range(0, n, _CHUNK)
+    chunks = [(a, min(a + _CHUNK, n)) for a in range(0, n, _CHUNK)]
     if workers <= 1 or n <= _CHUNK:
-        drawn: list[Sample] = []
-        for s in starts:
-            if drawn and deadline is not None and time.monotonic() >= deadline:
-                break
-            drawn += generate_range(s, min(s + _CHUNK, n), *args)
-        return drawn
+        return _within(deadline, [partial(_draw_chunk, a, b, args) for a, b in chunks])
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     try:
-        futures = [pool.submit(generate_range, s, min(s + _CHUNK, n), *args) for s in starts]
-        drawn = []
-        for future in futures:
-            left = None if deadline is None or not drawn else deadline - time.monotonic()
-            try:
-                drawn += future.result(timeout=None if left is None else max(left, 0.0))
-            except FuturesTimeout:
-                break
-        return drawn
+        futures = [pool.submit(generate_range, a, b, *args) for a, b in chunks]
+        return _within(deadline, [f.result for f in futures])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
