@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -54,12 +55,23 @@ def cluster() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def head_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """What the `ray start` head and its drivers share: loopback, and a token of the module's
+    own (0600, as `ray get-auth-token --generate` writes one), so that the test needs no
+    ~/.ray/auth_token on the machine and never touches one that is there."""
+    token = tmp_path_factory.mktemp("ray-token") / "auth_token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    return LOOPBACK_HEAD | {"RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory, head_env: dict[str, str]) -> Iterator[str]:
     """A separately started `ray start --head --block` on 127.0.0.1; its process tree is
     stopped after the module (never `ray stop`, which would stop every Ray on the machine)."""
     port = free_port()
     log = tmp_path_factory.mktemp("ray-head") / "ray.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | LOOPBACK_HEAD
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | head_env
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1"]
     cmd += ["--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -139,6 +151,7 @@ def cli(
 def commands(
     cluster: str,
     ray_head: str,
+    head_env: dict[str, str],
     folder: Path,
     tracking_server: Tracking,
     tmp_path_factory: pytest.TempPathFactory,
@@ -152,7 +165,7 @@ def commands(
             ["cv", *data, "--folds", "2", "--cluster", ray_head, *STEPS],
             tracking_server,
             home / "cv",
-            **LOOPBACK_HEAD,
+            **head_env,
         ),
         "tune": Command.start(
             ["tune", *data, "--trials", "2", "--cluster", cluster, *STEPS, "--model-name", SCHEME],
@@ -311,7 +324,7 @@ def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
     assert "images)" in judged.stdout + judged.stderr
 
 
-def test_cv_of_a_trial_cross_validates_that_trials_settings(
+def test_cv_of_a_trial_with_members_trains_each_fold_as_that_trials_ensemble(
     tune_run: subprocess.CompletedProcess[str],
     cluster: str,
     folder: Path,
@@ -319,7 +332,9 @@ def test_cv_of_a_trial_cross_validates_that_trials_settings(
     tmp_path: Path,
 ) -> None:
     """`cv --trial RUN` (how bench_tune compares the best trial with the preset) trains the
-    folds with the trial's settings; a run that is not a trial is refused in one line."""
+    folds with the trial's settings, and `--members 2` (how bench_members compares members with
+    one run) trains each fold as two members combined into one score; a run that is not a
+    trial is refused in one line."""
     assert tune_run.returncode == 0, tune_run.stderr[-2000:]
     client = MlflowClient(tracking_server.uri)
     parent = parent_of(tune_run.stdout)
@@ -329,14 +344,41 @@ def test_cv_of_a_trial_cross_validates_that_trials_settings(
     assert refused.returncode == 1
     assert f"run {parent} is not a tune trial" in refused.stderr
     assert "Traceback" not in refused.stdout + refused.stderr
-    done = cli([*data, "--trial", best], tracking_server, tmp_path / "trial")
+    done = cli([*data, "--trial", best, "--members", "2"], tracking_server, tmp_path / "trial")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "fold 1: " in done.stdout and "fold 2: " in done.stdout and "mean " in done.stdout
     trial = client.get_run(best).data.params
-    used = client.get_run(parent_of(done.stdout)).data.params
+    top = client.get_run(parent_of(done.stdout))
+    used = top.data.params
     assert float(used["learning_rate"]) == pytest.approx(float(trial["learning_rate"]))
     assert int(used["arch_rnn_units"]) == int(trial["rnn_units"])
     assert int(used["max_steps"]) == int(trial["max_steps"])
-    assert len(children(client, parent_of(done.stdout))) == 2
+    assert used["members"] == "2"
+    runs = {r.info.run_name: r for r in children(client, top.info.run_id)}
+    assert sorted(runs) == [
+        "fold 1",
+        "fold 1 member 1",
+        "fold 1 member 2",
+        "fold 2",
+        "fold 2 member 1",
+        "fold 2 member 2",
+    ]
+    for run in runs.values():
+        assert run.info.status == "FINISHED"
+        assert 0.0 <= run.data.metrics["test_seq_acc"] <= 1.0
+    for k in (1, 2):
+        fold = runs[f"fold {k}"]
+        assert fold.data.tags["combine"] in {"max_confidence", "vote"}
+        assert {"val_seq_acc_max_confidence", "val_seq_acc_vote"} <= set(fold.data.metrics)
+        # Member i of fold k trains with seed + (k - 1) + (i - 1) * folds.
+        seeds = [int(runs[f"fold {k} member {i}"].data.params["seed"]) for i in (1, 2)]
+        assert seeds == [int(used["seed"]) + k - 1, int(used["seed"]) + k + 1]
+        # The fold's own score is its combination's, over the fold's held-out images.
+        assert int(fold.data.params["n_test"]) == int(
+            runs[f"fold {k} member 1"].data.params["n_test"]
+        )
+    accuracy = [runs[f"fold {k}"].data.metrics["test_seq_acc"] for k in (1, 2)]
+    assert top.data.metrics["cv_mean_seq_acc"] == pytest.approx(sum(accuracy) / 2)
 
 
 def test_members_are_one_version_served_alike_by_our_server_and_stock_mlflow(
