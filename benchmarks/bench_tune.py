@@ -63,7 +63,6 @@ def best_vs_preset(b: Bench, trials: int, folds: int, extra: list[str]) -> None:
     """The best of `trials` against the preset, by cv on the same folds. The preset's cv runs
     first: it is also issue 21's `cv` row, so a run cut short still leaves that number."""
     from mlflow.tracking import MlflowClient
-    from scipy import stats
 
     scores = {"preset": cross_validate(b, folds, extra, "preset")}
     data = ["--data", str(b.folder)]
@@ -73,13 +72,20 @@ def best_vs_preset(b: Bench, trials: int, folds: int, extra: list[str]) -> None:
     print(out[-3000:])
     print(f"tune, {trials} trials: {wall / 60:.1f} min wall, best trial run {best}, {load()}")
     scores["best"] = cross_validate(b, folds, [*extra, "--trial", best], "best")
-    paired = [scores["best"][f] - scores["preset"][f] for f in sorted(scores["preset"])]
+    print(paired_difference("best - preset", scores["best"], scores["preset"]))
+
+
+def paired_difference(what: str, a: dict[str, float], b: dict[str, float]) -> str:
+    """`a - b` over the folds both scored: the mean difference and its 95% t-interval."""
+    from scipy import stats
+
+    paired = [a[f] - b[f] for f in sorted(b) if f.startswith("fold ") and f in a]
+    mean = statistics.fmean(paired)
     half = float(stats.t.ppf(0.975, len(paired) - 1)) * statistics.stdev(paired)
     half /= len(paired) ** 0.5
-    low, high = statistics.fmean(paired) - half, statistics.fmean(paired) + half
-    print(
-        f"best - preset on the same {folds} folds: {statistics.fmean(paired) * 100:+.2f} points, "
-        f"95% t-interval [{low * 100:+.2f}, {high * 100:+.2f}] points"
+    return (
+        f"{what} on the same {len(paired)} folds: {mean * 100:+.2f} points, "
+        f"95% t-interval [{(mean - half) * 100:+.2f}, {(mean + half) * 100:+.2f}] points"
     )
 
 

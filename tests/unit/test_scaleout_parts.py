@@ -3,16 +3,21 @@ address, the search space."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from captchaops.data.dataset import LabelledImages
+from captchaops.data.dataset import DataError, LabelledImages
 from captchaops.model.reader import VOTE, combine_members
 from captchaops.scaleout import ScaleoutError
-from captchaops.scaleout.cv import fold_of, t_interval
+from captchaops.scaleout.board import Board
+from captchaops.scaleout.cv import combined, cross_validate, fold_of, t_interval
 from captchaops.scaleout.engine import _reachable
 from captchaops.scaleout.shipping import pack, unpack
+from captchaops.scaleout.work import Outcome
+from captchaops.settings import Settings
+from captchaops.training.config import TrainConfig
 
 
 def test_folds_are_decided_by_name_and_cover_every_fold() -> None:
@@ -55,6 +60,37 @@ def test_members_combine_by_the_most_confident_answer_or_a_weighted_vote() -> No
     voted = combine_members([a, b, c], VOTE)
     assert [t for t, _ in voted] == ["3n45", "44ype", "b4y5x"]
     assert voted[0][1] == pytest.approx((0.6 + 0.5) / 3)
+
+
+def member(name: str, val: list[tuple[str, float]], test: list[tuple[str, float]]) -> Outcome:
+    steps = {"best_val_cer": 0.1, "wall_seconds": 60.0, "steps_run": 100.0}
+    return Outcome(name, steps, predictions=test, val_predictions=val)
+
+
+def test_a_folds_members_answer_by_the_rule_that_reads_more_of_its_validation_images() -> None:
+    """`cv --members`: the rule is chosen on the fold's validation images, then it alone
+    answers the held-out ones (here the vote wins validation but would lose the test)."""
+    val_labels = ["ab", "cd"]
+    members = [
+        member("fold 1 member 1", [("ab", 0.9), ("cx", 0.9)], [("zz", 0.5), ("ef", 0.2)]),
+        member("fold 1 member 2", [("ax", 0.5), ("cd", 0.5)], [("gh", 0.45), ("ef", 0.4)]),
+        member("fold 1 member 3", [("ab", 0.1), ("cd", 0.5)], [("gh", 0.3), ("ef", 0.3)]),
+    ]
+    metrics, rule, val = combined(members, val_labels, ["gh", "ef"])
+    assert val == {"max_confidence": 0.5, "vote": 1.0} and rule == VOTE
+    # The vote answers "gh" (0.45 + 0.3) over "zz" (0.5); the most confident member would not.
+    assert metrics["test_seq_acc"] == 1.0
+    assert metrics["steps_run"] == 300.0 and metrics["wall_seconds"] == 60.0
+    tied = [member(m.name, [("ab", 0.5), ("cd", 0.5)], m.predictions) for m in members]
+    _, rule, _ = combined(tied, val_labels, ["gh", "ef"])
+    assert rule == "max_confidence"  # a tie on validation keeps the most confident member
+
+
+def test_cv_refuses_a_member_count_out_of_range_before_reading_anything(tmp_path: Path) -> None:
+    config = replace(TrainConfig.folder(), data_dir=tmp_path / "absent")
+    for bad in (0, 17):
+        with pytest.raises(DataError, match=f"--members {bad} is out of range"):
+            cross_validate(config, Settings(), 5, None, Board("cv"), members=bad)
 
 
 def test_the_preset_is_a_point_of_its_own_search_space_and_a_trial_reads_back() -> None:

@@ -43,12 +43,17 @@ def cv_command(
     cluster: str | None = CLUSTER_OPTION,
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="time budget per fold"),
     steps: int | None = typer.Option(None, "--steps", help="optimiser steps planned per fold"),
-    seed: int | None = typer.Option(None, "--seed", help="fold k trains with seed + k"),
+    seed: int | None = typer.Option(
+        None, "--seed", help="fold k trains with seed + k (member i: seed + k + i * folds)"
+    ),
     cpus: int | None = typer.Option(
         None, "--cpus", min=1, help="cores the local Ray offers (default: all of them)"
     ),
     trial: str | None = typer.Option(
         None, "--trial", help="cross-validate the settings of this tune trial (its run id)"
+    ),
+    members: int = typer.Option(
+        1, "--members", help="K runs per fold, combined as `train --members K` combines them"
     ),
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
@@ -66,7 +71,7 @@ def cv_command(
             config = _trial_config(config, settings, trial)
         with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
             assert isinstance(board, Board)
-            result = cross_validate(config, settings, folds, cluster, board, redraw, cpus)
+            result = cross_validate(config, settings, folds, cluster, board, redraw, cpus, members)
     _print(_cv_lines(result), log)
     if result.interrupted:
         raise typer.Exit(130)

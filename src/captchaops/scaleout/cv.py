@@ -3,7 +3,9 @@
 Each image's fold is decided by hashing its name (the same folds as `benchmarks/bench_folder`);
 fold k trains on the other folds (its validation split by name hash, as `train` does) and is
 scored on fold k. One parent MLflow run holds the data set and the summary, one child run per
-fold its parameters, per-epoch metrics and held-out score.
+fold its parameters, per-epoch metrics and held-out score. With `--members K` a fold is K
+training runs (each its own child run, with its own score), combined as `train --members K`
+combines an ensemble's answers, by the rule that reads more of the fold's validation images.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
+from captchaops.model.reader import MAX_CONFIDENCE, VOTE
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, Interrupted, ParentRun, parent_run, run_jobs
@@ -84,12 +87,16 @@ def cross_validate(
     board: Board,
     redraw: Callable[[], None] = lambda: None,
     cpus: int | None = None,
+    members: int = 1,
 ) -> CvResult:
-    """Train one run per fold on Ray, log parent and child runs, return the held-out scores."""
+    """Train one run (or `members` runs, combined as `train --members` combines them) per fold
+    on Ray, log parent and child runs, return the held-out scores."""
     if config.data_dir is None:
         raise DataError("cv needs --data DIR, a folder of images named <label>.png")
     if not 2 <= folds <= 20:
         raise DataError(f"--folds {folds} is out of range; use 2 to 20 (5 is usual)")
+    if not 1 <= members <= 16:
+        raise DataError(f"--members {members} is out of range; use 2 to 16 (or leave it out)")
     data = read_folder(config.data_dir, alphabet=config.alphabet)
     of = [fold_of(name, folds) for name in data.names]
     if min(of.count(k) for k in range(folds)) < 2:
@@ -99,31 +106,47 @@ def cross_validate(
     alphabet = config.alphabet or data.alphabet()
     arch = geometry(config, data, max(len(label) for label in data.labels))
     params = config.params() | arch.params() | _data_params(data, alphabet, folds)
-    name = f"cv-{config.data_dir.name}-{folds}folds"
+    params |= {"members": members} if members > 1 else {}
+    name = f"cv-{config.data_dir.name}-{folds}folds" + (f"-{members}members" if members > 1 else "")
     with parent_run(settings, name, "cv", params) as parent:
-        return _run_folds(config, settings, parent, data, of, folds, cluster, board, redraw, cpus)
+        plan = _plan(config, settings, parent, data, of, folds, members)
+        return _run_folds(plan, parent, cluster, board, redraw, cpus)
 
 
-def _run_folds(
+@dataclass
+class _Fold:
+    """One fold: its child run and its training runs (one, or one per member)."""
+
+    run_id: str
+    test: tuple[int, ...]
+    jobs: list[Job]
+
+
+@dataclass
+class _Plan:
+    """The data set and every fold's runs, ready to submit."""
+
+    data: LabelledImages
+    folds: list[_Fold]
+
+
+def _plan(
     config: TrainConfig,
     settings: Settings,
     parent: ParentRun,
     data: LabelledImages,
     of: list[int],
     folds: int,
-    cluster: str | None,
-    board: Board,
-    redraw: Callable[[], None],
-    cpus: int | None,
-) -> CvResult:
-    """Publish the data, a child run and a Ray task per fold; log the summary."""
-    client, parent_id = parent.client, parent.run_id
+    members: int,
+) -> _Plan:
+    """Publish the data; a child run per fold (and per member), a job per training run.
+    Fold k trains with seed + k; with members, member i of fold k with seed + k + i * folds."""
     alphabet = config.alphabet or data.alphabet()
     max_length = max(len(label) for label in data.labels)
     arch = geometry(config, data, max_length)
     augment = config.augment if config.augment is not None else True
-    dataset_path = publish(client, parent_id, data)
-    jobs: list[Job] = []
+    dataset_path = publish(parent.client, parent.run_id, data)
+    planned = []
     for k in range(folds):
         test = tuple(i for i in range(len(data)) if of[i] == k)
         rest = [i for i in range(len(data)) if of[i] != k]
@@ -131,35 +154,64 @@ def _run_folds(
         held = set(val)
         train = tuple(i for i in rest if i not in held)
         sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
-        child = parent.child(f"fold {k + 1}", "cv-fold", {"fold": k + 1, "folds": folds} | sizes)
-        jobs.append(
-            Job(
-                name=f"fold {k + 1}",
-                config=replace(config, seed=config.seed + k),
-                arch=arch,
-                alphabet=alphabet,
-                max_length=max_length,
-                augment=augment,
-                tracking_uri=mlflow_scope.tracking_uri(settings),
-                dataset_run_id=parent_id,
-                dataset_path=dataset_path,
-                train=train,
-                val=val,
-                test=test,
-                run_id=child,
-            )
+        fold = {"fold": k + 1, "folds": folds} | sizes
+        child = parent.child(f"fold {k + 1}", "cv-fold", fold | _members(members))
+        job = Job(
+            name=f"fold {k + 1}",
+            config=replace(config, seed=config.seed + k),
+            arch=arch,
+            alphabet=alphabet,
+            max_length=max_length,
+            augment=augment,
+            tracking_uri=mlflow_scope.tracking_uri(settings),
+            dataset_run_id=parent.run_id,
+            dataset_path=dataset_path,
+            train=train,
+            val=val,
+            test=test,
+            run_id=child,
         )
+        if members == 1:
+            planned.append(_Fold(child, test, [job]))
+            continue
+        jobs = []
+        for i in range(members):
+            name = f"fold {k + 1} member {i + 1}"
+            seeded = replace(job.config, seed=config.seed + k + i * folds)
+            run = parent.child(name, "cv-member", fold | {"member": i + 1, "seed": seeded.seed})
+            jobs.append(replace(job, name=name, config=seeded, run_id=run, predict_val=True))
+        planned.append(_Fold(child, test, jobs))
+    return _Plan(data, planned)
+
+
+def _members(members: int) -> dict[str, object]:
+    if members == 1:
+        return {}
+    return {"members": members, "combine": f"chosen on validation: {MAX_CONFIDENCE} or {VOTE}"}
+
+
+def _run_folds(
+    plan: _Plan,
+    parent: ParentRun,
+    cluster: str | None,
+    board: Board,
+    redraw: Callable[[], None],
+    cpus: int | None,
+) -> CvResult:
+    """Every fold's jobs as Ray tasks; the folds scored and the summary logged."""
+    client, parent_id = parent.client, parent.run_id
+    jobs = [job for fold in plan.folds for job in fold.jobs]
     start = time.monotonic()
     interrupted = False
     try:
         with ray_session(cluster, cpus=cpus) as engine:
             board.dashboard_url = engine.dashboard_url
             results: dict[str, Outcome | Failure] = dict(
-                run_jobs(jobs, cpus_per_run(engine, folds), board, client, redraw)
+                run_jobs(jobs, cpus_per_run(engine, len(jobs)), board, client, redraw)
             )
     except Interrupted as stop:
         results, interrupted = dict(stop.finished), True
-    scores = [_close(client, job, results.get(job.name), k) for k, job in enumerate(jobs)]
+    scores = [_close(client, plan, fold, results, k) for k, fold in enumerate(plan.folds)]
     result = _summary(parent_id, scores, interrupted)
     summary = {"cv_wall_seconds": time.monotonic() - start}
     if result.mean is not None and result.worst is not None:
@@ -172,31 +224,97 @@ def _run_folds(
     return result
 
 
-def _close(client: MlflowClient, job: Job, result: Outcome | Failure | None, k: int) -> FoldScore:
-    """Log a fold's end to its child run and return its score."""
-    assert job.run_id is not None
-    if not isinstance(result, Outcome):
+def _close(
+    client: MlflowClient,
+    plan: _Plan,
+    fold: _Fold,
+    results: dict[str, Outcome | Failure],
+    k: int,
+) -> FoldScore:
+    """Log a fold's end to its child runs and return its score."""
+    outcomes = [results.get(job.name) for job in fold.jobs]
+    if len(fold.jobs) > 1:
+        for job, outcome in zip(fold.jobs, outcomes, strict=True):
+            _end_job(client, job, outcome)
+    missing = [
+        (job, o) for job, o in zip(fold.jobs, outcomes, strict=True) if not isinstance(o, Outcome)
+    ]
+    if missing:
+        job, result = missing[0]
         note = result.reason if isinstance(result, Failure) else "stopped by Ctrl-C"
-        client.set_tag(job.run_id, "state", "failed" if result else "stopped")
-        client.set_tag(job.run_id, "captchaops.failure", note)
-        mlflow_scope.finish_run(client, job.run_id, "FAILED" if result else "KILLED")
-        return FoldScore(k + 1, len(job.test), None, None, None, 0.0, job.run_id, note)
-    m = result.metrics
+        if len(fold.jobs) > 1:
+            note = f"{job.name}: {note}"
+        failed = any(isinstance(o, Failure) for _, o in missing)
+        client.set_tag(fold.run_id, "state", "failed" if failed else "stopped")
+        client.set_tag(fold.run_id, "captchaops.failure", note)
+        mlflow_scope.finish_run(client, fold.run_id, "FAILED" if failed else "KILLED")
+        return FoldScore(k + 1, len(fold.test), None, None, None, 0.0, fold.run_id, note)
+    done = [o for o in outcomes if isinstance(o, Outcome)]
+    m = done[0].metrics
+    if len(done) > 1:
+        labels = plan.data.labels
+        val_labels = [labels[i] for i in fold.jobs[0].val]
+        m, rule, val = combined(done, val_labels, [labels[i] for i in fold.test])
+        client.set_tag(fold.run_id, "combine", rule)
+        for name, value in val.items():
+            client.log_metric(fold.run_id, f"val_seq_acc_{name}", value)
     for name in ("test_seq_acc", "test_cer", "best_val_cer", "wall_seconds", "steps_run"):
-        client.log_metric(job.run_id, name, m[name])
-    client.set_tag(job.run_id, "state", "done")
-    mlflow_scope.finish_run(client, job.run_id)
-    note = "retried once: its first worker died" if result.attempt > 1 else ""
+        client.log_metric(fold.run_id, name, m[name])
+    client.set_tag(fold.run_id, "state", "done")
+    mlflow_scope.finish_run(client, fold.run_id)
+    retried = any(o.attempt > 1 for o in done)
+    note = "retried once: its first worker died" if retried else ""
     return FoldScore(
         k + 1,
-        len(job.test),
+        len(fold.test),
         m["test_seq_acc"],
         m["test_cer"],
         m["best_val_cer"],
         m["wall_seconds"] / 60,
-        job.run_id,
+        fold.run_id,
         note,
     )
+
+
+def _end_job(client: MlflowClient, job: Job, result: Outcome | Failure | None) -> None:
+    """End a member's own child run (its score and state)."""
+    assert job.run_id is not None
+    if isinstance(result, Outcome):
+        for name in ("test_seq_acc", "test_cer", "best_val_cer", "wall_seconds", "steps_run"):
+            client.log_metric(job.run_id, name, result.metrics[name])
+        client.set_tag(job.run_id, "state", "done")
+        mlflow_scope.finish_run(client, job.run_id)
+        return
+    note = result.reason if isinstance(result, Failure) else "stopped by Ctrl-C"
+    client.set_tag(job.run_id, "state", "failed" if result else "stopped")
+    client.set_tag(job.run_id, "captchaops.failure", note)
+    mlflow_scope.finish_run(client, job.run_id, "FAILED" if result else "KILLED")
+
+
+def combined(
+    members: list[Outcome], val_labels: list[str], test_labels: list[str]
+) -> tuple[dict[str, float], str, dict[str, float]]:
+    """The members' answers combined as `train --members` combines them: each rule scored on
+    the validation images, the better one (a tie keeps max_confidence) scored on the held-out
+    images. Returns (the fold's metrics, the rule, validation accuracy by rule)."""
+    from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
+    from captchaops.model.reader import combine_members
+
+    ordered = sorted(members, key=lambda o: o.name)
+    val = {}
+    for rule in (MAX_CONFIDENCE, VOTE):
+        texts = [t for t, _ in combine_members([o.val_predictions for o in ordered], rule)]
+        val[rule] = sequence_accuracy(texts, val_labels)
+    rule = max((MAX_CONFIDENCE, VOTE), key=lambda r: (val[r], r == MAX_CONFIDENCE))
+    texts = [t for t, _ in combine_members([o.predictions for o in ordered], rule)]
+    metrics = {
+        "test_seq_acc": sequence_accuracy(texts, test_labels),
+        "test_cer": character_error_rate(texts, test_labels),
+        "best_val_cer": min(o.metrics["best_val_cer"] for o in ordered),
+        "wall_seconds": max(o.metrics["wall_seconds"] for o in ordered),
+        "steps_run": sum(o.metrics["steps_run"] for o in ordered),
+    }
+    return metrics, rule, val
 
 
 def _summary(parent_id: str, scores: list[FoldScore], interrupted: bool) -> CvResult:

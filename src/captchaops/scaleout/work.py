@@ -38,6 +38,7 @@ class Job:
     test: tuple[int, ...] = ()
     run_id: str | None = None  # the child run per-epoch metrics go to
     keep_weights: bool = False  # return the fitted weights (for export by the driver)
+    predict_val: bool = False  # also return the validation answers (to choose how members vote)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Outcome:
     predictions: list[tuple[str, float]] = field(default_factory=list)  # test (text, confidence)
     weights: list[np.ndarray] | None = None
     attempt: int = 1
+    val_predictions: list[tuple[str, float]] = field(default_factory=list)  # when predict_val
 
 
 ATTEMPT_TAG = "captchaops.attempt"
@@ -105,9 +107,13 @@ def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
             "test_cer": character_error_rate(texts, labels["test"]),
             "n_test": float(len(texts)),
         }
+    val_predictions: list[tuple[str, float]] = []
+    if job.predict_val:
+        probs = fitted.infer.predict(x["val"], batch_size=256, verbose=0)
+        val_predictions = decode_greedy(probs, job.alphabet)
     metrics["wall_seconds"] = time.monotonic() - start
     weights = fitted.infer.get_weights() if job.keep_weights else None
-    return Outcome(job.name, metrics, predictions, weights, attempt)
+    return Outcome(job.name, metrics, predictions, weights, attempt, val_predictions)
 
 
 def _splits(job: Job) -> dict[str, tuple[int, ...]]:
