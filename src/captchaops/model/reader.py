@@ -61,6 +61,12 @@ def _known(dim: object) -> int | None:
 
 MAX_CONFIDENCE = "max_confidence"
 VOTE = "vote"
+RULES = (MAX_CONFIDENCE, VOTE)
+
+
+def better_rule(scores: dict[str, float]) -> str:
+    """The combination rule with the higher validation score; a tie keeps max_confidence."""
+    return max(RULES, key=lambda rule: (scores[rule], rule == MAX_CONFIDENCE))
 
 
 def combine_members(

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
-from captchaops.model.reader import MAX_CONFIDENCE, VOTE
+from captchaops.model.reader import MAX_CONFIDENCE, RULES, VOTE, better_rule
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, Interrupted, ParentRun, parent_run, run_jobs
@@ -244,10 +244,7 @@ def _close(
         note = result.reason if isinstance(result, Failure) else "stopped by Ctrl-C"
         if len(fold.jobs) > 1:
             note = f"{job.name}: {note}"
-        failed = any(isinstance(o, Failure) for _, o in missing)
-        client.set_tag(fold.run_id, "state", "failed" if failed else "stopped")
-        client.set_tag(fold.run_id, "captchaops.failure", note)
-        mlflow_scope.finish_run(client, fold.run_id, "FAILED" if failed else "KILLED")
+        _fail(client, fold.run_id, note, any(isinstance(o, Failure) for _, o in missing))
         return FoldScore(k + 1, len(fold.test), None, None, None, 0.0, fold.run_id, note)
     done = [o for o in outcomes if isinstance(o, Outcome)]
     m = done[0].metrics
@@ -258,10 +255,7 @@ def _close(
         client.set_tag(fold.run_id, "combine", rule)
         for name, value in val.items():
             client.log_metric(fold.run_id, f"val_seq_acc_{name}", value)
-    for name in ("test_seq_acc", "test_cer", "best_val_cer", "wall_seconds", "steps_run"):
-        client.log_metric(fold.run_id, name, m[name])
-    client.set_tag(fold.run_id, "state", "done")
-    mlflow_scope.finish_run(client, fold.run_id)
+    _finish(client, fold.run_id, m)
     retried = any(o.attempt > 1 for o in done)
     note = "retried once: its first worker died" if retried else ""
     return FoldScore(
@@ -280,15 +274,28 @@ def _end_job(client: MlflowClient, job: Job, result: Outcome | Failure | None) -
     """End a member's own child run (its score and state)."""
     assert job.run_id is not None
     if isinstance(result, Outcome):
-        for name in ("test_seq_acc", "test_cer", "best_val_cer", "wall_seconds", "steps_run"):
-            client.log_metric(job.run_id, name, result.metrics[name])
-        client.set_tag(job.run_id, "state", "done")
-        mlflow_scope.finish_run(client, job.run_id)
+        _finish(client, job.run_id, result.metrics)
         return
     note = result.reason if isinstance(result, Failure) else "stopped by Ctrl-C"
-    client.set_tag(job.run_id, "state", "failed" if result else "stopped")
-    client.set_tag(job.run_id, "captchaops.failure", note)
-    mlflow_scope.finish_run(client, job.run_id, "FAILED" if result else "KILLED")
+    _fail(client, job.run_id, note, result is not None)
+
+
+SCORES = ("test_seq_acc", "test_cer", "best_val_cer", "wall_seconds", "steps_run")
+
+
+def _finish(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """A run that trained: its scores, state done, FINISHED."""
+    for name in SCORES:
+        client.log_metric(run_id, name, metrics[name])
+    client.set_tag(run_id, "state", "done")
+    mlflow_scope.finish_run(client, run_id)
+
+
+def _fail(client: MlflowClient, run_id: str, note: str, failed: bool) -> None:
+    """A run that died (FAILED) or was stopped by Ctrl-C (KILLED), with the reason."""
+    client.set_tag(run_id, "state", "failed" if failed else "stopped")
+    client.set_tag(run_id, "captchaops.failure", note)
+    mlflow_scope.finish_run(client, run_id, "FAILED" if failed else "KILLED")
 
 
 def combined(
@@ -302,10 +309,10 @@ def combined(
 
     ordered = sorted(members, key=lambda o: o.name)
     val = {}
-    for rule in (MAX_CONFIDENCE, VOTE):
+    for rule in RULES:
         texts = [t for t, _ in combine_members([o.val_predictions for o in ordered], rule)]
         val[rule] = sequence_accuracy(texts, val_labels)
-    rule = max((MAX_CONFIDENCE, VOTE), key=lambda r: (val[r], r == MAX_CONFIDENCE))
+    rule = better_rule(val)
     texts = [t for t, _ in combine_members([o.predictions for o in ordered], rule)]
     metrics = {
         "test_seq_acc": sequence_accuracy(texts, test_labels),

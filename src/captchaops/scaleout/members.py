@@ -25,7 +25,7 @@ from captchaops.evaluation.gate import stage_candidate
 from captchaops.model.crnn import build_crnn
 from captchaops.model.onnx_export import export_onnx
 from captchaops.model.preprocess import preprocess
-from captchaops.model.reader import MAX_CONFIDENCE, VOTE, OnnxReader
+from captchaops.model.reader import RULES, OnnxReader, better_rule
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import cpus_per_run, ray_session
@@ -138,7 +138,7 @@ def _train(
     ):
         path = _merged(outcomes, base, Path(tmp), test[0][:16])
         scores = _rule_scores(path, meta | {"onnx_sha256": "0" * 64}, val)
-        rule = max((MAX_CONFIDENCE, VOTE), key=lambda r: (scores[r], r == MAX_CONFIDENCE))
+        rule = better_rule(scores)
         mlflow.log_metrics({f"val_seq_acc_{r}": v for r, v in scores.items()})
         mlflow.log_param("combine", rule)
         client = registry.client(settings)
@@ -170,7 +170,7 @@ def _rule_scores(
 ) -> dict[str, float]:
     """Validation sequence accuracy of the ensemble under each combination rule."""
     scores = {}
-    for rule in (MAX_CONFIDENCE, VOTE):
+    for rule in RULES:
         reader = OnnxReader(path, meta | {"combine": rule})
         texts = [o["text"] for o in reader.read_all(val[0])]
         scores[rule] = sequence_accuracy(texts, val[1])
