@@ -139,6 +139,7 @@ def run(
     evaluate: bool = True,
     reuse: float | None = None,
     fill_steps: int | None = None,
+    draw_niceness: int | None = None,
     first_step_only: bool = False,
 ) -> dict[str, object]:
     """Train with the preset for `mode` (its data path unless `fresh` or `fill_steps` say
@@ -156,6 +157,7 @@ def run(
         fresh=fresh,
         reuse=reuse,
         fill_steps=fill_steps,
+        draw_niceness=draw_niceness,
     )
     if first_step_only:  # a budget that ends at the first step, the preset's draw time kept
         draw = config.draw_share * config.max_minutes
@@ -263,6 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--fill-steps", type=int, default=None, help="fill: pool in by this step")
     parser.add_argument(
+        "--draw-niceness",
+        type=int,
+        default=None,
+        help="fresh and fill: the drawing workers' nice increment (override the preset's)",
+    )
+    parser.add_argument(
         "--baseline",
         choices=("none", "first-step", "full"),
         default="first-step",
@@ -273,7 +281,14 @@ def main(argv: list[str] | None = None) -> None:
     fresh = {"preset": None, "fixed": False, "fresh": True, "fill": True}[args.path]
     fill = args.fill_steps or (800 if args.path == "fill" else None)
     runs = [
-        run(*common, busy=args.busy, reuse=args.reuse, fresh=fresh, fill_steps=fill)
+        run(
+            *common,
+            busy=args.busy,
+            reuse=args.reuse,
+            fresh=fresh,
+            fill_steps=fill,
+            draw_niceness=args.draw_niceness,
+        )
         for _ in range(args.runs)
     ]
     baseline = None

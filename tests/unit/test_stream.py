@@ -131,9 +131,38 @@ def test_a_one_fill_pool_queues_all_of_itself_at_the_first_step_around_the_valid
 
     config = replace(TrainConfig.tiny(), fill_steps=100)  # a pool of 240: one shard of 256
     with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
-        first = next(fresh.stream(8).batches)
+        training = fresh.stream(8)
+        assert training.steady_from == 100  # the step plan is timed once the pool is in
+        first = next(training.batches)
         val = fresh.validation()
         assert fresh.images.total == 1 and fresh.images._submitted == 1  # nothing beyond it
         data = fresh.held_out(config.seed)
     assert len(val.labels) == 30 and len(data.images) == 60
     assert digests(first[0]).isdisjoint(digests(val.x))
+
+
+def test_batches_go_through_the_pool_in_passes_without_replacement() -> None:
+    """Each pass uses every pooled image once, as `fit` goes through shuffled arrays (drawn with
+    replacement, some images go unused for many steps while others repeat)."""
+    images = stream(workers=1, capacity=64, fill_steps=4)
+    with images:
+        images.start(1)
+        images.fill()
+        batches = images.batches()
+        for _ in range(8):  # the pool is in by step 4; the passes before it are partial
+            next(batches)
+        taken = [next(batches) for _ in range(40)]  # 320 rows: five passes over 64 images
+    uses: dict[str, int] = {}
+    for x, _ in taken:
+        for digest in (hashlib.sha256(row.tobytes()).hexdigest() for row in x):
+            uses[digest] = uses.get(digest, 0) + 1
+    assert len(uses) == 64  # every pooled image is used...
+    assert min(uses.values()) >= 4 and max(uses.values()) <= 6  # ...about as often as any other
+
+
+def test_the_drawing_workers_run_at_the_niceness_asked_for() -> None:
+    import os
+
+    with stream(workers=1, niceness=5) as images:
+        worker = images._executor().submit(os.nice, 0).result()  # os.nice(0): the niceness now
+    assert worker == min(os.nice(0) + 5, 19)

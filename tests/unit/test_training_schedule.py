@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import keras
 import numpy as np
 import pytest
@@ -47,6 +49,25 @@ def test_the_schedule_warms_up_then_decays_to_its_floor_over_the_planned_steps()
     assert lr(schedule, 500) == pytest.approx(1e-6)
 
 
+def test_a_new_plan_runs_the_rest_of_the_curve_without_a_jump_in_the_learning_rate() -> None:
+    """A plan corrected upwards after slow first steps must not raise the learning rate again
+    half-way through (the fill path's runs read 81-84% while it did, docs/training.md)."""
+    schedule = WarmupCosine(peak=1e-3, warmup_fraction=0.05, total_steps=2400)
+    rates = [lr(schedule, step) for step in range(0, 750, 10)]
+    schedule.replan(750, 4600)  # the machine turned out faster: more steps, same curve
+    rates += [lr(schedule, step) for step in range(750, 4601, 10)]
+    past_peak = rates[rates.index(max(rates)) :]
+    assert all(b <= a * (1 + 1e-5) for a, b in itertools.pairwise(past_peak))
+    assert lr(schedule, 750) == pytest.approx(rates[74], rel=0.01)
+    assert lr(schedule, 4600) == pytest.approx(1e-6)  # the floor at the new end
+    middle = lr(schedule, 750 + (4600 - 750) // 2)
+    assert lr(schedule, 750) > middle > 1e-6
+    schedule.replan(3000, 3200)  # slower after all: the rest of the curve in 200 steps
+    assert lr(schedule, 3000) == pytest.approx(rates[(3000 - 750) // 10 + 75], rel=0.01)
+    assert lr(schedule, 3200) == pytest.approx(1e-6)
+    assert float(keras.ops.convert_to_numpy(schedule.total)) == 3200
+
+
 def test_a_slower_machine_plans_fewer_steps_and_finishes_them_before_the_deadline() -> None:
     planned = {}
     for per_step in (0.05, 0.1):
@@ -76,6 +97,22 @@ def test_the_plan_follows_a_machine_that_slows_down_and_never_exceeds_the_most()
     few = StepPlan(WarmupCosine(1e-3, 0.05, 16), 16, deadline=clock.now + 100.0, clock=clock)
     run(few, clock)
     assert few.step == few.planned == 16  # a short run: the steps it asked for, all of them
+
+
+def test_steps_slowed_by_a_pool_being_drawn_are_not_what_the_plan_is_made_from() -> None:
+    """The fill path's first steps share the cores with the workers drawing its pool; a plan
+    timed on them would be half as long as the steps the rest of the budget holds."""
+    plans = {}
+    for settle in (10, 400):
+        clock = Clock(0.2)  # the pool is being drawn...
+        plan = StepPlan(WarmupCosine(1e-3, 0.05, 30_000), 30_000, clock.now + 200.0,
+                        settle=settle, clock=clock)  # fmt: skip
+        run(plan, clock, steps=400)
+        clock.per_step = 0.05  # ...and it is in
+        run(plan, clock, steps=200)
+        plans[settle] = plan.planned
+    assert plans[400] == pytest.approx(560 + (200 - 88) / 0.05, rel=0.01)  # timed from step 400
+    assert plans[10] < 0.5 * plans[400]
 
 
 def test_the_compiled_step_reads_the_planned_length() -> None:

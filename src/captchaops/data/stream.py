@@ -6,7 +6,9 @@ drawing a whole set before the first one. Sample i depends only on (seed, i), ex
 `synthetic.generate`; the training stream starts at index `first`, so the fixed validation and
 test images (indices below `first`) are never trained on, by construction.
 
-Batches come from a pool of the latest `capacity` training images. Step t admits shards until
+Batches come from a pool of the latest `capacity` training images, in passes: each pass is a
+random order of the pool as it stands when the pass begins (without replacement, as `fit`
+goes through shuffled arrays). Step t admits shards until
 `1 + t * batch / (reuse * shard)` have arrived, so each image is used `reuse` times on average
 and the batch at step t depends only on the seed: a late shard costs waiting time, never a
 different batch. Memory is bounded by the pool plus `window` shards in flight.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -101,6 +104,7 @@ class FreshImages:
         shard: int = 256,
         window: int | None = None,
         fill_steps: int | None = None,
+        niceness: int = 0,
     ) -> None:
         if reuse <= 0 or batch < 1 or workers < 1 or shard < 1:
             raise ValueError("need reuse > 0 and at least one worker, image per batch and shard")
@@ -110,7 +114,7 @@ class FreshImages:
         self.capacity = max(1, math.ceil(capacity / shard)) * shard
         self.fresh_per_step = batch / reuse
         self.fill_steps = fill_steps
-        self.workers = workers
+        self.workers, self.niceness = workers, niceness
         self.window = window or 2 * workers
         self.x = np.empty((self.capacity, spec.height, spec.width, 1), dtype=np.float32)
         self.y = np.empty((self.capacity, spec.length[1]), dtype=np.int32)
@@ -121,7 +125,12 @@ class FreshImages:
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> FreshImages:
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+        self._pool = ProcessPoolExecutor(
+            self.workers,
+            mp_context=get_context("spawn"),
+            initializer=os.nice,  # drawing yields to the optimiser steps when both want a core
+            initargs=(self.niceness,),
+        )
         return self
 
     def __exit__(
@@ -171,6 +180,7 @@ class FreshImages:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(x, y) batches for steps 0, 1, 2, ...; the same seed gives the same batches."""
         rng = np.random.default_rng((self.spec.seed, 23))
+        order, at = np.empty(0, dtype=np.int64), 0
         for step in itertools.count():
             if self.fill_steps:
                 pool = self.capacity // self.shard
@@ -179,7 +189,14 @@ class FreshImages:
                 needed = 1 + int(step * self.fresh_per_step // self.shard)
             while self.admitted < needed:
                 self._admit()
-            rows = rng.integers(0, min(self.capacity, self.generated), self.batch)
+            if at + self.batch > len(order):  # a new pass over the pool as it stands now
+                n = min(self.capacity, self.generated)
+                order, at = (
+                    np.concatenate([rng.permutation(n) for _ in range(-(-self.batch // n))]),
+                    0,
+                )
+            rows = order[at : at + self.batch]
+            at += self.batch
             yield self.x[rows], self.y[rows]
 
     def _executor(self) -> ProcessPoolExecutor:

@@ -39,7 +39,13 @@ class FreshData:
     def stream(self, steps_per_epoch: int) -> Stream:
         """The training batches for `fit`, `steps_per_epoch` steps between validations."""
         images = self.images
-        return Stream(images.batches(), steps_per_epoch, lambda: images.generated, self.queue_rest)
+        return Stream(
+            images.batches(),
+            steps_per_epoch,
+            lambda: images.generated,
+            self.queue_rest,
+            steady_from=images.fill_steps or 0,
+        )
 
     def queue_rest(self) -> None:
         """Queue the validation set, the rest of the training window and the test set (once).
@@ -106,6 +112,7 @@ def fresh_data(config: TrainConfig, arch: Architecture, alphabet: str) -> Iterat
         reuse=config.reuse,
         workers=config.workers,
         fill_steps=config.fill_steps,
+        niceness=config.draw_niceness,
     )
     with images:
         images.start(1)

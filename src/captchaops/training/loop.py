@@ -91,6 +91,7 @@ class Stream:
     steps_per_epoch: int
     generated: Callable[[], int]  # fresh training images drawn so far
     on_first_step: Callable[[], None] | None = None  # e.g. start drawing the held-out sets
+    steady_from: int = 0  # steps before this one are slower (a pool still being drawn)
 
 
 @dataclass
@@ -250,10 +251,12 @@ def compiled_crnn(
     augment: bool,
     total_steps: int,
     deadline: float,
+    settle: int = 10,
 ) -> tuple[keras.Model, keras.Model, StepPlan]:
     """A fresh CRNN (training and inference networks) compiled with the loop's optimiser:
     AdamW with weight decay, clipping and, when the config asks, an EMA of the weights, on the
-    warm-up + cosine schedule counted in steps; and the callback that plans and counts them."""
+    warm-up + cosine schedule counted in steps; and the callback that plans and counts them
+    (timing steps from step `settle` on)."""
     train_model, infer = build_crnn(arch, n_classes, augment=augment)
     schedule = WarmupCosine(config.learning_rate, config.warmup_fraction, total_steps)
     train_model.compile(
@@ -266,7 +269,8 @@ def compiled_crnn(
         ),
         loss=ctc_loss,
     )
-    return train_model, infer, StepPlan(schedule, total_steps, deadline, batch=config.batch_size)
+    plan = StepPlan(schedule, total_steps, deadline, batch=config.batch_size, settle=settle)
+    return train_model, infer, plan
 
 
 def fit(
@@ -293,6 +297,8 @@ def fit(
         augment=augment,
         total_steps=plan.steps,
         deadline=deadline,
+        # a pool drawn beside the first steps slows them: plan from the steps after it
+        settle=max(10, train.steady_from if isinstance(train, Stream) else 0),
     )
     monitor = Monitor(
         infer,

@@ -6,6 +6,12 @@ callback writes to the optimiser. Its length is a variable, set from a short mea
 the step time at the start and corrected at epoch ends when the machine turns out slower or
 faster, so a slower machine runs fewer steps of the same complete schedule instead of a
 schedule cut off by the deadline. The deadline stays a hard cap.
+
+A correction stretches or shrinks what is left of the schedule from the step where it is made
+(`WarmupCosine.replan`), so the learning rate never jumps: changing only the length would move
+every past step's place on the curve, and a longer plan made after a slow start (the first
+steps beside workers that draw the training images) would raise the learning rate half-way
+through training, where it undid what the run had learnt (docs/training.md).
 """
 
 from __future__ import annotations
@@ -19,23 +25,47 @@ import keras
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up over `warmup_fraction` of the planned steps, then cosine decay."""
+    """Linear warm-up over `warmup_fraction` of the planned steps, then cosine decay.
+
+    The curve is a function of progress, 0 at the first step and 1 at the planned end. Progress
+    moves linearly from (`since`, `progress_then`), the step of the latest `replan` and the
+    progress reached there, to 1 at step `total`: without a replan that is `step / total`.
+    """
 
     def __init__(self, peak: float, warmup_fraction: float, total_steps: int) -> None:
         self.peak, self.warmup_fraction = peak, warmup_fraction
         self.total = keras.Variable(
             float(total_steps), trainable=False, dtype="float32", name="planned_steps"
         )
+        self.since = keras.Variable(0.0, trainable=False, dtype="float32", name="replanned_at")
+        self.progress_then = keras.Variable(
+            0.0, trainable=False, dtype="float32", name="progress_at_replan"
+        )
+
+    def progress(self, step: Any) -> Any:
+        """How far along the curve `step` is, 0..1."""
+        ops = keras.ops
+        step, since = ops.cast(step, "float32"), ops.cast(self.since, "float32")
+        left = ops.maximum(ops.cast(self.total, "float32") - since, 1.0)
+        then = ops.cast(self.progress_then, "float32")
+        return ops.clip(then + (1.0 - then) * (step - since) / left, 0.0, 1.0)
+
+    def replan(self, step: int, total: int) -> None:
+        """Run what is left of the curve from `step` over `total - step` steps: the learning rate
+        at `step` stays where it is, whether the plan grows or shrinks."""
+        reached = float(keras.ops.convert_to_numpy(self.progress(step)))
+        self.progress_then.assign(reached)
+        self.since.assign(float(step))
+        self.total.assign(float(total))
 
     def __call__(self, step: Any) -> Any:
         ops = keras.ops
-        step = ops.cast(step, "float32")
-        total = ops.maximum(ops.cast(self.total, "float32"), 1.0)
-        warm = ops.maximum(self.warmup_fraction * total, 1.0)
-        rising = self.peak * step / warm
-        done = ops.clip((step - warm) / ops.maximum(total - warm, 1.0), 0.0, 1.0)
+        progress = self.progress(step)
+        warm = max(self.warmup_fraction, 1e-9)
+        rising = self.peak * progress / warm
+        done = ops.clip((progress - warm) / max(1.0 - warm, 1e-9), 0.0, 1.0)
         falling = self.peak * 0.5 * (1.0 + ops.cos(math.pi * done))
-        return ops.maximum(ops.where(step < warm, rising, falling), self.peak * 1e-3)
+        return ops.maximum(ops.where(progress < warm, rising, falling), self.peak * 1e-3)
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -114,6 +144,6 @@ class StepPlan(keras.callbacks.Callback):
         planned = max(self.step + 1, min(self.most, fits))
         if abs(planned - self.planned) > 0.03 * self.planned:
             self.planned = planned
-            self.schedule.total.assign(float(planned))
+            self.schedule.replan(self.step, planned)
             if keras.backend.backend() == "jax":  # jit captured the old value: trace again
                 self.model.make_train_function(force=True)
