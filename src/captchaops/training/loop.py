@@ -251,12 +251,12 @@ def compiled_crnn(
     augment: bool,
     total_steps: int,
     deadline: float,
-    settle: int = 10,
+    steady_from: int = 0,
 ) -> tuple[keras.Model, keras.Model, StepPlan]:
     """A fresh CRNN (training and inference networks) compiled with the loop's optimiser:
     AdamW with weight decay, clipping and, when the config asks, an EMA of the weights, on the
     warm-up + cosine schedule counted in steps; and the callback that plans and counts them
-    (timing steps from step `settle` on)."""
+    (timing no step before `steady_from`)."""
     train_model, infer = build_crnn(arch, n_classes, augment=augment)
     schedule = WarmupCosine(config.learning_rate, config.warmup_fraction, total_steps)
     train_model.compile(
@@ -269,7 +269,9 @@ def compiled_crnn(
         ),
         loss=ctc_loss,
     )
-    plan = StepPlan(schedule, total_steps, deadline, batch=config.batch_size, settle=settle)
+    plan = StepPlan(
+        schedule, total_steps, deadline, batch=config.batch_size, steady_from=steady_from
+    )
     return train_model, infer, plan
 
 
@@ -297,8 +299,7 @@ def fit(
         augment=augment,
         total_steps=plan.steps,
         deadline=deadline,
-        # a pool drawn beside the first steps slows them: plan from the steps after it
-        settle=max(10, train.steady_from if isinstance(train, Stream) else 0),
+        steady_from=train.steady_from if isinstance(train, Stream) else 0,
     )
     monitor = Monitor(
         infer,

@@ -78,7 +78,8 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 class StepPlan(keras.callbacks.Callback):
     """Counts steps, sizes the schedule from the measured step time, stops at the plan's end.
 
-    After `settle` steps (tracing and the first shards are behind), it times steps for
+    After `settle` steps (tracing and the first shards are behind), or from step `steady_from`
+    if that is later (a pool drawn beside the first steps slows them), it times steps for
     `measure_seconds` and plans as many as fit before the deadline, at most `most`. At each
     epoch end it measures again over everything since settling (validation included) and
     re-plans when the two differ by more than 3%.
@@ -92,12 +93,14 @@ class StepPlan(keras.callbacks.Callback):
         *,
         batch: int = 1,
         settle: int = 10,
+        steady_from: int = 0,
         measure_seconds: float = 8.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.schedule, self.most, self.deadline = schedule, most, deadline
-        self.batch, self.settle, self.measure_seconds = batch, settle, measure_seconds
+        self.batch, self.measure_seconds = batch, measure_seconds
+        self.settle = max(settle, steady_from)
         self.clock = clock
         self.planned = most
         self.step = 0
