@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -159,6 +160,7 @@ def run(
         fill_steps=fill_steps,
         draw_niceness=draw_niceness,
     )
+    config = replace(config, fill_steps=config.fill_steps or None)  # 0 asks for none
     if first_step_only:  # a budget that ends at the first step, the preset's draw time kept
         draw = config.draw_share * config.max_minutes
         config = with_overrides(config, max_minutes=0.05, draw_share=draw / 0.05)
@@ -279,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv if argv is not None else [])
     common = (args.mode, args.minutes, args.held_out, args.synthetic, args.epochs)
     fresh = {"preset": None, "fixed": False, "fresh": True, "fill": True}[args.path]
-    fill = args.fill_steps or (800 if args.path == "fill" else None)
+    # 0: no one-fill pool, whatever the preset says (the demo preset's is 800)
+    fill = {"fill": args.fill_steps or 800, "fresh": 0}.get(args.path, args.fill_steps)
     runs = [
         run(
             *common,
