@@ -59,6 +59,7 @@ def run(
     precision: str,
     out: Path | None,
     test_sizes: tuple[int, ...],
+    **overrides: float,
 ) -> dict:
     import math
 
@@ -75,7 +76,9 @@ def run(
 
     start = time.monotonic()
     keras.config.set_dtype_policy(precision)
-    config = replace(TrainConfig.gpu(), max_minutes=minutes, synthetic=pool, workers=workers)
+    config = replace(
+        TrainConfig.gpu(), max_minutes=minutes, synthetic=pool, workers=workers, **overrides
+    )
     arch, alphabet = config.arch, synthetic.DIGITS_UPPER
     keras.utils.set_random_seed(config.seed)
     log_path = out / "epochs.jsonl" if out else None
@@ -117,6 +120,8 @@ def run(
         "precision": precision,
         "workers": workers,
         "reuse": config.reuse,
+        "steps_per_execution": config.steps_per_execution,
+        "draw_niceness": config.draw_niceness,
         "train_wall_seconds": round(trained, 1),
         "seconds_to_first_step": round(fitted.first_step_at - start, 1),
         "device_step_ms": round(device_s * 1000, 2),
@@ -155,6 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--precision", default="mixed_bfloat16", choices=("mixed_bfloat16", "float32")
     )
+    parser.add_argument("--reuse", type=float, default=None, help="default: the GPU preset's")
+    parser.add_argument(
+        "--steps-per-execution", type=int, default=None, help="default: the GPU preset's"
+    )
+    parser.add_argument(
+        "--draw-niceness", type=int, default=None, help="the drawing workers' nice increment"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--any-device", action="store_true", help="smoke-test on a CPU too")
     args = parser.parse_args(argv if argv is not None else [])
@@ -164,7 +176,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = (2_000, 10_000) if gpu != "cpu" else (2_000, 500)
     precision = args.precision if gpu != "cpu" else "float32"
-    result = run(args.minutes, args.pool, args.workers, precision, args.out, sizes)
+    overrides = {
+        name: value
+        for name, value in (
+            ("reuse", args.reuse),
+            ("steps_per_execution", args.steps_per_execution),
+            ("draw_niceness", args.draw_niceness),
+        )
+        if value is not None
+    }
+    result = run(args.minutes, args.pool, args.workers, precision, args.out, sizes, **overrides)
     acc = result["fresh_2000_seq_acc"]
     print(
         f"{gpu}: {acc:.2%} of 2,000 fresh CAPTCHAs "
@@ -178,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
         + ("HOST-BOUND (data stream or loop)" if result["host_bound"] else "device-bound")
         + f"; waited {result['stream_wait_seconds']:.0f}s for fresh shards, "
         f"{result['fresh_images']:,.0f} fresh images, {result['images_per_second']:,.0f} images/s, "
-        f"first step after {result['seconds_to_first_step']:.0f}s"
+        f"first step after {result['seconds_to_first_step']:.0f}s; reuse {result['reuse']:g}, "
+        f"{result['steps_per_execution']} steps a call"
     )
 
 

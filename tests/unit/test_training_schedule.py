@@ -31,7 +31,7 @@ def run(plan: StepPlan, clock: Clock, steps: int | None = None) -> None:
     plan.set_model(model)
     for _ in range(steps or 10**6):
         clock.now += clock.per_step
-        plan.on_train_batch_end(0)
+        plan.on_train_batch_end(plan.step)  # one epoch: the step's index within it
         if model.stop_training:
             return
 
@@ -133,3 +133,17 @@ def test_the_compiled_step_reads_the_planned_length() -> None:
     model2.fit(x, y, batch_size=8, epochs=1, verbose=0)
     full = [np.abs(a - b).max() for a, b in zip(model2.get_weights(), moved, strict=True)]
     assert max(step) == pytest.approx(max(full) / 1000, rel=0.05)
+
+
+def test_steps_run_several_to_a_call_are_each_counted_and_stop_the_plan_within_a_call() -> None:
+    """`steps_per_execution` (the GPU preset's one host sync per 32 steps) calls the callback
+    once per call, with the index of the call's last step: the plan still counts steps."""
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", steps_per_execution=4)
+    x, y = np.ones((80, 1), "float32"), np.zeros((80, 1), "float32")  # 10 steps an epoch
+    plan = StepPlan(WarmupCosine(1e-3, 0.05, 1000), 1000, deadline=float("inf"))
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[plan], verbose=0)
+    assert plan.step == 20 == int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    short = StepPlan(WarmupCosine(1e-3, 0.05, 13), 13, deadline=float("inf"))
+    model.fit(x, y, batch_size=8, epochs=5, callbacks=[short], verbose=0)
+    assert short.step == 14  # the epoch's last call (steps 9-10) of the second epoch: 13 reached

@@ -268,6 +268,7 @@ def compiled_crnn(
             ema_momentum=config.ema_momentum or 0.99,
         ),
         loss=ctc_loss,
+        steps_per_execution=config.steps_per_execution,
     )
     plan = StepPlan(
         schedule, total_steps, deadline, batch=config.batch_size, steady_from=steady_from

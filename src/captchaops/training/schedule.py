@@ -82,7 +82,9 @@ class StepPlan(keras.callbacks.Callback):
     if that is later (a pool drawn beside the first steps slows them), it times steps for
     `measure_seconds` and plans as many as fit before the deadline, at most `most`. At each
     epoch end it measures again over everything since settling (validation included) and
-    re-plans when the two differ by more than 3%.
+    re-plans when the two differ by more than 3%. Steps are counted from the batch index Keras
+    reports, so a model compiled with `steps_per_execution` (several steps a call, one host
+    sync a call) is counted step by step.
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class StepPlan(keras.callbacks.Callback):
         self.clock = clock
         self.planned = most
         self.step = 0
+        self._epoch_began_at = 0  # `step` when the current epoch began
         self.first_step_at: float | None = None
         self.step_seconds = math.nan
         self._mark: tuple[int, float] | None = None
@@ -123,12 +126,19 @@ class StepPlan(keras.callbacks.Callback):
             "images_per_second": done * self.batch / since if since > 0 else 0.0,
         }
 
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._epoch_began_at = self.step
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self.step += 1
+        # `batch` is the epoch's index of the last step just run: one call covers several
+        # steps when the model is compiled with `steps_per_execution`, and Keras reports the
+        # last call of an epoch as a whole one even when fewer steps were left in the epoch.
+        in_epoch = min(batch + 1, (self.params or {}).get("steps") or math.inf)
+        self.step = self._epoch_began_at + int(in_epoch)
         now = self.clock()
         if self.first_step_at is None:
             self.first_step_at = now
-        if self.step == self.settle:
+        if self._mark is None and self.step >= self.settle:
             self._mark = (self.step, now)
         elif not self._measured and self._mark and now - self._mark[1] >= self.measure_seconds:
             self._measured = True
