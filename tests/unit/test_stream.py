@@ -166,3 +166,24 @@ def test_the_drawing_workers_run_at_the_niceness_asked_for() -> None:
     with stream(workers=1, niceness=5) as images:
         worker = images._executor().submit(os.nice, 0).result()  # os.nice(0): the niceness now
     assert worker == min(os.nice(0) + 5, 19)
+
+
+def test_a_run_that_ends_before_its_pool_is_in_does_not_wait_for_the_rest_of_it() -> None:
+    """The test set is queued behind a one-fill pool; training that ends first (a slow machine,
+    a short budget) drops the pool's undrawn shards instead of waiting for them to test."""
+    from dataclasses import replace
+
+    from captchaops.training.config import TrainConfig
+    from captchaops.training.fresh import fresh_data
+
+    config = replace(  # 80 validation, 80 test, a pool of 15 shards
+        TrainConfig.tiny(), synthetic=4000, val_fraction=0.02, test_fraction=0.02, fill_steps=1000
+    )
+    with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
+        next(fresh.stream(8).batches)  # one step, then training ends
+        fresh.validation()
+        pool = list(fresh.images._pending)
+        data = fresh.held_out(config.seed)
+        assert len(pool) >= 10 and sum(f.cancelled() for f in pool) >= 5  # a worker, 2 queued
+        assert not fresh.images._pending
+    assert len(data.images) == 160 and data.names[-1] == "synthetic-0-0000159"

@@ -148,6 +148,13 @@ class FreshImages:
             self._pool = None
         self._pending.clear()
 
+    def stop_drawing(self) -> None:
+        """Training is over: cancel the training shards not yet started, so that held-out sets
+        queued behind them (a one-fill pool queues all of itself at once) start at once."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
     def held_out(self, start: int, stop: int, keep_images: bool = False) -> list[Future[Shard]]:
         """Queue samples [start, stop) (below `first`) on the workers, in chunks of 500."""
         if stop > self.first:

@@ -74,8 +74,13 @@ class FreshData:
         return Validation(self._val.x, y, labels, self.alphabet)
 
     def held_out(self, seed: int) -> LabelledImages:
-        """Validation then test images (waits for both), named as `generate` names them."""
+        """Validation then test images (waits for both), named as `generate` names them.
+
+        Called once training is over: training shards not yet drawn are dropped first, so a
+        run that ends before its pool is in does not wait for the rest of the pool.
+        """
         self.validation()
+        self.images.stop_drawing()
         assert self._val is not None
         both = join([self._val, *(f.result() for f in self.test_parts)])
         return LabelledImages(
