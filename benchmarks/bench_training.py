@@ -23,6 +23,7 @@ half-speed machine). Targets (issue 23): demo >= 96% held-out, median of 3 idle 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -44,6 +45,7 @@ TARGETS = {"demo": (0.96, 5.0), "accuracy": (0.996, 60.0)}  # (sequence accuracy
 BUSY_TARGET = 0.94  # demo, with a second CPU-bound process
 FIRST_STEP_TARGET_S = 15.0
 HELD_OUT_SEED = 1_000_003
+STALL_DUMP_S = 15.0  # no progress for this long: every thread's stack to stderr, repeated
 
 
 def _free_port() -> int:
@@ -98,10 +100,14 @@ def held_out_accuracy(model_uri: str, tracking_uri: str, n: int) -> float:
 
 
 def _print_epochs(started: float):  # type: ignore[no-untyped-def]
-    """A progress callback that prints each finished epoch's validation metrics once."""
+    """A progress callback that prints each finished epoch's validation metrics once, and
+    dumps every thread's stack when no progress is reported for `STALL_DUMP_S` seconds (to
+    catch the one-minute stall some stream-path runs show in `export_and_test`,
+    docs/training.md)."""
     seen: set[str] = set()
 
     def report(stage: str, fraction: float, metrics: dict[str, float]) -> None:
+        faulthandler.dump_traceback_later(STALL_DUMP_S, repeat=True)  # re-armed by progress
         key = f"{stage}:{metrics.get('val_seq_acc')}"
         if "val_seq_acc" in metrics and key not in seen:
             seen.add(key)
@@ -169,7 +175,10 @@ def run(
         try:
             settings = load_settings(home=Path(tmp) / "home", tracking_uri=uri, staging_floor=0.0)
             started = time.monotonic()
-            result = train(config, settings, progress=_print_epochs(started))
+            try:
+                result = train(config, settings, progress=_print_epochs(started))
+            finally:
+                faulthandler.cancel_dump_traceback_later()
             wall = time.monotonic() - started
             print(f"trained in {wall:.0f}s: {result.metrics}", flush=True)
             accuracy = held_out_accuracy(result.model_uri, uri, held_out) if evaluate else None

@@ -49,9 +49,9 @@ class TrainConfig:
         """The demo preset: 4-character CAPTCHAs in 5 minutes on 2 cores (docs/training.md).
 
         One pool of 24,064 training images, drawn beside the first 800 steps (`fill_steps`)
-        instead of before the first step: idle, seven runs read 94.55-95.30% (median 94.85%)
-        of 2,000 held-out CAPTCHAs with the first step after 12-19 s, against 94.25/94.80% and
-        54 s for the set drawn first (docs/training.md, "The schedule's corrections").
+        instead of before the first step: idle, three runs read 95.15-95.60% (median 95.50%)
+        of 2,000 held-out CAPTCHAs with the first step after 8.8-10.6 s, against 94.25/94.80%
+        and 54 s for the set drawn first (docs/training.md, "The first step without Grappler").
         """
         return cls(fresh=True, fill_steps=800)
 
