@@ -147,3 +147,18 @@ def test_steps_run_several_to_a_call_are_each_counted_and_stop_the_plan_within_a
     short = StepPlan(WarmupCosine(1e-3, 0.05, 13), 13, deadline=float("inf"))
     model.fit(x, y, batch_size=8, epochs=5, callbacks=[short], verbose=0)
     assert short.step == 14  # the epoch's last call (steps 9-10) of the second epoch: 13 reached
+
+
+def test_the_compiled_training_step_skips_grapplers_graph_rewrites_on_tensorflow() -> None:
+    """They cost the demo 2 s before its first step and no step speed (docs/training.md)."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("a TensorFlow setting")
+    import tensorflow as tf
+
+    from captchaops.model.crnn import Architecture
+    from captchaops.training.config import TrainConfig
+    from captchaops.training.loop import compiled_crnn
+
+    arch = Architecture(height=24, width=72, filters=(8, 8, 8, 8), rnn_units=8)
+    compiled_crnn(TrainConfig.tiny(), arch, 5, augment=False, total_steps=10, deadline=1e12)
+    assert tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer") is True
