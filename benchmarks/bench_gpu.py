@@ -23,7 +23,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -59,7 +58,7 @@ def run(
     precision: str,
     out: Path | None,
     test_sizes: tuple[int, ...],
-    **overrides: float,
+    **overrides: float | None,
 ) -> dict:
     import math
 
@@ -70,13 +69,13 @@ def run(
     from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
     from captchaops.model.crnn import build_crnn, ctc_loss
     from captchaops.model.ctc import decode_greedy
-    from captchaops.training.config import TrainConfig
+    from captchaops.training.config import TrainConfig, with_overrides
     from captchaops.training.fresh import fresh_data
     from captchaops.training.loop import fit
 
     start = time.monotonic()
     keras.config.set_dtype_policy(precision)
-    config = replace(
+    config = with_overrides(
         TrainConfig.gpu(), max_minutes=minutes, synthetic=pool, workers=workers, **overrides
     )
     arch, alphabet = config.arch, synthetic.DIGITS_UPPER
@@ -176,16 +175,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = (2_000, 10_000) if gpu != "cpu" else (2_000, 500)
     precision = args.precision if gpu != "cpu" else "float32"
-    overrides = {
-        name: value
-        for name, value in (
-            ("reuse", args.reuse),
-            ("steps_per_execution", args.steps_per_execution),
-            ("draw_niceness", args.draw_niceness),
-        )
-        if value is not None
-    }
-    result = run(args.minutes, args.pool, args.workers, precision, args.out, sizes, **overrides)
+    result = run(
+        args.minutes,
+        args.pool,
+        args.workers,
+        precision,
+        args.out,
+        sizes,
+        reuse=args.reuse,  # None: the GPU preset's (`with_overrides` skips them)
+        steps_per_execution=args.steps_per_execution,
+        draw_niceness=args.draw_niceness,
+    )
     acc = result["fresh_2000_seq_acc"]
     print(
         f"{gpu}: {acc:.2%} of 2,000 fresh CAPTCHAs "
