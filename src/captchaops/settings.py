@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CAPTCHAOPS_"
@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     """Effective configuration of a captchaops installation."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, extra="ignore", env_file_encoding="utf-8"
+        env_prefix=ENV_PREFIX, extra="ignore", env_file_encoding="utf-8", populate_by_name=True
     )
 
     home: Path = Field(Path("captchaops-data"), description="state directory")
@@ -42,7 +42,10 @@ class Settings(BaseSettings):
 
     tracking_port: int = 8000
     tracking_uri: str | None = Field(
-        None, description="use an existing tracking server instead of starting one"
+        None,
+        description="use an existing tracking server instead of starting one",
+        # MLflow's own variable works too, as for any MLflow client; ours wins when both are set
+        validation_alias=AliasChoices(f"{ENV_PREFIX}TRACKING_URI", "MLFLOW_TRACKING_URI"),
     )
     tracking_username: str | None = None
     tracking_password: SecretStr | None = None

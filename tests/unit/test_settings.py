@@ -21,7 +21,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     for key in list(os.environ):
-        if key.startswith("CAPTCHAOPS_"):
+        if key.startswith("CAPTCHAOPS_") or key == "MLFLOW_TRACKING_URI":
             monkeypatch.delenv(key)
 
 
@@ -47,6 +47,18 @@ def test_environment_overrides_dotenv(tmp_path: Path, monkeypatch: pytest.Monkey
     s = load_settings()
     assert s.tracking_port == 8100
     assert s.app_port == 8282
+
+
+def test_mlflow_tracking_uri_is_honoured_and_ours_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAPTCHAOPS_HOME", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert load_settings().effective_tracking_uri == "http://mlflow.example:5000"
+    monkeypatch.setenv("CAPTCHAOPS_TRACKING_URI", "http://ours.example:5000")
+    assert load_settings().tracking_uri == "http://ours.example:5000"
+    assert load_settings(tracking_uri="http://given.example").tracking_uri == "http://given.example"
+    assert Settings(tracking_uri="http://given.example").tracking_uri == "http://given.example"
 
 
 def test_bad_value_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
