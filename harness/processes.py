@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,17 +110,23 @@ class Tracking:
 
 
 def start_tracking_server(
-    home: Path, port: int | None = None, env: dict[str, str] | None = None
+    home: Path,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    inside: Sequence[str] = (),
 ) -> Tracking:
     """Start a real `mlflow server` as the stack runs it (sqlite, artifacts proxied from a
-    local folder, one worker) in `home` and wait for its health."""
+    local folder, one worker) in `home`, bound to `host`, and wait for its health. `inside`
+    prefixes the command (a `harness.hosts.Host.command` prefix runs it on that host)."""
     port = port or free_port()
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://{host}:{port}"
     cmd = [
-        sys.executable, "-m", "captchaops.stack.tracking",
+        *inside, sys.executable, "-m", "captchaops.stack.tracking",
         "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
         "--artifacts-destination", str(home / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     proc = start_http_process(cmd, f"{uri}/health", env=env, log=home / "mlflow.log")
     return Tracking(uri=uri, home=home, proc=proc)
