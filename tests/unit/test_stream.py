@@ -187,3 +187,37 @@ def test_a_run_that_ends_before_its_pool_is_in_does_not_wait_for_the_rest_of_it(
         assert len(pool) >= 10 and sum(f.cancelled() for f in pool) >= 5  # a worker, 2 queued
         assert not fresh.images._pending
     assert len(data.images) == 160 and data.names[-1] == "synthetic-0-0000159"
+
+
+def test_the_batches_end_when_fit_returns_and_nothing_keeps_drawing() -> None:
+    """`fit` pulls batches on a `tf.data` prefetch thread; when it returns, the generator has
+    ended (so no destructor run later by garbage collection waits for it) and no thread asks
+    for shards any more; leaving the block joins the workers."""
+    import inspect
+    import multiprocessing
+    import time
+
+    import keras
+
+    from captchaops.training.loop import Stream, fit_stream
+
+    # each step needs a fresh shard, so the prefetch thread is waiting for one when fit ends
+    images = stream(workers=1, capacity=64, reuse=0.5)
+    model = keras.Sequential(
+        [keras.Input((24, 72, 1)), keras.layers.Flatten(), keras.layers.Dense(4)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    with images:
+        images.start()
+        batches = images.batches()
+        fit_stream(
+            model, Stream(batches, 3, lambda: images.generated, end=images.end_training), 2, []
+        )
+        assert inspect.getgeneratorstate(batches) == inspect.GEN_CLOSED
+        assert images._idle.is_set() and not images._pending
+        admitted = images.admitted
+        time.sleep(0.5)
+        assert images.admitted == admitted  # nothing pulls batches after fit
+        with pytest.raises(StopIteration):
+            next(images.batches())
+    assert not multiprocessing.active_children()

@@ -18,6 +18,13 @@ workers draw as fast as they can, beside the optimiser steps) and step t admits
 `1 + t * shards // fill_steps` of them, so the whole pool is in by step `fill_steps` and
 training then samples it like a fixed set. This is the fixed set drawn first, without the
 minute of waiting before the first step; batches still depend only on the seed.
+
+`fit` pulls batches on a `tf.data` prefetch thread while the main thread queues held-out
+sets, so every change to the queue of shards is made under one lock; and the batches end
+when training does (`end_training`): a generator still waiting for a shard when `fit`
+returned kept its iterator's destructor waiting too, and garbage collection ran that
+destructor on the main thread at whatever line it reached next (45-60 s stalls in 5 of 17
+stream runs, docs/training.md).
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from types import TracebackType
@@ -37,6 +45,8 @@ import numpy as np
 
 from captchaops.data import synthetic
 from captchaops.model.ctc import encode_labels
+
+POLL_S = 0.1  # how often a wait for a shard looks whether training has ended
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,10 @@ class FreshImages:
         self._pending: deque[Future[Shard]] = deque()
         self._submitted = 0
         self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.RLock()  # the shard queue: fit's prefetch thread and the main one
+        self._ended = threading.Event()  # training is over: `batches` ends at its next step
+        self._idle = threading.Event()  # no thread is inside `batches` between two yields
+        self._idle.set()
 
     def __enter__(self) -> FreshImages:
         self._pool = ProcessPoolExecutor(
@@ -142,37 +156,46 @@ class FreshImages:
         self.close()
 
     def close(self) -> None:
-        """Stop the workers; shards still queued are dropped."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        self._pending.clear()
+        """End the batches and stop the workers (joined); shards still queued are dropped."""
+        self.end_training()
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def stop_drawing(self) -> None:
-        """Training is over: cancel the training shards not yet started, so that held-out sets
-        queued behind them (a one-fill pool queues all of itself at once) start at once."""
-        for future in self._pending:
-            future.cancel()
-        self._pending.clear()
+    def end_training(self, wait_s: float = 10.0) -> bool:
+        """Training is over: `batches` ends (a thread waiting in it for a shard leaves within
+        `POLL_S`; this waits up to `wait_s` for that) and the training shards not yet started
+        are cancelled, so that held-out sets queued behind them (a one-fill pool queues all
+        of itself at once) start at once. Returns whether no thread is inside `batches`."""
+        self._ended.set()
+        with self._lock:
+            for future in self._pending:
+                future.cancel()
+            self._pending.clear()
+        return self._idle.wait(wait_s)
 
     def held_out(self, start: int, stop: int, keep_images: bool = False) -> list[Future[Shard]]:
         """Queue samples [start, stop) (below `first`) on the workers, in chunks of 500."""
         if stop > self.first:
             raise ValueError("held-out samples must lie below the training stream's first index")
-        return [
-            self._executor().submit(draw_shard, self.spec, s, min(s + 500, stop), keep_images)
-            for s in range(start, stop, 500)
-        ]
+        with self._lock:
+            return [
+                self._executor().submit(draw_shard, self.spec, s, min(s + 500, stop), keep_images)
+                for s in range(start, stop, 500)
+            ]
 
     def start(self, shards: int | None = None) -> None:
         """Queue training shards up to `shards` in flight (default: the whole window)."""
-        while len(self._pending) < min(shards or self.window, self.window) and self._more():
-            self._submit_next()
+        with self._lock:
+            while len(self._pending) < min(shards or self.window, self.window) and self._more():
+                self._submit_next()
 
     def fill(self) -> None:
         """With `fill_steps`: queue every shard of the pool not yet queued."""
-        while self.fill_steps and self._more():
-            self._submit_next()
+        with self._lock:
+            while self.fill_steps and self._more():
+                self._submit_next()
 
     @property
     def total(self) -> int | None:
@@ -185,26 +208,35 @@ class FreshImages:
         return self.admitted * self.shard
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(x, y) batches for steps 0, 1, 2, ...; the same seed gives the same batches."""
+        """(x, y) batches for steps 0, 1, 2, ... until `end_training`; the same seed gives the
+        same batches."""
         rng = np.random.default_rng((self.spec.seed, 23))
         order, at = np.empty(0, dtype=np.int64), 0
         for step in itertools.count():
-            if self.fill_steps:
-                pool = self.capacity // self.shard
-                needed = min(pool, 1 + step * pool // self.fill_steps)
-            else:
-                needed = 1 + int(step * self.fresh_per_step // self.shard)
-            while self.admitted < needed:
-                self._admit()
-            if at + self.batch > len(order):  # a new pass over the pool as it stands now
-                n = min(self.capacity, self.generated)
-                order, at = (
-                    np.concatenate([rng.permutation(n) for _ in range(-(-self.batch // n))]),
-                    0,
-                )
-            rows = order[at : at + self.batch]
-            at += self.batch
-            yield self.x[rows], self.y[rows]
+            self._idle.clear()
+            try:
+                if self._ended.is_set():
+                    return
+                if self.fill_steps:
+                    pool = self.capacity // self.shard
+                    needed = min(pool, 1 + step * pool // self.fill_steps)
+                else:
+                    needed = 1 + int(step * self.fresh_per_step // self.shard)
+                while self.admitted < needed:
+                    if not self._admit():
+                        return
+                if at + self.batch > len(order):  # a new pass over the pool as it stands now
+                    n = min(self.capacity, self.generated)
+                    order, at = (
+                        np.concatenate([rng.permutation(n) for _ in range(-(-self.batch // n))]),
+                        0,
+                    )
+                rows = order[at : at + self.batch]
+                at += self.batch
+                batch = self.x[rows], self.y[rows]
+            finally:
+                self._idle.set()
+            yield batch
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -221,17 +253,29 @@ class FreshImages:
         self._pending.append(future)
         self._submitted += 1
 
-    def _admit(self) -> None:
-        if not self._pending:
-            self.start()
+    def _admit(self) -> bool:
+        """Put the next training shard in the pool (waiting for it); False: training ended."""
+        with self._lock:
+            if self._ended.is_set():
+                return False
+            if not self._pending:
+                self.start()
+            future = self._pending.popleft()
         began = time.monotonic()
-        shard = self._pending.popleft().result()
+        while not wait([future], timeout=POLL_S).done:
+            if self._ended.is_set():
+                return False
+        if future.cancelled():
+            return False
+        shard = future.result()
         self.waited += time.monotonic() - began
-        if not self.fill_steps:
-            self._submit_next()
+        with self._lock:
+            if not self.fill_steps and not self._ended.is_set():
+                self._submit_next()
         slot = (self.admitted * self.shard) % self.capacity
         self.x[slot : slot + self.shard] = shard.x
         self.y[slot : slot + self.shard] = encode_labels(
             shard.labels, self.spec.alphabet, self.spec.length[1]
         )
         self.admitted += 1
+        return True

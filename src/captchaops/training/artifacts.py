@@ -104,15 +104,15 @@ def log_dataset(data: LabelledImages, splits: dict[str, list[int]], digest: str)
 
 
 def _sample_figure(images: list[bytes], true: list[str], pred: list[str]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """The test samples with their readings: a bare `Figure` (no pyplot, so no global figure
+    registry or interactive backend; nothing to close, it is freed with its last reference)."""
+    from matplotlib.figure import Figure
     from PIL import Image
 
     cols = 4
     rows = max(1, math.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 1.3))
+    fig = Figure(figsize=(cols * 2.6, rows * 1.3))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, data, t, p in zip(np.ravel(axes), images, true, pred, strict=False):

@@ -45,6 +45,7 @@ class FreshData:
             lambda: images.generated,
             self.queue_rest,
             steady_from=images.fill_steps or 0,
+            end=images.end_training,
         )
 
     def queue_rest(self) -> None:
@@ -76,11 +77,12 @@ class FreshData:
     def held_out(self, seed: int) -> LabelledImages:
         """Validation then test images (waits for both), named as `generate` names them.
 
-        Called once training is over: training shards not yet drawn are dropped first, so a
-        run that ends before its pool is in does not wait for the rest of the pool.
+        Called once training is over: the training batches end and training shards not yet
+        drawn are dropped first, so a run that ends before its pool is in does not wait for
+        the rest of the pool.
         """
+        self.images.end_training()
         self.validation()
-        self.images.stop_drawing()
         assert self._val is not None
         both = join([self._val, *(f.result() for f in self.test_parts)])
         return LabelledImages(

@@ -6,6 +6,7 @@ runs inside an MLflow run (`captchaops.training.run`) or bare on an accelerator 
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -92,6 +93,7 @@ class Stream:
     generated: Callable[[], int]  # fresh training images drawn so far
     on_first_step: Callable[[], None] | None = None  # e.g. start drawing the held-out sets
     steady_from: int = 0  # steps before this one are slower (a pool still being drawn)
+    end: Callable[[], object] | None = None  # ends `batches` (called when `fit` ends training)
 
 
 @dataclass
@@ -331,14 +333,7 @@ def fit(
             keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: first())
         )
     if isinstance(train, Stream):
-        train_model.fit(
-            train.batches,
-            steps_per_epoch=train.steps_per_epoch,
-            epochs=config.epochs,
-            callbacks=callbacks,
-            shuffle=False,  # the stream's batches are already drawn at random
-            verbose=0,
-        )
+        fit_stream(train_model, train, config.epochs, callbacks)
     else:
         train_model.fit(
             train[0],
@@ -367,6 +362,37 @@ def fit(
         images=steps.step * config.batch_size,
         fresh_images=train.generated() if isinstance(train, Stream) else 0,
     )
+
+
+def fit_stream(
+    model: keras.Model, train: Stream, epochs: int, callbacks: list[keras.callbacks.Callback]
+) -> None:
+    """`model.fit` on a stream whose batches end when training does, in a known place.
+
+    Keras wraps the batches in a `tf.data` generator dataset whose prefetch thread keeps
+    asking for the next batch after the last step; the iterator's destructor waits for that
+    request, and garbage collection used to run it on the main thread wherever the next
+    collection came (45-60 s inside matplotlib or the ONNX export, docs/training.md). So the
+    stream's `end` runs in `on_train_end`, before Keras drops the iterator, and a collection
+    right after `fit` finalises whatever is left while nothing waits.
+    """
+    ended: list[keras.callbacks.Callback] = []
+    if train.end is not None:
+        end = train.end
+        ended.append(keras.callbacks.LambdaCallback(on_train_end=lambda logs: end()))
+    try:
+        model.fit(
+            train.batches,
+            steps_per_epoch=train.steps_per_epoch,
+            epochs=epochs,
+            callbacks=[*callbacks, *ended],
+            shuffle=False,  # the stream's batches are already drawn at random
+            verbose=0,
+        )
+    finally:
+        if train.end is not None:
+            train.end()
+        gc.collect()
 
 
 def holds_up(final: dict[str, float], best: Key, n_val: int) -> bool:
