@@ -1,9 +1,14 @@
 """Run every benchmark module (or those named) and print each one's report.
 
-Usage: python -m benchmarks [NAME ...] [--OPTION ...]   e.g. `python -m benchmarks stack serving`
+Usage: python -m benchmarks [NAME ...] [--record] [--load TEXT] [--OPTION ...]
+       python -m benchmarks report [--check]   docs/results.md from the records in bench-results/
 
-Options (arguments starting with `-`, and the values after them) go to each named module's
-`main(argv)`, e.g. `python -m benchmarks tune --overhead --quick`.
+e.g. `python -m benchmarks stack serving`. Options (arguments starting with `-`, and the values
+after them) go to each named module's `main(argv)`, e.g. `python -m benchmarks tune --overhead
+--quick`, except these two, which say what to do with the results (benchmarks/record.py):
+`--record` writes a dated record to keep (bench-results/<name>-<date>.json) instead of
+scratch output (bench-results/<name>.json); `--load TEXT` says what else ran ("idle",
+"beside a CPU-bound process").
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import record
+
 
 def main(argv: list[str]) -> int:
     """Run bench_<name>.main() for each selected module; non-zero if one raised."""
+    if argv[:1] == ["report"]:
+        from benchmarks import report
+
+        return report.main(argv[1:])
+    argv = _take_record_options(argv)
     here = Path(__file__).parent
     names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
     first = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
@@ -37,6 +49,22 @@ def main(argv: list[str]) -> int:
             failed.append(name)
         print(f"({name} took {time.monotonic() - started:.0f}s)")
     return 1 if failed else 0
+
+
+def _take_record_options(argv: list[str]) -> list[str]:
+    """Apply and remove `--record` and `--load TEXT`, which are for the record writer."""
+    rest = []
+    words = iter(argv)
+    for word in words:
+        if word == "--record":
+            record.KEEP = True
+        elif word == "--load":
+            record.LOAD = next(words, None)
+        elif word.startswith("--load="):
+            record.LOAD = word.split("=", 1)[1]
+        else:
+            rest.append(word)
+    return rest
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ single-image latency). Prints the time against the target.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-RESULTS = Path("bench-results") / "gate.json"
+from benchmarks import record
+
 TARGET_S = 30.0
 
 
@@ -80,22 +80,19 @@ def main(argv: list[str] | None = None) -> None:
         f"gate wall time, two models: {gate_s:.1f} s (target <= {TARGET_S:.0f} s: {verdict}, "
         f"{gate_s / TARGET_S:.2f}x of budget)"
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "cores": len(cores),
-                "images": len(frozen),
-                "create_s": create_s,
-                "gate_s": gate_s,
-                "target_s": TARGET_S,
-                "candidate": {"p50_ms": c.p50_ms, "p95_ms": c.p95_ms},
-                "champion": {"p50_ms": p.p50_ms, "p95_ms": p.p95_ms},
-            },
-            indent=2,
-        )
+    record.save(
+        "gate",
+        {
+            "cores": len(cores),
+            "images": len(frozen),
+            "create_s": create_s,
+            "gate_s": gate_s,
+            "target_s": TARGET_S,
+            "candidate": {"p50_ms": c.p50_ms, "p95_ms": c.p95_ms},
+            "champion": {"p50_ms": p.p50_ms, "p95_ms": p.p95_ms},
+        },
+        {"gate on the frozen set": f"{gate_s:.1f} s ({len(frozen)} images)"},
     )
-    print(f"(written to {RESULTS})")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-RESULTS = Path("bench-results") / "inference.json"
+from benchmarks import record
+
 TARGET_P50_MS = 0.5
 TARGET_BATCH = 4000.0
 TARGET_RSS_MB = 150.0
@@ -206,17 +207,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{speed:8.2f}x{v['same_best_path']:11.4f}"
         )
     print("an int8 twin is kept only if faster and within 0.1 point on the frozen set")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "onnxruntime": ort | {"batch64_2threads_images_per_s": two_threads},
-                "tensorflow": tf,
-                "same_texts": same,
-                "variants": variants,
-            },
-            indent=2,
-        )
+    record.save(
+        "inference",
+        {
+            "onnxruntime": ort | {"batch64_2threads_images_per_s": two_threads},
+            "tensorflow": tf,
+            "same_texts": same,
+            "variants": variants,
+        },
     )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import record
 from benchmarks.serving_load import LoadResult, run_load
 from harness.processes import (
     VENV_BIN,
@@ -38,7 +39,6 @@ from harness.processes import (
 )
 
 MODEL_NAME = "text-captcha"
-RESULTS = Path("bench-results") / "serving.json"
 TARGET_SPEEDUP = 5.0  # issue 13 (was 3, issue 5)
 TARGET_RSS_MB = 150.0  # issue 13: one model server
 TARGET_SWAP_S = 5.0
@@ -283,21 +283,17 @@ def report(
         f"(target <= {TARGET_SWAP_S:.0f} s), {swap_failed} failed requests (target 0)"
     )
     print(f"TensorFlow loaded in our server: {tf_loaded}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "peak_rss_mb": peak_ours,
-                "swap_seconds": swap_s,
-                "swap_failed": swap_failed,
-                "tensorflow_loaded": tf_loaded,
-                "batch64_images_per_s": batch64,
-            },
-            indent=2,
-        )
+    record.save(
+        "serving",
+        {
+            "rows": rows,
+            "peak_rss_mb": peak_ours,
+            "swap_seconds": swap_s,
+            "swap_failed": swap_failed,
+            "tensorflow_loaded": tf_loaded,
+            "batch64_images_per_s": batch64,
+        },
     )
-    print(f"(written to {RESULTS})")
 
 
 def _summary(result: LoadResult) -> dict[str, float]:

@@ -15,7 +15,6 @@ copies gave (agreement, drops) from production's /metrics. Results go to bench-r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -29,6 +28,7 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import record
 from benchmarks.bench_serving import (
     MODEL_NAME,
     LoadResult,
@@ -39,7 +39,6 @@ from benchmarks.bench_serving import (
 from captchaops.settings import Settings
 from harness.processes import VENV_BIN, free_port, http_service, tracking_server
 
-RESULTS = Path("bench-results") / "shadow.json"
 TARGET_RATIO = 1.10
 
 
@@ -165,19 +164,16 @@ def report(results: dict[str, list[LoadResult]], counts: dict[str, float]) -> No
         if copies
         else "copies: none counted"
     )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "p99_ms": p99,
-                "p50_ms": p50,
-                "rps": rps,
-                "p99_ratio": ratio,
-                "rounds": {n: [r.p99_ms for r in rows] for n, rows in results.items()},
-                "shadow": counts,
-            },
-            indent=2,
-        )
+    record.save(
+        "shadow",
+        {
+            "p99_ms": p99,
+            "p50_ms": p50,
+            "rps": rps,
+            "p99_ratio": ratio,
+            "rounds": {n: [r.p99_ms for r in rows] for n, rows in results.items()},
+            "shadow": counts,
+        },
     )
 
 

@@ -16,7 +16,6 @@ X-Model-Version.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -28,13 +27,13 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import record
 from benchmarks.bench_serving import MODEL_NAME, LoadResult, prepare_model, request_body, run_load
 from captchaops.settings import Settings, load_settings
 from captchaops.stack import webhooks
 from harness.processes import VENV_BIN, free_port, http_service, tracking_server
 from harness.stack import copy_version
 
-RESULTS = Path("bench-results") / "swap.json"
 TARGET_S = 0.5
 SETTLE_S = 3.0
 """Load before the first move and between moves (the new version's answers, then steady)."""
@@ -183,8 +182,7 @@ def report(
         f"{load_after[0]:.1f} after"
     )
     out["loadavg"] = {"before": load_before, "after": load_after, "cpus": os.cpu_count()}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2))
+    record.save("swap", out)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

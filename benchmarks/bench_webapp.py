@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
 import socket
 import statistics
@@ -29,10 +28,10 @@ from typing import Any
 
 import httpx
 
+from benchmarks import record
 from captchaops.data.synthetic import generate_one
 from harness.processes import VENV_BIN, free_port, http_service
 
-RESULTS = Path("bench-results") / "webapp.json"
 MARGIN_S = 1.0
 
 
@@ -111,9 +110,7 @@ def main(argv: list[str] | None = None) -> None:
             f"   (HTTP {r['page_status']} / {r['api_status']})"
         )
     print(f"target {'met' if met else 'MISSED'}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"timeout_s": args.timeout, "scenarios": results}, indent=2))
-    print(f"(written to {RESULTS})")
+    record.save("webapp", {"timeout_s": args.timeout, "scenarios": results})
 
 
 if __name__ == "__main__":
