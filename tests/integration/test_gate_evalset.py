@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import uuid
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from captchaops.evaluation.evalset import EVAL_SEED, EvalSetError
 from captchaops.training.run import TrainConfig
 from tests.fixtures.models import make_settings
 from tests.fixtures.stack import Tracking
+from tests.unit.test_frozen import amplified
 
 
 def test_frozen_set_is_stored_once_and_loaded_by_digest(
@@ -56,6 +58,36 @@ def test_frozen_set_is_stored_once_and_loaded_by_digest(
         == replaced.digest
         != made.digest
     )
+
+
+def test_an_amplified_set_is_refused_in_one_line_without_unpacking_it(
+    tracking_server: Tracking, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = make_settings(tracking_server, tmp_path)
+    client = mlflow_scope.client(settings)
+    experiment = client.get_experiment_by_name(evalset.EVAL_EXPERIMENT)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(evalset.EVAL_EXPERIMENT)
+    )
+    digest = uuid.uuid4().hex
+    run = client.create_run(experiment_id, tags={evalset.DIGEST_TAG: digest})
+    (tmp_path / evalset.ARTIFACT).write_bytes(amplified())
+    client.log_artifact(run.info.run_id, str(tmp_path / evalset.ARTIFACT))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    with pytest.raises(EvalSetError) as refused:
+        evalset.load_evalset(client, digest)
+
+    assert str(refused.value) == (
+        f"the stored frozen set {digest[:12]} is refused: its labels.json names one image more "
+        "than once; make a new one with `captchaops evalset --replace`"
+    )
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 2**10  # KiB
+    monkeypatch.setattr(evalset, "MAX_SET_BYTES", 2**15)  # the download stops at the cap
+    with pytest.raises(EvalSetError, match=r"is larger than 0\.03125 MiB; make a new one"):
+        evalset.load_evalset(client, digest)
 
 
 def test_training_never_uses_the_evaluation_seed() -> None:

@@ -31,6 +31,7 @@ from captchaops.webapp.app import EXTENSION, create_app
 from captchaops.webapp.service import Demo
 from tests.fixtures.models import make_settings
 from tests.fixtures.stack import Tracking, free_port
+from tests.unit.test_frozen import amplified
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +94,11 @@ def store_evalset(
             items.append({"file": f"images/{i:06d}.bin", "label": label})
         meta = {"seed": 0, "kind": kind, "alphabet": ALPHABET, "items": items}
         archive.writestr("labels.json", json.dumps(meta))
+    return store_archive(client, name, buffer.getvalue(), digest)
+
+
+def store_archive(client: MlflowClient, name: str, data: bytes, digest: str) -> str:
+    """Store `data` as a frozen set's evalset.zip under `digest` and pin it for the model."""
     experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
     experiment_id = (
         experiment.experiment_id if experiment else client.create_experiment(EVAL_EXPERIMENT)
@@ -100,7 +106,7 @@ def store_evalset(
     run = client.create_run(experiment_id, tags={DIGEST_TAG: digest, "kind": "evalset"})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ARTIFACT
-        path.write_bytes(buffer.getvalue())
+        path.write_bytes(data)
         client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id)
     client.set_registered_model_tag(name, DIGEST_TAG, digest)
@@ -228,7 +234,9 @@ def test_synthetic_scheme_generates_in_its_alphabet_and_length(
     assert 'id="generate-note"' not in page
 
 
-@pytest.mark.parametrize("problem", ["no_set", "unknown_digest", "too_large", "not_folder"])
+@pytest.mark.parametrize(
+    "problem", ["no_set", "unknown_digest", "too_large", "not_folder", "amplified"]
+)
 def test_folder_scheme_without_a_usable_set_falls_back_with_a_message(
     tracking_server: Tracking, tmp_path: Path, problem: str
 ) -> None:
@@ -240,6 +248,8 @@ def test_folder_scheme_without_a_usable_set_falls_back_with_a_message(
     elif problem in ("too_large", "not_folder"):
         kind = "synthetic" if problem == "not_folder" else "folder"
         store_evalset(client, name, held_out, ["bcdef"], kind=kind)
+    elif problem == "amplified":
+        store_archive(client, name, amplified(), "a" * 64)
     app = app_for(tracking_server, tmp_path, name)
     if problem == "too_large":
         app.extensions[EXTENSION].held_out.max_bytes = 1024
@@ -254,6 +264,7 @@ def test_folder_scheme_without_a_usable_set_falls_back_with_a_message(
         "unknown_digest": "is not stored in text-captcha-evaluation",
         "too_large": "is too large to show",
         "not_folder": "holds no held-out folder images",
+        "amplified": "not a readable evalset.zip: its labels.json names one image more than once",
     }[problem]
     assert expected in note.group(1)
 

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -19,7 +20,16 @@ from mlflow import MlflowClient
 from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
-from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, digest_of, pack, unpack
+from captchaops.data.frozen import (
+    ARTIFACT,
+    DIGEST_TAG,
+    EVAL_EXPERIMENT,
+    MAX_SET_BYTES,
+    ArchiveRefused,
+    digest_of,
+    pack,
+    unpack,
+)
 from captchaops.data.synthetic import DIGITS_UPPER, generate
 from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.evaluation.scheme import Scheme
@@ -27,6 +37,7 @@ from captchaops.live.estimate import Calibration
 from captchaops.model.version import VersionError, load_registered
 from captchaops.registry.versions import pin_evalset
 from captchaops.settings import Settings, mask_credentials
+from captchaops.tracking_rest import ArtifactTooLarge, TrackingError, TrackingRest
 
 EVAL_SEED = 7_919_000
 """Seed of the generated part of the frozen set; training must never use it (see docs)."""
@@ -91,6 +102,33 @@ def _unpack(data: bytes) -> EvalSet:
     meta, images, labels = unpack(data)
     kind = str(meta.get("kind", "synthetic"))
     return EvalSet(images, labels, digest_of(images, labels), int(meta["seed"]), kind)
+
+
+def _download(client: MlflowClient, run_id: str) -> bytes:
+    """A run's `evalset.zip`, the download itself stopped at MAX_SET_BYTES (ArtifactTooLarge).
+
+    A tracking server streams it through `GET /get-artifact` with the client's login (in its
+    URI, else MLflow's environment or ~/.mlflow/credentials); a local store is read from disk.
+    """
+    uri = str(client.tracking_uri)
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        creds = read_mlflow_creds()
+        login = None
+        if not parts.username and creds.username and creds.password:
+            login = (creds.username, creds.password)
+        rest = TrackingRest(uri, login, 60.0)
+        try:
+            return rest.get_artifact(run_id, ARTIFACT, MAX_SET_BYTES)
+        finally:
+            rest.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, ARTIFACT, tmp))
+        if local.stat().st_size > MAX_SET_BYTES:
+            raise ArtifactTooLarge(f"{ARTIFACT} is larger than {MAX_SET_BYTES / 2**20:g} MiB")
+        return local.read_bytes()
 
 
 def _experiment_id(client: MlflowClient) -> str:
@@ -239,9 +277,24 @@ def load_evalset(client: MlflowClient, digest: str) -> EvalSet:
             f"no stored frozen evaluation set with digest {digest[:12]}; "
             "make one with `captchaops evalset --replace`"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(runs[0].info.run_id, ARTIFACT, tmp)
-        evalset = _unpack(Path(local).read_bytes())
+    short = digest[:12]
+    try:
+        evalset = _unpack(_download(client, runs[0].info.run_id))
+    except ArtifactTooLarge as exc:
+        raise EvalSetError(
+            f"the stored frozen set {short} is larger than {MAX_SET_BYTES / 2**20:g} MiB; "
+            "make a new one with `captchaops evalset --replace`"
+        ) from exc
+    except TrackingError as exc:
+        raise EvalSetError(
+            f"the stored frozen set {short} could not be downloaded ({exc}); retry, or make a "
+            "new one with `captchaops evalset --replace`"
+        ) from exc
+    except ArchiveRefused as exc:
+        raise EvalSetError(
+            f"the stored frozen set {short} is refused: {exc}; "
+            "make a new one with `captchaops evalset --replace`"
+        ) from exc
     if evalset.digest != digest:
         raise EvalSetError(
             f"the stored frozen set {digest[:12]} does not match its digest; "

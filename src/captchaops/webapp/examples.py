@@ -5,12 +5,18 @@ from __future__ import annotations
 import random
 import re
 import threading
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from captchaops.data.frozen import ARTIFACT, DIGEST_TAG, EVAL_EXPERIMENT, ArchiveTooLarge, unpack
+from captchaops.data.frozen import (
+    ARTIFACT,
+    DIGEST_TAG,
+    EVAL_EXPERIMENT,
+    ArchiveRefused,
+    ArchiveTooLarge,
+    unpack,
+)
 from captchaops.webapp.tracking_client import ArtifactTooLarge, Tracking, TrackingError
 
 MAX_SET_BYTES = 50 * 2**20
@@ -164,12 +170,9 @@ def _unpack(digest: str, data: bytes, max_bytes: int) -> HeldOut:
     try:
         meta, images, labels = unpack(data, max_unpacked=max_bytes)
     except ArchiveTooLarge as exc:
-        raise _Refused(
-            f"the frozen set {short} is too large to show: it unpacks to more than "
-            f"{max_bytes / 2**20:g} MiB"
-        ) from exc
-    except (zipfile.BadZipFile, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise _Refused(f"the frozen set {short} is not a readable evalset.zip") from exc
+        raise _Refused(f"the frozen set {short} is too large to show: {exc}") from exc
+    except ArchiveRefused as exc:
+        raise _Refused(f"the frozen set {short} is not a readable evalset.zip: {exc}") from exc
     if meta.get("kind") != "folder":
         raise _Refused(
             f"the frozen set {short} holds no held-out folder images "
