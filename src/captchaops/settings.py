@@ -253,6 +253,20 @@ class Settings(BaseSettings):
     max_connections_per_client: int = Field(
         128, ge=1, description="connections one client address may hold to a model server at once"
     )
+    version_cpu_seconds: int = Field(
+        30,
+        ge=1,
+        le=600,
+        description="CPU seconds a version's trial and a model server's warm-up may spend on it",
+    )
+    trial_memory_mib: int = Field(
+        1024, ge=256, description="address space (MiB) of the child process that tries a version"
+    )
+    serving_memory_mib: int = Field(
+        4096,
+        ge=0,
+        description="address space (MiB) a model server may map (RLIMIT_AS); 0: no limit",
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -1,5 +1,6 @@
 """A version's graph is checked before it runs: only our exporter's operators, bounded tensors,
-and opening plus warm-up in a child process that memory, CPU and time limits stop."""
+shapes that depend on the batch size alone, and opening plus warm-up at the largest batch in an
+isolated child process that memory, CPU and time limits stop, refusing NaN answers."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from captchaops.model import graph_policy
 from captchaops.model.graph_policy import ALLOWED_OPS, GraphRefused, check_graph, op_set
 from captchaops.model.version import VersionError, file_sha256, open_version
-from captchaops.serving.trial import TrialFailed, TrialLimits, run_trial
+from captchaops.serving import trial
+from captchaops.serving.loader import FiniteAnswers
+from captchaops.serving.trial import NonFiniteOutput, TrialFailed, TrialLimits, run_trial
 
 HEIGHT, WIDTH, STEPS, ALPHABET = 32, 64, 16, "abcd"
 MLMODEL = """\
@@ -83,7 +86,7 @@ def spinning(multiplications: int = 400) -> onnx.ModelProto:
     )
 
 
-def hungry(copies: int = 48) -> onnx.ModelProto:
+def hungry(copies: int = 48) -> onnx.ModelProto:  # now refused by the shape bounds
     """Allowed operators only, but 48 copies of a 4000x4000 float tensor (3 GB) concatenated."""
     model = spinning(0)
     graph = model.graph
@@ -130,6 +133,158 @@ def endless_loop() -> onnx.ModelProto:
             numpy_helper.from_array(np.array(True), "cond"),
         ],
     )
+
+
+def _const(name: str, values: object, dtype: type = np.int64) -> TensorProto:
+    return numpy_helper.from_array(np.array(values, dtype), name)
+
+
+def with_side_branch(
+    side: list[onnx.NodeProto], scalar: str, extra: list[TensorProto]
+) -> onnx.ModelProto:
+    """`honest()` whose logits also add the scalar `scalar` that the nodes `side` compute: the
+    shape of a hostile graph that otherwise answers like an honest one."""
+    model = honest()
+    graph = model.graph
+    nodes = list(graph.node)
+    nodes[1].output[0] = "logits_mm"
+    del graph.node[:]
+    graph.node.extend(
+        [*nodes[:2], *side, helper.make_node("Add", ["logits_mm", scalar], ["logits"]), nodes[2]]
+    )
+    graph.initializer.extend(extra)
+    return model
+
+
+def expanded_to(
+    shape_nodes: list[onnx.NodeProto], shape: str, extra: list[TensorProto]
+) -> onnx.ModelProto:
+    """An honest graph that also expands one pixel to the shape `shape_nodes` compute."""
+    side = [
+        *shape_nodes,
+        helper.make_node("Reshape", ["image", "flat"], ["pixels"]),
+        helper.make_node("Gather", ["pixels", "zero"], ["pixel"]),
+        helper.make_node("Expand", ["pixel", shape], ["big"]),
+        helper.make_node("ReduceMean", ["big"], ["side"], keepdims=0),
+    ]
+    return with_side_branch(side, "side", [_const("flat", [-1]), _const("zero", 0), *extra])
+
+
+def shape_via_identity() -> onnx.ModelProto:
+    """The attack: the constant shape hidden behind an Identity, past the constant checks."""
+    nodes = [helper.make_node("Identity", ["huge"], ["shape"])]
+    return expanded_to(nodes, "shape", [_const("huge", [100_000, 100_000])])
+
+
+def shape_via_cast() -> onnx.ModelProto:
+    """The attack: the shape stored as floats and cast to integers."""
+    nodes = [helper.make_node("Cast", ["huge"], ["shape"], to=TensorProto.INT64)]
+    return expanded_to(nodes, "shape", [_const("huge", [100_000, 100_000], np.float32)])
+
+
+def shape_from_brightness() -> onnx.ModelProto:
+    """The attack: a dark image asks for more: the shape is (1 - mean pixel) x 10^8 values."""
+    nodes = [
+        helper.make_node("ReduceMean", ["image"], ["mean"], keepdims=0),
+        helper.make_node("Sub", ["one", "mean"], ["dark"]),
+        helper.make_node("Mul", ["dark", "scale"], ["amount"]),
+        helper.make_node("Cast", ["amount"], ["count"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["count", "axis0"], ["shape"]),
+    ]
+    extra = [
+        _const("one", 1.0, np.float32),
+        _const("scale", 1e8, np.float32),
+        _const("axis0", [0]),
+    ]
+    return expanded_to(nodes, "shape", extra)
+
+
+def shape_from_batch_squared() -> onnx.ModelProto:
+    """The attack: Shape(image) gives the batch size, squared: one image costs 64 MB, a batch of
+    16 costs 16 GB."""
+    nodes = [
+        helper.make_node("Shape", ["image"], ["dims"]),
+        helper.make_node("Gather", ["dims", "axes0"], ["n"]),
+        helper.make_node("Mul", ["n", "n"], ["nn"]),
+        helper.make_node("Concat", ["nn", "square"], ["shape"], axis=0),
+    ]
+    return expanded_to(nodes, "shape", [_const("axes0", [0]), _const("square", [4000, 4000])])
+
+
+def pad_from_pixels() -> onnx.ModelProto:
+    """The attack: Pad amounts computed from the pixels."""
+    side = [
+        helper.make_node("ReduceMean", ["image"], ["mean"], keepdims=0),
+        helper.make_node("Mul", ["mean", "scale"], ["amount"]),
+        helper.make_node("Cast", ["amount"], ["count"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["count", "axis0"], ["after"]),
+        helper.make_node("Concat", ["zeros4", "after", "zeros3"], ["pads"], axis=0),
+        helper.make_node("Pad", ["image", "pads"], ["padded"]),
+        helper.make_node("ReduceMean", ["padded"], ["side"], keepdims=0),
+    ]
+    extra = [
+        _const("scale", 1e6, np.float32),
+        _const("axis0", [0]),
+        _const("zeros4", [0, 0, 0, 0]),
+        _const("zeros3", [0, 0, 0]),
+    ]
+    return with_side_branch(side, "side", extra)
+
+
+def batch_by_batch() -> onnx.ModelProto:
+    """The attack without any shape input: pixels [N, 2048] times their transpose, [N, N]."""
+    side = [
+        helper.make_node("Reshape", ["image", "rows"], ["flat"]),
+        helper.make_node("Transpose", ["flat"], ["flat_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["flat", "flat_t"], ["gram"]),
+        helper.make_node("ReduceMean", ["gram"], ["side"], keepdims=0),
+    ]
+    return with_side_branch(side, "side", [_const("rows", [0, -1])])
+
+
+def lying_value_info() -> onnx.ModelProto:
+    """The pixel-sized shape of `shape_from_brightness`, with value_info claiming it is known."""
+    model = shape_from_brightness()
+    model.graph.value_info.extend(
+        [
+            helper.make_tensor_value_info("big", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [1]),
+        ]
+    )
+    return model
+
+
+def nan_when_dark() -> onnx.ModelProto:
+    """Allowed operators and constant shapes, but sqrt(pixel - 0.5): NaN for a dark image."""
+    model = honest()
+    graph = model.graph
+    nodes = list(graph.node)
+    nodes[0].input[0] = "rooted"
+    del graph.node[:]
+    graph.node.extend(
+        [
+            helper.make_node("Sub", ["image", "half"], ["centred"]),
+            helper.make_node("Sqrt", ["centred"], ["rooted"]),
+            *nodes,
+        ]
+    )
+    graph.initializer.append(_const("half", 0.5, np.float32))
+    return model
+
+
+def hoarding_per_image(values: int = 4_000_000) -> onnx.ModelProto:
+    """Constant shapes within the bounds, but three live [N, 4M] tensors: 48 MB for one image,
+    3 GB at a batch of 64."""
+    side = [
+        helper.make_node("Reshape", ["image", "rows"], ["flat"]),
+        helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("Expand", ["mean", "wide"], ["a"]),
+        helper.make_node("Add", ["a", "a"], ["b"]),
+        helper.make_node("Add", ["b", "a"], ["c"]),
+        helper.make_node("Add", ["c", "b"], ["d"]),
+        helper.make_node("ReduceMean", ["d"], ["side"], keepdims=0),
+    ]
+    return with_side_branch(side, "side", [_const("rows", [0, -1]), _const("wide", [1, values])])
 
 
 def version_dir(root: Path, model: onnx.ModelProto, **meta_fields: object) -> Path:
@@ -283,10 +438,126 @@ def test_a_graph_that_spins_is_killed_at_its_wall_clock_limit(
     assert no_children_left() == []
 
 
-def test_a_graph_that_allocates_gigabytes_is_stopped_at_its_memory_limit(
+def test_a_graph_that_allocates_gigabytes_at_the_largest_batch_is_stopped_at_its_memory_limit(
     tmp_path: Path, no_children_left: Callable[[], list[psutil.Process]]
 ) -> None:
-    folder = version_dir(tmp_path / "v", hungry())
-    with pytest.raises(TrialFailed, match="MiB"):
-        run_trial(folder, TrialLimits(memory_bytes=2**31, cpu_seconds=60, wall_seconds=60))
+    folder = version_dir(tmp_path / "v", hoarding_per_image())
+    assert "Expand" in run_trial(folder, TrialLimits(max_batch=1))  # one image: 48 MB
+    with pytest.raises(TrialFailed, match="more than 1024 MiB"):  # the largest batch: 3 GB
+        run_trial(folder, TrialLimits(memory_bytes=2**30, max_batch=64))
     assert no_children_left() == []
+
+
+HOSTILE = [
+    (shape_via_identity(), "10,000,000,000 values in all"),
+    (shape_via_cast(), "10,000,000,000 values in all"),
+    (hungry(), "768,000,000 values in all"),
+    (shape_from_brightness(), "through Sub"),
+    (pad_from_pixels(), "input 'mean' of node 'Pad' sets a shape or size through ReduceMean"),
+    (shape_from_batch_squared(), "1 at batch 1, 4 at batch 2, 4096 at batch 64"),
+    (batch_by_batch(), "square of the batch size"),
+]
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    HOSTILE,
+    ids=["identity", "cast", "hungry", "brightness", "pad", "batch-squared", "batch-by-batch"],
+)
+def test_graphs_whose_cost_depends_on_the_request_are_refused(
+    model: onnx.ModelProto, words: str, tmp_path: Path
+) -> None:
+    with pytest.raises(GraphRefused, match=words):
+        check_graph(saved(tmp_path, model), geometry=(HEIGHT, WIDTH, 1))
+    with pytest.raises(VersionError, match=words):  # where servers and the gate open versions
+        open_version(version_dir(tmp_path / "v", model))
+
+
+def test_shape_inference_alone_refuses_a_shape_read_from_pixels_whatever_value_info_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(graph_policy, "SHAPE_ARGUMENTS", {})  # the first check gone
+    with pytest.raises(GraphRefused, match=r"'big' .* is not known from the batch size alone"):
+        check_graph(saved(tmp_path, lying_value_info()), geometry=(HEIGHT, WIDTH, 1))
+
+
+def test_shapes_from_the_batch_size_alone_pass(tmp_path: Path) -> None:
+    """A Reshape whose shape comes from Shape(image) (as Keras' export has) is a function of the
+    batch size; so is an honest graph's [0, T, -1]."""
+    nodes = [
+        helper.make_node("Shape", ["image"], ["dims"]),
+        helper.make_node("Gather", ["dims", "axes0"], ["n"]),
+        helper.make_node("Concat", ["n", "rest"], ["shape"], axis=0),
+    ]
+    model = expanded_to(nodes, "shape", [_const("axes0", [0]), _const("rest", [STEPS, 8])])
+    assert "Shape" in check_graph(saved(tmp_path, model), geometry=(HEIGHT, WIDTH, 1))
+    assert check_graph(saved(tmp_path, honest()), geometry=(HEIGHT, WIDTH, 1), max_batch=256)
+
+
+def test_an_open_input_is_fixed_to_the_declared_geometry(tmp_path: Path) -> None:
+    model = honest()
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_param, dims[2].dim_param = "height", "width"
+    path = saved(tmp_path, model)
+    assert check_graph(path) == ["MatMul", "Reshape", "Softmax"]  # no geometry: checked later
+    assert check_graph(path, geometry=(HEIGHT, WIDTH, 1))
+    with pytest.raises(GraphRefused, match=r"not known from the batch size alone|shape inference"):
+        check_graph(path, geometry=(HEIGHT, WIDTH + 3, 1))  # [0, 16, -1] does not divide
+
+
+def test_the_trial_refuses_a_version_that_answers_nan_for_a_dark_image(
+    tmp_path: Path, no_children_left: Callable[[], list[psutil.Process]]
+) -> None:
+    folder = version_dir(tmp_path / "v", nan_when_dark())
+    assert check_graph(folder / "artifacts" / "crnn.onnx", geometry=(HEIGHT, WIDTH, 1))
+    with pytest.raises(TrialFailed, match="not finite numbers are refused"):
+        run_trial(folder, TrialLimits(wall_seconds=60))
+    assert no_children_left() == []
+
+
+def test_a_served_version_never_answers_nan(tmp_path: Path) -> None:
+    model = FiniteAnswers(open_version(version_dir(tmp_path / "v", nan_when_dark())))
+    white, black, _ = trial._probes(model.meta)
+    assert 0.0 <= model.predict_images([white])[0]["confidence"] <= 1.0
+    with pytest.raises(NonFiniteOutput, match="not a finite number"):
+        model.predict_images([white, black])
+
+
+def test_the_trial_child_is_isolated(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    no_children_left: Callable[[], list[psutil.Process]],
+) -> None:
+    """No secret reaches the child, and PYTHONPATH cannot put another trial in its place."""
+    shadow = tmp_path / "shadow" / "captchaops" / "serving"
+    shadow.mkdir(parents=True)
+    for init in (shadow.parent / "__init__.py", shadow / "__init__.py"):
+        init.write_text("")
+    (shadow / "trial.py").write_text('print(\'{"ops": ["Shadowed"]}\')\n')
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "shadow"))
+    monkeypatch.setenv("CAPTCHAOPS_SERVING_TOKEN", "s3cret")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    env = trial.child_environment()
+    assert "s3cret" not in env.values()
+    assert not [k for k in env if k.startswith(("MLFLOW_", "CAPTCHAOPS_", "PYTHON"))]
+    folder = version_dir(tmp_path / "v", honest())
+    limits = TrialLimits(wall_seconds=60, max_batch=2)
+    assert run_trial(folder, limits) == ["MatMul", "Reshape", "Softmax"]
+    assert no_children_left() == []
+
+
+def test_the_trial_reads_at_most_its_output_limit(tmp_path: Path) -> None:
+    noisy = tmp_path / "out"
+    noisy.write_bytes(b"x" * (trial.OUTPUT_BYTES * 4))
+    assert len(trial._head(noisy)) == trial.OUTPUT_BYTES
+
+
+def test_one_cpu_budget_for_the_trial_and_the_warm_up() -> None:
+    from captchaops.serving.loader import Timeouts, VersionLoader
+    from captchaops.settings import Settings
+
+    settings = Settings(version_cpu_seconds=12, max_batch_images=32)
+    limits = TrialLimits.for_settings(settings)
+    assert (limits.cpu_seconds, limits.max_batch) == (12, 32)
+    loader = VersionLoader(None, Path("/nonexistent"), Timeouts(warm_up=7.0))  # type: ignore[arg-type]
+    assert loader.trial.cpu_seconds == 7  # the warm-up's limit is the trial's budget

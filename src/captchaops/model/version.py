@@ -212,10 +212,10 @@ def open_version(model_dir: Path, threads: int = 1, check_ops: bool = True) -> O
     policy is checked unless the caller has (a model server's trial in a child process)."""
     meta, onnx = check_model_dir(model_dir)
     if check_ops:
-        from captchaops.model.graph_policy import GraphRefused, check_graph
+        from captchaops.model.graph_policy import GraphRefused, check_graph, input_geometry
 
         try:
-            ops = check_graph(onnx)
+            ops = check_graph(onnx, geometry=input_geometry(meta))
         except GraphRefused as exc:
             raise VersionError(str(exc)) from exc
         if meta.onnx_ops and sorted(meta.onnx_ops) != ops:

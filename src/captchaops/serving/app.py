@@ -230,6 +230,7 @@ def run(settings: Settings, alias: str, port: int, host: str | None = None) -> N
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    limit_memory(settings.serving_memory_mib)
     app = create_app(settings, alias)
     log.info("serving %s@%s on http://%s:%d", settings.model_name, alias, bind, port)
     uvicorn.run(
@@ -247,6 +248,19 @@ def run(settings: Settings, alias: str, port: int, host: str | None = None) -> N
         h11_max_incomplete_event_size=connections.MAX_HEAD_BYTES,
         limit_concurrency=connections.MAX_CONNECTIONS,
     )
+
+
+def limit_memory(mib: int) -> None:
+    """Cap this process's address space (RLIMIT_AS) at `mib` MiB, 0 for none: an allocation
+    beyond it fails (the request gets a JSON error) instead of taking the machine."""
+    import resource
+
+    if mib <= 0:
+        return
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mib * 2**20 if hard == resource.RLIM_INFINITY else min(mib * 2**20, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    log.info("address space limited to %d MiB", limit // 2**20)
 
 
 def _check_port(host: str, port: int) -> None:

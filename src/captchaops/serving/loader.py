@@ -2,6 +2,11 @@
 within its own timeout; the last version that passed all three is kept on disk for restarts
 while the registry cannot be reached.
 
+The trial (`captchaops.serving.trial`) and the server's own warm-up run the largest batch the
+server sends, with the same CPU budget (`Settings.version_cpu_seconds`); a served version's
+answers are checked once more as they leave it, so a confidence that is not a finite number
+fails the request with a JSON error instead of reaching a client as `NaN`.
+
 Only the ONNX network and meta.json are read, after the checks in `captchaops.model.version`;
 nothing a version carries is unpickled or imported, and MLflow itself is imported only for
 artifact stores the tracking server does not proxy.
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -29,7 +35,13 @@ import yaml
 
 from captchaops.model.version import MAX_META_BYTES, META_ARTIFACT, ONNX_ARTIFACT, open_version
 from captchaops.serving.trial import ImageModel as ImageModel
-from captchaops.serving.trial import TrialFailed, TrialLimits, run_trial, warm_up
+from captchaops.serving.trial import (
+    NonFiniteOutput,
+    TrialFailed,
+    TrialLimits,
+    run_trial,
+    warm_up,
+)
 from captchaops.tracking_rest import (
     ArtifactTooLarge,
     TrackingError,
@@ -55,6 +67,7 @@ class Timeouts:
     download: float = 120.0
     load: float = 60.0
     warm_up: float = 30.0
+    """Also the trial's CPU budget when the loader is given no TrialLimits."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,10 @@ class VersionLoader:
         self.rest = rest
         self.cache_dir = cache_dir
         self.timeouts = timeouts
-        self.trial = trial or TrialLimits(wall_seconds=timeouts.load + timeouts.warm_up)
+        self.trial = trial or TrialLimits(
+            cpu_seconds=max(1, math.ceil(timeouts.warm_up)),
+            wall_seconds=timeouts.load + timeouts.warm_up,
+        )
         self._overdue: threading.Thread | None = None
 
     def load(self, ref: VersionRef) -> Loaded:
@@ -207,8 +223,11 @@ class VersionLoader:
             "checking and opening the version",
             lambda: open_version(folder, check_ops=False),
         )
-        self._within(self.timeouts.warm_up, "the warm-up prediction", lambda: warm_up(model))
-        return model
+        batch = self.trial.max_batch
+        self._within(  # the trial's budget: one value for both
+            float(self.trial.cpu_seconds), "the warm-up prediction", lambda: warm_up(model, batch)
+        )
+        return FiniteAnswers(model)
 
     def _within(self, seconds: float, what: str, step: Callable[[], T]) -> T:
         """Run `step` in a thread and wait at most `seconds` for it. A step that overruns is
@@ -271,6 +290,37 @@ class VersionLoader:
             for entry in self.cache_dir.iterdir():
                 if entry.is_dir() and entry.name != keep:
                     shutil.rmtree(entry, ignore_errors=True)
+
+
+class FiniteAnswers:
+    """A loaded version whose answers are checked as they leave it: a confidence that is not a
+    finite number raises NonFiniteOutput (the request fails with a JSON error), never `NaN`."""
+
+    def __init__(self, model: ImageModel) -> None:
+        self.model = model
+        self.meta = model.meta
+
+    def predict_images(self, images: list[bytes]) -> list[dict[str, Any]]:
+        """Text and confidence for each image, each confidence a finite number."""
+        return _finite(self.model.predict_images(images))
+
+    def predict_pixels(self, pixels: Any) -> list[dict[str, Any]]:
+        """As `predict_images`, for images already decoded (the reader's `predict_pixels`)."""
+        return _finite(self.model.predict_pixels(pixels))  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def _finite(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for answer in answers:
+        confidence = answer.get("confidence")
+        if not isinstance(confidence, int | float) or not math.isfinite(confidence):
+            raise NonFiniteOutput(
+                "the served version answered a confidence that is not a finite number; "
+                "it is refused (stage a version that passes its trial)"
+            )
+    return answers
 
 
 def _served_files(mlmodel: Path) -> list[str]:

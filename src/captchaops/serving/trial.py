@@ -1,26 +1,38 @@
 """Trying a version in a child process before a model server loads it: the graph policy, then
-opening and one warm-up prediction, under memory (RLIMIT_AS) and CPU (RLIMIT_CPU) limits and a
+opening and warm-up predictions at the server's largest batch (white, black and noise images),
+under memory (RLIMIT_AS), CPU (RLIMIT_CPU) and output-size (RLIMIT_FSIZE) limits and a
 wall-clock timeout that kills the child.
 
 A thread cannot be stopped: a graph that allocates gigabytes or loops for ever, run in the
 server, takes the server's memory or leaves a core spinning. Run here, it takes only the child,
-which the kernel or the timeout ends. The server opens the version itself only after the child
-succeeded. Run as `python -m captchaops.serving.trial FOLDER MEMORY_BYTES CPU_SECONDS`.
+which the kernel or the timeout ends. As the graph policy makes every shape a function of the
+batch size alone, the largest batch costs the most any request can; a graph that answers NaN
+or infinity for any of the images fails. The child runs isolated (`python -I`, a fresh working
+directory, an environment without the service's secrets). The server opens the version itself
+only after the child succeeded. Run as
+`python -I -m captchaops.serving.trial FOLDER MEMORY_BYTES CPU_SECONDS MAX_BATCH`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from captchaops.settings import Settings
 
 
 class ImageModel(Protocol):
@@ -37,92 +49,175 @@ class TrialFailed(Exception):
     """The version failed its trial; the message is one line saying why."""
 
 
+VERSION_CPU_SECONDS = 30
+"""CPU seconds the trial, and the server's own warm-up, may spend on a version
+(`Settings.version_cpu_seconds`)."""
+OUTPUT_BYTES = 64 * 1024
+"""The most the trial's child may write to its stdout and stderr together, and all that is read."""
+CHILD_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ")
+"""Variables the child inherits; the rest (credentials, tokens, MLflow settings) it never sees."""
+
+
 @dataclass(frozen=True)
 class TrialLimits:
     """What the child trying a version may use before it is stopped."""
 
     memory_bytes: int = 2**30
     """Address space (RLIMIT_AS): a few hundred MiB open and run our models."""
-    cpu_seconds: int = 60
+    cpu_seconds: int = VERSION_CPU_SECONDS
     wall_seconds: float = 90.0
+    max_batch: int = 64
+    """Images in the warm-up batch: the largest the server sends to a version."""
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> TrialLimits:
+        """The limits `settings` give: its CPU budget, its largest batch."""
+        cpu = int(settings.version_cpu_seconds)
+        return cls(
+            memory_bytes=int(settings.trial_memory_mib) * 2**20,
+            cpu_seconds=cpu,
+            wall_seconds=3.0 * cpu,
+            max_batch=int(settings.max_batch_images),
+        )
 
 
-def warm_up(model: ImageModel) -> None:
-    """Run one prediction on a blank image of the model's input size; raise if it misbehaves."""
-    size = (int(model.meta["width"]), int(model.meta["height"]))
-    buffer = io.BytesIO()
-    Image.new("L", size, 255).save(buffer, format="PNG")
-    result = model.predict_images([buffer.getvalue()])
-    if (
-        len(result) != 1
-        or not isinstance(result[0].get("text"), str)
-        or not 0.0 <= float(result[0].get("confidence", -1.0)) <= 1.0
-    ):
-        raise RuntimeError(f"warm-up prediction returned {result!r}, not one text and confidence")
+class NonFiniteOutput(RuntimeError):
+    """A version answered NaN or infinity: it is refused, never served."""
+
+
+def warm_up(model: ImageModel, batch: int = 1) -> None:
+    """Run predictions on `batch` images of the model's input size (white, black and noise,
+    in turn); raise if any answer or raw output is missing, out of range or not finite."""
+    images = [probe for _, probe in zip(range(batch), _cycle(_probes(model.meta)), strict=False)]
+    result = model.predict_images(images)
+    if len(result) != len(images) or not all(isinstance(r.get("text"), str) for r in result):
+        raise RuntimeError(f"warm-up prediction returned {result[:3]!r}, not a text per image")
+    for answer in result:
+        confidence = answer.get("confidence")
+        if not isinstance(confidence, int | float) or not math.isfinite(confidence):
+            raise NonFiniteOutput(
+                f"the version answered the confidence {confidence!r} for a warm-up image; "
+                "versions whose outputs are not finite numbers are refused"
+            )
+        if not 0.0 <= float(confidence) <= 1.0:
+            raise RuntimeError(f"warm-up confidence {confidence!r} is not between 0 and 1")
+    tensor, outputs = getattr(model, "tensor", None), getattr(model, "member_outputs", None)
+    if callable(tensor) and callable(outputs):
+        for raw in outputs(tensor(images), probabilities=False):
+            if not np.isfinite(np.asarray(raw, dtype=np.float64)).all():
+                raise NonFiniteOutput(
+                    "the version's output holds NaN or infinity for a white, black or noise "
+                    "image; versions whose outputs are not finite numbers are refused"
+                )
+
+
+def _probes(meta: dict[str, Any]) -> list[bytes]:
+    """PNG bytes of a white, a black and a (seeded) noise image of the model's input size."""
+    width, height = int(meta["width"]), int(meta["height"])
+    noise = np.random.default_rng(0).integers(0, 256, (height, width), dtype=np.uint8)
+    images = [Image.new("L", (width, height), 255), Image.new("L", (width, height), 0)]
+    images.append(Image.fromarray(noise, "L"))
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def _cycle(items: list[bytes]) -> Iterator[bytes]:
+    while True:
+        yield from items
 
 
 def run_trial(folder: Path, limits: TrialLimits) -> list[str]:
-    """Check, open and warm up the version in `folder` in a limited child; returns its op set.
-    Raises TrialFailed with the reason (policy, memory, CPU or time) when the child fails."""
+    """Check, open and warm up the version in `folder` in a limited, isolated child; returns its
+    op set. Raises TrialFailed with the reason (policy, NaN, memory, CPU or time) when it fails."""
     command = [
         sys.executable,
+        "-I",  # no PYTHON* variables, no user site, no script folder on the path
         "-m",
         "captchaops.serving.trial",
-        str(folder),
+        str(folder.resolve()),
         str(limits.memory_bytes),
         str(limits.cpu_seconds),
+        str(limits.max_batch),
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    try:
-        done = subprocess.run(
-            command, capture_output=True, timeout=limits.wall_seconds, env=env, check=False
-        )
-    except subprocess.TimeoutExpired as exc:  # subprocess.run has killed and reaped the child
-        raise TrialFailed(
-            f"trying the version took longer than {limits.wall_seconds:g} s; it was stopped"
-        ) from exc
-    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    with tempfile.TemporaryDirectory(prefix="captchaops-trial-") as workdir:
+        out_path, err_path = Path(workdir, "stdout"), Path(workdir, "stderr")
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            child = subprocess.Popen(
+                command, stdout=out, stderr=err, cwd=workdir, env=child_environment()
+            )
+            try:
+                returncode = child.wait(timeout=limits.wall_seconds)
+            except subprocess.TimeoutExpired as exc:
+                child.kill()
+                child.wait()
+                raise TrialFailed(
+                    f"trying the version took longer than {limits.wall_seconds:g} s; it was stopped"
+                ) from exc
+        stdout, stderr = _head(out_path), _head(err_path)
+    lines = stdout.decode(errors="replace").strip().splitlines()
     try:
         report = json.loads(lines[-1]) if lines else {}
     except ValueError:
         report = {}
     if not isinstance(report, dict):
         report = {}
-    if done.returncode == 0 and isinstance(report.get("ops"), list):
+    if returncode == 0 and isinstance(report.get("ops"), list):
         return [str(op) for op in report["ops"]]
     if "error" in report:
         raise TrialFailed(str(report["error"]))
-    if done.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+    if returncode in (-signal.SIGXCPU, -signal.SIGKILL):
         raise TrialFailed(
             f"trying the version used more than {limits.cpu_seconds} s of CPU; it was stopped"
         )
-    tail = " ".join(done.stderr.decode(errors="replace").split())[-200:]
+    if returncode == -signal.SIGXFSZ:
+        raise TrialFailed(
+            f"trying the version wrote more than {OUTPUT_BYTES // 1024} KiB of output"
+        )
+    tail = " ".join(stderr.decode(errors="replace").split())[-200:]
     memory = limits.memory_bytes // 2**20
     why = f", likely over {memory} MiB of memory" if "alloc" in tail.lower() else ""
-    raise TrialFailed(f"trying the version failed (exit {done.returncode}{why}): {tail}")
+    raise TrialFailed(f"trying the version failed (exit {returncode}{why}): {tail}")
 
 
-def _trial(folder: Path) -> list[str]:
+def child_environment() -> dict[str, str]:
+    """The trial child's whole environment: a few neutral variables and one thread each."""
+    env = {k: os.environ[k] for k in CHILD_ENV_KEYS if k in os.environ}
+    return env | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _head(path: Path) -> bytes:
+    """At most OUTPUT_BYTES of what the child wrote to `path`."""
+    with path.open("rb") as fh:
+        return fh.read(OUTPUT_BYTES)
+
+
+def _trial(folder: Path, max_batch: int) -> list[str]:
     """In the child: the checks, the graph policy, opening and warm-up; the op set."""
-    from captchaops.model.graph_policy import check_graph
+    from captchaops.model.graph_policy import check_graph, input_geometry
     from captchaops.model.version import check_model_dir, open_version
 
     meta, onnx = check_model_dir(folder)
-    ops = check_graph(onnx)
+    ops = check_graph(onnx, geometry=input_geometry(meta), max_batch=max_batch)
     if meta.onnx_ops and sorted(meta.onnx_ops) != ops:
         raise TrialFailed("the graph's operators differ from those meta.json records")
-    warm_up(open_version(folder, check_ops=False))
+    warm_up(open_version(folder, check_ops=False), max_batch)
     return ops
 
 
 def _main(argv: list[str]) -> int:
     import resource
 
-    folder, memory, cpu = Path(argv[0]), int(argv[1]), int(argv[2])
+    folder, memory, cpu, batch = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (OUTPUT_BYTES, OUTPUT_BYTES))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        report: dict[str, Any] = {"ops": _trial(folder)}
+        report: dict[str, Any] = {"ops": _trial(folder, batch)}
     except MemoryError:
         report = {"error": f"the version needed more than {memory // 2**20} MiB to load and run"}
     except Exception as exc:

@@ -20,6 +20,7 @@ from captchaops.serving.audit_gate import AuditGate
 from captchaops.serving.loader import Loaded, ServedModel, Timeouts, VersionLoader, cache_dir_for
 from captchaops.serving.metrics import SWAP_CAUSES, ServingMetrics
 from captchaops.serving.poller import TIMER, AliasPoller, SwapMode, one_line
+from captchaops.serving.trial import TrialLimits
 from captchaops.settings import Settings
 from captchaops.tracking_rest import TrackingRest, VersionRef
 
@@ -86,7 +87,8 @@ class AliasWatcher:
         """A watcher for `models:/<settings.model_name>@<alias>`, its copy under the home."""
         rest = TrackingRest.for_settings(settings, POLL_TIMEOUT_S)
         cache = cache_dir_for(settings.home_dir, settings.model_name, alias)
-        loader = VersionLoader(rest, cache, timeouts or Timeouts())
+        trial = TrialLimits.for_settings(settings)
+        loader = VersionLoader(rest, cache, timeouts or Timeouts(), trial)
         return cls(
             rest,
             settings.model_name,
