@@ -1,7 +1,7 @@
 """Trying a version in a child process before a model server loads it: the graph policy, then
-opening and warm-up predictions at the server's largest batch (white, black and noise images),
-under memory (RLIMIT_AS), CPU (RLIMIT_CPU) and output-size (RLIMIT_FSIZE) limits and a
-wall-clock timeout that kills the child.
+opening and warm-up predictions at the server's largest batch (a batch of white, one of black
+and one of noise images), under memory (RLIMIT_AS), CPU (RLIMIT_CPU) and output-size
+(RLIMIT_FSIZE) limits and a wall-clock timeout that kills the child.
 
 A thread cannot be stopped: a graph that allocates gigabytes or loops for ever, run in the
 server, takes the server's memory or leaves a core spinning. Run here, it takes only the child,
@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -86,9 +85,13 @@ class NonFiniteOutput(RuntimeError):
 
 
 def warm_up(model: ImageModel, batch: int = 1) -> None:
-    """Run predictions on `batch` images of the model's input size (white, black and noise,
-    in turn); raise if any answer or raw output is missing, out of range or not finite."""
-    images = [probe for _, probe in zip(range(batch), _cycle(_probes(model.meta)), strict=False)]
+    """Run a batch of `batch` white, one of black and one of noise images of the model's input
+    size; raise if any answer or raw output is missing, out of range or not finite."""
+    for probe in _probes(model.meta):
+        _check_answers(model, [probe] * batch)
+
+
+def _check_answers(model: ImageModel, images: list[bytes]) -> None:
     result = model.predict_images(images)
     if len(result) != len(images) or not all(isinstance(r.get("text"), str) for r in result):
         raise RuntimeError(f"warm-up prediction returned {result[:3]!r}, not a text per image")
@@ -123,11 +126,6 @@ def _probes(meta: dict[str, Any]) -> list[bytes]:
         image.save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
     return encoded
-
-
-def _cycle(items: list[bytes]) -> Iterator[bytes]:
-    while True:
-        yield from items
 
 
 def run_trial(folder: Path, limits: TrialLimits) -> list[str]:
