@@ -89,7 +89,8 @@ def render(folder: Path = RESULTS) -> str:
         if record.get("data"):
             link += f" ([data](../bench-results/{record['data']}))"
         cells = [link, *(_cell(meta[f]) for f in META_FIELDS)]
-        cells[-1] = f"`{cells[-1]}`"  # the command
+        if cells[-1] != "unknown":
+            cells[-1] = f"`{cells[-1]}`"  # the command
         cells += [figures or "-", _cell(meta.get("source", "written by the benchmark"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
