@@ -20,7 +20,7 @@ LOOKUP = {
     "experiment": ("/api/2.0/mlflow/experiments/get-by-name", "experiment_name"),
     "registered_model": ("/api/2.0/mlflow/registered-models/get", "name"),
 }
-LEVELS = {"NO_PERMISSIONS": 0, "READ": 1, "USE": 1, "EDIT": 2, "MANAGE": 3}
+LEVELS = {"NO_PERMISSIONS": 0, "DENY": 0, "READ": 1, "USE": 1, "EDIT": 2, "MANAGE": 3}
 ROLE_FOR = {1: "reader", 2: "editor", 3: "admin"}
 
 

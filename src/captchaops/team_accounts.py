@@ -1,4 +1,11 @@
-"""Team accounts on the tracking server's basic-auth: one role per person, one service account."""
+"""Team accounts on the tracking server's basic-auth: one role per person, one service account.
+
+Least privilege: visitors' uploads (the feedback experiment, corrections and review items alike)
+are readable only by the service account and admins; readers and editors get DENY on
+it, explicitly, because the server's default permission is READ. The experiments only the product
+writes (feedback, the scheme's monitoring) are not adopted when another
+non-admin account created them first (it would hold MANAGE on them): that is refused in one line
+that names the account and the fix."""
 
 from __future__ import annotations
 
@@ -96,6 +103,26 @@ class _Admin:
         """The name of a registered model, created through the registry when missing."""
         return ensure_registered_model(self.call, name)
 
+    def squatters(self, kind: str, resource: str, allowed: set[str]) -> list[str]:
+        """Non-admin accounts (outside `allowed`) holding MANAGE on a resource: whoever made it."""
+        users = self.call("GET", "/api/2.0/mlflow/users/list").get("users", [])
+        found = []
+        for user in users:
+            name = str(user.get("username", ""))
+            if user.get("is_admin") or name in allowed:
+                continue
+            grants = self.call(
+                "GET", "/api/3.0/mlflow/users/permissions/list", params={"username": name}
+            ).get("permissions", [])
+            if any(
+                g.get("resource_type") == kind
+                and str(g.get("resource_pattern")) == resource
+                and str(g.get("permission", "")).upper() == "MANAGE"
+                for g in grants
+            ):
+                found.append(name)
+        return found
+
     def user_exists(self, username: str) -> bool:
         """True when basic-auth knows this user."""
         return bool(
@@ -124,7 +151,7 @@ def _grants(settings: Settings, role: str) -> list[tuple[str, str, str]]:
         ("experiment", settings.experiment_name, write),
         ("experiment", EVAL_EXPERIMENT, write),
         ("experiment", AUDIT_EXPERIMENT, write),
-        ("experiment", settings.feedback_experiment, "READ"),
+        ("experiment", settings.feedback_experiment, "DENY"),
         ("registered_model", settings.model_name, write),
     ]
 
@@ -199,9 +226,27 @@ def ensure_service_account(settings: Settings) -> Account:
             "/api/2.0/mlflow/users/create",
             json={"username": username, "password": password},
         )
-    grants = [
-        *(g for g in _grants(settings, "reader") if g[1] != settings.feedback_experiment),
+    private = [
         ("experiment", settings.feedback_experiment, "EDIT"),
         ("experiment", monitoring.experiment_name(settings.model_name), "EDIT"),
     ]
+    _refuse_squatted(admin, private, username)
+    grants = [
+        *(g for g in _grants(settings, "reader") if g[1] != settings.feedback_experiment),
+        *private,
+    ]
     return Account(username, "service", _apply(admin, username, grants))
+
+
+def _refuse_squatted(admin: _Admin, names: list[tuple[str, str, str]], service: str) -> None:
+    """UsersError when another non-admin account made one of the experiments only the service
+    writes (registered models are made by editors who train, so they are not checked)."""
+    for kind, name, _ in names:
+        squatters = admin.squatters(kind, admin.experiment_id(name), {service})
+        if squatters:
+            what = kind.replace("_", " ")
+            raise UsersError(
+                f"the {what} {name!r} was created by user {squatters[0]!r}, not by captchaops, "
+                f"so the service account will not write to it; delete it (MLflow UI) or revoke "
+                f"{squatters[0]!r}'s MANAGE on it, then run `captchaops users service` again"
+            )

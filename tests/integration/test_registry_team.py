@@ -7,18 +7,22 @@ import os
 import sys
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from mlflow.exceptions import MlflowException
+from pydantic import SecretStr
 
 from captchaops import registry
+from captchaops.live import monitoring
 from captchaops.settings import Settings, load_settings
 from captchaops.stack.services import write_auth_config
-from captchaops.team_accounts import add_user
+from captchaops.team_accounts import UsersError, add_user, ensure_service_account
 from tests.fixtures.stack import free_port, start_http_process, stop_process
 
 pytestmark = pytest.mark.slow
 ADMIN_PASSWORD = "admin-password-for-tests"
 EDITOR_PASSWORD = "editor-password-for-tests"
+SERVICE_PASSWORD = "service-password-for-tests"
 MODEL = "text-captcha"
 
 
@@ -111,3 +115,54 @@ def test_a_reader_can_neither_take_nor_block_the_lock(team: dict[str, Settings])
         )  # fmt: skip
     assert moved.value.error_code == "PERMISSION_DENIED"
     assert registry.resolve_alias(team["ed"], "staging") != str(version)
+
+
+def test_uploads_are_private_to_the_service_and_squatted_names_are_refused(
+    team: dict[str, Settings],
+) -> None:
+    admin = team["admin"].model_copy(update={"service_password": SecretStr(SERVICE_PASSWORD)})
+    ensure_service_account(admin)
+    service = registry.client(
+        team["admin"].model_copy(
+            update={
+                "tracking_username": admin.service_username,
+                "tracking_password": SecretStr(SERVICE_PASSWORD),
+            }
+        )
+    )
+    experiment = service.get_experiment_by_name(admin.feedback_experiment)
+    assert experiment is not None
+    run = service.create_run(experiment.experiment_id, tags={"captchaops.kind": "correction"})
+    service.log_text(run.info.run_id, "a visitor's upload", "feedback/7KQ2_x.png")
+    uri = admin.effective_tracking_uri
+    proxied = f"{uri}/api/2.0/mlflow-artifacts/artifacts/{experiment.experiment_id}"
+    for user in ("rita", "ed"):
+        client = registry.client(team[user])
+        assert not client.search_runs([experiment.experiment_id]), user  # filtered out
+        with pytest.raises(MlflowException) as listed:
+            client.get_run(run.info.run_id)
+        assert listed.value.error_code == "PERMISSION_DENIED", user
+        auth = (user, team[user].tracking_password.get_secret_value())  # type: ignore[union-attr]
+        fetched = httpx.get(
+            f"{uri}/get-artifact",
+            params={"run_uuid": run.info.run_id, "path": "feedback/7KQ2_x.png"},
+            auth=auth,
+        )
+        assert fetched.status_code == 403, (user, fetched.status_code)
+        assert httpx.get(proxied, auth=auth).status_code == 403, user
+    admin_auth = ("admin", ADMIN_PASSWORD)
+    assert (
+        httpx.get(
+            f"{uri}/get-artifact",
+            params={"run_uuid": run.info.run_id, "path": "feedback/7KQ2_x.png"},
+            auth=admin_auth,
+        ).text
+        == "a visitor's upload"
+    )
+
+    # A reader who makes a future scheme's monitoring experiment first holds MANAGE on it:
+    # the service account is not pointed at it.
+    squatted = "squatted-scheme"
+    registry.client(team["rita"]).create_experiment(monitoring.experiment_name(squatted))
+    with pytest.raises(UsersError, match="created by user 'rita', not by captchaops"):
+        ensure_service_account(admin.model_copy(update={"model_name": squatted}))

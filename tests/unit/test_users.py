@@ -112,9 +112,11 @@ def test_roles_grant_what_the_team_guide_says(tmp_path: Path) -> None:
     settings = load_settings(home=tmp_path)
     reader = {(kind, name): perm for kind, name, perm in users._grants(settings, "reader")}
     editor = {(kind, name): perm for kind, name, perm in users._grants(settings, "editor")}
+    # visitors' uploads are the service's and admins' only (the server's default is READ)
+    assert reader.pop(("experiment", "text-captcha-feedback")) == "DENY"
     assert set(reader.values()) == {"READ"}
     assert editor[("registered_model", "text-captcha")] == "EDIT"
     assert editor[("experiment", "text-captcha")] == "EDIT"
     assert editor[("experiment", users.AUDIT_EXPERIMENT)] == "EDIT"
-    assert editor[("experiment", "text-captcha-feedback")] == "READ"
+    assert editor[("experiment", "text-captcha-feedback")] == "DENY"
     assert users._grants(settings, "admin") == []

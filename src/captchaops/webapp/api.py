@@ -4,8 +4,9 @@ health."""
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
-from flask import Blueprint, jsonify, request, session
+from flask import Blueprint, Request, jsonify, request, session
 
 from captchaops import bounded_json
 from captchaops.webapp import reviewers
@@ -28,6 +29,16 @@ def make_blueprint(demo: Demo) -> Blueprint:
         if isinstance(exc, Throttled):
             resp.headers["Retry-After"] = str(exc.retry_after)
         return resp, exc.status
+
+    @bp.before_request
+    def _same_site_only() -> Any:
+        if request.method == "POST" and cross_site(request):
+            return jsonify(
+                error="cross_site",
+                detail="The API takes posts from scripts and from this app's own pages only, "
+                "not from another site's page; call it from your script or from this app.",
+            ), 403
+        return None
 
     @bp.get("/healthz")
     def healthz() -> Any:
@@ -118,6 +129,20 @@ def make_blueprint(demo: Demo) -> Blueprint:
         return jsonify(pending=pending, **demo.sampler.stats())
 
     return bp
+
+
+def cross_site(req: Request) -> bool:
+    """Whether a browser sent this request from another site's page (a form post riding on the
+    visitor's login or session): `Sec-Fetch-Site` says so, or else an `Origin` that is not
+    this app's own host. Scripts send neither header and are not refused."""
+    site = req.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site.strip().lower() not in ("same-origin", "none")
+    origin = req.headers.get("Origin")
+    if origin is None:
+        return False
+    parts = urlsplit(origin.strip())
+    return parts.scheme not in ("http", "https") or parts.netloc.lower() != req.host.lower()
 
 
 def _fraction(value: object) -> float | None:

@@ -70,6 +70,7 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=body_limit,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.app_secure_cookies,  # behind TLS (Caddy in team deploys)
         WTF_CSRF_TIME_LIMIT=None,
         # Only the names the app is configured under (DNS rebinding): a foreign Host is a 400.
         TRUSTED_HOSTS=sorted(service_auth.allowed_hosts(settings)),
