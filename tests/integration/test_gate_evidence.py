@@ -33,19 +33,23 @@ def monitored(
     tags: dict[str, str] | None = None,
     at: float | None = None,
 ) -> None:
-    """Log points to the monitoring run of (model, alias, version), creating it once."""
+    """Log points to the monitoring run of (model, alias, version) on one replica, creating it
+    once."""
     client = MlflowClient(settings.effective_tracking_uri, settings.effective_tracking_uri)
     name = monitoring.experiment_name(settings.model_name)
     experiment = client.get_experiment_by_name(name)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
     found = client.search_runs(
-        [experiment_id], monitoring.key_filter(settings.model_name, alias, version)
+        [experiment_id], monitoring.key_filter(settings.model_name, alias, version, "r1")
     )
     if found:
         run_id = found[0].info.run_id
     else:
-        key = monitoring.run_key(settings.model_name, alias, version)
-        run_id = client.create_run(experiment_id, tags={monitoring.KEY_TAG: key}).info.run_id
+        tags = {
+            monitoring.KEY_TAG: monitoring.run_key(settings.model_name, alias, version, "r1"),
+            monitoring.ALIAS_KEY_TAG: monitoring.alias_key(settings.model_name, alias, version),
+        }
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
     stamp = int((at or time.time()) * 1000)
     for key, value in metrics.items():
         client.log_metric(run_id, key, value, timestamp=stamp, step=0)

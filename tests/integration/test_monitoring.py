@@ -1,6 +1,7 @@
 """Monitoring runs in a real tracking server, written by real model servers over REST: one run
-per (model, alias, version) with the live estimate and, for a server that shadows, how its
-shadow compared; the last points at shutdown, and the same run again after a restart."""
+per (model, alias, version, replica) with the live estimate and, for a server that shadows, how
+its shadow compared; the last points at shutdown, and the same run again after a restart of the
+same replica (same host and port)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mlflow.entities import Run
 from captchaops.data.synthetic import generate
 from captchaops.live import monitoring
 from captchaops.live.estimate import Calibration
+from harness.processes import start_http_process
 from harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
@@ -52,7 +54,7 @@ class Pair:
         if experiment is None:
             return []
         return client.search_runs(
-            [experiment.experiment_id], monitoring.key_filter(self.model, alias, version)
+            [experiment.experiment_id], monitoring.replicas_filter(self.model, alias, version)
         )
 
     def wait_run(self, alias: str, version: str, key: str, value: float) -> Run:
@@ -124,7 +126,9 @@ def test_each_server_logs_its_version_and_production_its_shadow(pair: Pair) -> N
     run = pair.wait_run(PRODUCTION, prod, monitoring.SHADOW_COMPARISONS, REQUESTS)
     run = pair.wait_run(PRODUCTION, prod, monitoring.LIVE_ANSWERS, answers)
     metrics, tags = run.data.metrics, run.data.tags
-    assert run.info.run_name == f"monitor-{pair.model}-{PRODUCTION}-v{prod}"
+    replica = f"{os.uname().nodename}-{pair.production.port}"
+    assert run.info.run_name == f"monitor-{pair.model}-{PRODUCTION}-v{prod}-{replica}"
+    assert tags[monitoring.REPLICA_TAG] == replica
     assert tags["version"] == prod and tags[monitoring.SHADOW_TAG] == stag
     assert metrics[monitoring.LIVE_ESTIMATE] == 0.0  # the calibration no answer passes
     assert metrics[monitoring.LIVE_ALERT] == 1.0
@@ -139,26 +143,51 @@ def test_each_server_logs_its_version_and_production_its_shadow(pair: Pair) -> N
 
 
 def test_shutdown_logs_the_last_answers_and_a_restart_reuses_the_run(pair: Pair) -> None:
+    """A replica restarted on its host and port reopens its run; the running server's run (a
+    replica of the same alias) is another one, untouched."""
     prod = pair.versions[0]
-    (before,) = pair.runs(PRODUCTION, prod)
-    seen = before.data.metrics.get(monitoring.LIVE_ANSWERS, 0.0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("CAPTCHAOPS_MONITOR_SECONDS", "3600")  # only the shutdown logs
-        server = start_model_server(pair.tracking.uri, PRODUCTION, pair.home / "again")
-    try:
-        server.wait_version(prod)
-        calibrated(server, prod)
-        assert server.invoke({"inputs": IMAGES}).status_code == 200
-    finally:
-        stop_process(server.proc)
-    (after,) = pair.runs(PRODUCTION, prod)
+    port = free_port()
+    replica = f"{os.uname().nodename}-{port}"
+
+    def serve_once() -> Run:
+        server = start_replica(pair, port)
+        try:
+            server.wait_version(prod)
+            calibrated(server, prod)
+            assert server.invoke({"inputs": IMAGES}).status_code == 200
+        finally:
+            stop_process(server.proc)
+        (run,) = [r for r in pair.runs(PRODUCTION, prod) if r.data.tags["replica"] == replica]
+        return run
+
+    before = serve_once()
+    after = serve_once()
     assert after.info.run_id == before.info.run_id
     assert after.info.status == "FINISHED"
-    # The new process logged once, at shutdown, its own count after the earlier points.
+    # Each process logged once, at shutdown, its own count.
     assert after.data.metrics[monitoring.LIVE_ANSWERS] == len(IMAGES)
     history = pair.client().get_metric_history(after.info.run_id, monitoring.LIVE_ANSWERS)
-    values = [m.value for m in sorted(history, key=lambda m: m.timestamp)]
-    assert values[-2:] == [seen, len(IMAGES)]
+    assert [m.value for m in sorted(history, key=lambda m: m.timestamp)] == [len(IMAGES)] * 2
+    assert len(pair.runs(PRODUCTION, prod)) == 2  # the pair's production server's run, and this
+
+
+def start_replica(pair: Pair, port: int) -> ModelServer:
+    """Another production server, on `port`, logging only at shutdown."""
+    home = pair.home / f"again-{port}"
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "CAPTCHAOPS_HOME": str(home),
+        "CAPTCHAOPS_TRACKING_URI": pair.tracking.uri,
+        "CAPTCHAOPS_POLL_SECONDS": "0.5",
+        "CAPTCHAOPS_MONITOR_SECONDS": "3600",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("CAPTCHAOPS_REPLICA_ID", None)
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", PRODUCTION, "--port", str(port)]
+    proc = start_http_process(cmd, f"{url}/ping", env=env, log=home / "serve.log")
+    return ModelServer(PRODUCTION, url, port, proc, home / "serve.log")
 
 
 def test_models_shows_the_live_estimate_of_each_served_version(pair: Pair) -> None:

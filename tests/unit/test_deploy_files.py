@@ -5,6 +5,7 @@ for real with gpg, Docker replaced by a stand-in)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import stat
@@ -242,3 +243,135 @@ def test_a_failed_backup_leaves_nothing_behind(deploy_copy: Path, tmp_path: Path
     missing = run_backup(deploy_copy, tmp_path)
     assert missing.returncode != 0 and "make-secrets.sh" in missing.stderr
     assert not any((deploy_copy / "backups").iterdir())
+
+
+# Observability and Kubernetes files for the model servers, checked offline. No Kubernetes
+# schema package is installed here (no kubeconform, no `kubernetes` client), so the manifests'
+# required fields are checked by name.
+
+K8S_SERVING = DEPLOY / "k8s" / "serving.yaml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "captchaops.json"
+PROMETHEUS_OWN = frozenset({"up"})
+"""Series Prometheus makes itself for every target, not exported by the servers."""
+_CLAUSE = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_NAME = re.compile(r"(?<![\w.:$])([a-zA-Z_:][\w:]*)\s*(\()?")
+_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan"})
+
+
+def metric_names(expr: str) -> set[str]:
+    """The series a PromQL expression reads: identifiers not called as functions, outside label
+    matchers, ranges, strings and grouping clauses."""
+    text = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
+    text = _CLAUSE.sub(" ", text)
+    return {
+        name
+        for name, call in _NAME.findall(text)
+        if not call and name.lower() not in _KEYWORDS and not re.fullmatch(r"\d", name[0])
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> frozenset[str]:
+    """Every series name a production and a staging server register (built, never started)."""
+    from captchaops.serving import create_app
+    from captchaops.settings import Settings
+
+    names: set[str] = set()
+    for alias in ("production", "staging"):
+        home = tmp_path_factory.mktemp(alias)
+        settings = Settings(home=home, tracking_uri="http://127.0.0.1:9")
+        registry = create_app(settings, alias).state.metrics.registry
+        names.update(registry._names_to_collectors)  # every declared series, sampled or not
+        names.update(s.name for family in registry.collect() for s in family.samples)
+    return frozenset(names)
+
+
+def test_metric_names_parse_out_of_promql() -> None:
+    expr = (
+        'histogram_quantile(0.99, sum by (le, alias) (rate(a_bucket{x="y(z)"}[5m]) '
+        "* on(instance) group_left(model) b_info)) > 1e-9 and c"
+    )
+    assert metric_names(expr) == {"a_bucket", "b_info", "c"}
+
+
+def test_the_servers_export_process_figures_and_their_identity(exported: frozenset[str]) -> None:
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= exported
+    assert {"captchaops_server_info", "captchaops_requests_total"} <= exported
+
+
+def test_alert_rules_parse_and_name_only_exported_metrics(exported: frozenset[str]) -> None:
+    rules = [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]
+    assert len(rules) >= 8
+    for rule in rules:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert rule["alert"] and rule["annotations"]["summary"], rule
+        names = metric_names(rule["expr"])
+        assert names, rule["alert"]
+        assert names <= exported | PROMETHEUS_OWN, (rule["alert"], names - exported)
+
+
+def test_the_dashboard_queries_only_exported_metrics(exported: frozenset[str]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    targets = [t for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(dashboard["panels"]) >= 8 and dashboard["uid"]
+    covered = set()
+    for target in targets:
+        names = metric_names(target["expr"])
+        assert names and names <= exported, (target["expr"], names - exported)
+        covered |= names
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= covered
+    assert "captchaops_server_info" in covered
+
+
+def serving_manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(K8S_SERVING.read_text()) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_every_manifest_has_the_fields_kubernetes_requires() -> None:
+    api = {
+        "ConfigMap": "v1",
+        "Service": "v1",
+        "Deployment": "apps/v1",
+        "PodDisruptionBudget": "policy/v1",
+    }
+    for (kind, name), doc in serving_manifests().items():
+        assert doc["apiVersion"] == api[kind], (kind, name)
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+        if kind == "Service":
+            assert doc["spec"]["selector"] and all(p["port"] for p in doc["spec"]["ports"])
+
+
+def test_serving_deployments_probe_over_http_with_limits_and_replicas() -> None:
+    manifests = serving_manifests()
+    services = {name: doc for (kind, name), doc in manifests.items() if kind == "Service"}
+    deployments = {n: d for (kind, n), d in manifests.items() if kind == "Deployment"}
+    assert set(deployments) == {"production", "staging"} == set(services)
+    assert deployments["production"]["spec"]["replicas"] >= 2
+    for name, deployment in deployments.items():
+        spec = deployment["spec"]
+        template = spec["template"]
+        labels = template["metadata"]["labels"]
+        assert spec["selector"]["matchLabels"].items() <= labels.items()
+        assert services[name]["spec"]["selector"].items() <= labels.items()
+        (container,) = template["spec"]["containers"]
+        args = container["args"]
+        assert args[:4] == ["captchaops", "serve", "--alias", name]
+        port = int(args[args.index("--port") + 1])
+        assert args[args.index("--host") + 1] == "0.0.0.0"
+        assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+        probes = {key: container[key] for key in container if key.endswith("Probe")}
+        assert probes["readinessProbe"]["httpGet"]["path"] == "/health"
+        assert probes["livenessProbe"]["httpGet"]["path"] == "/ping"
+        for probe in probes.values():  # the image has no wget or curl: the kubelet asks itself
+            assert set(probe) & {"httpGet", "exec", "tcpSocket"} == {"httpGet"}
+            assert probe["httpGet"]["port"] == "http"
+        limits = container["resources"]["limits"]
+        assert limits["memory"] and limits["cpu"] and container["resources"]["requests"]
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+        assert services[name]["spec"]["ports"][0]["targetPort"] == "http"

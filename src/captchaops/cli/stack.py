@@ -110,10 +110,28 @@ def serve(
 
     settings = settings_for(model_name)
     default_port = settings.staging_port if alias == "staging" else settings.production_port
+    port = port or default_port
     try:
-        run(settings, alias, port or default_port, host)
-    except ServeError as exc:
+        run(replica_settings(settings, port, host), alias, port, host)
+    except (ServeError, ValueError) as exc:
         fail(str(exc))
+
+
+def replica_settings(settings: Settings, port: int, host: str | None) -> Settings:
+    """The settings one `serve` process runs with: it answers Host names of the address it was
+    asked to bind (`--host`), and it has a replica id (default: <hostname>-<port>)."""
+    from captchaops import service_auth
+    from captchaops.live.monitoring import default_replica_id
+
+    service_auth.trusted_networks(settings)  # a bad CIDR stops the server before it starts
+    extra = sorted(service_auth.bind_names(host)) if host else []
+    hosts = ",".join(h for h in (settings.allowed_hosts, *extra) if h)
+    return settings.model_copy(
+        update={
+            "allowed_hosts": hosts or None,
+            "replica_id": settings.replica_id or default_replica_id(port),
+        }
+    )
 
 
 @app.command("app")

@@ -7,6 +7,10 @@ has none); the production server's run of the
 champion holds the champion's estimate over time and how often the candidate agreed with it on
 those copies. The gate compares the candidate's latest estimate with the champion's point
 nearest in time, so both describe the same stretch of traffic.
+
+Every replica of an alias logs a run of its own; the evidence is their sum: answers and shadow
+comparisons add up, estimates and agreement rates are averaged weighted by the answers and
+comparisons they rest on.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from captchaops.registry import PRODUCTION, STAGING
 SAME_PERIOD_S = 600.0
 """The champion's estimate counts as "the same period" within this many seconds of the
 candidate's latest estimate."""
+MAX_REPLICAS = 1000
+"""Replica runs read per (alias, version)."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class Evidence:
     comparisons: int = 0
     agreement: float | None = None
     min_shadow: int = 1
+    replicas: int = 0
+    """How many replicas' runs the candidate's answers sum."""
 
     @property
     def estimates(self) -> bool:
@@ -50,9 +58,11 @@ class Evidence:
         parts = []
         if self.estimates:
             assert self.candidate_estimate is not None and self.champion_estimate is not None
+            across = f" from {self.replicas} replicas" if self.replicas > 1 else ""
             parts.append(
                 f"live estimate {self.candidate_estimate:.1%} over {self.candidate_answers} "
-                f"answers vs production's {self.champion_estimate:.1%} over the same period"
+                f"answers{across} vs production's {self.champion_estimate:.1%} over the same "
+                "period"
             )
         if self.shadow:
             assert self.agreement is not None
@@ -79,42 +89,71 @@ def gather(
     if experiment is None:
         return Evidence(min_shadow=min_shadow)
     theirs = (
-        _run(client, experiment.experiment_id, model, PRODUCTION, champion) if champion else None
+        _runs(client, experiment.experiment_id, model, PRODUCTION, champion) if champion else []
     )
-    estimate, answers, at = None, 0, 0
-    # Staging's run (production's copies); else the candidate's run on the production server,
-    # which a canary leaves.
+    estimate, answers, at, replicas = None, 0, 0, 0
+    # Staging's runs (production's copies); else the candidate's runs on the production servers,
+    # which a canary leaves. Answers add up over every replica, estimates over those that have
+    # seen enough answers for one.
     for alias in (STAGING, PRODUCTION):
-        ours = _run(client, experiment.experiment_id, model, alias, candidate)
-        latest = _latest(client, ours, names.LIVE_ESTIMATE) if ours is not None else None
-        if ours is not None and latest is not None:
-            estimate, at = latest.value, latest.timestamp
-            answers = int(ours.data.metrics.get(names.LIVE_ANSWERS, 0))
+        runs = _runs(client, experiment.experiment_id, model, alias, candidate)
+        points = []  # (latest estimate, answers) of each replica that has one
+        for ours in runs:
+            latest = _latest(client, ours, names.LIVE_ESTIMATE)
+            if latest is not None:
+                points.append((latest.value, _answers(ours)))
+                at = max(at, latest.timestamp)
+        if runs and (points or not replicas):
+            estimate = weighted_mean(points)
+            answers, replicas = int(sum(_answers(run) for run in runs)), len(runs)
+        if points:
             break
-    champion_estimate, comparisons, agreement = None, 0, None
-    if theirs is not None:
+    champion_points, shadow_points = [], []
+    for run in theirs:
         if estimate is not None:
-            champion_estimate = _nearest(client, theirs, names.LIVE_ESTIMATE, at)
-        if theirs.data.tags.get(names.SHADOW_TAG) == candidate:
-            comparisons = int(theirs.data.metrics.get(names.SHADOW_COMPARISONS, 0))
-            agreement = theirs.data.metrics.get(names.SHADOW_AGREEMENT)
+            near = _nearest(client, run, names.LIVE_ESTIMATE, at)
+            if near is not None:
+                champion_points.append((near, _answers(run)))
+        if run.data.tags.get(names.SHADOW_TAG) == candidate:
+            compared = run.data.metrics.get(names.SHADOW_COMPARISONS, 0.0)
+            rate = run.data.metrics.get(names.SHADOW_AGREEMENT)
+            if rate is not None:
+                shadow_points.append((rate, compared))
+    champion_estimate = weighted_mean(champion_points)
     return Evidence(
         candidate_estimate=estimate if champion_estimate is not None else None,
         candidate_answers=answers,
         champion_estimate=champion_estimate,
-        comparisons=comparisons,
-        agreement=agreement,
+        comparisons=int(sum(n for _, n in shadow_points)),
+        agreement=weighted_mean(shadow_points),
         min_shadow=min_shadow,
+        replicas=replicas,
     )
 
 
-def _run(
+def weighted_mean(points: list[tuple[float, float]]) -> float | None:
+    """The mean of (value, weight) points by weight (plain mean when no weight); None: none."""
+    if not points:
+        return None
+    total = sum(weight for _, weight in points)
+    if total <= 0:
+        return sum(value for value, _ in points) / len(points)
+    return sum(value * weight for value, weight in points) / total
+
+
+def _answers(run: Run) -> float:
+    return float(run.data.metrics.get(names.LIVE_ANSWERS, 0.0))
+
+
+def _runs(
     client: MlflowClient, experiment_id: str, model: str, alias: str, version: str
-) -> Run | None:
-    found = client.search_runs(
-        [experiment_id], names.key_filter(model, alias, version), max_results=1
+) -> list[Run]:
+    """The monitoring runs of every replica serving `version` under `alias`."""
+    return list(
+        client.search_runs(
+            [experiment_id], names.replicas_filter(model, alias, version), max_results=MAX_REPLICAS
+        )
     )
-    return found[0] if found else None
 
 
 def _latest(client: MlflowClient, run: Run, key: str) -> Metric | None:

@@ -1,13 +1,20 @@
-"""Names of the monitoring runs: one MLflow run per (model, alias, version) a model server serves.
+"""Names of the monitoring runs: one MLflow run per (model, alias, version, replica) a model
+server serves, so replicas of one alias never overwrite each other's evidence.
 
 Model servers write them over REST (`serving/monitoring_runs.py`); the gate reads them as evidence
-(`evaluation/evidence.py`). MLflow-free, so both sides share these names.
+(`evaluation/evidence.py`), summing the replicas of an alias. MLflow-free, so both sides share
+these names.
 """
 
 from __future__ import annotations
 
+import socket
+
 KEY_TAG = "monitor_key"
-"""`<model>/<alias>/<version>`: how a server finds its run again after a restart."""
+"""`<model>/<alias>/<version>/<replica>`: how a server finds its run again after a restart."""
+ALIAS_KEY_TAG = "monitor_alias_key"
+"""`<model>/<alias>/<version>`: the same on every replica, how readers find all of them."""
+REPLICA_TAG = "replica"
 SHADOW_TAG = "shadow_version"
 """The version the shadow metrics of the run's latest points compare against."""
 
@@ -37,16 +44,36 @@ def is_monitoring(experiment: str) -> bool:
     return experiment.endswith(SUFFIX)
 
 
-def run_name(model: str, alias: str, version: str) -> str:
+def default_replica_id(port: int) -> str:
+    """A replica's id when none is set: `<hostname>-<port>`, the same across its restarts."""
+    return f"{socket.gethostname()}-{port}"
+
+
+def run_name(model: str, alias: str, version: str, replica: str) -> str:
     """The monitoring run's name, as the MLflow UI lists it."""
-    return f"monitor-{model}-{alias}-v{version}"
+    return f"monitor-{model}-{alias}-v{version}-{replica}"
 
 
-def run_key(model: str, alias: str, version: str) -> str:
-    """The value of KEY_TAG of that run."""
+def alias_key(model: str, alias: str, version: str) -> str:
+    """The value of ALIAS_KEY_TAG of the runs of every replica of that alias and version."""
     return f"{model}/{alias}/{version}"
 
 
-def key_filter(model: str, alias: str, version: str) -> str:
-    """An MLflow search filter that finds the run (names and versions hold no quotes)."""
-    return f"tags.{KEY_TAG} = '{run_key(model, alias, version)}'"
+def run_key(model: str, alias: str, version: str, replica: str) -> str:
+    """The value of KEY_TAG of one replica's run."""
+    return f"{alias_key(model, alias, version)}/{replica}"
+
+
+def key_filter(model: str, alias: str, version: str, replica: str) -> str:
+    """An MLflow search filter that finds one replica's run."""
+    return f"tags.{KEY_TAG} = '{_quoted(run_key(model, alias, version, replica))}'"
+
+
+def replicas_filter(model: str, alias: str, version: str) -> str:
+    """An MLflow search filter that finds the runs of every replica of that alias and version."""
+    return f"tags.{ALIAS_KEY_TAG} = '{_quoted(alias_key(model, alias, version))}'"
+
+
+def _quoted(value: str) -> str:
+    """Model names and versions hold no quotes; a replica id set by hand might."""
+    return value.replace("'", "")

@@ -7,16 +7,28 @@ held after 90 s. Here each connection must deliver a complete head within `head_
 seconds of opening (or of its previous response), and no address may hold more than
 `per_client` connections at once; extra connections are closed as they open. Bodies have their
 own deadline in `admission.read_body`.
+
+Behind a balancer every connection comes from the balancer, so a cap per address would throttle
+everyone behind it as one client. A peer in `trusted` (the `trusted_proxies` setting) is exempt
+from the connection cap; each of its requests stands for the client its X-Forwarded-For names
+(`service_auth.forwarded_client`: the rightmost hop no trusted proxy added), which becomes the
+request's `client`, and no such client may have more than `per_client` requests in at once:
+more are answered 429. From any other peer X-Forwarded-For is ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from typing import Any, ClassVar
 
 import h11
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from captchaops.service_auth import Network, forwarded_client, is_trusted
 
 HEAD_TIMEOUT_S = 10.0
 MAX_CONNECTIONS_PER_CLIENT = 128
@@ -32,17 +44,26 @@ class GuardedH11(H11Protocol):
     head_timeout: ClassVar[float] = HEAD_TIMEOUT_S
     per_client: ClassVar[int] = MAX_CONNECTIONS_PER_CLIENT
     open_by_client: ClassVar[Counter[str]] = Counter()
+    trusted: ClassVar[tuple[Network, ...]] = ()
+    requests_by_client: ClassVar[Counter[str]] = Counter()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._counted: str | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        if self.trusted:
+            self.app = ForwardedClients(
+                self.app, self.trusted, self.per_client, self.requests_by_client
+            )
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Count the connection against its address (closing it when over the cap), and start
-        the clock for its first head."""
+        """Count the connection against its address (closing it when over the cap; a trusted
+        proxy is not capped), and start the clock for its first head."""
         super().connection_made(transport)
         address = self.client[0] if self.client else ""
+        if is_trusted(address, self.trusted):
+            self._arm()
+            return
         if self.open_by_client[address] >= self.per_client:
             transport.abort()
             return
@@ -87,10 +108,65 @@ class GuardedH11(H11Protocol):
             self.transport.abort()
 
 
-def guarded_protocol(head_timeout: float, per_client: int) -> type[GuardedH11]:
-    """A GuardedH11 class with these limits (uvicorn takes a protocol class, not an instance)."""
+class ForwardedClients:
+    """ASGI middleware for requests from trusted proxies: the forwarded client becomes the
+    request's `client`, and a client with `per_client` requests in gets 429."""
+
+    def __init__(
+        self, app: ASGIApp, trusted: tuple[Network, ...], per_client: int, counts: Counter[str]
+    ) -> None:
+        self.app, self.trusted, self.per_client, self.counts = app, trusted, per_client, counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        peer = scope.get("client")
+        if scope["type"] != "http" or not peer or not is_trusted(peer[0], self.trusted):
+            await self.app(scope, receive, send)
+            return
+        hops = Headers(scope=scope).getlist("x-forwarded-for")
+        client = forwarded_client(peer[0], hops, self.trusted)
+        if self.counts[client] >= self.per_client:
+            await _too_many(send, client, self.per_client)
+            return
+        self.counts[client] += 1
+        scope["client"] = (client, 0)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.counts[client] -= 1
+            if self.counts[client] <= 0:
+                del self.counts[client]
+
+
+async def _too_many(send: Send, client: str, cap: int) -> None:
+    body = json.dumps(
+        {
+            "error": "too_many_requests",
+            "detail": f"the client {client} has {cap} requests in already; wait for their "
+            "answers before sending more",
+        }
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def guarded_protocol(
+    head_timeout: float, per_client: int, trusted: tuple[Network, ...] = ()
+) -> type[GuardedH11]:
+    """A GuardedH11 class with these limits (uvicorn takes a protocol class, not an instance);
+    `trusted`: the proxies whose X-Forwarded-For is believed."""
     return type(
         "GuardedH11",
         (GuardedH11,),
-        {"head_timeout": head_timeout, "per_client": per_client, "open_by_client": Counter()},
+        {
+            "head_timeout": head_timeout,
+            "per_client": per_client,
+            "open_by_client": Counter(),
+            "trusted": trusted,
+            "requests_by_client": Counter(),
+        },
     )

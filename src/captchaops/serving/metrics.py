@@ -1,4 +1,11 @@
-"""Prometheus metrics of one model server, kept in a registry of its own."""
+"""Prometheus metrics of one model server, kept in a registry of its own.
+
+Besides the serving figures the registry holds the process's own (`process_resident_memory_bytes`,
+`process_cpu_seconds_total`, open files, start time) and `captchaops_server_info`, always 1,
+whose labels name the server: model, alias, replica and the version it serves. Queries join it
+to label any series by them (`* on(instance) group_left(model, alias, replica, version)`), as
+Prometheus' info metrics do, so every series keeps the labels it always had.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,14 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 if TYPE_CHECKING:
     from captchaops.serving.live_estimate import LiveQuality
@@ -25,8 +39,18 @@ SWAP_CAUSES = ("startup", "poll", "webhook", "last_known_good", "deleted_alias")
 class ServingMetrics:
     """Counters, histograms and gauges a model server exposes on `/metrics`."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, model: str = "", alias: str = "", replica: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self.server_info = Gauge(
+            "captchaops_server_info",
+            "Always 1: the server's model, alias, replica id and the version it serves now.",
+            ["model", "alias", "replica", "version"],
+            registry=self.registry,
+        )
+        self._identity = (model, alias, replica or "")
+        self._served = "none"
+        self._info_lock = threading.Lock()
         self.shadow_difference_sums: dict[tuple[str, str], float] = {}
         """(this version, shadow version) -> sum of shadow-minus-own confidences so far."""
         self._sums_lock = threading.Lock()
@@ -174,7 +198,24 @@ class ServingMetrics:
         for cause in SWAP_CAUSES:
             self.swaps.labels(cause)
 
+        self._show_info()
+
     quality: LiveQuality | None = None  # the live accuracy estimate, when the server has one
+
+    @property
+    def replica(self) -> str | None:
+        """The replica id this server reports under; None until it is named."""
+        return self._identity[2] or None
+
+    def identify(self, model: str, alias: str, replica: str | None) -> None:
+        """Name the server in `captchaops_server_info` (and the replica its monitor reports)."""
+        self._identity = (model, alias, replica or "")
+        self._show_info()
+
+    def _show_info(self) -> None:
+        with self._info_lock:
+            self.server_info.clear()
+            self.server_info.labels(*self._identity, self._served).set(1)
 
     def record_shadow_differences(self, version: str, other: str, differences: list[float]) -> None:
         """Observe shadow-minus-own confidences of one compared copy, and keep their sum (the
@@ -198,6 +239,9 @@ class ServingMetrics:
         `version`, its live estimate reads the calibration now, so `/health` shows the gate
         accuracy from the start and the first answers count."""
         self.swaps.labels(cause).inc()
+        if version is not None:
+            self._served = version
+            self._show_info()
         if version is not None and self.quality is not None:
             self.quality.observe(version, ())
 

@@ -3,8 +3,9 @@
 Every `monitor_seconds` and once at shutdown the server logs, for each version that answered
 since the last time, its live accuracy estimate, answers seen and alert, and, when it shadows,
 how its shadow compared: agreement rate, mean confidence difference, shadow latency p50/p99
-and copies dropped. One run per (model, alias, version), named `monitor-<model>-<alias>-v<N>`
-in the experiment `<model>-monitoring`, found again by its `monitor_key` tag after a restart.
+and copies dropped. One run per (model, alias, version, replica), named
+`monitor-<model>-<alias>-v<N>-<replica>` in the experiment `<model>-monitoring`, found again by
+its `monitor_key` tag after a restart; readers sum the replicas of an alias.
 All over `tracking_rest.py`, in a thread of its own: the tracking server being slow, down or
 read-only never touches an answer. Without write rights it logs one line and stops trying.
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
 from prometheus_client.metrics import MetricWrapperBase
 
 from captchaops.live import monitoring as names
@@ -65,9 +68,11 @@ class Monitor:
         metrics: ServingMetrics,
         interval_s: float,
         *,
+        replica: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rest, self.model, self.alias = rest, model, alias
+        self._replica = replica
         self.metrics, self.interval_s, self._clock = metrics, interval_s, clock
         self.enabled = True
         self.runs: dict[str, str] = {}  # version -> run id
@@ -79,6 +84,14 @@ class Monitor:
         self._flushing = threading.Lock()
         self._thread: threading.Thread | None = None
         self._unreachable = False
+
+    @property
+    def replica(self) -> str:
+        """This server's replica id: the one given or named in its metrics, else
+        `<hostname>-<port it listens on>`."""
+        if self._replica is None:
+            self._replica = self.metrics.replica or listening_replica_id()
+        return self._replica
 
     def start(self) -> None:
         """Log every `interval_s` in a daemon thread."""
@@ -203,29 +216,33 @@ class Monitor:
         if version in self.runs:
             return self.runs[version]
         experiment = self._experiment_id()
+        replica = self.replica
         found = (
             self.rest.call(
                 "POST",
                 f"{API}/runs/search",
                 json={
                     "experiment_ids": [experiment],
-                    "filter": names.key_filter(self.model, self.alias, version),
+                    "filter": names.key_filter(self.model, self.alias, version, replica),
                     "max_results": 1,
                     "order_by": ["attributes.start_time ASC"],
                 },
             ).get("runs")
             or []
         )
+        name = names.run_name(self.model, self.alias, version, replica)
         if found:
             run_id = str(found[0]["info"]["run_id"])
             self._update(run_id, "RUNNING")
         else:
             tags = {
-                names.KEY_TAG: names.run_key(self.model, self.alias, version),
+                names.KEY_TAG: names.run_key(self.model, self.alias, version, replica),
+                names.ALIAS_KEY_TAG: names.alias_key(self.model, self.alias, version),
+                names.REPLICA_TAG: replica,
                 "model_name": self.model,
                 "alias": self.alias,
                 "version": version,
-                "mlflow.runName": names.run_name(self.model, self.alias, version),
+                "mlflow.runName": name,
                 "mlflow.source.name": "captchaops serve",
             }
             created = self.rest.call(
@@ -233,13 +250,13 @@ class Monitor:
                 f"{API}/runs/create",
                 json={
                     "experiment_id": experiment,
-                    "run_name": names.run_name(self.model, self.alias, version),
+                    "run_name": name,
                     "start_time": int(self._clock() * 1000),
                     "tags": [{"key": k, "value": v} for k, v in tags.items()],
                 },
             )
             run_id = str(created["run"]["info"]["run_id"])
-            log.info("monitoring run %s", names.run_name(self.model, self.alias, version))
+            log.info("monitoring run %s", name)
         self.runs[version] = run_id
         return run_id
 
@@ -265,6 +282,22 @@ class Monitor:
         if status == "FINISHED":
             body["end_time"] = int(self._clock() * 1000)
         self.rest.call("POST", f"{API}/runs/update", json=body)
+
+
+def listening_replica_id() -> str:
+    """`<hostname>-<port>` of the first port this process listens on (`<hostname>-<pid>` when it
+    listens on none): the replica id of a server started without one."""
+    try:
+        ports = sorted(
+            c.laddr.port
+            for c in psutil.Process().net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        )
+    except psutil.Error:
+        ports = []
+    if ports:
+        return names.default_replica_id(ports[0])
+    return f"{socket.gethostname()}-pid{psutil.Process().pid}"
 
 
 def shadow_outcomes(metrics: ServingMetrics) -> dict[str, _Shadowed]:

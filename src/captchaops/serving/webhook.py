@@ -97,7 +97,11 @@ class WebhookReceiver:
     def for_settings(
         cls, settings: Settings, watcher: AliasWatcher, metrics: ServingMetrics
     ) -> WebhookReceiver:
-        """A receiver with the home's webhook secret (none when webhooks are switched off)."""
+        """A receiver with the home's webhook secret (none when webhooks are switched off).
+
+        It also names the server in `metrics` (model, alias, replica id), the replica its
+        monitoring runs report under: this is where the server's settings meet its metrics."""
+        metrics.identify(settings.model_name, watcher.alias, settings.replica_id)
         secret = settings.webhook_secret if settings.webhooks else None
         return cls(secret.get_secret_value() if secret else None, watcher, metrics)
 

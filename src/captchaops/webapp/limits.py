@@ -1,7 +1,8 @@
 """How many corrections the app takes: per client a minute and a day, and from everyone a day.
 
 Counts live in the app's memory (one process under waitress): a restart resets them. A client is
-the address the request came from, so clients behind one proxy share their limits."""
+the address the request came from (`client_address`), or, from a proxy in `trusted_proxies`, the
+client it forwards in X-Forwarded-For."""
 
 from __future__ import annotations
 
@@ -11,10 +12,23 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from flask import Request
+
+from captchaops.service_auth import forwarded_client, trusted_networks
+from captchaops.settings import Settings
 from captchaops.webapp.inputs import BadInput
 
 MINUTE = 60.0
 DAY = 86_400.0
+
+
+def client_address(request: Request, settings: Settings) -> str:
+    """The client a request counts as for limits: its peer's address, or the client a trusted
+    proxy forwards (the rightmost X-Forwarded-For hop that is not a trusted proxy)."""
+    peer = request.remote_addr or "unknown"
+    return forwarded_client(
+        peer, request.headers.getlist("X-Forwarded-For"), trusted_networks(settings)
+    )
 
 
 class Throttled(BadInput):

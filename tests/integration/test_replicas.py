@@ -1,0 +1,171 @@
+"""Replicas of one alias: three `captchaops serve` processes of the same model and alias (on
+loopback, distinct ports, one of them bound to 127.0.0.2 with `--host`), each logging its own
+monitoring run, and the gate's evidence summing them.
+
+Loopback stands in for three hosts here: the replicas differ by port, so by replica id
+(`<hostname>-<port>`), as they would by hostname on three hosts.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+
+from captchaops import registry
+from captchaops.data.synthetic import generate
+from captchaops.evaluation import evidence
+from captchaops.live import monitoring
+from captchaops.live.estimate import Calibration
+from harness.processes import VENV_BIN, free_port, start_http_process, stop_process
+from tests.fixtures.models import TrainedModel
+from tests.fixtures.stack import Tracking
+
+pytestmark = pytest.mark.slow
+
+ALIAS = "staging"
+REQUESTS = 20
+IMAGE = base64.b64encode(generate(1, seed=43)[0].image).decode()
+
+
+@dataclass
+class Replica:
+    """One `captchaops serve` process of the module's model and alias."""
+
+    url: str
+    port: int
+    proc: subprocess.Popen
+
+
+@dataclass
+class Replicas:
+    tracking: Tracking
+    model: str
+    version: str
+    replicas: list[Replica]
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking.uri, registry_uri=self.tracking.uri)
+
+
+def start_replica(tracking: Tracking, model: str, home: Path, host: str, port: int) -> Replica:
+    """`captchaops serve --host HOST --port PORT` for the model's @staging, monitoring every 1 s;
+    ready once /ping answers through a Host naming HOST."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "CAPTCHAOPS_HOME": str(home),
+        "CAPTCHAOPS_TRACKING_URI": tracking.uri,
+        "CAPTCHAOPS_MODEL_NAME": model,
+        "CAPTCHAOPS_POLL_SECONDS": "0.5",
+        "CAPTCHAOPS_MONITOR_SECONDS": "1",
+    }
+    for name in ("MLFLOW_TRACKING_URI", "CAPTCHAOPS_ALLOWED_HOSTS", "CAPTCHAOPS_REPLICA_ID"):
+        env.pop(name, None)
+    url = f"http://{host}:{port}"
+    cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", ALIAS]
+    cmd += ["--host", host, "--port", str(port)]
+    proc = start_http_process(cmd, f"{url}/ping", env=env, log=home / f"serve-{port}.log")
+    return Replica(url, port, proc)
+
+
+def wait_serving(replica: Replica, version: str) -> None:
+    """Until the replica serves `version` and has read its calibration (every answer counts)."""
+    deadline = time.monotonic() + 60
+    while True:
+        health = httpx.get(f"{replica.url}/health", timeout=10).json()
+        if health.get("version") == version and version in health.get("live_estimate", {}):
+            return
+        assert time.monotonic() < deadline, health
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def three(
+    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Replicas]:
+    client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
+    model = f"replicas-{uuid.uuid4().hex[:8]}"
+    source = client.get_model_version(tiny_model.model_name, tiny_model.version)
+    version = registry.register_version(client, model, str(source.source), str(source.run_id))
+    for key, tag in Calibration(threshold=1.0, accuracy=0.95, size=2000).tags().items():
+        client.set_model_version_tag(model, version, key, tag)
+    client.set_registered_model_alias(model, ALIAS, version)
+    home = tmp_path_factory.mktemp("replicas")
+    hosts = ("127.0.0.1", "127.0.0.1", "127.0.0.2")
+
+    def start(n: int) -> Replica:
+        return start_replica(tracking_server, model, home / str(n), hosts[n], free_port())
+
+    with ThreadPoolExecutor(len(hosts)) as pool:  # started side by side, as on three hosts
+        started = [pool.submit(start, n) for n in range(len(hosts))]
+    replicas = [future.result() for future in started if future.exception() is None]
+    try:
+        assert len(replicas) == len(hosts), [f.exception() for f in started]
+        for replica in replicas:
+            wait_serving(replica, version)
+        yield Replicas(tracking_server, model, version, replicas)
+    finally:
+        for replica in replicas:
+            stop_process(replica.proc)
+
+
+def test_serve_host_answers_its_own_address_and_refuses_foreign_names(three: Replicas) -> None:
+    bound = three.replicas[2]
+    assert bound.url.startswith("http://127.0.0.2:")
+    answer = httpx.post(f"{bound.url}/invocations", json={"inputs": [IMAGE]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    foreign = httpx.get(f"{bound.url}/ping", headers={"Host": f"evil.example:{bound.port}"})
+    assert foreign.status_code == 400 and foreign.json()["error"] == "bad_host"
+
+
+def test_evidence_sums_the_answers_of_every_replica(three: Replicas) -> None:
+    for replica in three.replicas:
+        with httpx.Client(timeout=30) as http:
+            for _ in range(REQUESTS):
+                resp = http.post(f"{replica.url}/invocations", json={"inputs": [IMAGE]})
+                assert resp.status_code == 200, resp.text
+    expected = REQUESTS * len(three.replicas)
+    expected += 1  # test_serve_host's answer, on the third replica
+    deadline = time.monotonic() + 60
+    while True:
+        found = evidence.gather(three.client(), three.model, three.version, None, min_shadow=1)
+        if found.candidate_answers == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert (found.candidate_answers, found.replicas) == (expected, 3)
+
+    experiment = three.client().get_experiment_by_name(monitoring.experiment_name(three.model))
+    runs = three.client().search_runs(
+        [experiment.experiment_id],
+        monitoring.replicas_filter(three.model, ALIAS, three.version),
+    )
+    by_replica = {r.data.tags[monitoring.REPLICA_TAG]: r.data.metrics for r in runs}
+    hostname = os.uname().nodename
+    assert sorted(by_replica) == sorted(f"{hostname}-{r.port}" for r in three.replicas)
+    answers = sorted(m[monitoring.LIVE_ANSWERS] for m in by_replica.values())
+    assert answers == [REQUESTS, REQUESTS, REQUESTS + 1]
+
+
+def test_metrics_name_the_replica_and_export_the_process(three: Replicas) -> None:
+    replica = three.replicas[0]
+    text = httpx.get(f"{replica.url}/metrics", timeout=10).text
+    hostname = os.uname().nodename
+    info = (
+        f'captchaops_server_info{{alias="{ALIAS}",model="{three.model}",'
+        f'replica="{hostname}-{replica.port}",version="{three.version}"}} 1.0'
+    )
+    assert info in text, text[:2000]
+    rss = next(line for line in text.splitlines() if line.startswith("process_resident_memory"))
+    assert float(rss.split()[-1]) > 10e6
+    assert "process_cpu_seconds_total " in text
