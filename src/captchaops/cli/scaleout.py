@@ -63,18 +63,27 @@ def cv_command(
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
     with reported(log):
-        from captchaops.scaleout.cv import cross_validate
-
-        config = _config(data, None, max_minutes, steps, seed)
         check_tracking(settings)
-        if trial is not None:
-            config = _trial_config(config, settings, trial)
-        with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
-            assert isinstance(board, Board)
-            result = cross_validate(config, settings, folds, cluster, board, redraw, cpus, members)
+        with cluster_checked(cluster, settings):
+            from captchaops.scaleout.cv import cross_validate
+
+            config = _config(data, None, max_minutes, steps, seed)
+            if trial is not None:
+                config = _trial_config(config, settings, trial)
+            with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
+                assert isinstance(board, Board)
+                result = cross_validate(
+                    config, settings, folds, cluster, board, redraw, cpus, members
+                )
     _print(_cv_lines(result), log)
     if result.interrupted:
         raise typer.Exit(130)
+    failed = [f for f in result.folds if f.accuracy is None]
+    if failed:
+        fail(
+            f"{len(failed)} of {len(result.folds)} folds failed (fold {failed[0].fold}: "
+            f"{failed[0].note}); see the Ray logs and run cv again"
+        )
 
 
 def _cv_lines(result: object) -> list[str]:
@@ -173,16 +182,42 @@ def stopped() -> None:
     raise typer.Exit(130)
 
 
+@contextmanager
+def cluster_checked(cluster: str | None, settings: Settings) -> Iterator[None]:
+    """On a cluster: join it and run its check (workers reach the tracking server, may write
+    runs, run the driver's versions) before the command's heavy imports and any work, so a
+    set-up that cannot work fails in seconds; the work then runs in this same Ray session."""
+    if not cluster:
+        yield
+        return
+    from captchaops import mlflow_scope
+    from captchaops.scaleout.engine import check, ray_session
+
+    with ray_session(cluster, home=settings.home_dir) as engine:
+        client = mlflow_scope.client(settings)
+        experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
+        check(engine, mlflow_scope.tracking_uri(settings), experiment)
+        yield
+
+
 def check_tracking(settings: object) -> None:
     """The tracking server answers, and is one Ray workers can reach (http(s))."""
+    import httpx
+
+    from captchaops.scaleout import ScaleoutError
     from captchaops.settings import Settings
-    from captchaops.training.run import check_tracking as check
 
     assert isinstance(settings, Settings)
-    check(settings)
-    if not settings.effective_tracking_uri.startswith("http"):
-        from captchaops.scaleout import ScaleoutError
-
+    uri = settings.effective_tracking_uri
+    if uri.startswith("http"):
+        try:  # training.run's check, without importing TensorFlow before the cluster's check
+            httpx.get(f"{uri}/health", timeout=5).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ScaleoutError(
+                f"cannot reach the tracking server at {uri}; start it with `captchaops up` or "
+                "set CAPTCHAOPS_TRACKING_URI"
+            ) from exc
+    else:
         raise ScaleoutError(
             "Ray workers reach the data and log through a tracking server; start one with "
             "`captchaops up` or set CAPTCHAOPS_TRACKING_URI to an http(s) URL"
@@ -209,14 +244,22 @@ def tune_command(
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
     with reported(log):
-        from captchaops.scaleout.sweep import tune_settings
-
-        config = _config(data, synthetic, max_minutes, steps, seed)
         check_tracking(settings)
-        with live_board(f"tune: {trials} trials") as (board, redraw):
-            assert isinstance(board, Board)
-            result = tune_settings(config, settings, trials, minutes, cluster, board, redraw)
+        with cluster_checked(cluster, settings):
+            from captchaops.scaleout.sweep import tune_settings
+
+            config = _config(data, synthetic, max_minutes, steps, seed)
+            with live_board(f"tune: {trials} trials") as (board, redraw):
+                assert isinstance(board, Board)
+                result = tune_settings(config, settings, trials, minutes, cluster, board, redraw)
     _print(_tune_lines(result), log)
+    if result.best is None:
+        raise typer.Exit(1)
+    if result.failed:
+        fail(
+            f"{len(result.failed)} of {result.trials} trials failed ({result.failed[0]}); "
+            "the best finished trial is registered; see the Ray logs"
+        )
 
 
 def _tune_lines(result: object) -> list[str]:
@@ -226,7 +269,7 @@ def _tune_lines(result: object) -> list[str]:
     lines = [f"parent run {result.parent_run_id} ({result.trials} trials)"]
     best = result.best
     if best is None or result.metrics is None:
-        return [*lines, "no trial finished; give trials more time (--max-minutes) or more data"]
+        return [*lines, result.why_none or "no trial finished; give trials more time or more data"]
     shown = ", ".join(
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in best.params.items()
     )
@@ -253,7 +296,10 @@ def train_ensemble(config: object, settings: object, members: int, cluster: str 
     assert isinstance(config, TrainConfig) and isinstance(settings, Settings)
     check_tracking(settings)
     try:
-        with live_board(f"train: {members} members") as (board, _):
+        with (
+            cluster_checked(cluster, settings),
+            live_board(f"train: {members} members") as (board, _),
+        ):
             assert isinstance(board, Board)
             run_id, version, metrics, reason, rule = train_members(
                 config, settings, members, cluster, board

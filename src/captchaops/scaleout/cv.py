@@ -24,7 +24,7 @@ from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
 from captchaops.model.reader import MAX_CONFIDENCE, RULES, VOTE, better_rule
 from captchaops.scaleout.board import Board
-from captchaops.scaleout.engine import cpus_per_run, ray_session
+from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, Interrupted, ParentRun, parent_run, run_jobs
 from captchaops.scaleout.shipping import publish
 from captchaops.scaleout.work import Job, Outcome
@@ -110,7 +110,7 @@ def cross_validate(
     name = f"cv-{config.data_dir.name}-{folds}folds" + (f"-{members}members" if members > 1 else "")
     with parent_run(settings, name, "cv", params) as parent:
         plan = _plan(config, settings, parent, data, of, folds, members)
-        return _run_folds(plan, parent, cluster, board, redraw, cpus)
+        return _run_folds(plan, parent, cluster, board, redraw, cpus, settings)
 
 
 @dataclass
@@ -197,14 +197,17 @@ def _run_folds(
     board: Board,
     redraw: Callable[[], None],
     cpus: int | None,
+    settings: Settings,
 ) -> CvResult:
-    """Every fold's jobs as Ray tasks; the folds scored and the summary logged."""
+    """Every fold's jobs as Ray tasks (after the cluster's check, on a cluster); the folds
+    scored and the summary logged."""
     client, parent_id = parent.client, parent.run_id
     jobs = [job for fold in plan.folds for job in fold.jobs]
     start = time.monotonic()
     interrupted = False
     try:
-        with ray_session(cluster, cpus=cpus) as engine:
+        with ray_session(cluster, cpus=cpus, home=settings.home_dir) as engine:
+            checked(engine, parent, jobs[0].tracking_uri)
             board.dashboard_url = engine.dashboard_url
             results: dict[str, Outcome | Failure] = dict(
                 run_jobs(jobs, cpus_per_run(engine, len(jobs)), board, client, redraw)

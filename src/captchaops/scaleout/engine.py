@@ -1,35 +1,56 @@
 """Ray for one command: a local Ray on 127.0.0.1 started and stopped around the work, or a cluster.
 
 A local Ray binds its node and (when asked for) its dashboard to loopback like every other
-service here, gets the machine's cores, and lives only while the command runs; `--cluster
-ADDRESS` (or `RAY_ADDRESS`) joins an existing one (a `ray start --head`, KubeRay, Vertex AI).
+service here, gets the machine's cores, and lives only while the command runs; its auth token
+is a 0600 file in a 0700 folder of the captchaops home, never a readable ~/.ray/auth_token.
+`--cluster ADDRESS` (or `RAY_ADDRESS`) joins an existing one as Ray itself joins it: a head's
+routable `HOST:PORT` on a node of the cluster, `ray://HOST:10001` from outside it,
+`vertex_ray://...` for Ray on Vertex AI (KubeRay, `ray start --head`). Only a head on this
+machine's loopback (a test's, or one a developer started with `--node-ip-address 127.0.0.1`)
+needs Ray's loopback switch, which is set for it alone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from captchaops.scaleout import ScaleoutError
 
 
-@dataclass(frozen=True)
+@dataclass
 class Engine:
     """The Ray this command runs on."""
 
     address: str | None  # None: a local Ray started for this command
     cpus: float  # CPUs the cluster offers
     dashboard_url: str | None
+    checked: dict[str, str] | None = None  # what the cluster's check found, once it ran
+
+
+_open: Engine | None = None  # the session a command opened early (to check the cluster first)
 
 
 @contextmanager
 def ray_session(
-    cluster: str | None, *, cpus: int | None = None, dashboard: bool = False
+    cluster: str | None,
+    *,
+    cpus: int | None = None,
+    dashboard: bool = False,
+    home: Path | None = None,
 ) -> Iterator[Engine]:
-    """Join `cluster`, or start a local Ray on 127.0.0.1 with `cpus` cores; shut down after."""
+    """Join `cluster`, or start a local Ray on 127.0.0.1 with `cpus` cores (its token kept in
+    `home`); shut down after. Inside a session already open for the same cluster (the command
+    opened it to check the cluster before its heavy imports), that session is used as it is."""
+    global _open
+    if _open is not None and _open.address == cluster:
+        yield _open
+        return
     import ray
     from ray._private import ray_constants
 
@@ -45,6 +66,8 @@ def ray_session(
                 local = {"_node_ip_address": "127.0.0.1"}
             context = ray.init(address=cluster, **quiet, **local)  # type: ignore[arg-type]
         else:
+            if home is not None:
+                private_token(home)
             context = ray.init(
                 address="local",  # a new Ray for this command, never one found on the machine
                 num_cpus=cpus or os.cpu_count() or 1,
@@ -53,7 +76,7 @@ def ray_session(
                 _node_ip_address="127.0.0.1",
                 **quiet,  # type: ignore[arg-type]
             )
-    except (ConnectionError, ValueError, RuntimeError) as exc:
+    except (ConnectionError, ValueError, RuntimeError, ImportError) as exc:
         where = f"the Ray cluster at {cluster}" if cluster else "a local Ray"
         raise ScaleoutError(
             f"cannot start or reach {where} ({exc}); check --cluster / RAY_ADDRESS "
@@ -61,36 +84,85 @@ def ray_session(
         ) from exc
     try:
         url = context.dashboard_url
-        yield Engine(
+        _open = Engine(
             address=cluster,
             cpus=float(ray.cluster_resources().get("CPU", 0.0)),
             dashboard_url=f"http://{url}" if url and not url.startswith("http") else url or None,
         )
+        yield _open
     finally:
+        _open = None
         ray.shutdown()
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
-def _reachable(address: str, timeout: float = 10.0) -> str:
-    """The host of a `HOST:PORT` Ray address that accepts connections, else a one-line error
-    (Ray itself would retry for minutes)."""
+def private_token(home: Path) -> Path | None:
+    """Point the local Ray at `<home>/ray/auth_token`, created 0600 in a 0700 folder (and made
+    so if it exists), unless the caller chose a token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH).
+    Ray would otherwise write ~/.ray/auth_token readable by every local account, and with it
+    anyone on the machine could join the command's Ray and run code with its credentials."""
+    if any(os.environ.get(name) for name in TOKEN_ENV):
+        return None
+    folder = home / "ray"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    token = folder / "auth_token"
+    if not token.exists():
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)  # read by Ray's token loader at ray.init
+    return token
+
+
+def _reachable(address: str, timeout: float = 10.0) -> str | None:
+    """The host of a `HOST:PORT` or `ray://HOST:PORT` Ray address that accepts connections,
+    else a one-line error (Ray itself would retry for minutes); None for addresses Ray
+    resolves itself (`vertex_ray://...`, `auto`)."""
     import socket
 
+    if address.startswith("vertex_ray://") or address == "auto":
+        return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ScaleoutError(
-            f"--cluster {address!r} is not HOST:PORT; give the head's address, e.g. 127.0.0.1:6379"
+            f"--cluster {address!r} is not HOST:PORT; give the head's address (HOST:6379 on a "
+            "node of the cluster, ray://HOST:10001 from outside it, vertex_ray://... on Vertex AI)"
         )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
         raise ScaleoutError(
             f"no Ray head answers at {address} ({exc.strerror or exc}); start one with "
-            "`ray start --head --node-ip-address 127.0.0.1` or fix --cluster / RAY_ADDRESS"
+            "`ray start --head --node-ip-address HOST` or fix --cluster / RAY_ADDRESS"
         ) from exc
     return host.strip("[]")
+
+
+def check(engine: Engine, tracking_uri: str, experiment_id: str) -> None:
+    """On a cluster, before any work: a worker's check (`preflight`); a one-line ScaleoutError
+    if the work cannot run there. Nothing on a local Ray (its workers are this machine, with
+    the driver's versions and its view of the tracking server)."""
+    if engine.address is None or engine.checked is not None:
+        return
+    from captchaops.scaleout.preflight import check_cluster
+
+    engine.checked = check_cluster(tracking_uri, experiment_id, engine.address)
+
+
+def checked(engine: Engine, parent: object, tracking_uri: str) -> None:
+    """`check` (unless the command ran it already), its findings tagged on the parent run."""
+    from captchaops.scaleout.preflight import as_tags
+    from captchaops.scaleout.runner import ParentRun
+
+    assert isinstance(parent, ParentRun)
+    check(engine, tracking_uri, parent.experiment)
+    for key, value in as_tags(engine.checked or {}).items():
+        parent.client.set_tag(parent.run_id, key, value)
 
 
 def cpus_per_run(engine: Engine, runs: int) -> float:

@@ -28,7 +28,7 @@ from captchaops.model.preprocess import preprocess
 from captchaops.model.reader import RULES, OnnxReader, better_rule
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
-from captchaops.scaleout.engine import cpus_per_run, ray_session
+from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, ParentRun, parent_run, run_jobs
 from captchaops.scaleout.sweep import Prepared, base_job, prepare
 from captchaops.scaleout.work import Job, Outcome
@@ -98,7 +98,8 @@ def _train(
         child = parent.child(f"member {i + 1}", "ensemble-member")
         seeded = replace(config, seed=config.seed + i)
         jobs.append(replace(base, name=f"member {i + 1}", config=seeded, run_id=child))
-    with ray_session(cluster) as engine:
+    with ray_session(cluster, home=settings.home_dir) as engine:
+        checked(engine, parent, base.tracking_uri)
         board.dashboard_url = engine.dashboard_url
         results = run_jobs(jobs, cpus_per_run(engine, members), board, client)
     failed = [r for r in results.values() if isinstance(r, Failure)]

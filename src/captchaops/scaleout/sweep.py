@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -19,10 +19,10 @@ from captchaops.evaluation.gate import stage_candidate
 from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
-from captchaops.scaleout.engine import cpus_per_run, ray_session
+from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.runner import ParentRun, parent_run
 from captchaops.scaleout.shipping import publish
-from captchaops.scaleout.tune import Best, ChildRuns, best_network, search
+from captchaops.scaleout.tune import Best, ChildRuns, best_network, plan_budget, search, why_none
 from captchaops.scaleout.work import Job
 from captchaops.settings import Settings
 from captchaops.training import TrainError
@@ -43,6 +43,9 @@ class TuneResult:
     staged: bool = False
     rejection_reason: str | None = None
     frozen: str | None = None
+    failed: list[str] = field(default_factory=list)  # why each failed trial failed
+    why_none: str | None = None  # why no trial could be registered
+    budget: str = ""
 
 
 @dataclass
@@ -115,13 +118,16 @@ def tune_settings(
     """Search training settings on Ray, register the best trial and stage it like `train`."""
     if not 1 <= trials <= 1000:
         raise DataError(f"--trials {trials} is out of range; use 1 to 1000 (16 is a good start)")
+    started = time.time()
     prepared = prepare(config, settings)
     data, alphabet = prepared.data, prepared.alphabet
     source = config.data_dir.name if config.data_dir else "synthetic"
     params = config.params() | {"trials": trials, "search": "Optuna TPE via Ray Tune, ASHA"}
     params |= {"dataset_sha256": data.digest(), "alphabet": alphabet, "n_read": len(data)}
     with parent_run(settings, f"tune-{source}-{trials}trials", "tune", params) as parent:
-        return _search(config, settings, prepared, parent, trials, minutes, cluster, board, redraw)
+        return _search(
+            config, settings, prepared, parent, (trials, minutes, started), cluster, board, redraw
+        )
 
 
 def _search(
@@ -129,27 +135,35 @@ def _search(
     settings: Settings,
     prepared: Prepared,
     parent: ParentRun,
-    trials: int,
-    minutes: float | None,
+    asked: tuple[int, float | None, float],
     cluster: str | None,
     board: Board,
     redraw: Callable[[], None],
 ) -> TuneResult:
-    """The search on Ray under `parent`, then the best trial published."""
+    """The search on Ray under `parent` inside the budget `asked` (trials, minutes, started at
+    time.time()), then the best trial published."""
+    trials, minutes, started = asked
     data, frozen, splits = prepared.data, prepared.frozen, prepared.splits
     client, parent_id = parent.client, parent.run_id
     lengths = [len(label) for label in data.labels]
     job = base_job("trial", prepared, config, settings, parent)
     children = ChildRuns(client, parent.experiment, parent_id, board, redraw)
     start = time.monotonic()
-    with ray_session(cluster) as engine:
+    with ray_session(cluster, home=settings.home_dir) as engine:
+        checked(engine, parent, job.tracking_uri)
         board.dashboard_url = engine.dashboard_url
         cpus = cpus_per_run(engine, trials)
-        best = search(
-            job, trials, minutes, cpus, settings.home_dir / "ray-results", children, config.seed
+        parallel = max(1, int(engine.cpus // cpus))
+        budget = plan_budget(
+            minutes, trials, parallel, config.max_minutes, started=started, now=time.time()
         )
+        client.set_tag(parent_id, "captchaops.budget", budget.describe())
+        best = search(job, budget, cpus, settings.home_dir / "ray-results", children, config.seed)
     client.log_metric(parent_id, "tune_wall_seconds", time.monotonic() - start)
-    result = TuneResult(parent_id, len(children.runs), best)
+    result = TuneResult(parent_id, len(children.runs), best, budget=budget.describe())
+    result.failed = list(children.failures)
+    if best is None:
+        result.why_none = why_none(children, budget, minutes)
     if best is not None:
         test = _test_set(data, splits["test"], frozen)
         _publish(best, settings, client, test, result, min(lengths), data.digest())

@@ -35,6 +35,64 @@ from captchaops.training.loop import Plan
 WEIGHTS = "trials"
 METRIC = "val_cer"
 
+PUBLISH_SECONDS = 30.0  # after the search: the best trial exported, tested and registered
+TRIAL_START_SECONDS = 20.0  # a trial's cost before its first step (worker, TensorFlow, data)
+MIN_TRIAL_SECONDS = 15.0  # a trial that would train for less than this does not start
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a search spends its time: how many trials run, how long each may take, and the
+    wall-clock moment (time.time(), the same on every host) every trial has ended by."""
+
+    trials: int  # trials to run (fewer than asked when --minutes leaves no room for more)
+    trial_seconds: float  # each trial's own cap, start-up included
+    ends_by: float | None  # None: no --minutes, each trial keeps its preset's budget
+    rounds: int  # trials one after another on a slot (trials / trials side by side)
+
+    def describe(self) -> str:
+        """One line for the console and the parent run."""
+        return (
+            f"{self.trials} trials, {self.rounds} after another per slot, "
+            f"each at most {self.trial_seconds:.0f} s"
+        )
+
+
+def plan_budget(
+    minutes: float | None,
+    trials: int,
+    parallel: int,
+    trial_minutes: float,
+    *,
+    started: float,
+    now: float,
+) -> Budget:
+    """Plan `trials` (at most `parallel` side by side) inside what is left of `minutes` counted
+    from `started` (time.time() values): the best trial's publishing is kept out of the budget,
+    the rest is shared between the rounds, each trial capped at its preset's `trial_minutes`.
+    A budget too short for all the rounds runs the rounds that fit; one too short for any
+    trial is a ScaleoutError naming the minutes it would need."""
+    from captchaops.scaleout import ScaleoutError
+
+    parallel = max(1, parallel)
+    cap = trial_minutes * 60
+    wanted = math.ceil(trials / parallel)
+    if minutes is None:
+        return Budget(trials, cap, None, wanted)
+    ends_by = started + minutes * 60 - PUBLISH_SECONDS
+    left = ends_by - now
+    slot = TRIAL_START_SECONDS + MIN_TRIAL_SECONDS
+    if left < slot:
+        need = (now - started + slot + PUBLISH_SECONDS) / 60
+        raise ScaleoutError(
+            f"--minutes {minutes:g} leaves {max(left, 0):.0f} s for trials after start-up and "
+            f"publishing; a trial needs {slot:.0f} s: give the search --minutes {math.ceil(need)} "
+            "or more"
+        )
+    rounds = max(1, min(wanted, int(left // slot)))
+    share = min(cap, left / rounds)
+    return Budget(min(trials, rounds * parallel), share, ends_by, rounds)
+
 
 def search_space(base: TrainConfig) -> dict[str, Any]:
     """What TPE searches, around the preset `base` (docs/training.md lists it); every range
@@ -119,8 +177,13 @@ def trial_settings(client: MlflowClient, run_id: str) -> dict[str, Any]:
 
 
 def trial(params: dict[str, Any], job: Job) -> None:
-    """One trial (runs in a Tune worker): fit, report every epoch, log the weights it keeps."""
+    """One trial (runs in a Tune worker): fit inside what is left of the search's budget, report
+    every epoch, log the weights it keeps. A trial that starts with too little time left (a
+    slow start-up ate it) reports that it was skipped and trains nothing."""
     trial_id = tune.get_context().get_trial_id()
+    if job.ends_by is not None and job.ends_by - time.time() < MIN_TRIAL_SECONDS:
+        tune.report({METRIC: math.inf, "skipped": 1.0})
+        return
     mine = replace(configure(job, params), name=trial_id, keep_weights=True)
     outcome = run_job(mine, on_epoch=lambda metrics, epoch: tune.report(metrics))
     assert outcome.weights is not None
@@ -158,6 +221,8 @@ class ChildRuns:
         self.client, self.experiment, self.parent = client, experiment, parent
         self.board, self.redraw = board, redraw
         self.runs: dict[str, str] = {}
+        self.failures: list[str] = []  # "trial ID: why", for each trial that failed
+        self.skipped: set[str] = set()  # trials that started with no time left to train
 
     def start(self, trial_id: str, config: dict[str, Any]) -> None:
         """A trial started: its child run, with the sampled settings as parameters."""
@@ -176,6 +241,9 @@ class ChildRuns:
         run_id = self.runs.get(trial_id)
         if run_id is None:
             return
+        if result.get("skipped"):
+            self.skipped.add(trial_id)
+            self.client.set_tag(run_id, "state", "skipped: no time left in --minutes")
         step, now = int(result.get("training_iteration", 0)), int(time.time() * 1000)
         metrics = [
             Metric(k, float(v), now, step)
@@ -193,6 +261,10 @@ class ChildRuns:
         run_id = self.runs.get(trial_id)
         if run_id is not None:
             mlflow_scope.finish_run(self.client, run_id, status)
+        if status != "FINISHED":
+            self.failures.append(f"trial {trial_id}: {note}")
+        if trial_id in self.skipped:
+            note = "skipped: no time left"
         self.board.end(trial_id, "done" if status == "FINISHED" else "failed", note=note)
         self.redraw()
 
@@ -223,14 +295,14 @@ class _Callback(tune.Callback):  # type: ignore[misc]
 
 def search(
     job: Job,
-    trials: int,
-    minutes: float | None,
+    budget: Budget,
     cpus: float,
     storage: Path,
     children: ChildRuns,
     seed: int,
 ) -> Best | None:
-    """Run the search on the connected Ray; the best trial that logged its weights, if any."""
+    """Run the search on the connected Ray inside `budget`; the best trial that logged its
+    weights, if any."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -242,6 +314,10 @@ def search(
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     plan = Plan.of(job.config, len(job.train))
     epochs = max(1, math.ceil(plan.steps / plan.steps_per_epoch) * 2)
+    budgeted = replace(job.config, max_minutes=budget.trial_seconds / 60)
+    job = replace(job, config=budgeted, ends_by=budget.ends_by)
+    # Tune's own clock only backs the trials' up: they end by `ends_by` and then log weights.
+    backstop = None if budget.ends_by is None else budget.ends_by - time.time() + 60
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial, job=job), {"cpu": cpus}),
         param_space=search_space(job.config),
@@ -255,8 +331,8 @@ def search(
                 grace_period=max(1, epochs // 8),
                 reduction_factor=3,
             ),
-            num_samples=trials,
-            time_budget_s=minutes * 60 if minutes else None,
+            num_samples=budget.trials,
+            time_budget_s=backstop,
         ),
         run_config=tune.RunConfig(
             name="captchaops-tune",
@@ -286,6 +362,20 @@ def search(
         params=config,
         val_cer=float(metrics[METRIC]),
         job=configure(job, config),
+    )
+
+
+def why_none(children: ChildRuns, budget: Budget, minutes: float | None) -> str:
+    """The one line that says why a search has no trial to register."""
+    if children.runs and len(children.failures) == len(children.runs):
+        return f"every trial failed ({children.failures[0]}); nothing registered"
+    if minutes is not None:
+        return (
+            f"no trial finished training inside --minutes {minutes:g} ({budget.describe()}); "
+            "nothing registered: give the search more minutes or fewer trials"
+        )
+    return (
+        "no trial finished; give trials more time (--max-minutes) or more data; nothing registered"
     )
 
 

@@ -39,6 +39,7 @@ class Job:
     run_id: str | None = None  # the child run per-epoch metrics go to
     keep_weights: bool = False  # return the fitted weights (for export by the driver)
     predict_val: bool = False  # also return the validation answers (to choose how members vote)
+    ends_by: float | None = None  # wall clock (time.time()) the run must end by: a search's budget
 
 
 @dataclass
@@ -90,7 +91,7 @@ def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
         (x["train"], y["train"]),
         Validation(x["val"], y["val"], labels["val"], job.alphabet),
         augment=job.augment,
-        deadline=start + job.config.max_minutes * 60,
+        deadline=start + seconds_allowed(job),
         report=lambda stage, fraction, metrics: None,
         log=log,
     )
@@ -116,6 +117,15 @@ def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
     return Outcome(job.name, metrics, predictions, weights, attempt, val_predictions)
 
 
+def seconds_allowed(job: Job, now: float | None = None) -> float:
+    """How long `job` may run from now: its preset's budget, cut to what is left of its search's
+    (wall clock, so that it means the same on every host)."""
+    allowed = job.config.max_minutes * 60
+    if job.ends_by is not None:
+        allowed = min(allowed, job.ends_by - (time.time() if now is None else now))
+    return max(allowed, 0.0)
+
+
 def _splits(job: Job) -> dict[str, tuple[int, ...]]:
     return {"train": job.train, "val": job.val, "test": job.test}
 
@@ -130,7 +140,18 @@ def _count_attempt(job: Job) -> int:
     attempt = int(client.get_run(job.run_id).data.tags.get(ATTEMPT_TAG, "0")) + 1
     client.set_tag(job.run_id, ATTEMPT_TAG, str(attempt))
     client.set_tag(job.run_id, "state", "running")
+    client.set_tag(job.run_id, "captchaops.node", _node_address())
     return attempt
+
+
+def _node_address() -> str:
+    """The address of the Ray node this runs on (where the run trained)."""
+    try:
+        import ray
+
+        return str(ray.util.get_node_ip_address())
+    except Exception:  # outside Ray
+        return "local"
 
 
 def _log_metrics(job: Job, metrics: dict[str, float], epoch: int) -> None:

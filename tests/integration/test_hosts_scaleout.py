@@ -1,0 +1,200 @@
+"""`--cluster` across real hosts: network namespaces on one bridge, each with its own address.
+
+The tracking server runs on host `tracking`, a Ray head (no CPUs of its own, token auth) on
+`head`, a Ray worker on `worker`, and drivers on the head (`--cluster HEAD:6379`) and on a
+`laptop` (`--cluster ray://HEAD:10001`), as docs/gcp.md runs them on a cluster. Nothing binds
+or connects across hosts through 127.0.0.1: each host's loopback is its own. The everyday
+mistake (the tracking server on the laptop's 127.0.0.1, the cluster elsewhere) must end in one
+line, before any fold, within 20 s, with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from captchaops.data import standin
+from harness.hosts import (
+    Host,
+    HostNet,
+    forward,
+    host_net,
+    required,
+    unavailable,
+    wait_listening,
+)
+from harness.processes import VENV_BIN, Tracking, start_tracking_server, stop_process
+
+pytestmark = pytest.mark.slow
+STEPS = ["--steps", "4", "--max-minutes", "3"]
+GCS, CLIENT, TRACKING = 6379, 10001, 5000
+
+
+def require_hosts() -> None:
+    """Skip (CI: fail, CAPTCHAOPS_REQUIRE_HOSTS=1) where namespaces cannot be made."""
+    reason = unavailable()
+    if reason is not None:
+        if required():
+            pytest.fail(f"CAPTCHAOPS_REQUIRE_HOSTS=1 but no hosts can be made: {reason}")
+        pytest.skip(f"no multi-host test bed: {reason}")
+
+
+@dataclass
+class Bed:
+    """The hosts, the module's Ray token and the environment every process on them gets."""
+
+    net: HostNet
+    env: dict[str, str]
+    tracking: Tracking
+
+    @property
+    def head(self) -> Host:
+        return self.net["head"]
+
+
+def clean_env(token: Path) -> dict[str, str]:
+    """This process's environment without captchaops, MLflow or Ray settings, with the token."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CAPTCHAOPS_", "MLFLOW_", "RAY_", "AWS_"))
+    }
+    return env | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
+def start_ray(host: Host, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    cmd = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address", host.address, *args]
+    return host.popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """Four hosts, a tracking server on one, a Ray head and a worker on two others."""
+    require_hosts()
+    base = tmp_path_factory.mktemp("hosts")
+    token = base / "ray-token" / "auth_token"
+    token.parent.mkdir(mode=0o700)
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    env = clean_env(token)
+    # Ray's socket paths must stay short: its session folder under a short /tmp name.
+    ray_tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
+    procs: list[subprocess.Popen] = []
+    with host_net(["tracking", "head", "worker", "laptop"]) as net:
+        try:
+            head_args = ["--head", "--port", str(GCS), "--ray-client-server-port", str(CLIENT)]
+            head_args += ["--num-cpus", "0", "--include-dashboard", "false", "--temp-dir", ray_tmp]
+            head_args += ["--object-store-memory", str(100 * 2**20)]
+            procs.append(start_ray(net["head"], head_args, env, base / "head.log"))
+            (base / "tracking").mkdir()
+            tracking = start_tracking_server(
+                base / "tracking",
+                TRACKING,
+                env,
+                host=net["tracking"].address,
+                inside=net["tracking"].command([]),
+            )
+            procs.append(tracking.proc)
+            wait_listening(net["head"], GCS, timeout=120, proc=procs[0])
+            worker_args = ["--address", f"{net['head'].address}:{GCS}", "--num-cpus", "2"]
+            worker_args += ["--object-store-memory", str(100 * 2**20)]
+            procs.append(start_ray(net["worker"], worker_args, env, base / "worker.log"))
+            joined(base / "worker.log", procs[-1])
+            yield Bed(net, env, tracking)
+        finally:
+            for proc in reversed(procs):
+                stop_process(proc)
+
+
+def joined(log: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until the `ray start` writing `log` has joined its head."""
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, f"the Ray worker did not join in {timeout:.0f} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("hosts-data") / "captchas"
+    standin.build(path, count=60, seed=5)
+    return path
+
+
+def captchaops(
+    bed: Bed, host: Host, args: list[str], home: Path, tracking_uri: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`captchaops ARGS` run on `host` as a user runs it there."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = bed.env | {
+        "CAPTCHAOPS_TRACKING_URI": tracking_uri,
+        "CAPTCHAOPS_HOME": str(home),
+        "CAPTCHAOPS_STAGING_FLOOR": "0",
+        "COLUMNS": "120",
+    }
+    return host.run([str(VENV_BIN / "captchaops"), *args], env=env, timeout=timeout)
+
+
+def test_cv_on_the_head_trains_its_folds_on_the_worker_host(
+    bed: Bed, folder: Path, tmp_path: Path
+) -> None:
+    head, worker = bed.head, bed.net["worker"]
+    args = ["cv", "--data", str(folder), "--folds", "2", "--cluster", f"{head.address}:{GCS}"]
+    done = captchaops(bed, head, [*args, *STEPS], tmp_path / "home", bed.tracking.uri)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "127.0.0.1" not in bed.tracking.uri
+    client = MlflowClient(bed.tracking.uri)
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("parent run ")]
+    parent = client.get_run(line.split()[2])
+    assert parent.info.status == "FINISHED"
+    # The cluster's check ran on the worker host, and found the driver's versions there.
+    assert parent.data.tags["captchaops.cluster.node"] == worker.address
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    assert sorted(r.info.run_name for r in runs) == ["fold 1", "fold 2"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["captchaops.node"] == worker.address  # trained on the worker
+        assert "test_seq_acc" in run.data.metrics
+
+
+def test_tracking_on_the_laptops_loopback_fails_in_one_line_before_any_fold(
+    bed: Bed, folder: Path, tmp_path: Path
+) -> None:
+    """The everyday laptop set-up: `captchaops up` on the laptop (tracking on its 127.0.0.1)
+    and a cluster elsewhere. The workers' 127.0.0.1 is their own: one line, exit 1, no fold."""
+    laptop, head = bed.net["laptop"], bed.head
+    # The laptop's tracking server: the tracking host's, answering on the laptop's loopback.
+    tracking_port = int(bed.tracking.uri.rsplit(":", 1)[1])
+    local = forward(laptop, "127.0.0.1", TRACKING, f"{bed.net['tracking'].address}:{tracking_port}")
+    try:
+        args = ["cv", "--data", str(folder), "--folds", "2"]
+        args += ["--cluster", f"ray://{head.address}:{CLIENT}", *STEPS]
+        started = time.monotonic()
+        uri = f"http://127.0.0.1:{TRACKING}"
+        done = captchaops(bed, laptop, args, tmp_path / "home", uri, timeout=120)
+        seconds = time.monotonic() - started
+    finally:
+        local.kill()
+        local.wait()
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [x for x in done.stderr.splitlines() if x.strip()]
+    assert len(errors) == 1 and "Traceback" not in done.stdout + done.stderr, done.stderr
+    assert (
+        f"the worker at {bed.net['worker'].address} cannot reach the tracking server" in errors[0]
+    )
+    assert "CAPTCHAOPS_TRACKING_URI" in errors[0]
+    assert "fold 1:" not in done.stdout
+    assert seconds <= 20 or pytest.fail(f"took {seconds:.1f} s")
