@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -268,6 +269,10 @@ def test_ctrl_c_ends_cv_as_killed_shuts_its_ray_down_and_prints_one_line(
     assert "KILLED" in {r.info.status for r in children(client, parent.info.run_id)}
     _, alive = psutil.wait_procs(ray_processes, timeout=30)
     assert not alive, [p.info for p in alive]
+    # The local Ray's token was the home's own, readable by its owner alone (issue 35).
+    token = tmp_path / "ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
 
 
 def test_cv_on_a_separately_started_head_runs_each_fold_as_a_child_run(

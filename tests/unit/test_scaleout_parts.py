@@ -3,6 +3,8 @@ address, the search space."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +15,16 @@ from captchaops.model.reader import VOTE, combine_members
 from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.cv import combined, cross_validate, fold_of, t_interval
-from captchaops.scaleout.engine import _reachable
+from captchaops.scaleout.engine import _reachable, private_token
+from captchaops.scaleout.preflight import judge
 from captchaops.scaleout.shipping import pack, unpack
-from captchaops.scaleout.work import Outcome
+from captchaops.scaleout.tune import (
+    MIN_TRIAL_SECONDS,
+    PUBLISH_SECONDS,
+    TRIAL_START_SECONDS,
+    plan_budget,
+)
+from captchaops.scaleout.work import Job, Outcome, seconds_allowed
 from captchaops.settings import Settings
 from captchaops.training.config import TrainConfig
 
@@ -128,3 +137,95 @@ def test_trials_tied_on_validation_cer_are_ranked_by_validation_loss() -> None:
         {"trial_id": "d", "val_cer": 0.0},  # a result without a loss ranks last among its ties
     ]
     assert [m["trial_id"] for m in sorted(done, key=rank)] == ["b", "a", "d", "c"]
+
+
+def test_addresses_ray_resolves_itself_pass_and_a_malformed_one_names_the_forms() -> None:
+    assert _reachable("vertex_ray://projects/p/locations/us-central1/persistentResources/r") is None
+    assert _reachable("auto") is None
+    with pytest.raises(ScaleoutError, match=r"ray://HOST:10001 from outside it, vertex_ray://"):
+        _reachable("head-without-port")
+
+
+def test_a_search_budget_shares_what_is_left_between_its_rounds() -> None:
+    # 2 trials side by side, 3 minutes, 20 s of start-up used: one round, all of the rest.
+    budget = plan_budget(3, 2, 2, 9.5, started=1000.0, now=1020.0)
+    assert (budget.trials, budget.rounds) == (2, 1)
+    assert budget.ends_by == 1000.0 + 180 - PUBLISH_SECONDS
+    assert budget.trial_seconds == pytest.approx(180 - 20 - PUBLISH_SECONDS)
+    assert budget.trial_seconds < 9.5 * 60  # not each trial's own 9.5 minutes
+    # 4 trials on one slot: four rounds share it; each trial still ends by `ends_by`.
+    four = plan_budget(10, 4, 1, 9.5, started=0.0, now=0.0)
+    assert four.rounds == 4 and four.trial_seconds * 4 <= 600 - PUBLISH_SECONDS
+    # Without --minutes each trial keeps its preset's budget.
+    assert plan_budget(None, 4, 2, 9.5, started=0.0, now=50.0).trial_seconds == 9.5 * 60
+
+
+def test_a_short_budget_runs_the_rounds_that_fit_and_none_is_one_line() -> None:
+    slot = TRIAL_START_SECONDS + MIN_TRIAL_SECONDS
+    budget = plan_budget(3, 16, 2, 9.5, started=0.0, now=0.0)
+    assert (
+        budget.rounds == int((180 - PUBLISH_SECONDS) // slot) and budget.trials == budget.rounds * 2
+    )
+    assert budget.trial_seconds >= slot
+    with pytest.raises(ScaleoutError, match=r"--minutes 1 leaves 0 s for trials.*--minutes 2"):
+        plan_budget(1, 2, 2, 9.5, started=0.0, now=40.0)
+
+
+def test_a_trial_never_runs_past_its_searchs_end() -> None:
+    job = replace(_job(), config=replace(TrainConfig.folder(), max_minutes=9.5))
+    assert seconds_allowed(job, now=0.0) == 9.5 * 60
+    assert seconds_allowed(replace(job, ends_by=100.0), now=40.0) == 60.0
+    assert seconds_allowed(replace(job, ends_by=100.0), now=140.0) == 0.0
+
+
+def _job() -> Job:
+    from captchaops.model.crnn import Architecture
+
+    return Job(
+        "t", TrainConfig.folder(), Architecture(), "ab", 4, False, "http://h:1", "r", "p", (), ()
+    )
+
+
+MINE = {"python": "3.11.7", "ray": "2.60.0", "captchaops": "0.1.0"}
+
+
+def test_the_cluster_check_names_a_version_mismatch_first_with_both_versions() -> None:
+    found = MINE | {"ray": "2.59.1", "node": "10.0.0.7", "unreachable": "ConnectError"}
+    line = judge(found, MINE, "http://tracking:8000")
+    assert line is not None and "\n" not in line
+    assert "the worker at 10.0.0.7 runs Python 3.11.7, Ray 2.59.1" in line
+    assert "this machine runs Python 3.11.7, Ray 2.60.0, captchaops 0.1.0" in line
+    # Ray's own rule for Python: the same 3.X; a different patch release works.
+    assert judge(MINE | {"python": "3.11.9"}, MINE, "http://tracking:8000") is None
+    assert "Python 3.12.1" in (judge(MINE | {"python": "3.12.1"}, MINE, "http://t:1") or "")
+
+
+def test_the_cluster_check_explains_loopback_and_never_shows_credentials() -> None:
+    found = MINE | {"node": "10.0.0.7", "unreachable": "ConnectError: [Errno 111] refused"}
+    line = judge(found, MINE, "http://rita:s3cret@127.0.0.1:8000") or ""
+    assert "cannot reach the tracking server at http://127.0.0.1:8000" in line
+    assert "the worker's own loopback" in line and "CAPTCHAOPS_TRACKING_URI" in line
+    assert "s3cret" not in line and "rita" not in line
+    refused = judge(MINE | {"refused": "PERMISSION_DENIED"}, MINE, "https://t.example") or ""
+    assert "needs edit rights" in refused and "editor" in refused
+    assert judge(MINE | {"node": "10.0.0.7"}, MINE, "https://t.example") is None
+
+
+def test_a_local_rays_token_is_0600_in_a_0700_folder_of_the_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # restored after the test
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    token = private_token(tmp_path)
+    assert token == tmp_path / "ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    assert len(token.read_text()) == 64 and os.environ["RAY_AUTH_TOKEN_PATH"] == str(token)
+    first = token.read_text()
+    token.chmod(0o644)  # one left readable (by hand, an older version) is made private again
+    assert private_token(tmp_path) == token and token.read_text() == first
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    # A token the caller chose is left alone.
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/elsewhere/token")
+    assert private_token(tmp_path / "other") is None and not (tmp_path / "other").exists()

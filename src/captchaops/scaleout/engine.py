@@ -96,7 +96,6 @@ def ray_session(
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def private_token(home: Path) -> Path | None:
@@ -104,12 +103,13 @@ def private_token(home: Path) -> Path | None:
     so if it exists), unless the caller chose a token (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH).
     Ray would otherwise write ~/.ray/auth_token readable by every local account, and with it
     anyone on the machine could join the command's Ray and run code with its credentials."""
-    if any(os.environ.get(name) for name in TOKEN_ENV):
-        return None
     folder = home / "ray"
+    token = folder / "auth_token"
+    chosen = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if os.environ.get("RAY_AUTH_TOKEN") or (chosen and chosen != str(token)):
+        return None
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
-    token = folder / "auth_token"
     if not token.exists():
         fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
