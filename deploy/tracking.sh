@@ -21,9 +21,10 @@ admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$config"
+# The database URI holds the password: the environment, never an argument (`ps` shows those).
+export MLFLOW_BACKEND_STORE_URI="${db}/mlflow"
 
 exec python -m captchaops.stack.tracking \
-  --backend-store-uri "${db}/mlflow" \
   --artifacts-destination "s3://${S3_BUCKET:-breaking-captcha}/mlflow" \
   --app-name basic-auth \
   --allowed-hosts "${MLFLOW_HOST},tracking,tracking:5000,localhost,localhost:*,127.0.0.1,127.0.0.1:*" \

@@ -166,3 +166,19 @@ def test_uploads_are_private_to_the_service_and_squatted_names_are_refused(
     registry.client(team["rita"]).create_experiment(monitoring.experiment_name(squatted))
     with pytest.raises(UsersError, match="created by user 'rita', not by captchaops"):
         ensure_service_account(admin.model_copy(update={"model_name": squatted}))
+
+
+def test_the_tracking_server_throttles_failed_logins_per_client_and_account(
+    team: dict[str, Settings],
+) -> None:
+    uri = team["admin"].effective_tracking_uri
+    limit = team["admin"].tracking_login_failures_per_minute
+    whoami = f"{uri}/api/2.0/mlflow/users/get"
+    for _ in range(limit):
+        guess = httpx.get(whoami, params={"username": "mallory"}, auth=("mallory", "guess-1234"))
+        assert guess.status_code == 401
+    refused = httpx.get(whoami, params={"username": "mallory"}, auth=("mallory", "guess-1234"))
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) > 0
+    assert "Too many failed logins" in refused.json()["message"]
+    rita = team["rita"].tracking_password.get_secret_value()  # type: ignore[union-attr]
+    assert httpx.get(whoami, params={"username": "rita"}, auth=("rita", rita)).status_code == 200

@@ -160,7 +160,10 @@ def test_tracking_runs_our_launcher_in_team_mode(spec: dict[str, Any], tmp_path:
     } <= targets
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python").write_text('#!/bin/sh\necho "ARGS $*"\ncat "$MLFLOW_AUTH_CONFIG_PATH"\n')
+    (fake / "python").write_text(
+        '#!/bin/sh\necho "ARGS $*"\necho "STORE $MLFLOW_BACKEND_STORE_URI"\n'
+        'cat "$MLFLOW_AUTH_CONFIG_PATH"\n'
+    )
     (fake / "python").chmod(0o755)
     env = {
         "PATH": f"{fake}:/usr/bin:/bin",
@@ -175,7 +178,8 @@ def test_tracking_runs_our_launcher_in_team_mode(spec: dict[str, Any], tmp_path:
     ).stdout
     args = out.splitlines()[0]
     assert args.startswith("ARGS -m captchaops.stack.tracking ")
-    assert "--backend-store-uri postgresql+psycopg://mlflow:pg-secret@postgres:5432/mlflow " in args
+    assert "pg-secret" not in args and "--backend-store-uri" not in args  # `ps` shows arguments
+    assert "STORE postgresql+psycopg://mlflow:pg-secret@postgres:5432/mlflow\n" in out
     assert "--artifacts-destination s3://breaking-captcha/mlflow " in args
     assert "--app-name basic-auth " in args
     assert "--allowed-hosts mlflow.test,tracking,tracking:5000," in args

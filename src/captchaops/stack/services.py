@@ -159,8 +159,6 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                     sys.executable,
                     "-m",
                     "captchaops.stack.tracking",
-                    "--backend-store-uri",
-                    settings.effective_backend_store_uri,
                     "--artifacts-destination",
                     store.destination,
                     "--host",
@@ -175,7 +173,14 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
                 port_setting="CAPTCHAOPS_TRACKING_PORT",
                 health_url=f"{url}/health",
                 url=url,
-                env={**common, **store.env, **team_env, **tracking_env(settings)},
+                env={
+                    **common,
+                    **store.env,
+                    **team_env,
+                    **tracking_env(settings),
+                    # not an argument: it may hold the database password, and `ps` shows those
+                    "MLFLOW_BACKEND_STORE_URI": settings.effective_backend_store_uri,
+                },
             )
         )
     for alias, port, setting in (

@@ -5,7 +5,10 @@ a `kill -9` of the parent leaves the uvicorn child holding the port, so the rest
 server cannot bind. This launcher runs mlflow's own CLI (same option parsing, same
 database migrations, same environment for the app) but replaces the final fork+wait
 with `exec`, so the supervised pid *is* the HTTP server. Job execution (huey consumers,
-about 2 GB RSS with mlflow 3.17) is switched off: nothing in captchaops uses it.
+about 2 GB RSS with mlflow 3.17) is switched off: nothing in captchaops uses it. With
+`--app-name basic-auth` the served app is MLflow's, wrapped in a failed-login limit
+(`captchaops.stack.login_throttle`). Secrets never travel as arguments: the backend store's
+URI (which may hold the database password) is read from `MLFLOW_BACKEND_STORE_URI`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import os
 import sys
 from typing import Any
 
+BASIC_AUTH_APP = "mlflow.server.auth:create_app"
+THROTTLED_APP = "captchaops.stack.login_throttle:create_app"
+
 
 def _exec_instead(cmd: list[str], extra_env: dict[str, str] | None = None, **_: Any) -> None:
-    """Replace this process with the server command mlflow built."""
+    """Replace this process with the server command mlflow built (basic-auth behind the limit)."""
+    cmd = [THROTTLED_APP if part == BASIC_AUTH_APP else part for part in cmd]
     env = {**os.environ, **(extra_env or {})}
     os.execvpe(cmd[0], cmd, env)
 
