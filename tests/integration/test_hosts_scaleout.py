@@ -131,10 +131,11 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def captchaops(
-    bed: Bed, host: Host, args: list[str], home: Path, tracking_uri: str, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """`captchaops ARGS` run on `host` as a user runs it there."""
+def command(
+    bed: Bed, host: Host, args: list[str], home: Path, tracking_uri: str
+) -> tuple[subprocess.Popen, Path]:
+    """Start `captchaops ARGS` on `host` as a user runs it there; its process and its home
+    (stdout.txt, stderr.txt inside)."""
     home.mkdir(parents=True, exist_ok=True)
     env = bed.env | {
         "CAPTCHAOPS_TRACKING_URI": tracking_uri,
@@ -142,17 +143,60 @@ def captchaops(
         "CAPTCHAOPS_STAGING_FLOOR": "0",
         "COLUMNS": "120",
     }
-    return host.run([str(VENV_BIN / "captchaops"), *args], env=env, timeout=timeout)
+    out, err = (home / "stdout.txt").open("wb"), (home / "stderr.txt").open("wb")
+    proc = host.popen([str(VENV_BIN / "captchaops"), *args], env=env, stdout=out, stderr=err)
+    return proc, home
 
 
-def test_cv_on_the_head_trains_its_folds_on_the_worker_host(
-    bed: Bed, folder: Path, tmp_path: Path
-) -> None:
-    head, worker = bed.head, bed.net["worker"]
-    args = ["cv", "--data", str(folder), "--folds", "2", "--cluster", f"{head.address}:{GCS}"]
-    done = captchaops(bed, head, [*args, *STEPS], tmp_path / "home", bed.tracking.uri)
+def finished(
+    started: tuple[subprocess.Popen, Path], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Wait for a command from `command`; its exit status and output."""
+    proc, home = started
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+    out, err = (home / "stdout.txt").read_text(), (home / "stderr.txt").read_text()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def cv_runs(bed: Bed, folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`cv` from the head (`HEAD:6379`) and from the laptop (`ray://HEAD:10001`), both logging
+    to the tracking host, started together so that their start-ups overlap."""
+    homes = tmp_path_factory.mktemp("cv-homes")
+    head, laptop = bed.head, bed.net["laptop"]
+    args = ["cv", "--data", str(folder), "--folds", "2", *STEPS]
+    started = {
+        "head": command(
+            bed,
+            head,
+            [*args, "--cluster", f"{head.address}:{GCS}"],
+            homes / "head",
+            bed.tracking.uri,
+        ),
+        "laptop": command(
+            bed,
+            laptop,
+            [*args, "--cluster", f"ray://{head.address}:{CLIENT}"],
+            homes / "laptop",
+            bed.tracking.uri,
+        ),
+    }
+    try:
+        yield started
+    finally:
+        for proc, _ in started.values():
+            if proc.poll() is None:
+                stop_process(proc)
+
+
+def check_cv(done: subprocess.CompletedProcess[str], bed: Bed) -> None:
+    """A cv whose check and folds ran on the worker host, logged to the tracking host."""
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "127.0.0.1" not in bed.tracking.uri
+    worker = bed.net["worker"]
     client = MlflowClient(bed.tracking.uri)
     [line] = [x for x in done.stdout.splitlines() if x.startswith("parent run ")]
     parent = client.get_run(line.split()[2])
@@ -170,6 +214,17 @@ def test_cv_on_the_head_trains_its_folds_on_the_worker_host(
         assert "test_seq_acc" in run.data.metrics
 
 
+def test_cv_on_the_head_trains_its_folds_on_the_worker_host(bed: Bed, cv_runs: dict) -> None:
+    assert "127.0.0.1" not in bed.tracking.uri
+    check_cv(finished(cv_runs["head"], timeout=600), bed)
+
+
+def test_cv_from_a_laptop_through_ray_client_trains_on_the_worker_host(
+    bed: Bed, cv_runs: dict
+) -> None:
+    check_cv(finished(cv_runs["laptop"], timeout=600), bed)
+
+
 def test_tracking_on_the_laptops_loopback_fails_in_one_line_before_any_fold(
     bed: Bed, folder: Path, tmp_path: Path
 ) -> None:
@@ -184,7 +239,7 @@ def test_tracking_on_the_laptops_loopback_fails_in_one_line_before_any_fold(
         args += ["--cluster", f"ray://{head.address}:{CLIENT}", *STEPS]
         started = time.monotonic()
         uri = f"http://127.0.0.1:{TRACKING}"
-        done = captchaops(bed, laptop, args, tmp_path / "home", uri, timeout=120)
+        done = finished(command(bed, laptop, args, tmp_path / "home", uri), timeout=120)
         seconds = time.monotonic() - started
     finally:
         local.kill()

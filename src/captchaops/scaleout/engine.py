@@ -58,7 +58,9 @@ def ray_session(
     try:
         if cluster:
             local = {}
-            if _reachable(cluster) in LOOPBACK:
+            host = _reachable(cluster)
+            if host in LOOPBACK and not cluster.startswith("ray://"):
+                # A head on this machine's loopback, joined directly (Ray Client needs nothing):
                 # Ray swaps a loopback address for this machine's outward IP before connecting
                 # (`services.resolve_ip_for_localhost`), which a head bound to 127.0.0.1 never
                 # answers; with this switch off it keeps loopback, and the driver joins as it.
