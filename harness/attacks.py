@@ -28,7 +28,13 @@ from urllib.parse import urlsplit
 import httpx
 
 from captchaops.data.synthetic import generate_one
-from harness.images import gif_comment_bomb, jpeg_bomb, png_chunk_bomb
+from harness.images import (
+    gif_comment_bomb,
+    gif_unknown_byte_bomb,
+    jpeg_bomb,
+    png_chunk_bomb,
+    stray_byte_jpeg,
+)
 
 REFUSALS = frozenset({400, 403, 409, 413, 415, 429})
 EIGHT_MB = 8 * 1024 * 1024
@@ -138,6 +144,17 @@ BIG_BODY = b'{"image": "' + b"A" * EIGHT_MB + b'"}'
 WIDE_JSON = b"[" + b"{}," * (2 * 1024 * 1024 // 3) + b"{}]"
 
 
+def decode_bombs(
+    body: Callable[[bytes], dict[str, Any]], ok: frozenset[int]
+) -> list[tuple[str, dict[str, Any], frozenset[int]]]:
+    """The bombs hidden behind one byte the old structure walks did not understand (issue 35),
+    as probes whose request arguments `body` makes from the image bytes."""
+    return [
+        ("stray-byte jpeg of 83,000 scans", body(stray_byte_jpeg()), ok),
+        ("gif, 499,899 blocks behind 1 byte", body(gif_unknown_byte_bomb()), ok),
+    ]
+
+
 def model_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
     """(input, request keyword arguments, statuses allowed) for POST /invocations."""
     bomb = b64(bomb_png())
@@ -148,6 +165,7 @@ def model_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
         ("jpeg of 60,000 scans", {"json": scoring(b64(jpeg_bomb()))}, bad),
         ("png of 60,000 chunks", {"json": scoring(b64(png_chunk_bomb()))}, bad),
         ("gif of 120,000 comments", {"json": scoring(b64(gif_comment_bomb()))}, bad),
+        *decode_bombs(lambda data: {"json": scoring(b64(data))}, bad),
         ("json 200,000 deep", {"content": DEEP_JSON, "headers": _json_type()}, bad),
         ("8 MB body", {"content": BIG_BODY, "headers": _json_type()}, bad),
         ("text/plain", {"content": json.dumps(scoring(b64(captcha()))), "headers": _text()}, bad),
@@ -172,6 +190,7 @@ def api_probes() -> list[tuple[str, dict[str, Any], frozenset[int]]]:
         ("png bomb 4000x4000", {"json": {"image": b64(bomb)}}, bad),
         ("64 png bombs", {"files": files}, bad),
         ("jpeg of 60,000 scans", {"json": {"image": b64(jpeg_bomb())}}, bad),
+        *decode_bombs(lambda data: {"json": {"image": b64(data)}}, bad),
         ("json 200,000 deep", {"content": DEEP_JSON, "headers": _json_type()}, bad),
         ("2 MiB of [{},{},...]", {"content": WIDE_JSON, "headers": _json_type()}, bad),
         ("8 MB body", {"content": BIG_BODY, "headers": _json_type()}, bad),
@@ -363,3 +382,45 @@ def flood(targets: Targets, clients: int = 32, each: int = 2) -> list[Outcome]:
             answers = [a for batch in pool.map(client_run, range(clients)) for a in batch]
         outcomes.append(Outcome(f"flood ({clients} concurrent)", endpoint, ok, answers))
     return outcomes
+
+
+def during_decode_bombs(
+    targets: Targets, attackers: int = 4, seconds: float = 5.0
+) -> tuple[list[Outcome], Outcome, Outcome]:
+    """`attackers` clients sending the decode bombs to the model server in turn for about
+    `seconds` while one normal client asks it: (the bombs' outcomes, the normal client's
+    answers meanwhile, the same client's answers on an idle server before)."""
+    idle = Outcome("normal client, idle", "model /invocations", frozenset({200}))
+    with httpx.Client(timeout=30) as client:
+        idle.answers = [normal_model(client, targets) for _ in range(40)]
+    bombs = decode_bombs(lambda data: {"json": scoring(b64(data))}, frozenset({400, 413, 422}))
+    hit = [Outcome(f"{name} x{attackers}", "model /invocations", ok) for name, _, ok in bombs]
+    stop = time.monotonic() + seconds
+
+    def attacker(number: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            turn = number
+            while time.monotonic() < stop:
+                kind = turn % len(bombs)
+                hit[kind].answers.append(
+                    send(client, "POST", f"{targets.model}/invocations", **bombs[kind][1])
+                )
+                turn += 1
+
+    normal = Outcome(
+        f"normal client, {attackers} bomb clients", "model /invocations", frozenset({200})
+    )
+    with ThreadPoolExecutor(attackers) as pool:
+        running = [pool.submit(attacker, n) for n in range(attackers)]
+        with httpx.Client(timeout=30) as client:
+            while time.monotonic() < stop:
+                normal.answers.append(normal_model(client, targets))
+        for future in running:
+            future.result()
+    return hit, normal, idle
+
+
+def p99_ms(outcome: Outcome) -> float:
+    """The 99th percentile of an outcome's answer times, in ms."""
+    times = sorted(a.seconds for a in outcome.answers)
+    return times[min(len(times) - 1, int(0.99 * len(times)))] * 1000 if times else 0.0

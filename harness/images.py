@@ -89,3 +89,25 @@ def rle_bmp(side: int = 1000) -> bytes:
     offset = 14 + 40 + len(palette)
     info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
     return b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset) + info + palette + rows
+
+
+@cache
+def stray_byte_jpeg(side: int = 1000, scans: int = 83_000) -> bytes:
+    """`jpeg_bomb` with one stray byte after its first segment (APP0): libjpeg skips the byte
+    and decodes every scan, so a walk that stops at the first byte that is not a marker counts
+    none of them."""
+    bomb = jpeg_bomb(side, scans)
+    app0 = 4 + int.from_bytes(bomb[4:6], "big")
+    return bomb[:app0] + b"\x00" + bomb[app0:]
+
+
+@cache
+def gif_unknown_byte_bomb(sub_blocks: int = 499_899) -> bytes:
+    """A 100x30 GIF with one byte that is no GIF block (Pillow skips it) before one comment
+    extension of `sub_blocks` one-byte sub-blocks (Pillow reads each in Python)."""
+    buffer = io.BytesIO()
+    Image.new("P", (100, 30)).save(buffer, format="GIF")
+    gif = buffer.getvalue()
+    header = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)
+    comment = b"\x21\xfe" + b"\x01a" * sub_blocks + b"\x00"
+    return gif[:header] + b"\x00" + comment + gif[header:]

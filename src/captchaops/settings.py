@@ -244,6 +244,17 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="model servers refuse images whose header declares more pixels, undecoded",
     )
+    decode_workers: int = Field(
+        2, ge=1, le=16, description="worker processes that decode a model server's images"
+    )
+    decode_cpu_seconds: float = Field(
+        0.5, gt=0, le=10, description="CPU time decoding one image may take; beyond it: 422"
+    )
+    decode_memory_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=32 * 1024 * 1024,
+        description="memory a decoding worker may map beyond its own code; beyond it: 413",
+    )
     head_timeout_seconds: float = Field(
         10.0, gt=0, description="model servers close a connection whose request head is slower"
     )

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 from PIL import Image
@@ -109,7 +110,13 @@ def test_hostile_json_is_refused_with_400_and_a_reason(
     assert httpx.get(f"{tiny_server.url}/ping", timeout=10).status_code == 200
 
 
-def test_a_small_request_is_answered_while_a_big_batch_is_still_running(
+def decoding_cpu_s(server: ModelServer) -> float:
+    """CPU seconds the server's decoding workers (and their forkserver) have used."""
+    children = psutil.Process(server.proc.pid).children(recursive=True)
+    return sum(child.cpu_times().user + child.cpu_times().system for child in children)
+
+
+def test_a_small_request_is_answered_while_a_big_batch_is_still_decoding(
     tiny_server: ModelServer,
 ) -> None:
     heavy = json.dumps(split_body(*[HEAVY] * 64)).encode()
@@ -121,10 +128,10 @@ def test_a_small_request_is_answered_while_a_big_batch_is_still_running(
         statuses[name] = post(tiny_server.url, body).status_code
         finished.append(name)
 
-    calls = samples(tiny_server.url)["captchaops_batch_size_count"]
+    idle = decoding_cpu_s(tiny_server)
     big = threading.Thread(target=send, args=("big", heavy))
     big.start()
-    while samples(tiny_server.url)["captchaops_batch_size_count"] == calls:  # its first call ran
+    while decoding_cpu_s(tiny_server) < idle + 0.1:  # its 64 images take a second or more
         assert big.is_alive(), statuses
         time.sleep(0.01)
     send("small", small)
@@ -172,3 +179,33 @@ def test_a_full_queue_answers_503_with_retry_after_and_serves_the_rest(small_que
             assert resp.json()["error"] == "overloaded"
             assert int(resp.headers["Retry-After"]) >= 1
     assert post(small_queue, json.dumps(split_body(CAPTCHA)).encode()).status_code == 200
+
+
+def costly_jpeg() -> bytes:
+    """A 1000x1000 progressive JPEG of random pixels: under 1 MiB, about 30 ms of CPU to read."""
+    noise = np.random.default_rng(1).integers(0, 256, (1000, 1000, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise, "RGB").save(buffer, format="JPEG", quality=90, progressive=True)
+    return buffer.getvalue()
+
+
+def test_a_decoding_worker_stopped_by_the_kernel_is_replaced_and_the_next_request_answered(
+    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path
+) -> None:
+    with serving(
+        tracking_server,
+        "decode-cpu",
+        tmp_path,
+        tiny_model.version,
+        decode_cpu_seconds="0.01",
+        decode_workers="1",
+    ) as server:
+        workers = {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
+        resp = post(server.url, json.dumps(split_body(CAPTCHA, costly_jpeg())).encode())
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"] == "too_costly"
+        assert "0.01 s of CPU" in resp.json()["detail"]
+        resp = post(server.url, json.dumps(split_body(CAPTCHA)).encode())
+        assert resp.status_code == 200, resp.text
+        now = {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
+        assert workers - now and now - workers, "the stopped worker has a successor"

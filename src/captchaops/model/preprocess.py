@@ -121,18 +121,29 @@ def sniff_format(data: bytes) -> str:
     raise InvalidImage("not a PNG, JPEG, GIF or BMP image; send one of those formats")
 
 
-def to_array(image: Image.Image, height: int, width: int, channels: int = 1) -> np.ndarray:
-    """A decoded PIL image as float32[height, width, channels] in [0, 1], grey (1) or RGB (3),
-    transparency on white."""
+def to_pixels(image: Image.Image, height: int, width: int, channels: int = 1) -> np.ndarray:
+    """A decoded PIL image as uint8[height, width, channels], grey (1) or RGB (3), transparency
+    on white: the resized pixels before scaling (a quarter of the floats' bytes to send)."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     mode = {1: "L", 3: "RGB"}[channels]
-    pixels = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(pixels, dtype=np.float32)
-    array /= 255.0  # in place: the same values as a division into a new array, one copy less
+    array = np.asarray(image.convert(mode).resize((width, height), Image.Resampling.BILINEAR))
     return array[:, :, None] if channels == 1 else array
+
+
+def unit_range(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (any shape) as float32 in [0, 1]."""
+    array = pixels.astype(np.float32)
+    array /= 255.0  # in place: the same values as a division into a new array, one copy less
+    return array
+
+
+def to_array(image: Image.Image, height: int, width: int, channels: int = 1) -> np.ndarray:
+    """A decoded PIL image as float32[height, width, channels] in [0, 1], grey (1) or RGB (3),
+    transparency on white."""
+    return unit_range(to_pixels(image, height, width, channels))
 
 
 def network_input(
@@ -161,29 +172,53 @@ def network_input(
 
 _JPEG_NEXT_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7])")
 """A marker after entropy-coded data: 0xFF not followed by a stuffed zero or a restart code."""
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+"""Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or arithmetic)."""
+_JPEG_TABLES = frozenset({0xC4, 0xCC, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)})
+"""Segments a decoder reads beside the frame: Huffman, arithmetic and quantisation tables,
+restart interval, comment, application data (APP0-APP15)."""
+
+
+def _refused(fmt: str, why: str) -> InvalidImage:
+    return InvalidImage(f"the {fmt} image cannot be decoded ({why}); send an intact file")
 
 
 def _check_jpeg(data: bytes) -> None:
-    """Count the JPEG's marker segments and scans without decoding any (refuse too many)."""
-    pos, scans, segments = 2, 0, 0
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
+    """Walk the JPEG's marker segments to its end (EOI) without decoding: count segments and
+    scans, and refuse any byte, marker or length the walk does not understand."""
+    pos, scans, segments, frames = 2, 0, 0, 0
+    while True:
+        if pos >= len(data):
+            raise _refused("JPEG", "it ends before its end-of-image marker")
+        if data[pos] != 0xFF:
+            raise _refused("JPEG", f"byte {data[pos]:#04x} at offset {pos} where a marker belongs")
+        marker = data[pos + 1] if pos + 1 < len(data) else 0xFF
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
             continue
-        if marker == 0xD9:  # end of image
+        if marker == 0xD9:  # end of image: nothing may follow it
+            if pos + 2 != len(data):
+                raise _refused("JPEG", f"{len(data) - pos - 2:,} bytes follow its end marker")
             return
+        if marker not in _JPEG_FRAMES and marker not in _JPEG_TABLES and marker != 0xDA:
+            raise _refused("JPEG", f"marker {marker:#04x} at offset {pos} is not one it reads")
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
             raise TooCostly(
                 f"the JPEG holds more than {MAX_JPEG_SEGMENTS} marker segments; "
                 "re-encode it as a plain JPEG or PNG"
             )
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-            continue
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if marker == 0xDA:
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2 or pos + 2 + length > len(data):
+            raise _refused("JPEG", f"the segment at offset {pos} runs past the end of the file")
+        pos += 2 + length
+        if marker in _JPEG_FRAMES:
+            frames += 1
+            if frames > 1:
+                raise _refused("JPEG", "it holds more than one frame")
+        elif marker == 0xDA:
+            if not frames:
+                raise _refused("JPEG", "a scan comes before the frame header")
             scans += 1
             if scans > MAX_JPEG_SCANS:
                 raise TooCostly(
@@ -192,42 +227,77 @@ def _check_jpeg(data: bytes) -> None:
                 )
             found = _JPEG_NEXT_MARKER.search(data, pos)
             if found is None:
-                return
+                raise _refused("JPEG", "its last scan runs past the end of the file")
             pos = found.start()
 
 
+_PNG_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
+_PNG_TEXT = frozenset({b"tEXt", b"zTXt", b"iTXt"})
+
+
 def _check_png(data: bytes) -> None:
-    """Count the PNG's chunks (and its text chunks) without inflating any (refuse too many)."""
+    """Walk the PNG's chunks to IEND without inflating any: count chunks and text chunks, and
+    refuse a chunk the walk cannot read, an unknown critical chunk or bytes after IEND."""
     pos, chunks, texts = 8, 0, 0
-    while pos + 8 <= len(data):
+    while True:
+        if pos + 12 > len(data):
+            raise _refused("PNG", "it ends before its IEND chunk")
         length, kind = struct.unpack_from(">I4s", data, pos)
+        if not kind.isalpha() or not kind.isascii():
+            raise _refused("PNG", f"the chunk at offset {pos} has no valid type")
+        if chunks == 0 and kind != b"IHDR":
+            raise _refused("PNG", "its first chunk is not IHDR")
+        if kind[:1].isupper() and kind not in _PNG_CRITICAL:
+            raise _refused("PNG", f"it holds the unknown critical chunk {kind.decode()}")
+        if pos + 12 + length > len(data):
+            raise _refused("PNG", f"the {kind.decode()} chunk runs past the end of the file")
         chunks += 1
         if chunks > MAX_PNG_CHUNKS:
             raise TooCostly(
                 f"the PNG holds more than {MAX_PNG_CHUNKS:,} chunks; re-save it with a common encoder"
             )
-        if kind in (b"tEXt", b"zTXt", b"iTXt"):
+        if kind in _PNG_TEXT:
             texts += 1
             if texts > MAX_PNG_TEXT_CHUNKS:
                 raise TooCostly(
                     f"the PNG holds more than {MAX_PNG_TEXT_CHUNKS} text chunks; "
                     "strip its metadata and send it again"
                 )
-        if kind == b"IEND":
-            return
         pos += 12 + length
+        if kind == b"IEND":
+            if pos != len(data):
+                raise _refused("PNG", f"{len(data) - pos:,} bytes follow its IEND chunk")
+            return
+
+
+_GIF_EXTENSIONS = frozenset({0x01, 0xF9, 0xFE, 0xFF})
+"""Plain text, graphic control, comment and application extensions."""
+
+
+def _gif_table(flags: int) -> int:
+    """The bytes of the colour table a GIF's flags byte announces (0 without one)."""
+    return 3 << ((flags & 7) + 1) if flags & 0x80 else 0
 
 
 def _check_gif(data: bytes) -> None:
-    """Count the GIF's frames and blocks by walking its block structure (refuse too many)."""
-    pos = 13 + (3 << ((data[10] & 7) + 1) if len(data) > 10 and data[10] & 0x80 else 0)
+    """Walk the GIF's blocks to its trailer: count frames and blocks, and refuse any block the
+    walk does not know (Pillow skips unknown bytes one by one) or bytes after the trailer."""
+    if len(data) < 13:
+        raise _refused("GIF", "it ends inside its header")
+    pos = 13 + _gif_table(data[10])
     frames = blocks = 0
-    while pos < len(data):
+    while True:
+        if pos >= len(data):
+            raise _refused("GIF", "it ends before its trailer")
         kind = data[pos]
-        if kind == 0x3B:  # trailer
+        if kind == 0x3B:  # trailer: nothing may follow it
+            if pos + 1 != len(data):
+                raise _refused("GIF", f"{len(data) - pos - 1:,} bytes follow its trailer")
             return
         blocks += 1
         if kind == 0x21:  # extension: label, then sub-blocks
+            if pos + 1 >= len(data) or data[pos + 1] not in _GIF_EXTENSIONS:
+                raise _refused("GIF", f"the extension at offset {pos} is not one it reads")
             pos += 2
         elif kind == 0x2C:  # image: descriptor, local table, LZW code size, then sub-blocks
             frames += 1
@@ -235,11 +305,16 @@ def _check_gif(data: bytes) -> None:
                 raise TooCostly(
                     f"the GIF holds more than {MAX_GIF_FRAMES} frames; send a single image"
                 )
-            flags = data[pos + 9] if pos + 9 < len(data) else 0
-            pos += 10 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0) + 1
+            if pos + 10 >= len(data):
+                raise _refused("GIF", "it ends inside an image descriptor")
+            pos += 10 + _gif_table(data[pos + 9]) + 1
         else:
-            return  # not a block Pillow reads either: it reports the damage
-        while pos < len(data) and data[pos]:
+            raise _refused("GIF", f"byte {kind:#04x} at offset {pos} where a block belongs")
+        while True:
+            if pos >= len(data):
+                raise _refused("GIF", "a block runs past the end of the file")
+            if not data[pos]:
+                break
             blocks += 1
             if blocks > MAX_GIF_BLOCKS:
                 raise TooCostly(
@@ -249,12 +324,28 @@ def _check_gif(data: bytes) -> None:
         pos += 1
 
 
+_BMP_HEADERS = frozenset({12, 40, 52, 56, 64, 108, 124})
+"""DIB header sizes: OS/2 core, Windows 3 info, its bit-field variants, OS/2 2, v4 and v5."""
+_BMP_COMPRESSIONS = frozenset({0, 1, 2, 3, 6})
+"""Uncompressed, RLE8, RLE4, bit fields and alpha bit fields (JPEG or PNG inside a BMP: no)."""
+
+
 def _check_bmp(data: bytes) -> None:
-    """Refuse large run-length-encoded BMPs (Pillow decodes those in Python)."""
-    if len(data) < 34 or struct.unpack_from("<I", data, 14)[0] < 40:
+    """Refuse a BMP whose header the walk does not know, and large run-length-encoded ones
+    (Pillow decodes those in Python)."""
+    if len(data) < 26:
+        raise _refused("BMP", "it ends inside its header")
+    offset, header = struct.unpack_from("<II", data, 10)
+    if header not in _BMP_HEADERS or len(data) < 14 + header:
+        raise _refused("BMP", f"its {header}-byte header is not one it reads")
+    if not 14 + header <= offset <= len(data):
+        raise _refused("BMP", "its pixels start outside the file")
+    if header == 12:
         return  # an OS/2 core header: no compression field
-    rle = struct.unpack_from("<I", data, 30)[0] in (1, 2)
-    if rle and len(data) > MAX_RLE_BMP_BYTES:
+    compression = struct.unpack_from("<I", data, 30)[0]
+    if compression not in _BMP_COMPRESSIONS:
+        raise _refused("BMP", f"compression {compression} is not one it reads")
+    if compression in (1, 2) and len(data) > MAX_RLE_BMP_BYTES:
         raise TooCostly(
             f"the run-length-encoded BMP is larger than {MAX_RLE_BMP_BYTES // 1024} KiB; "
             "send it as PNG"
@@ -265,7 +356,8 @@ _COST_CHECKS = {"JPEG": _check_jpeg, "PNG": _check_png, "GIF": _check_gif, "BMP"
 
 
 def check_cost(data: bytes) -> str:
-    """The sniffed format, after refusing structures that are expensive to decode (no decoding)."""
+    """The sniffed format, after walking its structure to its end without decoding: what is too
+    expensive to decode, and what the walk does not understand, is refused (it fails closed)."""
     fmt = sniff_format(data)
     _COST_CHECKS[fmt](data)
     return fmt

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .ctc import decode_greedy
-from .preprocess import InvalidImage, network_input, preprocess
+from .preprocess import InvalidImage, network_input, preprocess, unit_range
 
 CONTRACT: dict[str, Any] = {
     "input_layout": "NHWC",
@@ -167,9 +167,25 @@ class OnnxReader:
         """Read each image: [{"text": ..., "confidence": ...}] in input order."""
         if not images:
             return []
+        return self._read(self.tensor(images))
+
+    def predict_pixels(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        """Read images already decoded and resized (`preprocess.to_pixels`): uint8[N, H, W, C]."""
+        c = self.contract
+        return self._read(
+            network_input(
+                unit_range(pixels),
+                c["input_layout"],
+                c["pixel_scaling"],
+                c["pixel_mean"],
+                c["pixel_std"],
+            )
+        )
+
+    def _read(self, tensor: np.ndarray) -> list[dict[str, Any]]:
         members = [
             decode_greedy(probs, self.meta["alphabet"], self.contract["blank"])
-            for probs in self.member_outputs(self.tensor(images))
+            for probs in self.member_outputs(tensor)
         ]
         answers = combine_members(members, self.meta.get("combine", MAX_CONFIDENCE))
         return [{"text": text, "confidence": confidence} for text, confidence in answers]

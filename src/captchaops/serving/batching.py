@@ -5,7 +5,9 @@ request in turn (round robin), within `max_images` images and `max_pixels` heade
 pixels. Requests that have not had a turn yet go before those that have (at least every other
 call serves a later turn, so big requests always move), so a one-image request arriving behind
 four 64-image requests waits only for the model call already running. A request whose caller has
-gone (deadline passed, client disconnected) is dropped before its next turn.
+gone (deadline passed, client disconnected) is dropped before its next turn. An image is
+whatever the `read` function takes: bytes for `predict_images`, or the uint8 pixels of
+`serving.decoding` when decoding happens in worker processes before the request is queued.
 """
 
 from __future__ import annotations
@@ -15,17 +17,25 @@ import contextlib
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from captchaops.model.preprocess import InvalidImage
+from captchaops.serving.trial import ImageModel
 from captchaops.serving.watcher import ServedModel
 
 Prediction = dict[str, Any]
 Answer = tuple[ServedModel, list[Prediction]]
 Outcome = list[Prediction] | BaseException
+Read = Callable[[ImageModel, Sequence[Any]], list[Prediction]]
+"""How a model call reads a batch's images (model, images) -> one prediction per image."""
+
+
+def read_images(model: ImageModel, images: Sequence[Any]) -> list[Prediction]:
+    """The default `Read`: images are encoded bytes, which the model decodes itself."""
+    return model.predict_images(list(images))
 
 
 class NoModel(Exception):
@@ -40,7 +50,7 @@ class Overloaded(Exception):
 class _Job:
     """One request: its images, their pixel counts and how far it has been served."""
 
-    images: list[bytes]
+    images: Sequence[Any]
     pixels: list[int]
     future: asyncio.Future[Answer]
     queued_at: float
@@ -81,8 +91,10 @@ class MicroBatcher:
         quantum: int = 4,
         observe_queue: Callable[[float], None] = lambda seconds: None,
         observe_compute: Callable[[float], None] = lambda seconds: None,
+        read: Read = read_images,
     ) -> None:
         self.current = current
+        self.read = read
         self.max_images = max_images
         self.max_pixels = max_pixels
         self.quantum = quantum
@@ -128,7 +140,7 @@ class MicroBatcher:
 
     async def predict(
         self,
-        images: list[bytes],
+        images: Sequence[Any],
         pixels: list[int] | None = None,
         served: ServedModel | None = None,
     ) -> Answer:
@@ -280,7 +292,7 @@ class MicroBatcher:
                 image for piece in pieces for image in piece.job.images[piece.start : piece.stop]
             ]
             try:
-                predictions = served.model.predict_images(images)
+                predictions = self.read(served.model, images)
             except Exception:
                 for position, piece in zip(positions, pieces, strict=True):
                     outcomes[position] = self._run_alone(served, piece)
@@ -292,10 +304,9 @@ class MicroBatcher:
                 start += size
         return [outcomes[position] for position in range(len(batch))]
 
-    @staticmethod
-    def _run_alone(served: ServedModel, piece: _Slice) -> Outcome:
+    def _run_alone(self, served: ServedModel, piece: _Slice) -> Outcome:
         try:
-            return served.model.predict_images(piece.job.images[piece.start : piece.stop])
+            return self.read(served.model, piece.job.images[piece.start : piece.stop])
         except InvalidImage as exc:
             return InvalidImage(_shift_index(str(exc), piece.start))
         except Exception as exc:

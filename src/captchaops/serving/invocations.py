@@ -1,4 +1,5 @@
-"""`POST /invocations`: admission, parsing off the event loop, fair batching, a deadline."""
+"""`POST /invocations`: admission, parsing off the event loop, decoding in bounded worker
+processes, fair batching, a deadline."""
 
 from __future__ import annotations
 
@@ -22,8 +23,15 @@ from captchaops.serving.admission import (
     disconnected,
     read_body,
 )
-from captchaops.serving.batching import MicroBatcher, NoModel, Overloaded, Prediction
+from captchaops.serving.batching import Answer, MicroBatcher, NoModel, Overloaded, Prediction
 from captchaops.serving.canary_slot import Canary
+from captchaops.serving.decoding import (
+    DecodeLimits,
+    Decoders,
+    geometry_of,
+    read_decoded,
+    reads_pixels,
+)
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.review_offers import ReviewOffers
 from captchaops.serving.shadow import HEADER as SHADOW_HEADER
@@ -40,7 +48,7 @@ DEFAULT_DEADLINE_S = 10.0
 MODEL_BATCH_IMAGES = 16
 """Images per model call: larger batches gain little speed and cost ~1 MB RSS per image."""
 MODEL_BATCH_PIXELS = 1_000_000
-"""Header-declared pixels per model call: one near-limit image, or a hundred CAPTCHAs."""
+"""Input pixels per model call (a version's height x width for each decoded image)."""
 TURN_IMAGES = 4
 """Images one request may put into a model call before the next waiting request's turn."""
 PENDING_BATCHES = 16
@@ -67,8 +75,9 @@ def error_response(
 
 
 class Invocations:
-    """`POST /invocations`: admitted within limits, parsed off the event loop, batched fairly,
-    answered within a deadline, and dropped when its client leaves."""
+    """`POST /invocations`: admitted within limits, parsed off the event loop, decoded in worker
+    processes the kernel bounds, batched fairly, answered within a deadline, and dropped when
+    its client leaves."""
 
     def __init__(
         self,
@@ -83,6 +92,7 @@ class Invocations:
     ) -> None:
         self.settings = settings
         self.alias = alias
+        self.watcher = watcher
         self.metrics = metrics
         self.deadline_s = deadline_s
         self.max_body_bytes = max_body_bytes
@@ -92,6 +102,14 @@ class Invocations:
             max_images=settings.max_batch_images,
         )
         self.admission = Admission(MAX_REQUESTS, MAX_HELD_BYTES)
+        self.decoders = Decoders(
+            DecodeLimits(
+                workers=settings.decode_workers,
+                cpu_seconds=settings.decode_cpu_seconds,
+                memory_bytes=settings.decode_memory_bytes,
+                max_pixels=settings.max_image_pixels,
+            )
+        )
         self.batcher = MicroBatcher(
             current=lambda: watcher.current,
             max_images=min(MODEL_BATCH_IMAGES, settings.max_batch_images),
@@ -102,6 +120,7 @@ class Invocations:
             quantum=TURN_IMAGES,
             observe_queue=metrics.queue_time.observe,
             observe_compute=metrics.compute_time.observe,
+            read=read_decoded,
         )
         self.shadow: Shadow | None = None
         if settings.shadow_url:
@@ -127,10 +146,13 @@ class Invocations:
                 queue_size=settings.review_queue_size,
             )
         self._parser: ThreadPoolExecutor | None = None
+        self._decoding = 0
+        """Images of admitted requests being decoded (or waiting for a worker)."""
 
     async def start(self) -> None:
-        """Start the parsing thread and the batching loop."""
+        """Start the parsing thread, the decoding workers and the batching loop."""
         self._parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parse")
+        await self.decoders.start()
         await self.batcher.start()
         if self.shadow is not None:
             await self.shadow.start()
@@ -138,12 +160,13 @@ class Invocations:
             self.review.start()
 
     async def stop(self) -> None:
-        """Stop batching, parsing and shadowing; waiting requests are cancelled."""
+        """Stop batching, decoding, parsing and shadowing; waiting requests are cancelled."""
         if self.shadow is not None:
             await self.shadow.stop()
         if self.review is not None:
             self.review.stop()
         await self.batcher.stop()
+        await self.decoders.stop()
         if self._parser is not None:
             self._parser.shutdown(wait=False, cancel_futures=True)
 
@@ -171,10 +194,10 @@ class Invocations:
                 with self.admission.request():
                     async with asyncio.timeout(self.deadline_s):
                         with self.batcher.arriving():
-                            images, pixels = await self._parse(body)
+                            images = await self._parse(body)
                             kept = body if self._shadowed(request, body) else None
                             del body
-                        served, predictions = await self._routed(request, images, pixels)
+                        served, predictions = await self._routed(request, images)
         except protocol.ProtocolError as exc:
             return self._refuse(exc.status, exc.error, exc.detail)
         except InvalidImage as exc:
@@ -234,42 +257,35 @@ class Invocations:
             and self.shadow.accepts(len(body))
         )
 
-    async def _parse(self, body: bytes) -> tuple[list[bytes], list[int]]:
-        """Images and their header pixel counts; large bodies are parsed in a thread of their own."""
+    async def _parse(self, body: bytes) -> list[bytes]:
+        """The images' bytes; large bodies are parsed in a thread of their own."""
         if len(body) <= SMALL_BODY_BYTES:
-            return self._parse_now(body)
+            return protocol.parse_body(body, self.limits)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._parser, self._parse_now, body)
-
-    def _parse_now(self, body: bytes) -> tuple[list[bytes], list[int]]:
-        images = protocol.parse_body(body, self.limits)
-        return images, protocol.check_images(images, self.settings.max_image_pixels)
+        return await loop.run_in_executor(self._parser, protocol.parse_body, body, self.limits)
 
     async def _routed(
-        self, request: Request, images: list[bytes], pixels: list[int]
+        self, request: Request, images: list[bytes]
     ) -> tuple[ServedModel, list[Prediction]]:
         """The canary's answer when this request is its turn, else production's. A canary whose
         model fails trips its breaker at once, and production answers the request instead."""
         canary = self.canary.pick() if self.canary is not None else None
         if canary is None or self.canary is None:
-            return await self._predict(request, images, pixels)
+            return await self._predict(request, images)
         try:
-            return await self._predict(request, images, pixels, canary)
-        except (InvalidImage, Overloaded, ClientGone):
+            return await self._predict(request, images, canary)
+        except (InvalidImage, protocol.ProtocolError, Overloaded, ClientGone):
             raise
         except Exception as exc:
             self.canary.failed(canary.version, exc)
-        return await self._predict(request, images, pixels)
+        return await self._predict(request, images)
 
     async def _predict(
-        self,
-        request: Request,
-        images: list[bytes],
-        pixels: list[int],
-        served: ServedModel | None = None,
+        self, request: Request, images: list[bytes], served: ServedModel | None = None
     ) -> tuple[ServedModel, list[Prediction]]:
-        """The batcher's answer, or ClientGone (and the work dropped) if the client leaves first."""
-        predicting = asyncio.ensure_future(self.batcher.predict(images, pixels, served))
+        """The answer of `served` (default: the current version), or ClientGone (and the work
+        dropped) if the client leaves first."""
+        predicting = asyncio.ensure_future(self._decoded(images, served))
         watching = asyncio.ensure_future(disconnected(request.receive))
         try:
             await asyncio.wait({predicting, watching}, return_when=asyncio.FIRST_COMPLETED)
@@ -280,6 +296,25 @@ class Invocations:
             self.metrics.abandoned.inc()
             raise ClientGone
         return predicting.result()
+
+    async def _decoded(self, images: list[bytes], served: ServedModel | None) -> Answer:
+        """Decode the images in the workers at the size `served` reads, then queue them for it."""
+        served = served or self.watcher.current
+        if served is None:
+            raise NoModel
+        if not reads_pixels(served.model):
+            return await self.batcher.predict(images, None, served)
+        waiting = self.batcher.pending_images + self._decoding
+        if waiting + len(images) > self.batcher.max_pending_images:
+            raise Overloaded  # images being decoded count as waiting: they are queued next
+        geometry = geometry_of(served.model.meta)
+        self._decoding += len(images)
+        try:
+            pixels = await self.decoders.decode(images, geometry)
+        finally:
+            self._decoding -= len(images)
+        size = geometry.height * geometry.width
+        return await self.batcher.predict(list(pixels), [size] * len(images), served)
 
     def _refuse(self, status: int, error: str, detail: str) -> JSONResponse:
         self.metrics.errors.labels(error).inc()

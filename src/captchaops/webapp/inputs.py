@@ -7,7 +7,7 @@ from captchaops.model.preprocess import (
     InvalidImage,
     TooCostly,
     b64decode_image,
-    decode,
+    check_size,
     sniff_format,
 )
 
@@ -25,7 +25,11 @@ class BadInput(ValueError):
 
 
 def check_image(data: bytes | None, max_bytes: int) -> str:
-    """Accept image bytes by size and content (never by file name); return the sniffed format."""
+    """Accept image bytes by size and content (never by file name); return the sniffed format.
+
+    The structure is walked to its end and the size read from the header, failing closed, but
+    no pixel is decoded here: the model servers decode each image once, in worker processes the
+    kernel bounds, and their refusal is shown as their answer."""
     if not data:
         raise BadInput(400, "empty", "No image was sent; choose a PNG, JPEG, GIF or BMP file.")
     if len(data) > max_bytes:
@@ -35,8 +39,8 @@ def check_image(data: bytes | None, max_bytes: int) -> str:
             f"The image is {len(data) / 1024:.0f} KiB; send one of at most {max_bytes // 1024} KiB.",
         )
     try:
+        check_size(data)  # the walk and the header: no pixel decoded
         fmt = sniff_format(data)
-        decode(data)
     except TooCostly as exc:
         raise BadInput(400, "too_costly", _sentence(str(exc))) from exc
     except InvalidImage as exc:

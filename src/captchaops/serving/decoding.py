@@ -1,0 +1,298 @@
+"""Image decoding in worker processes that the kernel bounds, beside the model, not inside it.
+
+A decoder is a C library fed bytes from anyone: checks in front of it fail closed, but what they
+let through must still cost at most what the kernel allows. Each worker is a one-process
+`ProcessPoolExecutor` (forkserver: a clean process, not a fork of a threaded server) whose
+initializer caps its memory, and every image runs under a CPU timer whose signal ends the
+worker (`captchaops.model.decode_worker`). A worker runs one chunk of one request at a time, so
+when it dies the chunk that killed it is known: that request gets a 422 and the worker is
+replaced in the background, while other requests wait for the other workers. Workers are taken
+first come, first served, a few images at a time, so one large request cannot hold them all.
+Pixels come back as one uint8 buffer per chunk (a quarter of the floats' bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from captchaops.model import decode_worker
+from captchaops.model.reader import contract_of
+from captchaops.serving.protocol import ProtocolError
+from captchaops.serving.trial import ImageModel
+
+log = logging.getLogger(__name__)
+
+CHUNK_IMAGES = 8
+"""Images one request sends to a worker at a time (its turn; then the next waiting request's)."""
+WALL_SLACK_S = 2.0
+"""Wall time a chunk may take beyond its CPU budget (the worker shares the cores) before the
+worker is killed."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding may cost."""
+
+    workers: int = 2
+    cpu_seconds: float = 0.5
+    """CPU time per image; beyond it the kernel ends the worker and the request gets a 422."""
+    memory_bytes: int = 256 * 2**20
+    """Address space a worker may map beyond what it maps when it starts."""
+    max_pixels: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The size a version's network reads: height, width and channels (1 grey, 3 RGB)."""
+
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass
+class _Worker:
+    executor: ProcessPoolExecutor
+    pid: int
+
+
+class Decoders:
+    """A few decoding worker processes, each bounded by the kernel, taken in arrival order."""
+
+    def __init__(self, limits: DecodeLimits) -> None:
+        self.limits = limits
+        self._context = multiprocessing.get_context("forkserver")
+        # The forkserver imports the worker's modules once; each worker forks from it.
+        self._context.set_forkserver_preload([decode_worker.__name__, *decode_worker.PLUGINS])
+        self._idle: asyncio.Queue[_Worker] | None = None
+        self._workers: dict[int, _Worker] = {}
+        self._starting: set[asyncio.Task[None]] = set()
+        self._stopped = False
+        self.replaced = 0
+
+    async def start(self) -> None:
+        """Start every worker and wait until each has answered once."""
+        self._idle = asyncio.Queue()
+        await asyncio.gather(*(self._add() for _ in range(self.limits.workers)))
+
+    async def stop(self) -> None:
+        """End every worker, idle or busy."""
+        self._stopped = True
+        for task in self._starting:
+            task.cancel()
+        await asyncio.gather(*self._starting, return_exceptions=True)
+        for worker in list(self._workers.values()):
+            self._end(worker, kill=True)
+
+    async def decode(self, images: list[bytes], geometry: Geometry) -> np.ndarray:
+        """The images as uint8[N, H, W, C], or a ProtocolError naming the first refused image
+        (400), or the image whose decoding the kernel stopped (422), or a 503 when the workers
+        did not answer in time."""
+        out = np.empty((len(images), geometry.height, geometry.width, geometry.channels), np.uint8)
+        starts = iter(range(0, len(images), CHUNK_IMAGES))
+        refused: dict[int, ProtocolError] = {}
+
+        async def lane() -> None:
+            for start in starts:
+                if refused and start > min(refused):
+                    return  # an earlier chunk is refused: the request is
+                chunk = images[start : start + CHUNK_IMAGES]
+                try:
+                    out[start : start + len(chunk)] = await self._run(chunk, geometry, start)
+                except ProtocolError as exc:
+                    refused[start] = exc
+                    return
+
+        lanes = [asyncio.ensure_future(lane()) for _ in range(min(self.limits.workers, len(out)))]
+        try:
+            await asyncio.gather(*lanes)
+        finally:
+            for task in lanes:
+                task.cancel()
+        if refused:  # the first refused image is named, whichever worker refused first
+            raise refused[min(refused)]
+        return out
+
+    async def _run(self, images: list[bytes], geometry: Geometry, first: int) -> np.ndarray:
+        """One chunk in the first free worker, within its wall-clock deadline."""
+        assert self._idle is not None, "start() the decoders first"
+        worker = await self._idle.get()
+        try:
+            future = worker.executor.submit(
+                decode_worker.decode_images,
+                images,
+                geometry.height,
+                geometry.width,
+                geometry.channels,
+                self.limits.max_pixels,
+                self.limits.cpu_seconds,
+                first,
+            )
+        except BrokenProcessPool:
+            self._replace(worker, kill=False)
+            raise _unavailable() from None
+        wall = WALL_SLACK_S + 2 * self.limits.cpu_seconds * len(images)
+        running = asyncio.wrap_future(future)
+        running.add_done_callback(_retrieved)
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(running), wall)
+        except TimeoutError:
+            log.warning(
+                "decoding worker %d overran %.1f s of wall time; replaced", worker.pid, wall
+            )
+            self._replace(worker, kill=True)
+            raise ProtocolError(
+                503,
+                "decode_timeout",
+                f"the images were not decoded within {wall:g} s; retry shortly",
+            ) from None
+        except BrokenProcessPool:
+            log.warning("decoding worker %d was ended by its limits; replaced", worker.pid)
+            self._replace(worker, kill=False)
+            raise self._too_costly(first, len(images)) from None
+        except asyncio.CancelledError:  # the caller left: the worker finishes (it is bounded)
+            future.add_done_callback(self._later(worker))
+            raise
+        self._idle_put(worker)
+        if isinstance(outcome, tuple):
+            raise ProtocolError(*outcome)
+        return outcome
+
+    def _too_costly(self, first: int, count: int) -> ProtocolError:
+        which = f"image {first}" if count == 1 else f"one of images {first}-{first + count - 1}"
+        return ProtocolError(
+            422,
+            "too_costly",
+            f"decoding {which} needed more than {self.limits.cpu_seconds:g} s of CPU or "
+            f"{self.limits.memory_bytes // 2**20} MiB of memory; send a plainer or smaller image",
+        )
+
+    def _later(self, worker: _Worker) -> Callable[[Future[Any]], None]:
+        """A callback that gives the worker back (or replaces it) once its abandoned chunk ends."""
+        loop = asyncio.get_running_loop()
+
+        def done(future: Future[Any]) -> None:
+            broken = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+            if loop.is_closed() or self._stopped:
+                return
+            if broken:
+                loop.call_soon_threadsafe(self._replace, worker, False)
+            else:
+                loop.call_soon_threadsafe(self._idle_put, worker)
+
+        return done
+
+    def _idle_put(self, worker: _Worker) -> None:
+        assert self._idle is not None
+        self._idle.put_nowait(worker)
+
+    def _replace(self, worker: _Worker, kill: bool) -> None:
+        """End the worker and start another in the background."""
+        self._end(worker, kill)
+        self.replaced += 1
+        task = asyncio.get_running_loop().create_task(self._add(retry=True))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    def _end(self, worker: _Worker, kill: bool) -> None:
+        self._workers.pop(worker.pid, None)
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+        worker.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _add(self, retry: bool = False) -> None:
+        """Start one worker, wait for its first answer (its process id), and make it idle; a
+        replacement that fails to start is tried again every second."""
+        while True:
+            executor = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=self._context,
+                initializer=decode_worker.limit_worker,
+                initargs=(self.limits.memory_bytes,),
+            )
+            try:
+                with _main_not_imported():  # the process starts within this first submit
+                    started = executor.submit(os.getpid)
+                pid = await asyncio.wrap_future(started)
+            except (BrokenProcessPool, OSError) as exc:
+                executor.shutdown(wait=False, cancel_futures=True)
+                if not retry:
+                    raise
+                log.warning("a decoding worker failed to start (%s); trying again", exc)
+                await asyncio.sleep(1.0)
+                continue
+            worker = _Worker(executor, pid)
+            self._workers[pid] = worker
+            self._idle_put(worker)
+            return
+
+
+def geometry_of(meta: dict[str, Any]) -> Geometry:
+    """The input size a version's meta.json declares."""
+    channels = int(contract_of(meta)["channels"])
+    return Geometry(int(meta["height"]), int(meta["width"]), channels)
+
+
+@runtime_checkable
+class PixelModel(Protocol):
+    """A loaded version that reads decoded pixels (our reader, and what wraps it)."""
+
+    meta: dict[str, Any]
+
+    def predict_pixels(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        """Text and confidence for each image of uint8[N, H, W, C]."""
+        ...
+
+
+def reads_pixels(model: ImageModel) -> bool:
+    """Whether a loaded version reads decoded pixels; any other model is handed the image bytes
+    and decodes them itself."""
+    return isinstance(model, PixelModel)
+
+
+def read_decoded(model: ImageModel, images: Sequence[Any]) -> list[dict[str, Any]]:
+    """A model's answers for a batch: uint8[H, W, C] pixels each (as `Decoders` returns them)
+    for a model that `reads_pixels`, else image bytes."""
+    if isinstance(model, PixelModel):
+        return model.predict_pixels(np.stack(images))
+    return model.predict_images(list(images))
+
+
+@contextlib.contextmanager
+def _main_not_imported() -> Iterator[None]:
+    """Start processes that do not import the parent's main script. multiprocessing makes every
+    new process import it (for functions defined there), unless the script runs as a package's
+    `__main__` module: a worker then imports the server's whole command line (0.7 s, 46 MB,
+    each time one is replaced) for nothing, as it runs only `decode_worker`'s functions."""
+    main = sys.modules["__main__"]
+    spec = main.__spec__
+    main.__spec__ = ModuleSpec("__main__", None)
+    try:
+        yield
+    finally:
+        main.__spec__ = spec
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark an abandoned chunk's outcome as seen (its worker was killed or replaced)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _unavailable() -> ProtocolError:
+    return ProtocolError(503, "decoder_unavailable", "no decoding worker is ready; retry shortly")
