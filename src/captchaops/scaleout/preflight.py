@@ -18,7 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from captchaops.scaleout import ScaleoutError
 
-SECONDS = 15.0  # the cluster's answer, at most (a task start and two short HTTP calls)
+# The cluster's answer, at most: a worker process start and two short HTTP calls take seconds
+# (a set-up that cannot work fails fast inside them); this bound is for a cluster that cannot
+# start a task at all, and leaves room for a busy one.
+SECONDS = 60.0
 HTTP_SECONDS = 5.0
 
 

@@ -35,7 +35,8 @@ from captchaops.training.loop import Plan
 WEIGHTS = "trials"
 METRIC = "val_cer"
 
-PUBLISH_SECONDS = 30.0  # after the search: the best trial exported, tested and registered
+PUBLISH_SECONDS = 45.0  # a trial's tail past its deadline (last validation, weights upload) and
+# the best trial exported, tested and registered after the search
 TRIAL_START_SECONDS = 20.0  # a trial's cost before its first step (worker, TensorFlow, data)
 MIN_TRIAL_SECONDS = 15.0  # a trial that would train for less than this does not start
 
