@@ -177,10 +177,14 @@ def test_low_accuracy_version_is_rejected_with_reason(
     assert "staging" not in version.aliases
 
 
-def test_training_leaves_the_callers_mlflow_state_as_it_was(
+def test_training_leaves_the_callers_mlflow_state_as_it_was_and_no_workers(
     tracking_server: Tracking, tmp_path: Path, isolated_mlflow: None
 ) -> None:
-    """A notebook or test that trains in-process keeps talking to its own server afterwards."""
+    """A notebook or test that trains in-process keeps talking to its own server afterwards,
+    and nothing of the training stream outlives `train`: no drawing worker, no pool thread."""
+    import multiprocessing
+    import threading
+
     from mlflow.tracking import fluent
 
     elsewhere = "http://127.0.0.1:9"
@@ -195,6 +199,9 @@ def test_training_leaves_the_callers_mlflow_state_as_it_was(
     assert fluent._active_experiment_id is None
     client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
     assert client.get_model_version(model.model_name, model.version).run_id == model.run_id
+    assert not multiprocessing.active_children()
+    pools = [t for t in threading.enumerate() if type(t).__name__ == "_ExecutorManagerThread"]
+    assert not pools
 
 
 def test_folder_training_reports_skips_and_feedback_merges(
