@@ -288,15 +288,10 @@ class Settings(BaseSettings):
         description="balancers (comma-separated addresses or CIDRs) whose X-Forwarded-For the "
         "model servers and the web app believe for per-client limits (empty: none)",
     )
-    replica_id: str | None = Field(
+    webhook_peers: str | None = Field(
         None,
-        description="this model server's name in its monitoring runs and metrics, one per "
-        "replica of an alias (default: <hostname>-<port>, the same across restarts)",
-    )
-    trusted_proxies: str | None = Field(
-        None,
-        description="balancers (comma-separated addresses or CIDRs) whose X-Forwarded-For the "
-        "model servers and the web app believe for per-client limits (empty: none)",
+        description="URLs of the other replicas of this server's alias (a name may resolve to "
+        "several addresses); an alias webhook delivered here is relayed to each",
     )
 
     @property

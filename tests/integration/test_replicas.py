@@ -9,6 +9,7 @@ Loopback stands in for three hosts here: the replicas differ by port, so by repl
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import time
@@ -25,8 +26,10 @@ from mlflow import MlflowClient
 from captchaops import registry
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import evidence
-from captchaops.live import monitoring
+from captchaops.live import monitoring, reported
 from captchaops.live.estimate import Calibration
+from captchaops.serving.webhook import sign
+from captchaops.settings import Settings
 from harness.processes import VENV_BIN, free_port, start_http_process, stop_process
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.stack import Tracking
@@ -34,6 +37,7 @@ from tests.fixtures.stack import Tracking
 pytestmark = pytest.mark.slow
 
 ALIAS = "staging"
+SECRET = "replicas-webhook-secret"
 REQUESTS = 20
 IMAGE = base64.b64encode(generate(1, seed=43)[0].image).decode()
 
@@ -58,9 +62,11 @@ class Replicas:
         return MlflowClient(self.tracking.uri, registry_uri=self.tracking.uri)
 
 
-def start_replica(tracking: Tracking, model: str, home: Path, host: str, port: int) -> Replica:
-    """`captchaops serve --host HOST --port PORT` for the model's @staging, monitoring every 1 s;
-    ready once /ping answers through a Host naming HOST."""
+def start_replica(
+    tracking: Tracking, model: str, home: Path, host: str, port: int, peers: list[str]
+) -> Replica:
+    """`captchaops serve --host HOST --port PORT` for the model's @staging, monitoring every 1 s
+    and relaying webhooks to `peers`; ready once /ping answers through a Host naming HOST."""
     home.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -69,6 +75,8 @@ def start_replica(tracking: Tracking, model: str, home: Path, host: str, port: i
         "CAPTCHAOPS_MODEL_NAME": model,
         "CAPTCHAOPS_POLL_SECONDS": "0.5",
         "CAPTCHAOPS_MONITOR_SECONDS": "1",
+        "CAPTCHAOPS_WEBHOOK_SECRET": SECRET,
+        "CAPTCHAOPS_WEBHOOK_PEERS": ",".join(peers),
     }
     for name in ("MLFLOW_TRACKING_URI", "CAPTCHAOPS_ALLOWED_HOSTS", "CAPTCHAOPS_REPLICA_ID"):
         env.pop(name, None)
@@ -103,9 +111,12 @@ def three(
     client.set_registered_model_alias(model, ALIAS, version)
     home = tmp_path_factory.mktemp("replicas")
     hosts = ("127.0.0.1", "127.0.0.1", "127.0.0.2")
+    urls = [f"http://{host}:{free_port()}" for host in hosts]
 
     def start(n: int) -> Replica:
-        return start_replica(tracking_server, model, home / str(n), hosts[n], free_port())
+        host, port = hosts[n], int(urls[n].rsplit(":", 1)[1])
+        peers = [url for url in urls if url != urls[n]]
+        return start_replica(tracking_server, model, home / str(n), host, port, peers)
 
     with ThreadPoolExecutor(len(hosts)) as pool:  # started side by side, as on three hosts
         started = [pool.submit(start, n) for n in range(len(hosts))]
@@ -156,6 +167,14 @@ def test_evidence_sums_the_answers_of_every_replica(three: Replicas) -> None:
     answers = sorted(m[monitoring.LIVE_ANSWERS] for m in by_replica.values())
     assert answers == [REQUESTS, REQUESTS, REQUESTS + 1]
 
+    # `models` and `status` read one replica's /health (as through a balancer), then the sum.
+    settings = Settings(tracking_uri=three.tracking.uri, model_name=three.model)
+    (one,) = reported.read({ALIAS: three.replicas[0].url})
+    assert (one.answers, one.replicas) == (REQUESTS, 1)
+    (state,) = reported.summed(settings, [one])
+    assert (state.answers, state.replicas) == (expected, 3)
+    assert f"({expected} so far from 3 replicas)" in state.line()
+
 
 def test_metrics_name_the_replica_and_export_the_process(three: Replicas) -> None:
     replica = three.replicas[0]
@@ -169,3 +188,38 @@ def test_metrics_name_the_replica_and_export_the_process(three: Replicas) -> Non
     rss = next(line for line in text.splitlines() if line.startswith("process_resident_memory"))
     assert float(rss.split()[-1]) > 10e6
     assert "process_cpu_seconds_total " in text
+
+
+def counter(replica: Replica, line_start: str) -> float:
+    text = httpx.get(f"{replica.url}/metrics", timeout=10).text
+    return next(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line_start))
+
+
+def test_a_webhook_one_replica_gets_reaches_every_replica(three: Replicas) -> None:
+    """MLflow delivers to one address (the balancer's): that replica relays it, as signed, to
+    its peers, which verify it and check their alias at once; none relays it again."""
+    event = {"entity": "model_version_alias", "action": "created"}
+    event["data"] = {"name": three.model, "alias": ALIAS, "version": three.version}
+    body = json.dumps(event).encode()
+    delivery, stamp = uuid.uuid4().hex, str(int(time.time()))
+    headers = {
+        "Content-Type": "application/json",
+        "X-MLflow-Signature": sign(SECRET, delivery, stamp, body),
+        "X-MLflow-Timestamp": stamp,
+        "X-MLflow-Delivery-Id": delivery,
+    }
+    first, *others = three.replicas
+    answer = httpx.post(f"{first.url}/webhook", content=body, headers=headers, timeout=10)
+    assert answer.status_code == 202, answer.text
+    accepted = 'captchaops_webhook_deliveries_total{outcome="accepted"}'
+    deadline = time.monotonic() + 20
+    while [counter(r, accepted) for r in others] != [1.0, 1.0]:
+        assert time.monotonic() < deadline, [counter(r, accepted) for r in others]
+        time.sleep(0.2)
+    assert counter(first, 'captchaops_webhook_relays_total{result="sent"}') == 2
+    for replica in others:  # relayed deliveries go no further
+        assert counter(replica, 'captchaops_webhook_relays_total{result="sent"}') == 0
+    # A forged relay is refused like any unsigned delivery.
+    forged = {**headers, "X-MLflow-Signature": "v1,AAAA", "X-Captchaops-Relayed": "1"}
+    refused = httpx.post(f"{others[0].url}/webhook", content=body, headers=forged, timeout=10)
+    assert refused.status_code == 401

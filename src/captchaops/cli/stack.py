@@ -54,7 +54,7 @@ def status() -> None:
         shown = "; ".join(f"{alias} {how}" for alias, how in swaps.items())
         console.print(literal(f"swaps: {shown}"), highlight=False)
     urls = {r.name: r.url for r in rows if r.name in live.SERVED_ALIASES and r.healthy}
-    for line in live_lines(live.read(urls)):
+    for line in live_lines(live.summed(settings, live.read(urls))):
         console.print(line, highlight=False)
     for line in unaudited_lines(_unaudited(settings)):
         console.print(line, highlight=False)

@@ -5,6 +5,12 @@ The production server decides at once (its breaker stops routing on a trip, `ser
 this watch reads that decision from `/health` and writes it down: on a trip it removes `@canary`
 with an audit record giving the reason; when the window passes cleanly it says so, and with
 `then_promote` moves `@production` to the candidate through the normal audited path.
+
+With several production replicas each breaker sees only its share of the canary's traffic. The
+watch also sums the canary's monitoring runs over every replica (`reported.replica_sums`) and
+trips on the sum: once the replicas together have `canary_min_answers` answers and their
+estimate is `canary_drop_points` below the canary's gate accuracy. Removing `@canary` stops
+the canary on every replica.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import httpx
 
 from captchaops import registry
+from captchaops.live.reported import ReplicaSum, replica_sums
 from captchaops.settings import Settings
 
 EXIT_CLEAN = 0
@@ -79,6 +86,15 @@ def watch(
             last, seen = block, seen or block.get("state") != "waiting"
             if block.get("state") == "tripped":
                 return _tripped(settings, version, str(block.get("reason")), actor, block)
+            total = replica_sums(settings, [("production", version)]).get(("production", version))
+            if total is not None and total.replicas > 1:
+                last = block = {
+                    **block,
+                    "answers": max(total.answers, int(block.get("answers") or 0)),
+                }
+                why = summed_trip(settings, block, total)
+                if why is not None:
+                    return _tripped(settings, version, why, actor, block)
             if time.monotonic() - reported >= REPORT_EVERY_S:
                 say(f"canary v{version}: {describe(block)}")
                 reported = time.monotonic()
@@ -92,6 +108,22 @@ def watch(
             break
         time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
     return _window_passed(settings, version, minutes, url, seen, error, last, then_promote, actor)
+
+
+def summed_trip(settings: Settings, block: dict[str, Any], total: ReplicaSum) -> str | None:
+    """Why the replicas' summed evidence trips the canary, or None while it holds (or is too
+    thin to judge: fewer than `canary_min_answers` answers, or no estimate yet)."""
+    gate = block.get("gate_accuracy")
+    if gate is None or total.estimate is None or total.answers < settings.canary_min_answers:
+        return None
+    floor = float(gate) - settings.canary_drop_points / 100
+    if total.estimate >= floor:
+        return None
+    return (
+        f"live estimate {total.estimate:.1%} over {total.answers} answers from "
+        f"{total.replicas} replicas, more than {settings.canary_drop_points:g} points below "
+        f"its gate accuracy {float(gate):.1%}"
+    )
 
 
 def _tripped(

@@ -2,19 +2,23 @@
 
 Read from each server's `/health` (`live_estimate`), for `captchaops models`, `captchaops
 status` and the web app. A server that is down, or serves no calibrated version, adds nothing.
-MLflow-free.
+Behind a balancer `/health` is one replica's view; `summed` replaces it with the sum of every
+replica's monitoring run (answers added, estimates weighted by answers) when more than one
+replica reports. MLflow-free: the runs are read over `tracking_rest.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
 
+from captchaops.live import monitoring as names
 from captchaops.settings import Settings
+from captchaops.tracking_rest import API, TrackingError, TrackingRest
 
 SERVED_ALIASES = ("production", "staging")
 TIMEOUT_S = 2.0
@@ -33,6 +37,8 @@ class LiveState:
     gate_accuracy: float | None
     """None for a version the gate never scored: it has no calibration, so no estimate."""
     alert: str | None
+    replicas: int = 1
+    """How many replicas' monitoring runs `answers` and `estimate` sum (1: this server alone)."""
 
     @property
     def calibrated(self) -> bool:
@@ -51,9 +57,10 @@ class LiveState:
         if not self.calibrated:
             return NO_CALIBRATION
         gate = f"gate accuracy {self.gate_accuracy:.1%}"
+        across = f" from {self.replicas} replicas" if self.replicas > 1 else ""
         if self.estimate is None:
-            return f"live estimate after more answers ({self.answers} so far); {gate}"
-        return f"live estimate {self.estimate:.1%} over {self.answers} answers; {gate}"
+            return f"live estimate after more answers ({self.answers} so far{across}); {gate}"
+        return f"live estimate {self.estimate:.1%} over {self.answers} answers{across}; {gate}"
 
 
 NO_CALIBRATION = "no live estimate: never scored by the gate"
@@ -142,3 +149,89 @@ def read(
 def read_stack(settings: Settings, timeout: float = TIMEOUT_S) -> list[LiveState]:
     """The states of the production and staging servers of these settings."""
     return read({alias: settings.server_url(alias) for alias in SERVED_ALIASES}, timeout)
+
+
+@dataclass(frozen=True)
+class ReplicaSum:
+    """Every replica's monitoring run of one (alias, version), summed."""
+
+    answers: int
+    estimate: float | None
+    replicas: int
+
+
+def replica_sums(
+    settings: Settings, keys: list[tuple[str, str]], timeout: float = TIMEOUT_S
+) -> dict[tuple[str, str], ReplicaSum]:
+    """(alias, version) -> the sum over the replicas' monitoring runs of the settings' model;
+    keys without runs, or all when the tracking server does not answer, are left out."""
+    rest = TrackingRest.for_settings(settings, timeout=timeout)
+    out: dict[tuple[str, str], ReplicaSum] = {}
+    try:
+        found = rest.call(
+            "GET",
+            f"{API}/experiments/get-by-name",
+            missing_ok=True,
+            params={"experiment_name": names.experiment_name(settings.model_name)},
+        )
+        experiment = (found.get("experiment") or {}).get("experiment_id")
+        for alias, version in dict.fromkeys(keys) if experiment else ():
+            body = {
+                "experiment_ids": [experiment],
+                "filter": names.replicas_filter(settings.model_name, alias, version),
+                "max_results": 1000,
+            }
+            runs = rest.call("POST", f"{API}/runs/search", json=body).get("runs") or []
+            if runs:
+                out[(alias, version)] = _summed([_latest_metrics(run) for run in runs])
+    except TrackingError:
+        return {}
+    finally:
+        rest.close()
+    return out
+
+
+def _latest_metrics(run: Mapping[str, Any]) -> dict[str, float]:
+    metrics = (run.get("data") or {}).get("metrics") or []
+    return {str(m["key"]): float(m["value"]) for m in metrics if isinstance(m, dict)}
+
+
+def _summed(runs: list[dict[str, float]]) -> ReplicaSum:
+    answers = [run.get(names.LIVE_ANSWERS, 0.0) for run in runs]
+    points = [
+        (run[names.LIVE_ESTIMATE], n)
+        for run, n in zip(runs, answers, strict=True)
+        if names.LIVE_ESTIMATE in run
+    ]
+    weight = sum(n for _, n in points)
+    if not points:
+        estimate = None
+    elif weight > 0:
+        estimate = sum(value * n for value, n in points) / weight
+    else:
+        estimate = sum(value for value, _ in points) / len(points)
+    return ReplicaSum(int(sum(answers)), estimate, len(runs))
+
+
+def run_alias(state: LiveState) -> str:
+    """The alias whose monitoring runs hold a state's version: a canary's are production's."""
+    return "production" if state.alias == "canary" else state.alias
+
+
+def summed(settings: Settings, states: list[LiveState]) -> list[LiveState]:
+    """The states with answers and estimate summed over every replica, where more than one
+    replica's monitoring run reports the version (one replica: its /health, which is fresher)."""
+    sums = replica_sums(settings, [(run_alias(s), s.version) for s in states if s.calibrated])
+    out = []
+    for state in states:
+        total = sums.get((run_alias(state), state.version))
+        if total is not None and total.replicas > 1:
+            estimate = total.estimate if total.estimate is not None else state.estimate
+            state = replace(
+                state,
+                answers=max(total.answers, state.answers),
+                estimate=estimate,
+                replicas=total.replicas,
+            )
+        out.append(state)
+    return out

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from captchaops.live.estimate import Calibration
-from captchaops.live.reported import LiveState, read_stack
+from captchaops.live.reported import LiveState, read_stack, summed
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import require_model
 from captchaops.registry.errors import one_line_errors
@@ -38,7 +38,7 @@ class VersionRow:
 @dataclass(frozen=True)
 class Listing:
     """All versions of the registered model, newest first, each alias's last audited move, and
-    the live estimate of the versions the model servers serve."""
+    the live estimate of the versions the model servers serve (summed over replicas)."""
 
     name: str
     rows: list[VersionRow]
@@ -103,6 +103,6 @@ def list_versions(settings: Settings, limit: int = 50) -> Listing:
                 )
             )
         last_moves = moves_of(dict(model.tags or {}))
-        served = [state for state in read_stack(settings) if state.model == name]
+        served = summed(settings, [s for s in read_stack(settings) if s.model == name])
         unaudited = unaudited_aliases(model.aliases or {}, last_moves)
         return Listing(name, rows, last_moves, served, unaudited)

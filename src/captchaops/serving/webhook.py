@@ -8,19 +8,31 @@ A verified one for this server's model and alias only wakes the poller: the vers
 from the registry through the REST client and loaded with every check, never taken from the
 payload. Deliveries for other models or aliases are answered 200 (so MLflow does not retry)
 and ignored.
+
+An MLflow webhook names one URL, so behind a balancer one replica gets each delivery. A
+replica with `webhook_peers` (URLs of its alias's replicas; a name that resolves to several
+addresses, such as a Compose service or a headless Kubernetes Service, stands for each of them)
+relays every accepted delivery, as signed, to each peer address, marked `X-Captchaops-Relayed`
+so that it goes no further; the peers verify it like any delivery, and one that got it already
+answers `duplicate`. A relay that fails is logged and counted: that replica catches up at its
+next poll.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -41,6 +53,9 @@ MAX_BODY_BYTES = 64 * 1024
 SEEN_IDS = 1024
 """Delivery ids remembered to answer a replay of a verified delivery without acting on it."""
 ALIAS_ENTITY = "model_version_alias"
+RELAYED_HEADER = "X-Captchaops-Relayed"
+"""Marks a delivery one replica passed on to the others: it is not passed on again."""
+RELAY_TIMEOUT_S = 2.0
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -75,9 +90,25 @@ def verify(
 class WebhookReceiver:
     """Checks deliveries for one model server and tells its watcher about the verified ones."""
 
-    def __init__(self, secret: str | None, watcher: AliasWatcher, metrics: ServingMetrics):
+    def __init__(
+        self,
+        secret: str | None,
+        watcher: AliasWatcher,
+        metrics: ServingMetrics,
+        peers: tuple[str, ...] = (),
+    ):
         self.secret = secret
         self.watcher = watcher
+        self.peers = peers
+        self.relays = Counter(
+            "captchaops_webhook_relays",
+            "Deliveries passed on to the alias's other replicas, by result (sent, error).",
+            ["result"],
+            registry=metrics.registry,
+        )
+        for result in ("sent", "error"):
+            self.relays.labels(result)
+        self._relaying: set[asyncio.Task[None]] = set()
         self.deliveries = Counter(
             "captchaops_webhook_deliveries",
             "Webhook deliveries, by outcome (accepted, ignored, duplicate, refused).",
@@ -103,7 +134,8 @@ class WebhookReceiver:
         monitoring runs report under: this is where the server's settings meet its metrics."""
         metrics.identify(settings.model_name, watcher.alias, settings.replica_id)
         secret = settings.webhook_secret if settings.webhooks else None
-        return cls(secret.get_secret_value() if secret else None, watcher, metrics)
+        peers = tuple(u.strip() for u in (settings.webhook_peers or "").split(",") if u.strip())
+        return cls(secret.get_secret_value() if secret else None, watcher, metrics, peers)
 
     async def handle(self, request: Request) -> Response:
         """Verify a delivery; on this server's alias, check the registry now."""
@@ -135,7 +167,33 @@ class WebhookReceiver:
             return JSONResponse({"status": "ignored", "reason": "not this server's model alias"})
         self.deliveries.labels("accepted").inc()
         watcher.poll_soon("webhook")
+        if self.peers and RELAYED_HEADER not in request.headers:
+            task = asyncio.create_task(self._relay(body, request.headers))
+            self._relaying.add(task)
+            task.add_done_callback(self._relaying.discard)
         return JSONResponse({"status": "checking"}, status_code=202)
+
+    async def _relay(self, body: bytes, received: Any) -> None:
+        """Send the delivery, as signed, to every peer address at once."""
+        headers = {
+            name: received[name]
+            for name in (SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_ID_HEADER)
+        }
+        headers |= {"Content-Type": "application/json", RELAYED_HEADER: "1"}
+        targets = await asyncio.to_thread(peer_urls, self.peers)
+        async with httpx.AsyncClient(timeout=RELAY_TIMEOUT_S) as http:
+
+            async def one(url: str) -> None:
+                try:
+                    answer = await http.post(f"{url}/webhook", content=body, headers=headers)
+                    why = "" if answer.status_code in (200, 202) else f"HTTP {answer.status_code}"
+                except httpx.HTTPError as exc:
+                    why = type(exc).__name__
+                self.relays.labels("error" if why else "sent").inc()
+                if why:
+                    log.warning("relaying a webhook to %s failed (%s)", url, why)
+
+            await asyncio.gather(*(one(url) for url in targets))
 
     def _ours(self, event: Any) -> AliasWatcher | None:
         """The watcher of the model alias the event is about; None when it is not ours."""
@@ -151,6 +209,26 @@ class WebhookReceiver:
         self._seen[delivery_id] = None
         while len(self._seen) > SEEN_IDS:
             self._seen.popitem(last=False)
+
+
+def peer_urls(peers: tuple[str, ...]) -> list[str]:
+    """Each peer URL once per address its host resolves to (`http://10.0.0.7:8888`); a name
+    that does not resolve is left out (logged)."""
+    urls: list[str] = []
+    for peer in peers:
+        parts = urlsplit(peer)
+        if not parts.hostname:
+            continue
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            found = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.warning("webhook peer %s does not resolve (%s)", parts.hostname, exc)
+            continue
+        for address in dict.fromkeys(str(info[4][0]) for info in found):
+            host = f"[{address}]" if ":" in address else address
+            urls.append(f"{parts.scheme or 'http'}://{host}:{port}")
+    return list(dict.fromkeys(urls))
 
 
 async def _read_capped(request: Request) -> bytes | None:
