@@ -120,3 +120,24 @@ def test_roles_grant_what_the_team_guide_says(tmp_path: Path) -> None:
     assert editor[("experiment", users.AUDIT_EXPERIMENT)] == "EDIT"
     assert editor[("experiment", "text-captcha-feedback")] == "DENY"
     assert users._grants(settings, "admin") == []
+
+
+def test_no_secret_is_an_argument_of_a_supervised_command(tmp_path: Path) -> None:
+    settings = team(
+        tmp_path,
+        backend_store_uri="postgresql+psycopg://mlflow:db-secret-123@db:5432/mlflow",
+        auth_database_uri="postgresql+psycopg://mlflow:db-secret-123@db:5432/mlflow_auth",
+    )
+    services = by_name(settings)
+    secrets = [
+        "db-secret-123",
+        *(
+            getattr(load_settings(home=tmp_path), name).get_secret_value()
+            for name in ("admin_password", "service_password", "auth_secret_key", "serving_token")
+        ),
+    ]
+    for svc in services.values():
+        for secret in secrets:
+            assert not any(secret in part for part in svc.command), (svc.name, secret)
+    store_uri = services["tracking"].env["MLFLOW_BACKEND_STORE_URI"]
+    assert store_uri == "postgresql+psycopg://mlflow:db-secret-123@db:5432/mlflow"
