@@ -281,6 +281,8 @@ def report(runs: list[dict[str, object]], baseline: dict[str, object] | None) ->
         print(
             f"  {first['quota']}; CPU time used per wall second: "
             + ", ".join(f"{float(r['cores_used']):.2f}" for r in runs)  # type: ignore[arg-type]
+            + "; periods the quota stopped it: "
+            + ", ".join(str(r["throttled_periods"]) for r in runs)
         )
     for r in [*runs, *([baseline] if baseline else [])]:
         acc = r["held_out_seq_acc"]
