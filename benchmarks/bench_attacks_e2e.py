@@ -11,6 +11,8 @@ errors (>= 500, a 503 with Retry-After excepted), median time to a refusal (in b
 any answer, where nothing was refused), and whether anything
 held before (runs, versions, aliases, audit trail, corrections) was lost or a normal request
 failed after that input. Targets (issue 14): 0 server errors, 0 data lost.
+The stray-byte JPEG and the GIF of comment blocks behind one byte (issue 35) are also sent by
+four clients at once while a normal client asks: its p99 is printed beside its idle p99.
 benchmarks/bench_attack.py measures the model server alone (bombs' cost, a normal client's p99
 under batch attack, peak RSS).
 """
@@ -89,6 +91,17 @@ def attack_all(
         return [slow_model, slow_app, *normal]
 
     run(slow)
+
+    def decode_bombs() -> list[Outcome]:
+        bombs, normal, idle = attacks.during_decode_bombs(targets)
+        print(
+            f"normal client p99: {attacks.p99_ms(normal):.0f} ms beside 4 clients sending decode "
+            f"bombs, {attacks.p99_ms(idle):.0f} ms idle (target <= max(5 x idle, 250 ms))",
+            flush=True,
+        )
+        return [*bombs, normal, idle]
+
+    run(decode_bombs)
     run(lambda: attacks.flood(targets))
     run(lambda: [attack_stack.duplicates(targets, seed=2)])
     run(lambda: [attack_stack.junk_answered(targets, seed=3)])

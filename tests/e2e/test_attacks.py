@@ -12,6 +12,7 @@ Team mode (basic auth) is not started here: tests/integration/test_webapp_login.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,23 @@ def test_bad_inputs_are_refused_with_a_4xx(attacked: Attacked) -> None:
     print(table(outcomes))
     assert failures(outcomes) == []
     assert all(a.status in {400, 413, 415} for o in outcomes for a in o.answers), table(outcomes)
+
+
+def test_bombs_behind_one_unknown_byte_are_refused_fast_while_others_are_answered(
+    attacked: Attacked,
+) -> None:
+    bombs, normal, idle = attacks.during_decode_bombs(attacked.targets)
+    print(table([*bombs, normal, idle]))
+    print(
+        f"normal p99 {attacks.p99_ms(normal):.0f} ms under attack, {attacks.p99_ms(idle):.0f} idle"
+    )
+    assert failures([*bombs, normal, idle]) == []
+    for outcome in bombs:
+        assert outcome.answers, "no bomb was sent"
+        assert {a.status for a in outcome.answers} == {400}, table(bombs)
+        assert all(json.loads(a.body)["error"] == "invalid_image" for a in outcome.answers)
+        assert (outcome.median_refusal_ms() or 0) < 1000, table(bombs)
+    assert normal.answers and {a.status for a in normal.answers} == {200}, table([normal])
 
 
 def test_slow_clients_do_not_hold_up_normal_ones(attacked: Attacked) -> None:

@@ -109,7 +109,7 @@ class Decoders:
         async def lane() -> None:
             for start in starts:
                 if refused and start > min(refused):
-                    return  # an earlier chunk is refused: the request is
+                    return  # an earlier chunk was refused, and with it the request
                 chunk = images[start : start + CHUNK_IMAGES]
                 try:
                     out[start : start + len(chunk)] = await self._run(chunk, geometry, start)
