@@ -8,11 +8,11 @@ from struct import error as struct_error
 from typing import Any
 
 from captchaops import bounded_json
+from captchaops.model.decode_worker import refusal_of
 from captchaops.model.preprocess import (
     ImageTooLarge,
     InvalidImage,
     TooCostly,
-    TooManyPixels,
     b64decode_image,
     check_cost,
     check_size,
@@ -91,12 +91,8 @@ def check_images(images: list[bytes], max_pixels: int) -> list[int]:
     for index, data in enumerate(images):
         try:
             width, height = check_size(data, max_pixels)
-        except TooManyPixels as exc:
-            raise ProtocolError(400, "too_many_pixels", f"image {index}: {exc}") from exc
-        except TooCostly as exc:
-            raise ProtocolError(400, "too_costly", f"image {index}: {exc}") from exc
-        except InvalidImage as exc:
-            raise ProtocolError(400, "invalid_image", f"image {index}: {exc}") from exc
+        except InvalidImage as exc:  # the statuses and codes the decoding workers answer
+            raise ProtocolError(*refusal_of(exc), f"image {index}: {exc}") from exc
         pixels.append(width * height)
     return pixels
 
