@@ -221,3 +221,16 @@ def test_the_batches_end_when_fit_returns_and_nothing_keeps_drawing() -> None:
         with pytest.raises(StopIteration):
             next(images.batches())
     assert not multiprocessing.active_children()
+
+
+def test_a_run_that_ends_before_its_first_step_draws_only_the_held_out_sets() -> None:
+    """A budget spent before the first step (a slow machine): the held-out sets are queued
+    after training has ended, and no training shard is queued with them."""
+    from captchaops.training.config import TrainConfig
+    from captchaops.training.fresh import fresh_data
+
+    config = TrainConfig.tiny()
+    with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
+        data = fresh.held_out(config.seed)  # no step: queue_rest runs after the end
+        assert fresh.images._submitted == 1 and not fresh.images._pending  # the first shard only
+    assert len(data.images) == 60

@@ -244,7 +244,10 @@ class FreshImages:
         return self._pool
 
     def _more(self) -> bool:
-        """Whether another training shard is to be drawn (always, unless the pool is one fill)."""
+        """Whether another training shard is to be drawn (until training ends, unless the pool
+        is one fill and all of it is queued)."""
+        if self._ended.is_set():
+            return False
         return not self.fill_steps or self._submitted < self.capacity // self.shard
 
     def _submit_next(self) -> None:
@@ -270,7 +273,7 @@ class FreshImages:
         shard = future.result()
         self.waited += time.monotonic() - began
         with self._lock:
-            if not self.fill_steps and not self._ended.is_set():
+            if not self.fill_steps and self._more():
                 self._submit_next()
         slot = (self.admitted * self.shard) % self.capacity
         self.x[slot : slot + self.shard] = shard.x
