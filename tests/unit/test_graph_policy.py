@@ -19,6 +19,7 @@ from captchaops.model import graph_policy
 from captchaops.model.graph_policy import ALLOWED_OPS, GraphRefused, check_graph, op_set
 from captchaops.model.version import VersionError, file_sha256, open_version
 from captchaops.serving import trial
+from captchaops.serving.decoding import reads_pixels
 from captchaops.serving.loader import FiniteAnswers
 from captchaops.serving.trial import NonFiniteOutput, TrialFailed, TrialLimits, run_trial
 
@@ -520,11 +521,29 @@ def test_the_trial_refuses_a_version_that_answers_nan_for_a_dark_image(
 
 
 def test_a_served_version_never_answers_nan(tmp_path: Path) -> None:
-    model = FiniteAnswers(open_version(version_dir(tmp_path / "v", nan_when_dark())))
+    reader = open_version(version_dir(tmp_path / "v", nan_when_dark()))
+    model = FiniteAnswers.wrap(reader)
     white, black, _ = trial._probes(model.meta)
     assert 0.0 <= model.predict_images([white])[0]["confidence"] <= 1.0
     with pytest.raises(NonFiniteOutput, match="not a finite number"):
         model.predict_images([black])
+    dark = np.zeros((1, HEIGHT, WIDTH, 1), np.uint8)  # as the decoding workers hand pixels over
+    with pytest.raises(NonFiniteOutput, match="not a finite number"):
+        model.predict_pixels(dark)  # type: ignore[attr-defined]
+    assert reads_pixels(model)
+
+
+def test_a_version_that_reads_only_bytes_still_does_once_checked() -> None:
+    class BytesOnly:
+        meta: dict[str, object] = {"height": HEIGHT, "width": WIDTH}
+
+        def predict_images(self, images: list[bytes]) -> list[dict[str, object]]:
+            return [{"text": "ab", "confidence": float("inf")} for _ in images]
+
+    model = FiniteAnswers.wrap(BytesOnly())  # type: ignore[arg-type]
+    assert not reads_pixels(model)
+    with pytest.raises(NonFiniteOutput):
+        model.predict_images([b"x"])
 
 
 def test_the_trial_child_is_isolated(

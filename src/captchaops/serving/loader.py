@@ -227,7 +227,7 @@ class VersionLoader:
         self._within(  # the trial's budget: one value for both
             float(self.trial.cpu_seconds), "the warm-up prediction", lambda: warm_up(model, batch)
         )
-        return FiniteAnswers(model)
+        return FiniteAnswers.wrap(model)
 
     def _within(self, seconds: float, what: str, step: Callable[[], T]) -> T:
         """Run `step` in a thread and wait at most `seconds` for it. A step that overruns is
@@ -300,16 +300,27 @@ class FiniteAnswers:
         self.model = model
         self.meta = model.meta
 
+    @staticmethod
+    def wrap(model: ImageModel) -> FiniteAnswers:
+        """`model` checked; it reads decoded pixels (`predict_pixels`) only if `model` does."""
+        return (
+            FinitePixelAnswers(model) if hasattr(model, "predict_pixels") else FiniteAnswers(model)
+        )
+
     def predict_images(self, images: list[bytes]) -> list[dict[str, Any]]:
         """Text and confidence for each image, each confidence a finite number."""
         return _finite(self.model.predict_images(images))
 
-    def predict_pixels(self, pixels: Any) -> list[dict[str, Any]]:
-        """As `predict_images`, for images already decoded (the reader's `predict_pixels`)."""
-        return _finite(self.model.predict_pixels(pixels))  # type: ignore[attr-defined]
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
+
+
+class FinitePixelAnswers(FiniteAnswers):
+    """`FiniteAnswers` of a version that also reads images already decoded."""
+
+    def predict_pixels(self, pixels: Any) -> list[dict[str, Any]]:
+        """As `predict_images`, for uint8[N, H, W, C] pixels (the reader's `predict_pixels`)."""
+        return _finite(self.model.predict_pixels(pixels))  # type: ignore[attr-defined]
 
 
 def _finite(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
