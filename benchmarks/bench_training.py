@@ -125,15 +125,23 @@ class Watch:
         self.training = False  # progress after the first step (the first trace is silent)
         self.longest = (0.0, "")  # (seconds, the stage the silence followed)
         self.seen: set[str] = set()
-        self.gc_longest = 0.0
-        self._gc_began = 0.0
+        self.gc_longest = 0.0  # wall seconds of the longest collection
+        self.gc_blocked = 0.0  # the longest time a collection slept (not ran, not queued)
+        self._gc_began = (0.0, 0, 0)
 
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
-        """A `gc.callbacks` hook: times each collection."""
+        """A `gc.callbacks` hook: times each collection, and how long the collecting thread
+        slept in it (wall time less its CPU time and its wait for a CPU, from the kernel's
+        schedstat): a destructor that blocks sleeps, a busy machine only queues."""
         if phase == "start":
-            self._gc_began = time.monotonic()
-        else:
-            self.gc_longest = max(self.gc_longest, time.monotonic() - self._gc_began)
+            self._gc_began = (time.monotonic(), *_schedstat())
+            return
+        began, ran, queued = self._gc_began
+        now_ran, now_queued = _schedstat()
+        wall = time.monotonic() - began
+        self.gc_longest = max(self.gc_longest, wall)
+        slept = wall - (now_ran - ran) / 1e9 - (now_queued - queued) / 1e9
+        self.gc_blocked = max(self.gc_blocked, slept)
 
     def _silence(self, now: float) -> None:
         if self.training and now - self.last > self.longest[0]:
@@ -158,6 +166,15 @@ class Watch:
         """The longest silence after the first step, the end of `train` included."""
         self._silence(time.monotonic())
         return self.longest
+
+
+def _schedstat() -> tuple[int, int]:
+    """This thread's (nanoseconds on a CPU, nanoseconds waiting for one); zeros off Linux."""
+    try:
+        ran, queued, _ = Path("/proc/thread-self/schedstat").read_text().split()
+    except OSError:
+        return 0, 0
+    return int(ran), int(queued)
 
 
 @contextmanager
@@ -257,6 +274,7 @@ def run(
         "longest_silence_s": silence,
         "longest_silence_after": after,
         "longest_gc_s": watch.gc_longest,
+        "longest_gc_asleep_s": watch.gc_blocked,
         "stalled": silence >= STALL_S,
         "cpu_count": psutil.cpu_count(),
         "load_avg_1m": os.getloadavg()[0],
@@ -314,12 +332,15 @@ def report(runs: list[dict[str, object]], baseline: dict[str, object] | None) ->
         f"(target <= {target_min} min; ratio {wall_min / target_min:.2f})"
     )
     silences = [float(r["longest_silence_s"]) for r in runs]  # type: ignore[arg-type]
-    collections = [float(r["longest_gc_s"]) for r in runs]  # type: ignore[arg-type]
+    collections = [
+        f"{float(r['longest_gc_s']):.2f}s ({float(r['longest_gc_asleep_s']):.2f}s asleep)"  # type: ignore[arg-type]
+        for r in runs
+    ]
     print(
         f"runs silent for >= {STALL_S:.0f}s after the first step: "
         f"{sum(s >= STALL_S for s in silences)} of {len(runs)} (target 0 of 20); longest "
         f"silences {', '.join(f'{s:.1f}s' for s in silences)}; longest garbage collections "
-        f"{', '.join(f'{s:.2f}s' for s in collections)}"
+        f"{', '.join(collections)}"
     )
 
 
