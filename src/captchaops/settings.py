@@ -237,6 +237,21 @@ class Settings(BaseSettings):
         None,
         description="bearer token for the review queue (generated in team mode); unset: loopback only",
     )
+    review_login_seconds: float = Field(
+        8 * 3600.0,
+        gt=0,
+        description="how long the review page trusts a visitor who presented the review token",
+    )
+    app_secure_cookies: bool = Field(
+        False,
+        description="the web app's session cookie is Secure (sent over HTTPS only): set it "
+        "when the app is served behind TLS (the team deployment behind Caddy does)",
+    )
+    tracking_login_failures_per_minute: int = Field(
+        20,
+        ge=1,
+        description="failed logins the team tracking server takes from one client in any 60 s",
+    )
     max_batch_images: int = 64
     max_image_pixels: int = Field(
         1_000_000,
