@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,31 +90,27 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     env = clean_env(token)
     # Ray's socket paths must stay short: its session folder under a short /tmp name.
     ray_tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
-    procs: list[subprocess.Popen] = []
-    with host_net(["tracking", "head", "worker", "laptop"]) as net:
-        try:
-            head_args = ["--head", "--port", str(GCS), "--ray-client-server-port", str(CLIENT)]
-            head_args += ["--num-cpus", "0", "--include-dashboard", "false", "--temp-dir", ray_tmp]
-            head_args += ["--object-store-memory", str(100 * 2**20)]
-            procs.append(start_ray(net["head"], head_args, env, base / "head.log"))
-            (base / "tracking").mkdir()
-            tracking = start_tracking_server(
-                base / "tracking",
-                TRACKING,
-                env,
-                host=net["tracking"].address,
-                inside=net["tracking"].command([]),
-            )
-            procs.append(tracking.proc)
-            wait_listening(net["head"], GCS, timeout=120, proc=procs[0])
-            worker_args = ["--address", f"{net['head'].address}:{GCS}", "--num-cpus", "2"]
-            worker_args += ["--object-store-memory", str(100 * 2**20)]
-            procs.append(start_ray(net["worker"], worker_args, env, base / "worker.log"))
-            joined(base / "worker.log", procs[-1])
-            yield Bed(net, env, tracking)
-        finally:
-            for proc in reversed(procs):
-                stop_process(proc)
+    with ExitStack() as later:  # undone in reverse: processes, then hosts, then the folder
+        later.callback(shutil.rmtree, ray_tmp, True)
+        net = later.enter_context(host_net(["tracking", "head", "worker", "laptop"]))
+        head_args = ["--head", "--port", str(GCS), "--ray-client-server-port", str(CLIENT)]
+        head_args += ["--num-cpus", "0", "--include-dashboard", "false"]
+        head_args += ["--temp-dir", ray_tmp, "--object-store-memory", str(100 * 2**20)]
+        head = start_ray(net["head"], head_args, env, base / "head.log")
+        later.callback(stop_process, head)
+        (base / "tracking").mkdir()
+        where = net["tracking"]
+        tracking = start_tracking_server(
+            base / "tracking", TRACKING, env, host=where.address, inside=where.command([])
+        )
+        later.callback(stop_process, tracking.proc)
+        wait_listening(net["head"], GCS, timeout=120, proc=head)
+        worker_args = ["--address", f"{net['head'].address}:{GCS}", "--num-cpus", "2"]
+        worker_args += ["--object-store-memory", str(100 * 2**20)]
+        worker = start_ray(net["worker"], worker_args, env, base / "worker.log")
+        later.callback(stop_process, worker)
+        joined(base / "worker.log", worker)
+        yield Bed(net, env, tracking)
 
 
 def joined(log: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
