@@ -308,11 +308,31 @@ class Settings(BaseSettings):
         description="URLs of the other replicas of this server's alias (a name may resolve to "
         "several addresses); an alias webhook delivered here is relayed to each",
     )
+    signing_key_dir: Path | None = Field(
+        None,
+        description="folder of the promotion key pair that signs alias moves (private key "
+        "0600, never in MLflow); default <home>/promotion-keys",
+    )
+    signing_public_key: Path | None = Field(
+        None,
+        description="public key model servers check alias moves against; default the key "
+        "folder's moves.pub",
+    )
 
     @property
     def home_dir(self) -> Path:
         """The absolute state directory."""
         return self.home.expanduser().resolve()
+
+    @property
+    def effective_signing_key_dir(self) -> Path:
+        """The folder holding the promotion key pair."""
+        return (self.signing_key_dir or self.home_dir / "promotion-keys").expanduser().resolve()
+
+    @property
+    def effective_signing_public_key(self) -> Path:
+        """The public key a model server trusts alias moves by."""
+        return self.signing_public_key or self.effective_signing_key_dir / "moves.pub"
 
     @property
     def web_login(self) -> bool:

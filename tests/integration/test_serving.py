@@ -23,6 +23,7 @@ from PIL import Image
 from captchaops.data.synthetic import generate
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, model_server
+from tests.fixtures.signing import signed_alias
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process, wait_http
 
 pytestmark = pytest.mark.slow
@@ -31,10 +32,8 @@ GROWTH_MB = 25
 
 
 def set_alias(tracking_uri: str, name: str, alias: str, version: str) -> None:
-    """Point `name@alias` at `version`."""
-    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
-        name, alias, version
-    )
+    """Point `name@alias` at `version` (signed where servers need a signature to follow)."""
+    signed_alias(tracking_uri, name, alias, version)
 
 
 def copy_version(tracking_uri: str, name: str, version: str) -> str:

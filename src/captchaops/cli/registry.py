@@ -269,3 +269,42 @@ def evalset(
         f"({len(made)} images, seed {made.seed})",
         highlight=False,
     )
+
+
+promotions_app = typer.Typer(
+    help="Signed alias moves: model servers follow only moves signed by the promotion key.",
+    no_args_is_help=True,
+)
+app.add_typer(promotions_app, name="promotions")
+
+
+@promotions_app.command("adopt")
+def promotions_adopt(
+    actor: str | None = ACTOR_OPTION,
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Sign where @production, @staging and @canary point now (once, after an upgrade), so the
+    model servers keep serving what they served."""
+    from captchaops import registry
+    from captchaops.registry.aliases import adopt_aliases, require_model
+    from captchaops.registry.names import default_actor
+
+    settings = settings_for(model_name)
+    require_access(settings, "promote")
+    who = audited_actor(settings, actor) or default_actor()
+    try:
+        with registry.one_line_errors(settings):
+            mlflow_client = registry.client(settings)
+            require_model(mlflow_client, settings)
+            adopted = adopt_aliases(
+                mlflow_client,
+                settings.model_name,
+                actor=who,
+                key_dir=settings.effective_signing_key_dir,
+            )
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    if not adopted:
+        console.print(f"{settings.model_name} has no @production, @staging or @canary to sign")
+    for move in adopted:
+        console.print(literal(f"signed: {move.line()}"), highlight=False)

@@ -68,6 +68,7 @@ def stage_candidate(
         rejection=rejection,
         floor=floor,
         actor=actor,
+        key_dir=settings.effective_signing_key_dir,
     )
     return rejection
 
@@ -246,12 +247,15 @@ def auto_promote(
     if not decision.promote and not decision.audited:
         return decision, None
     with registry.one_line_errors(settings):
-        move = _record(client, settings.model_name, decision, why, actor)
+        move = _record(client, settings, decision, why, actor)
     return decision, move
 
 
-def _record(client: MlflowClient, name: str, decision: Decision, why: str, actor: str) -> Move:
-    """Promote and audit, or audit the rejection: the same record either way."""
+def _record(
+    client: MlflowClient, settings: Settings, decision: Decision, why: str, actor: str
+) -> Move:
+    """Promote (signed with the settings' promotion key) and audit, or audit the rejection."""
+    name = settings.model_name
     record: dict[str, Any] = {
         "reason": why,
         "actor": actor,
@@ -267,6 +271,7 @@ def _record(client: MlflowClient, name: str, decision: Decision, why: str, actor
             decision.candidate_version,
             expect_from=decision.champion_version,
             validated=True,
+            key_dir=settings.effective_signing_key_dir,
             **record,
         )
     return registry.record_rejection(

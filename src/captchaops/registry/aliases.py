@@ -1,19 +1,30 @@
-"""Aliases and version tags: reading them, and the one audited path that moves an alias."""
+"""Aliases and version tags: reading them, and the one audited path that moves an alias.
+
+Every move it makes is signed (`registry.signing`) with the promotion key: model servers follow
+an alias only where such a signature names the version it holds and that version's network.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from pathlib import Path
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from captchaops.data.frozen import DIGEST_TAG
 from captchaops.evaluation.evalset import Score
 from captchaops.mlflow_scope import client
+from captchaops.model.version import META_ARTIFACT, VersionError, parse_meta
 from captchaops.registry.audit import Move, abandon_record, close_record, moves, open_record
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.lock import promotion_lock
-from captchaops.registry.names import PRODUCTION, STAGING
-from captchaops.settings import Settings, mask_credentials
+from captchaops.registry.names import PRODUCTION, STAGING, now
+from captchaops.registry.signing import SIGNED_MOVE, SignedMove, ensure_key, new_nonce, seal
+from captchaops.registry.unaudited import LAST_MOVE, MANAGED_ALIASES
+from captchaops.settings import Settings, load_settings, mask_credentials
 
 
 def alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> str | None:
@@ -94,6 +105,85 @@ def _undo(mlflow_client: MlflowClient, name: str, alias: str, move: Move) -> Non
     abandon_record(mlflow_client, move.run_id)
 
 
+def onnx_digest(client: MlflowClient, model_name: str, version: str) -> str:
+    """The ONNX digest a version's meta.json records (two small downloads: MLmodel, meta.json);
+    a one-line RegistryError when the version carries none. Model servers check the network
+    they load against it, so a signed move names the bytes it vouches for."""
+    import mlflow.artifacts
+
+    source = client.get_model_version_download_uri(model_name, version).rstrip("/")
+    uri = str(client.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="captchaops-meta-") as tmp:
+        try:
+            mlmodel = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/MLmodel", dst_path=tmp, tracking_uri=uri
+            )
+            spec = yaml.safe_load(Path(mlmodel).read_text())
+            path = spec["flavors"]["python_function"]["artifacts"][META_ARTIFACT]["path"]
+            if not isinstance(path, str) or path.startswith("/") or ".." in path.split("/"):
+                raise ValueError("meta path leaves the version")
+            meta = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"{source}/{path}", dst_path=tmp, tracking_uri=uri
+                )
+            )
+            return parse_meta(meta.read_bytes()).onnx_sha256
+        except (MlflowException, OSError, KeyError, TypeError, ValueError, VersionError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise RegistryError(
+                f"v{version} of {model_name} has no readable meta.json ({type(exc).__name__}: "
+                f"{first}); only versions registered by captchaops can hold a served alias"
+            ) from exc
+
+
+def _digest_or_none(mlflow_client: MlflowClient, name: str, version: str) -> str:
+    """The version's ONNX digest; "" for a removal or a version without a readable meta.json
+    (a signed move naming no network, which no model server loads)."""
+    if not version:
+        return ""
+    try:
+        return onnx_digest(mlflow_client, name, version)
+    except RegistryError:
+        return ""
+
+
+def signed_envelope(
+    mlflow_client: MlflowClient,
+    name: str,
+    *,
+    alias: str,
+    version: str,
+    actor: str,
+    seq: int,
+    evalset_digest: str = "",
+    approver: str = "",
+    key_dir: Path | None = None,
+) -> str:
+    """The signed record of `name@alias` holding `version` ("" for a removal), its ONNX digest
+    read from the version's meta.json; the key is the settings' promotion key by default."""
+    if not evalset_digest:
+        evalset_digest = mlflow_client.get_registered_model(name).tags.get(DIGEST_TAG, "")
+    record = SignedMove(
+        model=name,
+        alias=alias,
+        version=version,
+        onnx_sha256=_digest_or_none(mlflow_client, name, version),
+        evalset_sha256=evalset_digest,
+        actor=actor,
+        approver=approver,
+        at=now(),
+        seq=seq,
+        nonce=new_nonce(),
+    )
+    return seal(record, ensure_key(key_dir or load_settings().effective_signing_key_dir))
+
+
+def _write_last_move(mlflow_client: MlflowClient, name: str, move: Move, envelope: str) -> None:
+    """The model's tags for the alias: the signed record servers trust, the line people read."""
+    mlflow_client.set_registered_model_tag(name, SIGNED_MOVE + move.alias, envelope)
+    mlflow_client.set_registered_model_tag(name, LAST_MOVE + move.alias, move.line()[:4000])
+
+
 def move_alias(
     mlflow_client: MlflowClient,
     name: str,
@@ -110,12 +200,14 @@ def move_alias(
     thresholds: dict[str, float] | None = None,
     version_tags: dict[str, dict[str, str]] | None = None,
     decision: str | None = None,
+    key_dir: Path | None = None,
 ) -> Move:
     """Move an alias under the lock with its audit record: both happen or neither does.
 
     The audit run is written first and counts only once finished, which happens after the
     alias moved and was read back; any failure in between puts the alias back and marks the
-    run FAILED. Stages, `version_tags` and the model's `last_move_<alias>` tag follow.
+    run FAILED. Stages, `version_tags` and the model's `signed_move_<alias>` (the signed record,
+    also on the audit run) and `last_move_<alias>` tags follow.
     With `check_from`, the move fails if the alias no longer holds `expect_from`.
     """
     with promotion_lock(mlflow_client, name, actor):
@@ -124,6 +216,17 @@ def move_alias(
             raise RegistryError(
                 f"@{alias} of {name} moved to v{current} while this ran; run the command again"
             )
+        seq = last_seq(mlflow_client, name, alias) + 1
+        envelope = signed_envelope(
+            mlflow_client,
+            name,
+            alias=alias,
+            version=to_version,
+            actor=actor,
+            seq=seq,
+            evalset_digest=next((r.digest for r in (candidate, champion) if r is not None), ""),
+            key_dir=key_dir,
+        )
         move = open_record(
             mlflow_client,
             name,
@@ -134,10 +237,11 @@ def move_alias(
             reason=reason,
             kind=kind,
             decision=decision or _decision(alias, kind),
-            seq=last_seq(mlflow_client, name, alias) + 1,
+            seq=seq,
             candidate=candidate,
             champion=champion,
             thresholds=thresholds,
+            signed=envelope,
         )
         try:
             mlflow_client.set_registered_model_alias(name, alias, to_version)
@@ -160,7 +264,7 @@ def move_alias(
             raise
         sync_stages(mlflow_client, name)
         set_version_tags(mlflow_client, name, version_tags)
-        mlflow_client.set_registered_model_tag(name, f"last_move_{alias}", move.line()[:4000])
+        _write_last_move(mlflow_client, name, move, envelope)
         return move
 
 
@@ -192,11 +296,12 @@ def remove_alias(
     kind: str,
     decision: str,
     version_tags: dict[str, dict[str, str]] | None = None,
+    key_dir: Path | None = None,
 ) -> Move:
     """Delete an alias under the lock with its audit record (to_version empty): both or neither.
 
     Fails if the alias no longer holds `expect_version`; any failure after the delete puts the
-    alias back and marks the run FAILED.
+    alias back and marks the run FAILED. The removal is signed like a move (version "").
     """
     with promotion_lock(mlflow_client, name, actor):
         current = alias_version(mlflow_client, name, alias)
@@ -206,6 +311,10 @@ def remove_alias(
                 f"@{alias} of {name} holds {where}, not v{expect_version}; "
                 "check `captchaops models` and run the command again"
             )
+        seq = last_seq(mlflow_client, name, alias) + 1
+        envelope = signed_envelope(
+            mlflow_client, name, alias=alias, version="", actor=actor, seq=seq, key_dir=key_dir
+        )
         move = open_record(
             mlflow_client,
             name,
@@ -216,7 +325,8 @@ def remove_alias(
             reason=reason,
             kind=kind,
             decision=decision,
-            seq=last_seq(mlflow_client, name, alias) + 1,
+            seq=seq,
+            signed=envelope,
         )
         try:
             mlflow_client.delete_registered_model_alias(name, alias)
@@ -232,8 +342,56 @@ def remove_alias(
             abandon_record(mlflow_client, move.run_id)
             raise
         set_version_tags(mlflow_client, name, version_tags)
-        mlflow_client.set_registered_model_tag(name, f"last_move_{alias}", move.line()[:4000])
+        _write_last_move(mlflow_client, name, move, envelope)
         return move
+
+
+def adopt_aliases(
+    mlflow_client: MlflowClient, name: str, *, actor: str, key_dir: Path | None = None
+) -> list[Move]:
+    """Sign where the managed aliases of a model point now, once, each with an audit record
+    (decision `adopted`): an upgraded stack's servers then serve what they served."""
+    adopted = []
+    with promotion_lock(mlflow_client, name, actor):
+        for alias in MANAGED_ALIASES:
+            current = alias_version(mlflow_client, name, alias)
+            if current is None:
+                continue
+            seq = last_seq(mlflow_client, name, alias) + 1
+            envelope = signed_envelope(
+                mlflow_client,
+                name,
+                alias=alias,
+                version=current,
+                actor=actor,
+                seq=seq,
+                key_dir=key_dir,
+            )
+            move = open_record(
+                mlflow_client,
+                name,
+                alias=alias,
+                from_version=current,
+                to_version=current,
+                actor=actor,
+                reason="adopted: signed where the alias pointed when signing was turned on",
+                kind="adopt",
+                decision="adopted",
+                seq=seq,
+                signed=envelope,
+            )
+            try:
+                if alias_version(mlflow_client, name, alias) != current:
+                    raise RegistryError(
+                        f"@{alias} of {name} moved while it was adopted; run the command again"
+                    )
+                close_record(mlflow_client, move.run_id)
+            except BaseException:
+                abandon_record(mlflow_client, move.run_id)
+                raise
+            _write_last_move(mlflow_client, name, move, envelope)
+            adopted.append(move)
+    return adopted
 
 
 def record_rejection(

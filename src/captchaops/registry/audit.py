@@ -119,8 +119,12 @@ def open_record(
     champion: Score | None = None,
     thresholds: dict[str, float] | None = None,
     digest: str = "",
+    signed: str = "",
 ) -> Move:
-    """Write the audit run of a decision, left RUNNING: it counts once `close_record` finishes it."""
+    """Write the audit run of a decision, left RUNNING: it counts once `close_record` finishes it.
+
+    `signed` is the move's signed record (`registry.signing`), kept on the run as `signed_move`.
+    """
     at = now()
     source = f"v{from_version}" if from_version else "none"
     run = mlflow_client.create_run(
@@ -134,7 +138,8 @@ def open_record(
             "reason": reason[:4000],
             "mlflow.user": actor,
             "mlflow.note.content": reason,
-        },
+        }
+        | ({"signed_move": signed} if signed else {}),
     )
     run_id = str(run.info.run_id)
     params = {

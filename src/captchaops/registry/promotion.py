@@ -6,6 +6,8 @@ The gate (`evaluation.gate`) decides whether a trained version reaches the stagi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mlflow import MlflowClient
 
 from captchaops.evaluation.evalset import Score
@@ -38,6 +40,7 @@ def to_production(
     champion: Score | None,
     thresholds: dict[str, float],
     validated: bool = False,
+    key_dir: Path | None = None,
 ) -> Move:
     """Move @production to a version and stamp it; the one call behind every promotion."""
     at = now()
@@ -56,6 +59,7 @@ def to_production(
         champion=champion,
         thresholds=thresholds,
         version_tags={version: stamp},
+        key_dir=key_dir,
     )
 
 
@@ -100,6 +104,7 @@ def promote(
             candidate=candidate,
             champion=champion,
             thresholds={"forced": float(force)},
+            key_dir=settings.effective_signing_key_dir,
         )
 
 
@@ -170,6 +175,7 @@ def rollback(
                     "promotion_reason": why[:4000],
                 },
             },
+            key_dir=settings.effective_signing_key_dir,
         )
 
 
@@ -182,6 +188,7 @@ def stage_version(
     rejection: str | None,
     floor: float,
     actor: str | None = None,
+    key_dir: Path | None = None,
 ) -> None:
     """Write the staging decision `evaluation.gate.stage_candidate` made for a trained version:
     @staging (pending) when `rejection` is None, else the audited rejection.
@@ -203,6 +210,7 @@ def stage_version(
             kind="training",
             thresholds={"floor": floor},
             version_tags={version: {"validation_status": "pending"}},
+            key_dir=key_dir,
         )
         return
     record_rejection(

@@ -1,93 +1,180 @@
-"""Whether a model server follows an alias move that has no audit record (made around captchaops).
+"""Whether a model server follows an alias: only where a move signed by the promotion key says so.
 
-In team mode it does not: it keeps serving the version the alias's last audited move put there
-until the move is audited (made again with the CLI) or reverted, and says so in `/health`, its
-log and `captchaops_unaudited_alias`. Locally it follows the move and says so the same way.
-The audited move writes its record just after the alias, so a move seen without one is checked
+A server holds the promotion public key (`Settings.effective_signing_public_key`). It follows
+`@alias -> vN` only while the model's `signed_move_<alias>` tag verifies and names exactly that
+alias and version (and, when loaded, the network's ONNX digest: `refusal`), with a sequence
+number no lower than the last it trusted. Anything else (a raw REST move, a forged
+`last_move_` tag or audit run, a tampered or replayed signature) leaves it serving the last
+signed version, in local and team mode alike, and says so in `/health`, its log and
+`captchaops_unaudited_alias`. The last trusted record is kept beside the server's
+last-known-good copy, so a restart neither forgets it nor accepts an older one.
+The writer signs just after the alias moved, so a move seen without a signature is checked
 again every second for a while before the server settles on the slower timer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Gauge
 
-from captchaops.registry.unaudited import LAST_MOVE, audited_version
+from captchaops.registry.signing import SIGNED_MOVE, SignedMove, Untrusted
+from captchaops.registry.unaudited import signed_move
 from captchaops.tracking_rest import TrackingRest, VersionRef
 
 log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
 PENDING_S = 20.0
-"""For this long after an unaudited move is first seen, the alias is checked every RECHECK_S."""
+"""For this long after an unsigned move is first seen, the alias is checked every RECHECK_S."""
+TRUSTED_FILE = "signed-move.json"
 
 
 class AuditGate:
-    """Judges each answer about an alias against its last audited move."""
+    """Judges each answer about an alias against the last move the promotion key signed."""
 
     def __init__(
-        self, rest: TrackingRest, name: str, alias: str, *, follow: bool, gauge: Gauge
+        self,
+        rest: TrackingRest,
+        name: str,
+        alias: str,
+        *,
+        key_path: Path,
+        gauge: Gauge,
+        state_dir: Path | None = None,
     ) -> None:
         self.rest = rest
         self.name = name
         self.alias = alias
-        self.follow = follow
+        self.key_path = key_path
         self.gauge = gauge
+        self.state_dir = state_dir
         self.unaudited: str | None = None
-        """What the alias holds without an audit record ("" when it was deleted), else None."""
-        self.audited: str | None = None
+        """What the alias holds without a valid signature ("" when it was deleted), else None."""
+        self.why: str = ""
+        self.trusted: SignedMove | None = None
+        self._envelope = ""
         self._since = 0.0
         self._held: VersionRef | None = None
+        self._restore()
+
+    @property
+    def audited(self) -> str | None:
+        """The version the last trusted signed move put on the alias (None: none, or removed)."""
+        return (self.trusted.version or None) if self.trusted is not None else None
 
     def judge(self, ref: VersionRef | None) -> VersionRef | None:
-        """The answer to act on: `ref`, or in team mode the last audited version instead."""
+        """The answer to act on: `ref` when a valid signed move names it, else the last signed
+        version (None: nothing signed to serve)."""
         _, tags = self.rest.registered_model(self.name)
-        audited = audited_version(tags.get(LAST_MOVE + self.alias, ""))
-        seen = ref.version if ref is not None else None
-        if seen == audited:
+        seen = ref.version if ref is not None else ""
+        why = self._consider(tags)
+        if self.trusted is not None and self.trusted.version == seen:
             if self.unaudited is not None:
-                log.info("@%s v%s is audited now", self.alias, seen)
-            self.unaudited, self.audited = None, audited
+                log.info("@%s v%s is signed now", self.alias, seen or "(removed)")
+            self.unaudited, self.why = None, ""
             self.gauge.set(0)
             return ref
-        if self.unaudited != (seen or "") or self.audited != audited:
-            self._since = time.monotonic()
-            log.warning("%s", self.reason_for(seen or "", audited))
-        self.unaudited, self.audited = seen or "", audited
-        self.gauge.set(1)
-        if self.follow:
-            return ref
-        if audited is None:
+        if seen == "" and self.trusted is None:
+            self.unaudited, self.why = None, ""  # nothing there, nothing signed: nothing to say
+            self.gauge.set(0)
             return None
-        if self._held is None or self._held.version != audited:
-            self._held = self.rest.version_ref(self.name, audited)
+        if self.unaudited != seen or self.why != why:
+            self._since = time.monotonic()
+            self.unaudited, self.why = seen, why
+            log.warning("%s", self.reason())
+        self.gauge.set(1)
+        held = self.audited
+        if held is None:
+            return None
+        if self._held is None or self._held.version != held:
+            self._held = self.rest.version_ref(self.name, held)
         return self._held
 
+    def refusal(self, version: str, onnx_sha256: str) -> str | None:
+        """Why a loaded version must not be served (its network is not the one signed), or None."""
+        trusted = self.trusted
+        if trusted is None or trusted.version != version:
+            return f"no signed move puts version {version} on @{self.alias}"
+        if trusted.onnx_sha256 != onnx_sha256:
+            return (
+                f"version {version}'s ONNX network ({onnx_sha256[:12]}) is not the one the signed "
+                f"move names ({trusted.onnx_sha256[:12]})"
+            )
+        return None
+
     def pending(self) -> bool:
-        """Whether an unaudited move seen in team mode is recent enough to check again soon."""
+        """Whether an unsigned move is recent enough to check again soon."""
         recent = time.monotonic() - self._since < PENDING_S
-        return self.unaudited is not None and not self.follow and recent
+        return self.unaudited is not None and recent
 
     def reason(self) -> str | None:
-        """Why the server serves what it serves, while the alias has an unaudited move."""
+        """Why the server serves what it serves, while the alias holds an unsigned move."""
         if self.unaudited is None:
             return None
-        return self.reason_for(self.unaudited, self.audited)
-
-    def reason_for(self, seen: str, audited: str | None) -> str:
-        """One line on an unaudited move of the alias and what the server does about it."""
-        moved = f"moved to v{seen}" if seen else "deleted"
-        then = f"v{audited}" if audited else "nothing"
-        doing = (
-            "following it (local mode)"
-            if self.follow
-            else f"keeping {then} until the move is audited with the CLI or reverted"
+        moved = f"moved to v{self.unaudited}" if self.unaudited else "deleted"
+        then = f"v{self.audited}" if self.audited else "nothing"
+        return (
+            f"@{self.alias} was {moved} with no valid signed move ({self.why}): keeping {then} "
+            "until the move is made with the CLI or reverted"
         )
-        return f"@{self.alias} was {moved} with no audit record (around captchaops): {doing}"
 
     def describe(self) -> dict[str, Any]:
-        """The `/health` fields: the unaudited version (if any) and whether it is followed."""
-        return {"unaudited_version": self.unaudited, "follows_unaudited": self.follow}
+        """The `/health` fields: the unsigned version (if any), the last signed one and why."""
+        return {
+            "unaudited_version": self.unaudited,
+            "follows_unaudited": False,
+            "signed_version": self.audited,
+            "unaudited_reason": self.why or None,
+        }
+
+    def _consider(self, tags: dict[str, str]) -> str:
+        """Trust the tag's signed move if it verifies and is no older than the trusted one;
+        returns why the tag is not trusted ("" when it is)."""
+        try:
+            move = signed_move(tags, self.alias, self.key_path, model=self.name)
+        except Untrusted as exc:
+            return str(exc)
+        if self.trusted is not None and move.seq < self.trusted.seq:
+            return f"a replayed signed move (seq {move.seq}, already trusted {self.trusted.seq})"
+        if move != self.trusted:
+            self.trusted = move
+            self._save(tags)
+        return ""
+
+    def _state(self) -> Path | None:
+        return self.state_dir / TRUSTED_FILE if self.state_dir is not None else None
+
+    def _restore(self) -> None:
+        """The last trusted signed move from the state file, verified again (else nothing)."""
+        path = self._state()
+        if path is None:
+            return
+        with contextlib.suppress(OSError, Untrusted):
+            text = path.read_text()
+            self.trusted = signed_move(
+                {SIGNED_MOVE + self.alias: text}, self.alias, self.key_path, model=self.name
+            )
+            self._envelope = text
+
+    def _save(self, tags: dict[str, str]) -> None:
+        """Keep the trusted envelope beside the last-known-good copy (best effort)."""
+        path = self._state()
+        text = tags.get(SIGNED_MOVE + self.alias, "")
+        if path is None or text == self._envelope:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=".signed-", dir=path.parent)
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.replace(tmp, path)
+            self._envelope = text
+        except OSError as exc:
+            log.warning("cannot keep the trusted signed move in %s: %s", path, exc)

@@ -17,7 +17,14 @@ from typing import Any, Self
 
 from captchaops.registry.unaudited import MANAGED_ALIASES
 from captchaops.serving.audit_gate import AuditGate
-from captchaops.serving.loader import Loaded, ServedModel, Timeouts, VersionLoader, cache_dir_for
+from captchaops.serving.loader import (
+    Loaded,
+    LoadError,
+    ServedModel,
+    Timeouts,
+    VersionLoader,
+    cache_dir_for,
+)
 from captchaops.serving.metrics import SWAP_CAUSES, ServingMetrics
 from captchaops.serving.poller import TIMER, AliasPoller, SwapMode, one_line
 from captchaops.serving.trial import TrialLimits
@@ -98,7 +105,12 @@ class AliasWatcher:
             loader,
             webhook_poll_seconds=settings.webhook_poll_seconds,
             gate=AuditGate(
-                rest, settings.model_name, alias, follow=not settings.auth, gauge=metrics.unaudited
+                rest,
+                settings.model_name,
+                alias,
+                key_path=settings.effective_signing_public_key,
+                gauge=metrics.unaudited,
+                state_dir=cache,
             )
             if alias in MANAGED_ALIASES
             else None,
@@ -138,7 +150,7 @@ class AliasWatcher:
         poll_error = self.poller.last_error
         stale = self.poller.stale()
         gate = self.poller.gate
-        held = gate.reason() if gate is not None and not gate.follow else None
+        held = gate.reason() if gate is not None else None
         status = "degraded"
         if served is None:
             status, reason = "no_model", held or self._no_model_reason()
@@ -280,6 +292,10 @@ class AliasWatcher:
         if loaded is None:
             log.warning("cannot reach the registry and there is no last-known-good copy")
             return
+        refusal = self._unsigned(loaded)
+        if refusal is not None:
+            self._failed(None if last_good else wanted.version, LoadError(refusal))
+            return
         with self._lock:
             if not self._still_wanted(loaded):
                 log.info("not serving version %s: the alias moved meanwhile", loaded.ref.version)
@@ -313,6 +329,13 @@ class AliasWatcher:
             )
         else:
             log.info("now serving %s version %s (%s)", self.name, loaded.ref.version, cause)
+
+    def _unsigned(self, loaded: Loaded) -> str | None:
+        """Why a loaded version of a managed alias is not the network a signed move names."""
+        gate = self.poller.gate
+        if gate is None:
+            return None
+        return gate.refusal(loaded.ref.version, str(loaded.model.meta.get("onnx_sha256", "")))
 
     def _still_wanted(self, loaded: Loaded) -> bool:
         """Whether the alias still points where this load began (called under the lock)."""
