@@ -2,10 +2,11 @@
 
 Least privilege: visitors' uploads (the feedback experiment, corrections and review items alike)
 are readable only by the service account and admins; readers and editors get DENY on
-it, explicitly, because the server's default permission is READ. The experiments only the product
-writes (feedback, the scheme's monitoring) are not adopted when another
-non-admin account created them first (it would hold MANAGE on them): that is refused in one line
-that names the account and the fix."""
+it, explicitly, because the server's default permission is READ. The names only the product
+should make (the feedback and the scheme's monitoring experiment, and the scheme's registered
+model unless an account that may train the scheme made it) are not adopted when another non-admin
+account created them first (it would hold MANAGE on them): that is refused in one line that names
+the account and the fix."""
 
 from __future__ import annotations
 
@@ -103,8 +104,11 @@ class _Admin:
         """The name of a registered model, created through the registry when missing."""
         return ensure_registered_model(self.call, name)
 
-    def squatters(self, kind: str, resource: str, allowed: set[str]) -> list[str]:
-        """Non-admin accounts (outside `allowed`) holding MANAGE on a resource: whoever made it."""
+    def squatters(
+        self, kind: str, resource: str, allowed: set[str], trusted: tuple[str, str] | None = None
+    ) -> list[str]:
+        """Non-admin accounts (outside `allowed`) holding MANAGE on a resource: whoever made it;
+        those with EDIT or MANAGE on the `trusted` (kind, resource) are not counted."""
         users = self.call("GET", "/api/2.0/mlflow/users/list").get("users", [])
         found = []
         for user in users:
@@ -114,11 +118,14 @@ class _Admin:
             grants = self.call(
                 "GET", "/api/3.0/mlflow/users/permissions/list", params={"username": name}
             ).get("permissions", [])
-            if any(
-                g.get("resource_type") == kind
-                and str(g.get("resource_pattern")) == resource
-                and str(g.get("permission", "")).upper() == "MANAGE"
+            levels = {
+                (str(g.get("resource_type")), str(g.get("resource_pattern"))): str(
+                    g.get("permission", "")
+                ).upper()
                 for g in grants
+            }
+            if levels.get((kind, resource)) == "MANAGE" and (
+                trusted is None or levels.get(trusted) not in ("EDIT", "MANAGE")
             ):
                 found.append(name)
         return found
@@ -230,7 +237,7 @@ def ensure_service_account(settings: Settings) -> Account:
         ("experiment", settings.feedback_experiment, "EDIT"),
         ("experiment", monitoring.experiment_name(settings.model_name), "EDIT"),
     ]
-    _refuse_squatted(admin, private, username)
+    _refuse_squatted(admin, settings, username)
     grants = [
         *(g for g in _grants(settings, "reader") if g[1] != settings.feedback_experiment),
         *private,
@@ -238,15 +245,26 @@ def ensure_service_account(settings: Settings) -> Account:
     return Account(username, "service", _apply(admin, username, grants))
 
 
-def _refuse_squatted(admin: _Admin, names: list[tuple[str, str, str]], service: str) -> None:
-    """UsersError when another non-admin account made one of the experiments only the service
-    writes (registered models are made by editors who train, so they are not checked)."""
-    for kind, name, _ in names:
-        squatters = admin.squatters(kind, admin.experiment_id(name), {service})
-        if squatters:
-            what = kind.replace("_", " ")
-            raise UsersError(
-                f"the {what} {name!r} was created by user {squatters[0]!r}, not by captchaops, "
-                f"so the service account will not write to it; delete it (MLflow UI) or revoke "
-                f"{squatters[0]!r}'s MANAGE on it, then run `captchaops users service` again"
-            )
+def _refuse_squatted(admin: _Admin, settings: Settings, service: str) -> None:
+    """UsersError when another non-admin account made a name only the product should: the
+    feedback or the monitoring experiment, or the scheme's registered model when that account
+    may not train the scheme (editors make models by training, by design)."""
+    experiments = (settings.feedback_experiment, monitoring.experiment_name(settings.model_name))
+    found = [
+        (f"experiment {name!r}", who)
+        for name in experiments
+        for who in admin.squatters("experiment", admin.experiment_id(name), {service})
+    ]
+    trainers = ("experiment", admin.experiment_id(settings.experiment_name))
+    model = admin.registered_model(settings.model_name)
+    found += [
+        (f"registered model {model!r}", who)
+        for who in admin.squatters("registered_model", model, {service}, trainers)
+    ]
+    if found:
+        what, who = found[0]
+        raise UsersError(
+            f"the {what} was created by user {who!r}, not by captchaops, so the service account "
+            f"will not use it; delete it (MLflow UI) or revoke {who!r}'s MANAGE on it, then run "
+            "`captchaops users service` again"
+        )

@@ -164,8 +164,14 @@ def test_uploads_are_private_to_the_service_and_squatted_names_are_refused(
     # the service account is not pointed at it.
     squatted = "squatted-scheme"
     registry.client(team["rita"]).create_experiment(monitoring.experiment_name(squatted))
-    with pytest.raises(UsersError, match="created by user 'rita', not by captchaops"):
+    with pytest.raises(UsersError, match="experiment 'squatted-scheme-monitoring' was created"):
         ensure_service_account(admin.model_copy(update={"model_name": squatted}))
+    # The same for a registered model a reader made; an editor who trains makes models, by design.
+    registry.client(team["rita"]).create_registered_model("rita-scheme")
+    with pytest.raises(UsersError, match="model 'rita-scheme' was created by user 'rita'"):
+        ensure_service_account(admin.model_copy(update={"model_name": "rita-scheme"}))
+    registry.client(team["ed"]).create_registered_model("ed-scheme")
+    ensure_service_account(admin.model_copy(update={"model_name": "ed-scheme"}))
 
 
 def test_the_tracking_server_throttles_failed_logins_per_client_and_account(
