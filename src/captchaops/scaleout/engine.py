@@ -40,9 +40,9 @@ _open: Engine | None = None  # the session a command opened early (to check the 
 def ray_session(
     cluster: str | None,
     *,
+    home: Path,
     cpus: int | None = None,
     dashboard: bool = False,
-    home: Path | None = None,
 ) -> Iterator[Engine]:
     """Join `cluster`, or start a local Ray on 127.0.0.1 with `cpus` cores (its token kept in
     `home`); shut down after. Inside a session already open for the same cluster (the command
@@ -68,8 +68,7 @@ def ray_session(
                 local = {"_node_ip_address": "127.0.0.1"}
             context = ray.init(address=cluster, **quiet, **local)  # type: ignore[arg-type]
         else:
-            if home is not None:
-                private_token(home)
+            private_token(home)
             context = ray.init(
                 address="local",  # a new Ray for this command, never one found on the machine
                 num_cpus=cpus or os.cpu_count() or 1,
