@@ -344,6 +344,40 @@ def report(runs: list[dict[str, object]], baseline: dict[str, object] | None) ->
     )
 
 
+def stream_end(ended_by_fit: bool) -> dict[str, float]:
+    """Seconds from the end of training to `fit` returning, on a stream whose prefetch thread
+    is waiting for a slow shard (one worker, shards of 512, a new shard every step): Keras
+    drops its `tf.data` iterator as `fit` returns, and the iterator's destructor waits for the
+    generator's pending batch. `ended_by_fit` feeds `fit` as training does
+    (`loop.fit_stream`: the stream ends in `on_train_end`); otherwise as it did before issue 40."""
+    import keras
+
+    from captchaops.data.stream import FreshImages, Spec
+    from captchaops.training.loop import Stream, fit_stream
+
+    spec = Spec(3, "0123456789ABC", (4, 4), 24, 72)
+    images = FreshImages(
+        spec, batch=8, first=5000, capacity=2048, reuse=0.01, workers=1, shard=512, window=1
+    )
+    model = keras.Sequential(
+        [keras.Input((24, 72, 1)), keras.layers.Flatten(), keras.layers.Dense(4)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    ended: list[float] = []
+    mark = keras.callbacks.LambdaCallback(on_train_end=lambda logs: ended.append(time.monotonic()))
+    with images:
+        images.start()
+        if ended_by_fit:
+            stream = Stream(images.batches(), 2, lambda: 0, end=images.end_training)
+            fit_stream(model, stream, 1, [mark])
+        else:
+            model.fit(images.batches(), steps_per_epoch=2, epochs=1, verbose=0, callbacks=[mark])
+        returned = time.monotonic() - ended[0]
+        began = time.monotonic()
+        gc.collect()
+        return {"fit_returned_after_s": returned, "next_collection_s": time.monotonic() - began}
+
+
 def _ms(value: object) -> str:
     return f"{float(value):.0f} ms" if value is not None else "n/a"  # type: ignore[arg-type]
 
@@ -401,6 +435,12 @@ def main(argv: list[str] | None = None) -> None:
         help="run the rows at full speed, at half speed (a cgroup cpu quota of one core's "
         "worth over the machine's cores), or both",
     )
+    parser.add_argument(
+        "--stream-end",
+        action="store_true",
+        help="only time how long fit takes to return after training ends on a stream waiting "
+        "for a slow shard, as training feeds fit and as it did before issue 40",
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # one run in this process (JSON kwargs)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -412,6 +452,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv if argv is not None else [])
     if args.row:
         Path(args.row_out).write_text(json.dumps(run(**json.loads(args.row))))
+        return
+    if args.stream_end:
+        timed = {"ended by fit": stream_end(True), "not ended (before)": stream_end(False)}
+        for label, t in timed.items():
+            print(
+                f"stream {label}: fit returned {t['fit_returned_after_s']:.2f}s after training "
+                f"ended; the next collection took {t['next_collection_s']:.2f}s"
+            )
+        record.save("training-stream-end", timed)
         return
     fresh = {"preset": None, "fixed": False, "fresh": True, "fill": True}[args.path]
     # 0: no one-fill pool, whatever the preset says (the demo preset's is 800)
