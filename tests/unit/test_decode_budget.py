@@ -245,3 +245,25 @@ def test_a_worker_the_kernel_stops_for_cpu_is_replaced(decoders: Decoders) -> No
     captchas = [sample.image for sample in synthetic.generate(8, seed=10)]
     for _ in range(3):  # both workers, the new one included, answer
         assert run(decoders, captchas, Geometry(32, 96, 1)).shape == (8, 32, 96, 1)
+
+
+def test_requests_sharing_a_call_that_ends_its_worker_are_each_answered_alone(
+    decoders: Decoders,
+) -> None:
+    noise = np.random.default_rng(2).integers(0, 256, (1000, 1000, 4), dtype=np.uint8)
+    costly = encode(Image.fromarray(noise, "RGBA"), "PNG")
+    captchas = [sample.image for sample in synthetic.generate(3, seed=12)]
+    geometry = Geometry(32, 96, 1)
+
+    async def together() -> list[np.ndarray | BaseException]:
+        requests = [[captchas[0]], [captchas[1], costly], [captchas[2]]]
+        return await asyncio.gather(
+            *(decoders.decode(images_, geometry) for images_ in requests), return_exceptions=True
+        )
+
+    first, costly_one, last = decoders.loop.run_until_complete(together())  # type: ignore[attr-defined]
+    assert isinstance(first, np.ndarray) and isinstance(last, np.ndarray)
+    assert isinstance(costly_one, ProtocolError), costly_one
+    assert (costly_one.status, costly_one.error) == (422, "too_costly")
+    want = np.stack([preprocess.preprocess(captchas[0], 32, 96)])
+    assert np.array_equal(preprocess.unit_range(first), want)

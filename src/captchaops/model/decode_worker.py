@@ -1,10 +1,11 @@
-"""What runs inside a decoding worker process: the kernel's limits, and one request's images
-checked, decoded and resized into one uint8 buffer.
+"""What runs inside a decoding worker process: the kernel's limits, and a few images checked,
+decoded and resized into one uint8 buffer.
 
 It stands apart from `captchaops.serving` so that a worker imports only this module,
 `preprocess`, numpy and Pillow (the serving package would bring the whole server). The parent
 (`captchaops.serving.decoding`) starts workers with `limit_worker` as their initializer and runs
-`decode_images` in them; a worker that overruns is ended by the kernel, never by itself:
+`decode_images` in them on a few images of one or several requests at a time; a worker that
+overruns is ended by the kernel, never by itself:
 - every image gets `cpu_seconds` of CPU from an ITIMER_PROF timer, whose SIGPROF ends the process
   (its default action; no handler is installed, so a decoder busy in C cannot delay it);
 - every call gets RLIMIT_CPU's soft limit one second past the call's whole budget (SIGXCPU);
@@ -36,7 +37,8 @@ PLUGINS = tuple(f"PIL.{name}ImagePlugin" for name in ("Png", "Jpeg", "Gif", "Bmp
 CPU time)."""
 
 Refusal = tuple[int, str, str]
-"""(HTTP status, error code, one-line detail) for an image the worker refuses."""
+"""(HTTP status, error code, one-line detail) for an image the worker refuses; the parent puts
+the image's number in the request in front of the detail."""
 
 
 def refusal_of(exc: InvalidImage) -> tuple[int, str]:
@@ -75,15 +77,16 @@ def decode_images(
     channels: int,
     max_pixels: int,
     cpu_seconds: float,
-    first: int = 0,
-) -> np.ndarray | Refusal:
-    """The images as uint8[N, height, width, channels], or the refusal of the first one that
-    cannot be used (numbered from `first`), each image within `cpu_seconds` of CPU."""
+) -> tuple[np.ndarray, dict[int, Refusal]]:
+    """The images as uint8[N, height, width, channels], each within `cpu_seconds` of CPU, and
+    the refusal of each image that cannot be used, by its place in `images` (its pixels left
+    zero): the images may come from several requests, and each is answered on its own."""
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
     budget = math.ceil(_cpu_used() + cpu_seconds * len(images)) + 1
     unlimited = hard == resource.RLIM_INFINITY
     resource.setrlimit(resource.RLIMIT_CPU, (budget if unlimited else min(budget, hard), hard))
-    out = np.empty((len(images), height, width, channels), dtype=np.uint8)
+    out = np.zeros((len(images), height, width, channels), dtype=np.uint8)
+    refused: dict[int, Refusal] = {}
     for index, data in enumerate(images):
         signal.setitimer(signal.ITIMER_PROF, cpu_seconds)
         try:
@@ -91,15 +94,13 @@ def decode_images(
             with decode(data, max_pixels) as image:
                 out[index] = to_pixels(image, height, width, channels)
         except InvalidImage as exc:
-            status, error = refusal_of(exc)
-            return status, error, f"image {first + index}: {exc}"
+            refused[index] = (*refusal_of(exc), str(exc))
         except MemoryError:
-            return (
+            refused[index] = (
                 413,
                 "too_costly",
-                f"image {first + index}: decoding it needs more memory than a worker may use; "
-                "send a smaller image",
+                "decoding it needs more memory than a worker may use; send a smaller image",
             )
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
-    return out
+    return out, refused

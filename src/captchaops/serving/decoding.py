@@ -20,8 +20,9 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
@@ -70,38 +71,52 @@ class _Worker:
     pid: int
 
 
+@dataclass(eq=False)
+class _Piece:
+    """Up to CHUNK_IMAGES images of one request, numbered from `first` in it."""
+
+    images: list[bytes]
+    geometry: Geometry
+    first: int
+    future: asyncio.Future[np.ndarray]
+    alone: bool = False
+    """Run in a call of its own: a call it shared ended its worker."""
+
+
 class Decoders:
-    """A few decoding worker processes, each bounded by the kernel, taken in arrival order."""
+    """A few decoding worker processes, each bounded by the kernel, fed in arrival order."""
 
     def __init__(self, limits: DecodeLimits) -> None:
         self.limits = limits
         self._context = multiprocessing.get_context("forkserver")
         # The forkserver imports the worker's modules once; each worker forks from it.
         self._context.set_forkserver_preload([decode_worker.__name__, *decode_worker.PLUGINS])
-        self._idle: asyncio.Queue[_Worker] | None = None
+        self._queue: deque[_Piece] = deque()
+        self._queued = asyncio.Event()
+        self._slots: list[asyncio.Task[None]] = []
         self._workers: dict[int, _Worker] = {}
-        self._starting: set[asyncio.Task[None]] = set()
-        self._stopped = False
         self.replaced = 0
 
     async def start(self) -> None:
-        """Start every worker and wait until each has answered once."""
-        self._idle = asyncio.Queue()
-        await asyncio.gather(*(self._add() for _ in range(self.limits.workers)))
+        """Start every worker, wait until each has answered once, and start feeding them."""
+        self._queued = asyncio.Event()
+        started = await asyncio.gather(*(self._new_worker() for _ in range(self.limits.workers)))
+        self._slots = [asyncio.create_task(self._slot(worker)) for worker in started]
 
     async def stop(self) -> None:
-        """End every worker, idle or busy."""
-        self._stopped = True
-        for task in self._starting:
+        """End every worker, idle or busy; waiting images are cancelled."""
+        for task in self._slots:
             task.cancel()
-        await asyncio.gather(*self._starting, return_exceptions=True)
+        await asyncio.gather(*self._slots, return_exceptions=True)
         for worker in list(self._workers.values()):
             self._end(worker, kill=True)
+        for piece in self._queue:
+            piece.future.cancel()
 
     async def decode(self, images: list[bytes], geometry: Geometry) -> np.ndarray:
         """The images as uint8[N, H, W, C], or a ProtocolError naming the first refused image
         (400), or the image whose decoding the kernel stopped (422), or a 503 when the workers
-        did not answer in time."""
+        did not answer in time. At most one chunk of a request per worker waits at a time."""
         out = np.empty((len(images), geometry.height, geometry.width, geometry.channels), np.uint8)
         starts = iter(range(0, len(images), CHUNK_IMAGES))
         refused: dict[int, ProtocolError] = {}
@@ -111,8 +126,11 @@ class Decoders:
                 if refused and start > min(refused):
                     return  # an earlier chunk was refused, and with it the request
                 chunk = images[start : start + CHUNK_IMAGES]
+                piece = _Piece(chunk, geometry, start, asyncio.get_running_loop().create_future())
+                self._queue.append(piece)
+                self._queued.set()
                 try:
-                    out[start : start + len(chunk)] = await self._run(chunk, geometry, start)
+                    out[start : start + len(chunk)] = await piece.future
                 except ProtocolError as exc:
                     refused[start] = exc
                     return
@@ -127,10 +145,54 @@ class Decoders:
             raise refused[min(refused)]
         return out
 
-    async def _run(self, images: list[bytes], geometry: Geometry, first: int) -> np.ndarray:
-        """One chunk in the first free worker, within its wall-clock deadline."""
-        assert self._idle is not None, "start() the decoders first"
-        worker = await self._idle.get()
+    async def _take(self) -> list[_Piece]:
+        """The next call's pieces: the first waiting one, then the ones behind it while they fit
+        in CHUNK_IMAGES and share its geometry (several small requests share one call)."""
+        while True:
+            while not self._queue:
+                self._queued.clear()
+                await self._queued.wait()
+            first = self._queue.popleft()
+            if first.future.done():  # its request has gone
+                continue
+            taken, count = [first], len(first.images)
+            while not first.alone and self._queue:
+                piece = self._queue[0]
+                if piece.future.done():
+                    self._queue.popleft()
+                    continue
+                if piece.alone or piece.geometry != first.geometry:
+                    break
+                if count + len(piece.images) > CHUNK_IMAGES:
+                    break
+                taken.append(self._queue.popleft())
+                count += len(piece.images)
+            return taken
+
+    async def _slot(self, worker: _Worker) -> None:
+        """Feed one worker for ever, replacing it whenever it is ended."""
+        while True:
+            pieces = await self._take()
+            died = await self._call(worker, pieces)
+            if died is None:
+                continue
+            self._end(worker, kill=True)
+            self.replaced += 1
+            if len(pieces) > 1:  # which one ended it is unknown: each runs alone, first in line
+                for piece in reversed(pieces):
+                    piece.alone = True
+                    self._queue.appendleft(piece)
+                self._queued.set()
+            elif not pieces[0].future.done():
+                pieces[0].future.set_exception(died)
+            worker = await self._new_worker(retry=True)
+
+    async def _call(self, worker: _Worker, pieces: list[_Piece]) -> ProtocolError | None:
+        """Run the pieces in one call and settle each; the refusal to give when the worker was
+        ended (by the kernel, or killed after the wall-clock deadline), else None."""
+        images = [image for piece in pieces for image in piece.images]
+        geometry = pieces[0].geometry
+        wall = WALL_SLACK_S + 2 * self.limits.cpu_seconds * len(images)
         try:
             future = worker.executor.submit(
                 decode_worker.decode_images,
@@ -140,37 +202,35 @@ class Decoders:
                 geometry.channels,
                 self.limits.max_pixels,
                 self.limits.cpu_seconds,
-                first,
             )
-        except BrokenProcessPool:
-            self._replace(worker, kill=False)
-            raise _unavailable() from None
-        wall = WALL_SLACK_S + 2 * self.limits.cpu_seconds * len(images)
-        running = asyncio.wrap_future(future)
-        running.add_done_callback(_retrieved)
-        try:
-            outcome = await asyncio.wait_for(asyncio.shield(running), wall)
+            pixels, refusals = await asyncio.wait_for(asyncio.wrap_future(future), wall)
         except TimeoutError:
-            log.warning(
-                "decoding worker %d overran %.1f s of wall time; replaced", worker.pid, wall
-            )
-            self._replace(worker, kill=True)
-            raise ProtocolError(
+            log.warning("decoding worker %d overran %.1f s of wall time", worker.pid, wall)
+            return ProtocolError(
                 503,
                 "decode_timeout",
                 f"the images were not decoded within {wall:g} s; retry shortly",
-            ) from None
+            )
         except BrokenProcessPool:
-            log.warning("decoding worker %d was ended by its limits; replaced", worker.pid)
-            self._replace(worker, kill=False)
-            raise self._too_costly(first, len(images)) from None
-        except asyncio.CancelledError:  # the caller left: the worker finishes (it is bounded)
-            future.add_done_callback(self._later(worker))
-            raise
-        self._idle_put(worker)
-        if isinstance(outcome, tuple):
-            raise ProtocolError(*outcome)
-        return outcome
+            log.warning("decoding worker %d was ended by its limits", worker.pid)
+            return self._too_costly(pieces[0].first, len(images))
+        except Exception:  # a worker that answers nonsense is replaced like one that died
+            log.exception("decoding worker %d failed", worker.pid)
+            return ProtocolError(503, "decode_failed", "the images could not be decoded; retry")
+        at = 0
+        for piece in pieces:
+            size = len(piece.images)
+            bad = sorted(i - at for i in refusals if at <= i < at + size)
+            if piece.future.done():
+                pass
+            elif bad:
+                status, error, detail = refusals[at + bad[0]]
+                message = f"image {piece.first + bad[0]}: {detail}"
+                piece.future.set_exception(ProtocolError(status, error, message))
+            else:
+                piece.future.set_result(pixels[at : at + size])
+            at += size
+        return None
 
     def _too_costly(self, first: int, count: int) -> ProtocolError:
         which = f"image {first}" if count == 1 else f"one of images {first}-{first + count - 1}"
@@ -181,33 +241,6 @@ class Decoders:
             f"{self.limits.memory_bytes // 2**20} MiB of memory; send a plainer or smaller image",
         )
 
-    def _later(self, worker: _Worker) -> Callable[[Future[Any]], None]:
-        """A callback that gives the worker back (or replaces it) once its abandoned chunk ends."""
-        loop = asyncio.get_running_loop()
-
-        def done(future: Future[Any]) -> None:
-            broken = not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
-            if loop.is_closed() or self._stopped:
-                return
-            if broken:
-                loop.call_soon_threadsafe(self._replace, worker, False)
-            else:
-                loop.call_soon_threadsafe(self._idle_put, worker)
-
-        return done
-
-    def _idle_put(self, worker: _Worker) -> None:
-        assert self._idle is not None
-        self._idle.put_nowait(worker)
-
-    def _replace(self, worker: _Worker, kill: bool) -> None:
-        """End the worker and start another in the background."""
-        self._end(worker, kill)
-        self.replaced += 1
-        task = asyncio.get_running_loop().create_task(self._add(retry=True))
-        self._starting.add(task)
-        task.add_done_callback(self._starting.discard)
-
     def _end(self, worker: _Worker, kill: bool) -> None:
         self._workers.pop(worker.pid, None)
         if kill:
@@ -215,9 +248,9 @@ class Decoders:
                 os.kill(worker.pid, signal.SIGKILL)
         worker.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _add(self, retry: bool = False) -> None:
-        """Start one worker, wait for its first answer (its process id), and make it idle; a
-        replacement that fails to start is tried again every second."""
+    async def _new_worker(self, retry: bool = False) -> _Worker:
+        """Start one worker and wait for its first answer (its process id); a replacement that
+        fails to start is tried again every second."""
         while True:
             executor = ProcessPoolExecutor(
                 max_workers=1,
@@ -238,8 +271,7 @@ class Decoders:
                 continue
             worker = _Worker(executor, pid)
             self._workers[pid] = worker
-            self._idle_put(worker)
-            return
+            return worker
 
 
 def geometry_of(meta: dict[str, Any]) -> Geometry:
@@ -286,13 +318,3 @@ def _main_not_imported() -> Iterator[None]:
         yield
     finally:
         main.__spec__ = spec
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """Mark an abandoned chunk's outcome as seen (its worker was killed or replaced)."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _unavailable() -> ProtocolError:
-    return ProtocolError(503, "decoder_unavailable", "no decoding worker is ready; retry shortly")
