@@ -1,21 +1,26 @@
-"""Replicas of one alias: three `captchaops serve` processes of the same model and alias (on
-loopback, distinct ports, one of them bound to 127.0.0.2 with `--host`), each logging its own
-monitoring run, and the gate's evidence summing them.
+"""Replicas of one alias: three `captchaops serve` processes of the same model and alias, each
+bound with `--host` to its own address, logging its own monitoring run, relaying webhooks to the
+others; the gate's evidence, `models` and `status` sum them.
 
-Loopback stands in for three hosts here: the replicas differ by port, so by replica id
-(`<hostname>-<port>`), as they would by hostname on three hosts.
+Where the multi-host test bed can be made (root: `harness/hosts.py`), the replicas run on three
+network-namespace hosts, each on port 8888 of its own address, reaching the tracking server
+through a forwarder on the bridge, and this process is the client on a fourth address.
+Elsewhere they run on loopback (127.0.0.1 twice and 127.0.0.2, distinct ports).
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +35,10 @@ from captchaops.live import monitoring, reported
 from captchaops.live.estimate import Calibration
 from captchaops.serving.webhook import sign
 from captchaops.settings import Settings
+from harness import hosts
 from harness.processes import VENV_BIN, free_port, start_http_process, stop_process
 from tests.fixtures.models import TrainedModel
+from tests.fixtures.signing import signed_alias
 from tests.fixtures.stack import Tracking
 
 pytestmark = pytest.mark.slow
@@ -47,6 +54,7 @@ class Replica:
     """One `captchaops serve` process of the module's model and alias."""
 
     url: str
+    host: str
     port: int
     proc: subprocess.Popen
 
@@ -54,6 +62,7 @@ class Replica:
 @dataclass
 class Replicas:
     tracking: Tracking
+    on_hosts: bool
     model: str
     version: str
     replicas: list[Replica]
@@ -63,15 +72,22 @@ class Replicas:
 
 
 def start_replica(
-    tracking: Tracking, model: str, home: Path, host: str, port: int, peers: list[str]
+    tracking_uri: str,
+    model: str,
+    home: Path,
+    where: hosts.Host | None,
+    address: str,
+    port: int,
+    peers: list[str],
 ) -> Replica:
-    """`captchaops serve --host HOST --port PORT` for the model's @staging, monitoring every 1 s
-    and relaying webhooks to `peers`; ready once /ping answers through a Host naming HOST."""
+    """`captchaops serve --host ADDRESS --port PORT` (on host `where`, if any) for the model's
+    @staging, monitoring every 1 s and relaying webhooks to `peers`; ready once /ping answers
+    through a Host naming ADDRESS."""
     home.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "CAPTCHAOPS_HOME": str(home),
-        "CAPTCHAOPS_TRACKING_URI": tracking.uri,
+        "CAPTCHAOPS_TRACKING_URI": tracking_uri,
         "CAPTCHAOPS_MODEL_NAME": model,
         "CAPTCHAOPS_POLL_SECONDS": "0.5",
         "CAPTCHAOPS_MONITOR_SECONDS": "1",
@@ -80,11 +96,13 @@ def start_replica(
     }
     for name in ("MLFLOW_TRACKING_URI", "CAPTCHAOPS_ALLOWED_HOSTS", "CAPTCHAOPS_REPLICA_ID"):
         env.pop(name, None)
-    url = f"http://{host}:{port}"
+    url = f"http://{address}:{port}"
     cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", ALIAS]
-    cmd += ["--host", host, "--port", str(port)]
+    cmd += ["--host", address, "--port", str(port)]
+    if where is not None:
+        cmd = where.command(cmd)
     proc = start_http_process(cmd, f"{url}/ping", env=env, log=home / f"serve-{port}.log")
-    return Replica(url, port, proc)
+    return Replica(url, address, port, proc)
 
 
 def wait_serving(replica: Replica, version: str) -> None:
@@ -108,32 +126,58 @@ def three(
     version = registry.register_version(client, model, str(source.source), str(source.run_id))
     for key, tag in Calibration(threshold=1.0, accuracy=0.95, size=2000).tags().items():
         client.set_model_version_tag(model, version, key, tag)
-    client.set_registered_model_alias(model, ALIAS, version)
+    signed_alias(tracking_server.uri, model, ALIAS, version)
     home = tmp_path_factory.mktemp("replicas")
-    hosts = ("127.0.0.1", "127.0.0.1", "127.0.0.2")
-    urls = [f"http://{host}:{free_port()}" for host in hosts]
+    with ExitStack() as later:  # undone in reverse: replicas, forwarder, hosts
+        on_hosts = hosts.unavailable() is None
+        if on_hosts:
+            net = later.enter_context(hosts.host_net(["r1", "r2", "r3"]))
+            places = [(net[name], net[name].address, 8888) for name in ("r1", "r2", "r3")]
+            tracking_uri = bridge_forwarder(later, net.gateway, tracking_server.uri)
+        else:
+            assert not hosts.required(), f"no multi-host test bed: {hosts.unavailable()}"
+            addresses = ("127.0.0.1", "127.0.0.1", "127.0.0.2")
+            places = [(None, address, free_port()) for address in addresses]
+            tracking_uri = tracking_server.uri
+        urls = [f"http://{address}:{port}" for _, address, port in places]
 
-    def start(n: int) -> Replica:
-        host, port = hosts[n], int(urls[n].rsplit(":", 1)[1])
-        peers = [url for url in urls if url != urls[n]]
-        return start_replica(tracking_server, model, home / str(n), host, port, peers)
+        def start(n: int) -> Replica:
+            where, address, port = places[n]
+            peers = [url for url in urls if url != urls[n]]
+            return start_replica(tracking_uri, model, home / str(n), where, address, port, peers)
 
-    with ThreadPoolExecutor(len(hosts)) as pool:  # started side by side, as on three hosts
-        started = [pool.submit(start, n) for n in range(len(hosts))]
-    replicas = [future.result() for future in started if future.exception() is None]
-    try:
-        assert len(replicas) == len(hosts), [f.exception() for f in started]
+        with ThreadPoolExecutor(len(places)) as pool:  # started side by side
+            started = [pool.submit(start, n) for n in range(len(places))]
+        replicas = [future.result() for future in started if future.exception() is None]
+        for replica in replicas:
+            later.callback(stop_process, replica.proc)
+        assert len(replicas) == len(places), [f.exception() for f in started]
         for replica in replicas:
             wait_serving(replica, version)
-        yield Replicas(tracking_server, model, version, replicas)
-    finally:
-        for replica in replicas:
-            stop_process(replica.proc)
+        yield Replicas(tracking_server, on_hosts, model, version, replicas)
+
+
+def bridge_forwarder(later: ExitStack, gateway: str, tracking_uri: str) -> str:
+    """A TCP forwarder on the bridge's address to the tracking server on this machine's
+    loopback (the hosts reach nothing else); its URI."""
+    port = free_port()
+    target = tracking_uri.removeprefix("http://").rstrip("/")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", hosts.FORWARD, gateway, str(port), target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    later.callback(stop_process, proc)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
+    return f"http://{gateway}:{port}"
 
 
 def test_serve_host_answers_its_own_address_and_refuses_foreign_names(three: Replicas) -> None:
     bound = three.replicas[2]
-    assert bound.url.startswith("http://127.0.0.2:")
+    assert bound.host != "127.0.0.1"
+    if three.on_hosts:  # a host of the test bed: an address no loopback name covers
+        assert ipaddress.ip_address(bound.host) in hosts.RANGE
     answer = httpx.post(f"{bound.url}/invocations", json={"inputs": [IMAGE]}, timeout=30)
     assert answer.status_code == 200, answer.text
     foreign = httpx.get(f"{bound.url}/ping", headers={"Host": f"evil.example:{bound.port}"})
@@ -162,8 +206,8 @@ def test_evidence_sums_the_answers_of_every_replica(three: Replicas) -> None:
         monitoring.replicas_filter(three.model, ALIAS, three.version),
     )
     by_replica = {r.data.tags[monitoring.REPLICA_TAG]: r.data.metrics for r in runs}
-    hostname = os.uname().nodename
-    assert sorted(by_replica) == sorted(f"{hostname}-{r.port}" for r in three.replicas)
+    expected_ids = {monitoring.default_replica_id(r.port, r.host) for r in three.replicas}
+    assert len(expected_ids) == 3 and set(by_replica) == expected_ids
     answers = sorted(m[monitoring.LIVE_ANSWERS] for m in by_replica.values())
     assert answers == [REQUESTS, REQUESTS, REQUESTS + 1]
 
@@ -179,10 +223,11 @@ def test_evidence_sums_the_answers_of_every_replica(three: Replicas) -> None:
 def test_metrics_name_the_replica_and_export_the_process(three: Replicas) -> None:
     replica = three.replicas[0]
     text = httpx.get(f"{replica.url}/metrics", timeout=10).text
-    hostname = os.uname().nodename
+    replica_id = monitoring.default_replica_id(replica.port, replica.host)
+    assert replica_id.startswith(os.uname().nodename)
     info = (
         f'captchaops_server_info{{alias="{ALIAS}",model="{three.model}",'
-        f'replica="{hostname}-{replica.port}",version="{three.version}"}} 1.0'
+        f'replica="{replica_id}",version="{three.version}"}} 1.0'
     )
     assert info in text, text[:2000]
     rss = next(line for line in text.splitlines() if line.startswith("process_resident_memory"))
@@ -198,7 +243,7 @@ def counter(replica: Replica, line_start: str) -> float:
 def test_a_webhook_one_replica_gets_reaches_every_replica(three: Replicas) -> None:
     """MLflow delivers to one address (the balancer's): that replica relays it, as signed, to
     its peers, which verify it and check their alias at once; none relays it again."""
-    event = {"entity": "model_version_alias", "action": "created"}
+    event: dict[str, object] = {"entity": "model_version_alias", "action": "created"}
     event["data"] = {"name": three.model, "alias": ALIAS, "version": three.version}
     body = json.dumps(event).encode()
     delivery, stamp = uuid.uuid4().hex, str(int(time.time()))

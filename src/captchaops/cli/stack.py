@@ -119,7 +119,8 @@ def serve(
 
 def replica_settings(settings: Settings, port: int, host: str | None) -> Settings:
     """The settings one `serve` process runs with: it answers Host names of the address it was
-    asked to bind (`--host`), and it has a replica id (default: <hostname>-<port>)."""
+    asked to bind (`--host`), and it has a replica id (default: <hostname>-<port>, with the
+    address between them when `--host` names one)."""
     from captchaops import service_auth
     from captchaops.live.monitoring import default_replica_id
 
@@ -129,7 +130,7 @@ def replica_settings(settings: Settings, port: int, host: str | None) -> Setting
     return settings.model_copy(
         update={
             "allowed_hosts": hosts or None,
-            "replica_id": settings.replica_id or default_replica_id(port),
+            "replica_id": settings.replica_id or default_replica_id(port, host),
         }
     )
 

@@ -44,8 +44,15 @@ def is_monitoring(experiment: str) -> bool:
     return experiment.endswith(SUFFIX)
 
 
-def default_replica_id(port: int) -> str:
-    """A replica's id when none is set: `<hostname>-<port>`, the same across its restarts."""
+LOCAL_BINDS = ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost")
+
+
+def default_replica_id(port: int, bind: str | None = None) -> str:
+    """A replica's id when none is set, the same across its restarts: `<hostname>-<port>`, or
+    `<hostname>-<address>-<port>` when it binds one address of the host (several hosts can
+    share a hostname: containers or network namespaces on one machine)."""
+    if bind and bind.strip("[]") not in LOCAL_BINDS and not bind.startswith("127."):
+        return f"{socket.gethostname()}-{bind.strip('[]')}-{port}"
     return f"{socket.gethostname()}-{port}"
 
 
