@@ -4,8 +4,8 @@ The tracking server runs on host `tracking`, a Ray head (no CPUs of its own, tok
 `head`, a Ray worker on `worker`, and drivers on the head (`--cluster HEAD:6379`) and on a
 `laptop` (`--cluster ray://HEAD:10001`), as docs/gcp.md runs them on a cluster. Nothing binds
 or connects across hosts through 127.0.0.1: each host's loopback is its own. The everyday
-mistake (the tracking server on the laptop's 127.0.0.1, the cluster elsewhere) must end in one
-line, before any fold, within 20 s, with a non-zero exit.
+mistake (the tracking server on the laptop's 127.0.0.1, the cluster elsewhere) and a worker
+of another image must each end in one line, before any fold, within 20 s, with exit 1.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -92,7 +93,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     ray_tmp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
     with ExitStack() as later:  # undone in reverse: processes, then hosts, then the folder
         later.callback(shutil.rmtree, ray_tmp, True)
-        net = later.enter_context(host_net(["tracking", "head", "worker", "laptop"]))
+        net = later.enter_context(host_net(["tracking", "head", "worker", "laptop", "stale"]))
         head_args = ["--head", "--port", str(GCS), "--ray-client-server-port", str(CLIENT)]
         head_args += ["--num-cpus", "0", "--include-dashboard", "false"]
         head_args += ["--temp-dir", ray_tmp, "--object-store-memory", str(100 * 2**20)]
@@ -249,5 +250,46 @@ def test_tracking_on_the_laptops_loopback_fails_in_one_line_before_any_fold(
         f"the worker at {bed.net['worker'].address} cannot reach the tracking server" in errors[0]
     )
     assert "CAPTCHAOPS_TRACKING_URI" in errors[0]
+    assert "fold 1:" not in done.stdout
+    assert seconds <= 20 or pytest.fail(f"took {seconds:.1f} s")
+
+
+def test_a_worker_with_other_versions_is_named_in_one_line_before_any_fold(
+    bed: Bed, folder: Path, tmp_path: Path
+) -> None:
+    """A node built from another image (here: an older captchaops first on its path) joins the
+    cluster: the check finds it among the workers and names both sets of versions."""
+    import ray
+
+    import captchaops as ours
+
+    stale, head = bed.net["stale"], bed.head
+    old = tmp_path / "old-image" / "captchaops"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text('__version__ = "0.0.9"\n')
+    args = ["--address", f"{head.address}:{GCS}", "--num-cpus", "1"]
+    args += ["--object-store-memory", str(100 * 2**20)]
+    log = tmp_path / "stale.log"
+    node = start_ray(stale, args, bed.env | {"PYTHONPATH": str(old.parent)}, log)
+    try:
+        joined(log, node)
+        cv = ["cv", "--data", str(folder), "--folds", "2", "--cluster", f"{head.address}:{GCS}"]
+        started = time.monotonic()
+        done = finished(
+            command(bed, head, [*cv, *STEPS], tmp_path / "home", bed.tracking.uri), timeout=120
+        )
+        seconds = time.monotonic() - started
+    finally:
+        stop_process(node)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    errors = [x for x in done.stderr.splitlines() if x.strip()]
+    assert len(errors) == 1 and "Traceback" not in done.stdout + done.stderr, done.stderr
+    python = ".".join(map(str, sys.version_info[:3]))
+    mine = f"Python {python}, Ray {ray.__version__}, captchaops {ours.__version__}"
+    assert (
+        f"the worker at {stale.address} runs Python {python}, Ray {ray.__version__}, "
+        "captchaops 0.0.9" in errors[0]
+    )
+    assert f"this machine runs {mine}" in errors[0]
     assert "fold 1:" not in done.stdout
     assert seconds <= 20 or pytest.fail(f"took {seconds:.1f} s")

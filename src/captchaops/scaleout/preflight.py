@@ -1,4 +1,5 @@
-"""Before any work starts on a cluster: one small task on a worker says whether the work can run.
+"""Before any work starts on a cluster: a small task on each worker node says whether the work
+can run there.
 
 It checks, from where the folds and trials will run, that the tracking server answers at the
 URI the driver will hand the workers, that the account they log with may write runs (it
@@ -99,9 +100,10 @@ def _write_check(tracking_uri: str, experiment_id: str) -> dict[str, str]:
 
 
 def check_cluster(tracking_uri: str, experiment_id: str, cluster: str) -> dict[str, str]:
-    """Run `probe` on a worker of the connected cluster (a node other than the driver's where
-    there is one); raise a one-line ScaleoutError naming the fix if the work cannot run there.
-    Returns what the worker reported."""
+    """Run `probe` on each worker node of the connected cluster at once (the nodes with CPUs
+    other than the driver's, or any node where there is none); raise a one-line ScaleoutError
+    naming the fix if the work cannot run on one of them. Returns what the first reported,
+    with `nodes`: every checked node's address."""
     import ray
     from ray import cloudpickle
     from ray.exceptions import GetTimeoutError, RayError
@@ -109,18 +111,19 @@ def check_cluster(tracking_uri: str, experiment_id: str, cluster: str) -> dict[s
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        node = _worker_node()
-        placed = (
-            {}
-            if node is None
-            else {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
-        )
-        task = ray.remote(probe).options(num_cpus=0, max_retries=0, **placed)
-        ref = task.remote(tracking_uri, experiment_id)
+        task = ray.remote(probe)
+        once = {"num_cpus": 0, "max_retries": 0}
+        refs = [
+            task.options(
+                **once, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
+            ).remote(tracking_uri, experiment_id)
+            for node in _worker_nodes()
+        ] or [task.options(**once).remote(tracking_uri, experiment_id)]
         try:
-            found: dict[str, str] = ray.get(ref, timeout=SECONDS)
+            reports: list[dict[str, str]] = ray.get(refs, timeout=SECONDS)
         except GetTimeoutError:
-            ray.cancel(ref, force=True)
+            for ref in refs:
+                ray.cancel(ref, force=True)
             raise ScaleoutError(
                 f"no worker of the Ray cluster at {cluster} ran a check task in {SECONDS:.0f} s; "
                 "make sure it has live worker nodes (`ray status` on the head)"
@@ -133,21 +136,22 @@ def check_cluster(tracking_uri: str, experiment_id: str, cluster: str) -> dict[s
             ) from None
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-    problem = judge(found, versions(), tracking_uri)
-    if problem is not None:
-        raise ScaleoutError(problem)
-    return found
+    mine = versions()
+    for found in reports:
+        problem = judge(found, mine, tracking_uri)
+        if problem is not None:
+            raise ScaleoutError(problem)
+    return reports[0] | {"nodes": ",".join(sorted({r.get("node", "?") for r in reports}))}
 
 
-def _worker_node() -> str | None:
-    """A live node with CPUs other than the driver's, where one exists."""
+def _worker_nodes() -> list[str]:
+    """The live nodes with CPUs other than the driver's, or all live nodes with CPUs."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     others = [n for n in nodes if n["NodeID"] != here]
-    chosen = others or nodes
-    return str(chosen[0]["NodeID"]) if chosen else None
+    return [str(n["NodeID"]) for n in others or nodes]
 
 
 def judge(found: dict[str, str], mine: dict[str, str], tracking_uri: str) -> str | None:
