@@ -24,8 +24,9 @@ from captchaops.model.graph_policy import ALLOWED_OPS
 from captchaops.model.version import file_sha256
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import staging_server, wait_refusal
+from tests.fixtures.signing import signed_stage
 from tests.fixtures.stack import Tracking
-from tests.integration.test_gate import copy_version, isolated, stage
+from tests.integration.test_gate import copy_version, isolated
 from tests.unit.test_graph_policy import (
     constant_of_shape,
     endless_loop,
@@ -127,7 +128,7 @@ def test_hostile_graphs_are_refused_and_the_next_good_version_loads(
         assert process.rlimit(psutil.RLIMIT_AS)[0] == settings.serving_memory_mib * 2**20
         for graph, words in HOSTILE:
             bad = hostile_version(settings, tiny_model, graph)
-            stage(settings, bad)
+            signed_stage(settings, bad)
             health = wait_refusal(server, bad)
             assert words in str(health["last_reload_error"])
             assert process.memory_info().rss < 300 * 2**20
@@ -146,5 +147,5 @@ def test_hostile_graphs_are_refused_and_the_next_good_version_loads(
             assert len(predictions) == len(shades)
         assert process.memory_info().rss < 500 * 2**20
         after = copy_version(settings, tiny_model)
-        stage(settings, after)
+        signed_stage(settings, after)
         server.wait_version(after)

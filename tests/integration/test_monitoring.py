@@ -25,6 +25,7 @@ from harness.processes import start_http_process
 from harness.stack import copy_version
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
+from tests.fixtures.signing import signed_alias
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process
 
 pytestmark = pytest.mark.slow
@@ -87,7 +88,7 @@ def pair(
         version = copy_version(tracking_server.uri, name, tiny_model.version)
         for key, tag in Calibration(threshold=1.0, accuracy=0.95, size=2000).tags().items():
             client.set_model_version_tag(name, version, key, tag)
-        client.set_registered_model_alias(name, alias, version)
+        signed_alias(tracking_server.uri, name, alias, version)
         versions.append(version)
     home = tmp_path_factory.mktemp("monitoring")
     staging = serve(tracking_server, STAGING, home / "staging")

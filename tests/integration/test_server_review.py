@@ -16,6 +16,7 @@ import pytest
 from captchaops.data.synthetic import generate
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
+from tests.fixtures.signing import signed_alias
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
 from tests.integration.test_serving_metrics import scrape, value
 
@@ -36,7 +37,7 @@ def app_and_server(
         client.create_registered_model(MODEL_NAME)
     source = f"models:/{tiny_model.model_name}/{tiny_model.version}"
     version = str(client.create_model_version(MODEL_NAME, source).version)
-    client.set_registered_model_alias(MODEL_NAME, "production", version)
+    signed_alias(tracking_server.uri, MODEL_NAME, "production", version)
     port = free_port()
     env = {
         **os.environ,

@@ -4,7 +4,8 @@ One server of `signed-moves@production` (local mode, polling every POLL_S) is wa
 attacks the issue names: a raw REST move with a forged `last_move_` tag, a forged audit run, a
 tampered signature and a signature for another network. Each is not followed and is reported in
 `/health`, the metric and `captchaops models`'s listing within about one poll interval; a signed
-move through the registry writer, and `captchaops promotions adopt`, are followed.
+move through the registry writer, and `captchaops promotions adopt`, are followed. Last, a
+frozen set put in place of the signed one is refused by `promote` and `promote --auto`.
 """
 
 from __future__ import annotations
@@ -197,3 +198,32 @@ def test_a_replayed_older_signature_is_refused(setup: Setup) -> None:
     _reported(setup.server, older)
     assert "replayed" in str(_health(setup.server)["unaudited_reason"])
     assert _health(setup.server)["version"] == current
+
+
+def test_a_replaced_frozen_set_is_refused_by_the_gate_in_one_line(setup: Setup) -> None:
+    from captchaops.evaluation.evalset import DIGEST_TAG, create_evalset
+
+    create_evalset(setup.client, setup.settings, size=20)
+    other = setup.settings.model_copy(update={"model_name": f"{NAME}-other"})
+    swapped = create_evalset(setup.client, other, size=20, seed=7)
+    # An editor points the scheme at another stored set: the tag is all it takes to write.
+    setup.client.set_registered_model_tag(NAME, DIGEST_TAG, swapped.digest)
+    with pytest.raises(registry.RegistryError, match="is not the one signed when it was made"):
+        registry.promote(setup.settings, version=setup.versions[1], reason="try")
+    assign_alias(setup.client, NAME, "staging", setup.versions[1], reason="t", actor="tests")
+    env = {
+        **os.environ,
+        "CAPTCHAOPS_HOME": str(setup.settings.home_dir),
+        "CAPTCHAOPS_TRACKING_URI": setup.settings.effective_tracking_uri,
+        "CAPTCHAOPS_MODEL_NAME": NAME,
+    }
+    done = subprocess.run(
+        [str(VENV_BIN / "captchaops"), "promote", "--auto"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"the frozen set {swapped.digest[:12]} of {NAME} is not the one signed" in done.stderr

@@ -16,8 +16,9 @@ from captchaops.model.pyfunc import SIGNATURE
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import staging_server, wait_refusal
+from tests.fixtures.signing import signed_stage
 from tests.fixtures.stack import VENV_BIN, Tracking
-from tests.integration.test_gate import copy_version, isolated, stage
+from tests.integration.test_gate import copy_version, isolated
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +106,7 @@ def test_refused_version_never_runs_and_staging_keeps_serving(
             if kind == "pickle"
             else tampered(settings, tiny_model)
         )
-        stage(settings, bad)
+        signed_stage(settings, bad)
 
         health = wait_refusal(server, bad)
         done = promote_auto(settings, tmp_path / "cli")

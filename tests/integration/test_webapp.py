@@ -28,6 +28,7 @@ from captchaops.settings import Settings, load_settings
 from captchaops.webapp.app import SECURITY_HEADERS, create_app
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
+from tests.fixtures.signing import signed_alias
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
 
 MODEL_NAME = "webapp-demo"
@@ -61,10 +62,8 @@ class WebappStack:
         return load_settings(**(values | overrides))
 
     def move(self, alias: str, version: str) -> None:
-        """Point an alias at a version and wait until its server has swapped."""
-        MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri).set_registered_model_alias(
-            MODEL_NAME, alias, version
-        )
+        """Point an alias at a version (signed) and wait until its server has swapped."""
+        signed_alias(self.tracking_uri, MODEL_NAME, alias, version)
         getattr(self, alias).wait_version(version)
 
 
@@ -87,8 +86,8 @@ def webapp_stack(
     for version in versions:  # every answer counts as right: the estimate reads 100 %
         for key, tag in Calibration(threshold=0.0, accuracy=0.9, size=200).tags().items():
             client.set_model_version_tag(MODEL_NAME, version, key, tag)
-    client.set_registered_model_alias(MODEL_NAME, "production", versions[0])
-    client.set_registered_model_alias(MODEL_NAME, "staging", versions[1])
+    signed_alias(tracking_server.uri, MODEL_NAME, "production", versions[0])
+    signed_alias(tracking_server.uri, MODEL_NAME, "staging", versions[1])
     servers: list[ModelServer] = []
     try:
         for alias in ("production", "staging"):

@@ -122,3 +122,25 @@ def test_a_signed_removal_names_no_version(tmp_path: Path) -> None:
         seal(removal, ensure_key(tmp_path)), _public(tmp_path), model=None, alias="production"
     )
     assert opened.version == ""
+
+
+def test_the_gate_trusts_only_the_frozen_set_signed_when_it_was_made(tmp_path: Path) -> None:
+    from captchaops.registry.versions import SIGNED_EVALSET, evalset_problem, sign_evalset
+
+    public = key_paths(tmp_path)[1]
+    made = sign_evalset("text-captcha", "d" * 64, "alice", tmp_path)
+    tags = {"evalset_digest": "d" * 64, SIGNED_EVALSET: made}
+    assert evalset_problem(tags, "text-captcha", public) is None
+    replaced = tags | {"evalset_digest": "e" * 64}
+    problem = evalset_problem(replaced, "text-captcha", public)
+    assert problem is not None and problem.startswith(
+        "the frozen set eeeeeeeeeeee of text-captcha is not the one signed when it was made "
+        "(the signed set is dddddddddddd)"
+    )
+    assert "captchaops evalset --replace" in problem
+    unsigned = {"evalset_digest": "d" * 64}
+    assert "no signed move" in str(evalset_problem(unsigned, "text-captcha", public))
+    other_model = evalset_problem(tags, "other-scheme", public)
+    assert "not other-scheme@@evalset" in str(other_model)
+    a_move = {"evalset_digest": "d" * 64, SIGNED_EVALSET: seal(MOVE, ensure_key(tmp_path))}
+    assert "not text-captcha@@evalset" in str(evalset_problem(a_move, "text-captcha", public))

@@ -27,6 +27,7 @@ from captchaops.evaluation.gate_rules import (
 )
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.registry import PRODUCTION, STAGING, Move
+from captchaops.registry.versions import evalset_problem
 from captchaops.settings import Settings
 
 __all__ = [
@@ -165,6 +166,10 @@ def decide(
         scheme = scheme_of(client, name, candidate_version)
         if evalset is None:
             evalset = ensure_evalset(client, settings, scheme=scheme)
+            pinned = dict(client.get_registered_model(name).tags)
+            problem = evalset_problem(pinned, name, settings.effective_signing_public_key)
+            if problem:
+                raise registry.RegistryError(problem)
         refusals = scheme_refusals(
             candidate_version,
             scheme,

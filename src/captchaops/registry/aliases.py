@@ -24,6 +24,7 @@ from captchaops.registry.lock import promotion_lock
 from captchaops.registry.names import PRODUCTION, STAGING, now
 from captchaops.registry.signing import SIGNED_MOVE, SignedMove, ensure_key, new_nonce, seal
 from captchaops.registry.unaudited import LAST_MOVE, MANAGED_ALIASES
+from captchaops.registry.versions import SIGNED_EVALSET, sign_evalset
 from captchaops.settings import Settings, load_settings, mask_credentials
 
 
@@ -178,10 +179,24 @@ def signed_envelope(
     return seal(record, ensure_key(key_dir or load_settings().effective_signing_key_dir))
 
 
-def _write_last_move(mlflow_client: MlflowClient, name: str, move: Move, envelope: str) -> None:
-    """The model's tags for the alias: the signed record servers trust, the line people read."""
-    mlflow_client.set_registered_model_tag(name, SIGNED_MOVE + move.alias, envelope)
+def _write_last_move(mlflow_client: MlflowClient, name: str, move: Move) -> None:
+    """The line people read about the alias's last move (servers trust only the signed tag)."""
     mlflow_client.set_registered_model_tag(name, LAST_MOVE + move.alias, move.line()[:4000])
+
+
+def _signed_tag(mlflow_client: MlflowClient, name: str, alias: str) -> str | None:
+    """The alias's signed-move tag as it is now (None: there is none)."""
+    return mlflow_client.get_registered_model(name).tags.get(SIGNED_MOVE + alias)
+
+
+def _restore_signed(
+    mlflow_client: MlflowClient, name: str, alias: str, previous: str | None
+) -> None:
+    """Put the alias's signed-move tag back as it was before a move that failed."""
+    if previous is None:
+        mlflow_client.delete_registered_model_tag(name, SIGNED_MOVE + alias)
+    else:
+        mlflow_client.set_registered_model_tag(name, SIGNED_MOVE + alias, previous)
 
 
 def move_alias(
@@ -206,8 +221,9 @@ def move_alias(
 
     The audit run is written first and counts only once finished, which happens after the
     alias moved and was read back; any failure in between puts the alias back and marks the
-    run FAILED. Stages, `version_tags` and the model's `signed_move_<alias>` (the signed record,
-    also on the audit run) and `last_move_<alias>` tags follow.
+    run FAILED. The model's `signed_move_<alias>` tag (the signed record, also on the audit
+    run) is written just before the alias moves and put back if the move fails; stages,
+    `version_tags` and the `last_move_<alias>` tag follow a completed move.
     With `check_from`, the move fails if the alias no longer holds `expect_from`.
     """
     with promotion_lock(mlflow_client, name, actor):
@@ -243,7 +259,10 @@ def move_alias(
             thresholds=thresholds,
             signed=envelope,
         )
+        previous = _signed_tag(mlflow_client, name, alias)
         try:
+            # Signed first: a server told of the move (webhook) finds the signature already there.
+            mlflow_client.set_registered_model_tag(name, SIGNED_MOVE + alias, envelope)
             mlflow_client.set_registered_model_alias(name, alias, to_version)
             if alias_version(mlflow_client, name, alias) != to_version:
                 raise RegistryError(
@@ -254,6 +273,7 @@ def move_alias(
         except BaseException as exc:
             try:
                 _undo(mlflow_client, name, alias, move)
+                _restore_signed(mlflow_client, name, alias, previous)
             except MlflowException as undo:
                 why = mask_credentials(f"{exc} / {undo}".splitlines()[0])[:300]
                 raise RegistryError(
@@ -264,7 +284,7 @@ def move_alias(
             raise
         sync_stages(mlflow_client, name)
         set_version_tags(mlflow_client, name, version_tags)
-        _write_last_move(mlflow_client, name, move, envelope)
+        _write_last_move(mlflow_client, name, move)
         return move
 
 
@@ -328,7 +348,9 @@ def remove_alias(
             seq=seq,
             signed=envelope,
         )
+        previous = _signed_tag(mlflow_client, name, alias)
         try:
+            mlflow_client.set_registered_model_tag(name, SIGNED_MOVE + alias, envelope)
             mlflow_client.delete_registered_model_alias(name, alias)
             if alias_version(mlflow_client, name, alias) is not None:
                 raise RegistryError(
@@ -339,10 +361,11 @@ def remove_alias(
         except BaseException:
             if alias_version(mlflow_client, name, alias) is None:
                 mlflow_client.set_registered_model_alias(name, alias, expect_version)
+            _restore_signed(mlflow_client, name, alias, previous)
             abandon_record(mlflow_client, move.run_id)
             raise
         set_version_tags(mlflow_client, name, version_tags)
-        _write_last_move(mlflow_client, name, move, envelope)
+        _write_last_move(mlflow_client, name, move)
         return move
 
 
@@ -350,9 +373,14 @@ def adopt_aliases(
     mlflow_client: MlflowClient, name: str, *, actor: str, key_dir: Path | None = None
 ) -> list[Move]:
     """Sign where the managed aliases of a model point now, once, each with an audit record
-    (decision `adopted`): an upgraded stack's servers then serve what they served."""
+    (decision `adopted`), and its pinned frozen set: an upgraded stack's servers then serve
+    what they served and the gate judges on the set it judged on."""
     adopted = []
     with promotion_lock(mlflow_client, name, actor):
+        pinned = mlflow_client.get_registered_model(name).tags.get(DIGEST_TAG)
+        if pinned:
+            envelope = sign_evalset(name, pinned, actor, key_dir)
+            mlflow_client.set_registered_model_tag(name, SIGNED_EVALSET, envelope)
         for alias in MANAGED_ALIASES:
             current = alias_version(mlflow_client, name, alias)
             if current is None:
@@ -385,11 +413,12 @@ def adopt_aliases(
                     raise RegistryError(
                         f"@{alias} of {name} moved while it was adopted; run the command again"
                     )
+                mlflow_client.set_registered_model_tag(name, SIGNED_MOVE + alias, envelope)
                 close_record(mlflow_client, move.run_id)
             except BaseException:
                 abandon_record(mlflow_client, move.run_id)
                 raise
-            _write_last_move(mlflow_client, name, move, envelope)
+            _write_last_move(mlflow_client, name, move)
             adopted.append(move)
     return adopted
 

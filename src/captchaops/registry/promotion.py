@@ -24,6 +24,7 @@ from captchaops.registry.audit import Move, moves, production_stack
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.names import PRODUCTION, STAGING, client_actor, default_actor, now
 from captchaops.registry.scores import scores
+from captchaops.registry.versions import evalset_problem
 from captchaops.settings import Settings
 
 
@@ -88,6 +89,7 @@ def promote(
                 f"v{target} of {name} was rejected ({why[:200]}); pass --force to promote it anyway"
             )
         candidate, champion = scores(mlflow_client, settings, target, current)
+        require_signed_evalset(mlflow_client, settings)
         if not candidate.ok and not force:
             raise RegistryError(
                 f"v{target} of {name} fails on the frozen set ({candidate.error}); "
@@ -106,6 +108,16 @@ def promote(
             thresholds={"forced": float(force)},
             key_dir=settings.effective_signing_key_dir,
         )
+
+
+def require_signed_evalset(mlflow_client: MlflowClient, settings: Settings) -> None:
+    """Nothing when the model's pinned frozen set is the one signed when it was made; else a
+    one-line RegistryError (an editor may have put another set in its place)."""
+    name = settings.model_name
+    tags = dict(mlflow_client.get_registered_model(name).tags)
+    problem = evalset_problem(tags, name, settings.effective_signing_public_key)
+    if problem:
+        raise RegistryError(problem)
 
 
 def _rollback_target(stack: list[str], current: str | None, to: str | None, name: str) -> str:
@@ -152,6 +164,7 @@ def rollback(
         stack = production_stack(moves(mlflow_client, name, PRODUCTION))
         target = _rollback_target(stack, current, to, name)
         candidate, champion = scores(mlflow_client, settings, target, current)
+        require_signed_evalset(mlflow_client, settings)
         why = reason or f"rollback from v{current}"
         return move_alias(
             mlflow_client,

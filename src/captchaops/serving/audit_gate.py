@@ -8,8 +8,9 @@ number no lower than the last it trusted. Anything else (a raw REST move, a forg
 signed version, in local and team mode alike, and says so in `/health`, its log and
 `captchaops_unaudited_alias`. The last trusted record is kept beside the server's
 last-known-good copy, so a restart neither forgets it nor accepts an older one.
-The writer signs just after the alias moved, so a move seen without a signature is checked
-again every second for a while before the server settles on the slower timer.
+The writer signs just before it moves the alias, so a signed move is followed on the alias's
+webhook; a move seen without a signature is checked again every second for a while before the
+server settles on the slower timer.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class AuditGate:
         version (None: nothing signed to serve)."""
         _, tags = self.rest.registered_model(self.name)
         seen = ref.version if ref is not None else ""
-        why = self._consider(tags)
+        why = self._consider(tags, seen)
         if self.trusted is not None and self.trusted.version == seen:
             if self.unaudited is not None:
                 log.info("@%s v%s is signed now", self.alias, seen or "(removed)")
@@ -121,8 +122,8 @@ class AuditGate:
         moved = f"moved to v{self.unaudited}" if self.unaudited else "deleted"
         then = f"v{self.audited}" if self.audited else "nothing"
         return (
-            f"@{self.alias} was {moved} with no valid signed move ({self.why}): keeping {then} "
-            "until the move is made with the CLI or reverted"
+            f"@{self.alias} was {moved} with no audit record (no valid signed move: {self.why}): "
+            f"keeping {then} until the move is made with the CLI or reverted"
         )
 
     def describe(self) -> dict[str, Any]:
@@ -134,15 +135,19 @@ class AuditGate:
             "unaudited_reason": self.why or None,
         }
 
-    def _consider(self, tags: dict[str, str]) -> str:
-        """Trust the tag's signed move if it verifies and is no older than the trusted one;
-        returns why the tag is not trusted ("" when it is)."""
+    def _consider(self, tags: dict[str, str], seen: str) -> str:
+        """Trust the tag's signed move once the alias holds what it names (the writer signs just
+        before it moves the alias) and it is no older than the trusted one; returns why the
+        alias's state is not vouched for by the tag ("" when it is)."""
         try:
             move = signed_move(tags, self.alias, self.key_path, model=self.name)
         except Untrusted as exc:
             return str(exc)
         if self.trusted is not None and move.seq < self.trusted.seq:
             return f"a replayed signed move (seq {move.seq}, already trusted {self.trusted.seq})"
+        if move.version != seen:
+            target = f"v{move.version}" if move.version else "a removal"
+            return f"the signed move names {target}"
         if move != self.trusted:
             self.trusted = move
             self._save(tags)
