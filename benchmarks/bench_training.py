@@ -82,7 +82,7 @@ def _tracking_server(home: Path) -> tuple[subprocess.Popen, str]:
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240  # a busy 2-core box has taken over 90 s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{uri}/health", timeout=2).status_code == 200:

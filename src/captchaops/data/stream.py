@@ -22,9 +22,7 @@ minute of waiting before the first step; batches still depend only on the seed.
 `fit` pulls batches on a `tf.data` prefetch thread while the main thread queues held-out
 sets, so every change to the queue of shards is made under one lock; and the batches end
 when training does (`end_training`): a generator still waiting for a shard when `fit`
-returned kept its iterator's destructor waiting too, and garbage collection ran that
-destructor on the main thread at whatever line it reached next (45-60 s stalls in 5 of 17
-stream runs, docs/training.md).
+returned kept its iterator's destructor waiting for that shard too.
 """
 
 from __future__ import annotations

@@ -367,14 +367,15 @@ def fit(
 def fit_stream(
     model: keras.Model, train: Stream, epochs: int, callbacks: list[keras.callbacks.Callback]
 ) -> None:
-    """`model.fit` on a stream whose batches end when training does, in a known place.
+    """`model.fit` on a stream whose batches end when training does.
 
     Keras wraps the batches in a `tf.data` generator dataset whose prefetch thread keeps
-    asking for the next batch after the last step; the iterator's destructor waits for that
-    request, and garbage collection used to run it on the main thread wherever the next
-    collection came (45-60 s inside matplotlib or the ONNX export, docs/training.md). So the
-    stream's `end` runs in `on_train_end`, before Keras drops the iterator, and a collection
-    right after `fit` finalises whatever is left while nothing waits.
+    asking for the next batch after the last step; when that request waits for a shard, the
+    iterator's destructor waits with it (`bench_training --stream-end`: `fit` returned 24 s
+    after training ended, 1.9 s with the end). So the stream's `end` runs in `on_train_end`,
+    before Keras drops the iterator. A collection right after `fit` then finalises what is
+    left at a known place: the 45-60 s stalls of the stream paths are a destructor blocking
+    in a garbage collection, and they still happen there (docs/training.md, "Speed").
     """
     ended: list[keras.callbacks.Callback] = []
     if train.end is not None:
