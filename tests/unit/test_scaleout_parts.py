@@ -229,3 +229,19 @@ def test_a_local_rays_token_is_0600_in_a_0700_folder_of_the_home(
     # A token the caller chose is left alone.
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/elsewhere/token")
     assert private_token(tmp_path / "other") is None and not (tmp_path / "other").exists()
+
+
+def test_a_search_with_nothing_to_register_says_why_in_one_line() -> None:
+    from captchaops.scaleout.tune import Budget, ChildRuns, why_none
+
+    children = ChildRuns(None, "0", "parent", Board("t"), lambda: None)  # type: ignore[arg-type]
+    budget = Budget(2, 100.0, 1000.0, 1)
+    children.runs = {"a": "r1", "b": "r2"}
+    children.failures = ["trial a: failed twice (see the Ray logs)"] * 2
+    assert why_none(children, budget, 3) == (
+        "every trial failed (trial a: failed twice (see the Ray logs)); nothing registered"
+    )
+    children.failures = []
+    line = why_none(children, budget, 3)
+    assert "inside --minutes 3 (2 trials in 1 round, each at most 100 s)" in line
+    assert "\n" not in line and "more minutes or fewer trials" in line

@@ -53,10 +53,8 @@ class Budget:
 
     def describe(self) -> str:
         """One line for the console and the parent run."""
-        return (
-            f"{self.trials} trials, {self.rounds} after another per slot, "
-            f"each at most {self.trial_seconds:.0f} s"
-        )
+        rounds = "1 round" if self.rounds == 1 else f"{self.rounds} rounds"
+        return f"{self.trials} trials in {rounds}, each at most {self.trial_seconds:.0f} s"
 
 
 def plan_budget(
