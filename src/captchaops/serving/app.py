@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from captchaops import service_auth
 from captchaops.serving import connections, invocations
 from captchaops.serving.canary_slot import Canary
 from captchaops.serving.guard import Guard
@@ -50,7 +51,7 @@ def create_app(
     """A model server for `models:/<settings.model_name>@<alias>` with its own watcher and metrics."""
     if settings.auth:  # team mode: guarded endpoints need the serving token
         settings = ensure_secret(settings, "serving_token", 32)
-    metrics = ServingMetrics()
+    metrics = ServingMetrics(model=settings.model_name, alias=alias, replica=settings.replica_id)
     metrics.quality = LiveQuality(_version_tags(settings), metrics.registry)
     watcher = AliasWatcher.for_settings(settings, alias, metrics)
     canary = None
@@ -97,7 +98,12 @@ def create_app(
     if settings.monitor_seconds > 0:
         rest = TrackingRest.for_settings(settings, timeout=REST_TIMEOUT_S)
         app.state.monitor = Monitor(
-            rest, settings.model_name, alias, metrics, settings.monitor_seconds
+            rest,
+            settings.model_name,
+            alias,
+            metrics,
+            settings.monitor_seconds,
+            replica=settings.replica_id,
         )
     return app
 
@@ -242,8 +248,11 @@ def run(settings: Settings, alias: str, port: int, host: str | None = None) -> N
         log_level="info",
         timeout_graceful_shutdown=5,
         http=connections.guarded_protocol(
-            settings.head_timeout_seconds, settings.max_connections_per_client
+            settings.head_timeout_seconds,
+            settings.max_connections_per_client,
+            service_auth.trusted_networks(settings),
         ),
+        proxy_headers=False,  # connections.ForwardedClients decides whom to believe
         timeout_keep_alive=5,
         h11_max_incomplete_event_size=connections.MAX_HEAD_BYTES,
         limit_concurrency=connections.MAX_CONNECTIONS,
