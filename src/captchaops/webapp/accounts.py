@@ -20,7 +20,7 @@ from flask import Flask, Response, jsonify, request
 
 from captchaops.settings import Settings
 from captchaops.webapp import reviewers
-from captchaops.webapp.limits import MINUTE, Throttled
+from captchaops.webapp.limits import MINUTE, Throttled, client_address
 
 REALM = 'Basic realm="captchaops", charset="UTF-8"'
 OPEN_PATHS = frozenset({"/healthz"})
@@ -137,7 +137,7 @@ def install(app: Flask, settings: Settings, timeout: float) -> Gate:
         if auth is None or auth.type != "basic" or not auth.username:
             return _refused(401, "unauthorized", "Log in with your MLflow tracking server account.")
         try:
-            good = gate.admit(request.remote_addr or "unknown", auth.username, auth.password or "")
+            good = gate.admit(client_address(request, settings), auth.username, auth.password or "")
         except Throttled as exc:
             return _refused(
                 exc.status, exc.error, exc.detail, {"Retry-After": str(exc.retry_after)}

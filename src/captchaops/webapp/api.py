@@ -11,7 +11,7 @@ from flask import Blueprint, Request, jsonify, request, session
 from captchaops import bounded_json
 from captchaops.webapp import reviewers
 from captchaops.webapp.inputs import MAX_LABEL_LENGTH, BadInput, check_image, decode_base64
-from captchaops.webapp.limits import Throttled
+from captchaops.webapp.limits import Throttled, client_address
 from captchaops.webapp.service import Demo
 from captchaops.webapp.tracking_client import TrackingError
 
@@ -73,7 +73,7 @@ def make_blueprint(demo: Demo) -> Blueprint:
     def correct() -> Any:
         """Store one image with its corrected label (JSON only, so browsers cannot forge it
         cross-site); a correction stored before is not stored again (409)."""
-        demo.admit_correction(request.remote_addr or "unknown")
+        demo.admit_correction(client_address(request, demo.settings))
         if not request.is_json:
             raise BadInput(
                 415, "unsupported_media_type", 'Send JSON {"image": "<base64>", "label": "..."}.'

@@ -10,7 +10,7 @@ from flask import Blueprint, flash, redirect, render_template, request, session,
 from captchaops.model.preprocess import MIME_TYPES, InvalidImage, sniff_format
 from captchaops.webapp import reviewers
 from captchaops.webapp.inputs import BadInput
-from captchaops.webapp.limits import Throttled
+from captchaops.webapp.limits import Throttled, client_address
 from captchaops.webapp.review import Item, ReviewGone
 from captchaops.webapp.service import Demo
 from captchaops.webapp.tracking_client import TrackingError
@@ -42,7 +42,7 @@ def make_blueprint(demo: Demo) -> Blueprint:
         """Remember in the session that this visitor presented the review token (attempts are
         metered like corrections)."""
         try:
-            demo.admit_correction(request.remote_addr or "unknown")
+            demo.admit_correction(client_address(request, demo.settings))
         except Throttled as exc:
             page, _ = _locked(exc.detail)
             return page, exc.status, {"Retry-After": str(exc.retry_after)}
