@@ -15,6 +15,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
+from captchaops.registry.aliases import remove_alias
 from captchaops.serving.webhook import sign
 from captchaops.settings import Settings, load_settings
 from captchaops.stack import webhooks
@@ -28,6 +29,7 @@ from harness.processes import (
 )
 from harness.stack import PrivateStack
 from tests.fixtures.models import make_settings, train_tiny
+from tests.fixtures.signing import signed_alias
 from tests.integration.test_serving import copy_version, set_alias
 
 pytestmark = pytest.mark.slow
@@ -87,6 +89,7 @@ def _serve(alias: str, settings: Settings, home: Path) -> Server:
         CAPTCHAOPS_POLL_SECONDS=NEVER,
         CAPTCHAOPS_WEBHOOK_POLL_SECONDS=NEVER,
         CAPTCHAOPS_WEBHOOK_SECRET=settings.webhook_secret.get_secret_value(),
+        CAPTCHAOPS_SIGNING_PUBLIC_KEY=str(settings.effective_signing_public_key),
     )
     url = f"http://127.0.0.1:{port}"
     cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", alias, "--port", str(port)]
@@ -165,9 +168,17 @@ def test_alias_move_swaps_through_the_webhook(stack: WebhookStack) -> None:
     assert stack.production.deliveries("accepted") == accepted + 1
     assert stack.production.counter("captchaops_swaps_total", "cause", "webhook") == by_webhook + 1
 
-    # Deleting the alias is announced too: the server stops serving it.
-    MlflowClient(stack.tracking.uri, stack.tracking.uri).delete_registered_model_alias(
-        stack.settings.model_name, "production"
+    # Deleting the alias (signed, through the registry) is announced too: the server stops
+    # serving it.
+    remove_alias(
+        MlflowClient(stack.tracking.uri, stack.tracking.uri),
+        stack.settings.model_name,
+        alias="production",
+        expect_version=stack.versions[1],
+        reason="test",
+        actor="tests",
+        kind="manual",
+        decision="ended",
     )
     deadline = time.monotonic() + 60
     while stack.production.health()["model_loaded"] and time.monotonic() < deadline:
@@ -279,7 +290,7 @@ def test_a_canary_move_wakes_the_production_servers_canary_slot(stack: WebhookSt
         block: dict[str, object] | None = stack.production.health()["canary"]  # type: ignore[assignment]
         return block
 
-    client.set_registered_model_alias(name, "canary", version)
+    signed_alias(stack.tracking.uri, name, "canary", version)
     deadline = time.monotonic() + 30
     while (canary() or {}).get("version") != version and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -287,7 +298,16 @@ def test_a_canary_move_wakes_the_production_servers_canary_slot(stack: WebhookSt
     assert block is not None and block["version"] == version and block["percent"] == 10
     assert stack.production.deliveries("accepted") == accepted + 1
 
-    client.delete_registered_model_alias(name, "canary")
+    remove_alias(
+        client,
+        name,
+        alias="canary",
+        expect_version=version,
+        reason="test",
+        actor="tests",
+        kind="canary",
+        decision="ended",
+    )
     deadline = time.monotonic() + 30
     while canary() is not None and time.monotonic() < deadline:
         time.sleep(0.1)
