@@ -231,15 +231,17 @@ def test_the_live_estimate_is_shown_beside_the_served_version(
     assert "live-alert" not in resp.text
 
 
-def test_a_local_server_follows_an_unaudited_move_and_says_so(
+def test_a_local_server_serves_the_signed_move_and_reports_nothing_unaudited(
     webapp_stack: WebappStack,
 ) -> None:
-    """The fixture moved both aliases around the CLI: served (local mode), but reported."""
+    """The fixture moved both aliases through the registry writer: signed, so served as is
+    (a raw move is not followed even locally: tests/integration/test_signed_moves.py)."""
     health = httpx.get(f"{webapp_stack.production.url}/health", timeout=10).json()
-    assert health["version"] == health["unaudited_version"] == webapp_stack.versions[0]
-    assert health["follows_unaudited"] is True and health["status"] == "ok"
+    assert health["version"] == health["signed_version"] == webapp_stack.versions[0]
+    assert health["unaudited_version"] is None and health["follows_unaudited"] is False
+    assert health["status"] == "ok"
     metrics = httpx.get(f"{webapp_stack.production.url}/metrics", timeout=10).text
-    assert "\ncaptchaops_unaudited_alias 1.0\n" in metrics
+    assert "\ncaptchaops_unaudited_alias 0.0\n" in metrics
 
 
 def test_generate_shows_sample_with_true_label(
