@@ -31,6 +31,7 @@ from captchaops.serving.protocol import (
     check_images,
     parse_body,
 )
+from captchaops.serving.trial import NonFiniteOutput
 from captchaops.serving.watcher import ServedModel
 from tests.unit.test_preprocess import png_header_only
 
@@ -375,3 +376,43 @@ def test_admission_refuses_past_its_request_and_byte_bounds_and_frees_on_exit() 
                 pass
         assert gate.requests == 1
     assert (gate.requests, gate.held_bytes) == (0, 0)
+
+
+class FailingModel(GatedModel):
+    """Fails every call with the exception it is given."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+        self.opened = True
+
+    def predict_images(self, images: list[bytes]) -> list[dict[str, Any]]:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (NonFiniteOutput("confidence nan"), 503, "version_unusable"),
+        (RuntimeError("/srv/secret/path token=abc123"), 500, "prediction_failed"),
+    ],
+)
+def test_a_failing_version_is_answered_in_json_without_its_exception_text(
+    error: Exception, status: int, code: str
+) -> None:
+    app, endpoint = scoring_app(FailingModel(error), deadline_s=5.0)
+    image = base64.b64encode(png(20, 10)).decode()
+
+    async def scenario() -> httpx.Response:
+        await endpoint.start()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://server") as client:
+            resp = await client.post("/invocations", json={"inputs": [image]})
+        await endpoint.stop()
+        return resp
+
+    resp = asyncio.run(scenario())
+    assert resp.status_code == status
+    body = resp.json()
+    assert body["error"] == code
+    assert str(error) not in resp.text and type(error).__name__ not in resp.text

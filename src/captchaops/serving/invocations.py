@@ -36,6 +36,7 @@ from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.review_offers import ReviewOffers
 from captchaops.serving.shadow import HEADER as SHADOW_HEADER
 from captchaops.serving.shadow import Copy, Shadow
+from captchaops.serving.trial import NonFiniteOutput
 from captchaops.serving.watcher import AliasWatcher, ServedModel
 from captchaops.settings import Settings
 
@@ -219,9 +220,21 @@ class Invocations:
             )
         except (ClientDisconnect, ClientGone):
             return self._refuse(400, "client_disconnect", "the client went away mid-request")
-        except Exception as exc:
-            log.exception("prediction failed")
-            return self._refuse(500, "prediction_failed", f"{type(exc).__name__}: {exc}")
+        except NonFiniteOutput:
+            log.exception("the served version answered a non-finite number")
+            return self._refuse(
+                503,
+                "version_unusable",
+                "the served version answered a number that is not finite; "
+                "promote another version and retry",
+            )
+        except Exception:
+            log.exception("prediction failed")  # the detail stays in the server's log
+            return self._refuse(
+                500,
+                "prediction_failed",
+                "the model failed on this request; the server log has the detail",
+            )
         self.metrics.images.inc(len(images))
         if _trusted(request):  # anonymous noise feeds no estimate, breaker or shadow
             self.metrics.record_predictions(served.version, predictions)

@@ -10,7 +10,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from captchaops.model.preprocess import MIME_TYPES
 from captchaops.webapp.examples import Example
 from captchaops.webapp.inputs import BadInput, check_image, decode_base64
-from captchaops.webapp.limits import Throttled
+from captchaops.webapp.limits import Throttled, client_address
 from captchaops.webapp.service import Demo, Result
 
 
@@ -48,7 +48,7 @@ def make_blueprint(demo: Demo) -> Blueprint:
     def correct() -> Any:
         """Store the shown image under the label the visitor typed."""
         try:
-            demo.admit_correction(request.remote_addr or "unknown")
+            demo.admit_correction(client_address(request, demo.settings))
         except Throttled as exc:
             page, status = _page(demo, exc.status, error=exc.detail)
             return page, status, {"Retry-After": str(exc.retry_after)}
