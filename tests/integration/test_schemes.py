@@ -216,6 +216,7 @@ def test_serve_model_name_serves_that_scheme(schemes: Schemes, tmp_path: Path) -
         "HOME": str(tmp_path),
         "CAPTCHAOPS_HOME": str(tmp_path),
         "CAPTCHAOPS_TRACKING_URI": b.effective_tracking_uri,
+        "CAPTCHAOPS_SIGNING_PUBLIC_KEY": str(b.effective_signing_public_key),
     }
     proc = start_http_process(
         cmd, f"http://127.0.0.1:{port}/health", env=env, log=tmp_path / "serve.log"
