@@ -62,8 +62,10 @@ class Done:
 def cli(tracking: Tracking, home: Path, *args: str) -> Done:
     """`captchaops ARGS` as a user would run it, against the test tracking server: the CLI's
     own app in this process, with only the environment below; an unexpected error fails."""
-    env: dict[str, str | None] = {
-        k: None for k in os.environ if k.startswith(("CAPTCHAOPS_", "MLFLOW_"))
+    env: dict[str, str | None] = {  # the session's promotion key stays: its servers trust it
+        k: None
+        for k in os.environ
+        if k.startswith(("CAPTCHAOPS_", "MLFLOW_")) and k != "CAPTCHAOPS_SIGNING_KEY_DIR"
     }
     env |= {
         "CAPTCHAOPS_HOME": str(home),
