@@ -12,6 +12,7 @@ from captchaops import mlflow_scope
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import evalset
 from captchaops.evaluation.evalset import EVAL_SEED, EvalSetError
+from captchaops.registry.versions import evalset_problem
 from captchaops.training.run import TrainConfig
 from tests.fixtures.models import make_settings
 from tests.fixtures.stack import Tracking
@@ -21,8 +22,11 @@ from tests.unit.test_frozen import amplified
 def test_frozen_set_is_stored_once_and_loaded_by_digest(
     tracking_server: Tracking, tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        tracking_server, tmp_path, model_name=f"evalset-{uuid.uuid4().hex[:8]}"
+    settings = make_settings(  # its own promotion key, not the session's
+        tracking_server,
+        tmp_path,
+        model_name=f"evalset-{uuid.uuid4().hex[:8]}",
+        signing_key_dir=tmp_path / "keys",
     )
     folder = tmp_path / "team"
     folder.mkdir()
@@ -35,6 +39,9 @@ def test_frozen_set_is_stored_once_and_loaded_by_digest(
     assert len(made) == 43 and made.seed == EVAL_SEED
     assert made.digest == evalset.digest_of(made.images, made.labels)
     assert evalset.current_digest(mlflow_scope.client(settings), settings) == made.digest
+    pinned = mlflow_scope.client(settings).get_registered_model(settings.model_name).tags
+    key = settings.effective_signing_public_key  # the pin is signed with the settings' key
+    assert evalset_problem(pinned, settings.model_name, key) is None
     loaded = evalset.load_evalset(mlflow_scope.client(settings), made.digest)
     assert loaded.images == made.images and loaded.labels == made.labels
     assert evalset.ensure_evalset(mlflow_scope.client(settings), settings).digest == made.digest

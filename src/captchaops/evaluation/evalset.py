@@ -212,7 +212,14 @@ def _store(
         path.write_bytes(pack(evalset.images, evalset.labels, meta))
         client.log_artifact(run.info.run_id, str(path))
     mlflow_scope.finish_run(client, run.info.run_id)
-    pin_evalset(client, settings.model_name, evalset.digest, evalset.seed, evalset.kind)
+    pin_evalset(
+        client,
+        settings.model_name,
+        evalset.digest,
+        evalset.seed,
+        evalset.kind,
+        key_dir=settings.effective_signing_key_dir,
+    )
 
 
 def holdout_indices(names: list[str], fraction: float) -> list[int]:
