@@ -27,6 +27,7 @@ from captchaops.cli import app
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import evalset
 from captchaops.live.estimate import Calibration
+from captchaops.registry.signing import SIGNED_MOVE, load_public_key, open_seal
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.serving import ModelServer, start_model_server
@@ -260,3 +261,23 @@ def test_a_clean_window_promotes_the_canary(stack: Stack, cli: CliRunner) -> Non
     finally:
         if registry.resolve_alias(stack.settings, "production") != stack.production:
             registry.rollback(stack.settings, reason="test cleanup", actor="pytest")
+
+
+def test_canary_moves_are_signed_with_the_settings_key(
+    stack: Stack, tiny_model: TrainedModel, tmp_path: Path
+) -> None:
+    """Starting and ending a canary signs with the settings' promotion key, whatever key the
+    process environment names (last in the module: the server does not trust this key)."""
+    settings = stack.settings.model_copy(update={"signing_key_dir": tmp_path / "keys"})
+    client = registry.client(settings)
+    version = copy_version(settings, tiny_model)
+
+    registry.start_canary(settings, percent=10, version=version, reason="own key", actor="pytest")
+    key = load_public_key(settings.effective_signing_public_key)
+    tags = client.get_registered_model(settings.model_name).tags
+    assert open_seal(tags[SIGNED_MOVE + "canary"], key, model=None, alias="canary").version == (
+        version
+    )
+    registry.end_canary(settings, reason="own key", actor="pytest", version=version)
+    tags = client.get_registered_model(settings.model_name).tags
+    assert open_seal(tags[SIGNED_MOVE + "canary"], key, model=None, alias="canary").version == ""

@@ -113,6 +113,7 @@ def start_canary(
             version_tags={
                 target: {CANARY_PERCENT_TAG: str(percent), "canary_started_at": now()},
             },
+            key_dir=settings.effective_signing_key_dir,
         )
 
 
@@ -156,4 +157,5 @@ def end_canary(
             kind="canary",
             decision=TRIPPED if tripped else ENDED,
             version_tags={current: stamp},
+            key_dir=settings.effective_signing_key_dir,
         )
