@@ -14,6 +14,7 @@ scratch output (bench-results/<name>.json); `--load TEXT` says what else ran ("i
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -38,6 +39,7 @@ def main(argv: list[str]) -> int:
     for name in wanted:
         print(f"\n=== {name} ===", flush=True)
         started = time.monotonic()
+        environ = dict(os.environ)
         try:
             module = importlib.import_module(f"benchmarks.{name}")
             if options:
@@ -47,6 +49,9 @@ def main(argv: list[str]) -> int:
         except Exception as exc:
             print(f"{name} failed: {exc!r}")
             failed.append(name)
+        finally:  # what one benchmark set (its promotion key folder) is not the next one's
+            os.environ.clear()
+            os.environ.update(environ)
         print(f"({name} took {time.monotonic() - started:.0f}s)")
     return 1 if failed else 0
 

@@ -48,6 +48,7 @@ from harness.processes import (
     http_service,
     tracking_server,
 )
+from harness.stack import share_signing_key
 
 TARGET_BOMB_MS = 50.0
 TARGET_P99_FLOOR_MS = 250.0
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the attack benchmark and print its figures against the targets."""
     args = _parse(argv or [])
     work = Path(tempfile.mkdtemp(prefix="bench-attack-"))
+    share_signing_key(work)  # servers follow only moves signed with the key the writer here uses
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     try:

@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     from captchaops.settings import load_settings
     from captchaops.training.run import TrainConfig, train
     from harness.processes import tracking_server
+    from harness.stack import share_signing_key
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
+        share_signing_key(home)  # the in-process assign_alias signs with the settings' key
         with tracking_server(home) as server:
             settings = load_settings(home=home, tracking_uri=server.uri, staging_floor=0.0)
             quick = replace(TrainConfig(), synthetic=256, epochs=1, max_minutes=2.0, workers=1)

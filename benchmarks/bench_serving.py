@@ -37,6 +37,7 @@ from harness.processes import (
     http_service,
     tracking_server,
 )
+from harness.stack import share_signing_key
 
 MODEL_NAME = "text-captcha"
 TARGET_SPEEDUP = 5.0  # issue 13 (was 3, issue 5)
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse(argv or [])
     levels = [int(x) for x in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    share_signing_key(work)  # servers follow only moves signed with the key the writer here uses
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     try:

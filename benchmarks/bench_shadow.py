@@ -38,6 +38,7 @@ from benchmarks.bench_serving import (
 )
 from captchaops.settings import Settings
 from harness.processes import VENV_BIN, free_port, http_service, tracking_server
+from harness.stack import share_signing_key
 
 TARGET_RATIO = 1.10
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the shadow benchmark and print the comparison."""
     args = _parse(argv or [])
     work = Path(tempfile.mkdtemp(prefix="bench-shadow-"))
+    share_signing_key(work)  # servers follow only moves signed with the key the writer here uses
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)
     try:

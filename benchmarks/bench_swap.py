@@ -32,7 +32,7 @@ from benchmarks.bench_serving import MODEL_NAME, LoadResult, prepare_model, requ
 from captchaops.settings import Settings, load_settings
 from captchaops.stack import webhooks
 from harness.processes import VENV_BIN, free_port, http_service, tracking_server
-from harness.stack import copy_version
+from harness.stack import SIGNING_KEY_ENV, copy_version, share_signing_key
 
 TARGET_S = 0.5
 SETTLE_S = 3.0
@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTCHAOPS_", "MLFLOW_"))}
     base["PATH"] = f"{VENV_BIN}{os.pathsep}{base.get('PATH', '')}"
+    # the servers follow only moves signed with the key this process's registry writer uses
+    base[SIGNING_KEY_ENV] = str(share_signing_key(work))
     settings = webhooks.ensure_secrets(load_settings(home=work / "home"))
     assert settings.webhook_secret is not None
     load_before = os.getloadavg()

@@ -32,15 +32,35 @@ PORTS = {
     "app": "CAPTCHAOPS_APP_PORT",
 }
 HEALTH = {"tracking": "/health", "production": "/ping", "staging": "/ping", "app": "/healthz"}
+SIGNING_KEY_ENV = "CAPTCHAOPS_SIGNING_KEY_DIR"
+"""Where the promotion key lives: model servers follow only alias moves it signed."""
+
+
+def share_signing_key(work: Path) -> Path:
+    """Make this process and every process it starts from now on sign and verify alias moves
+    with one promotion key: the environment's folder if it names one, else one under `work`.
+
+    For benchmarks that move aliases in-process (the registry writer reads the environment's
+    settings) while their servers run with homes of their own.
+    """
+    folder = os.environ.get(SIGNING_KEY_ENV) or str(work / "promotion-keys")
+    os.environ[SIGNING_KEY_ENV] = folder
+    return Path(folder)
 
 
 def stack_env(home: Path, **extra: str) -> dict[str, str]:
-    """An environment for a private stack: its own home, free ports, no inherited credentials."""
+    """An environment for a private stack: its own home, free ports, no inherited credentials.
+
+    The promotion key is the one this process names (SIGNING_KEY_ENV), else the home's, so
+    alias moves made in-process (`PrivateStack.settings`) are ones the stack's servers follow.
+    """
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("CAPTCHAOPS_", "AWS_", "MLFLOW_"))
     }
     env.update({setting: str(free_port()) for setting in PORTS.values()})
+    keys = os.environ.get(SIGNING_KEY_ENV) or str(home / "promotion-keys")
     env.update(CAPTCHAOPS_HOME=str(home), CAPTCHAOPS_POLL_SECONDS="0.5", **extra)
+    env.setdefault(SIGNING_KEY_ENV, keys)
     return env
 
 
@@ -88,6 +108,8 @@ class PrivateStack:
             "home": self.home,
             "tracking_uri": None,
             "staging_floor": float(self.env.get("CAPTCHAOPS_STAGING_FLOOR", "0.5")),
+            "signing_key_dir": Path(self.env[SIGNING_KEY_ENV]),
+            "signing_public_key": None,
         }
         for name, setting in PORTS.items():
             overrides[f"{name}_port"] = int(self.env[setting])

@@ -171,3 +171,21 @@ def test_the_product_imports_no_test_support() -> None:
         "import os\nfrom harness.processes import free_port\ndef f():\n    import harness.load\n"
     )
     assert harness_imports(planted) == ["harness.processes", "harness.load"]
+
+
+def test_a_private_stack_signs_in_process_with_the_key_its_servers_trust(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from harness.stack import SIGNING_KEY_ENV, PrivateStack, share_signing_key
+
+    monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
+    own = PrivateStack.create(tmp_path / "own")  # no key named here: the home's
+    assert own.env[SIGNING_KEY_ENV] == str(tmp_path / "own" / "promotion-keys")
+    assert own.settings().effective_signing_key_dir == tmp_path / "own" / "promotion-keys"
+
+    shared = share_signing_key(tmp_path / "bench")  # a benchmark's: this process and children
+    assert os.environ[SIGNING_KEY_ENV] == str(shared) == str(tmp_path / "bench" / "promotion-keys")
+    stack = PrivateStack.create(tmp_path / "stack")
+    assert stack.env[SIGNING_KEY_ENV] == str(shared)
+    assert stack.settings().effective_signing_key_dir == shared
+    assert share_signing_key(tmp_path / "later") == shared  # a folder already named is kept
