@@ -11,6 +11,9 @@
 #                                filer accept writes and filer reads only when signed
 #   backup_passphrase            encrypts deploy/backup.sh's files; never inside a backup:
 #                                keep a copy apart (a password manager)
+#   promotion_key(.pub)          the Ed25519 promotion key that signs alias moves (needs
+#                                openssl): the `train` service gets both halves, the model
+#                                servers only promotion_key.pub
 set -eu
 cd "$(dirname "$0")"
 umask 022
@@ -68,7 +71,21 @@ ui = false
 TOML
   echo "created deploy/secrets/seaweedfs_security.toml"
 fi
+
+# The promotion key signs every alias move (the gate, promote, rollback, canaries); model
+# servers follow only moves its public half verifies. Made once; the public half is derived.
+if [ ! -s secrets/promotion_key ]; then
+  if ! command -v openssl >/dev/null 2>&1; then
+    echo "make-secrets.sh: the promotion key needs openssl; install it and run this again" >&2
+    exit 1
+  fi
+  openssl genpkey -algorithm ed25519 -out secrets/promotion_key
+  echo "created deploy/secrets/promotion_key"
+fi
+openssl pkey -in secrets/promotion_key -pubout -out secrets/promotion_key.pub
+
 chmod 644 secrets/*
 echo "secrets are in deploy/secrets/ (backups hold them, encrypted, except the passphrase)"
 echo "copy deploy/secrets/backup_passphrase somewhere apart: without it no backup opens"
 echo "MLflow admin password: deploy/secrets/mlflow_admin_password (user: admin)"
+

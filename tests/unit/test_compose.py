@@ -137,8 +137,9 @@ def test_no_secret_in_the_compose_file(spec: dict[str, Any]) -> None:
     made = (DEPLOY / "make-secrets.sh").read_text()
     for name, service in spec["services"].items():
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"PASSWORD|SECRET|_KEY$", key):
-                assert key.endswith("_FILE") and value.startswith("/run/secrets/"), (name, key)
+            if re.search(r"PASSWORD|SECRET|_KEY$", key):  # a path to a secret, never one
+                assert key.endswith(("_FILE", "_PUBLIC_KEY")), (name, key)
+                assert value.startswith("/run/secrets/"), (name, key)
         for ref in service.get("secrets", []):
             source = ref if isinstance(ref, str) else ref["source"]
             assert source in declared, (name, source)
@@ -198,7 +199,13 @@ def test_make_secrets_generates_once_and_keeps_them(deploy_copy: Path) -> None:
     secrets = deploy_copy / "secrets"
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
     values = {p.name: p.read_text() for p in secrets.iterdir()}
-    not_passwords = ("s3_access_key", "seaweedfs_s3.json", "seaweedfs_security.toml")
+    not_passwords = (
+        "s3_access_key",
+        "seaweedfs_s3.json",
+        "seaweedfs_security.toml",
+        "promotion_key",
+        "promotion_key.pub",
+    )
     passwords = [v for k, v in values.items() if k not in not_passwords]
     assert len(set(passwords)) == len(passwords) and all(len(v) >= 12 for v in passwords)
     assert all(re.fullmatch(r"[0-9a-f]+", v) for v in passwords), "must be URL-safe"
@@ -257,3 +264,40 @@ def test_production_shadows_to_staging_and_staging_never_copies(spec: dict[str, 
         staging["CAPTCHAOPS_TRACKING_URI"]
         == services["production"]["environment"]["CAPTCHAOPS_TRACKING_URI"]
     )
+
+
+def test_model_servers_get_only_the_promotion_public_key(
+    spec: dict[str, Any], deploy_copy: Path
+) -> None:
+    from captchaops.registry.signing import ensure_key
+
+    holders = {
+        name
+        for name, service in spec["services"].items()
+        for ref in service.get("secrets", [])
+        if (ref if isinstance(ref, str) else ref["source"]) == "promotion_key"
+    }
+    assert holders == {"train"}  # the gate and promotions run there
+    for name in ("production", "staging"):
+        service = spec["services"][name]
+        env = service["environment"]
+        mounts = {ref["source"]: ref["target"] for ref in service["secrets"]}
+        assert "promotion_key" not in mounts and "CAPTCHAOPS_SIGNING_KEY_DIR" not in env, name
+        assert (
+            env["CAPTCHAOPS_SIGNING_PUBLIC_KEY"] == f"/run/secrets/{mounts['promotion_public_key']}"
+        )
+    train = spec["services"]["train"]
+    keys = train["environment"]["CAPTCHAOPS_SIGNING_KEY_DIR"]
+    targets = {ref["source"]: ref["target"] for ref in train["secrets"]}
+    assert targets == {
+        "promotion_key": f"{keys}/moves.key",
+        "promotion_public_key": f"{keys}/moves.pub",
+    }
+    # the pair make-secrets.sh writes is one captchaops signs with as it is (nothing rewritten)
+    folder = deploy_copy / "keys"
+    folder.mkdir()
+    for made, name in (("promotion_key", "moves.key"), ("promotion_key.pub", "moves.pub")):
+        shutil.copy(deploy_copy / "secrets" / made, folder / name)
+    public = (folder / "moves.pub").read_bytes()
+    ensure_key(folder)
+    assert (folder / "moves.pub").read_bytes() == public

@@ -375,3 +375,12 @@ def test_serving_deployments_probe_over_http_with_limits_and_replicas() -> None:
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert template["spec"]["securityContext"]["runAsNonRoot"] is True
         assert services[name]["spec"]["ports"][0]["targetPort"] == "http"
+        # only the promotion key's public half, read-only: what the server checks moves with
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+        assert "CAPTCHAOPS_SIGNING_KEY_DIR" not in env
+        key = mounts["promotion-key"]
+        assert key["readOnly"] is True
+        assert env["CAPTCHAOPS_SIGNING_PUBLIC_KEY"] == f"{key['mountPath']}/moves.pub"
+        assert volumes["promotion-key"]["configMap"]["name"] == "captchaops-promotion-key"
