@@ -111,6 +111,8 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
         "CAPTCHAOPS_MODEL_NAME": settings.model_name,
         "CAPTCHAOPS_EXPERIMENT_NAME": settings.experiment_name,
         "CAPTCHAOPS_POLL_SECONDS": str(settings.poll_seconds),
+        # what moves the servers follow: those signed by this settings' promotion key
+        "CAPTCHAOPS_SIGNING_PUBLIC_KEY": str(settings.effective_signing_public_key),
         "PYTHONUNBUFFERED": "1",
     }
     specs: list[Service] = []
