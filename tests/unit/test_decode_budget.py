@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import io
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -267,3 +270,29 @@ def test_requests_sharing_a_call_that_ends_its_worker_are_each_answered_alone(
     assert (costly_one.status, costly_one.error) == (422, "too_costly")
     want = np.stack([preprocess.preprocess(captchas[0], 32, 96)])
     assert np.array_equal(preprocess.unit_range(first), want)
+
+
+SERVER = """
+import asyncio
+from captchaops.serving.decoding import DecodeLimits, Decoders
+
+async def main():
+    await Decoders(DecodeLimits(workers=2)).start()
+    print("ready", flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_a_server_killed_outright_leaves_no_decoding_process_behind() -> None:
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        helpers = psutil.Process(server.pid).children(recursive=True)
+        assert len(helpers) >= 3, "a forkserver, its workers and a resource tracker"
+    finally:
+        server.kill()  # SIGKILL: no shutdown code runs in the server
+        server.wait()
+    _, alive = psutil.wait_procs(helpers, timeout=10)
+    assert alive == [], [p.pid for p in alive]

@@ -19,6 +19,8 @@ import math
 import os
 import resource
 import signal
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -50,9 +52,12 @@ def refusal_of(exc: InvalidImage) -> tuple[int, str]:
     return 400, "invalid_image"
 
 
-def limit_worker(memory_bytes: int) -> None:
-    """The initializer of a decoding worker: cap its address space at what it maps now plus
-    `memory_bytes`, and make sure SIGPROF and SIGXCPU end it."""
+def limit_worker(memory_bytes: int, server_pid: int = 0) -> None:
+    """The initializer of a decoding worker: end it when the server `server_pid` is gone, cap
+    its address space at what it maps now plus `memory_bytes`, and make sure SIGPROF and SIGXCPU
+    end it."""
+    if server_pid:  # before the address-space cap: the thread's stack is mapped now
+        threading.Thread(target=_follow, args=(server_pid,), daemon=True).start()
     with open("/proc/self/statm") as statm:
         mapped = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = mapped + memory_bytes
@@ -63,6 +68,20 @@ def limit_worker(memory_bytes: int) -> None:
     Image.preinit()  # registers the plugins: otherwise the first image's CPU time pays for it
     signal.signal(signal.SIGPROF, signal.SIG_DFL)
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)
+
+
+def _follow(server_pid: int) -> None:
+    """End this worker once its server is gone. A worker's parent is the forkserver, not the
+    server, so a server killed outright (SIGKILL, the OOM killer) would otherwise leave the
+    workers, and through the pipes they hold the forkserver and resource tracker, running."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(server_pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:  # the pid now belongs to another account's process
+            os._exit(0)
 
 
 def _cpu_used() -> float:

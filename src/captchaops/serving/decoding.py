@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
+from multiprocessing import forkserver
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -112,6 +113,13 @@ class Decoders:
             self._end(worker, kill=True)
         for piece in self._queue:
             piece.future.cancel()
+        # The forkserver would end only once it notices this process is gone, a moment after
+        # `captchaops down` returns; stopping it here leaves nothing of the server behind.
+        # `_stop` is the standard library's own (its tests use it); absent, the server's exit
+        # still ends it.
+        stop_forkserver = getattr(forkserver._forkserver, "_stop", None)
+        if stop_forkserver is not None:
+            stop_forkserver()
 
     async def decode(self, images: list[bytes], geometry: Geometry) -> np.ndarray:
         """The images as uint8[N, H, W, C], or a ProtocolError naming the first refused image
@@ -256,7 +264,7 @@ class Decoders:
                 max_workers=1,
                 mp_context=self._context,
                 initializer=decode_worker.limit_worker,
-                initargs=(self.limits.memory_bytes,),
+                initargs=(self.limits.memory_bytes, os.getpid()),
             )
             try:
                 with _main_not_imported():  # the process starts within this first submit

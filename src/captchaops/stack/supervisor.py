@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -12,6 +13,7 @@ import xmlrpc.client
 from pathlib import Path
 from typing import Any
 
+import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
 from captchaops.settings import Settings, refuse_control_characters, write_private
@@ -125,6 +127,7 @@ def shutdown_daemon(settings: Settings, timeout: float = 60.0) -> None:
     """Stop every service, then supervisord itself, and wait until it is gone."""
     pidfile = run_dir(settings) / "supervisord.pid"
     pid = int(pidfile.read_text().strip()) if pidfile.exists() else None
+    descendants = _descendants(pid)
     proxy = rpc(settings)
     try:
         proxy.supervisor.stopAllProcesses(True)
@@ -138,6 +141,25 @@ def shutdown_daemon(settings: Settings, timeout: float = 60.0) -> None:
         except ProcessLookupError:
             break
         time.sleep(0.1)
+    # A service's own helpers (a model server's forkserver, decoding workers and resource
+    # tracker) end a moment after it does, and a stuck one not at all: wait for them, briefly.
+    _, alive = psutil.wait_procs(
+        descendants, timeout=min(10.0, max(0.0, deadline - time.monotonic()))
+    )
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _descendants(pid: int | None) -> list[psutil.Process]:
+    """Every process started under supervisord (services and whatever they started)."""
+    if pid is None:
+        return []
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def process_info(settings: Settings) -> dict[str, dict[str, Any]]:
