@@ -53,6 +53,14 @@ def make_blueprint(demo: Demo) -> Blueprint:
         results = demo.predict(data)
         demo.offer_for_review(data, fmt, results, "api")
         body = {r.answer.alias: r.to_json() for r in results}
+        refused = [r.answer.refused_input for r in results]
+        if refused and all(refused):  # every server read the image and refused it
+            return jsonify(
+                error="image_refused",
+                detail="The model servers cannot read this image; send an intact PNG, JPEG, "
+                "GIF or BMP.",
+                environments=body,
+            ), max(s for s in refused if s is not None)
         if not any(r.answer.available for r in results):
             return jsonify(
                 error="no_model_server",

@@ -24,6 +24,9 @@ class Answer:
     name: str | None = None
     version: str | None = None
     error: str | None = None
+    refused_input: int | None = None
+    """The 4xx status when the server refused the image itself (the image is bad, not the
+    server)."""
 
     @property
     def available(self) -> bool:
@@ -44,6 +47,10 @@ class Served:
     error: str | None = None
 
 
+IMAGE_REFUSALS = frozenset({400, 413, 415, 422})
+"""A model server's statuses for an image it will not read (broken, too large, too costly)."""
+
+
 def predict(http: httpx.Client, alias: str, url: str, image: bytes, timeout: float) -> Answer:
     """Send one image to one model server's `/invocations` and time the round trip."""
     body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image).decode()]]}}
@@ -56,7 +63,8 @@ def predict(http: httpx.Client, alias: str, url: str, image: bytes, timeout: flo
         return Answer(alias, url, error="server not reachable")
     latency_ms = (time.perf_counter() - start) * 1000
     if resp.status_code != 200:
-        return Answer(alias, url, error=_error_text(resp))
+        refused = resp.status_code if resp.status_code in IMAGE_REFUSALS else None
+        return Answer(alias, url, error=_error_text(resp), refused_input=refused)
     try:
         first = resp.json()["predictions"][0]
         text, confidence = str(first["text"]), float(first["confidence"])
