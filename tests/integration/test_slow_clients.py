@@ -18,8 +18,9 @@ from harness import slow
 from harness.attacks import b64, captcha, scoring
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import ModelServer, start_model_server
+from tests.fixtures.signing import signed_stage
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
-from tests.integration.test_gate import copy_version, isolated, stage
+from tests.integration.test_gate import copy_version, isolated
 
 pytestmark = pytest.mark.slow
 HEAD_TIMEOUT_S = 2.0
@@ -41,7 +42,7 @@ def servers(
     home = tmp_path_factory.mktemp("slow")
     settings = isolated(tracking_server, home)
     version = copy_version(settings, tiny_model)
-    stage(settings, version)
+    signed_stage(settings, version)
     model = start_model_server(
         tracking_server.uri,
         "staging",

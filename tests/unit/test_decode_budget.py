@@ -272,6 +272,30 @@ def test_requests_sharing_a_call_that_ends_its_worker_are_each_answered_alone(
     assert np.array_equal(preprocess.unit_range(first), want)
 
 
+def test_a_pool_stopped_while_it_replaces_a_worker_leaves_no_worker_running() -> None:
+    """`stop` right after the kernel ended a worker, while its replacement is starting: the
+    replacement is in no list yet, and left running it kept the forkserver alive, so the
+    next `stop` in the process waited for it for ever (CI: a 600 s timeout)."""
+    noise = np.random.default_rng(3).integers(0, 256, (1000, 1000, 4), dtype=np.uint8)
+    costly = encode(Image.fromarray(noise, "RGBA"), "PNG")
+    pool = Decoders(DecodeLimits(workers=1, cpu_seconds=0.01))
+    before = set(psutil.Process().children(recursive=True))
+
+    async def replace_then_stop() -> None:
+        await pool.start()
+        with pytest.raises(ProtocolError):
+            await pool.decode([costly], Geometry(32, 96, 1))
+        await asyncio.sleep(0)  # the slot is now starting the replacement
+        await asyncio.wait_for(pool.stop(), timeout=20)
+
+    asyncio.run(replace_then_stop())
+    started = [p for p in psutil.Process().children(recursive=True) if p not in before]
+    _, alive = psutil.wait_procs(
+        [p for p in started if "resource_tracker" not in " ".join(p.cmdline())], timeout=10
+    )
+    assert alive == [], [(p.pid, p.cmdline()) for p in alive]
+
+
 SERVER = """
 import asyncio
 from captchaops.serving.decoding import DecodeLimits, Decoders

@@ -27,7 +27,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
 from multiprocessing import forkserver
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -87,6 +87,8 @@ class _Piece:
 class Decoders:
     """A few decoding worker processes, each bounded by the kernel, fed in arrival order."""
 
+    _running: ClassVar[int] = 0  # pools started and not stopped, in this process
+
     def __init__(self, limits: DecodeLimits) -> None:
         self.limits = limits
         self._context = multiprocessing.get_context("forkserver")
@@ -101,6 +103,7 @@ class Decoders:
     async def start(self) -> None:
         """Start every worker, wait until each has answered once, and start feeding them."""
         self._queued = asyncio.Event()
+        Decoders._running += 1
         started = await asyncio.gather(*(self._new_worker() for _ in range(self.limits.workers)))
         self._slots = [asyncio.create_task(self._slot(worker)) for worker in started]
 
@@ -117,8 +120,11 @@ class Decoders:
         # `captchaops down` returns; stopping it here leaves nothing of the server behind.
         # `_stop` is the standard library's own (its tests use it); absent, the server's exit
         # still ends it.
+        # Only the last pool of this process stops it: `_stop` waits for the forkserver, which
+        # lives while any worker of any pool does.
+        Decoders._running -= 1
         stop_forkserver = getattr(forkserver._forkserver, "_stop", None)
-        if stop_forkserver is not None:
+        if stop_forkserver is not None and Decoders._running == 0:
             stop_forkserver()
 
     async def decode(self, images: list[bytes], geometry: Geometry) -> np.ndarray:
@@ -270,6 +276,12 @@ class Decoders:
                 with _main_not_imported():  # the process starts within this first submit
                     started = executor.submit(os.getpid)
                 pid = await asyncio.wrap_future(started)
+            except asyncio.CancelledError:
+                # `stop` while this worker starts: it is in no list `stop` ends, and alive it
+                # would keep the forkserver (which `stop` waits for) alive; shut down, it ends
+                # once it has started
+                executor.shutdown(wait=False, cancel_futures=True)
+                raise
             except (BrokenProcessPool, OSError) as exc:
                 executor.shutdown(wait=False, cancel_futures=True)
                 if not retry:
