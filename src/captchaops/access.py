@@ -22,6 +22,11 @@ LOOKUP = {
 }
 LEVELS = {"NO_PERMISSIONS": 0, "DENY": 0, "READ": 1, "USE": 1, "EDIT": 2, "MANAGE": 3}
 ROLE_FOR = {1: "reader", 2: "editor", 3: "admin"}
+# Experiments captchaops writes besides the settings' experiment_name and feedback_experiment.
+# Their owners (data/frozen.py, registry/audit.py) sit in layers above this one and import MLflow;
+# repeating the names keeps `captchaops users` quick, and tests/unit/test_users.py checks them.
+EVAL_EXPERIMENT = "text-captcha-evaluation"
+AUDIT_EXPERIMENT = "text-captcha-promotions"
 
 
 class AccessError(Exception):
@@ -39,8 +44,6 @@ class Need:
 
 def needs(settings: Settings, action: str) -> list[Need]:
     """What each command needs beyond logging in; readers need nothing more than a login."""
-    from captchaops.team_accounts import AUDIT_EXPERIMENT, EVAL_EXPERIMENT
-
     model = Need("registered_model", settings.model_name)
     if action == "train":
         return [Need("experiment", settings.experiment_name), model]

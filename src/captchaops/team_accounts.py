@@ -15,17 +15,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from captchaops.access import AUDIT_EXPERIMENT, EVAL_EXPERIMENT
 from captchaops.live import monitoring
 from captchaops.registry.rest_writes import ensure_registered_model
 from captchaops.settings import Settings
 from captchaops.tracking_rest import MISSING, TrackingError, TrackingRest, TrackingUnreachable
 
 ROLES = ("reader", "editor", "admin")
-# Experiments captchaops writes besides the settings' experiment_name and feedback_experiment.
-# Their owners (evaluation/evalset.py, registry/audit.py) import MLflow and NumPy; repeating the names keeps
-# `captchaops users` quick, and tests/unit/test_users.py checks them.
-EVAL_EXPERIMENT = "text-captcha-evaluation"
-AUDIT_EXPERIMENT = "text-captcha-promotions"
 MIN_PASSWORD = 12
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
