@@ -50,8 +50,8 @@ class TrainConfig:
 
         One pool of 24,064 training images, drawn beside the first 800 steps (`fill_steps`)
         instead of before the first step: idle, three runs read 95.15-95.60% (median 95.50%)
-        of 2,000 held-out CAPTCHAs with the first step after 8.8-10.6 s, against 94.25/94.80%
-        and 54 s for the set drawn first (docs/training.md, "The first step without Grappler").
+        of 2,000 held-out CAPTCHAs with the first step after 8.8-10.6 s
+        (docs/results.md#demo-2026-12-04), against 94.25/94.80% and 54 s for the set drawn first.
         """
         return cls(fresh=True, fill_steps=800)
 
