@@ -169,6 +169,36 @@ def test_what_counts_as_a_measured_figure(text: str, flagged: list[str]) -> None
     assert found == ([", ".join(flagged)] if flagged else [])
 
 
+# Diary wording: a guide says what the system does now, not what happened on the way there.
+DIARY = re.compile(
+    r"\b(?:we (?:found|tried|measured|saw)|this round\b(?! trip)|since then|last run|"
+    r"earlier runs?|the first run|until now|used to|before this change|after this change)\b",
+    re.I,
+)
+
+
+def test_no_doc_reads_like_a_diary() -> None:
+    found = [
+        f"{doc.name}:{number}: {line.strip()[:120]}"
+        for doc in DOCS
+        if doc.name != "results.md"
+        for number, line in enumerate(doc.read_text().splitlines(), 1)
+        if DIARY.search(line)
+    ]
+    assert not found, "history in a guide (say what the system does instead):\n" + "\n".join(found)
+
+
+def test_the_readme_starts_with_two_commands() -> None:
+    first_screen = (ROOT / "README.md").read_text().split("\n---", 1)[0]
+    commands = [
+        line.split("#", 1)[0].strip()
+        for block in re.findall(r"```\w*\n(.*?)```", first_screen, re.S)
+        for line in block.splitlines()
+        if line.strip()
+    ]
+    assert commands == ["make demo", "make test"]
+
+
 def test_results_md_is_current_with_the_records() -> None:
     assert (ROOT / "docs" / "results.md").read_text() == report.render(), (
         "docs/results.md is stale: run `python -m benchmarks report` and commit it"
