@@ -142,6 +142,7 @@ def _load_drill(
     stack: PrivateStack, settings: Settings, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
     from captchaops import registry
+    from captchaops.decisions import promotion
 
     champion = registry.resolve_alias(settings, registry.PRODUCTION)
     assert champion
@@ -156,13 +157,13 @@ def _load_drill(
             for what, act, version in (
                 (
                     "promote",
-                    lambda: registry.promote(settings, version=second, reason="bench"),
+                    lambda: promotion.promote(settings, version=second, reason="bench"),
                     second,
                 ),
-                ("rollback", lambda: registry.rollback(settings, reason="bench"), champion),
+                ("rollback", lambda: promotion.rollback(settings, reason="bench"), champion),
                 (
                     "promote again",
-                    lambda: registry.promote(settings, version=third, reason="bench"),
+                    lambda: promotion.promote(settings, version=third, reason="bench"),
                     third,
                 ),
             ):

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     os.sched_setaffinity(0, cores)
 
     from captchaops import mlflow_scope, registry
-    from captchaops.evaluation import evalset, gate
+    from captchaops.decisions import gate, promotion
+    from captchaops.evaluation import evalset
     from captchaops.settings import load_settings
     from captchaops.training.run import TrainConfig, train
     from harness.processes import tracking_server
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             began = time.perf_counter()
             frozen = evalset.create_evalset(mlflow_scope.client(settings), settings, size=args.size)
             create_s = time.perf_counter() - began
-            registry.promote(settings, version=champion, reason="benchmark champion", force=True)
+            promotion.promote(settings, version=champion, reason="benchmark champion", force=True)
             client = registry.client(settings)
             registry.assign_alias(
                 client,

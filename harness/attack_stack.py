@@ -143,7 +143,7 @@ def attacked_stack(home: Path) -> Iterator[tuple[PrivateStack, Targets]]:
     """A whole stack (`captchaops up`) with a tiny model trained, gated to @production and
     @staging, listening on every interface when this machine has a non-loopback address (so
     the review queue's loopback rule can be tried); stopped afterwards."""
-    from captchaops.evaluation import gate
+    from captchaops.decisions import gate
     from captchaops.training.run import TrainConfig, train
     from harness.mlflow_state import mlflow_state_restored
 

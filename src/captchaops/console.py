@@ -21,7 +21,7 @@ from rich.text import Text
 from captchaops.live.reported import NO_CALIBRATION
 
 if TYPE_CHECKING:
-    from captchaops.evaluation.gate import Decision
+    from captchaops.decisions.gate import Decision
     from captchaops.live.reported import LiveState
     from captchaops.registry import Listing, VersionRow
     from captchaops.stack.control import ServiceStatus

@@ -81,7 +81,7 @@ def run_demo(
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
     from captchaops import registry
     from captchaops.console import training_speed
-    from captchaops.evaluation import gate
+    from captchaops.decisions import gate
     from captchaops.training.run import TrainConfig, train
 
     started = time.monotonic()

@@ -28,7 +28,7 @@ import pytest
 
 from captchaops import registry
 from captchaops.data.synthetic import generate_one
-from captchaops.evaluation import gate
+from captchaops.decisions import gate, promotion
 from captchaops.settings import Settings
 from harness.load import Load
 from harness.mlflow_state import mlflow_state_restored
@@ -113,11 +113,11 @@ def test_promote_rollback_promote_under_load_fails_no_request(drill: Drill, tmp_
     )
     load = Load.start(stack.url("production"), rate=20, seconds=300, out=tmp_path / "load.json")
     try:
-        registry.promote(s, version=second, reason="drill: promote under load", actor="drills")
+        promotion.promote(s, version=second, reason="drill: promote under load", actor="drills")
         stack.wait_version("production", second)
-        registry.rollback(s, reason="drill: roll back under load", actor="drills")
+        promotion.rollback(s, reason="drill: roll back under load", actor="drills")
         stack.wait_version("production", champion)
-        registry.promote(s, version=third, reason="drill: promote again", actor="drills")
+        promotion.promote(s, version=third, reason="drill: promote again", actor="drills")
         stack.wait_version("production", third)
         time.sleep(1)
         report = load.finish()

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from captchaops import mlflow_scope, registry
 from captchaops.cli import app
 from captchaops.data.synthetic import generate
+from captchaops.decisions import canaries, promotion
 from captchaops.evaluation import evalset
 from captchaops.live.estimate import Calibration
 from captchaops.registry.signing import SIGNED_MOVE, load_public_key, open_seal
@@ -77,7 +78,7 @@ def stack(
     )
     evalset.create_evalset(mlflow_scope.client(settings), settings, size=60)
     production = copy_version(settings, tiny_model)
-    registry.promote(settings, version=production, reason="first", actor="pytest")
+    promotion.promote(settings, version=production, reason="first", actor="pytest")
     good, bad = copy_version(settings, tiny_model), copy_version(settings, tiny_model)
     client = registry.client(settings)
     scored = client.get_model_version(settings.model_name, production).tags
@@ -260,7 +261,7 @@ def test_a_clean_window_promotes_the_canary(stack: Stack, cli: CliRunner) -> Non
         assert move.decision == "ended" and move.reason.startswith("promoted to @production")
     finally:
         if registry.resolve_alias(stack.settings, "production") != stack.production:
-            registry.rollback(stack.settings, reason="test cleanup", actor="pytest")
+            promotion.rollback(stack.settings, reason="test cleanup", actor="pytest")
 
 
 def test_canary_moves_are_signed_with_the_settings_key(
@@ -272,12 +273,12 @@ def test_canary_moves_are_signed_with_the_settings_key(
     client = registry.client(settings)
     version = copy_version(settings, tiny_model)
 
-    registry.start_canary(settings, percent=10, version=version, reason="own key", actor="pytest")
+    canaries.start_canary(settings, percent=10, version=version, reason="own key", actor="pytest")
     key = load_public_key(settings.effective_signing_public_key)
     tags = client.get_registered_model(settings.model_name).tags
     assert open_seal(tags[SIGNED_MOVE + "canary"], key, model=None, alias="canary").version == (
         version
     )
-    registry.end_canary(settings, reason="own key", actor="pytest", version=version)
+    canaries.end_canary(settings, reason="own key", actor="pytest", version=version)
     tags = client.get_registered_model(settings.model_name).tags
     assert open_seal(tags[SIGNED_MOVE + "canary"], key, model=None, alias="canary").version == ""

@@ -25,7 +25,8 @@ from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
 from captchaops import mlflow_scope, registry
-from captchaops.evaluation import evalset, gate, report
+from captchaops.decisions import gate, promotion
+from captchaops.evaluation import evalset, report
 from captchaops.live.estimate import Calibration
 from captchaops.mlflow_scope import pointed_at
 from captchaops.model.graph_policy import op_set
@@ -185,7 +186,7 @@ def test_better_candidate_is_promoted_and_worse_rejected(
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
     junk = damaged_version(settings, tiny_model, "junk")
-    registry.promote(settings, version=junk, reason="seed the champion", actor="pytest")
+    promotion.promote(settings, version=junk, reason="seed the champion", actor="pytest")
     better = copy_version(settings, tiny_model)
     stage(settings, better)
 
@@ -243,7 +244,7 @@ def test_margin_is_respected(
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
     champion = copy_version(settings, tiny_model)
-    registry.promote(settings, version=champion, reason="seed the champion", actor="pytest")
+    promotion.promote(settings, version=champion, reason="seed the champion", actor="pytest")
     twin = copy_version(settings, tiny_model)
     stage(settings, twin)
 

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from captchaops import registry
-from captchaops.evaluation import gate
+from captchaops.decisions import gate
 from captchaops.live import monitoring
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel

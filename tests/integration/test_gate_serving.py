@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from captchaops import registry
-from captchaops.evaluation import gate
+from captchaops.decisions import gate, promotion
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import model_server
 from tests.fixtures.stack import Tracking
@@ -41,6 +40,6 @@ def test_running_server_follows_gate_and_rollback_without_restart(
         assert decision.promote, decision.refusals
         server.wait_version(second)
 
-        registry.rollback(settings, reason="back to the first", actor="pytest")
+        promotion.rollback(settings, reason="back to the first", actor="pytest")
         server.wait_version(first)
         assert server.proc.poll() is None and server.proc.pid == pid

@@ -10,7 +10,8 @@ import mlflow
 import pytest
 
 from captchaops import mlflow_scope, registry
-from captchaops.evaluation import evalset, gate
+from captchaops.decisions import gate, promotion, scores
+from captchaops.evaluation import evalset
 from captchaops.mlflow_scope import pointed_at
 from captchaops.registry import RegistryError
 from captchaops.settings import Settings
@@ -53,12 +54,12 @@ def test_rollback_restores_the_previous_production_version(
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
     first = copy_version(settings, tiny_model)
-    registry.promote(settings, version=first, reason="first release", actor="alice")
+    promotion.promote(settings, version=first, reason="first release", actor="alice")
     second = damaged_version(settings, tiny_model, "junk")
-    registry.promote(settings, version=second, reason="try the new one", actor="bob")
+    promotion.promote(settings, version=second, reason="try the new one", actor="bob")
     assert production(settings) == second
 
-    move = registry.rollback(settings, reason="users complain", actor="carol")
+    move = promotion.rollback(settings, reason="users complain", actor="carol")
 
     assert (move.from_version, move.to_version, move.kind) == (second, first, "rollback")
     assert production(settings) == first
@@ -88,7 +89,7 @@ def test_rollback_restores_the_previous_production_version(
     assert records[2].data.metrics["candidate_cer"] < records[2].data.metrics["champion_cer"]
 
     with pytest.raises(RegistryError, match="nothing earlier to roll back to"):
-        registry.rollback(settings, actor="carol")
+        promotion.rollback(settings, actor="carol")
     assert production(settings) == first and len(audit_runs(settings)) == 3
 
 
@@ -98,15 +99,15 @@ def test_rollback_to_an_earlier_version(
     settings = isolated(tracking_server, tmp_path)
     versions = [copy_version(settings, tiny_model) for _ in range(3)]
     for version in versions:
-        registry.promote(settings, version=version, reason=f"release {version}", actor="ops")
+        promotion.promote(settings, version=version, reason=f"release {version}", actor="ops")
 
     with pytest.raises(RegistryError, match="has no version 99"):
-        registry.rollback(settings, to="99")
-    registry.rollback(settings, to=versions[0], actor="ops")
+        promotion.rollback(settings, to="99")
+    promotion.rollback(settings, to=versions[0], actor="ops")
 
     assert production(settings) == versions[0]
     with pytest.raises(RegistryError, match="was never @production before"):
-        registry.rollback(settings, to=versions[1], actor="ops")
+        promotion.rollback(settings, to=versions[1], actor="ops")
 
 
 def test_bad_input_is_one_line_and_changes_nothing(
@@ -120,9 +121,9 @@ def test_bad_input_is_one_line_and_changes_nothing(
 
     before = unchanged()
     cases = [
-        (lambda: registry.promote(settings, version="42", reason="x"), "has no version 42"),
-        (lambda: registry.promote(settings, from_alias="staging", reason="x"), "@staging"),
-        (lambda: registry.rollback(settings), "no audited production history"),
+        (lambda: promotion.promote(settings, version="42", reason="x"), "has no version 42"),
+        (lambda: promotion.promote(settings, from_alias="staging", reason="x"), "@staging"),
+        (lambda: promotion.rollback(settings), "no audited production history"),
         (lambda: gate.auto_promote(settings), "@staging"),
     ]
     for call, message in cases:
@@ -135,9 +136,9 @@ def test_bad_input_is_one_line_and_changes_nothing(
     client.set_model_version_tag(settings.model_name, version, "validation_status", "rejected")
     client.set_model_version_tag(settings.model_name, version, "rejection_reason", "too slow")
     with pytest.raises(RegistryError, match=r"was rejected \(too slow\); pass --force"):
-        registry.promote(settings, version=version, reason="x")
+        promotion.promote(settings, version=version, reason="x")
     assert unchanged() == before
-    registry.promote(settings, version=version, reason="we accept it", force=True, actor="dana")
+    promotion.promote(settings, version=version, reason="we accept it", force=True, actor="dana")
     assert production(settings) == version
 
     other = settings.model_copy(update={"model_name": "no-such-model"})
@@ -192,7 +193,7 @@ def test_concurrent_promotions_leave_a_consistent_registry(
     def promote(version: str) -> None:
         start.wait()
         try:
-            registry.promote(settings, version=version, reason="race", actor=f"t{version}")
+            promotion.promote(settings, version=version, reason="race", actor=f"t{version}")
             outcomes[version] = "promoted"
         except RegistryError as exc:
             outcomes[version] = str(exc)
@@ -216,7 +217,7 @@ def test_concurrent_cli_processes_leave_a_consistent_registry(
     settings = isolated(tracking_server, tmp_path)
     first, second = copy_version(settings, tiny_model), copy_version(settings, tiny_model)
     for version in (first, second):
-        registry.cached_score(
+        scores.cached_score(
             registry.client(settings),
             settings,
             version,

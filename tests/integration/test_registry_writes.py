@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from captchaops import registry
-from captchaops.evaluation.gate import stage_candidate
+from captchaops.decisions import promotion
+from captchaops.decisions.gate import stage_candidate
 from captchaops.registry import LOCK_STALE_S, RegistryError
 from captchaops.registry.lock import lock_run
 from tests.fixtures.models import TrainedModel, make_settings
@@ -80,12 +81,12 @@ def test_a_failed_audit_write_leaves_the_alias_and_rollback_working(
     settings = isolated(tracking_server, tmp_path)
     name = settings.model_name
     first, second, third = (copy_version(settings, tiny_model) for _ in range(3))
-    registry.promote(settings, version=first, reason="first", actor="ops")
-    registry.promote(settings, version=second, reason="second", actor="ops")
+    promotion.promote(settings, version=first, reason="first", actor="ops")
+    promotion.promote(settings, version=second, reason="second", actor="ops")
     failing = FailingFinish(registry.client(settings))
 
     with pytest.raises(MlflowException, match="injected"):
-        registry.to_production(
+        promotion.to_production(
             failing,  # type: ignore[arg-type]
             name,
             third,
@@ -104,7 +105,7 @@ def test_a_failed_audit_write_leaves_the_alias_and_rollback_working(
     assert client.get_run(failing.failed[0]).info.status == "FAILED"
     assert "promoted_at" not in client.get_model_version(name, third).tags
     assert [m.to_version for m in registry.history(settings)] == [first, second]
-    move = registry.rollback(settings, reason="after the failed move", actor="ops")
+    move = promotion.rollback(settings, reason="after the failed move", actor="ops")
     assert (move.from_version, move.to_version) == (second, first)
     assert production(settings) == first
 

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from captchaops import mlflow_scope, registry
 from captchaops.cli import app
-from captchaops.evaluation import evalset, gate, scheme
+from captchaops.decisions import gate, promotion
+from captchaops.evaluation import evalset, scheme
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
@@ -137,7 +138,7 @@ def test_moves_on_one_scheme_leave_the_other_alone(
         with registry.promotion_lock(client, b.model_name, "other", timeout_s=1):
             pass
         twin_b = copy_version(b, schemes.model_b)
-        registry.promote(b, version=twin_b, reason="while A is locked", actor="pytest")
+        promotion.promote(b, version=twin_b, reason="while A is locked", actor="pytest")
     assert production(b) == twin_b
     before_b = snapshot(b)
     champion_a = production(a)

@@ -22,6 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 from captchaops import registry
+from captchaops.decisions import promotion
 from captchaops.registry.aliases import assign_alias
 from captchaops.registry.audit import audit_experiment
 from captchaops.registry.signing import SIGNED_MOVE, SignedMove, ensure_key, seal
@@ -209,7 +210,7 @@ def test_a_replaced_frozen_set_is_refused_by_the_gate_in_one_line(setup: Setup) 
     # An editor points the scheme at another stored set: the tag is all it takes to write.
     setup.client.set_registered_model_tag(NAME, DIGEST_TAG, swapped.digest)
     with pytest.raises(registry.RegistryError, match="is not the one signed when it was made"):
-        registry.promote(setup.settings, version=setup.versions[1], reason="try")
+        promotion.promote(setup.settings, version=setup.versions[1], reason="try")
     assign_alias(setup.client, NAME, "staging", setup.versions[1], reason="t", actor="tests")
     env = {
         **os.environ,

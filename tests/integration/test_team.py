@@ -202,7 +202,7 @@ def test_team_mode_end_to_end(
     tmp_path: Path,
 ) -> None:
     from captchaops.data.synthetic import generate
-    from captchaops.registry import promote
+    from captchaops.decisions.promotion import promote
     from captchaops.settings import load_settings
     from captchaops.stack.services import build_services
     from captchaops.stack.store import choose_store

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from captchaops.cli import parse_length
+from captchaops.decisions.gate import GateConfig, judge, judge_evidence
+from captchaops.decisions.gate_rules import staging_rejection
 from captchaops.evaluation.evalset import Score
 from captchaops.evaluation.evidence import Evidence
-from captchaops.evaluation.gate import GateConfig, judge, judge_evidence
-from captchaops.evaluation.gate_rules import staging_rejection
 from captchaops.evaluation.scheme import Scheme, scheme_refusals
 from captchaops.registry import Move, RegistryError, check_model_name, production_stack
 from captchaops.settings import load_settings

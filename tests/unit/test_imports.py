@@ -150,3 +150,128 @@ def test_every_benchmark_module_imports(name: str) -> None:
     to the harness) would otherwise surface only in a benchmark run."""
     module = importlib.import_module(f"benchmarks.{name}")
     assert callable(module.main)
+
+
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("settings", "scheme_names", "bounded_json"),
+    ("tracking_rest", "mlflow_scope", "service_auth", "access"),
+    ("model",),
+    ("data", "live"),
+    ("registry",),
+    ("evaluation",),
+    ("decisions",),
+    ("training", "team_accounts", "stack", "serving", "webapp"),
+    ("scaleout",),
+    ("console", "demo"),
+    ("cli",),
+)
+"""The packages (and top-level modules) of captchaops, bottom layer first. A package imports only
+its own layer and those below it, and no loop runs between packages; docs/layout.md draws it."""
+
+
+def package_of(module: str) -> str:
+    """The package (or top-level module) a module of captchaops belongs to: `registry` for
+    `captchaops.registry.aliases`; `captchaops` itself for the package's `__init__`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def package_imports(root: Path) -> list[tuple[str, str, str]]:
+    """Every import of one package of captchaops by another, as (importer, imported, file:line):
+    at module level, inside functions and under `if TYPE_CHECKING:` alike (a type is a
+    dependency too); `from captchaops import x` imports `x` where `x` is a module, else the
+    package's own `__init__` (`__version__`), which belongs to no layer."""
+    top = root.name
+    found: list[tuple[str, str, str]] = []
+    for path in sorted(root.rglob("*.py")):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    anchor = ".".join(parts[: len(parts) - node.level + 1])
+                    base = f"{anchor}.{base}" if base else anchor
+                targets = [f"{top}.{a.name}" for a in node.names] if base == top else [base]
+            for target in targets:
+                first = target.split(".")[1] if target.startswith(f"{top}.") else ""
+                if not first or not ((root / first).is_dir() or (root / f"{first}.py").is_file()):
+                    continue  # outside the package, or a name of its __init__
+                source, imported = package_of(name), package_of(target)
+                if source != imported:
+                    where = f"{path.relative_to(root.parent)}:{node.lineno}"
+                    found.append((source, imported, where))
+    return found
+
+
+def layer_violations(
+    edges: list[tuple[str, str, str]], layers: tuple[tuple[str, ...], ...]
+) -> list[str]:
+    """One line per import that points up a layer, or comes from or goes to an undeclared package."""
+    level = {package: i for i, layer in enumerate(layers) for package in layer}
+    bad = []
+    for source, imported, where in edges:
+        if source == PACKAGE:
+            continue  # the package's own __init__ imports nothing of its own
+        if source not in level or imported not in level:
+            missing = source if source not in level else imported
+            bad.append(f"{where}: package {missing!r} has no layer in LAYERS; add it")
+        elif level[imported] > level[source]:
+            bad.append(
+                f"{where}: {source} (layer {level[source]}) imports {imported} "
+                f"(layer {level[imported]}), which sits above it"
+            )
+    return bad
+
+
+def package_loops(edges: list[tuple[str, str, str]]) -> list[list[str]]:
+    """The loops between packages (strongly connected components of the package graph)."""
+    graph: dict[str, set[str]] = {}
+    for source, imported, _ in edges:
+        graph.setdefault(source, set()).add(imported)
+    return cycles(graph)
+
+
+def test_the_layer_check_sees_an_import_pointing_up(tmp_path: Path) -> None:
+    root = tmp_path / PACKAGE
+    (root / "registry").mkdir(parents=True)
+    (root / "evaluation").mkdir()
+    (root / "registry" / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("__version__ = '1'\n")
+    (root / "evaluation" / "__init__.py").write_text(
+        "from captchaops import __version__, registry\nimport numpy\n"
+    )
+    (root / "registry" / "scores.py").write_text("def f():\n    from ..evaluation import evalset\n")
+    edges = package_imports(root)
+    assert sorted(edges) == [
+        ("evaluation", "registry", "captchaops/evaluation/__init__.py:1"),
+        ("registry", "evaluation", "captchaops/registry/scores.py:2"),
+    ]
+    assert layer_violations(edges, (("registry",), ("evaluation",))) == [
+        "captchaops/registry/scores.py:2: registry (layer 0) imports evaluation (layer 1), "
+        "which sits above it"
+    ]
+    assert package_loops(edges) == [["evaluation", "registry"]]
+    assert "has no layer" in layer_violations(edges, (("registry",),))[0]
+
+
+def test_packages_import_only_their_layer_and_below() -> None:
+    edges = package_imports(ROOT)
+    assert len(edges) > 100
+    declared = {package for layer in LAYERS for package in layer}
+    present = {package_of(module_name(p)) for p in ROOT.rglob("*.py")} - {PACKAGE}
+    assert present <= declared, f"declare a layer for {sorted(present - declared)}"
+    bad = layer_violations(edges, LAYERS)
+    assert not bad, "imports pointing up a layer:\n" + "\n".join(bad)
+
+
+def test_no_loop_between_packages() -> None:
+    edges = package_imports(ROOT)
+    loops = package_loops(edges)
+    inside = [f"{w}: {s} -> {i}" for s, i, w in edges if any({s, i} <= set(c) for c in loops)]
+    assert not loops, f"loops between packages {loops}:\n" + "\n".join(inside)

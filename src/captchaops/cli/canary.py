@@ -23,14 +23,15 @@ def start(
 ) -> None:
     """Give the candidate @canary at `percent`, then watch its breaker unless `detach`."""
     from captchaops import registry
-    from captchaops.live import canary_watch as canary
+    from captchaops.decisions import canaries
+    from captchaops.decisions import canary_watch as canary
 
     if detach and then_promote:
         fail("--then-promote needs the watch; leave out --detach")
     if not detach and watch_minutes <= 0:
         fail("--watch takes minutes above 0 (e.g. --watch 5), or pass --detach")
     try:
-        move = registry.start_canary(
+        move = canaries.start_canary(
             settings,
             percent=percent,
             version=version,
@@ -78,9 +79,10 @@ def start(
 def end(settings: Settings, *, reason: str, actor: str | None) -> None:
     """Remove @canary, audited; production is untouched."""
     from captchaops import registry
+    from captchaops.decisions import canaries
 
     try:
-        move = registry.end_canary(settings, reason=reason or "canary ended by hand", actor=actor)
+        move = canaries.end_canary(settings, reason=reason or "canary ended by hand", actor=actor)
     except registry.RegistryError as exc:
         fail(str(exc))
     console.print(literal(f"canary ended: {move.line()}"), highlight=False)

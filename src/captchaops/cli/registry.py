@@ -18,7 +18,7 @@ from captchaops.cli.base import (
     settings_for,
 )
 from captchaops.console import literal
-from captchaops.evaluation.gate_rules import GateConfig
+from captchaops.decisions.gate_rules import GateConfig
 from captchaops.settings import Settings
 
 _GATE = GateConfig()
@@ -140,7 +140,7 @@ def promote(
     try a candidate on a share of production's traffic first (--canary PERCENT)."""
     from captchaops import registry
     from captchaops.console import print_decision
-    from captchaops.evaluation import gate
+    from captchaops.decisions import gate, promotion
 
     settings = settings_for(model_name)
     require_access(settings, "promote")
@@ -168,7 +168,7 @@ def promote(
         fail('say why with --reason "..." (it goes into the audit trail)')
     try:
         if not auto:
-            move = registry.promote(
+            move = promotion.promote(
                 settings,
                 version=version,
                 from_alias=from_alias,
@@ -205,6 +205,7 @@ def rollback(
     """Move @production back to the previous production version in the audit trail, or end the
     canary (--canary)."""
     from captchaops import registry
+    from captchaops.decisions import promotion
 
     settings = settings_for(model_name)
     require_access(settings, "rollback")
@@ -217,7 +218,7 @@ def rollback(
         canaries.end(settings, reason=reason, actor=actor)
         return
     try:
-        move = registry.rollback(settings, to=to, reason=reason, actor=actor)
+        move = promotion.rollback(settings, to=to, reason=reason, actor=actor)
     except registry.RegistryError as exc:
         fail(str(exc))
     console.print(literal(f"rolled back: {move.line()}"), highlight=False)

@@ -35,6 +35,7 @@ from captchaops.evaluation.accuracy import character_error_rate, sequence_accura
 from captchaops.evaluation.scheme import Scheme
 from captchaops.live.estimate import Calibration
 from captchaops.model.version import VersionError, load_registered
+from captchaops.registry.errors import RegistryError
 from captchaops.registry.versions import pin_evalset
 from captchaops.settings import Settings, mask_credentials
 from captchaops.tracking_rest import ArtifactTooLarge, TrackingError, TrackingRest
@@ -44,8 +45,9 @@ EVAL_SEED = 7_919_000
 SCORE_TAGS = ("seq_acc", "cer", "p50_ms", "p95_ms")
 
 
-class EvalSetError(Exception):
-    """A frozen-set problem a user can fix; the message is one line with the fix."""
+class EvalSetError(RegistryError):
+    """A frozen-set problem a user can fix; the message is one line with the fix. The set is
+    pinned to the registered model, so it is a registry error to whoever reports those."""
 
 
 @dataclass(frozen=True)

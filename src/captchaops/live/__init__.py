@@ -2,7 +2,7 @@
 
 `estimate` (ATC: a calibration per version and a sliding-window estimate, MLflow-free),
 `monitoring` (names of the monitoring runs servers write and the gate reads), `reported` (what
-the model servers' `/health` says, for `models`, `status` and the web app) and `canary_watch`
-(`promote --canary`'s watch of the production server's breaker). The server-side halves live in
-`serving/live_estimate.py` and `serving/monitoring_runs.py`.
+the model servers' `/health` says, for `models`, `status` and the web app). It imports no
+registry: the canary watch that acts on these numbers is `decisions.canary_watch`. The
+server-side halves live in `serving/live_estimate.py` and `serving/monitoring_runs.py`.
 """

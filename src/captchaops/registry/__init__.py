@@ -3,12 +3,15 @@
 Modules: `names` (aliases, scheme names, actors), `errors` (one-line errors), `versions`
 (registered models, version creation, the frozen set's pin), `rest_writes` (the same over REST,
 for account admin), `audit` (the audit trail), `lock` (the cross-process promotion lock),
-`aliases` (reading aliases, the one audited move and the audited removal), `scores`
-(frozen-set scores kept in version tags), `promotion` (promote, rollback, the staging the gate
-decided for a trained version), `canaries` (starting and ending a canary) and `listing` (the
+`aliases` (reading aliases, the one audited move and the audited removal), `signing` (the
+signed record of a move), `unaudited` (the moves servers may trust) and `listing` (the
 `models` table). Library functions take an explicit `MlflowClient` (from
 `registry.client(settings)`); the ones that take `Settings` make their own and turn tracking
 failures into one-line `RegistryError`s.
+
+The bottom layer of the registry side (docs/layout.md): it stores what others decide and
+imports neither `evaluation` nor `decisions`; promotion, rollback, canaries and the score
+cache live in `captchaops.decisions`.
 
 Names are imported on first use, so `captchaops.registry.rest_writes` (and the `users` command)
 stays free of MLflow; `tests/unit/test_registry_writers.py` checks that the names below and
@@ -43,11 +46,6 @@ if TYPE_CHECKING:
         moves,
         production_stack,
     )
-    from captchaops.registry.canaries import (
-        check_percent,
-        end_canary,
-        start_canary,
-    )
     from captchaops.registry.errors import (
         RegistryError,
         one_line_errors,
@@ -68,16 +66,6 @@ if TYPE_CHECKING:
         STAGING,
         check_model_name,
         default_actor,
-    )
-    from captchaops.registry.promotion import (
-        promote,
-        rollback,
-        stage_version,
-        to_production,
-    )
-    from captchaops.registry.scores import (
-        cached_score,
-        record_score,
     )
     from captchaops.registry.versions import (
         copy_version,
@@ -118,14 +106,6 @@ _HOMES = {
     ),
     **dict.fromkeys(
         (
-            "check_percent",
-            "end_canary",
-            "start_canary",
-        ),
-        "captchaops.registry.canaries",
-    ),
-    **dict.fromkeys(
-        (
             "RegistryError",
             "one_line_errors",
         ),
@@ -159,22 +139,6 @@ _HOMES = {
     ),
     **dict.fromkeys(
         (
-            "promote",
-            "rollback",
-            "stage_version",
-            "to_production",
-        ),
-        "captchaops.registry.promotion",
-    ),
-    **dict.fromkeys(
-        (
-            "cached_score",
-            "record_score",
-        ),
-        "captchaops.registry.scores",
-    ),
-    **dict.fromkeys(
-        (
             "copy_version",
             "ensure_model",
             "pin_evalset",
@@ -197,13 +161,10 @@ __all__ = [
     "VersionRow",
     "alias_version",
     "assign_alias",
-    "cached_score",
     "check_model_name",
-    "check_percent",
     "client",
     "copy_version",
     "default_actor",
-    "end_canary",
     "ensure_model",
     "history",
     "list_versions",
@@ -212,20 +173,14 @@ __all__ = [
     "one_line_errors",
     "pin_evalset",
     "production_stack",
-    "promote",
     "promotion_lock",
     "record_rejection",
-    "record_score",
     "register_version",
     "remove_alias",
     "resolve",
     "resolve_alias",
-    "rollback",
     "set_version_tags",
-    "stage_version",
-    "start_canary",
     "sync_stages",
-    "to_production",
 ]
 
 

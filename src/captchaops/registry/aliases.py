@@ -15,10 +15,16 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from captchaops.data.frozen import DIGEST_TAG
-from captchaops.evaluation.evalset import Score
 from captchaops.mlflow_scope import client
 from captchaops.model.version import META_ARTIFACT, parse_meta
-from captchaops.registry.audit import Move, abandon_record, close_record, moves, open_record
+from captchaops.registry.audit import (
+    Move,
+    Scored,
+    abandon_record,
+    close_record,
+    moves,
+    open_record,
+)
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.lock import promotion_lock
 from captchaops.registry.names import PRODUCTION, STAGING, now
@@ -210,8 +216,8 @@ def move_alias(
     actor: str,
     kind: str,
     check_from: bool = True,
-    candidate: Score | None = None,
-    champion: Score | None = None,
+    candidate: Scored | None = None,
+    champion: Scored | None = None,
     thresholds: dict[str, float] | None = None,
     version_tags: dict[str, dict[str, str]] | None = None,
     decision: str | None = None,
@@ -432,8 +438,8 @@ def record_rejection(
     actor: str,
     kind: str,
     alias: str = PRODUCTION,
-    candidate: Score | None = None,
-    champion: Score | None = None,
+    candidate: Scored | None = None,
+    champion: Scored | None = None,
     thresholds: dict[str, float] | None = None,
     digest: str = "",
     version_tags: dict[str, str] | None = None,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
-from captchaops.evaluation.evalset import Score
 from captchaops.mlflow_scope import client, experiment_id, finish_run
 from captchaops.registry.errors import one_line_errors
 from captchaops.registry.names import PRODUCTION, now
@@ -19,6 +19,22 @@ from captchaops.settings import Settings
 AUDIT_EXPERIMENT = "text-captcha-promotions"
 MOVES = ("promoted", "rolled-back")
 """Decisions that moved @production (a rejection or a staging move does not)."""
+
+
+class Scored(Protocol):
+    """What an audit record keeps of a version's score on the frozen set (`evaluation`'s
+    `Score` is one); the registry stores scores and never makes them."""
+
+    @property
+    def digest(self) -> str:
+        """The frozen set's digest."""
+
+    @property
+    def error(self) -> str | None:
+        """Why the version failed to load or predict; None when it did not."""
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """The numbers as MLflow metrics named `<prefix>_<metric>` (empty when it failed)."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +131,8 @@ def open_record(
     kind: str,
     decision: str,
     seq: int,
-    candidate: Score | None = None,
-    champion: Score | None = None,
+    candidate: Scored | None = None,
+    champion: Scored | None = None,
     thresholds: dict[str, float] | None = None,
     digest: str = "",
     signed: str = "",

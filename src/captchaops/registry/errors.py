@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from mlflow.exceptions import MlflowException
 
 from captchaops.access import explain
-from captchaops.evaluation.evalset import EvalSetError
 from captchaops.settings import Settings, mask_credentials
 
 
@@ -18,11 +17,9 @@ class RegistryError(Exception):
 
 @contextmanager
 def one_line_errors(settings: Settings) -> Iterator[None]:
-    """Turn tracking-server and frozen-set failures into one-line `RegistryError`s."""
+    """Turn tracking-server failures into one-line `RegistryError`s."""
     try:
         yield
-    except EvalSetError as exc:
-        raise RegistryError(str(exc)) from exc
     except MlflowException as exc:
         first = mask_credentials((str(exc).strip().splitlines() or ["unknown error"])[0])[:300]
         where = mask_credentials(settings.effective_tracking_uri)

@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 
 from captchaops import mlflow_scope, registry
+from captchaops.decisions.gate import stage_candidate
 from captchaops.evaluation.accuracy import sequence_accuracy
-from captchaops.evaluation.gate import stage_candidate
 from captchaops.model.crnn import build_crnn
 from captchaops.model.onnx_export import export_onnx
 from captchaops.model.preprocess import preprocess

@@ -14,8 +14,8 @@ import mlflow
 from captchaops import mlflow_scope, registry
 from captchaops.data import synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
+from captchaops.decisions.gate import stage_candidate
 from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
-from captchaops.evaluation.gate import stage_candidate
 from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board

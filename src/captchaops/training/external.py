@@ -21,10 +21,10 @@ import numpy as np
 from mlflow import MlflowClient
 
 from captchaops import registry
+from captchaops.decisions.gate import stage_candidate
 from captchaops.evaluation import report
 from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.evaluation.evalset import EvalSet, current_digest, ensure_evalset, load_evalset
-from captchaops.evaluation.gate import stage_candidate
 from captchaops.evaluation.scheme import Scheme
 from captchaops.model.reader import ContractError, OnnxReader
 from captchaops.model.version import (

@@ -17,7 +17,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from captchaops import registry
-from captchaops.evaluation.gate import stage_candidate
+from captchaops.decisions.gate import stage_candidate
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.settings import Settings
 from captchaops.training.artifacts import export_and_test, log_dataset

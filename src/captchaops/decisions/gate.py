@@ -1,6 +1,6 @@
 """The continuous-deployment gate: candidate @staging vs champion @production on the frozen set.
 
-It applies the rules of `evaluation.gate_rules` (the thresholds' one home) and has `registry`
+It applies the rules of `decisions.gate_rules` (the thresholds' one home) and has `registry`
 write what it decided: `auto_promote` (`promote --auto`) and `stage_candidate` (training's
 staging floor). One `MlflowClient` is made at the top of each and passed down.
 """
@@ -16,15 +16,17 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from captchaops import registry
-from captchaops.evaluation import report
-from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
-from captchaops.evaluation.evidence import Evidence, gather
-from captchaops.evaluation.gate_rules import (
+from captchaops.decisions.gate_rules import (
     GateConfig,
     judge,
     judge_evidence,
     staging_rejection,
 )
+from captchaops.decisions.promotion import stage_version, to_production
+from captchaops.decisions.scores import record_score
+from captchaops.evaluation import report
+from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
+from captchaops.evaluation.evidence import Evidence, gather
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.registry import PRODUCTION, STAGING, Move
 from captchaops.registry.versions import evalset_problem
@@ -61,7 +63,7 @@ def stage_candidate(
     floor = GateConfig().resolved(settings).staging_floor
     assert floor is not None
     rejection = staging_rejection(accuracy, floor)
-    registry.stage_version(
+    stage_version(
         client,
         settings.model_name,
         version,
@@ -197,7 +199,7 @@ def decide(
     with registry.one_line_errors(settings):
         for result in (candidate, champion):
             if result is not None:
-                registry.record_score(client, name, result)
+                record_score(client, name, result)
     _reports(client, name, evalset, readings)
     assert config.floor is not None and config.min_shadow is not None
     refusals = judge(candidate, champion, config, config.floor)
@@ -270,7 +272,7 @@ def _record(
         "thresholds": decision.thresholds,
     }
     if decision.promote:
-        return registry.to_production(
+        return to_production(
             client,
             name,
             decision.candidate_version,

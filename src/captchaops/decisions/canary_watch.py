@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 
 from captchaops import registry
+from captchaops.decisions.canaries import end_canary
+from captchaops.decisions.promotion import promote
 from captchaops.live.reported import ReplicaSum, replica_sums
 from captchaops.settings import Settings
 
@@ -129,7 +131,7 @@ def summed_trip(settings: Settings, block: dict[str, Any], total: ReplicaSum) ->
 def _tripped(
     settings: Settings, version: str, reason: str, actor: str | None, block: dict[str, Any]
 ) -> Outcome:
-    move = registry.end_canary(
+    move = end_canary(
         settings,
         reason=f"canary breaker tripped: {reason}",
         actor=actor,
@@ -176,8 +178,6 @@ def _window_passed(
     if not then_promote:
         return Outcome(EXIT_CLEAN, f"{clean}; {stays}", last)
     reason = f"canary passed {minutes:g} min: {describe(last)}"
-    promoted = registry.promote(settings, version=version, reason=reason, actor=actor)
-    registry.end_canary(
-        settings, reason=f"promoted to @production: {reason}", actor=actor, version=version
-    )
+    promoted = promote(settings, version=version, reason=reason, actor=actor)
+    end_canary(settings, reason=f"promoted to @production: {reason}", actor=actor, version=version)
     return Outcome(EXIT_CLEAN, f"{clean}; promoted: {promoted.line()}", last)

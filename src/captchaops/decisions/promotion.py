@@ -1,7 +1,7 @@
 """Promotion, rollback and staging: the alias moves they make, each through `move_alias`.
 
-The gate (`evaluation.gate`) decides whether a trained version reaches the staging floor;
-`stage_version` writes what it decided.
+The gate (`decisions.gate`) decides whether a trained version reaches the staging floor;
+`stage_version` writes what it decided. Every write goes through the registry.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from captchaops.decisions.scores import scores
 from captchaops.evaluation.evalset import Score
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import (
@@ -19,11 +20,11 @@ from captchaops.registry.aliases import (
     require_model,
     require_version,
     resolve,
+    set_version_tags,
 )
 from captchaops.registry.audit import Move, moves, production_stack
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.names import PRODUCTION, STAGING, client_actor, default_actor, now
-from captchaops.registry.scores import scores
 from captchaops.registry.versions import evalset_problem
 from captchaops.settings import Settings
 
@@ -203,13 +204,13 @@ def stage_version(
     actor: str | None = None,
     key_dir: Path | None = None,
 ) -> None:
-    """Write the staging decision `evaluation.gate.stage_candidate` made for a trained version:
+    """Write the staging decision `decisions.gate.stage_candidate` made for a trained version:
     @staging (pending) when `rejection` is None, else the audited rejection.
 
     Tags the version's test sequence accuracy first; both outcomes are audited.
     """
     actor = actor or client_actor(mlflow_client)
-    mlflow_client.set_model_version_tag(name, version, "test_seq_acc", f"{accuracy:.4f}")
+    set_version_tags(mlflow_client, name, {version: {"test_seq_acc": f"{accuracy:.4f}"}})
     if rejection is None:
         move_alias(
             mlflow_client,

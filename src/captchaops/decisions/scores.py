@@ -1,4 +1,5 @@
-"""A version's score on the frozen set, remembered in its tags so later moves reuse it."""
+"""The score cache: a version's score on the frozen set, remembered in its tags (written through
+the registry) so later moves reuse it instead of scoring again."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from mlflow import MlflowClient
 
 from captchaops.evaluation.evalset import SCORE_TAGS, EvalSet, Score, ensure_evalset, score
 from captchaops.live.estimate import Calibration
+from captchaops.registry.aliases import set_version_tags
 from captchaops.settings import Settings
 
 
@@ -13,13 +15,10 @@ def record_score(mlflow_client: MlflowClient, name: str, result: Score) -> None:
     """Remember a successful score on the version (tags `eval_*`)."""
     if not result.ok:
         return
-    mlflow_client.set_model_version_tag(name, result.version, "eval_digest", result.digest)
-    for key in SCORE_TAGS:
-        mlflow_client.set_model_version_tag(
-            name, result.version, f"eval_{key}", f"{getattr(result, key):.6g}"
-        )
-    for key, value in (result.calibration.tags() if result.calibration else {}).items():
-        mlflow_client.set_model_version_tag(name, result.version, key, value)
+    tags = {"eval_digest": result.digest}
+    tags |= {f"eval_{key}": f"{getattr(result, key):.6g}" for key in SCORE_TAGS}
+    tags |= result.calibration.tags() if result.calibration else {}
+    set_version_tags(mlflow_client, name, {result.version: tags})
 
 
 def cached_score(

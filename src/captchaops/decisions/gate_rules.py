@@ -2,7 +2,7 @@
 
 `GateConfig` holds the thresholds: `promote --auto`'s options set some (`with_options`), the
 settings fill the rest (`resolved`). `judge` and `judge_evidence` are the promotion rules and
-`staging_rejection` is training's staging rule; `evaluation.gate` applies them and has the
+`staging_rejection` is training's staging rule; `decisions.gate` applies them and has the
 registry write the outcome.
 """
 

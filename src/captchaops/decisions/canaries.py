@@ -8,6 +8,7 @@ server reads). Ending one deletes the alias through `remove_alias` (audited, dec
 
 from __future__ import annotations
 
+from captchaops.decisions.scores import cached_score
 from captchaops.evaluation.evalset import ensure_evalset
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.mlflow_scope import client
@@ -22,7 +23,6 @@ from captchaops.registry.aliases import (
 from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.names import PRODUCTION, STAGING, default_actor, now
-from captchaops.registry.scores import cached_score
 from captchaops.scheme_names import CANARY, CANARY_MAX_PERCENT, CANARY_PERCENT_TAG
 from captchaops.settings import Settings
 
