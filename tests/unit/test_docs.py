@@ -41,7 +41,9 @@ MEASURING = re.compile(
     re.I,
 )
 TARGETED = re.compile(r"\s*\(target")
-# A figure right after one of these is a bound (a setting, a limit, a target), not a result.
+BOUND_AFTER = re.compile(r"\s*or (?:more|less|longer|fewer)\b")
+# A figure right after one of these, or followed by "or more", is a bound (a setting, a limit,
+# a target), not a result.
 BOUND = re.compile(
     r"(?:\b(?:at most|at least|within|up to|under|over|more than|less than|below|above|"
     r"default|limit|cap|every|each|load of)|[≤≥<>]=?)\W*(?:`[^`]*`\W*)?$",
@@ -112,6 +114,7 @@ def unlinked_figures(doc: str, text: str) -> list[str]:
             for m in FIGURE.finditer(plain)
             if (m.group("unit") in RATES or measuring or TARGETED.match(plain, m.end()))
             and not BOUND.search(plain[: m.start()])
+            and not BOUND_AFTER.match(plain, m.end())
         ]
         if figures:
             bad.append(f"{doc}:{line}: {', '.join(figures)} | {passage.strip()[:160]}")
@@ -159,6 +162,7 @@ def test_no_doc_states_a_measured_figure_without_its_row_in_results_md() -> None
         ("On the 2-core development VM it read 95.5% ([results](results.md#demo-2026-12-04)).", []),
         ("Requests time out after `CAPTCHAOPS_DEADLINE` (10 s) of waiting.", []),
         ("The server's peak RSS must stay at most 300 MB.", []),
+        ("A run counts as stalled when a collection takes 10 s or more.", []),
         ("The lines read, for example:\n\n```\nALERT: 61.0% is 34 points below, p99 9 ms\n```", []),
     ],
 )
