@@ -1,4 +1,5 @@
-"""No import cycle inside the captchaops package, counting imports inside functions too."""
+"""No import cycle inside the captchaops package and no import pointing up a layer between its
+packages (docs/layout.md), counting imports inside functions too."""
 
 from __future__ import annotations
 
