@@ -3,19 +3,27 @@
 Usage:
   python -m benchmarks swap                      # via `make bench`
   python -m benchmarks.bench_swap [--moves N] [--concurrency C] [--model-dir PATH]
+                                  [--flow promote|move] [--replicas R]
 
 A private tracking server started with `up`'s webhook settings (sqlite), a model (trained for a
-few seconds at the demo architecture, or copied from --model-dir), then one model server per
-mode: polling every 2 s (no webhook), and webhooks (registered as `up` registers them, timer at
-its 30 s safety-net interval). Under load from 8 clients in a process of their own, the alias
-moves N times, at random phases of the poll, to a freshly registered version (never cached);
-each move is timed from just before the registry call to the first 200 carrying the new
-X-Model-Version.
+few seconds at the demo architecture, or copied from --model-dir), then R model servers of
+@production per mode (each with a home of its own, as on hosts of their own): polling every
+2 s (no webhook), and webhooks (registered as `up` registers them, for the first replica, which
+relays each delivery to the others through CAPTCHAOPS_WEBHOOK_PEERS; timer at its 30 s
+safety-net interval). Under load from 8 clients in a process of their own (split between the
+replicas), @production moves N times, at random phases of the poll, to a freshly registered
+version (a copy of the first: the same network). With `--flow promote` (the default, the way
+`train` then `promote` move a version) each version is first staged with a signed move, the
+servers are given up to STAGE_WAIT_S to report it pre-loaded in /health, then promoted; with
+`--flow move` @production moves to it directly. Each move is timed from just before the
+registry call to the first 200 carrying the new X-Model-Version, from the last replica to
+answer it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -37,66 +45,102 @@ from harness.stack import SIGNING_KEY_ENV, copy_version, share_signing_key
 TARGET_S = 0.5
 SETTLE_S = 3.0
 """Load before the first move and between moves (the new version's answers, then steady)."""
+STAGE_WAIT_S = 15.0
+"""How long a staged version may take to be reported pre-loaded before it is promoted anyway
+(a server that does not pre-load never reports it)."""
 
 
-def move_alias(tracking_uri: str, version: str) -> tuple[float, float]:
-    """Point production at `version` through the registry (an audited move); the wall-clock
-    time just before the call, and how long the registry took to make it."""
+def move_alias(tracking_uri: str, version: str, alias: str = "production") -> tuple[float, float]:
+    """Point `alias` at `version` through the registry writer (signed and audited); the
+    wall-clock time just before the call, and how long the registry took to make it."""
     from mlflow import MlflowClient
 
-    from captchaops import registry
+    from captchaops.registry.aliases import assign_alias
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     moved = time.time()
-    registry.assign_alias(
-        client, MODEL_NAME, "production", version, reason="swap benchmark", actor="bench_swap"
-    )
+    assign_alias(client, MODEL_NAME, alias, version, reason="swap benchmark", actor="bench_swap")
     return moved, time.time() - moved
 
 
+def wait_preloaded(urls: list[str], version: str) -> float:
+    """Seconds until every server reports `version` pre-loaded (at most STAGE_WAIT_S)."""
+    started = time.monotonic()
+    while time.monotonic() - started < STAGE_WAIT_S:
+        healths = [httpx.get(f"{url}/health", timeout=5).json() for url in urls]
+        if all(h.get("preloaded_version") == version for h in healths):
+            break
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
 def measure_mode(
-    url: str, tracking_uri: str, source: str, moves: int, concurrency: int, body: Path
+    urls: list[str],
+    tracking_uri: str,
+    source: str,
+    moves: int,
+    concurrency: int,
+    body: Path,
+    flow: str,
 ) -> tuple[list[float], int, list[float]]:
-    """Move the alias `moves` times under load; seconds to the first new answer per move,
-    failed requests, and the server's own load seconds per swap."""
+    """Move the alias `moves` times under load; seconds to the first new answer from the last
+    replica per move, failed requests, and the servers' own load seconds per swap."""
     fresh = [copy_version(tracking_uri, MODEL_NAME, source) for _ in range(moves)]
-    seconds = SETTLE_S + moves * (SETTLE_S + 5.0)
-    box: dict[str, LoadResult] = {}
-    load = threading.Thread(
-        target=lambda: box.setdefault("r", run_load(url, concurrency, seconds, body))
-    )
-    load.start()
+    staging = STAGE_WAIT_S if flow == "promote" else 0.0
+    slot = SETTLE_S + 5.0 + staging
+    seconds = SETTLE_S + moves * slot
+    boxes: list[dict[str, LoadResult]] = [{} for _ in urls]
+    share = max(1, concurrency // len(urls))
+    loads = [
+        threading.Thread(
+            target=lambda u=url, b=box: b.setdefault("r", run_load(u, share, seconds, body))
+        )
+        for url, box in zip(urls, boxes, strict=True)
+    ]
+    for load in loads:
+        load.start()
     moved_at: list[float] = []
     calls: list[float] = []
     load_s: list[float] = []
+    staged_s: list[float] = []
     jitter = random.Random(7)
     time.sleep(SETTLE_S)
     for version in fresh:
+        slot_end = time.monotonic() + slot
+        if flow == "promote":
+            move_alias(tracking_uri, version, "staging")
+            staged_s.append(wait_preloaded(urls, version))
         # Moves at random phases of the 2 s poll: evenly spaced moves would all land at one.
         time.sleep(jitter.uniform(0.0, 2.0))
         moved, call = move_alias(tracking_uri, version)
         moved_at.append(moved)
         calls.append(call)
-        deadline = time.monotonic() + SETTLE_S + 3.0
-        while time.monotonic() < deadline:
-            answer = httpx.get(f"{url}/version", timeout=5).json()
-            if answer.get("version") == version:
-                load_s.append(float(answer["load_seconds"]))
-                break
-            time.sleep(0.05)
-        time.sleep(max(0.0, deadline - time.monotonic()))
-    load.join()
-    result = box["r"]
+        for url in urls:
+            deadline = time.monotonic() + SETTLE_S + 3.0
+            while time.monotonic() < deadline:
+                answer = httpx.get(f"{url}/version", timeout=5).json()
+                if answer.get("version") == version:
+                    load_s.append(float(answer["load_seconds"]))
+                    break
+                time.sleep(0.05)
+        time.sleep(max(0.0, slot_end - time.monotonic()))
+    for load in loads:
+        load.join()
+    results = [box["r"] for box in boxes]
     swaps = []
     for version, moved in zip(fresh, moved_at, strict=True):
-        firsts = [t for t, v in result.versions if v == version and t >= moved]
-        swaps.append(min(firsts) - moved if firsts else float("inf"))
+        lasts = []
+        for result in results:
+            firsts = [t for t, v in result.versions if v == version and t >= moved]
+            lasts.append(min(firsts) - moved if firsts else float("inf"))
+        swaps.append(max(lasts))
+    staged = f"; staged to reported pre-loaded: {', '.join(f'{x:.1f}' for x in staged_s)} s"
     print(
         f"  registry call per move: {', '.join(f'{c:.2f}' for c in calls)} s; server load+warm-up "
-        f"per swap: {', '.join(f'{x:.2f}' for x in load_s)} s",
+        f"per swap: {', '.join(f'{x:.2f}' for x in load_s)} s{staged if staged_s else ''}",
         flush=True,
     )
-    return swaps, result.failed, load_s
+    return swaps, sum(r.failed for r in results), load_s
 
 
 def serve_cmd(port: int) -> list[str]:
@@ -122,29 +166,39 @@ def main(argv: list[str] | None = None) -> None:
             version_a, _ = prepare_model(tracking.uri, args.model_dir, work)
             body = request_body(work)
             for mode in ("polling", "webhooks"):
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                env = {
-                    **base,
-                    "CAPTCHAOPS_HOME": str(work / f"serve-{mode}"),
-                    "CAPTCHAOPS_TRACKING_URI": tracking.uri,
-                    "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
-                    "CAPTCHAOPS_POLL_SECONDS": "2",
-                }
-                if mode == "webhooks":
-                    env["CAPTCHAOPS_WEBHOOK_SECRET"] = settings.webhook_secret.get_secret_value()
-                log = work / f"serve-{mode}.log"
-                with http_service(serve_cmd(port), f"{url}/health", env=env, log=log, timeout=120):
+                ports = [free_port() for _ in range(args.replicas)]
+                urls = [f"http://127.0.0.1:{port}" for port in ports]
+                with contextlib.ExitStack() as servers:
+                    for n, port in enumerate(ports):
+                        env = {
+                            **base,
+                            "CAPTCHAOPS_HOME": str(work / f"serve-{mode}-{n}"),
+                            "CAPTCHAOPS_TRACKING_URI": tracking.uri,
+                            "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
+                            "CAPTCHAOPS_POLL_SECONDS": "2",
+                            "CAPTCHAOPS_REPLICA_ID": f"r{n}",
+                        }
+                        if mode == "webhooks":
+                            secret = settings.webhook_secret.get_secret_value()
+                            env["CAPTCHAOPS_WEBHOOK_SECRET"] = secret
+                            if n == 0 and len(urls) > 1:
+                                env["CAPTCHAOPS_WEBHOOK_PEERS"] = ",".join(urls[1:])
+                        log = work / f"serve-{mode}-{n}.log"
+                        servers.enter_context(
+                            http_service(
+                                serve_cmd(port), f"{urls[n]}/health", env=env, log=log, timeout=120
+                            )
+                        )
                     if mode == "webhooks":
-                        _register(settings, tracking.uri, url)
-                    health = httpx.get(f"{url}/health", timeout=5).json()
+                        _register(settings, tracking.uri, urls[0])
+                    health = httpx.get(f"{urls[-1]}/health", timeout=5).json()
                     print(f"{mode}: server reports {webhooks.describe_swaps(health)}", flush=True)
                     rows[mode] = measure_mode(
-                        url, tracking.uri, version_a, args.moves, args.concurrency, body
+                        urls, tracking.uri, version_a, args.moves, args.concurrency, body, args.flow
                     )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(rows, load_before, os.getloadavg(), args.concurrency)
+    report(rows, load_before, os.getloadavg(), args)
 
 
 def _register(settings: Settings, tracking_uri: str, url: str) -> None:
@@ -160,11 +214,16 @@ def report(
     rows: dict[str, tuple[list[float], int, list[float]]],
     load_before: tuple[float, float, float],
     load_after: tuple[float, float, float],
-    concurrency: int,
+    args: argparse.Namespace,
 ) -> None:
-    """Print the comparison and write bench-results/swap.json."""
-    out: dict[str, object] = {}
-    print(f"alias move -> first answer from the new version ({concurrency} clients):")
+    """Print the comparison and write bench-results/swap.json (a dated record with --record)."""
+    out: dict[str, object] = {"flow": args.flow, "replicas": args.replicas, "moves": args.moves}
+    figures: dict[str, str] = {}
+    where = f"{args.replicas} replicas" if args.replicas > 1 else "one server"
+    print(
+        f"alias move -> first answer from the new version ({where}, flow {args.flow}, "
+        f"{args.concurrency} clients):"
+    )
     for mode, (swaps, failed, load_s) in rows.items():
         median = statistics.median(swaps)
         print(
@@ -173,6 +232,10 @@ def report(
             f"server load+warm-up median {statistics.median(load_s or [0.0]):.2f} s"
         )
         out[mode] = {"swap_seconds": swaps, "failed": failed, "load_seconds": load_s}
+        figures[f"swap, {mode}, {where}, flow {args.flow}"] = (
+            f"median {median:.2f} s, max {max(swaps):.2f} s over {len(swaps)} moves, "
+            f"{failed} failed requests"
+        )
     webhook = rows.get("webhooks")
     if webhook:
         met = statistics.median(webhook[0]) <= TARGET_S and webhook[1] == 0
@@ -184,7 +247,7 @@ def report(
         f"{load_after[0]:.1f} after"
     )
     out["loadavg"] = {"before": load_before, "after": load_after, "cpus": os.cpu_count()}
-    record.save("swap", out)
+    record.save("swap", out, figures)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -192,6 +255,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--moves", type=int, default=5, help="alias moves per mode")
     parser.add_argument("--concurrency", type=int, default=8, help="load-generator clients")
     parser.add_argument("--model-dir", type=Path, help="an MLflow model folder to serve")
+    parser.add_argument(
+        "--flow",
+        choices=("promote", "move"),
+        default="promote",
+        help="stage each version before promoting it (promote), or move production (move)",
+    )
+    parser.add_argument("--replicas", type=int, default=1, help="model servers of @production")
     return parser.parse_args(argv)
 
 
