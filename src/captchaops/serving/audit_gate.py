@@ -63,6 +63,8 @@ class AuditGate:
         self._envelope = ""
         self._since = 0.0
         self._held: VersionRef | None = None
+        self._aliases: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
         self._restore()
 
     @property
@@ -73,7 +75,8 @@ class AuditGate:
     def judge(self, ref: VersionRef | None) -> VersionRef | None:
         """The answer to act on: `ref` when a valid signed move names it, else the last signed
         version (None: nothing signed to serve)."""
-        _, tags = self.rest.registered_model(self.name)
+        aliases, tags = self.rest.registered_model(self.name)
+        self._aliases, self._tags = aliases, tags
         seen = ref.version if ref is not None else ""
         why = self._consider(tags, seen)
         if self.trusted is not None and self.trusted.version == seen:
@@ -97,6 +100,19 @@ class AuditGate:
         if self._held is None or self._held.version != held:
             self._held = self.rest.version_ref(self.name, held)
         return self._held
+
+    def signed_at(self, alias: str) -> SignedMove | None:
+        """The signed move that put on `alias` (another alias of the model, e.g. staging) the
+        version it held at the last `judge`; None when it holds none or no valid signature
+        vouches for it."""
+        version = self._aliases.get(alias)
+        if not version:
+            return None
+        try:
+            move = signed_move(self._tags, alias, self.key_path, model=self.name)
+        except Untrusted:
+            return None
+        return move if move.version == version else None
 
     def refusal(self, version: str, onnx_sha256: str) -> str | None:
         """Why a loaded version must not be served (its network is not the one signed), or None."""

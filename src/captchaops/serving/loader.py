@@ -2,8 +2,10 @@
 within its own timeout; the last version that passed all three is kept on disk for restarts
 while the registry cannot be reached.
 
-The trial (`captchaops.serving.trial`) and the server's own warm-up run the largest batch the
-server sends, with the same CPU budget (`Settings.version_cpu_seconds`); a served version's
+The trial (`captchaops.serving.trial`) runs once per network: its verdict is kept by ONNX
+digest in the home (`captchaops.serving.verdicts`), so the same bytes under the same limits are
+opened at once (a pass) or refused at once (a failure), and `trials` counts which happened.
+The trial and the server's own warm-up run the largest batch the server sends, with the same CPU budget (`Settings.version_cpu_seconds`); a served version's
 answers are checked once more as they leave it, so a confidence that is not a finite number
 fails the request with a JSON error instead of reaching a client as `NaN`.
 
@@ -33,7 +35,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-from captchaops.model.version import MAX_META_BYTES, META_ARTIFACT, ONNX_ARTIFACT, open_version
+from captchaops.model.version import (
+    MAX_META_BYTES,
+    META_ARTIFACT,
+    ONNX_ARTIFACT,
+    VersionError,
+    check_model_dir,
+    open_version,
+)
 from captchaops.serving.trial import ImageModel as ImageModel
 from captchaops.serving.trial import (
     NonFiniteOutput,
@@ -42,6 +51,7 @@ from captchaops.serving.trial import (
     run_trial,
     warm_up,
 )
+from captchaops.serving.verdicts import Verdicts
 from captchaops.tracking_rest import (
     ArtifactTooLarge,
     TrackingError,
@@ -78,6 +88,8 @@ class Loaded:
     model: ImageModel
     seconds: float
     last_known_good: bool = False
+    files: tuple[Path, Path] | None = None
+    """(folder, model folder inside it) of a load not yet kept as last-known-good (`keep=False`)."""
 
 
 def cache_dir_for(home: Path, name: str, alias: str) -> Path:
@@ -122,6 +134,7 @@ class VersionLoader:
         cache_dir: Path,
         timeouts: Timeouts,
         trial: TrialLimits | None = None,
+        verdicts: Verdicts | None = None,
     ) -> None:
         self.rest = rest
         self.cache_dir = cache_dir
@@ -130,16 +143,23 @@ class VersionLoader:
             cpu_seconds=max(1, math.ceil(timeouts.warm_up)),
             wall_seconds=timeouts.load + timeouts.warm_up,
         )
+        self.verdicts = verdicts
+        self.trials = {"run": 0, "passed_cached": 0, "refused_cached": 0}
+        """Trials run in a child, and loads a kept verdict decided without one."""
         self._overdue: threading.Thread | None = None
 
-    def load(self, ref: VersionRef) -> Loaded:
+    def load(self, ref: VersionRef, keep: bool = True) -> Loaded:
         """The version `ref` names, from the last-known-good copy when it is that version, else
-        downloaded; every check runs either way. Raises LoadError, VersionError, TrackingError."""
+        downloaded; every check runs either way. With `keep` False (a pre-load) the download
+        stays in this loader's folder, the only one there, until `adopt` or the next load.
+        Raises LoadError, VersionError, TrackingError."""
         started = time.monotonic()
-        good = self._good()
+        good = self._good() if keep else None
         if good is not None and good[0].version == ref.version:
             with contextlib.suppress(Exception):
-                return Loaded(ref, self._open(good[1]), time.monotonic() - started)
+                return Loaded(ref, self.open_folder(good[1]), time.monotonic() - started)
+        if not keep:
+            self._sweep(keep=None)
         folder, kept = self._new_folder()
         try:
             # The step is abandoned after `download` s; the download's own deadline, a second
@@ -152,10 +172,15 @@ class VersionLoader:
             )
             if not local.resolve().is_relative_to(folder.resolve()):
                 raise LoadError(f"version {ref.version} was downloaded outside its folder")
-            model = self._open(local)
+            model = self.open_folder(local)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+        if not keep:
+            files = (folder, local) if kept else None
+            if not kept:
+                shutil.rmtree(folder, ignore_errors=True)
+            return Loaded(ref, model, time.monotonic() - started, files=files)
         if kept:
             try:
                 self._keep(ref, folder, local)
@@ -166,13 +191,32 @@ class VersionLoader:
             shutil.rmtree(folder, ignore_errors=True)
         return Loaded(ref, model, time.monotonic() - started)
 
+    def adopt(self, loaded: Loaded) -> None:
+        """Make a version another loader pre-loaded (`keep=False`) this one's last-known-good
+        copy: its folder moves here (best effort; the served model is already open)."""
+        if loaded.files is None:
+            return
+        folder, local = loaded.files
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            target = Path(tempfile.mkdtemp(prefix="version-", dir=self.cache_dir))
+            target.rmdir()
+            os.rename(folder, target)
+            self._keep(loaded.ref, target, target / local.relative_to(folder))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot keep version %s as last-known-good: %s", loaded.ref.version, exc)
+
+    def discard(self) -> None:
+        """Delete what a pre-load left in this loader's folder."""
+        self._sweep(keep=None)
+
     def load_last_good(self) -> Loaded | None:
         """The last-known-good copy, checked and warmed up again; None when there is none."""
         good = self._good()
         if good is None:
             return None
         started = time.monotonic()
-        return Loaded(good[0], self._open(good[1]), time.monotonic() - started, True)
+        return Loaded(good[0], self.open_folder(good[1]), time.monotonic() - started, True)
 
     def last_good_version(self) -> str | None:
         """The version of the last-known-good copy, if there is one."""
@@ -213,21 +257,46 @@ class VersionLoader:
         folder.mkdir(mode=0o700)
         return self.rest.download_artifacts(uri, folder, deadline=deadline)
 
-    def _open(self, folder: Path) -> ImageModel:
-        try:  # the graph policy, opening and warm-up in a limited child first
-            run_trial(folder, self.trial)
-        except TrialFailed as exc:
-            raise LoadError(str(exc)) from exc
+    def open_folder(self, folder: Path) -> ImageModel:
+        """A downloaded version in `folder`, tried in its sandbox (or decided by a kept verdict),
+        opened and warmed up; raises LoadError or VersionError."""
+        tried = self._try(folder)
         model: ImageModel = self._within(
             self.timeouts.load,
             "checking and opening the version",
             lambda: open_version(folder, check_ops=False),
         )
+        if tried is not None and model.meta.get("onnx_sha256") != tried:
+            raise LoadError("the version's ONNX network changed after its trial; it is refused")
         batch = self.trial.max_batch
         self._within(  # the trial's budget: one value for both
             float(self.trial.cpu_seconds), "the warm-up prediction", lambda: warm_up(model, batch)
         )
         return FiniteAnswers.wrap(model)
+
+    def _try(self, folder: Path) -> str | None:
+        """The graph policy, opening and warm-up in a limited child, unless a verdict on these
+        bytes under these limits is kept; returns the ONNX digest the verdict holds for (None:
+        none could be read before the trial, which then explains). Raises LoadError."""
+        key = _digests(folder) if self.verdicts is not None else None
+        if key is not None and self.verdicts is not None:
+            verdict = self.verdicts.find(*key, self.trial)
+            if verdict is not None and verdict.passed:
+                self.trials["passed_cached"] += 1
+                return key[0]
+            if verdict is not None:
+                self.trials["refused_cached"] += 1
+                raise LoadError(f"{verdict.reason} (its trial's verdict, kept since {verdict.at})")
+        self.trials["run"] += 1
+        try:
+            run_trial(folder, self.trial)
+        except TrialFailed as exc:
+            if key is not None and self.verdicts is not None and exc.lasting:
+                self.verdicts.keep(*key, self.trial, passed=False, reason=str(exc))
+            raise LoadError(str(exc)) from exc
+        if key is not None and self.verdicts is not None:
+            self.verdicts.keep(*key, self.trial, passed=True, reason="")
+        return key[0] if key is not None else None
 
     def _within(self, seconds: float, what: str, step: Callable[[], T]) -> T:
         """Run `step` in a thread and wait at most `seconds` for it. A step that overruns is
@@ -332,6 +401,17 @@ def _finite(answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "it is refused (stage a version that passes its trial)"
             )
     return answers
+
+
+def _digests(folder: Path) -> tuple[str, str] | None:
+    """(ONNX digest, digest of the parsed meta.json) of a downloaded version, the ONNX one read
+    from the bytes (`check_model_dir` compares them); None when its files do not pass the
+    checks, which the trial then reports."""
+    try:
+        meta, _ = check_model_dir(folder)
+    except (VersionError, OSError):
+        return None
+    return meta.onnx_sha256, sha256(meta.model_dump_json().encode()).hexdigest()
 
 
 def _served_files(mlmodel: Path) -> list[str]:

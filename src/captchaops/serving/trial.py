@@ -45,7 +45,12 @@ class ImageModel(Protocol):
 
 
 class TrialFailed(Exception):
-    """The version failed its trial; the message is one line saying why."""
+    """The version failed its trial; the message is one line saying why. `lasting` is False
+    when the failure says more about the machine than the network (the wall-clock timeout)."""
+
+    def __init__(self, message: str, lasting: bool = True) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 VERSION_CPU_SECONDS = 30
@@ -153,7 +158,8 @@ def run_trial(folder: Path, limits: TrialLimits) -> list[str]:
                 child.kill()
                 child.wait()
                 raise TrialFailed(
-                    f"trying the version took longer than {limits.wall_seconds:g} s; it was stopped"
+                    f"trying the version took longer than {limits.wall_seconds:g} s; it was stopped",
+                    lasting=False,
                 ) from exc
         stdout, stderr = _head(out_path), _head(err_path)
     lines = stdout.decode(errors="replace").strip().splitlines()

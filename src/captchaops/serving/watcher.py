@@ -3,7 +3,13 @@ the alias points, a loader swaps that version in (`captchaops.serving.loader`). 
 load never stops polling, and `/health` says when either falls behind.
 
 A verified MLflow webhook (`captchaops.serving.webhook`) makes the poller ask at once; while
-webhooks arrive the timer only checks every `webhook_poll_seconds`, as a safety net."""
+webhooks arrive the timer only checks every `webhook_poll_seconds`, as a safety net.
+
+The production server also pre-loads, in a third thread, the version a signed move put on
+@staging (the one a promotion is likely to name) when it is not the one it serves: downloaded,
+tried (or its kept verdict reused) and warmed up in the background while the served version
+answers. It is served only once a signed move of the server's own alias names it with the same
+ONNX digest; a promotion to it is then a pointer swap. At most one version is pre-loaded."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Self
 
+from captchaops.registry.signing import SignedMove
 from captchaops.registry.unaudited import MANAGED_ALIASES
 from captchaops.serving.audit_gate import AuditGate
 from captchaops.serving.loader import (
@@ -28,12 +35,15 @@ from captchaops.serving.loader import (
 from captchaops.serving.metrics import SWAP_CAUSES, ServingMetrics
 from captchaops.serving.poller import TIMER, AliasPoller, SwapMode, one_line
 from captchaops.serving.trial import TrialLimits
+from captchaops.serving.verdicts import Verdicts, verdicts_dir
 from captchaops.settings import Settings
 from captchaops.tracking_rest import TrackingRest, VersionRef
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 10.0
+PRELOADS = {"production": "staging"}
+"""Which alias's version a server of an alias pre-loads."""
 
 
 _LAST_GOOD = VersionRef("", "", "")
@@ -54,6 +64,8 @@ class AliasWatcher:
         retry_failed_seconds: float = 60.0,
         webhook_poll_seconds: float | None = None,
         gate: AuditGate | None = None,
+        preloader: VersionLoader | None = None,
+        preload_alias: str | None = None,
     ) -> None:
         self.name = name
         self.alias = alias
@@ -77,6 +89,16 @@ class AliasWatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self.preloader = preloader if gate is not None and preload_alias else None
+        self.preload_alias = preload_alias if self.preloader is not None else None
+        self.preloaded: Loaded | None = None
+        self.preload_error: str | None = None
+        self._preload_want: SignedMove | None = None
+        self._preloading: str | None = None
+        self._preload_idle = threading.Event()
+        self._preload_idle.set()
+        self._preload_wake = threading.Event()
+        self._preload_thread: threading.Thread | None = None
         self.poller = AliasPoller(
             rest, name, alias, poll_seconds, self._on_answer, self._on_failure, gate
         )
@@ -95,7 +117,14 @@ class AliasWatcher:
         rest = TrackingRest.for_settings(settings, POLL_TIMEOUT_S)
         cache = cache_dir_for(settings.home_dir, settings.model_name, alias)
         trial = TrialLimits.for_settings(settings)
-        loader = VersionLoader(rest, cache, timeouts or Timeouts(), trial)
+        verdicts = Verdicts(verdicts_dir(settings.home_dir))
+        loader = VersionLoader(rest, cache, timeouts or Timeouts(), trial, verdicts)
+        preload = PRELOADS.get(alias)
+        preloader = None
+        if preload is not None:
+            preloader = VersionLoader(
+                rest, cache.with_name(cache.name + ".next"), timeouts or Timeouts(), trial, verdicts
+            )
         return cls(
             rest,
             settings.model_name,
@@ -114,6 +143,8 @@ class AliasWatcher:
             )
             if alias in MANAGED_ALIASES
             else None,
+            preloader=preloader,
+            preload_alias=preload,
         )
 
     @property
@@ -130,15 +161,22 @@ class AliasWatcher:
         """Start polling and loading in daemon threads."""
         self._thread = threading.Thread(target=self._loop, name=f"load-{self.alias}", daemon=True)
         self._thread.start()
+        if self.preloader is not None:
+            self._preload_thread = threading.Thread(
+                target=self._preload_loop, name=f"preload-{self.preload_alias}", daemon=True
+            )
+            self._preload_thread.start()
         self.poller.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop both threads; a load in progress is abandoned with its thread."""
         self._stop.set()
         self._wake.set()
+        self._preload_wake.set()
         self.poller.stop(timeout)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._preload_thread):
+            if thread is not None:
+                thread.join(timeout)
 
     def poll_soon(self, cause: str = "reload") -> None:
         """Check the alias now instead of at the next tick; `cause` names what asked."""
@@ -190,34 +228,148 @@ class AliasWatcher:
             **(gate.describe() if gate is not None else {}),
             **self.swaps.describe(),
             "last_swap": self.last_swap,
+            **self._describe_preload(),
+        }
+
+    def _describe_preload(self) -> dict[str, Any]:
+        """The `/health` fields on trials and pre-loading."""
+        loaders = [self.loader] + ([self.preloader] if self.preloader is not None else [])
+        trials = {key: sum(loader.trials[key] for loader in loaders) for key in self.loader.trials}
+        if self.preloader is None:
+            return {"trials": trials, "preload_alias": None}
+        preloaded = self.preloaded
+        return {
+            "trials": trials,
+            "preload_alias": self.preload_alias,
+            "preloaded_version": preloaded.ref.version if preloaded else None,
+            "preloading_version": self._preloading,
+            "preload_error": self.preload_error,
         }
 
     def _on_answer(self, ref: VersionRef | None, cause: str = TIMER) -> None:
         self._logged_failure = None
         with self._lock:
-            if cause == TIMER and self.alias_exists is None:
-                cause = "startup"
-            elif cause == TIMER and self.swaps.mode == "webhooks":
-                self._check_missed_webhook(ref)
-            if ref is None:
-                self._alias_gone()
-                return
-            self.alias_exists = True
-            self.dropped_version = None
-            self.target_version = ref.version
+            self._follow(ref, cause)
+            self._plan_preload()
+
+    def _follow(self, ref: VersionRef | None, cause: str) -> None:
+        """Act on where the alias points (under the lock)."""
+        if cause == TIMER and self.alias_exists is None:
+            cause = "startup"
+        elif cause == TIMER and self.swaps.mode == "webhooks":
+            self._check_missed_webhook(ref)
+        if ref is None:
+            self._alias_gone()
+            return
+        self.alias_exists = True
+        self.dropped_version = None
+        self.target_version = ref.version
+        served = self.current
+        if served is not None and served.version == ref.version:
+            if served.last_known_good:
+                self.current = dataclasses.replace(served, last_known_good=False)
+            self._clear_failure()
+            return
+        if self.loading is not None and self.loading.version == ref.version:
+            return
+        if ref.version == self.failed_version and (
+            time.monotonic() - self._failed_at < self.retry_failed_seconds
+        ):
+            return
+        self._want(ref, cause)
+
+    def _plan_preload(self) -> None:
+        """Pre-load what a signed move put on the pre-load alias, unless it is served, pre-loaded
+        or being pre-loaded; drop a pre-loaded version the alias no longer names (under the
+        lock)."""
+        gate = self.poller.gate
+        if self.preloader is None or self.preload_alias is None or gate is None:
+            return
+        move = gate.signed_at(self.preload_alias)
+        served = self.current
+        pre = self.preloaded
+        wanted = None if move is None or (served and served.version == move.version) else move
+        if pre is not None and (wanted is None or not _same(pre, wanted)):
+            self.preloaded = None
+            log.info(
+                "dropped pre-loaded version %s: @%s names another",
+                pre.ref.version,
+                self.preload_alias,
+            )
+        if wanted is None or self.preloaded is not None or self._preloading == wanted.version:
+            return
+        if self.loading is not None and self.loading.version == wanted.version:
+            return  # the main loop is swapping it in (perhaps the pre-loaded copy itself)
+        if self._preload_want != wanted:
+            self._preload_want = wanted
+            self._preload_wake.set()
+
+    def _preload_loop(self) -> None:
+        while not self._stop.is_set():
+            self._preload_wake.wait()
+            self._preload_wake.clear()
+            with self._lock:
+                move, self._preload_want = self._preload_want, None
+                if move is None or self._stop.is_set():
+                    continue
+                self._preloading = move.version
+                self._preload_idle.clear()
+            try:
+                self._preload(move)
+            except Exception:  # a bug while pre-loading must not end it for good
+                log.exception("pre-loading version %s failed", move.version)
+            finally:
+                with self._lock:
+                    self._preloading = None
+                    self._preload_idle.set()
+
+    def _preload(self, move: SignedMove) -> None:
+        """Load the version `move` names with every check, and keep it ready if it is still
+        wanted and its network is the one the move names."""
+        assert self.preloader is not None
+        started = time.monotonic()
+        try:
+            ref = self.poller.rest.version_ref(self.name, move.version)
+            loaded = self.preloader.load(ref, keep=False)
+        except Exception as exc:
+            self.preload_error = f"version {move.version}: {type(exc).__name__}: {one_line(exc)}"
+            log.warning("cannot pre-load %s", self.preload_error)
+            return
+        if not _same(loaded, move):
+            self.preload_error = (
+                f"version {move.version}'s ONNX network is not the one the signed move to "
+                f"@{self.preload_alias} names"
+            )
+            log.warning("not pre-loading: %s", self.preload_error)
+            self.preloader.discard()
+            return
+        with self._lock:
             served = self.current
-            if served is not None and served.version == ref.version:
-                if served.last_known_good:
-                    self.current = dataclasses.replace(served, last_known_good=False)
-                self._clear_failure()
+            if self._stop.is_set() or (served is not None and served.version == move.version):
                 return
-            if self.loading is not None and self.loading.version == ref.version:
-                return
-            if ref.version == self.failed_version and (
-                time.monotonic() - self._failed_at < self.retry_failed_seconds
-            ):
-                return
-            self._want(ref, cause)
+            self.preloaded = loaded
+            self.preload_error = None
+        log.info(
+            "pre-loaded version %s (@%s) in %.2f s; a move of @%s to it is a pointer swap",
+            move.version,
+            self.preload_alias,
+            time.monotonic() - started,
+            self.alias,
+        )
+
+    def _take_preloaded(self, wanted: VersionRef) -> Loaded | None:
+        """The pre-loaded copy of `wanted` (waiting for a pre-load of it in progress), handed to
+        the main loop (which adopts its files once it serves it); None when there is none."""
+        if self.preloader is None:
+            return None
+        if self._preloading == wanted.version:
+            self._preload_idle.wait(self.loader.trial.wall_seconds + self.loader.timeouts.load)
+        with self._lock:
+            pre = self.preloaded
+            if pre is None or pre.ref.version != wanted.version:
+                return None
+            self.preloaded = None
+        return dataclasses.replace(pre, ref=wanted)
 
     def _check_missed_webhook(self, ref: VersionRef | None) -> None:
         """The timer found the alias moved (or gone) though no webhook said so: webhooks no longer
@@ -284,8 +436,15 @@ class AliasWatcher:
         last_good = wanted is _LAST_GOOD
         what = "the last-known-good copy" if last_good else f"version {wanted.version}"
         log.info("loading %s of %s for alias %s", what, self.name, self.alias)
+        preloaded = None if last_good else self._take_preloaded(wanted)
+        refused = self._unsigned(preloaded) if preloaded is not None else None
+        if refused is not None:  # e.g. the version's files changed since: load it afresh
+            log.warning("not serving pre-loaded version %s: %s", wanted.version, refused)
+            preloaded = None
         try:
-            loaded = self.loader.load_last_good() if last_good else self.loader.load(wanted)
+            loaded = preloaded
+            if loaded is None:
+                loaded = self.loader.load_last_good() if last_good else self.loader.load(wanted)
         except Exception as exc:
             self._failed(None if last_good else wanted.version, exc)
             return
@@ -313,8 +472,15 @@ class AliasWatcher:
                 model=loaded.model,
                 last_known_good=loaded.last_known_good,
             )
-            self.last_swap = {"version": loaded.ref.version, "cause": cause, "at": _now()}
+            self.last_swap = {
+                "version": loaded.ref.version,
+                "cause": cause,
+                "at": _now(),
+                "preloaded": preloaded is not None,
+            }
             self._clear_failure()
+        if preloaded is not None:
+            self.loader.adopt(preloaded)
         gc.freeze()
         self.metrics.reloads.labels("success").inc()
         # `reload` (POST /reload) and `recheck` (the alias moved during a load) are registry
@@ -385,6 +551,12 @@ class AliasWatcher:
 
     def _serving_text(self) -> str:
         return f"serving version {self.current.version}" if self.current else "serving nothing"
+
+
+def _same(loaded: Loaded, move: SignedMove) -> bool:
+    """Whether `loaded` is the version and network `move` names."""
+    digest = loaded.model.meta.get("onnx_sha256")
+    return loaded.ref.version == move.version and digest == move.onnx_sha256
 
 
 def _now() -> str:

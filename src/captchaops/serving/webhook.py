@@ -6,8 +6,9 @@ webhook's secret, `X-MLflow-Timestamp` in Unix seconds and `X-MLflow-Delivery-Id
 without a valid signature, or older (or newer) than `TOLERANCE_S`, gets 401 and changes nothing.
 A verified one for this server's model and alias only wakes the poller: the version is re-read
 from the registry through the REST client and loaded with every check, never taken from the
-payload. Deliveries for other models or aliases are answered 200 (so MLflow does not retry)
-and ignored.
+payload. A delivery for the alias this server pre-loads (@staging, for the production server)
+counts as its own: the server checks both aliases at once and starts the pre-load. Deliveries
+for other models or aliases are answered 200 (so MLflow does not retry) and ignored.
 
 An MLflow webhook names one URL, so behind a balancer one replica gets each delivery. A
 replica with `webhook_peers` (URLs of its alias's replicas; a name that resolves to several
@@ -203,7 +204,10 @@ class WebhookReceiver:
         if not isinstance(data, dict) or data.get("name") != self.watcher.name:
             return None
         watchers = [self.watcher, *self._others]
-        return next((w for w in watchers if data.get("alias") == w.alias), None)
+        found = next((w for w in watchers if data.get("alias") == w.alias), None)
+        if found is None and data.get("alias") == self.watcher.preload_alias:
+            return self.watcher  # a move there is what it pre-loads: check both aliases now
+        return found
 
     def _remember(self, delivery_id: str) -> None:
         self._seen[delivery_id] = None
