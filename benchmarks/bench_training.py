@@ -348,8 +348,10 @@ def stream_end(ended_by_fit: bool) -> dict[str, float]:
     """Seconds from the end of training to `fit` returning, on a stream whose prefetch thread
     is waiting for a slow shard (one worker, shards of 512, a new shard every step): Keras
     drops its `tf.data` iterator as `fit` returns, and the iterator's destructor waits for the
-    generator's pending batch. `ended_by_fit` feeds `fit` as training does
-    (`loop.fit_stream`: the stream ends in `on_train_end`); otherwise as it did before issue 40."""
+    generator's pending batch. `ended_by_fit` feeds the stream as training does
+    (`loop.fit_stream`: a step loop that pulls the batches on this thread, no `tf.data`, and
+    ends the stream with training); otherwise `model.fit` on the bare generator, as before
+    issue 40."""
     import keras
 
     from captchaops.data.stream import FreshImages, Spec

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -190,41 +192,106 @@ def test_a_run_that_ends_before_its_pool_is_in_does_not_wait_for_the_rest_of_it(
 
 
 def test_the_batches_end_when_fit_returns_and_nothing_keeps_drawing() -> None:
-    """`fit` pulls batches on a `tf.data` prefetch thread; when it returns, no thread waits
-    inside the generator (so no destructor run later by garbage collection waits for it) and
-    none asks for shards any more; leaving the block joins the workers."""
+    """Training pulls every batch on its own thread (no `tf.data` prefetch thread, whose
+    iterator's destructor blocked a garbage collection after `fit`); when it returns, the
+    generator is closed and nothing asks for shards any more; leaving the block joins the
+    workers."""
     import inspect
     import multiprocessing
+    import threading
     import time
 
     import keras
 
     from captchaops.training.loop import Stream, fit_stream
 
-    # each step needs a fresh shard, so the prefetch thread is waiting for one when fit ends
+    # each step needs a fresh shard, so a prefetch thread would be waiting for one at the end
     images = stream(workers=1, capacity=64, reuse=0.5)
     model = keras.Sequential(
         [keras.Input((24, 72, 1)), keras.layers.Flatten(), keras.layers.Dense(4)]
     )
     model.compile(optimizer="sgd", loss="mse")
+    pulled_on: set[threading.Thread] = set()
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for batch in images.batches():
+            pulled_on.add(threading.current_thread())
+            yield batch
+
     with images:
         images.start()
-        batches = images.batches()
+        training = batches()
         fit_stream(
-            model, Stream(batches, 3, lambda: images.generated, end=images.end_training), 2, []
+            model, Stream(training, 3, lambda: images.generated, end=images.end_training), 2, []
         )
-        # no thread is inside the generator: it ended, or the prefetch thread holds it at a
-        # `yield` (under load it may not ask again before fit returns), which closes at once
-        assert inspect.getgeneratorstate(batches) != inspect.GEN_RUNNING
+        assert pulled_on == {threading.current_thread()}
+        assert inspect.getgeneratorstate(training) == inspect.GEN_CLOSED
         assert images._idle.is_set() and not images._pending
-        batches.close()
-        assert inspect.getgeneratorstate(batches) == inspect.GEN_CLOSED
+        assert int(model.optimizer.iterations.numpy()) == 6
         admitted = images.admitted
         time.sleep(0.5)
-        assert images.admitted == admitted  # nothing pulls batches after fit
+        assert images.admitted == admitted  # nothing pulls batches after training
         with pytest.raises(StopIteration):
             next(images.batches())
     assert not multiprocessing.active_children()
+
+
+def test_a_stream_is_fitted_as_model_fit_fits_it() -> None:
+    """The stream's step loop gives the callbacks what `model.fit` gives them (hooks, order,
+    batch indices, per-step and epoch-mean losses, `stop_training`, History) and ends with the
+    same weights, the optimiser's averaged ones swapped in."""
+    import keras
+
+    from captchaops.training.loop import Stream, fit_stream
+
+    class Events(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[object, ...]] = []
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(("train_begin", self.params["epochs"], self.params["steps"]))
+
+        def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(("epoch_begin", epoch))
+
+        def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(("batch_begin", batch))
+
+        def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(("batch_end", batch, round(float((logs or {})["loss"]), 4)))
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(("epoch_end", epoch, round(float((logs or {})["loss"]), 4)))
+            if epoch == 1:
+                self.model.stop_training = True  # of 3 epochs asked for, 2 run
+
+        def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+            self.seen.append(("train_end", round(float((logs or {})["loss"]), 4)))
+
+    def data() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = np.random.default_rng(5)
+        while True:
+            yield rng.random((8, 6), dtype=np.float32), rng.random((8, 2), dtype=np.float32)
+
+    keras.utils.set_random_seed(1)
+    first = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    second = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    second.set_weights(first.get_weights())
+    runs = []
+    for model in (first, second):
+        model.compile(
+            optimizer=keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5), loss="mse"
+        )
+        runs.append(Events())
+    first.fit(data(), steps_per_epoch=4, epochs=3, callbacks=[runs[0]], shuffle=False, verbose=0)
+    fit_stream(second, Stream(data(), 4, lambda: 0), 3, [runs[1]])
+    assert runs[1].seen == runs[0].seen
+    assert len(runs[1].seen) == 1 + 2 * (2 + 2 * 4) + 1
+    for ours, theirs in zip(second.get_weights(), first.get_weights(), strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert second.history.history["loss"] == pytest.approx(first.history.history["loss"], abs=1e-5)
+    assert int(second.optimizer.iterations.numpy()) == 8
 
 
 def test_a_run_that_ends_before_its_first_step_draws_only_the_held_out_sets() -> None:
@@ -238,3 +305,22 @@ def test_a_run_that_ends_before_its_first_step_draws_only_the_held_out_sets() ->
         data = fresh.held_out(config.seed)  # no step: queue_rest runs after the end
         assert fresh.images._submitted == 1 and not fresh.images._pending  # the first shard only
     assert len(data.images) == 60
+
+
+def test_a_stream_runs_several_steps_a_call_and_reports_the_last_one() -> None:
+    """With `steps_per_execution`, one call runs several steps and the callbacks hear of the
+    last one run (a short last call of an epoch reports its true last step)."""
+    import keras
+
+    from captchaops.training.loop import Stream, fit_stream
+
+    ends: list[int] = []
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=3)
+    batches = itertools.repeat((np.ones((4, 6), np.float32), np.zeros((4, 2), np.float32)))
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: ends.append(batch)
+    )
+    fit_stream(model, Stream(batches, 4, lambda: 0), 2, [record])
+    assert ends == [2, 3, 2, 3]
+    assert int(model.optimizer.iterations.numpy()) == 8

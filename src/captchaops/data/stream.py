@@ -19,10 +19,11 @@ workers draw as fast as they can, beside the optimiser steps) and step t admits
 training then samples it like a fixed set. This is the fixed set drawn first, without the
 minute of waiting before the first step; batches still depend only on the seed.
 
-`fit` pulls batches on a `tf.data` prefetch thread while the main thread queues held-out
-sets, so every change to the queue of shards is made under one lock; and the batches end
-when training does (`end_training`): a generator still waiting for a shard when `fit`
-returned kept its iterator's destructor waiting for that shard too.
+Training pulls the batches on its own thread (`training.loop.fit_stream`, not `tf.data`'s
+prefetch thread), but nothing here assumes it: batches may be pulled on another thread than
+the one that queues held-out sets, so every change to the queue of shards is made under one
+lock; and the batches end when training does (`end_training`): a thread waiting in `batches`
+for a shard leaves within `POLL_S`.
 """
 
 from __future__ import annotations

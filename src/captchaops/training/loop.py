@@ -6,10 +6,10 @@ runs inside an MLflow run (`captchaops.training.run`) or bare on an accelerator 
 
 from __future__ import annotations
 
-import gc
+import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -93,7 +93,7 @@ class Stream:
     generated: Callable[[], int]  # fresh training images drawn so far
     on_first_step: Callable[[], None] | None = None  # e.g. start drawing the held-out sets
     steady_from: int = 0  # steps before this one are slower (a pool still being drawn)
-    end: Callable[[], object] | None = None  # ends `batches` (called when `fit` ends training)
+    end: Callable[[], object] | None = None  # ends `batches` (called when training ends)
 
 
 @dataclass
@@ -367,33 +367,81 @@ def fit(
 def fit_stream(
     model: keras.Model, train: Stream, epochs: int, callbacks: list[keras.callbacks.Callback]
 ) -> None:
-    """`model.fit` on a stream whose batches end when training does.
+    """Fit on a stream's batches, pulled on this thread; the stream ends and closes with training.
 
-    Keras wraps the batches in a `tf.data` generator dataset whose prefetch thread keeps
-    asking for the next batch after the last step; when that request waits for a shard, the
-    iterator's destructor waits with it (`bench_training --stream-end`: `fit` returned 24 s
-    after training ended, 1.9 s with the end). So the stream's `end` runs in `on_train_end`,
-    before Keras drops the iterator. A collection right after `fit` then finalises what is
-    left at a known place: the 45-60 s stalls of the stream paths are a destructor blocking
-    in a garbage collection, and they still happen there (docs/training.md, "Speed").
+    Not `model.fit` on TensorFlow: Keras wraps a generator in `tf.data.Dataset.from_generator`,
+    whose prefetch thread pulls batches beside the steps, and the dataset's iterator, dropped
+    when `fit` returns, blocked the garbage collection after it for 37-60 s in about a quarter
+    of short stream runs, even with the stream ended first (docs/training.md, "Speed"; the
+    `stall` benchmark counts them). Here each call of the compiled training step that `fit`
+    calls (`model.train_function`, `steps_per_execution` steps a call) takes its batches from
+    the stream on the calling thread, and the callbacks get what `fit` gives them: the same
+    hooks in the same order, batch indices, epoch logs (the metrics' means over the epoch),
+    `stop_training`, a `History`, and the optimiser's averaged weights swapped in before
+    `on_train_end`. Other backends' `fit` iterates a generator on the calling thread already,
+    so they keep it.
     """
-    ended: list[keras.callbacks.Callback] = []
-    if train.end is not None:
-        end = train.end
-        ended.append(keras.callbacks.LambdaCallback(on_train_end=lambda logs: end()))
     try:
-        model.fit(
-            train.batches,
-            steps_per_epoch=train.steps_per_epoch,
-            epochs=epochs,
-            callbacks=[*callbacks, *ended],
-            shuffle=False,  # the stream's batches are already drawn at random
-            verbose=0,
-        )
+        if keras.backend.backend() == "tensorflow":
+            _step_loop(model, train, epochs, callbacks)
+        else:
+            model.fit(
+                train.batches,
+                steps_per_epoch=train.steps_per_epoch,
+                epochs=epochs,
+                callbacks=callbacks,
+                shuffle=False,  # the stream's batches are already drawn at random
+                verbose=0,
+            )
     finally:
         if train.end is not None:
             train.end()
-        gc.collect()
+        if isinstance(train.batches, Generator):
+            train.batches.close()
+
+
+def _step_loop(
+    model: keras.Model, train: Stream, epochs: int, callbacks: list[keras.callbacks.Callback]
+) -> None:
+    """`model.fit`'s epoch loop (Keras 3, TensorFlow) over `train.batches` on this thread."""
+    hooks = keras.callbacks.CallbackList(
+        callbacks,
+        add_history=True,
+        model=model,
+        verbose=0,
+        epochs=epochs,
+        steps=train.steps_per_epoch,
+    )
+    per_call = max(1, int(model.steps_per_execution))
+    model.stop_training = False
+    model.make_train_function()
+    hooks.on_train_begin()
+    epoch_logs: dict[str, Any] | None = None
+    ran_out = False
+    for epoch in range(epochs):
+        model.reset_metrics()
+        hooks.on_epoch_begin(epoch)
+        step = 0
+        while step < train.steps_per_epoch and not model.stop_training:
+            data = list(
+                itertools.islice(train.batches, min(per_call, train.steps_per_epoch - step))
+            )
+            if not data:  # the stream ended (as `fit` does when its data runs out)
+                ran_out = True
+                break
+            hooks.on_train_batch_begin(step)
+            logs = model.train_function(iter(data))
+            step += len(data)
+            hooks.on_train_batch_end(step - 1, logs)
+        if step == 0:
+            break
+        epoch_logs = dict(model.get_metrics_result())  # the means over the epoch, as `fit` logs
+        hooks.on_epoch_end(epoch, epoch_logs)
+        if model.stop_training or ran_out:
+            break
+    if epochs > 0 and isinstance(model.optimizer, keras.optimizers.Optimizer):
+        model.optimizer.finalize_variable_values(model.trainable_weights)
+    hooks.on_train_end(epoch_logs)
 
 
 def holds_up(final: dict[str, float], best: Key, n_val: int) -> bool:

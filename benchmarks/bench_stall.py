@@ -1,0 +1,250 @@
+"""Stalls at the end of short stream runs: how long training takes to hand back after its last step.
+
+Usage:
+  python -m benchmarks stall [--runs 20] [--seconds 30] [--synthetic 10000]
+  python -m benchmarks stall --baseline-src /tmp/old/src    # A/B: alternate with an older tree
+
+Each run is a child process of its own that imports `captchaops` (this tree's `src`, or the
+`--baseline-src` tree's, put first on PYTHONPATH), draws the demo preset's fresh images
+(`training.fresh.fresh_data`, one pool filled beside the first steps) and fits them with
+`training.loop.fit` for `--seconds` of budget, as `captchaops train` does between reading the
+data and publishing, without MLflow. A short run ends while its pool is still being drawn,
+so the stream is waiting for shards when training ends: where the stalls were seen.
+
+Per run it measures, on the main thread: the time from the last optimiser step's end to
+`loop.fit_stream` returning (the 37-60 s stalls sat in a garbage collection inside it, right
+after Keras's `fit`), from `on_train_end` to that return, a full collection run right after
+`fit` returns (whatever a destructor left for later), the longest collection of the whole run,
+the time to leave the data block (the drawing workers joined), and the median time between
+optimiser steps. `fit_stream` is timed by wrapping the module's function for the child's
+lifetime (so both trees are timed the same way, whatever their `fit_stream` does inside).
+A run counts as stalled when `fit_stream` returns 10 s or more after the last step, or any
+collection takes 10 s or more (issue 40: 0 of 20 runs). With `--baseline-src` the runs
+alternate between the two trees (the baseline first in odd rounds), so both see the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import record
+
+STALL_S = 10.0  # a wait this long after the last step, or a collection this long, is a stall
+SRC = record.ROOT / "src"
+
+
+class Collections:
+    """A `gc.callbacks` hook: the longest garbage collection's wall time."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.monotonic()
+        else:
+            self.longest = max(self.longest, time.monotonic() - self._began)
+
+
+def one_run(seconds: float, synthetic: int) -> dict[str, Any]:
+    """Fit the demo preset's fresh stream for `seconds` of budget in this process; the timings."""
+    import keras
+
+    import captchaops
+    from captchaops.data import synthetic as generator
+    from captchaops.training import loop
+    from captchaops.training.config import TrainConfig, with_overrides
+    from captchaops.training.fresh import fresh_data
+
+    config = with_overrides(TrainConfig.demo(), max_minutes=seconds / 60, synthetic=synthetic)
+    alphabet = config.alphabet or generator.DIGITS_UPPER
+    arch = loop.geometry(config, None, config.length[1])
+    steps: list[float] = []
+    marks: dict[str, float] = {}
+    fit_stream = loop.fit_stream
+
+    def timed(model: Any, train: Any, epochs: int, callbacks: list[Any]) -> None:
+        clock = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: steps.append(time.monotonic()),
+            on_train_end=lambda logs: marks.setdefault("train_end", time.monotonic()),
+        )
+        try:
+            fit_stream(model, train, epochs, [*callbacks, clock])
+        finally:
+            marks["returned"] = time.monotonic()
+
+    loop.fit_stream = timed  # `loop.fit` looks it up at call time
+    collections = Collections()
+    gc.callbacks.append(collections)
+    start = time.monotonic()
+    keras.utils.set_random_seed(config.seed)
+    with fresh_data(config, arch, alphabet) as fresh:
+        fitted = loop.fit(
+            config,
+            arch,
+            alphabet,
+            fresh.stream(math.ceil(fresh.capacity / config.batch_size)),
+            fresh.validation,
+            augment=bool(config.augment),
+            deadline=start + seconds,
+            report=loop.silent,
+            log=lambda metrics, epoch: None,
+        )
+        began = time.monotonic()
+        gc.collect()
+        next_collection = time.monotonic() - began
+        leaving = time.monotonic()
+    left = time.monotonic() - leaving
+    gaps = [b - a for a, b in itertools.pairwise(steps[20:])]
+    last = steps[-1] if steps else marks["returned"]
+    return {
+        "captchaops": str(Path(captchaops.__file__).parents[1]),
+        "steps": len(steps),
+        "epochs": len(fitted.history),
+        "first_step_s": steps[0] - start if steps else None,
+        "step_ms_median": 1000 * statistics.median(gaps) if gaps else None,
+        "returned_after_last_step_s": marks["returned"] - last,
+        "returned_after_train_end_s": marks["returned"] - marks.get("train_end", last),
+        "next_collection_s": next_collection,
+        "longest_collection_s": collections.longest,
+        "leaving_data_block_s": left,
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
+def stalled(row: dict[str, Any]) -> bool:
+    """Whether the run stalled (or never came back)."""
+    if row.get("failed"):
+        return True
+    waits = (row["returned_after_last_step_s"], row["longest_collection_s"])
+    return max(waits) >= STALL_S
+
+
+def in_child(src: Path, seconds: float, synthetic: int) -> dict[str, Any]:
+    """`one_run` in a child process that imports `captchaops` from `src`."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), str(record.ROOT)]))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        argv = [sys.executable, "-m", "benchmarks.bench_stall", "--row", str(out)]
+        argv += ["--seconds", str(seconds), "--synthetic", str(synthetic)]
+        began = time.monotonic()
+        try:
+            done = subprocess.run(
+                argv, env=env, capture_output=True, text=True, timeout=seconds + 600, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return {"failed": "no answer in 10 minutes past its budget", "src": str(src)}
+        if done.returncode != 0 or not out.exists():
+            return {"failed": done.stderr.strip()[-400:], "src": str(src)}
+        row: dict[str, Any] = json.loads(out.read_text())
+        return row | {"process_s": time.monotonic() - began, "src": str(src)}
+
+
+def tree_commit(src: Path) -> str:
+    """The short commit of the tree holding `src`, `+changes` when its src/ differs from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(src.parent), *args], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    return f"{head}+changes" if git("status", "--porcelain", "--", "src") else head
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stalls, step time and the wait after the last step, over one tree's runs."""
+    ok = [r for r in rows if not r.get("failed")]
+    waits = [r["returned_after_last_step_s"] for r in ok]
+    step_ms = [r["step_ms_median"] for r in ok if r["step_ms_median"] is not None]
+    return {
+        "runs": len(rows),
+        "stalled": sum(stalled(r) for r in rows),
+        "failed": len(rows) - len(ok),
+        "step_ms_median": statistics.median(step_ms) if step_ms else None,
+        "returned_after_last_step_median_s": statistics.median(waits) if waits else None,
+        "returned_after_last_step_max_s": max(waits) if waits else None,
+        "longest_collection_max_s": max((r["longest_collection_s"] for r in ok), default=None),
+        "steps_median": statistics.median(r["steps"] for r in ok) if ok else None,
+    }
+
+
+def _s(value: float | None, unit: str = "s", digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f} {unit}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the stall series, print it beside its target and save bench-results/stall.json."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20, help="runs per tree")
+    parser.add_argument("--seconds", type=float, default=30.0, help="each run's time budget")
+    parser.add_argument("--synthetic", type=int, default=10_000, help="held-out sets and pool")
+    parser.add_argument("--baseline-src", type=Path, help="an older tree's src/ to alternate with")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # one run in this process
+    args = parser.parse_args(argv if argv is not None else [])
+    if args.row:
+        Path(args.row).write_text(json.dumps(one_run(args.seconds, args.synthetic)))
+        return
+    trees = {"this tree": SRC}
+    if args.baseline_src:
+        trees["baseline"] = args.baseline_src.resolve()
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    for i in range(args.runs):
+        order = list(trees) if i % 2 else list(trees)[::-1]
+        for name in order:
+            row = in_child(trees[name], args.seconds, args.synthetic)
+            rows[name].append(row)
+            print(
+                f"run {i + 1:2d} {name:9s}: "
+                + (
+                    f"FAILED {row['failed']}"
+                    if row.get("failed")
+                    else f"{row['steps']} steps, {_s(row['step_ms_median'], 'ms', 0)} a step; "
+                    f"fit_stream returned {_s(row['returned_after_last_step_s'], digits=2)} "
+                    f"after the last step; longest collection "
+                    f"{_s(row['longest_collection_s'], digits=2)}, the one after fit "
+                    f"{_s(row['next_collection_s'], digits=2)}; load {row['load_avg_1m']:.1f}"
+                    + ("  STALLED" if stalled(row) else "")
+                ),
+                flush=True,
+            )
+    figures = {}
+    result: dict[str, Any] = {"seconds": args.seconds, "synthetic": args.synthetic}
+    for name, src in trees.items():
+        totals = summary(rows[name]) | {"commit": tree_commit(src)}
+        result[name] = totals | {"rows": rows[name]}
+        print(
+            f"{name} ({totals['commit']}): stalled {totals['stalled']} of {totals['runs']} "
+            f"(target 0 of 20); step {_s(totals['step_ms_median'], 'ms', 0)} (median); "
+            f"fit_stream returned {_s(totals['returned_after_last_step_median_s'], digits=2)} "
+            f"after the last step (median), "
+            f"{_s(totals['returned_after_last_step_max_s'], digits=2)} at most"
+        )
+        label = f"{name} ({totals['commit']})"
+        figures[f"short stream runs stalled >= 10 s, {label}"] = (
+            f"{totals['stalled']} of {totals['runs']}"
+        )
+        figures[f"step time, median of runs, {label}"] = _s(totals["step_ms_median"], "ms", 1)
+        figures[f"fit_stream returned after the last step, median / max, {label}"] = (
+            f"{_s(totals['returned_after_last_step_median_s'], digits=2)} / "
+            f"{_s(totals['returned_after_last_step_max_s'], digits=2)}"
+        )
+    record.save("stall", result, figures)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
