@@ -60,7 +60,7 @@ def test_a_failed_verdict_is_refused_at_once(tmp_path: Path) -> None:
     assert again.trials == {"run": 0, "passed_cached": 0, "refused_cached": 1}
 
 
-def test_a_pass_never_stands_for_bytes_it_was_not_made_on(tmp_path: Path) -> None:
+def test_a_pass_never_stands_for_other_bytes_under_the_same_version(tmp_path: Path) -> None:
     folder = version_dir(tmp_path / "v", honest())
     loader = server(tmp_path)
     loader.open_folder(folder)
@@ -72,6 +72,13 @@ def test_a_pass_never_stands_for_bytes_it_was_not_made_on(tmp_path: Path) -> Non
     with pytest.raises(LoadError, match="does not match the digest"):
         loader.open_folder(folder)
     assert loader.trials["run"] == 2  # no verdict could be looked up: the trial said why
+    # the version rebuilt in place (a new network, meta.json naming its digest): tried afresh
+    meta = json.loads((folder / "artifacts" / "meta.json").read_text())
+    meta["onnx_sha256"] = file_sha256(folder / "artifacts" / "crnn.onnx")
+    (folder / "artifacts" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(LoadError, match="not finite numbers are refused"):
+        loader.open_folder(folder)
+    assert loader.trials["run"] == 3
 
 
 def test_verdicts_are_bounded_and_bound_to_what_they_judged(tmp_path: Path) -> None:
