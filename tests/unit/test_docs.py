@@ -52,7 +52,6 @@ BOUND = re.compile(
 )
 # Configured limits that share a sentence with measuring words: (doc, the figure as written).
 SETTINGS = {
-    ("training.md", "more than 3%"),  # WarmupCosine.replan's threshold
     ("training.md", "~5 minutes"),  # the demo preset's time budget (max_minutes)
     ("training.md", "4.6 min"),  # the same budget in the presets table
     ("training.md", "9.5 min cap"),  # the folder preset's budget
