@@ -45,6 +45,9 @@ from harness.stack import SIGNING_KEY_ENV, copy_version, share_signing_key
 TARGET_S = 0.5
 SETTLE_S = 3.0
 """Load before the first move and between moves (the new version's answers, then steady)."""
+Row = tuple[list[float], int, list[float], list[tuple[float, float, float]]]
+"""Per mode: seconds to the first new answer per move, failed requests, the servers' load
+seconds per swap, and the first server's RSS before staging / pre-loaded / after (MiB)."""
 STAGE_WAIT_S = 15.0
 """How long a staged version may take to be reported pre-loaded before it is promoted anyway
 (a server that does not pre-load never reports it)."""
@@ -63,15 +66,21 @@ def move_alias(tracking_uri: str, version: str, alias: str = "production") -> tu
     return moved, time.time() - moved
 
 
-def wait_preloaded(urls: list[str], version: str) -> float:
-    """Seconds until every server reports `version` pre-loaded (at most STAGE_WAIT_S)."""
+def wait_preloaded(urls: list[str], version: str) -> tuple[float, int]:
+    """Seconds until every server reports `version` pre-loaded (at most STAGE_WAIT_S), and the
+    first server's RSS then (bytes)."""
     started = time.monotonic()
-    while time.monotonic() - started < STAGE_WAIT_S:
+    while True:
         healths = [httpx.get(f"{url}/health", timeout=5).json() for url in urls]
-        if all(h.get("preloaded_version") == version for h in healths):
-            break
+        done = all(h.get("preloaded_version") == version for h in healths)
+        if done or time.monotonic() - started >= STAGE_WAIT_S:
+            return time.monotonic() - started, int(healths[0].get("rss_bytes", 0))
         time.sleep(0.1)
-    return time.monotonic() - started
+
+
+def rss(url: str) -> int:
+    """A server's RSS in bytes, as its /health reports it."""
+    return int(httpx.get(f"{url}/health", timeout=5).json().get("rss_bytes", 0))
 
 
 def measure_mode(
@@ -82,7 +91,7 @@ def measure_mode(
     concurrency: int,
     body: Path,
     flow: str,
-) -> tuple[list[float], int, list[float]]:
+) -> Row:
     """Move the alias `moves` times under load; seconds to the first new answer from the last
     replica per move, failed requests, and the servers' own load seconds per swap."""
     fresh = [copy_version(tracking_uri, MODEL_NAME, source) for _ in range(moves)]
@@ -103,13 +112,17 @@ def measure_mode(
     calls: list[float] = []
     load_s: list[float] = []
     staged_s: list[float] = []
+    rss_mib: list[tuple[float, float, float]] = []
+    """The first server's RSS before staging, once pre-loaded, and after the swap (MiB)."""
     jitter = random.Random(7)
     time.sleep(SETTLE_S)
     for version in fresh:
         slot_end = time.monotonic() + slot
         if flow == "promote":
+            before = rss(urls[0])
             move_alias(tracking_uri, version, "staging")
-            staged_s.append(wait_preloaded(urls, version))
+            waited, preloaded = wait_preloaded(urls, version)
+            staged_s.append(waited)
         # Moves at random phases of the 2 s poll: evenly spaced moves would all land at one.
         time.sleep(jitter.uniform(0.0, 2.0))
         moved, call = move_alias(tracking_uri, version)
@@ -123,6 +136,8 @@ def measure_mode(
                     load_s.append(float(answer["load_seconds"]))
                     break
                 time.sleep(0.05)
+        if flow == "promote":
+            rss_mib.append((before / 2**20, preloaded / 2**20, rss(urls[0]) / 2**20))
         time.sleep(max(0.0, slot_end - time.monotonic()))
     for load in loads:
         load.join()
@@ -140,7 +155,14 @@ def measure_mode(
         f"per swap: {', '.join(f'{x:.2f}' for x in load_s)} s{staged if staged_s else ''}",
         flush=True,
     )
-    return swaps, sum(r.failed for r in results), load_s
+    if rss_mib:
+        print(
+            "  first server's RSS before staging / pre-loaded / after the swap: "
+            + ", ".join(f"{a:.0f}/{b:.0f}/{c:.0f}" for a, b, c in rss_mib)
+            + " MiB",
+            flush=True,
+        )
+    return swaps, sum(r.failed for r in results), load_s, rss_mib
 
 
 def serve_cmd(port: int) -> list[str]:
@@ -158,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = webhooks.ensure_secrets(load_settings(home=work / "home"))
     assert settings.webhook_secret is not None
     load_before = os.getloadavg()
-    rows: dict[str, tuple[list[float], int, list[float]]] = {}
+    rows: dict[str, Row] = {}
     try:
         with tracking_server(work, env={**base, **webhooks.tracking_env(settings)}) as tracking:
             if args.model_dir is None:
@@ -211,7 +233,7 @@ def _register(settings: Settings, tracking_uri: str, url: str) -> None:
 
 
 def report(
-    rows: dict[str, tuple[list[float], int, list[float]]],
+    rows: dict[str, Row],
     load_before: tuple[float, float, float],
     load_after: tuple[float, float, float],
     args: argparse.Namespace,
@@ -224,18 +246,28 @@ def report(
         f"alias move -> first answer from the new version ({where}, flow {args.flow}, "
         f"{args.concurrency} clients):"
     )
-    for mode, (swaps, failed, load_s) in rows.items():
+    for mode, (swaps, failed, load_s, rss_mib) in rows.items():
         median = statistics.median(swaps)
         print(
             f"  {mode:>8}: median {median:.2f} s, worst {max(swaps):.2f} s "
             f"(each: {', '.join(f'{s:.2f}' for s in swaps)}), {failed} failed requests; "
             f"server load+warm-up median {statistics.median(load_s or [0.0]):.2f} s"
         )
-        out[mode] = {"swap_seconds": swaps, "failed": failed, "load_seconds": load_s}
+        out[mode] = {
+            "swap_seconds": swaps,
+            "failed": failed,
+            "load_seconds": load_s,
+            "rss_mib_before_staged_after": rss_mib,
+        }
         figures[f"swap, {mode}, {where}, flow {args.flow}"] = (
             f"median {median:.2f} s, max {max(swaps):.2f} s over {len(swaps)} moves, "
             f"{failed} failed requests"
         )
+        if rss_mib:
+            grown = statistics.median(b - a for a, b, _ in rss_mib)
+            figures[f"RSS growth from staging to promotion, {mode}"] = (
+                f"+{grown:.0f} MiB (median over {len(rss_mib)} stagings, first server)"
+            )
     webhook = rows.get("webhooks")
     if webhook:
         met = statistics.median(webhook[0]) <= TARGET_S and webhook[1] == 0

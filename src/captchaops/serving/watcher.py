@@ -298,8 +298,8 @@ class AliasWatcher:
             )
         if wanted is None or self.preloaded is not None or self._preloading == wanted.version:
             return
-        if self.loading is not None and self.loading.version == wanted.version:
-            return  # the main loop is swapping it in (perhaps the pre-loaded copy itself)
+        if wanted.version == self.target_version:
+            return  # the main loop loads it (or swaps it in, or has refused it)
         if self._preload_want != wanted:
             self._preload_want = wanted
             self._preload_wake.set()
@@ -312,6 +312,8 @@ class AliasWatcher:
                 move, self._preload_want = self._preload_want, None
                 if move is None or self._stop.is_set():
                     continue
+                if self.preloaded is not None and not _same(self.preloaded, move):
+                    self.preloaded = None  # one pre-loaded version at most, even while loading
                 self._preloading = move.version
                 self._preload_idle.clear()
             try:
@@ -347,6 +349,8 @@ class AliasWatcher:
             served = self.current
             if self._stop.is_set() or (served is not None and served.version == move.version):
                 return
+            if self._preload_want is not None:
+                return  # @staging moved on meanwhile: the next pre-load replaces this one
             self.preloaded = loaded
             self.preload_error = None
         log.info(
