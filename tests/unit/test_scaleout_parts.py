@@ -7,6 +7,7 @@ import os
 import stat
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from captchaops.model.reader import VOTE, combine_members
 from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.cv import combined, cross_validate, fold_of, t_interval
-from captchaops.scaleout.engine import _reachable, private_token
+from captchaops.scaleout.engine import Engine, _reachable, need_gpus, parallel_runs, private_token
 from captchaops.scaleout.preflight import judge
 from captchaops.scaleout.shipping import pack, unpack
 from captchaops.scaleout.tune import (
@@ -26,7 +27,8 @@ from captchaops.scaleout.tune import (
 )
 from captchaops.scaleout.work import Job, Outcome, seconds_allowed
 from captchaops.settings import Settings
-from captchaops.training.config import TrainConfig
+from captchaops.training import TrainError
+from captchaops.training.config import TrainConfig, preset
 
 
 def test_folds_are_decided_by_name_and_cover_every_fold() -> None:
@@ -234,7 +236,8 @@ def test_a_local_rays_token_is_0600_in_a_0700_folder_of_the_home(
 def test_a_search_with_nothing_to_register_says_why_in_one_line() -> None:
     from captchaops.scaleout.tune import Budget, ChildRuns, why_none
 
-    children = ChildRuns(None, "0", "parent", Board("t"), lambda: None)  # type: ignore[arg-type]
+    nobody: Any = None  # why_none reads no run
+    children = ChildRuns(nobody, "0", "parent", Board("t"), lambda: None, "ada")
     budget = Budget(2, 100.0, 1000.0, 1)
     children.runs = {"a": "r1", "b": "r2"}
     children.failures = ["trial a: failed twice (see the Ray logs)"] * 2
@@ -245,3 +248,50 @@ def test_a_search_with_nothing_to_register_says_why_in_one_line() -> None:
     line = why_none(children, budget, 3)
     assert "inside --minutes 3 (2 trials in 1 round, each at most 100 s)" in line
     assert "\n" not in line and "more minutes or fewer trials" in line
+
+
+def test_a_run_asking_more_gpus_than_any_node_has_is_refused_in_one_line() -> None:
+    # Two GPU nodes of one GPU each: a 1-GPU run fits, a 2-GPU run fits on no node.
+    cluster = Engine("10.0.0.2:6379", cpus=8.0, dashboard_url=None, gpus=2.0, node_gpus=1.0)
+    need_gpus(cluster, 0.0)
+    need_gpus(cluster, 1.0)
+    need_gpus(cluster, 0.5)
+    with pytest.raises(ScaleoutError) as refused:
+        need_gpus(cluster, 2.0)
+    line = str(refused.value)
+    assert "\n" not in line and "--gpus-per-trial 2 " in line
+    assert "the Ray cluster at 10.0.0.2:6379" in line and "the most on one node is 1" in line
+    assert "raise the gpu-trainers group's minReplicas" in line
+    local = Engine(None, cpus=2.0, dashboard_url=None)
+    with pytest.raises(ScaleoutError, match=r"this machine's Ray offers \(it has none\)"):
+        need_gpus(local, 1.0)
+
+
+def test_runs_side_by_side_are_bounded_by_cpus_and_by_gpus() -> None:
+    engine = Engine("h:6379", cpus=8.0, dashboard_url=None, gpus=2.0, node_gpus=1.0)
+    assert parallel_runs(engine, 2.0, 0.0) == 4
+    assert parallel_runs(engine, 2.0, 1.0) == 2
+    assert parallel_runs(engine, 2.0, 0.5) == 4
+    assert parallel_runs(Engine(None, cpus=1.0, dashboard_url=None), 2.0, 0.0) == 1
+
+
+def test_the_preset_is_named_or_chosen_by_the_data_as_train_chooses_it() -> None:
+    assert preset(None, True) == TrainConfig.folder()
+    assert preset(None, False) == TrainConfig.demo()
+    assert preset("gpu", True) == TrainConfig.gpu()
+    assert preset("accuracy", False) == TrainConfig.accuracy()
+    with pytest.raises(TrainError, match="--preset 'huge' is not a preset; use one of demo, "):
+        preset("huge", False)
+
+
+def test_runs_are_credited_to_the_tracking_account_else_the_drivers_login(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from captchaops.scaleout.runner import who_ran
+
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LOGNAME", "grace")
+    monkeypatch.delenv("CAPTCHAOPS_TRACKING_USERNAME", raising=False)
+    assert who_ran(Settings()) == "grace"
+    assert who_ran(Settings(tracking_username="ada")) == "ada"

@@ -22,6 +22,18 @@ CLUSTER_OPTION = typer.Option(
     help="a Ray cluster's address (e.g. 127.0.0.1:6379); default: a local Ray for this command",
     show_default=False,
 )
+GPUS_OPTION = typer.Option(
+    0.0,
+    "--gpus-per-trial",
+    min=0.0,
+    help="GPUs each fold, trial or member asks Ray for; it runs only on a node that has them",
+)
+PRESET_OPTION = typer.Option(
+    None,
+    "--preset",
+    help="demo, folder, accuracy or gpu (default: folder with --data, demo otherwise)",
+    show_default=False,
+)
 
 
 @contextmanager
@@ -55,6 +67,8 @@ def cv_command(
     members: int = typer.Option(
         1, "--members", help="K runs per fold, combined as `train --members K` combines them"
     ),
+    gpus: float = GPUS_OPTION,
+    preset: str | None = PRESET_OPTION,
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Cross-validated held-out accuracy of the folder preset: one training run per fold on Ray."""
@@ -64,16 +78,16 @@ def cv_command(
     log = settings.home_dir / "logs" / "libraries.log"
     with reported(log):
         check_tracking(settings)
-        with cluster_checked(cluster, settings):
+        with cluster_checked(cluster, settings, gpus, cpus):
             from captchaops.scaleout.cv import cross_validate
 
-            config = _config(data, None, max_minutes, steps, seed)
+            config = _config(data, None, max_minutes, steps, seed, preset)
             if trial is not None:
                 config = _trial_config(config, settings, trial)
             with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
                 assert isinstance(board, Board)
                 result = cross_validate(
-                    config, settings, folds, cluster, board, redraw, cpus, members
+                    config, settings, folds, cluster, board, redraw, cpus, members, gpus
                 )
     _print(_cv_lines(result), log)
     if result.interrupted:
@@ -125,12 +139,15 @@ def _config(
     max_minutes: float | None,
     steps: int | None,
     seed: int | None,
+    preset: str | None = None,
 ) -> TrainConfig:
-    """The preset (folder with --data, demo otherwise) with the command's overrides."""
-    from captchaops.training.config import TrainConfig, with_overrides
+    """The preset (--preset, else folder with --data, demo otherwise) with the command's
+    overrides."""
+    from captchaops.training.config import preset as named
+    from captchaops.training.config import with_overrides
 
     return with_overrides(
-        TrainConfig.folder() if data else TrainConfig.demo(),
+        named(preset, data is not None),
         data_dir=Path(data) if data else None,
         synthetic=synthetic,
         max_minutes=max_minutes,
@@ -183,20 +200,23 @@ def stopped() -> None:
 
 
 @contextmanager
-def cluster_checked(cluster: str | None, settings: Settings) -> Iterator[None]:
-    """On a cluster: join it and run its check (workers reach the tracking server, may write
-    runs, run the driver's versions) before the command's heavy imports and any work, so a
-    set-up that cannot work fails in seconds; the work then runs in this same Ray session."""
-    if not cluster:
+def cluster_checked(
+    cluster: str | None, settings: Settings, gpus: float = 0.0, cpus: int | None = None
+) -> Iterator[None]:
+    """On a cluster, or where each run asks for GPUs: join the cluster (or start the local Ray
+    with `cpus`) and run its check (a node has the GPUs, workers reach the tracking server, may
+    write runs and run the driver's versions) before the command's heavy imports and any work,
+    so a set-up that cannot work fails in seconds; the work then runs in this same session."""
+    if not cluster and not gpus:
         yield
         return
     from captchaops import mlflow_scope
     from captchaops.scaleout.engine import check, ray_session
 
-    with ray_session(cluster, home=settings.home_dir) as engine:
+    with ray_session(cluster, home=settings.home_dir, cpus=cpus) as engine:
         client = mlflow_scope.client(settings)
         experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
-        check(engine, mlflow_scope.tracking_uri(settings), experiment)
+        check(engine, mlflow_scope.tracking_uri(settings), experiment, gpus)
         yield
 
 
@@ -234,6 +254,8 @@ def tune_command(
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="time budget per trial"),
     steps: int | None = typer.Option(None, "--steps", help="steps the search is centred on"),
     seed: int | None = typer.Option(None, "--seed"),
+    gpus: float = GPUS_OPTION,
+    preset: str | None = PRESET_OPTION,
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Search training settings (Optuna TPE on Ray Tune, ASHA) and register the best trial."""
@@ -245,13 +267,15 @@ def tune_command(
     log = settings.home_dir / "logs" / "libraries.log"
     with reported(log):
         check_tracking(settings)
-        with cluster_checked(cluster, settings):
+        with cluster_checked(cluster, settings, gpus):
             from captchaops.scaleout.sweep import tune_settings
 
-            config = _config(data, synthetic, max_minutes, steps, seed)
+            config = _config(data, synthetic, max_minutes, steps, seed, preset)
             with live_board(f"tune: {trials} trials") as (board, redraw):
                 assert isinstance(board, Board)
-                result = tune_settings(config, settings, trials, minutes, cluster, board, redraw)
+                result = tune_settings(
+                    config, settings, trials, minutes, cluster, board, redraw, gpus
+                )
     _print(_tune_lines(result), log)
     if result.best is None:
         raise typer.Exit(1)
@@ -286,8 +310,11 @@ def _tune_lines(result: object) -> list[str]:
     return lines
 
 
-def train_ensemble(config: object, settings: object, members: int, cluster: str | None) -> None:
-    """`train --members K`: the members on Ray, registered as one version; prints the result."""
+def train_ensemble(
+    config: object, settings: object, members: int, cluster: str | None, gpus: float = 0.0
+) -> None:
+    """`train --members K`: the members on Ray (each with `gpus` GPUs), registered as one
+    version; prints the result."""
     from captchaops.scaleout.board import Board
     from captchaops.scaleout.members import train_members
     from captchaops.settings import Settings
@@ -297,12 +324,12 @@ def train_ensemble(config: object, settings: object, members: int, cluster: str 
     check_tracking(settings)
     try:
         with (
-            cluster_checked(cluster, settings),
+            cluster_checked(cluster, settings, gpus),
             live_board(f"train: {members} members") as (board, _),
         ):
             assert isinstance(board, Board)
             run_id, version, metrics, reason, rule = train_members(
-                config, settings, members, cluster, board
+                config, settings, members, cluster, board, gpus
             )
     except KeyboardInterrupt:
         stopped()

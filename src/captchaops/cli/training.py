@@ -62,6 +62,12 @@ def train_command(
     cluster: str | None = typer.Option(
         None, "--cluster", envvar="RAY_ADDRESS", help="Ray cluster for --members (default: local)"
     ),
+    gpus: float = typer.Option(
+        0.0, "--gpus-per-trial", min=0.0, help="GPUs each member asks Ray for (with --members)"
+    ),
+    preset_name: str | None = typer.Option(
+        None, "--preset", help="demo, folder, accuracy or gpu (default: folder with --data)"
+    ),
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
@@ -71,6 +77,8 @@ def train_command(
 
     if data is not None and synthetic is not None:
         fail("use either --data DIR or --synthetic N, not both")
+    if gpus and members == 1:
+        fail("--gpus-per-trial is for Ray's runs: add --members K, or leave it out")
     settings = settings_for(model_name)
     require_access(settings, "train")
     log = settings.home_dir / "logs" / "libraries.log"
@@ -78,8 +86,9 @@ def train_command(
         with quiet_libraries(log):  # Keras and TensorFlow print on import
             from captchaops.console import progress_bar
             from captchaops.training import run as training
+            from captchaops.training.config import preset as named_preset
 
-            preset = training.TrainConfig.folder() if data else training.TrainConfig.demo()
+            preset = named_preset(preset_name, data is not None)
             config = training.with_overrides(
                 preset,
                 data_dir=Path(data) if data else None,
@@ -95,7 +104,7 @@ def train_command(
             if members > 1:
                 from captchaops.cli.scaleout import train_ensemble
 
-                train_ensemble(config, settings, members, cluster)
+                train_ensemble(config, settings, members, cluster, gpus)
                 return
             with progress_bar(console) as report:
                 result = training.train(config, settings, report)

@@ -88,9 +88,10 @@ def cross_validate(
     redraw: Callable[[], None] = lambda: None,
     cpus: int | None = None,
     members: int = 1,
+    gpus: float = 0.0,
 ) -> CvResult:
     """Train one run (or `members` runs, combined as `train --members` combines them) per fold
-    on Ray, log parent and child runs, return the held-out scores."""
+    on Ray, each with `gpus` GPUs, log parent and child runs, return the held-out scores."""
     if config.data_dir is None:
         raise DataError("cv needs --data DIR, a folder of images named <label>.png")
     if not 2 <= folds <= 20:
@@ -107,10 +108,11 @@ def cross_validate(
     arch = geometry(config, data, max(len(label) for label in data.labels))
     params = config.params() | arch.params() | _data_params(data, alphabet, folds)
     params |= {"members": members} if members > 1 else {}
+    params |= {"gpus_per_trial": gpus} if gpus else {}
     name = f"cv-{config.data_dir.name}-{folds}folds" + (f"-{members}members" if members > 1 else "")
     with parent_run(settings, name, "cv", params) as parent:
         plan = _plan(config, settings, parent, data, of, folds, members)
-        return _run_folds(plan, parent, cluster, board, redraw, cpus, settings)
+        return _run_folds(plan, parent, cluster, board, redraw, (cpus, gpus), settings)
 
 
 @dataclass
@@ -196,21 +198,23 @@ def _run_folds(
     cluster: str | None,
     board: Board,
     redraw: Callable[[], None],
-    cpus: int | None,
+    resources: tuple[int | None, float],
     settings: Settings,
 ) -> CvResult:
-    """Every fold's jobs as Ray tasks (after the cluster's check, on a cluster); the folds
-    scored and the summary logged."""
+    """Every fold's jobs as Ray tasks (after the cluster's check, on a cluster), with the local
+    Ray's `resources` (its CPUs) and each run's GPUs; the folds scored and the summary logged."""
     client, parent_id = parent.client, parent.run_id
     jobs = [job for fold in plan.folds for job in fold.jobs]
     start = time.monotonic()
     interrupted = False
+    cpus, gpus = resources
     try:
         with ray_session(cluster, cpus=cpus, home=settings.home_dir) as engine:
-            checked(engine, parent, jobs[0].tracking_uri)
+            checked(engine, parent, jobs[0].tracking_uri, gpus)
             board.dashboard_url = engine.dashboard_url
+            per_run = cpus_per_run(engine, len(jobs))
             results: dict[str, Outcome | Failure] = dict(
-                run_jobs(jobs, cpus_per_run(engine, len(jobs)), board, client, redraw)
+                run_jobs(jobs, per_run, board, client, redraw, gpus=gpus)
             )
     except Interrupted as stop:
         results, interrupted = dict(stop.finished), True

@@ -31,6 +31,8 @@ class Engine:
     cpus: float  # CPUs the cluster offers
     dashboard_url: str | None
     checked: dict[str, str] | None = None  # what the cluster's check found, once it ran
+    gpus: float = 0.0  # GPUs the cluster offers
+    node_gpus: float = 0.0  # the most GPUs one node offers (a run's GPUs are on one node)
 
 
 _open: Engine | None = None  # the session a command opened early (to check the cluster first)
@@ -85,10 +87,13 @@ def ray_session(
         ) from exc
     try:
         url = context.dashboard_url
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         _open = Engine(
             address=cluster,
             cpus=float(ray.cluster_resources().get("CPU", 0.0)),
             dashboard_url=f"http://{url}" if url and not url.startswith("http") else url or None,
+            gpus=float(sum(n.get("GPU", 0.0) for n in nodes)),
+            node_gpus=float(max((n.get("GPU", 0.0) for n in nodes), default=0.0)),
         )
         yield _open
     finally:
@@ -144,10 +149,11 @@ def _reachable(address: str, timeout: float = 10.0) -> str | None:
     return host.strip("[]")
 
 
-def check(engine: Engine, tracking_uri: str, experiment_id: str) -> None:
-    """On a cluster, before any work: a worker's check (`preflight`); a one-line ScaleoutError
-    if the work cannot run there. Nothing on a local Ray (its workers are this machine, with
-    the driver's versions and its view of the tracking server)."""
+def check(engine: Engine, tracking_uri: str, experiment_id: str, gpus: float = 0.0) -> None:
+    """Before any work: a one-line ScaleoutError if no node has the `gpus` one run asks for,
+    then, on a cluster, a worker's check (`preflight`). No worker check on a local Ray (its
+    workers are this machine, with the driver's versions and its view of the tracking server)."""
+    need_gpus(engine, gpus)
     if engine.address is None or engine.checked is not None:
         return
     from captchaops.scaleout.preflight import check_cluster
@@ -155,15 +161,37 @@ def check(engine: Engine, tracking_uri: str, experiment_id: str) -> None:
     engine.checked = check_cluster(tracking_uri, experiment_id, engine.address)
 
 
-def checked(engine: Engine, parent: object, tracking_uri: str) -> None:
+def checked(engine: Engine, parent: object, tracking_uri: str, gpus: float = 0.0) -> None:
     """`check` (unless the command ran it already), its findings tagged on the parent run."""
     from captchaops.scaleout.preflight import as_tags
     from captchaops.scaleout.runner import ParentRun
 
     assert isinstance(parent, ParentRun)
-    check(engine, tracking_uri, parent.experiment)
+    check(engine, tracking_uri, parent.experiment, gpus)
     for key, value in as_tags(engine.checked or {}).items():
         parent.client.set_tag(parent.run_id, key, value)
+
+
+def need_gpus(engine: Engine, gpus: float) -> None:
+    """A one-line ScaleoutError unless some node of the Ray offers the `gpus` one run asks for
+    (Ray would otherwise hold every fold or trial pending for ever)."""
+    if gpus <= 0 or gpus <= engine.node_gpus:
+        return
+    where = f"the Ray cluster at {engine.address}" if engine.address else "this machine's Ray"
+    has = f"the most on one node is {engine.node_gpus:g}" if engine.gpus else "it has none"
+    raise ScaleoutError(
+        f"--gpus-per-trial {gpus:g} asks for more GPUs than any node of {where} offers ({has}); "
+        "ask for fewer, or start GPU nodes first (deploy/raycluster.yaml: raise the "
+        "gpu-trainers group's minReplicas)"
+    )
+
+
+def parallel_runs(engine: Engine, cpus: float, gpus: float) -> int:
+    """How many runs of `cpus` CPUs and `gpus` GPUs the Ray runs side by side (at least one)."""
+    fit = engine.cpus // cpus if cpus > 0 else float("inf")
+    if gpus > 0:
+        fit = min(fit, engine.gpus // gpus)
+    return max(1, int(min(fit, 1_000_000)))
 
 
 def cpus_per_run(engine: Engine, runs: int) -> float:

@@ -65,18 +65,25 @@ def merge_members(models: list[onnx.ModelProto]) -> onnx.ModelProto:
 
 
 def train_members(
-    config: TrainConfig, settings: Settings, members: int, cluster: str | None, board: Board
+    config: TrainConfig,
+    settings: Settings,
+    members: int,
+    cluster: str | None,
+    board: Board,
+    gpus: float = 0.0,
 ) -> tuple[str, str, dict[str, float], str | None, str]:
-    """Train `members` networks on Ray and register them as one version; returns
-    (run id, version, test metrics, rejection reason or None, combination rule)."""
+    """Train `members` networks on Ray (each with `gpus` GPUs) and register them as one
+    version; returns (run id, version, test metrics, rejection reason or None, combination
+    rule)."""
     if not 2 <= members <= 16:
         raise TrainError(f"--members {members} is out of range; use 2 to 16 (or leave it out)")
     start = time.monotonic()
     p = prepare(config, settings)
     source = config.data_dir.name if config.data_dir else "synthetic"
     params = config.params() | p.arch.params() | {"members": members, "alphabet": p.alphabet}
+    params |= {"gpus_per_trial": gpus} if gpus else {}
     with parent_run(settings, f"{source}-{members}members", "ensemble", params) as parent:
-        return _train(config, settings, p, parent, members, cluster, board, start)
+        return _train(config, settings, p, parent, (members, gpus), cluster, board, start)
 
 
 def _train(
@@ -84,13 +91,15 @@ def _train(
     settings: Settings,
     p: Prepared,
     parent: ParentRun,
-    members: int,
+    asked: tuple[int, float],
     cluster: str | None,
     board: Board,
     start: float,
 ) -> tuple[str, str, dict[str, float], str | None, str]:
-    """The members as Ray tasks, merged, scored, registered and staged."""
+    """The members as Ray tasks (`asked`: how many, GPUs each), merged, scored, registered and
+    staged."""
     client, parent_id = parent.client, parent.run_id
+    members, gpus = asked
     lengths = [len(label) for label in p.data.labels]
     base = replace(base_job("member", p, config, settings, parent), keep_weights=True)
     jobs = []
@@ -99,9 +108,9 @@ def _train(
         seeded = replace(config, seed=config.seed + i)
         jobs.append(replace(base, name=f"member {i + 1}", config=seeded, run_id=child))
     with ray_session(cluster, home=settings.home_dir) as engine:
-        checked(engine, parent, base.tracking_uri)
+        checked(engine, parent, base.tracking_uri, gpus)
         board.dashboard_url = engine.dashboard_url
-        results = run_jobs(jobs, cpus_per_run(engine, members), board, client)
+        results = run_jobs(jobs, cpus_per_run(engine, members), board, client, gpus=gpus)
     failed = [r for r in results.values() if isinstance(r, Failure)]
     for job in jobs:
         assert job.run_id is not None

@@ -46,14 +46,28 @@ class ParentRun:
     client: MlflowClient
     experiment: str
     run_id: str
+    user: str  # who ran the command: every run it makes is credited to them (`mlflow.user`)
 
     def child(self, name: str, kind: str, params: Mapping[str, object] | None = None) -> str:
         """A child run for one piece of work (pending until its worker starts); its id."""
         tags = {"mlflow.parentRunId": self.run_id, "captchaops.kind": kind, "state": "pending"}
+        tags[USER_TAG] = self.user
         run = self.client.create_run(self.experiment, run_name=name, tags=tags)
         if params:
             self.client.log_batch(run.info.run_id, params=as_params(params))
         return str(run.info.run_id)
+
+
+USER_TAG = "mlflow.user"  # MLflow's own: the UI's "User" and a run's user_id
+
+
+def who_ran(settings: Settings) -> str:
+    """Who a command's runs are credited to: the tracking account in team mode, else the login
+    name of the process that ran the command (the driver), never the account a worker runs as
+    (the driver makes every run, and its workers only log into them)."""
+    from captchaops.registry.names import default_actor
+
+    return settings.tracking_username or default_actor()
 
 
 def as_params(values: Mapping[str, object]) -> list[Param]:
@@ -70,8 +84,11 @@ def parent_run(
     succeeds is the block's job (it logs its summary first)."""
     client = mlflow_scope.client(settings)
     experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
-    run = client.create_run(experiment, run_name=name, tags={"captchaops.kind": kind})
-    parent = ParentRun(client, experiment, str(run.info.run_id))
+    user = who_ran(settings)
+    run = client.create_run(
+        experiment, run_name=name, tags={"captchaops.kind": kind, USER_TAG: user}
+    )
+    parent = ParentRun(client, experiment, str(run.info.run_id), user)
     client.log_batch(parent.run_id, params=as_params(params))
     try:
         yield parent
@@ -104,12 +121,15 @@ def run_jobs(
     board: Board,
     client: MlflowClient,
     redraw: Callable[[], None] = lambda: None,
+    gpus: float = 0.0,
 ) -> dict[str, Outcome | Failure]:
-    """Run every job as a Ray task; a job's outcome, or why it failed, by job name."""
+    """Run every job as a Ray task of `cpus` CPUs and `gpus` GPUs (so Ray places it on a node
+    that has them); a job's outcome, or why it failed, by job name."""
     import ray
 
     task = ray.remote(run_job).options(
         num_cpus=cpus,
+        num_gpus=gpus,
         max_retries=1,  # a worker that dies (killed, out of memory) is tried once more
         retry_exceptions=False,  # an error in the training code would fail the same way again
         runtime_env={"env_vars": {"TF_NUM_INTRAOP_THREADS": str(max(1, int(cpus)))}},

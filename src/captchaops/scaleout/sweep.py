@@ -19,7 +19,7 @@ from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
 from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
-from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
+from captchaops.scaleout.engine import checked, cpus_per_run, parallel_runs, ray_session
 from captchaops.scaleout.runner import ParentRun, parent_run
 from captchaops.scaleout.shipping import publish
 from captchaops.scaleout.tune import Best, ChildRuns, best_network, plan_budget, search, why_none
@@ -114,8 +114,10 @@ def tune_settings(
     cluster: str | None,
     board: Board,
     redraw: Callable[[], None] = lambda: None,
+    gpus: float = 0.0,
 ) -> TuneResult:
-    """Search training settings on Ray, register the best trial and stage it like `train`."""
+    """Search training settings on Ray (each trial with `gpus` GPUs), register the best trial
+    and stage it like `train`."""
     if not 1 <= trials <= 1000:
         raise DataError(f"--trials {trials} is out of range; use 1 to 1000 (16 is a good start)")
     started = time.time()
@@ -124,10 +126,10 @@ def tune_settings(
     source = config.data_dir.name if config.data_dir else "synthetic"
     params = config.params() | {"trials": trials, "search": "Optuna TPE via Ray Tune, ASHA"}
     params |= {"dataset_sha256": data.digest(), "alphabet": alphabet, "n_read": len(data)}
+    params |= {"gpus_per_trial": gpus} if gpus else {}
+    asked = (trials, minutes, started, gpus)
     with parent_run(settings, f"tune-{source}-{trials}trials", "tune", params) as parent:
-        return _search(
-            config, settings, prepared, parent, (trials, minutes, started), cluster, board, redraw
-        )
+        return _search(config, settings, prepared, parent, asked, cluster, board, redraw)
 
 
 def _search(
@@ -135,30 +137,31 @@ def _search(
     settings: Settings,
     prepared: Prepared,
     parent: ParentRun,
-    asked: tuple[int, float | None, float],
+    asked: tuple[int, float | None, float, float],
     cluster: str | None,
     board: Board,
     redraw: Callable[[], None],
 ) -> TuneResult:
     """The search on Ray under `parent` inside the budget `asked` (trials, minutes, started at
-    time.time()), then the best trial published."""
-    trials, minutes, started = asked
+    time.time(), GPUs per trial), then the best trial published."""
+    trials, minutes, started, gpus = asked
     data, frozen, splits = prepared.data, prepared.frozen, prepared.splits
     client, parent_id = parent.client, parent.run_id
     lengths = [len(label) for label in data.labels]
     job = base_job("trial", prepared, config, settings, parent)
-    children = ChildRuns(client, parent.experiment, parent_id, board, redraw)
+    children = ChildRuns(client, parent.experiment, parent_id, board, redraw, parent.user)
     start = time.monotonic()
     with ray_session(cluster, home=settings.home_dir) as engine:
-        checked(engine, parent, job.tracking_uri)
+        checked(engine, parent, job.tracking_uri, gpus)
         board.dashboard_url = engine.dashboard_url
         cpus = cpus_per_run(engine, trials)
-        parallel = max(1, int(engine.cpus // cpus))
+        parallel = parallel_runs(engine, cpus, gpus)
         budget = plan_budget(
             minutes, trials, parallel, config.max_minutes, started=started, now=time.time()
         )
         client.set_tag(parent_id, "captchaops.budget", budget.describe())
-        best = search(job, budget, cpus, settings.home_dir / "ray-results", children, config.seed)
+        results = settings.home_dir / "ray-results"
+        best = search(job, budget, (cpus, gpus), results, children, config.seed)
     client.log_metric(parent_id, "tune_wall_seconds", time.monotonic() - start)
     result = TuneResult(parent_id, len(children.runs), best, budget=budget.describe())
     result.failed = list(children.failures)

@@ -216,8 +216,10 @@ class ChildRuns:
         parent: str,
         board: Board,
         redraw: Callable[[], None],
+        user: str,
     ) -> None:
         self.client, self.experiment, self.parent = client, experiment, parent
+        self.user = user  # who ran the command, credited with every trial's run
         self.board, self.redraw = board, redraw
         self.runs: dict[str, str] = {}
         self.failures: list[str] = []  # "trial ID: why", for each trial that failed
@@ -228,7 +230,11 @@ class ChildRuns:
         run = self.client.create_run(
             self.experiment,
             run_name=f"trial {trial_id}",
-            tags={"mlflow.parentRunId": self.parent, "captchaops.kind": "tune-trial"},
+            tags={
+                "mlflow.parentRunId": self.parent,
+                "captchaops.kind": "tune-trial",
+                "mlflow.user": self.user,
+            },
         )
         self.runs[trial_id] = run.info.run_id
         self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in config.items()])
@@ -295,13 +301,13 @@ class _Callback(tune.Callback):  # type: ignore[misc]
 def search(
     job: Job,
     budget: Budget,
-    cpus: float,
+    resources: tuple[float, float],
     storage: Path,
     children: ChildRuns,
     seed: int,
 ) -> Best | None:
-    """Run the search on the connected Ray inside `budget`; the best trial that logged its
-    weights, if any."""
+    """Run the search on the connected Ray inside `budget`, each trial with `resources` (CPUs,
+    GPUs); the best trial that logged its weights, if any."""
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
@@ -317,8 +323,9 @@ def search(
     job = replace(job, config=budgeted, ends_by=budget.ends_by)
     # Tune's own clock only backs the trials' up: they end by `ends_by` and then log weights.
     backstop = None if budget.ends_by is None else budget.ends_by - time.time() + 60
+    cpus, gpus = resources
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, job=job), {"cpu": cpus}),
+        tune.with_resources(tune.with_parameters(trial, job=job), {"cpu": cpus, "gpu": gpus}),
         param_space=search_space(job.config),
         tune_config=tune.TuneConfig(
             metric=METRIC,

@@ -140,18 +140,20 @@ def _count_attempt(job: Job) -> int:
     attempt = int(client.get_run(job.run_id).data.tags.get(ATTEMPT_TAG, "0")) + 1
     client.set_tag(job.run_id, ATTEMPT_TAG, str(attempt))
     client.set_tag(job.run_id, "state", "running")
-    client.set_tag(job.run_id, "captchaops.node", _node_address())
+    address, node_id = _node()
+    client.set_tag(job.run_id, "captchaops.node", address)
+    client.set_tag(job.run_id, "captchaops.node_id", node_id)
     return attempt
 
 
-def _node_address() -> str:
-    """The address of the Ray node this runs on (where the run trained)."""
+def _node() -> tuple[str, str]:
+    """The address and id of the Ray node this runs on (where the run trained)."""
     try:
         import ray
 
-        return str(ray.util.get_node_ip_address())
+        return str(ray.util.get_node_ip_address()), str(ray.get_runtime_context().get_node_id())
     except Exception:  # outside Ray
-        return "local"
+        return "local", "local"
 
 
 def _log_metrics(job: Job, metrics: dict[str, float], epoch: int) -> None:

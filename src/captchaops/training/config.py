@@ -128,6 +128,21 @@ class TrainConfig:
         return values | self.arch.params()
 
 
+PRESETS = ("demo", "folder", "accuracy", "gpu")  # what `--preset` names (tiny is for tests)
+
+
+def preset(name: str | None, folder: bool) -> TrainConfig:
+    """The preset called `name`, else the default: folder for a folder of images, demo
+    otherwise; a one-line TrainError naming the choices for a name that is none of them."""
+    from captchaops.training import TrainError
+
+    chosen = name or ("folder" if folder else "demo")
+    if chosen not in PRESETS:
+        raise TrainError(f"--preset {name!r} is not a preset; use one of {', '.join(PRESETS)}")
+    made: TrainConfig = getattr(TrainConfig, chosen)()
+    return made
+
+
 def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:
     """A copy of `config` with the non-None overrides applied."""
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
