@@ -94,6 +94,8 @@ class AliasWatcher:
         self.preloaded: Loaded | None = None
         self.preload_error: str | None = None
         self._preload_want: SignedMove | None = None
+        self._preload_failed: tuple[SignedMove, float] | None = None
+        """The move whose version failed to pre-load, and until when it is not tried again."""
         self._preloading: str | None = None
         self._preload_idle = threading.Event()
         self._preload_idle.set()
@@ -292,7 +294,7 @@ class AliasWatcher:
         if pre is not None and (wanted is None or not _same(pre, wanted)):
             self.preloaded = None
             log.info(
-                "dropped pre-loaded version %s: @%s names another",
+                "dropped pre-loaded version %s: no signed move puts it on @%s now",
                 pre.ref.version,
                 self.preload_alias,
             )
@@ -300,6 +302,9 @@ class AliasWatcher:
             return
         if wanted.version == self.target_version:
             return  # the main loop loads it (or swaps it in, or has refused it)
+        failed = self._preload_failed
+        if failed is not None and failed[0] == wanted and time.monotonic() < failed[1]:
+            return  # tried and failed: again after `retry_failed_seconds`, as a promoted one
         if self._preload_want != wanted:
             self._preload_want = wanted
             self._preload_wake.set()
@@ -335,6 +340,7 @@ class AliasWatcher:
             loaded = self.preloader.load(ref, keep=False)
         except Exception as exc:
             self.preload_error = f"version {move.version}: {type(exc).__name__}: {one_line(exc)}"
+            self._preload_failed = (move, time.monotonic() + self.retry_failed_seconds)
             log.warning("cannot pre-load %s", self.preload_error)
             return
         if not _same(loaded, move):
@@ -342,6 +348,7 @@ class AliasWatcher:
                 f"version {move.version}'s ONNX network is not the one the signed move to "
                 f"@{self.preload_alias} names"
             )
+            self._preload_failed = (move, time.monotonic() + self.retry_failed_seconds)
             log.warning("not pre-loading: %s", self.preload_error)
             self.preloader.discard()
             return
@@ -353,6 +360,7 @@ class AliasWatcher:
                 return  # @staging moved on meanwhile: the next pre-load replaces this one
             self.preloaded = loaded
             self.preload_error = None
+            self._preload_failed = None
         log.info(
             "pre-loaded version %s (@%s) in %.2f s; a move of @%s to it is a pointer swap",
             move.version,
