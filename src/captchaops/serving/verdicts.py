@@ -5,7 +5,8 @@ already tried at @staging reuse the verdict instead of starting another child.
 A verdict holds for exactly the bytes and limits it was made on: its key is the SHA-256 of the
 ONNX network (the digest a signed move names), and it also records the digest of meta.json
 (geometry and preprocessing shape the trial's probes), the trial's limits (memory, CPU, largest
-batch) and this captchaops's version (the graph policy); any difference means a new trial. A
+batch) and the checks themselves (this captchaops's version and a digest of the modules that
+judge: the graph policy, the version checks, the trial); any difference means a new trial. A
 pass lets the server open the version itself (still with the version checks, the warm-up and
 the finite-answer guard); a failure refuses the version at once. A trial stopped by its
 wall-clock timeout is not a verdict (a busy machine, not the network) and is not kept.
@@ -18,6 +19,9 @@ oldest dropped first. A file that cannot be read or does not match is ignored (t
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -35,6 +39,12 @@ log = logging.getLogger(__name__)
 MAX_VERDICTS = 256
 """Verdicts kept per home; a few hundred bytes each."""
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+JUDGES = (
+    "captchaops.model.graph_policy",
+    "captchaops.model.version",
+    "captchaops.serving.trial",
+)
+"""The modules whose checks a verdict stands for: a change to one makes every verdict stale."""
 
 
 def verdicts_dir(home: Path) -> Path:
@@ -53,6 +63,16 @@ class Verdict:
     passed: bool
     reason: str = ""
     at: str = ""
+
+
+@functools.cache
+def policy() -> str:
+    """This captchaops's version and a digest of the modules whose checks a verdict stands for."""
+    digest = hashlib.sha256()
+    for module in JUDGES:  # read, not imported: the server never imports onnx itself
+        spec = importlib.util.find_spec(module)
+        digest.update(Path(str(spec.origin if spec else module)).read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:16]}"
 
 
 def limits_key(limits: TrialLimits) -> str:
@@ -79,7 +99,7 @@ class Verdicts:
             verdict = Verdict(**{k: raw[k] for k in Verdict.__dataclass_fields__})
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        wanted = (onnx_sha256, meta_sha256, limits_key(limits), __version__)
+        wanted = (onnx_sha256, meta_sha256, limits_key(limits), policy())
         found = (verdict.onnx_sha256, verdict.meta_sha256, verdict.limits, verdict.policy)
         if found != wanted or not isinstance(verdict.passed, bool):
             return None
@@ -94,7 +114,7 @@ class Verdicts:
             onnx_sha256,
             meta_sha256,
             limits_key(limits),
-            __version__,
+            policy(),
             passed,
             reason,
             datetime.now(UTC).isoformat(timespec="seconds"),
