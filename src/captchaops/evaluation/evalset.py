@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.utils.credentials import read_mlflow_creds
 
 from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError, LabelledImages, split_of
@@ -115,8 +117,6 @@ def _download(client: MlflowClient, run_id: str) -> bytes:
     uri = str(client.tracking_uri)
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
-        from mlflow.utils.credentials import read_mlflow_creds
-
         creds = read_mlflow_creds()
         login = None
         if not parts.username and creds.username and creds.password:
@@ -139,8 +139,6 @@ def _experiment_id(client: MlflowClient) -> str:
 
 def current_digest(client: MlflowClient, settings: Settings) -> str | None:
     """Digest of the frozen set the registered model is judged on, if one was made."""
-    from mlflow.exceptions import MlflowException
-
     try:
         model = client.get_registered_model(settings.model_name)
     except MlflowException as exc:

@@ -10,6 +10,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import mlflow.artifacts
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -116,8 +117,6 @@ def onnx_digest(client: MlflowClient, model_name: str, version: str) -> str:
     """The ONNX digest a version's meta.json records (two small downloads: MLmodel, meta.json);
     a one-line RegistryError when the version carries none. Model servers check the network
     they load against it, so a signed move names the bytes it vouches for."""
-    import mlflow.artifacts
-
     source = client.get_model_version_download_uri(model_name, version).rstrip("/")
     uri = str(client.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="captchaops-meta-") as tmp:

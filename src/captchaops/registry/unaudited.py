@@ -19,6 +19,7 @@ from captchaops.registry.signing import (
     open_seal,
 )
 from captchaops.scheme_names import CANARY
+from captchaops.settings import load_settings
 
 MANAGED_ALIASES = ("production", "staging", CANARY)
 LAST_MOVE = "last_move_"
@@ -67,8 +68,6 @@ def last_moves(tags: dict[str, str], key_path: Path | None = None) -> dict[str, 
     `key_path` None: the public key of the settings in force.
     """
     if key_path is None:
-        from captchaops.settings import load_settings
-
         key_path = load_settings().effective_signing_public_key
     lines = {k.removeprefix(LAST_MOVE): v for k, v in tags.items() if k.startswith(LAST_MOVE)}
     signed = {k.removeprefix(SIGNED_MOVE) for k in tags if k.startswith(SIGNED_MOVE)}
