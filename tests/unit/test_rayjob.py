@@ -97,6 +97,8 @@ def test_the_job_logs_in_with_the_tracking_secret_and_holds_no_credential() -> N
     for pod in cluster_pods(spec["rayClusterSpec"]):
         env = env_of(pod["containers"][0])
         assert env["CAPTCHAOPS_TRACKING_URI"]["value"] == "TRACKING_URL"
+        # `ray job stop` sends Ctrl-C (Ray's default, SIGTERM, would leave the runs RUNNING).
+        assert env["RAY_JOB_STOP_SIGNAL"]["value"] == "SIGINT"
         # The settings' account: runs are credited to it, and workers log with it.
         for name, key in (("USERNAME", "username"), ("PASSWORD", "password")):
             ref = env[f"CAPTCHAOPS_TRACKING_{name}"]["valueFrom"]["secretKeyRef"]

@@ -285,13 +285,19 @@ def test_the_preset_is_named_or_chosen_by_the_data_as_train_chooses_it() -> None
 
 
 def test_runs_are_credited_to_the_tracking_account_else_the_drivers_login(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from captchaops.scaleout.runner import who_ran
 
-    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME", "CAPTCHAOPS_TRACKING_USERNAME"):
         monkeypatch.delenv(name, raising=False)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.mlflow/credentials
     monkeypatch.setenv("LOGNAME", "grace")
-    monkeypatch.delenv("CAPTCHAOPS_TRACKING_USERNAME", raising=False)
-    assert who_ran(Settings()) == "grace"
-    assert who_ran(Settings(tracking_username="ada")) == "ada"
+    assert who_ran(Settings(home=tmp_path)) == "grace"
+    # MLflow's own login (a pod's Secret as MLFLOW_TRACKING_*), then the settings' account.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ed")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    assert who_ran(Settings(home=tmp_path)) == "ed"
+    assert who_ran(Settings(home=tmp_path, tracking_username="ada")) == "ada"

@@ -62,12 +62,15 @@ USER_TAG = "mlflow.user"  # MLflow's own: the UI's "User" and a run's user_id
 
 
 def who_ran(settings: Settings) -> str:
-    """Who a command's runs are credited to: the tracking account in team mode, else the login
-    name of the process that ran the command (the driver), never the account a worker runs as
-    (the driver makes every run, and its workers only log into them)."""
+    """Who a command's runs are credited to: the tracking account the driver logs in with (the
+    settings', else MLflow's own), else the login name of the process that ran the command;
+    never the account a worker runs as (the driver makes every run, workers only log into
+    them)."""
+    from captchaops.access import login
     from captchaops.registry.names import default_actor
 
-    return settings.tracking_username or default_actor()
+    account = settings.tracking_username or (login(settings) or ("",))[0]
+    return account or default_actor()
 
 
 def as_params(values: Mapping[str, object]) -> list[Param]:
