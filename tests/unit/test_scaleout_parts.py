@@ -301,3 +301,14 @@ def test_runs_are_credited_to_the_tracking_account_else_the_drivers_login(
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
     assert who_ran(Settings(home=tmp_path)) == "ed"
     assert who_ran(Settings(home=tmp_path, tracking_username="ada")) == "ada"
+
+
+def test_gpus_per_trial_without_rays_runs_is_refused_in_one_line() -> None:
+    from typer.testing import CliRunner
+
+    from captchaops.cli import app
+
+    done = CliRunner().invoke(app, ["train", "--synthetic", "300", "--gpus-per-trial", "1"])
+    assert done.exit_code == 1
+    assert "--gpus-per-trial is for Ray's runs: add --members K" in done.output
+    assert "Traceback" not in done.output
