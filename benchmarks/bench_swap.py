@@ -48,6 +48,9 @@ SETTLE_S = 3.0
 Row = tuple[list[float], int, list[float], list[tuple[float, float, float]]]
 """Per mode: seconds to the first new answer per move, failed requests, the servers' load
 seconds per swap, and the first server's RSS before staging / pre-loaded / after (MiB)."""
+SWAP_WAIT_S = 12.0
+"""How long after a move the servers may take to serve the new version (a slower swap reads as
+infinite: the load of that move's slot has ended)."""
 STAGE_WAIT_S = 15.0
 """How long a staged version may take to be reported pre-loaded before it is promoted anyway
 (a server that does not pre-load never reports it)."""
@@ -96,7 +99,7 @@ def measure_mode(
     replica per move, failed requests, and the servers' own load seconds per swap."""
     fresh = [copy_version(tracking_uri, MODEL_NAME, source) for _ in range(moves)]
     staging = STAGE_WAIT_S if flow == "promote" else 0.0
-    slot = SETTLE_S + 5.0 + staging
+    slot = SETTLE_S + SWAP_WAIT_S + 2.0 + staging
     seconds = SETTLE_S + moves * slot
     boxes: list[dict[str, LoadResult]] = [{} for _ in urls]
     share = max(1, concurrency // len(urls))
@@ -129,7 +132,7 @@ def measure_mode(
         moved_at.append(moved)
         calls.append(call)
         for url in urls:
-            deadline = time.monotonic() + SETTLE_S + 3.0
+            deadline = time.monotonic() + SWAP_WAIT_S
             while time.monotonic() < deadline:
                 answer = httpx.get(f"{url}/version", timeout=5).json()
                 if answer.get("version") == version:
