@@ -1,11 +1,14 @@
 """Folds, trials and members on real Ray clusters, end to end with a real tracking server.
 
-One `ray.cluster_utils.Cluster` (a head and one worker node, one CPU each, on 127.0.0.1) and
-one separately started `ray start --head` serve the whole module. The three long commands run
-as a user runs them (`cv` against the `ray start` head, `tune` and `train --members` against
-the two-node cluster, each a subprocess with `--cluster`) and are started together when the
-module begins, so their start-up waits overlap; each test reads the one it checks. A tiny
-stand-in folder and a few optimiser steps per run keep the module to a few minutes.
+One `ray.cluster_utils.Cluster` (a head and one worker node, one CPU each, on 127.0.0.1; the
+worker declares one GPU, which Ray takes on trust on a machine without one) and one separately
+started `ray start --head` serve the whole module. The three long commands run as a user runs
+them (`cv` against the `ray start` head, `tune` and `train --members --gpus-per-trial 1`
+against the two-node cluster, each a subprocess with `--cluster`) and are started together
+when the module begins, so their start-up waits overlap; each test reads the one it checks.
+`cv` runs as another login and `tune` as another tracking account than the workers', so that
+the runs' credit shows whose it is. A tiny stand-in folder and a few optimiser steps per run
+keep the module to a few minutes.
 """
 
 from __future__ import annotations
@@ -39,20 +42,37 @@ STEPS = ["--steps", "4", "--max-minutes", "3"]
 LOOPBACK_HEAD = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
 SCHEME = "tuned-scheme"
 ENSEMBLE = "ensemble-scheme"
+CV_LOGIN = "grace-driver"  # the login `cv` runs as (its Ray's workers run as this process does)
+TUNE_ACCOUNT = "ada-driver"  # the tracking account `tune` is configured with
+
+
+@dataclass
+class TwoNodes:
+    """The module's Ray cluster: its address, and the id of the node that declares a GPU."""
+
+    address: str
+    gpu_node: str
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """A two-node Ray cluster (head + worker, 1 CPU each) on 127.0.0.1; yields its address."""
+def two_nodes() -> Iterator[TwoNodes]:
+    """A two-node Ray cluster (head + worker, 1 CPU each) on 127.0.0.1, the worker declaring
+    one GPU (Ray schedules by declared resources, so this machine needs none)."""
     from ray.cluster_utils import Cluster
 
     node = {"num_cpus": 1, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    ray_cluster = Cluster(initialize_head=True, head_node_args=node)
+    ray_cluster = Cluster(initialize_head=True, head_node_args=node | {"num_gpus": 0})
     try:
-        ray_cluster.add_node(**node)
-        yield str(ray_cluster.address)
+        gpu = ray_cluster.add_node(**node, num_gpus=1)
+        yield TwoNodes(str(ray_cluster.address), str(gpu.node_id))
     finally:
         ray_cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(two_nodes: TwoNodes) -> str:
+    """The two-node cluster's address."""
+    return two_nodes.address
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +187,14 @@ def commands(
             tracking_server,
             home / "cv",
             **head_env,
+            LOGNAME=CV_LOGIN,
+            USER=CV_LOGIN,
         ),
         "tune": Command.start(
             ["tune", *data, "--trials", "2", "--cluster", cluster, *STEPS, "--model-name", SCHEME],
             tracking_server,
             home / "tune",
+            CAPTCHAOPS_TRACKING_USERNAME=TUNE_ACCOUNT,
         ),
         "members": Command.start(
             [
@@ -179,6 +202,8 @@ def commands(
                 *data,
                 "--members",
                 "2",
+                "--gpus-per-trial",
+                "1",
                 "--cluster",
                 cluster,
                 *STEPS,
@@ -232,6 +257,32 @@ def test_cv_refuses_a_bad_fold_count_in_one_line(
     assert done.returncode == 1
     assert "--folds 1 is out of range" in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_run_asking_more_gpus_than_any_node_has_is_refused_in_one_line_before_any_work(
+    commands: dict[str, Command],
+    cluster: str,
+    folder: Path,
+    tracking_server: Tracking,
+    tmp_path: Path,
+) -> None:
+    """The cluster's one GPU node has one GPU: asking two per trial ends in one line naming
+    the most one node has, before a run is made (Ray would keep the trials pending for ever)."""
+    args = ["tune", "--data", str(folder), "--trials", "2", "--gpus-per-trial", "2"]
+    # Its own experiment: nothing may be logged there.
+    extra = {"CAPTCHAOPS_EXPERIMENT_NAME": "too-many-gpus"}
+    started = time.monotonic()
+    done = cli([*args, "--cluster", cluster, *STEPS], tracking_server, tmp_path, **extra)
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "--gpus-per-trial 2 asks for more GPUs than any node" in line
+    assert "the most on one node is 1" in line
+    client = MlflowClient(tracking_server.uri)
+    experiment = client.get_experiment_by_name("too-many-gpus")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+    assert took < 120, took  # seconds alone; the long commands run beside it
 
 
 def test_ctrl_c_ends_cv_as_killed_shuts_its_ray_down_and_prints_one_line(
@@ -301,6 +352,26 @@ def test_cv_on_a_separately_started_head_runs_each_fold_as_a_child_run(
     # The workers read the data set the driver logged once, by digest, on the parent run.
     [logged] = client.list_artifacts(parent, "dataset")
     assert logged.path == f"dataset/{top.data.params['dataset_sha256']}.zip"
+
+
+def test_runs_are_credited_to_who_ran_the_command_not_to_the_workers_account(
+    cv_run: subprocess.CompletedProcess[str],
+    tune_run: subprocess.CompletedProcess[str],
+    tracking_server: Tracking,
+) -> None:
+    """`mlflow.user` (the MLflow UI's "User") on the parent and every child run is the driver's:
+    its login for `cv`, its tracking account for `tune`; the workers run as this test does."""
+    import getpass
+
+    assert getpass.getuser() not in (CV_LOGIN, TUNE_ACCOUNT)  # else this could not fail
+    assert cv_run.returncode == 0 and tune_run.returncode == 0, cv_run.stderr + tune_run.stderr
+    client = MlflowClient(tracking_server.uri)
+    for done, who in ((cv_run, CV_LOGIN), (tune_run, TUNE_ACCOUNT)):
+        parent = parent_of(done.stdout)
+        runs = [client.get_run(parent), *children(client, parent)]
+        assert len(runs) == 3
+        assert {r.data.tags.get("mlflow.user") for r in runs} == {who}
+        assert {r.info.user_id for r in runs} == {who}
 
 
 def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
@@ -389,6 +460,7 @@ def test_cv_of_a_trial_with_members_trains_each_fold_as_that_trials_ensemble(
 
 def test_members_are_one_version_served_alike_by_our_server_and_stock_mlflow(
     ensemble_run: subprocess.CompletedProcess[str],
+    two_nodes: TwoNodes,
     tracking_server: Tracking,
     folder: Path,
     tmp_path: Path,
@@ -403,7 +475,11 @@ def test_members_are_one_version_served_alike_by_our_server_and_stock_mlflow(
     assert "alias staging -> this version" in ensemble_run.stdout
     client = MlflowClient(tracking_server.uri)
     [version] = client.search_model_versions(f"name = '{ENSEMBLE}'")
-    assert len(children(client, version.run_id)) == 2  # a child run per member
+    members = children(client, version.run_id)
+    assert len(members) == 2  # a child run per member
+    # Each member asked for a GPU, so Ray ran it on the one node that declares one.
+    assert client.get_run(str(version.run_id)).data.params["gpus_per_trial"] == "1.0"
+    assert {m.data.tags["captchaops.node_id"] for m in members} == {two_nodes.gpu_node}
     # Stock `mlflow models serve` (the models-from-code pyfunc) starts while we look at the graph.
     port = free_port()
     stock_log = tmp_path / "mlflow-serve.log"
