@@ -3,13 +3,15 @@
 The tracking server runs on host `tracking`, a Ray head (no CPUs of its own, token auth) on
 `head`, a Ray worker on `worker`, and drivers on the head (`--cluster HEAD:6379`) and on a
 `laptop` (`--cluster ray://HEAD:10001`), as docs/gcp.md runs them on a cluster. Nothing binds
-or connects across hosts through 127.0.0.1: each host's loopback is its own. The everyday
-mistake (the tracking server on the laptop's 127.0.0.1, the cluster elsewhere) and a worker
-of another image must each end in one line, before any fold, within 20 s, with exit 1.
+or connects across hosts through 127.0.0.1: each host's loopback is its own. The laptop's
+driver runs as another login than the workers, and its runs are credited to that login. The
+everyday mistake (the tracking server on the laptop's 127.0.0.1, the cluster elsewhere) and a
+worker of another image must each end in one line, before any fold, within 20 s, with exit 1.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
 import secrets
 import shutil
@@ -40,6 +42,7 @@ from harness.processes import VENV_BIN, Tracking, start_tracking_server, stop_pr
 pytestmark = pytest.mark.slow
 STEPS = ["--steps", "4", "--max-minutes", "3"]
 GCS, CLIENT, TRACKING = 6379, 10001, 5000
+LAPTOP_LOGIN = "lin-laptop"  # who runs `cv` on the laptop host
 
 
 def require_hosts() -> None:
@@ -131,10 +134,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def command(
-    bed: Bed, host: Host, args: list[str], home: Path, tracking_uri: str
+    bed: Bed,
+    host: Host,
+    args: list[str],
+    home: Path,
+    tracking_uri: str,
+    login: str | None = None,
 ) -> tuple[subprocess.Popen, Path]:
-    """Start `captchaops ARGS` on `host` as a user runs it there; its process and its home
-    (stdout.txt, stderr.txt inside)."""
+    """Start `captchaops ARGS` on `host` as a user runs it there (as `login`, if given); its
+    process and its home (stdout.txt, stderr.txt inside)."""
     home.mkdir(parents=True, exist_ok=True)
     env = bed.env | {
         "CAPTCHAOPS_TRACKING_URI": tracking_uri,
@@ -142,6 +150,7 @@ def command(
         "CAPTCHAOPS_STAGING_FLOOR": "0",
         "COLUMNS": "120",
     }
+    env |= {"LOGNAME": login, "USER": login} if login else {}
     out, err = (home / "stdout.txt").open("wb"), (home / "stderr.txt").open("wb")
     proc = host.popen([str(VENV_BIN / "captchaops"), *args], env=env, stdout=out, stderr=err)
     return proc, home
@@ -182,6 +191,7 @@ def cv_runs(bed: Bed, folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
             [*args, "--cluster", f"ray://{head.address}:{CLIENT}"],
             homes / "laptop",
             bed.tracking.uri,
+            login=LAPTOP_LOGIN,
         ),
     }
     try:
@@ -192,8 +202,9 @@ def cv_runs(bed: Bed, folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 stop_process(proc)
 
 
-def check_cv(done: subprocess.CompletedProcess[str], bed: Bed) -> None:
-    """A cv whose check and folds ran on the worker host, logged to the tracking host."""
+def check_cv(done: subprocess.CompletedProcess[str], bed: Bed, who: str) -> None:
+    """A cv whose check and folds ran on the worker host, logged to the tracking host, its
+    runs credited to `who` (the driver's login)."""
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     worker = bed.net["worker"]
     client = MlflowClient(bed.tracking.uri)
@@ -207,6 +218,7 @@ def check_cv(done: subprocess.CompletedProcess[str], bed: Bed) -> None:
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
     assert sorted(r.info.run_name for r in runs) == ["fold 1", "fold 2"]
+    assert {r.data.tags.get("mlflow.user") for r in [parent, *runs]} == {who}
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["captchaops.node"] == worker.address  # trained on the worker
@@ -215,13 +227,15 @@ def check_cv(done: subprocess.CompletedProcess[str], bed: Bed) -> None:
 
 def test_cv_on_the_head_trains_its_folds_on_the_worker_host(bed: Bed, cv_runs: dict) -> None:
     assert "127.0.0.1" not in bed.tracking.uri
-    check_cv(finished(cv_runs["head"], timeout=600), bed)
+    check_cv(finished(cv_runs["head"], timeout=600), bed, getpass.getuser())
 
 
 def test_cv_from_a_laptop_through_ray_client_trains_on_the_worker_host(
     bed: Bed, cv_runs: dict
 ) -> None:
-    check_cv(finished(cv_runs["laptop"], timeout=600), bed)
+    # The workers run as this process does; the laptop's driver as someone else.
+    assert getpass.getuser() != LAPTOP_LOGIN
+    check_cv(finished(cv_runs["laptop"], timeout=600), bed, LAPTOP_LOGIN)
 
 
 def test_tracking_on_the_laptops_loopback_fails_in_one_line_before_any_fold(
