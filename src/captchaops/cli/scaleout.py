@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,6 +177,8 @@ def reported(log: Path) -> Iterator[None]:
     from captchaops.data.dataset import DataError
     from captchaops.training import TrainError
 
+    main = threading.current_thread() is threading.main_thread()  # signals: main thread only
+    previous = signal.signal(signal.SIGINT, _ctrl_c_with_deadline) if main else None
     try:
         with quiet_libraries(log):
             yield
@@ -180,6 +186,36 @@ def reported(log: Path) -> Iterator[None]:
         fail(str(exc))
     except KeyboardInterrupt:
         stopped()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+STOP_DEADLINE_S = 90.0
+"""How long ending the runs and Ray may take after Ctrl-C before the command exits anyway."""
+
+
+def _ctrl_c_with_deadline(signum: int, frame: object) -> None:
+    """Ctrl-C as usual (KeyboardInterrupt: the runs end KILLED, Ray shuts down), with a
+    deadline: a shutdown that waits on a Ray process the same Ctrl-C ended (CI saw one wait
+    past 240 s) must not keep the terminal. The local Ray's processes share the command's
+    fate, so exiting ends them too."""
+    timer = threading.Timer(STOP_DEADLINE_S, _exit_stopped)
+    timer.daemon = True
+    timer.start()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    raise KeyboardInterrupt
+
+
+def _exit_stopped() -> None:
+    console.print()
+    console.print(
+        f"stopped by Ctrl-C: shutting down took over {STOP_DEADLINE_S:g} s, so the command "
+        "exits now; runs still RUNNING in MLflow can be ended in its UI",
+        highlight=False,
+    )
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _print(lines: list[str], log: Path) -> None:
