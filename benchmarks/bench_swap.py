@@ -165,6 +165,11 @@ def measure_mode(
             + " MiB",
             flush=True,
         )
+    print(
+        "  first new answer minus the registry call's own time (negative: answered before the "
+        f"writer returned): {', '.join(f'{w - c:+.2f}' for w, c in zip(swaps, calls, strict=True))} s",
+        flush=True,
+    )
     return swaps, sum(r.failed for r in results), load_s, rss_mib
 
 
