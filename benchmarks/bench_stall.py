@@ -3,6 +3,7 @@
 Usage:
   python -m benchmarks stall [--runs 20] [--seconds 30] [--synthetic 10000]
   python -m benchmarks stall --baseline-src /tmp/old/src    # A/B: alternate with an older tree
+         [--baseline-runs 10] [--parallel 2] [--minutes 25]   # a busy box: fewer, paired, capped
 
 Each run is a child process of its own that imports `captchaops` (this tree's `src`, or the
 `--baseline-src` tree's, put first on PYTHONPATH), draws the demo preset's fresh images
@@ -20,7 +21,9 @@ optimiser steps. `fit_stream` is timed by wrapping the module's function for the
 lifetime (so both trees are timed the same way, whatever their `fit_stream` does inside).
 A run counts as stalled when `fit_stream` returns 10 s or more after the last step, or any
 collection takes 10 s or more (issue 40: 0 of 20 runs). With `--baseline-src` the runs
-alternate between the two trees (the baseline first in odd rounds), so both see the same load.
+alternate between the two trees (the baseline first in odd rounds), so both see the same load;
+`--parallel 2` runs a baseline run beside each run of this tree while both have runs left, and
+`--minutes` starts no run after that long and records the runs done.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from benchmarks import record
 
+_ORIGINAL: dict[str, Any] = {}  # the module's own `fit_stream`, before the timing wrapper
 STALL_S = 10.0  # a wait this long after the last step, or a collection this long, is a stall
 SRC = record.ROOT / "src"
 
@@ -74,7 +79,7 @@ def one_run(seconds: float, synthetic: int) -> dict[str, Any]:
     arch = loop.geometry(config, None, config.length[1])
     steps: list[float] = []
     marks: dict[str, float] = {}
-    fit_stream = loop.fit_stream
+    fit_stream = _ORIGINAL.setdefault("fit_stream", loop.fit_stream)  # unwrapped, run after run
 
     def timed(model: Any, train: Any, epochs: int, callbacks: list[Any]) -> None:
         clock = keras.callbacks.LambdaCallback(
@@ -91,23 +96,26 @@ def one_run(seconds: float, synthetic: int) -> dict[str, Any]:
     gc.callbacks.append(collections)
     start = time.monotonic()
     keras.utils.set_random_seed(config.seed)
-    with fresh_data(config, arch, alphabet) as fresh:
-        fitted = loop.fit(
-            config,
-            arch,
-            alphabet,
-            fresh.stream(math.ceil(fresh.capacity / config.batch_size)),
-            fresh.validation,
-            augment=bool(config.augment),
-            deadline=start + seconds,
-            report=loop.silent,
-            log=lambda metrics, epoch: None,
-        )
-        began = time.monotonic()
-        gc.collect()
-        next_collection = time.monotonic() - began
-        leaving = time.monotonic()
-    left = time.monotonic() - leaving
+    try:
+        with fresh_data(config, arch, alphabet) as fresh:
+            fitted = loop.fit(
+                config,
+                arch,
+                alphabet,
+                fresh.stream(math.ceil(fresh.capacity / config.batch_size)),
+                fresh.validation,
+                augment=bool(config.augment),
+                deadline=start + seconds,
+                report=loop.silent,
+                log=lambda metrics, epoch: None,
+            )
+            began = time.monotonic()
+            gc.collect()
+            next_collection = time.monotonic() - began
+            leaving = time.monotonic()
+        left = time.monotonic() - leaving
+    finally:
+        gc.callbacks.remove(collections)
     gaps = [b - a for a, b in itertools.pairwise(steps[20:])]
     last = steps[-1] if steps else marks["returned"]
     return {
@@ -129,28 +137,43 @@ def stalled(row: dict[str, Any]) -> bool:
     """Whether the run stalled (or never came back)."""
     if row.get("failed"):
         return True
-    waits = (row["returned_after_last_step_s"], row["longest_collection_s"])
+    waits = (row["returned_after_train_end_s"], row["longest_collection_s"])
     return max(waits) >= STALL_S
 
 
-def in_child(src: Path, seconds: float, synthetic: int) -> dict[str, Any]:
-    """`one_run` in a child process that imports `captchaops` from `src`."""
+def in_child(
+    src: Path, seconds: float, synthetic: int, runs: int, stop_at: float = math.inf
+) -> list[dict[str, Any]]:
+    """`runs` of `one_run`, one after another in a child process that imports `captchaops`
+    from `src`; at `stop_at` (`time.monotonic()`) the child is stopped and the runs it finished
+    are returned."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src), str(record.ROOT)]))
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
+        out = Path(tmp) / "rows.jsonl"
         argv = [sys.executable, "-m", "benchmarks.bench_stall", "--row", str(out)]
-        argv += ["--seconds", str(seconds), "--synthetic", str(synthetic)]
+        argv += [
+            "--seconds",
+            str(seconds),
+            "--synthetic",
+            str(synthetic),
+            "--per-process",
+            str(runs),
+        ]
         began = time.monotonic()
+        timeout = min(runs * (seconds + 600), max(stop_at - began, 1.0))
+        failed = None
         try:
             done = subprocess.run(
-                argv, env=env, capture_output=True, text=True, timeout=seconds + 600, check=False
+                argv, env=env, capture_output=True, text=True, timeout=timeout, check=False
             )
-        except subprocess.TimeoutExpired:
-            return {"failed": "no answer in 10 minutes past its budget", "src": str(src)}
-        if done.returncode != 0 or not out.exists():
-            return {"failed": done.stderr.strip()[-400:], "src": str(src)}
-        row: dict[str, Any] = json.loads(out.read_text())
-        return row | {"process_s": time.monotonic() - began, "src": str(src)}
+            if done.returncode != 0:
+                failed = {"failed": done.stderr.strip()[-400:], "src": str(src)}
+        except subprocess.TimeoutExpired:  # the run under way when time ran out is not counted
+            if stop_at - began > timeout + 1:
+                failed = {"failed": "no answer in 10 minutes a run past its budget"}
+        lines = out.read_text().splitlines() if out.exists() else []
+        rows = [json.loads(line) | {"src": str(src)} for line in lines]
+        return rows + ([failed | {"src": str(src)}] if failed else [])
 
 
 def tree_commit(src: Path) -> str:
@@ -183,6 +206,20 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _line(row: dict[str, Any]) -> str:
+    """One run, as printed."""
+    if row.get("failed"):
+        return f"FAILED {row['failed']}"
+    return (
+        f"{row['steps']} steps, {_s(row['step_ms_median'], 'ms', 0)} a step; fit_stream "
+        f"returned {_s(row['returned_after_last_step_s'], digits=2)} after the last step "
+        f"({_s(row['returned_after_train_end_s'], digits=2)} after on_train_end); longest "
+        f"collection {_s(row['longest_collection_s'], digits=2)}, the one after fit "
+        f"{_s(row['next_collection_s'], digits=2)}; load {row['load_avg_1m']:.1f}"
+        + ("  STALLED" if stalled(row) else "")
+    )
+
+
 def _s(value: float | None, unit: str = "s", digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f} {unit}"
 
@@ -194,36 +231,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="each run's time budget")
     parser.add_argument("--synthetic", type=int, default=10_000, help="held-out sets and pool")
     parser.add_argument("--baseline-src", type=Path, help="an older tree's src/ to alternate with")
+    parser.add_argument("--baseline-runs", type=int, help="runs of the baseline (default: --runs)")
+    parser.add_argument(
+        "--per-process", type=int, default=1, help="runs a child process does (one import)"
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (a busy box)")
+    parser.add_argument(
+        "--minutes", type=float, help="start no run after this long; record the runs done"
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)  # one run in this process
     args = parser.parse_args(argv if argv is not None else [])
     if args.row:
-        Path(args.row).write_text(json.dumps(one_run(args.seconds, args.synthetic)))
+        for _ in range(args.per_process):
+            row = json.dumps(one_run(args.seconds, args.synthetic))
+            with Path(args.row).open("a") as rows_file:
+                rows_file.write(row + "\n")
         return
     trees = {"this tree": SRC}
     if args.baseline_src:
         trees["baseline"] = args.baseline_src.resolve()
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
-    for i in range(args.runs):
-        order = list(trees) if i % 2 else list(trees)[::-1]
-        for name in order:
-            row = in_child(trees[name], args.seconds, args.synthetic)
+    wanted = {"this tree": args.runs, "baseline": args.baseline_runs or args.runs}
+    per = args.per_process
+    queue = [
+        name
+        for i in range(0, max(wanted.values()), per)
+        for name in (list(trees) if i // per % 2 else list(trees)[::-1])
+        if i < wanted[name]
+    ]
+    stop_at = time.monotonic() + 60 * args.minutes if args.minutes else math.inf
+
+    def take(name: str) -> None:
+        if time.monotonic() >= stop_at:
+            return
+        for row in in_child(trees[name], args.seconds, args.synthetic, per, stop_at):
             rows[name].append(row)
-            print(
-                f"run {i + 1:2d} {name:9s}: "
-                + (
-                    f"FAILED {row['failed']}"
-                    if row.get("failed")
-                    else f"{row['steps']} steps, {_s(row['step_ms_median'], 'ms', 0)} a step; "
-                    f"fit_stream returned {_s(row['returned_after_last_step_s'], digits=2)} "
-                    f"after the last step; longest collection "
-                    f"{_s(row['longest_collection_s'], digits=2)}, the one after fit "
-                    f"{_s(row['next_collection_s'], digits=2)}; load {row['load_avg_1m']:.1f}"
-                    + ("  STALLED" if stalled(row) else "")
-                ),
-                flush=True,
-            )
+            print(f"run {len(rows[name]):2d} {name:9s}: {_line(row)}", flush=True)
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        list(pool.map(take, queue))
     figures = {}
-    result: dict[str, Any] = {"seconds": args.seconds, "synthetic": args.synthetic}
+    result: dict[str, Any] = {
+        "seconds": args.seconds,
+        "synthetic": args.synthetic,
+        "parallel": args.parallel,
+    }
     for name, src in trees.items():
         totals = summary(rows[name]) | {"commit": tree_commit(src)}
         result[name] = totals | {"rows": rows[name]}
