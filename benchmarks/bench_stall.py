@@ -19,8 +19,9 @@ after Keras's `fit`), from `on_train_end` to that return, a full collection run 
 the time to leave the data block (the drawing workers joined), and the median time between
 optimiser steps. `fit_stream` is timed by wrapping the module's function for the child's
 lifetime (so both trees are timed the same way, whatever their `fit_stream` does inside).
-A run counts as stalled when `fit_stream` returns 10 s or more after the last step, or any
-collection takes 10 s or more (issue 40: 0 of 20 runs). With `--baseline-src` the runs
+A run counts as stalled when `fit_stream` returns 10 s or more after `on_train_end` (the time
+since the last step also holds the final validation), or any collection takes 10 s or more
+(issue 40: 0 of 20 runs). With `--baseline-src` the runs
 alternate between the two trees (the baseline first in odd rounds), so both see the same load;
 `--parallel 2` runs a baseline run beside each run of this tree while both have runs left, and
 `--minutes` starts no run after that long and records the runs done.
@@ -46,7 +47,7 @@ from typing import Any
 from benchmarks import record
 
 _ORIGINAL: dict[str, Any] = {}  # the module's own `fit_stream`, before the timing wrapper
-STALL_S = 10.0  # a wait this long after the last step, or a collection this long, is a stall
+STALL_S = 10.0  # a wait this long after on_train_end, or a collection this long, is a stall
 SRC = record.ROOT / "src"
 
 
