@@ -312,3 +312,47 @@ def test_gpus_per_trial_without_rays_runs_is_refused_in_one_line() -> None:
     assert done.exit_code == 1
     assert "--gpus-per-trial is for Ray's runs: add --members K" in done.output
     assert "Traceback" not in done.output
+
+
+class _FlakyHead:
+    """Ray's `init`/`shutdown` as a busy head answers them: `failures` transient errors first."""
+
+    def __init__(self, failures: int, message: str) -> None:
+        self.failures, self.message, self.calls, self.shutdowns = failures, message, 0, 0
+
+    def init(self, address: str, **options: object) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError(self.message)
+        return f"joined {address}"
+
+    def shutdown(self) -> None:
+        self.shutdowns += 1
+
+
+CLIENT_SERVER_FAILED = (
+    "Initialization failure from server:\nRuntimeError: Starting Ray client server failed. "
+    "See ray_client_server_23000.err for detailed logs."
+)
+
+
+def test_a_head_that_fails_to_start_its_client_server_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from captchaops.scaleout import engine
+
+    monkeypatch.setattr(engine.time, "sleep", lambda s: None)
+    head = _FlakyHead(2, CLIENT_SERVER_FAILED)
+    assert engine._join(head, "ray://10.0.0.2:10001", {}) == "joined ray://10.0.0.2:10001"
+    assert (head.calls, head.shutdowns) == (3, 2)
+    # Every try failing, or another error, or a GCS address: the error goes to the user.
+    with pytest.raises(ConnectionError):
+        engine._join(_FlakyHead(3, CLIENT_SERVER_FAILED), "ray://10.0.0.2:10001", {})
+    refused = _FlakyHead(1, "connection refused")
+    with pytest.raises(ConnectionError):
+        engine._join(refused, "ray://10.0.0.2:10001", {})
+    assert refused.calls == 1
+    gcs = _FlakyHead(1, CLIENT_SERVER_FAILED)
+    with pytest.raises(ConnectionError):
+        engine._join(gcs, "10.0.0.2:6379", {})
+    assert gcs.calls == 1

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from captchaops.scaleout import ScaleoutError
 
@@ -68,7 +70,7 @@ def ray_session(
                 # answers; with this switch off it keeps loopback, and the driver joins as it.
                 ray_constants.ENABLE_RAY_CLUSTER = False
                 local = {"_node_ip_address": "127.0.0.1"}
-            context = ray.init(address=cluster, **quiet, **local)  # type: ignore[arg-type]
+            context = _join(ray, cluster, {**quiet, **local})
         else:
             private_token(home)
             context = ray.init(
@@ -102,6 +104,24 @@ def ray_session(
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+CLIENT_SERVER_TRIES = 3
+"""Ray Client starts a server process on the head for each driver; on a busy head that start
+fails now and then ("Starting Ray client server failed", seen in CI), and the next one works."""
+
+
+def _join(ray: Any, cluster: str, options: dict[str, Any]) -> Any:
+    """`ray.init(address=cluster)`, trying a `ray://` address again when the head failed to
+    start its per-driver client server (a transient failure of the head, not a wrong address)."""
+    for attempt in range(1, CLIENT_SERVER_TRIES + 1):
+        try:
+            return ray.init(address=cluster, **options)
+        except (ConnectionError, RuntimeError) as exc:
+            transient = cluster.startswith("ray://") and "client server failed" in str(exc)
+            if not transient or attempt == CLIENT_SERVER_TRIES:
+                raise
+            ray.shutdown()
+            time.sleep(2.0 * attempt)
+    raise AssertionError("unreachable")
 
 
 def private_token(home: Path) -> Path | None:
