@@ -29,6 +29,17 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a `from ... import` reads from, relative levels resolved against
+    `package` (the importing module's package)."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    parts = package.split(".")
+    anchor = ".".join(parts[: len(parts) - node.level + 1])
+    return f"{anchor}.{base}" if base else anchor
+
+
 def imported_modules(tree: ast.Module, name: str, is_package: bool, modules: set[str]) -> set[str]:
     """The package's modules a module imports at run time, at module level or in a function.
 
@@ -50,11 +61,7 @@ def imported_modules(tree: ast.Module, name: str, is_package: bool, modules: set
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                anchor = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{anchor}.{base}" if base else anchor
+            base = _from_module(node, package)
             for alias in node.names:
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
     return (found & modules) - {name}
@@ -193,11 +200,7 @@ def package_imports(root: Path) -> list[tuple[str, str, str]]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    anchor = ".".join(parts[: len(parts) - node.level + 1])
-                    base = f"{anchor}.{base}" if base else anchor
+                base = _from_module(node, package)
                 targets = [f"{top}.{a.name}" for a in node.names] if base == top else [base]
             for target in targets:
                 first = target.split(".")[1] if target.startswith(f"{top}.") else ""
