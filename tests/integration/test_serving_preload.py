@@ -18,8 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from captchaops.registry.aliases import assign_alias
-from captchaops.registry.versions import register_version
-from tests.fixtures.models import TrainedModel
+from tests.fixtures.models import TrainedModel, copies
 from tests.fixtures.serving import ModelServer, start_model_server
 from tests.fixtures.stack import Tracking, stop_process
 
@@ -43,10 +42,7 @@ def setup(
     tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Setup]:
     client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
-    source = client.get_model_version(tiny_model.model_name, tiny_model.version)
-    versions = [
-        register_version(client, NAME, str(source.source), str(source.run_id)) for _ in range(3)
-    ]
+    versions = copies(client, tiny_model, NAME, 3)
     assign_alias(client, NAME, "production", versions[0], reason="first", actor="tests")
     home = tmp_path_factory.mktemp("preload")
     server = start_model_server(

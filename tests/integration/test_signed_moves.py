@@ -27,7 +27,7 @@ from captchaops.registry.aliases import assign_alias
 from captchaops.registry.audit import audit_experiment
 from captchaops.registry.signing import SIGNED_MOVE, SignedMove, ensure_key, seal
 from captchaops.settings import Settings
-from tests.fixtures.models import TrainedModel, make_settings
+from tests.fixtures.models import TrainedModel, copies, make_settings
 from tests.fixtures.serving import ModelServer, start_model_server
 from tests.fixtures.stack import VENV_BIN, Tracking, stop_process
 
@@ -53,11 +53,7 @@ def setup(
     tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Setup]:
     client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
-    source = client.get_model_version(tiny_model.model_name, tiny_model.version)
-    versions = [
-        registry.register_version(client, NAME, str(source.source), str(source.run_id))
-        for _ in range(3)
-    ]
+    versions = copies(client, tiny_model, NAME, 3)
     home = tmp_path_factory.mktemp("signed-moves")
     settings = make_settings(tracking_server, home / "cli", model_name=NAME)
     assign_alias(client, NAME, ALIAS, versions[0], reason="first", actor="tests")
