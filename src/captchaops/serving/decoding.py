@@ -87,7 +87,7 @@ class _Piece:
 class Decoders:
     """A few decoding worker processes, each bounded by the kernel, fed in arrival order."""
 
-    _running: ClassVar[int] = 0  # pools started and not stopped, in this process
+    _running: ClassVar[set[Decoders]] = set()  # pools started and not stopped, in this process
 
     def __init__(self, limits: DecodeLimits) -> None:
         self.limits = limits
@@ -103,7 +103,7 @@ class Decoders:
     async def start(self) -> None:
         """Start every worker, wait until each has answered once, and start feeding them."""
         self._queued = asyncio.Event()
-        Decoders._running += 1
+        Decoders._running.add(self)
         started = await asyncio.gather(*(self._new_worker() for _ in range(self.limits.workers)))
         self._slots = [asyncio.create_task(self._slot(worker)) for worker in started]
 
@@ -122,9 +122,9 @@ class Decoders:
         # still ends it.
         # Only the last pool of this process stops it: `_stop` waits for the forkserver, which
         # lives while any worker of any pool does.
-        Decoders._running -= 1
+        Decoders._running.discard(self)
         stop_forkserver = getattr(forkserver._forkserver, "_stop", None)
-        if stop_forkserver is not None and Decoders._running == 0:
+        if stop_forkserver is not None and not Decoders._running:
             stop_forkserver()
 
     async def decode(self, images: list[bytes], geometry: Geometry) -> np.ndarray:
