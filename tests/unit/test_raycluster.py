@@ -62,3 +62,32 @@ def test_token_auth_is_on_nothing_is_exposed_and_secrets_stay_in_secrets() -> No
         for secret in ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
             assert "secretKeyRef" in env[secret]["valueFrom"] and "value" not in env[secret]
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def probed_clusters() -> dict[str, dict[str, Any]]:
+    """The RayCluster spec of each shipped manifest: raycluster.yaml's and the RayJob's."""
+    specs = {"raycluster.yaml": manifest()["spec"]}
+    for doc in yaml.safe_load_all((DEPLOY / "k8s" / "rayjob-cv.yaml").read_text()):
+        if doc and doc.get("kind") == "RayJob":
+            specs["k8s/rayjob-cv.yaml"] = doc["spec"]["rayClusterSpec"]
+    return specs
+
+
+def test_every_ray_pod_has_probes_that_need_nothing_in_the_image() -> None:
+    """KubeRay adds wget probes to a container that has none, and the images have no wget:
+    each Ray container declares its own readiness and liveness probes, TCP checks of the port
+    its Ray process listens on (the GCS on the head, the raylet's fixed port on workers)."""
+    specs = probed_clusters()
+    assert set(specs) == {"raycluster.yaml", "k8s/rayjob-cv.yaml"}
+    for name, spec in specs.items():
+        groups = [(spec["headGroupSpec"], 6379)] + [
+            (group, int(group["rayStartParams"]["node-manager-port"]))
+            for group in spec["workerGroupSpecs"]
+        ]
+        for group, port in groups:
+            [container] = group["template"]["spec"]["containers"]
+            for kind in ("readinessProbe", "livenessProbe"):
+                probe = container.get(kind)
+                assert probe is not None, f"{name}: {container['name']} has no {kind}"
+                assert "exec" not in probe and "httpGet" not in probe, (name, kind)
+                assert probe["tcpSocket"]["port"] == port, (name, container["name"], kind)
