@@ -218,11 +218,6 @@ class VersionLoader:
         started = time.monotonic()
         return Loaded(good[0], self.open_folder(good[1]), time.monotonic() - started, True)
 
-    def last_good_version(self) -> str | None:
-        """The version of the last-known-good copy, if there is one."""
-        good = self._good()
-        return good[0].version if good else None
-
     def forget(self) -> None:
         """Delete the last-known-good copy (its alias no longer exists)."""
         with contextlib.suppress(OSError):
