@@ -15,6 +15,15 @@ runs an hour apart to compare:
 step-counted schedule; `bare` fits without the loop's callbacks; `xla` compiles the
 training step with XLA (`jit_compile=True`); `rolled` builds the GRU with `unroll=False`. TensorFlow's own thread pools follow
 TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS in the environment.
+
+`--roofline` sets the step time beside what its arithmetic costs on this machine (issue 40: a
+step within 2x the time its FLOPs take at the machine's measured matmul rate): the demo
+network's multiply-adds are counted from its layers (convolutions, dense layers and both GRU
+directions over every time step; batch norm, activations, pooling and the CTC loss are not
+counted), a training step is taken as 3x the forward pass (the backward pass computes two
+products per forward one), and the rate is TensorFlow's own float32 matmul of 1024x1024
+matrices on this process's thread pools, the best of 20. The result is recorded
+(`bench-results/step-roofline-*.json`).
 """
 
 from __future__ import annotations
@@ -199,6 +208,59 @@ def whole_loop(seconds: float, warmup: int) -> dict[str, Any]:
     }
 
 
+def forward_flops(model: Any) -> dict[str, int]:
+    """Floating-point operations (2 per multiply-add) of one image's forward pass, by layer kind."""
+    import keras
+
+    counts = {"conv": 0, "dense": 0, "gru": 0}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            kh, kw, channels, _ = layer.kernel.shape
+            counts["conv"] += 2 * height * width * kh * kw * channels * filters
+        elif isinstance(layer, keras.layers.Dense):
+            steps = int(np.prod(layer.output.shape[1:-1])) or 1
+            fan_in, fan_out = layer.kernel.shape
+            counts["dense"] += 2 * steps * fan_in * fan_out
+        elif isinstance(layer, keras.layers.Bidirectional):
+            _, steps, fan_in = layer.input.shape
+            units = layer.forward_layer.units
+            gates = 3  # GRU: update, reset, candidate
+            counts["gru"] += 2 * 2 * steps * gates * (fan_in * units + units * units)
+    return counts
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """TensorFlow's float32 matmul rate on this process's thread pools, GFLOP/s, best of `repeats`."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((size, size))
+    b = tf.random.uniform((size, size))
+    tf.linalg.matmul(a, b).numpy()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        tf.linalg.matmul(a, b).numpy()
+        best = min(best, time.perf_counter() - began)
+    return 2 * size**3 / best / 1e9
+
+
+def roofline(timed: dict[str, Any], model: Any, batch: int) -> dict[str, Any]:
+    """The step's FLOPs, the machine's matmul rate and the ratio of the measured step to the
+    time those FLOPs take at that rate."""
+    forward = forward_flops(model)
+    step_flops = 3 * batch * sum(forward.values())
+    rate = matmul_gflops()
+    ideal_ms = step_flops / (rate * 1e9) * 1000
+    return {
+        "forward_mflops_per_image": {k: round(v / 1e6, 2) for k, v in forward.items()},
+        "step_gflops": round(step_flops / 1e9, 3),
+        "matmul_gflops_per_s": round(rate, 1),
+        "ideal_step_ms": round(ideal_ms, 2),
+        "measured_over_ideal": round(timed["step_ms_median"] / ideal_ms, 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print one JSON line: the tree, how it built the step, and its step times."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -220,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="instead: time drawing and preprocessing this many CAPTCHAs on one process (pure "
         "Python and Pillow, no TensorFlow: how fast this machine is, whichever tree)",
+    )
+    parser.add_argument(
+        "--roofline",
+        action="store_true",
+        help="also count the step's FLOPs, measure this machine's matmul rate, print the "
+        "ratio and record it",
     )
     args = parser.parse_args(argv if argv is not None else [])
     if args.draw:
@@ -246,22 +314,38 @@ def main(argv: list[str] | None = None) -> None:
         x, y, batch_size=batch, epochs=1, shuffle=False, callbacks=[*callbacks, timer], verbose=0
     )
     gaps = np.diff(timer.ends[args.warmup - 1 :]) * 1000
-    print(
-        json.dumps(
-            {
-                "src": str(Path(captchaops.__file__).parent),
-                "variant": args.variant,
-                "built": how,
-                "keras": keras.__version__,
-                "first_step_s": round(timer.ends[0] - started, 2),
-                "steps_timed": len(gaps),
-                "step_ms_median": round(statistics.median(gaps), 2),
-                "step_ms_mean": round(float(np.mean(gaps)), 2),
-                "cpu_ms_per_step": _cpu_per_step(timer, args.warmup),
-                "load": Path("/proc/loadavg").read_text().split()[0],
-            }
+    result = {
+        "src": str(Path(captchaops.__file__).parent),
+        "variant": args.variant,
+        "built": how,
+        "keras": keras.__version__,
+        "first_step_s": round(timer.ends[0] - started, 2),
+        "steps_timed": len(gaps),
+        "step_ms_median": round(statistics.median(gaps), 2),
+        "step_ms_mean": round(float(np.mean(gaps)), 2),
+        "cpu_ms_per_step": _cpu_per_step(timer, args.warmup),
+        "load": Path("/proc/loadavg").read_text().split()[0],
+    }
+    if args.roofline:
+        from benchmarks import record
+
+        result |= roofline(result, model, batch)
+        print(
+            f"demo step: {result['step_ms_median']} ms measured (median), "
+            f"{result['step_gflops']} GFLOP at {result['matmul_gflops_per_s']} GFLOP/s "
+            f"(this machine's matmul) = {result['ideal_step_ms']} ms; measured / ideal "
+            f"{result['measured_over_ideal']} (target <= 2)"
         )
-    )
+        record.save(
+            "step-roofline",
+            result,
+            {
+                "demo step, median": f"{result['step_ms_median']} ms",
+                "demo step at the measured matmul rate": f"{result['ideal_step_ms']} ms",
+                "measured / ideal step time": f"{result['measured_over_ideal']}x",
+            },
+        )
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
