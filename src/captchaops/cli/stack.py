@@ -14,6 +14,12 @@ from captchaops.settings import Settings, load_settings
 @app.command()
 def up(
     core: bool = typer.Option(False, "--core", help="only the object store and tracking server"),
+    replicas: int | None = typer.Option(
+        None,
+        "--replicas",
+        help="model servers per alias, behind a balancer (HAProxy) when over 1 "
+        "(default: as running, else 1)",
+    ),
 ) -> None:
     """Start the local stack (store, tracking server, model servers, web app) and wait for health."""
     from captchaops.stack import control, services
@@ -21,7 +27,12 @@ def up(
 
     names = services.CORE if core else services.ALL
     try:
-        control.up(load_settings(), names, say=lambda line: console.print(line, highlight=False))
+        control.up(
+            load_settings(),
+            names,
+            say=lambda line: console.print(line, highlight=False),
+            replicas=replicas,
+        )
     except (control.StackError, StoreError) as exc:
         fail(str(exc))
 
@@ -48,6 +59,11 @@ def status() -> None:
     rows = control.status(settings)
     console.print(services_table(rows))
     console.print(f"total RSS: {sum(row.rss_mb for row in rows):.0f} MB")
+    for alias, (ready, total) in control.in_rotation(rows).items():
+        console.print(
+            literal(f"balancer: {alias} (haproxy) over {total} replicas, {ready} in rotation"),
+            highlight=False,
+        )
     serving = tuple(r.name for r in rows if r.name in webhooks.SERVED_ALIASES and r.healthy)
     swaps = webhooks.swap_lines(settings, serving)
     if swaps:
@@ -79,7 +95,9 @@ def _unaudited(settings: Settings) -> dict[str, str]:
 @app.command()
 def logs(
     service: str = typer.Argument(
-        ..., help="store, tracking, production, staging, app, supervisord"
+        ...,
+        help="store, tracking, production, staging, app, supervisord, or a replica "
+        "(production-1, ...)",
     ),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new lines"),
     lines: int = typer.Option(50, "-n", "--lines", help="how many past lines to show"),

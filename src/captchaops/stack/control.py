@@ -9,13 +9,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
-from captchaops.settings import Settings, client_host_for
-from captchaops.stack import supervisor, webhooks
+from captchaops.settings import Settings, client_host_for, write_private
+from captchaops.stack import balancer, supervisor, webhooks
 from captchaops.stack.memory import rss_mb
-from captchaops.stack.services import ALL, Service, build_services, team_secrets
+from captchaops.stack.services import ALL, Service, build_services, replica_name, team_secrets
 from captchaops.stack.store import Store, choose_store, ensure_bucket
 
 
@@ -51,22 +52,57 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def resolve(settings: Settings) -> tuple[Store, Settings, list[Service]]:
+def resolve(settings: Settings, replicas: int = 1) -> tuple[Store, Settings, list[Service]]:
     """The chosen store, settings with generated secrets, and every service spec."""
     store, settings = choose_store(settings)
     if settings.auth:
         settings = team_secrets(settings)
-    return store, settings, build_services(settings, store, ALL)
+    return store, settings, build_services(settings, store, ALL, replicas)
+
+
+def replicas_running(info: dict[str, dict[str, object]]) -> int:
+    """How many replicas per alias the running supervisor was started with (1: no balancer)."""
+    counts = [
+        sum(replica_name(alias, k) in info for k in range(1, balancer.MAX_REPLICAS + 1))
+        for alias in webhooks.SERVED_ALIASES
+    ]
+    return max(counts) or 1
+
+
+def in_rotation(rows: list[ServiceStatus]) -> dict[str, tuple[int, int]]:
+    """For `status`, per alias served by replicas: how many of them are in the balancer's
+    rotation (their /health answers 200: a version is loaded), and how many there are."""
+    out: dict[str, tuple[int, int]] = {}
+    for row in rows:
+        alias = _base_name(row.name)
+        if alias == row.name:
+            continue
+        ready = row.healthy and healthy(row.url + "/health")
+        done, total = out.get(alias, (0, 0))
+        out[alias] = (done + ready, total + 1)
+    return out
 
 
 def up(
     settings: Settings,
     names: tuple[str, ...] = ALL,
     say: Callable[[str], None] = print,
+    replicas: int | None = None,
 ) -> list[Service]:
-    """Start the requested services in order and wait until each is healthy."""
+    """Start the requested services in order and wait until each is healthy; with `replicas`
+    > 1, each served alias runs as that many model servers behind a balancer (HAProxy). None:
+    as many as the running stack has (1 when none runs)."""
+    if replicas is None:
+        replicas = replicas_running(supervisor.process_info(settings))
+    if not 1 <= replicas <= balancer.MAX_REPLICAS:
+        raise StackError(f"--replicas must be between 1 and {balancer.MAX_REPLICAS}")
+    if replicas > 1 and set(names) & set(webhooks.SERVED_ALIASES):
+        try:
+            balancer.haproxy_binary()
+        except balancer.BalancerMissing as exc:
+            raise StackError(str(exc)) from exc
     try:
-        return _up(settings, names, say)
+        return _up(settings, names, say, replicas)
     except ValueError as exc:  # a setting with a line break, refused before it reaches a file
         raise StackError(str(exc)) from exc
     except OSError as exc:
@@ -78,16 +114,23 @@ def up(
         ) from exc
 
 
-def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) -> list[Service]:
+def _up(
+    settings: Settings, names: tuple[str, ...], say: Callable[[str], None], replicas: int
+) -> list[Service]:
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     settings.home_dir.chmod(0o700)  # secrets, the sqlite database and logs live here
     if settings.webhooks:
         settings = webhooks.ensure_secrets(settings)
-    store, settings, services = resolve(settings)
+    store, settings, services = resolve(settings, replicas)
     say(store.describe(settings))
     running_before = supervisor.is_running(settings)
     info = supervisor.process_info(settings) if running_before else {}
-    wanted = [svc for svc in services if svc.name in names]
+    if running_before and replicas_running(info) != replicas:
+        raise StackError(
+            f"the stack runs with {replicas_running(info)} replica(s) per alias, not {replicas}; "
+            "stop it first (captchaops down) to change --replicas"
+        )
+    wanted = [svc for svc in services if _base_name(svc.name) in names]
     # STARTING too: supervisord says RUNNING only `startsecs` after the start, while the service
     # may already answer (a second `up` right after the first found its own app's port "in use")
     already = [
@@ -97,11 +140,20 @@ def _up(settings: Settings, names: tuple[str, ...], say: Callable[[str], None]) 
     if already:
         say("already running: " + ", ".join(f"{svc.name} ({svc.url})" for svc in already))
     for svc in todo:
-        if port_in_use(settings.host, svc.port):
+        if port_in_use(urlsplit(svc.url).hostname or settings.host, svc.port):
             raise StackError(
                 f"port {svc.port} ({svc.name}) is in use by another process; "
                 f"set {svc.port_setting} to a free port"
+                + (
+                    f" (its replicas use it + {balancer.REPLICA_PORT_STEP} x 1..{replicas})"
+                    if replicas > 1 and svc.name != _base_name(svc.name)
+                    else ""
+                )
             )
+    for svc in todo:
+        for path, text in svc.files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_private(path, text)
     if store.kind == "s3" and ensure_bucket(store, settings):
         say(f"created bucket {settings.s3_bucket}")
     if not todo:
@@ -171,10 +223,17 @@ def down(settings: Settings) -> bool:
     return True
 
 
+def _base_name(name: str) -> str:
+    """The service a replica belongs to (`production-2` -> `production`), else the name."""
+    alias, _, index = name.rpartition("-")
+    return alias if alias in webhooks.SERVED_ALIASES and index.isdigit() else name
+
+
 def status(settings: Settings) -> list[ServiceStatus]:
-    """The state, health and memory of every service of this home."""
-    _, settings, services = resolve(settings)
+    """The state, health and memory of every service of this home (each replica of an alias
+    and its balancer, under the alias's name, when `up --replicas` started them)."""
     info = supervisor.process_info(settings)
+    _, settings, services = resolve(settings, replicas_running(info))
     rows = []
     for svc in services:
         proc = info.get(svc.name, {})
@@ -188,8 +247,11 @@ def status(settings: Settings) -> list[ServiceStatus]:
 def log_file(settings: Settings, name: str) -> Path:
     """The log file of a service (or of the supervisor itself)."""
     names = {*ALL, "supervisord"}
-    if name not in names:
-        raise StackError(f"unknown service {name!r}; choose one of: {', '.join(sorted(names))}")
+    if _base_name(name) not in names:
+        raise StackError(
+            f"unknown service {name!r}; choose one of: {', '.join(sorted(names))} "
+            "(or a replica: production-1, ...)"
+        )
     return supervisor.log_dir(settings) / f"{name}.log"
 
 

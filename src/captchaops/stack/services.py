@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from captchaops.settings import Settings, client_host_for, ensure_secret, write_private
+from captchaops.stack import balancer
 from captchaops.stack.store import Store
 from captchaops.stack.webhooks import tracking_env
 
@@ -27,6 +28,8 @@ class Service:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 90.0
+    files: dict[Path, str] = field(default_factory=dict)
+    """Files written (0600) before the service first starts: a balancer's config."""
 
 
 def _bin(name: str) -> str:
@@ -93,8 +96,11 @@ def shadow_env(settings: Settings, alias: str) -> dict[str, str]:
     return {"CAPTCHAOPS_SHADOW_URL": url, "CAPTCHAOPS_REVIEW_URL": review}
 
 
-def build_services(settings: Settings, store: Store, names: tuple[str, ...] = ALL) -> list[Service]:
-    """The services to supervise for these settings, in start order."""
+def build_services(
+    settings: Settings, store: Store, names: tuple[str, ...] = ALL, replicas: int = 1
+) -> list[Service]:
+    """The services to supervise for these settings, in start order; with `replicas` > 1 each
+    served alias is that many model servers behind a balancer (`replicated`)."""
     if settings.auth:
         settings = team_secrets(settings)
     host = settings.host
@@ -189,19 +195,24 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
         ("production", settings.production_port, "CAPTCHAOPS_PRODUCTION_PORT"),
         ("staging", settings.staging_port, "CAPTCHAOPS_STAGING_PORT"),
     ):
-        if alias in names:
-            url = f"http://{client_host}:{port}"
-            specs.append(
-                Service(
-                    name=alias,
-                    command=[_bin("captchaops"), "serve", "--alias", alias, "--port", str(port)],
-                    port=port,
-                    port_setting=setting,
-                    health_url=f"{url}/ping",
-                    url=url,
-                    env={**common, **service_env(settings), **shadow_env(settings, alias)},
-                )
+        if alias not in names:
+            continue
+        env = {**common, **service_env(settings), **shadow_env(settings, alias)}
+        if replicas > 1:
+            specs += replicated(settings, alias, port, setting, replicas, env)
+            continue
+        url = f"http://{client_host}:{port}"
+        specs.append(
+            Service(
+                name=alias,
+                command=[_bin("captchaops"), "serve", "--alias", alias, "--port", str(port)],
+                port=port,
+                port_setting=setting,
+                health_url=f"{url}/ping",
+                url=url,
+                env=env,
             )
+        )
     if "app" in names:
         url = f"http://{client_host}:{settings.app_port}"
         specs.append(
@@ -216,3 +227,60 @@ def build_services(settings: Settings, store: Store, names: tuple[str, ...] = AL
             )
         )
     return specs
+
+
+def replica_name(alias: str, index: int) -> str:
+    """The service name of replica `index` (1-based) of an alias."""
+    return f"{alias}-{index}"
+
+
+def replicated(
+    settings: Settings, alias: str, port: int, setting: str, count: int, env: dict[str, str]
+) -> list[Service]:
+    """`count` model servers of `alias` on loopback (ports: `balancer.replica_port`), each
+    relaying webhooks to the others and trusting the balancer's address as a proxy, then the
+    balancer (HAProxy) on the alias's own host and port, under the alias's name."""
+    host = balancer.REPLICA_HOST
+    ports = [balancer.replica_port(port, k) for k in range(1, count + 1)]
+    urls = [f"http://{host}:{p}" for p in ports]
+    proxies = ",".join(p for p in (settings.trusted_proxies, host) if p)
+    specs = []
+    for k, (replica_port, url) in enumerate(zip(ports, urls, strict=True), start=1):
+        peers = ",".join(u for u in urls if u != url)
+        serve = [_bin("captchaops"), "serve", "--alias", alias, "--port", str(replica_port)]
+        specs.append(
+            Service(
+                name=replica_name(alias, k),
+                command=[*serve, "--host", host],
+                port=replica_port,
+                port_setting=setting,
+                health_url=f"{url}/ping",
+                url=url,
+                env={
+                    **env,
+                    "CAPTCHAOPS_WEBHOOK_PEERS": peers,
+                    "CAPTCHAOPS_TRUSTED_PROXIES": proxies,
+                },
+            )
+        )
+    config = settings.home_dir / "run" / f"balancer-{alias}.cfg"
+    upstreams = [u.removeprefix("http://") for u in urls]
+    text = balancer.config(alias, settings.host, port, upstreams)
+    url = f"http://{client_host_for(settings.host)}:{port}"
+    try:
+        haproxy = balancer.haproxy_binary()
+    except balancer.BalancerMissing:
+        haproxy = "haproxy"  # `up` says how to install it before anything starts
+    return [
+        *specs,
+        Service(
+            name=alias,
+            command=[haproxy, "-db", "-f", str(config)],
+            port=port,
+            port_setting=setting,
+            health_url=f"{url}/ping",
+            url=url,
+            start_timeout=30.0,
+            files={config: text},
+        ),
+    ]
