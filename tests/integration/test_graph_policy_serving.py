@@ -30,6 +30,7 @@ from tests.integration.test_gate import copy_version, isolated
 from tests.unit.test_graph_policy import (
     constant_of_shape,
     endless_loop,
+    nan_for_captchas,
     nan_when_dark,
     shape_from_batch_squared,
     shape_from_brightness,
@@ -113,6 +114,7 @@ HOSTILE: list[tuple[onnx.ModelProto | Callable[[onnx.ModelProto], onnx.ModelProt
     (shape_from_batch_squared, "neither a constant nor a multiple of the batch size"),
     (shape_from_brightness, "never from pixel values"),
     (nan_when_dark, "not finite numbers are refused"),
+    (nan_for_captchas, "frozen evaluation set; versions whose outputs are not finite"),
 ]
 
 

@@ -15,6 +15,7 @@ import psutil
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from captchaops.data.synthetic import generate_one
 from captchaops.model import graph_policy
 from captchaops.model.graph_policy import ALLOWED_OPS, GraphRefused, check_graph, op_set
 from captchaops.model.version import VersionError, file_sha256, open_version
@@ -277,6 +278,27 @@ def nan_when_dark(base: onnx.ModelProto | None = None) -> onnx.ModelProto:
     return with_side_branch(side, "side", extra, base)
 
 
+def nan_for_captchas(base: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Allowed operators and constant shapes, but the output adds 0 x sqrt(-(m - 0.7)(0.95 - m))
+    of the mean pixel m: NaN only for a batch as bright as real CAPTCHAs (dark strokes on a light
+    ground, m near 0.85), nothing for white (1), black (0) or noise (0.5) images."""
+    side = [
+        helper.make_node("ReduceMean", ["image"], ["mean"], keepdims=0),
+        helper.make_node("Sub", ["mean", "low"], ["above"]),
+        helper.make_node("Sub", ["high", "mean"], ["below"]),
+        helper.make_node("Mul", ["above", "below"], ["inside"]),
+        helper.make_node("Sub", ["zero", "inside"], ["outside"]),
+        helper.make_node("Sqrt", ["outside"], ["rooted"]),
+        helper.make_node("Mul", ["rooted", "zero"], ["side"]),
+    ]
+    extra = [
+        _const("low", 0.7, np.float32),
+        _const("high", 0.95, np.float32),
+        _const("zero", 0.0, np.float32),
+    ]
+    return with_side_branch(side, "side", extra, base)
+
+
 def hoarding_per_image(values: int = 4_000_000) -> onnx.ModelProto:
     """Constant shapes within the bounds, but three live [N, 4M] tensors: 48 MB for one image,
     3 GB at a batch of 64."""
@@ -517,6 +539,24 @@ def test_the_trial_refuses_a_version_that_answers_nan_for_a_dark_image(
     assert check_graph(folder / "artifacts" / "crnn.onnx", geometry=(HEIGHT, WIDTH, 1))
     with pytest.raises(TrialFailed, match="not finite numbers are refused"):
         run_trial(folder, TrialLimits(wall_seconds=60))
+    assert no_children_left() == []
+
+
+def test_the_trial_and_the_warm_up_refuse_a_version_that_answers_nan_only_for_real_captchas(
+    tmp_path: Path, no_children_left: Callable[[], list[psutil.Process]]
+) -> None:
+    """White, black and noise images miss it; a batch of the scheme's frozen-set images (here
+    generated CAPTCHAs, as a synthetic scheme's frozen set holds) does not."""
+    folder = version_dir(tmp_path / "v", nan_for_captchas())
+    limits = TrialLimits(wall_seconds=60, max_batch=4)
+    assert "Sqrt" in run_trial(folder, limits)  # passes on the synthetic images alone
+    frozen = [generate_one(seed).image for seed in range(3)]  # fewer than a batch: repeated
+    with pytest.raises(TrialFailed, match="frozen evaluation set; versions whose outputs"):
+        run_trial(folder, limits, frozen)
+    model = open_version(folder)
+    trial.warm_up(model, 4)
+    with pytest.raises(NonFiniteOutput, match="frozen evaluation set"):
+        trial.warm_up(model, 4, frozen)
     assert no_children_left() == []
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from captchaops.model.version import file_sha256
+from captchaops.serving.frozen_sample import FrozenSample
 from captchaops.serving.loader import LoadError, Timeouts, VersionLoader
 from captchaops.serving.trial import TrialLimits
 from captchaops.serving.verdicts import Verdicts, limits_key
@@ -85,17 +86,22 @@ def test_verdicts_are_bounded_and_bound_to_what_they_judged(tmp_path: Path) -> N
     verdicts = Verdicts(tmp_path / "verdicts", limit=2)
     digests = [f"{n:064x}" for n in range(3)]
     for digest in digests:
-        verdicts.keep(digest, "meta", LIMITS, passed=True, reason="")
+        verdicts.keep(digest, "meta", "none", LIMITS, passed=True, reason="")
     assert len(list((tmp_path / "verdicts").glob("*.json"))) == 2
-    assert verdicts.find(digests[2], "meta", LIMITS) is not None
-    assert verdicts.find(digests[2], "other meta", LIMITS) is None
-    assert verdicts.find("../../etc/passwd", "meta", LIMITS) is None
+    assert verdicts.find(digests[2], "meta", "none", LIMITS) is not None
+    assert verdicts.find(digests[2], "other meta", "none", LIMITS) is None
+    # made without frozen-set images, it does not stand for a trial with them (or other ones)
+    sample = FrozenSample((b"captcha",), "e" * 64)
+    assert sample.key != FrozenSample((b"other",), "e" * 64).key
+    assert verdicts.find(digests[2], "meta", sample.key, LIMITS) is None
+    assert verdicts.find("../../etc/passwd", "meta", "none", LIMITS) is None
     # a file claiming another digest than its name is not believed
     (tmp_path / "verdicts" / f"{digests[2]}.json").write_text(
         json.dumps(
             {
                 "onnx_sha256": digests[1],
                 "meta_sha256": "meta",
+                "frozen": "none",
                 "limits": limits_key(LIMITS),
                 "policy": "x",
                 "passed": True,
@@ -104,4 +110,4 @@ def test_verdicts_are_bounded_and_bound_to_what_they_judged(tmp_path: Path) -> N
             }
         )
     )
-    assert verdicts.find(digests[2], "meta", LIMITS) is None
+    assert verdicts.find(digests[2], "meta", "none", LIMITS) is None

@@ -59,14 +59,19 @@ def pack(images: list[bytes], labels: list[str], meta: dict[str, object]) -> byt
 
 
 def unpack(
-    data: bytes, max_unpacked: int | None = None, *, max_items: int = MAX_ITEMS
+    data: bytes,
+    max_unpacked: int | None = None,
+    *,
+    max_items: int = MAX_ITEMS,
+    first: int | None = None,
 ) -> tuple[dict[str, Any], list[bytes], list[str]]:
     """(meta, images, labels) of an `evalset.zip`, read with bounded bytes.
 
     Every entry is read through a counting limit, never trusting the sizes the archive declares;
     each `labels.json` item must name a distinct entry, and at most `max_items` of them. Raises
     ArchiveTooLarge past `max_unpacked` bytes in all (default MAX_SET_BYTES) or MAX_ENTRY_BYTES
-    in one image, ArchiveRefused for anything else that is not a well-formed set.
+    in one image, ArchiveRefused for anything else that is not a well-formed set. With `first`,
+    only the first `first` items are read (the rest are still checked to be distinct names).
     """
     budget = MAX_SET_BYTES if max_unpacked is None else max_unpacked
     try:
@@ -85,7 +90,7 @@ def unpack(
             if len(set(names)) != len(names):
                 raise ArchiveRefused("its labels.json names one image more than once")
             images = []
-            for name in names:
+            for name in names[:first]:
                 image = _read(archive, name, min(MAX_ENTRY_BYTES, budget))
                 budget -= len(image)
                 images.append(image)
@@ -93,7 +98,7 @@ def unpack(
         raise ArchiveRefused(f"it is not a readable zip archive ({type(exc).__name__})") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArchiveRefused("its labels.json is not JSON") from exc
-    labels = [str(item["label"]) for item in items]
+    labels = [str(item["label"]) for item in items[: len(images)]]
     return meta, images, labels
 
 

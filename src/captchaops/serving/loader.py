@@ -5,7 +5,10 @@ while the registry cannot be reached.
 The trial (`captchaops.serving.trial`) runs once per network: its verdict is kept by ONNX
 digest in the home (`captchaops.serving.verdicts`), so the same bytes under the same limits are
 opened at once (a pass) or refused at once (a failure), and `trials` counts which happened.
-The trial and the server's own warm-up run the largest batch the server sends, with the same CPU budget (`Settings.version_cpu_seconds`); a served version's
+The trial and the server's own warm-up run the largest batch the server sends, of white, black,
+noise and frozen-set images (`captchaops.serving.frozen_sample`: a sample of the scheme's frozen
+evaluation set, read once per set; a verdict holds only for the sample it ran), with the same
+CPU budget (`Settings.version_cpu_seconds`); a served version's
 answers are checked once more as they leave it, so a confidence that is not a finite number
 fails the request with a JSON error instead of reaching a client as `NaN`.
 
@@ -43,6 +46,7 @@ from captchaops.model.version import (
     check_model_dir,
     open_version,
 )
+from captchaops.serving.frozen_sample import FrozenSample, FrozenSamples
 from captchaops.serving.trial import ImageModel as ImageModel
 from captchaops.serving.trial import (
     NonFiniteOutput,
@@ -135,6 +139,7 @@ class VersionLoader:
         timeouts: Timeouts,
         trial: TrialLimits | None = None,
         verdicts: Verdicts | None = None,
+        samples: FrozenSamples | None = None,
     ) -> None:
         self.rest = rest
         self.cache_dir = cache_dir
@@ -144,6 +149,8 @@ class VersionLoader:
             wall_seconds=timeouts.load + timeouts.warm_up,
         )
         self.verdicts = verdicts
+        self.samples = samples
+        """Where the trial and warm-up find a scheme's frozen-set images (None: none are run)."""
         self.trials = {"run": 0, "passed_cached": 0, "refused_cached": 0}
         """Trials run in a child, and loads a kept verdict decided without one."""
         self._overdue: threading.Thread | None = None
@@ -157,7 +164,7 @@ class VersionLoader:
         good = self._good() if keep else None
         if good is not None and good[0].version == ref.version:
             with contextlib.suppress(Exception):
-                return Loaded(ref, self.open_folder(good[1]), time.monotonic() - started)
+                return Loaded(ref, self.open_folder(good[1], ref.name), time.monotonic() - started)
         if not keep:
             self._sweep(keep=None)
         folder, kept = self._new_folder()
@@ -172,7 +179,7 @@ class VersionLoader:
             )
             if not local.resolve().is_relative_to(folder.resolve()):
                 raise LoadError(f"version {ref.version} was downloaded outside its folder")
-            model = self.open_folder(local)
+            model = self.open_folder(local, ref.name)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -216,7 +223,8 @@ class VersionLoader:
         if good is None:
             return None
         started = time.monotonic()
-        return Loaded(good[0], self.open_folder(good[1]), time.monotonic() - started, True)
+        model = self.open_folder(good[1], good[0].name)
+        return Loaded(good[0], model, time.monotonic() - started, True)
 
     def forget(self) -> None:
         """Delete the last-known-good copy (its alias no longer exists)."""
@@ -252,10 +260,12 @@ class VersionLoader:
         folder.mkdir(mode=0o700)
         return self.rest.download_artifacts(uri, folder, deadline=deadline)
 
-    def open_folder(self, folder: Path) -> ImageModel:
-        """A downloaded version in `folder`, tried in its sandbox (or decided by a kept verdict),
-        opened and warmed up; raises LoadError or VersionError."""
-        tried = self._try(folder)
+    def open_folder(self, folder: Path, name: str | None = None) -> ImageModel:
+        """A downloaded version in `folder` of registered model `name`, tried in its sandbox (or
+        decided by a kept verdict), opened and warmed up, both with the frozen-set sample of
+        `name`; raises LoadError or VersionError."""
+        sample = self._sample(name)
+        tried = self._try(folder, sample)
         model: ImageModel = self._within(
             self.timeouts.load,
             "checking and opening the version",
@@ -265,15 +275,25 @@ class VersionLoader:
             raise LoadError("the version's ONNX network changed after its trial; it is refused")
         batch = self.trial.max_batch
         self._within(  # the trial's budget: one value for both
-            float(self.trial.cpu_seconds), "the warm-up prediction", lambda: warm_up(model, batch)
+            float(self.trial.cpu_seconds),
+            "the warm-up prediction",
+            lambda: warm_up(model, batch, sample.images),
         )
         return FiniteAnswers.wrap(model)
 
-    def _try(self, folder: Path) -> str | None:
+    def _sample(self, name: str | None) -> FrozenSample:
+        """The frozen-set images of registered model `name` (none without a name or samples)."""
+        if self.samples is None or name is None:
+            return FrozenSample(note="no frozen evaluation set is read by this loader")
+        return self.samples.for_model(name)
+
+    def _try(self, folder: Path, sample: FrozenSample) -> str | None:
         """The graph policy, opening and warm-up in a limited child, unless a verdict on these
-        bytes under these limits is kept; returns the ONNX digest the verdict holds for (None:
-        none could be read before the trial, which then explains). Raises LoadError."""
-        key = _digests(folder) if self.verdicts is not None else None
+        bytes with these frozen-set images under these limits is kept; returns the ONNX digest
+        the verdict holds for (None: none could be read before the trial, which then explains).
+        Raises LoadError."""
+        digests = _digests(folder) if self.verdicts is not None else None
+        key = (*digests, sample.key) if digests is not None else None
         if key is not None and self.verdicts is not None:
             verdict = self.verdicts.find(*key, self.trial)
             if verdict is not None and verdict.passed:
@@ -284,13 +304,14 @@ class VersionLoader:
                 raise LoadError(f"{verdict.reason} (its trial's verdict, kept since {verdict.at})")
         self.trials["run"] += 1
         try:
-            run_trial(folder, self.trial)
+            run_trial(folder, self.trial, sample.images)
         except TrialFailed as exc:
             if key is not None and self.verdicts is not None and exc.lasting:
                 self.verdicts.keep(*key, self.trial, passed=False, reason=str(exc))
             raise LoadError(str(exc)) from exc
         if key is not None and self.verdicts is not None:
-            self.verdicts.keep(*key, self.trial, passed=True, reason="")
+            reason = "" if sample.images else f"tried without frozen-set images: {sample.note}"
+            self.verdicts.keep(*key, self.trial, passed=True, reason=reason)
         return key[0] if key is not None else None
 
     def _within(self, seconds: float, what: str, step: Callable[[], T]) -> T:

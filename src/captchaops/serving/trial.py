@@ -1,16 +1,20 @@
 """Trying a version in a child process before a model server loads it: the graph policy, then
-opening and warm-up predictions at the server's largest batch (a batch of white, one of black
-and one of noise images), under memory (RLIMIT_AS), CPU (RLIMIT_CPU) and output-size
-(RLIMIT_FSIZE) limits and a wall-clock timeout that kills the child.
+opening and warm-up predictions at the server's largest batch (a batch of white, one of black,
+one of noise images and one of real images from the scheme's frozen evaluation set), under
+memory (RLIMIT_AS), CPU (RLIMIT_CPU) and output-size (RLIMIT_FSIZE) limits and a wall-clock
+timeout that kills the child.
 
 A thread cannot be stopped: a graph that allocates gigabytes or loops for ever, run in the
 server, takes the server's memory or leaves a core spinning. Run here, it takes only the child,
 which the kernel or the timeout ends. As the graph policy makes every shape a function of the
 batch size alone, the largest batch costs the most any request can; a graph that answers NaN
-or infinity for any of the images fails. The child runs isolated (`python -I`, a fresh working
-directory, an environment without the service's secrets). The server opens the version itself
-only after the child succeeded. Run as
-`python -I -m captchaops.serving.trial FOLDER MEMORY_BYTES CPU_SECONDS MAX_BATCH`.
+or infinity for any of the images fails. Synthetic images alone miss a graph whose answer or
+cost hinges on what only real CAPTCHAs look like, hence the frozen-set batch: the server reads
+its sample (`captchaops.serving.frozen_sample`) and hands the bytes to the child as files in
+its working directory; a scheme without a frozen set is tried on the synthetic images alone.
+The child runs isolated (`python -I`, a fresh working directory, an environment without the
+service's secrets). The server opens the version itself only after the child succeeded. Run as
+`python -I -m captchaops.serving.trial FOLDER MEMORY_BYTES CPU_SECONDS MAX_BATCH [SAMPLE_DIR]`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -58,6 +63,8 @@ VERSION_CPU_SECONDS = 30
 (`Settings.version_cpu_seconds`)."""
 OUTPUT_BYTES = 64 * 1024
 """The most the trial's child may write to its stdout and stderr together, and all that is read."""
+SAMPLE_DIR = "frozen-sample"
+"""The folder, in the child's working directory, holding the frozen-set images it runs."""
 CHILD_ENV_KEYS = ("PATH", "LANG", "LC_ALL", "TZ")
 """Variables the child inherits; the rest (credentials, tokens, MLflow settings) it never sees."""
 
@@ -89,14 +96,18 @@ class NonFiniteOutput(RuntimeError):
     """A version answered NaN or infinity: it is refused, never served."""
 
 
-def warm_up(model: ImageModel, batch: int = 1) -> None:
+def warm_up(model: ImageModel, batch: int = 1, frozen: Sequence[bytes] = ()) -> None:
     """Run a batch of `batch` white, one of black and one of noise images of the model's input
-    size; raise if any answer or raw output is missing, out of range or not finite."""
+    size, then one of the `frozen` (frozen-set) images, repeated or cut to `batch`; raise if any
+    answer or raw output is missing, out of range or not finite."""
     for probe in _probes(model.meta):
-        _check_answers(model, [probe] * batch)
+        _check_answers(model, [probe] * batch, "a white, black or noise image")
+    if frozen:
+        filled = [frozen[i % len(frozen)] for i in range(batch)]
+        _check_answers(model, filled, "an image of the scheme's frozen evaluation set")
 
 
-def _check_answers(model: ImageModel, images: list[bytes]) -> None:
+def _check_answers(model: ImageModel, images: list[bytes], what: str) -> None:
     result = model.predict_images(images)
     if len(result) != len(images) or not all(isinstance(r.get("text"), str) for r in result):
         raise RuntimeError(f"warm-up prediction returned {result[:3]!r}, not a text per image")
@@ -104,7 +115,7 @@ def _check_answers(model: ImageModel, images: list[bytes]) -> None:
         confidence = answer.get("confidence")
         if not isinstance(confidence, int | float) or not math.isfinite(confidence):
             raise NonFiniteOutput(
-                f"the version answered the confidence {confidence!r} for a warm-up image; "
+                f"the version answered the confidence {confidence!r} for {what}; "
                 "versions whose outputs are not finite numbers are refused"
             )
         if not 0.0 <= float(confidence) <= 1.0:
@@ -114,8 +125,8 @@ def _check_answers(model: ImageModel, images: list[bytes]) -> None:
         for raw in outputs(tensor(images), probabilities=False):
             if not np.isfinite(np.asarray(raw, dtype=np.float64)).all():
                 raise NonFiniteOutput(
-                    "the version's output holds NaN or infinity for a white, black or noise "
-                    "image; versions whose outputs are not finite numbers are refused"
+                    f"the version's output holds NaN or infinity for {what}; "
+                    "versions whose outputs are not finite numbers are refused"
                 )
 
 
@@ -133,9 +144,10 @@ def _probes(meta: dict[str, Any]) -> list[bytes]:
     return encoded
 
 
-def run_trial(folder: Path, limits: TrialLimits) -> list[str]:
-    """Check, open and warm up the version in `folder` in a limited, isolated child; returns its
-    op set. Raises TrialFailed with the reason (policy, NaN, memory, CPU or time) when it fails."""
+def run_trial(folder: Path, limits: TrialLimits, frozen: Sequence[bytes] = ()) -> list[str]:
+    """Check, open and warm up the version in `folder` in a limited, isolated child, with the
+    `frozen` images (at most a batch of them) beside the synthetic ones; returns its op set.
+    Raises TrialFailed with the reason (policy, NaN, memory, CPU or time) when it fails."""
     command = [
         sys.executable,
         "-I",  # no PYTHON* variables, no user site, no script folder on the path
@@ -147,6 +159,12 @@ def run_trial(folder: Path, limits: TrialLimits) -> list[str]:
         str(limits.max_batch),
     ]
     with tempfile.TemporaryDirectory(prefix="captchaops-trial-") as workdir:
+        if frozen:
+            command.append(SAMPLE_DIR)
+            sample = Path(workdir, SAMPLE_DIR)
+            sample.mkdir()
+            for i, image in enumerate(frozen[: limits.max_batch]):
+                (sample / f"{i:04d}").write_bytes(image)
         out_path, err_path = Path(workdir, "stdout"), Path(workdir, "stderr")
         with out_path.open("wb") as out, err_path.open("wb") as err:
             child = subprocess.Popen(
@@ -199,7 +217,7 @@ def _head(path: Path) -> bytes:
         return fh.read(OUTPUT_BYTES)
 
 
-def _trial(folder: Path, max_batch: int) -> list[str]:
+def _trial(folder: Path, max_batch: int, frozen: Sequence[bytes] = ()) -> list[str]:
     """In the child: the checks, the graph policy, opening and warm-up; the op set."""
     from captchaops.model.graph_policy import check_graph, input_geometry
     from captchaops.model.version import check_model_dir, open_version
@@ -208,20 +226,28 @@ def _trial(folder: Path, max_batch: int) -> list[str]:
     ops = check_graph(onnx, geometry=input_geometry(meta), max_batch=max_batch)
     if meta.onnx_ops and sorted(meta.onnx_ops) != ops:
         raise TrialFailed("the graph's operators differ from those meta.json records")
-    warm_up(open_version(folder, check_ops=False), max_batch)
+    warm_up(open_version(folder, check_ops=False), max_batch, frozen)
     return ops
+
+
+def _read_sample(folder: Path | None, max_batch: int) -> list[bytes]:
+    """In the child: the frozen-set images the server wrote to `folder`, in order."""
+    if folder is None:
+        return []
+    return [path.read_bytes() for path in sorted(folder.iterdir())[:max_batch]]
 
 
 def _main(argv: list[str]) -> int:
     import resource
 
     folder, memory, cpu, batch = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
+    sample = Path(argv[4]) if len(argv) > 4 else None
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_FSIZE, (OUTPUT_BYTES, OUTPUT_BYTES))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     try:
-        report: dict[str, Any] = {"ops": _trial(folder, batch)}
+        report: dict[str, Any] = {"ops": _trial(folder, batch, _read_sample(sample, batch))}
     except MemoryError:
         report = {"error": f"the version needed more than {memory // 2**20} MiB to load and run"}
     except Exception as exc:

@@ -2,10 +2,11 @@
 sandbox once: a restart, a second alias server of the same home, and a promotion of a version
 already tried at @staging reuse the verdict instead of starting another child.
 
-A verdict holds for exactly the bytes and limits it was made on: its key is the SHA-256 of the
-ONNX network (the digest a signed move names), and it also records the digest of meta.json
-(geometry and preprocessing shape the trial's probes), the trial's limits (memory, CPU, largest
-batch) and the checks themselves (this captchaops's version and a digest of the modules that
+A verdict holds for exactly the bytes, images and limits it was made on: its key is the SHA-256
+of the ONNX network (the digest a signed move names), and it also records the digest of
+meta.json (geometry and preprocessing shape the trial's probes), the digest of the frozen-set
+sample the trial ran (`captchaops.serving.frozen_sample`; "none" for a scheme without one), the
+trial's limits (memory, CPU, largest batch) and the checks themselves (this captchaops's version and a digest of the modules that
 judge: the graph policy, the version checks, the trial); any difference means a new trial. A
 pass lets the server open the version itself (still with the version checks, the warm-up and
 the finite-answer guard); a failure refuses the version at once. A trial stopped by its
@@ -58,6 +59,8 @@ class Verdict:
 
     onnx_sha256: str
     meta_sha256: str
+    frozen: str
+    """The key of the frozen-set sample the trial ran (`FrozenSample.key`)."""
     limits: str
     policy: str
     passed: bool
@@ -88,9 +91,12 @@ class Verdicts:
         self.folder = folder
         self.limit = limit
 
-    def find(self, onnx_sha256: str, meta_sha256: str, limits: TrialLimits) -> Verdict | None:
-        """The verdict made on these bytes under these limits, or None (not tried, or another
-        meta.json, other limits, another captchaops, or an unreadable file)."""
+    def find(
+        self, onnx_sha256: str, meta_sha256: str, frozen: str, limits: TrialLimits
+    ) -> Verdict | None:
+        """The verdict made on these bytes with these frozen-set images under these limits, or
+        None (not tried, or another meta.json, another sample, other limits, another
+        captchaops, or an unreadable file)."""
         path = self._path(onnx_sha256)
         if path is None:
             return None
@@ -99,20 +105,33 @@ class Verdicts:
             verdict = Verdict(**{k: raw[k] for k in Verdict.__dataclass_fields__})
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        wanted = (onnx_sha256, meta_sha256, limits_key(limits), policy())
-        found = (verdict.onnx_sha256, verdict.meta_sha256, verdict.limits, verdict.policy)
+        wanted = (onnx_sha256, meta_sha256, frozen, limits_key(limits), policy())
+        found = (
+            verdict.onnx_sha256,
+            verdict.meta_sha256,
+            verdict.frozen,
+            verdict.limits,
+            verdict.policy,
+        )
         if found != wanted or not isinstance(verdict.passed, bool):
             return None
         return verdict
 
     def keep(
-        self, onnx_sha256: str, meta_sha256: str, limits: TrialLimits, passed: bool, reason: str
+        self,
+        onnx_sha256: str,
+        meta_sha256: str,
+        frozen: str,
+        limits: TrialLimits,
+        passed: bool,
+        reason: str,
     ) -> Verdict:
         """Record a trial's outcome (best effort: a home that cannot be written only means
         the next load tries again)."""
         verdict = Verdict(
             onnx_sha256,
             meta_sha256,
+            frozen,
             limits_key(limits),
             policy(),
             passed,

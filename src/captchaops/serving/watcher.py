@@ -24,6 +24,7 @@ from typing import Any, Self
 from captchaops.registry.signing import SignedMove
 from captchaops.registry.unaudited import MANAGED_ALIASES
 from captchaops.serving.audit_gate import AuditGate
+from captchaops.serving.frozen_sample import FrozenSamples, samples_dir
 from captchaops.serving.loader import (
     Loaded,
     LoadError,
@@ -120,12 +121,18 @@ class AliasWatcher:
         cache = cache_dir_for(settings.home_dir, settings.model_name, alias)
         trial = TrialLimits.for_settings(settings)
         verdicts = Verdicts(verdicts_dir(settings.home_dir))
-        loader = VersionLoader(rest, cache, timeouts or Timeouts(), trial, verdicts)
+        samples = FrozenSamples(rest, samples_dir(settings.home_dir), trial.max_batch)
+        loader = VersionLoader(rest, cache, timeouts or Timeouts(), trial, verdicts, samples)
         preload = PRELOADS.get(alias)
         preloader = None
         if preload is not None:
             preloader = VersionLoader(
-                rest, cache.with_name(cache.name + ".next"), timeouts or Timeouts(), trial, verdicts
+                rest,
+                cache.with_name(cache.name + ".next"),
+                timeouts or Timeouts(),
+                trial,
+                verdicts,
+                samples,
             )
         return cls(
             rest,
