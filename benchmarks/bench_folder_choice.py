@@ -128,13 +128,12 @@ def run_fold(
         Monitor,
         Plan,
         Validation,
-        arrays,
         compiled_crnn,
-        geometry,
         holds_up,
         key,
         validate,
     )
+    from captchaops.training.tensors import arrays, geometry
 
     config = TrainConfig.folder()
     if steps is not None:

@@ -114,10 +114,11 @@ def one_run(seconds: float, synthetic: int) -> dict[str, Any]:
     from captchaops.training import loop
     from captchaops.training.config import TrainConfig, with_overrides
     from captchaops.training.fresh import fresh_data
+    from captchaops.training.tensors import geometry
 
     config = with_overrides(TrainConfig.demo(), max_minutes=seconds / 60, synthetic=synthetic)
     alphabet = config.alphabet or generator.DIGITS_UPPER
-    arch = loop.geometry(config, None, config.length[1])
+    arch = geometry(config, None, config.length[1])
     steps: list[float] = []
     marks: dict[str, float] = {}
     after_end = Blocked()  # from on_train_end to fit_stream's return, on the training thread

@@ -1,11 +1,11 @@
 """Parity: the same image bytes become the same network input in training and in a served version.
 
 Training's side is its real data path: `load_data` (synthetic CAPTCHAs preprocessed inside its
-worker processes, or a folder read by `read_folder`) and `training.loop.arrays`, which stacks what the network
-is fitted on. The serving side is a registered version loaded twice, as our servers load it
-(`open_version`: `captchaops.model.reader`) and as stock `mlflow models serve` loads it (the
-pyfunc with its shipped `captcha_runtime` copy); each reader's ONNX session is wrapped so the
-test sees the exact batch it feeds the network while the real session still runs.
+worker processes, or a folder read by `read_folder`) and `training.tensors.arrays`, which stacks
+what the network is fitted on. The serving side is a registered version loaded twice, as our
+servers load it (`open_version`: `captchaops.model.reader`) and as stock `mlflow models serve`
+loads it (the pyfunc with its shipped `captcha_runtime` copy); each reader's ONNX session is
+wrapped so the test sees the exact batch it feeds the network while the real session still runs.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from PIL import Image
 
 from captchaops.data import synthetic
 from captchaops.model.version import check_model_dir, open_version
-from captchaops.training.loop import arrays
 from captchaops.training.run import TrainConfig, load_data
+from captchaops.training.tensors import arrays
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
 

@@ -28,7 +28,7 @@ from captchaops.scaleout.tune import (
 from captchaops.scaleout.work import Job, Outcome, seconds_allowed
 from captchaops.settings import Settings
 from captchaops.training import TrainError
-from captchaops.training.config import TrainConfig, preset
+from captchaops.training.config import TrainConfig, from_options
 
 
 def test_folds_are_decided_by_name_and_cover_every_fold() -> None:
@@ -275,13 +275,15 @@ def test_runs_side_by_side_are_bounded_by_cpus_and_by_gpus() -> None:
     assert parallel_runs(Engine(None, cpus=1.0, dashboard_url=None), 2.0, 0.0) == 1
 
 
-def test_the_preset_is_named_or_chosen_by_the_data_as_train_chooses_it() -> None:
-    assert preset(None, True) == TrainConfig.folder()
-    assert preset(None, False) == TrainConfig.demo()
-    assert preset("gpu", True) == TrainConfig.gpu()
-    assert preset("accuracy", False) == TrainConfig.accuracy()
+def test_train_cv_tune_and_members_resolve_options_to_one_config() -> None:
+    assert from_options(None, "imgs") == replace(TrainConfig.folder(), data_dir=Path("imgs"))
+    assert from_options(None, None) == TrainConfig.demo()
+    assert from_options("gpu", "imgs").batch_size == TrainConfig.gpu().batch_size
+    assert from_options("accuracy", None, seed=None) == TrainConfig.accuracy()
+    resolved = from_options(None, None, synthetic=500, max_steps=40, seed=3)
+    assert resolved == replace(TrainConfig.demo(), synthetic=500, max_steps=40, seed=3)
     with pytest.raises(TrainError, match="--preset 'huge' is not a preset; use one of demo, "):
-        preset("huge", False)
+        from_options("huge", None)
 
 
 def test_runs_are_credited_to_the_tracking_account_else_the_drivers_login(

@@ -8,7 +8,7 @@ from captchaops.data import standin
 from captchaops.data.folder import read_folder
 from captchaops.training.config import TrainConfig
 from captchaops.training.loop import better as _better
-from captchaops.training.loop import geometry as _geometry
+from captchaops.training.tensors import geometry as _geometry
 
 
 def test_checkpoints_move_on_the_blank_plateau_by_cer_then_loss() -> None:

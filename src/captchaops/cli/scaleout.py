@@ -84,8 +84,9 @@ def cv_command(
         check_tracking(settings)
         with cluster_checked(cluster, settings, gpus, cpus):
             from captchaops.scaleout.cv import cross_validate
+            from captchaops.training.config import from_options
 
-            config = _config(data, None, max_minutes, steps, seed, preset)
+            config = from_options(preset, data, max_minutes=max_minutes, max_steps=steps, seed=seed)
             if trial is not None:
                 config = _trial_config(config, settings, trial)
             with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
@@ -135,29 +136,6 @@ def _cv_lines(result: object) -> list[str]:
         lines.append("stopped by Ctrl-C: the folds that finished are logged")
     lines.append(f"parent run {result.parent_run_id} ({len(result.folds)} child runs)")
     return lines
-
-
-def _config(
-    data: str | None,
-    synthetic: int | None,
-    max_minutes: float | None,
-    steps: int | None,
-    seed: int | None,
-    preset: str | None = None,
-) -> TrainConfig:
-    """The preset (--preset, else folder with --data, demo otherwise) with the command's
-    overrides."""
-    from captchaops.training.config import preset as named
-    from captchaops.training.config import with_overrides
-
-    return with_overrides(
-        named(preset, data is not None),
-        data_dir=Path(data) if data else None,
-        synthetic=synthetic,
-        max_minutes=max_minutes,
-        max_steps=steps,
-        seed=seed,
-    )
 
 
 def _trial_config(config: TrainConfig, settings: Settings, run_id: str) -> TrainConfig:
@@ -305,8 +283,16 @@ def tune_command(
         check_tracking(settings)
         with cluster_checked(cluster, settings, gpus):
             from captchaops.scaleout.sweep import tune_settings
+            from captchaops.training.config import from_options
 
-            config = _config(data, synthetic, max_minutes, steps, seed, preset)
+            config = from_options(
+                preset,
+                data,
+                synthetic=synthetic,
+                max_minutes=max_minutes,
+                max_steps=steps,
+                seed=seed,
+            )
             with live_board(f"tune: {trials} trials") as (board, redraw):
                 assert isinstance(board, Board)
                 result = tune_settings(

@@ -86,12 +86,11 @@ def train_command(
         with quiet_libraries(log):  # Keras and TensorFlow print on import
             from captchaops.console import progress_bar
             from captchaops.training import run as training
-            from captchaops.training.config import preset as named_preset
+            from captchaops.training.config import from_options
 
-            preset = named_preset(preset_name, data is not None)
-            config = training.with_overrides(
-                preset,
-                data_dir=Path(data) if data else None,
+            config = from_options(
+                preset_name,
+                data,
                 synthetic=synthetic,
                 epochs=epochs,
                 batch_size=batch_size,

@@ -30,7 +30,7 @@ from captchaops.scaleout.shipping import publish
 from captchaops.scaleout.work import Job, Outcome
 from captchaops.settings import Settings
 from captchaops.training.config import TrainConfig
-from captchaops.training.loop import geometry
+from captchaops.training.tensors import geometry
 
 INTERVAL = "t-interval over folds (95%)"
 

@@ -28,7 +28,7 @@ from captchaops.settings import Settings
 from captchaops.training import TrainError
 from captchaops.training.artifacts import export_and_test
 from captchaops.training.config import TrainConfig
-from captchaops.training.loop import geometry
+from captchaops.training.tensors import geometry
 
 
 @dataclass

@@ -64,7 +64,8 @@ def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
     from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
     from captchaops.model.ctc import decode_greedy, encode_labels
     from captchaops.scaleout.shipping import fetch
-    from captchaops.training.loop import Validation, arrays, fit
+    from captchaops.training.loop import Validation, fit
+    from captchaops.training.tensors import arrays
 
     start = time.monotonic()
     attempt = _count_attempt(job)

@@ -131,16 +131,18 @@ class TrainConfig:
 PRESETS = ("demo", "folder", "accuracy", "gpu")  # what `--preset` names (tiny is for tests)
 
 
-def preset(name: str | None, folder: bool) -> TrainConfig:
-    """The preset called `name`, else the default: folder for a folder of images, demo
-    otherwise; a one-line TrainError naming the choices for a name that is none of them."""
+def from_options(preset: str | None, data: str | Path | None, **overrides: Any) -> TrainConfig:
+    """The config `train`, `cv`, `tune` and `train --members` run: the preset named, else the
+    folder preset for a folder of images (`data`) and the demo preset otherwise, with the
+    command's options that are not None; a one-line TrainError naming the presets for a name
+    that is none of them."""
     from captchaops.training import TrainError
 
-    chosen = name or ("folder" if folder else "demo")
+    chosen = preset or ("folder" if data is not None else "demo")
     if chosen not in PRESETS:
-        raise TrainError(f"--preset {name!r} is not a preset; use one of {', '.join(PRESETS)}")
+        raise TrainError(f"--preset {preset!r} is not a preset; use one of {', '.join(PRESETS)}")
     made: TrainConfig = getattr(TrainConfig, chosen)()
-    return made
+    return with_overrides(made, data_dir=Path(data) if data else None, **overrides)
 
 
 def with_overrides(config: TrainConfig, **overrides: Any) -> TrainConfig:

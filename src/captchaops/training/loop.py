@@ -9,18 +9,16 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 
-from captchaops.data.dataset import DataError, LabelledImages
 from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.model.crnn import Architecture, build_crnn, ctc_loss
 from captchaops.model.ctc import decode_greedy
-from captchaops.model.preprocess import image_size, preprocess
 from captchaops.training.config import TrainConfig
 from captchaops.training.schedule import StepPlan, WarmupCosine
 
@@ -36,35 +34,6 @@ def silent(stage: str, fraction: float, metrics: dict[str, float]) -> None:
 
 
 Key = tuple[float, float, float]
-
-
-def geometry(config: TrainConfig, data: LabelledImages | None, max_length: int) -> Architecture:
-    """The network's input: a folder's width follows its images' aspect ratio; CTC needs
-    at least 2 x length + 1 time steps (4 input columns each)."""
-    arch = config.arch
-    if data is not None and config.data_dir is not None and config.fit_geometry:
-        sizes = [image_size(image) for image in data.images[:: max(1, len(data) // 200)]]
-        aspect = float(np.median([w / h for w, h in sizes]))
-        arch = replace(arch, width=int(np.clip(round(arch.height * aspect / 4) * 4, 16, 256)))
-    needed = 4 * (2 * max_length + 1)
-    if arch.width < needed:
-        arch = replace(arch, width=needed)
-    if arch.width > 512:
-        raise DataError(
-            f"labels of {max_length} characters need an input {arch.width} px wide; use labels "
-            "of at most 60 characters"
-        )
-    return arch
-
-
-def arrays(data: LabelledImages, idx: Sequence[int], arch: Architecture) -> np.ndarray:
-    """The network's input for the images at `idx` (arrays made by the generator are reused)."""
-    out = np.empty((len(idx), arch.height, arch.width, 1), dtype=np.float32)
-    for row, i in enumerate(idx):
-        ready = data.arrays[i] if data.arrays is not None else None
-        fits = ready is not None and ready.shape == out.shape[1:]
-        out[row] = ready if fits else preprocess(data.images[i], arch.height, arch.width)
-    return out
 
 
 def key(metrics: dict[str, float]) -> Key:

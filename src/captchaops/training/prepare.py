@@ -1,8 +1,9 @@
 """Training's first stage: the data a config asks for, split, preprocessed or streamed.
 
-`prepared` yields what `training.run.train` fits on: the fixed path's arrays (a folder with
-its frozen set held out, or one generated set), or the fresh path's stream and its generators,
-which stay up until the `with` block ends. It reads the tracking server only for the frozen
+`prepared` yields what `training.run.train` fits on and publishes, as data: the fixed path's
+arrays (a folder with its frozen set held out, or one generated set) with its held-out and test
+images, or the fresh path's stream and its generators, which stay up until the `with` block
+ends and draw its held-out sets while it fits. It reads the tracking server only for the frozen
 set, through the client it is given.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from mlflow import MlflowClient
@@ -26,8 +27,9 @@ from captchaops.model.ctc import encode_labels
 from captchaops.settings import Settings
 from captchaops.training import TrainError
 from captchaops.training.config import TrainConfig
-from captchaops.training.fresh import fresh_data
-from captchaops.training.loop import Progress, Stream, Validation, arrays, geometry
+from captchaops.training.fresh import FreshData, fresh_data
+from captchaops.training.loop import Progress, Stream, Validation
+from captchaops.training.tensors import arrays, geometry
 
 
 def load_data(
@@ -95,9 +97,23 @@ def _frozen_for_folder(
     return frozen, data.subset(keep)
 
 
-@dataclass
+@dataclass(frozen=True)
+class HeldOut:
+    """The run's data set as it is logged, and the images its version is tested on."""
+
+    data: LabelledImages  # what the run logs as its data set (fresh path: its held-out sets)
+    splits: dict[str, list[int]]  # indices into `data` per split
+    test_images: list[bytes]  # the frozen set's images for a folder, else the test split's
+    test_labels: list[str]
+    digest: str  # `data.digest()`
+
+
+@dataclass(frozen=True)
 class Prepared:
-    """What `train` fits on: the fixed path's arrays or the fresh path's stream."""
+    """What `fit` fits on and `publish` logs: the fixed path's arrays or the fresh path's stream.
+
+    Data only, computed here; on the fresh path the validation and held-out sets are still being
+    drawn, so they are None here and come from the running generators (`Preparation`)."""
 
     kind: str
     alphabet: str
@@ -105,13 +121,57 @@ class Prepared:
     arch: Architecture
     train: tuple[np.ndarray, np.ndarray] | Stream
     n_train: int
-    val: Validation | Callable[[], Validation]  # fresh: drawn while training starts
+    val: Validation | None  # None on the fresh path: drawn beside the first steps
     n_val: int
-    held_out: Callable[[], tuple[LabelledImages, dict[str, list[int]]]]  # after fitting
-    test: Callable[[LabelledImages, dict[str, list[int]]], tuple[list[bytes], list[str]]]
     augment: bool
     n_read: int
+    held_out: HeldOut | None  # None on the fresh path: drawn while fitting (`Preparation`)
     frozen: EvalSet | None = None
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """The prepared data, and on the fresh path the generators still drawing its held-out sets.
+
+    The fresh path's validation and test sets are what it cannot compute before fitting: they
+    are drawn on the generators' workers beside the first training steps, so the first step
+    does not wait for them. The loop waits for the validation set at its first epoch's end
+    (`val`); the caller collects both as data once fitting is over (`held_out`)."""
+
+    prepared: Prepared
+    fresh: FreshData | None = None
+    seed: int = 0
+
+    @property
+    def val(self) -> Validation | Callable[[], Validation]:
+        """The validation set for `fit`: in hand on the fixed path, else the generators' (the
+        loop waits for it once, at its first epoch's end)."""
+        if self.prepared.val is not None:
+            return self.prepared.val
+        assert self.fresh is not None, "a fresh Preparation carries its generators"
+        return self.fresh.validation
+
+    def held_out(self) -> HeldOut:
+        """The held-out data: computed already on the fixed path; on the fresh path the sets
+        drawn while fitting, waited for here (the training batches end first)."""
+        if self.prepared.held_out is not None:
+            return self.prepared.held_out
+        assert self.fresh is not None, "a fresh Preparation carries its generators"
+        data = self.fresh.held_out(self.seed)
+        n_val, n_test = self.fresh.n_val, self.fresh.n_test
+        splits = {
+            "train": [],
+            "val": list(range(n_val)),
+            "test": list(range(n_val, n_val + n_test)),
+        }
+        test = splits["test"]
+        return HeldOut(
+            data,
+            splits,
+            [data.images[i] for i in test],
+            [data.labels[i] for i in test],
+            data.digest(),
+        )
 
 
 @contextmanager
@@ -121,7 +181,7 @@ def prepared(
     settings: Settings,
     report: Progress,
     start: float | None = None,
-) -> Iterator[Prepared]:
+) -> Iterator[Preparation]:
     """The data to fit on; the fresh path's generators run until the block ends. A fixed
     generated set is drawn in at most `config.draw_share` of the budget counted from `start`."""
     if config.data_dir is None and config.fresh and not config.include_feedback:
@@ -129,32 +189,23 @@ def prepared(
         arch = geometry(config, None, config.length[1])
         report("starting the generators", 0.0, {})
         with fresh_data(config, arch, alphabet) as fresh:
-            n_val, n_test = fresh.n_val, fresh.n_test
-            splits = {
-                "train": [],
-                "val": list(range(n_val)),
-                "test": list(range(n_val, n_val + n_test)),
-            }
-            yield Prepared(
+            data = Prepared(
                 kind="synthetic",
                 alphabet=alphabet,
                 lengths=config.length,
                 arch=arch,
                 train=fresh.stream(math.ceil(fresh.capacity / config.batch_size)),
                 n_train=fresh.capacity,
-                val=fresh.validation,
-                n_val=n_val,
-                held_out=lambda: (fresh.held_out(config.seed), splits),
-                test=lambda data, splits: (
-                    [data.images[i] for i in splits["test"]],
-                    [data.labels[i] for i in splits["test"]],
-                ),
+                val=None,
+                n_val=fresh.n_val,
                 augment=bool(config.augment),
                 n_read=config.synthetic,
+                held_out=None,
             )
+            yield Preparation(data, fresh, config.seed)
         return
     deadline = None if start is None else start + config.draw_share * config.max_minutes * 60
-    yield _prepare_fixed(client, config, settings, report, deadline)
+    yield Preparation(_prepare_fixed(client, config, settings, report, deadline))
 
 
 def _prepare_fixed(
@@ -192,12 +243,11 @@ def _prepare_fixed(
     x = {name: arrays(data, idx, arch) for name, idx in splits.items() if idx}
     labels = {name: [data.labels[i] for i in idx] for name, idx in splits.items()}
     y = {name: encode_labels(labels[name], alphabet, max(lengths)) for name in x}
-
-    def test(data: LabelledImages, splits: dict[str, list[int]]) -> tuple[list[bytes], list[str]]:
-        if frozen is not None:
-            return frozen.images, frozen.labels
-        return [data.images[i] for i in splits["test"]], labels["test"]
-
+    logged = replace(data, arrays=None)  # the generator's arrays are in `x` now
+    if frozen is not None:
+        test_images, test_labels = frozen.images, frozen.labels
+    else:
+        test_images, test_labels = [data.images[i] for i in splits["test"]], labels["test"]
     return Prepared(
         kind="synthetic" if config.data_dir is None else "folder",
         alphabet=alphabet,
@@ -207,9 +257,8 @@ def _prepare_fixed(
         n_train=len(splits["train"]),
         val=Validation(x["val"], y["val"], labels["val"], alphabet),
         n_val=len(splits["val"]),
-        held_out=lambda: (data, splits),
-        test=test,
         augment=config.augment if config.augment is not None else config.data_dir is not None,
         n_read=n_read,
+        held_out=HeldOut(logged, splits, test_images, test_labels, logged.digest()),
         frozen=frozen,
     )

@@ -1,8 +1,9 @@
 """Training's last stage: a fitted network exported, tested, logged and handed to the registry.
 
-`publish` runs inside the training run, after fitting: it logs what the data turned out to be,
-exports and tests the version as a server reads it, registers it through `registry` and lets
-the gate's staging rule stage or reject it. Everything goes through the one client it is given.
+`publish` runs inside the training run, after fitting, on data alone (the prepared data, its
+held-out images and the fitted network): it logs what the data turned out to be, exports and
+tests the version as a server reads it, registers it through `registry` and lets the gate's
+staging rule stage or reject it. Everything goes through the one client it is given.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from captchaops.settings import Settings
 from captchaops.training.artifacts import export_and_test, log_dataset
 from captchaops.training.config import TrainConfig
 from captchaops.training.loop import Fitted, Progress
-from captchaops.training.prepare import Prepared
+from captchaops.training.prepare import HeldOut, Prepared
 
 
 @dataclass
@@ -47,6 +48,7 @@ def publish(
     config: TrainConfig,
     settings: Settings,
     p: Prepared,
+    held_out: HeldOut,
     fitted: Fitted,
     *,
     report: Progress,
@@ -54,9 +56,8 @@ def publish(
 ) -> TrainResult:
     """Log the data and the test scores, register the version and stage or reject it."""
     frozen, arch = p.frozen, p.arch
-    data, splits = p.held_out()
-    test_images, test_labels = p.test(data, splits)
-    digest = data.digest()
+    data, digest = held_out.data, held_out.digest
+    test_images, test_labels = held_out.test_images, held_out.test_labels
     mlflow.log_params(
         {
             "data_source": data.source,
@@ -66,7 +67,7 @@ def publish(
             "skipped_files": data.skipped.total,
         }
     )
-    log_dataset(data, splits, digest)
+    log_dataset(data, held_out.splits, digest)
     mlflow.log_param("model_parameters", fitted.infer.count_params())
     if fitted.averaged is not None:
         mlflow.log_metrics({f"ema_{k}": v for k, v in fitted.averaged.items()})

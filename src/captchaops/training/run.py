@@ -2,8 +2,9 @@
 
 The three stages are `training.prepare` (data in), `training.loop.fit` (MLflow-free) and
 `training.publish` (export, test, register, stage). `train` creates the one `MlflowClient` the
-stages use and calls each in turn; nothing below it calls back up into this module. Progress
-goes to the callback the caller hands down (the CLI's progress bar).
+stages use and calls each in turn, handing each the previous one's data (`Prepared`, `Fitted`,
+`HeldOut`), never a callable; nothing below it calls back up into this module. Progress goes to
+the callback the caller hands down (the CLI's progress bar).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
     with pointed_at(settings):
         client = registry.client(settings)
         keras.utils.set_random_seed(config.seed)
-        with prepared(client, config, settings, report, start) as p:
+        with prepared(client, config, settings, report, start) as preparation:
+            p = preparation.prepared
             mlflow.set_experiment(settings.experiment_name)
             with mlflow.start_run(run_name=_run_name(config, p.n_read)) as run:
                 mlflow.log_params(_params(config, settings, p))
@@ -72,7 +74,7 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
                     p.arch,
                     p.alphabet,
                     p.train,
-                    p.val,
+                    preparation.val,  # the fresh path's: drawn beside the first steps
                     augment=p.augment,
                     deadline=start + config.max_minutes * 60,
                     report=report,
@@ -84,6 +86,7 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
                     config,
                     settings,
                     p,
+                    preparation.held_out(),  # the fresh path's sets, drawn while fitting
                     fitted,
                     report=report,
                     start=start,
