@@ -98,7 +98,7 @@ def register(
 ) -> None:
     """Register an ONNX CTC model trained elsewhere: checked, scored on the frozen set, staged."""
     from captchaops import registry
-    from captchaops.training import external
+    from captchaops.training import imported
 
     settings = settings_for(model_name)
     fields = _meta_file(meta) if meta else {}
@@ -127,8 +127,8 @@ def register(
     log = settings.home_dir / "logs" / "libraries.log"
     try:
         with quiet_libraries(log):
-            done = external.register_onnx(settings, Path(onnx), fields, actor=actor)
-    except (external.RegisterError, registry.RegistryError) as exc:
+            done = imported.register_onnx(settings, Path(onnx), fields, actor=actor)
+    except (imported.RegisterError, registry.RegistryError) as exc:
         fail(str(exc))
     m = done.metrics
     console.print(

@@ -50,7 +50,7 @@ FOREIGN_EXPORT_OPS = frozenset(
     }
 )  # fmt: skip
 """What PyTorch (`torch.onnx.export`) and Keras/TensorFlow (tf2onnx) CRNN exports add to ours:
-networks trained elsewhere enter through `captchaops register` (`training/external.py`)."""
+networks trained elsewhere enter through `captchaops register` (`training/imported.py`)."""
 ALLOWED_OPS: set[str] = set(GRU_NODE_OPS | UNROLLED_OPS | FOREIGN_EXPORT_OPS)
 """Every operator a served graph may use (default ONNX domain only). Exporters for other
 frameworks add theirs here, each after reading a freshly exported model's op set."""

@@ -26,7 +26,7 @@ from captchaops.model.reader import MAX_CONFIDENCE, RULES, VOTE, better_rule
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, Interrupted, ParentRun, parent_run, run_jobs
-from captchaops.scaleout.shipping import publish
+from captchaops.scaleout.shipping import upload
 from captchaops.scaleout.work import Job, Outcome
 from captchaops.settings import Settings
 from captchaops.training.config import TrainConfig
@@ -147,7 +147,7 @@ def _plan(
     max_length = max(len(label) for label in data.labels)
     arch = geometry(config, data, max_length)
     augment = config.augment if config.augment is not None else True
-    dataset_path = publish(parent.client, parent.run_id, data)
+    dataset_path = upload(parent.client, parent.run_id, data)
     planned = []
     for k in range(folds):
         test = tuple(i for i in range(len(data)) if of[i] == k)

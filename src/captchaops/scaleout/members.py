@@ -30,7 +30,7 @@ from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, ParentRun, parent_run, run_jobs
-from captchaops.scaleout.sweep import Prepared, base_job, prepare
+from captchaops.scaleout.sweep import SplitData, base_job, prepare
 from captchaops.scaleout.work import Job, Outcome
 from captchaops.settings import Settings
 from captchaops.training import TrainError
@@ -89,7 +89,7 @@ def train_members(
 def _train(
     config: TrainConfig,
     settings: Settings,
-    p: Prepared,
+    p: SplitData,
     parent: ParentRun,
     asked: tuple[int, float],
     cluster: str | None,

@@ -42,7 +42,7 @@ def unpack(path: Path) -> LabelledImages:
     )
 
 
-def publish(client: MlflowClient, run_id: str, data: LabelledImages) -> str:
+def upload(client: MlflowClient, run_id: str, data: LabelledImages) -> str:
     """Log `data` as an artifact of `run_id`; returns its artifact path."""
     with tempfile.TemporaryDirectory() as tmp:
         path = pack(data, Path(tmp))
@@ -51,7 +51,7 @@ def publish(client: MlflowClient, run_id: str, data: LabelledImages) -> str:
 
 
 def fetch(tracking_uri: str, run_id: str, artifact_path: str) -> LabelledImages:
-    """Download the data set a driver published and read it (on a worker)."""
+    """Download the data set a driver uploaded and read it (on a worker)."""
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, parallel_runs, ray_session
 from captchaops.scaleout.runner import ParentRun, parent_run
-from captchaops.scaleout.shipping import publish
+from captchaops.scaleout.shipping import upload
 from captchaops.scaleout.tune import Best, ChildRuns, best_network, plan_budget, search, why_none
 from captchaops.scaleout.work import Job
 from captchaops.settings import Settings
@@ -49,7 +49,7 @@ class TuneResult:
 
 
 @dataclass
-class Prepared:
+class SplitData:
     """The data as `train` splits it: frozen set held out (folders), train/val(/test) by name."""
 
     data: LabelledImages
@@ -60,9 +60,9 @@ class Prepared:
 
 
 def base_job(
-    name: str, p: Prepared, config: TrainConfig, settings: Settings, parent: ParentRun
+    name: str, p: SplitData, config: TrainConfig, settings: Settings, parent: ParentRun
 ) -> Job:
-    """The unit of work every trial or member starts from: the data set published on the parent
+    """The unit of work every trial or member starts from: the data set uploaded to the parent
     run once, the train and validation splits, the preset's settings."""
     return Job(
         name=name,
@@ -73,13 +73,13 @@ def base_job(
         augment=config.augment if config.augment is not None else config.data_dir is not None,
         tracking_uri=mlflow_scope.tracking_uri(settings),
         dataset_run_id=parent.run_id,
-        dataset_path=publish(parent.client, parent.run_id, p.data),
+        dataset_path=upload(parent.client, parent.run_id, p.data),
         train=tuple(p.splits["train"]),
         val=tuple(p.splits["val"]),
     )
 
 
-def prepare(config: TrainConfig, settings: Settings) -> Prepared:
+def prepare(config: TrainConfig, settings: Settings) -> SplitData:
     """Read or generate the data, hold out the scheme's frozen set, split the rest by name."""
     from captchaops.training.run import load_data
 
@@ -103,7 +103,7 @@ def prepare(config: TrainConfig, settings: Settings) -> Prepared:
     splits = split_indices(data.names, config.val_fraction, 0.0 if frozen else config.test_fraction)
     if not splits["train"] or not splits["val"] or (frozen is None and not splits["test"]):
         raise DataError(f"{len(data)} usable images are too few to search on; add more images")
-    return Prepared(data, frozen, alphabet, arch, splits)
+    return SplitData(data, frozen, alphabet, arch, splits)
 
 
 def tune_settings(
@@ -135,7 +135,7 @@ def tune_settings(
 def _search(
     config: TrainConfig,
     settings: Settings,
-    prepared: Prepared,
+    prepared: SplitData,
     parent: ParentRun,
     asked: tuple[int, float | None, float, float],
     cluster: str | None,

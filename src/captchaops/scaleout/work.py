@@ -1,7 +1,7 @@
 """The unit of work: one training run (a fold, a trial or a member), the same loop `train` runs.
 
 A worker gets the data set from the tracking server (by the parent run and path the driver
-published), fits with `training.loop.fit` unchanged, scores the run's held-out images and
+uploaded), fits with `training.loop.fit` unchanged, scores the run's held-out images and
 returns picklable results. Per-epoch metrics go to the run's child run over the tracking
 server's REST API when the driver made one; `on_epoch` lets Tune see them too.
 """
