@@ -118,15 +118,20 @@ def _demo(stack: PrivateStack, preset: str) -> dict[str, Any]:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         lines = [line for line in result.stdout.splitlines() if " : " in line]
     else:
+        from unittest import mock
+
         from captchaops.demo import run_demo
-        from captchaops.training.run import TrainConfig
+        from captchaops.training.config import TrainConfig
+        from harness.training import tiny_config
 
         saved = dict(os.environ)
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith("CAPTCHAOPS_")})
         try:
             from captchaops.settings import load_settings
 
-            summary = run_demo(load_settings(), say=lambda _: None, config=TrainConfig.tiny())
+            tiny = classmethod(lambda cls: tiny_config())
+            with mock.patch.object(TrainConfig, "demo", tiny):  # the demo, on the tiny config
+                summary = run_demo(load_settings(), say=lambda _: None)
         finally:
             os.environ.clear()
             os.environ.update(saved)

@@ -9,5 +9,6 @@ directory.
 `stack`: a whole private stack driven by the CLI, and the disk and registry tools the drills use.
 `load`: open-loop HTTP load from a process of its own (`python -m harness.load`).
 `attacks`, `attack_stack`: the hostile inputs of the attack suite and the stack they run on.
+`training`: the tiny training config tests and smoke runs train with (seconds, not accuracy).
 `hosts`: hosts made of network namespaces on one bridge, each with its own address (root).
 """

@@ -144,8 +144,9 @@ def attacked_stack(home: Path) -> Iterator[tuple[PrivateStack, Targets]]:
     @staging, listening on every interface when this machine has a non-loopback address (so
     the review queue's loopback rule can be tried); stopped afterwards."""
     from captchaops.decisions import gate
-    from captchaops.training.run import TrainConfig, train
+    from captchaops.training.run import train
     from harness.mlflow_state import mlflow_state_restored
+    from harness.training import tiny_config
 
     remote = remote_address()
     extra = {"CAPTCHAOPS_STAGING_FLOOR": "0"}
@@ -157,7 +158,7 @@ def attacked_stack(home: Path) -> Iterator[tuple[PrivateStack, Targets]]:
         with mlflow_state_restored():
             stack.up()
             settings = stack.settings()
-            version = train(TrainConfig.tiny(), settings).version
+            version = train(tiny_config(), settings).version
             decision, _ = gate.auto_promote(settings, actor="attacks")
             assert decision.promote, decision.refusals
             stack.wait_version("production", version)

@@ -253,7 +253,7 @@ def snapshot(settings: Settings) -> dict[str, Any]:
 
     uri = settings.effective_tracking_uri
     client = MlflowClient(uri, registry_uri=uri)
-    experiments = [e for e in client.search_experiments() if not monitoring.is_monitoring(e.name)]
+    experiments = [e for e in client.search_experiments() if not e.name.endswith(monitoring.SUFFIX)]
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=5000)
     model = client.get_registered_model(settings.model_name)
     versions = client.search_model_versions(f"name='{settings.model_name}'")

@@ -16,7 +16,6 @@ from captchaops.stack.services import ALL
 
 if TYPE_CHECKING:
     from captchaops.training.loop import Progress
-    from captchaops.training.run import TrainConfig
 
 Say = Callable[[str], None]
 
@@ -75,7 +74,6 @@ def run_demo(
     settings: Settings,
     say: Say = print,
     retrain: bool = False,
-    config: TrainConfig | None = None,
     progress: Callable[[], AbstractContextManager[Progress]] | None = None,
 ) -> DemoSummary:
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
@@ -110,7 +108,7 @@ def run_demo(
     else:
         say("training the demo model (about 5 minutes on 2 cores)")
         with (progress or _silent)() as report:
-            result = train(config or TrainConfig.demo(), settings, report)
+            result = train(TrainConfig.demo(), settings, report)
         summary.trained_version = result.version
         summary.test_seq_acc = result.metrics.get("test_seq_acc")
         summary.speed = training_speed(result.metrics)

@@ -1,7 +1,7 @@
 """`captchaops demo` from a fresh home: the whole pipeline, a re-run that reuses it, then `down`.
 
-The first run calls `run_demo` with the tiny training preset (the demo preset takes minutes;
-benchmarks/bench_e2e.py times it); the staging floor is 0 so the tiny model is staged and the
+The first run calls `run_demo` with the demo preset swapped for the tiny test config (the demo
+preset takes minutes; benchmarks/bench_e2e.py times it); the staging floor is 0 so the tiny model is staged and the
 gate promotes it as the first candidate. The re-run is the real `captchaops demo` command.
 """
 
@@ -18,10 +18,11 @@ import pytest
 from captchaops import registry
 from captchaops.demo import run_demo
 from captchaops.settings import load_settings
-from captchaops.training.run import TrainConfig
+from captchaops.training.config import TrainConfig
 from harness.load import captcha_body
 from harness.mlflow_state import mlflow_state_restored
 from harness.stack import PrivateStack
+from harness.training import tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +43,13 @@ def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateSt
 
 
 def test_demo_trains_promotes_serves_then_reuses_and_down_leaves_nothing(
-    stack: PrivateStack,
+    stack: PrivateStack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = load_settings()
     said: list[str] = []
     started = time.monotonic()
-    summary = run_demo(settings, say=said.append, config=TrainConfig.tiny())
+    monkeypatch.setattr(TrainConfig, "demo", classmethod(lambda cls: tiny_config()))
+    summary = run_demo(settings, say=said.append)
     print(f"tiny demo from a fresh home: {time.monotonic() - started:.0f}s")
 
     assert summary.trained_version is not None, said

@@ -14,6 +14,7 @@ from captchaops.evaluation import evalset
 from captchaops.evaluation.evalset import EVAL_SEED, EvalSetError
 from captchaops.registry.versions import evalset_problem
 from captchaops.training.run import TrainConfig
+from harness.training import tiny_config
 from tests.fixtures.models import make_settings
 from tests.fixtures.stack import Tracking
 from tests.unit.test_frozen import amplified
@@ -98,7 +99,7 @@ def test_an_amplified_set_is_refused_in_one_line_without_unpacking_it(
 
 
 def test_training_never_uses_the_evaluation_seed() -> None:
-    assert TrainConfig().seed != EVAL_SEED and TrainConfig.tiny().seed != EVAL_SEED
+    assert TrainConfig().seed != EVAL_SEED and tiny_config().seed != EVAL_SEED
     frozen = {s.label for s in generate(200, EVAL_SEED)}
     training = generate(200, TrainConfig().seed)
     assert {s.image for s in training}.isdisjoint(s.image for s in generate(200, EVAL_SEED))

@@ -27,6 +27,7 @@ from captchaops.data import synthetic
 from captchaops.model.version import check_model_dir, open_version
 from captchaops.training.run import TrainConfig, load_data
 from captchaops.training.tensors import arrays
+from harness.training import tiny_config
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
 
@@ -94,7 +95,7 @@ def readers(version_dir: Path) -> Iterator[dict[str, Any]]:
 def config(version_dir: Path) -> TrainConfig:
     """The tiny training preset at the version's input geometry."""
     meta, _ = check_model_dir(version_dir)
-    tiny = TrainConfig.tiny()
+    tiny = tiny_config()
     return replace(tiny, arch=replace(tiny.arch, height=meta.height, width=meta.width))
 
 

@@ -43,9 +43,10 @@ class Schemes:
 
 def train_other_alphabet(settings: Settings) -> TrainedModel:
     """The tiny preset on 3-character labels over OTHER_ALPHABET, registered under settings."""
-    from captchaops.training.run import TrainConfig, train
+    from captchaops.training.run import train
+    from harness.training import tiny_config
 
-    config = replace(TrainConfig.tiny(), alphabet=OTHER_ALPHABET, length=(3, 3))
+    config = replace(tiny_config(), alphabet=OTHER_ALPHABET, length=(3, 3))
     result = train(config, settings)
     return TrainedModel(
         settings.model_name, result.version, result.run_id, result.model_uri, result.metrics

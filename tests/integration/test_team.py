@@ -207,7 +207,8 @@ def test_team_mode_end_to_end(
     from captchaops.stack.services import build_services
     from captchaops.stack.store import choose_store
     from captchaops.team_accounts import UsersError, add_user
-    from captchaops.training.run import TrainConfig, train
+    from captchaops.training.run import train
+    from harness.training import tiny_config
 
     env, uri, home = team["env"], team["uri"], team["home"]
     secrets = team["secrets"]
@@ -301,7 +302,7 @@ def test_team_mode_end_to_end(
         tracking_password=editor_password,
         staging_floor=0.0,
     )
-    result = train(TrainConfig.tiny(), ed_settings)
+    result = train(tiny_config(), ed_settings)
     assert result.version == "1"
     promote(ed_settings, version=result.version, reason="team test", actor="ed")
     not_hers = cli(as_rita, "promote", "--version", result.version, "--reason", "try")

@@ -209,7 +209,8 @@ def test_folder_training_reports_skips_and_feedback_merges(
 ) -> None:
     from dataclasses import replace
 
-    from captchaops.training.run import TrainConfig, train
+    from captchaops.training.run import train
+    from harness.training import tiny_config
 
     settings = make_settings(tracking_server, tmp_path / "home", model_name="folder-skips")
     folder = tmp_path / "real"
@@ -231,7 +232,7 @@ def test_folder_training_reports_skips_and_feedback_merges(
         mlflow.log_artifacts(str(fb), "feedback")
     assert download_feedback(settings, tmp_path / "fetched") == waiting + 1
     assert download_feedback(settings, tmp_path / "fetched") == 0
-    config = replace(TrainConfig.tiny(), data_dir=folder, include_feedback=True, epochs=1)
+    config = replace(tiny_config(), data_dir=folder, include_feedback=True, epochs=1)
     result = train(config, settings)
     assert "1 unreadable image (e.g. broken.png)" in result.skipped
     params = (

@@ -9,7 +9,7 @@ from pathlib import Path
 from captchaops.settings import load_settings
 from captchaops.training.loop import silent
 from captchaops.training.prepare import HeldOut, Prepared, prepared
-from captchaops.training.config import TrainConfig
+from harness.training import tiny_config
 
 
 def test_prepared_and_held_out_declare_no_callable() -> None:
@@ -21,7 +21,7 @@ def test_prepared_and_held_out_declare_no_callable() -> None:
 def test_a_fixed_set_is_split_and_its_held_out_data_computed_before_fitting(
     tmp_path: Path,
 ) -> None:
-    config = replace(TrainConfig.tiny(), synthetic=60, fresh=False, val_fraction=0.2, test_fraction=0.2)
+    config = replace(tiny_config(), synthetic=60, fresh=False, val_fraction=0.2, test_fraction=0.2)
     settings = load_settings(home=tmp_path)
     with prepared(None, config, settings, silent) as preparation:  # type: ignore[arg-type]
         p = preparation.prepared

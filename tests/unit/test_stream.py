@@ -85,10 +85,10 @@ def test_held_out_sets_must_lie_below_the_stream() -> None:
 
 
 def test_held_out_sets_wait_for_the_first_step_and_are_numbered_below_the_stream() -> None:
-    from captchaops.training.config import TrainConfig
     from captchaops.training.fresh import fresh_data
+    from harness.training import tiny_config
 
-    config = TrainConfig.tiny()  # 300: 30 validation, 30 test, a pool of 240
+    config = tiny_config()  # 300: 30 validation, 30 test, a pool of 240
     with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
         assert len(fresh.images._pending) == 1 and not fresh.val_parts  # one shard only
         first = next(fresh.stream(8).batches)
@@ -128,10 +128,10 @@ def test_a_one_fill_pool_is_in_by_fill_steps_and_then_nothing_more_is_drawn() ->
 def test_a_one_fill_pool_queues_all_of_itself_at_the_first_step_around_the_validation_set() -> None:
     from dataclasses import replace
 
-    from captchaops.training.config import TrainConfig
     from captchaops.training.fresh import fresh_data
+    from harness.training import tiny_config
 
-    config = replace(TrainConfig.tiny(), fill_steps=100)  # a pool of 240: one shard of 256
+    config = replace(tiny_config(), fill_steps=100)  # a pool of 240: one shard of 256
     with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
         training = fresh.stream(8)
         assert training.steady_from == 100  # the step plan is timed once the pool is in
@@ -175,11 +175,11 @@ def test_a_run_that_ends_before_its_pool_is_in_does_not_wait_for_the_rest_of_it(
     a short budget) drops the pool's undrawn shards instead of waiting for them to test."""
     from dataclasses import replace
 
-    from captchaops.training.config import TrainConfig
     from captchaops.training.fresh import fresh_data
+    from harness.training import tiny_config
 
     config = replace(  # 80 validation, 80 test, a pool of 15 shards
-        TrainConfig.tiny(), synthetic=4000, val_fraction=0.02, test_fraction=0.02, fill_steps=1000
+        tiny_config(), synthetic=4000, val_fraction=0.02, test_fraction=0.02, fill_steps=1000
     )
     with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
         next(fresh.stream(8).batches)  # one step, then training ends
@@ -297,10 +297,10 @@ def test_a_stream_is_fitted_as_model_fit_fits_it() -> None:
 def test_a_run_that_ends_before_its_first_step_draws_only_the_held_out_sets() -> None:
     """A budget spent before the first step (a slow machine): the held-out sets are queued
     after training has ended, and no training shard is queued with them."""
-    from captchaops.training.config import TrainConfig
     from captchaops.training.fresh import fresh_data
+    from harness.training import tiny_config
 
-    config = TrainConfig.tiny()
+    config = tiny_config()
     with fresh_data(config, config.arch, SPEC.alphabet) as fresh:
         data = fresh.held_out(config.seed)  # no step: queue_rest runs after the end
         assert fresh.images._submitted == 1 and not fresh.images._pending  # the first shard only

@@ -156,9 +156,9 @@ def test_the_compiled_training_step_skips_grapplers_graph_rewrites_on_tensorflow
     import tensorflow as tf
 
     from captchaops.model.crnn import Architecture
-    from captchaops.training.config import TrainConfig
     from captchaops.training.loop import compiled_crnn
+    from harness.training import tiny_config
 
     arch = Architecture(height=24, width=72, filters=(8, 8, 8, 8), rnn_units=8)
-    compiled_crnn(TrainConfig.tiny(), arch, 5, augment=False, total_steps=10, deadline=1e12)
+    compiled_crnn(tiny_config(), arch, 5, augment=False, total_steps=10, deadline=1e12)
     assert tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer") is True

@@ -39,11 +39,6 @@ def experiment_name(model: str) -> str:
     return f"{model}{SUFFIX}"
 
 
-def is_monitoring(experiment: str) -> bool:
-    """Whether an experiment (by name) holds monitoring runs."""
-    return experiment.endswith(SUFFIX)
-
-
 LOCAL_BINDS = ("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost")
 
 

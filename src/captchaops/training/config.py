@@ -110,25 +110,13 @@ class TrainConfig:
             arch=Architecture(height=32, width=88, filters=(32, 64, 96, 128), rnn_units=128),
         )
 
-    @classmethod
-    def tiny(cls) -> TrainConfig:
-        """Seconds of training on a few hundred images: for tests, not accuracy."""
-        return cls(
-            synthetic=300,
-            epochs=2,
-            batch_size=32,
-            max_minutes=2.0,
-            workers=1,
-            arch=Architecture(height=24, width=72, filters=(8, 16, 16, 16), rnn_units=16),
-        )
-
     def params(self) -> dict[str, object]:
         """Flat parameters for MLflow."""
         values = {k: v for k, v in asdict(self).items() if k != "arch"}
         return values | self.arch.params()
 
 
-PRESETS = ("demo", "folder", "accuracy", "gpu")  # what `--preset` names (tiny is for tests)
+PRESETS = ("demo", "folder", "accuracy", "gpu")  # what `--preset` names
 
 
 def from_options(preset: str | None, data: str | Path | None, **overrides: Any) -> TrainConfig:

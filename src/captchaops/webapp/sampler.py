@@ -43,7 +43,6 @@ class ReviewSampler:
         self._clock = clock
         self._queue: queue.Queue[Sample] = queue.Queue(maxsize=settings.review_queue_size)
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
         self._busy = 0  # samples queued or being stored
         self._thread: threading.Thread | None = None
         self._counts: Counter[str] = Counter()
@@ -110,17 +109,6 @@ class ReviewSampler:
         with self._lock:
             self._pending = None
 
-    def drain(self, timeout: float) -> bool:
-        """Wait until every queued sample is stored or dropped; False if `timeout` passed first."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(left)
-        return True
-
     def _drop(self, reason: str) -> str:
         self._counts[reason] += 1
         return reason
@@ -150,7 +138,6 @@ class ReviewSampler:
                     if reason != "duplicate":  # not stored: may be offered again later
                         self._digests.pop(sample.digest, None)
                 self._busy -= 1
-                self._idle.notify_all()
 
     def _store(self, sample: Sample) -> str | None:
         """Store one sample unless a cap or an earlier copy says no; the reason when not."""
