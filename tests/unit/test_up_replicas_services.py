@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from captchaops.serving.connections import HEAD_TIMEOUT_S
+from captchaops.serving.verdicts import verdicts_dir
 from captchaops.settings import load_settings
 from captchaops.stack import balancer
-from captchaops.stack.services import Service, build_services
+from captchaops.stack.services import VERDICTS, Service, build_services
 from captchaops.stack.store import Store
 
 STORE = Store(kind="local", destination="/tmp/artifacts")
@@ -43,6 +44,15 @@ def test_replicas_on_loopback_then_the_balancer_on_the_alias_address(tmp_path: P
     assert second.env["CAPTCHAOPS_WEBHOOK_PEERS"] == "http://127.0.0.1:7200,http://127.0.0.1:7400"
     assert second.env["CAPTCHAOPS_TRUSTED_PROXIES"] == "10.0.0.0/8,127.0.0.1"
     assert built["staging-1"].port == 7201
+    # each its own home (a server sweeps its alias's download folder), sharing secrets and verdicts
+    home = tmp_path.resolve()
+    assert second.env["CAPTCHAOPS_HOME"] == str(home / "replicas" / "production-2")
+    mine = home / "replicas" / "production-2"
+    assert second.links == {
+        mine / ".env": home / ".env",
+        mine / VERDICTS: verdicts_dir(home),
+    }
+    assert second.folders == (verdicts_dir(home),)
 
     proxy = built["production"]
     assert Path(proxy.command[0]).name == "haproxy" and proxy.port == 7100

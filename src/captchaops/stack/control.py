@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -154,6 +155,10 @@ def _up(
         for path, text in svc.files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             write_private(path, text)
+        for folder in svc.folders:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for link, target in svc.links.items():
+            _link(link, target)
     if store.kind == "s3" and ensure_bucket(store, settings):
         say(f"created bucket {settings.s3_bucket}")
     if not todo:
@@ -221,6 +226,18 @@ def down(settings: Settings) -> bool:
         return False
     supervisor.shutdown_daemon(settings)
     return True
+
+
+def _link(link: Path, target: Path) -> None:
+    """`link` -> `target`, made or replaced."""
+    link.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if link.is_symlink() and link.readlink() == target:
+        return
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)
+    link.symlink_to(target)
 
 
 def _base_name(name: str) -> str:

@@ -13,6 +13,8 @@ from captchaops.stack.store import Store
 from captchaops.stack.webhooks import tracking_env
 
 CORE = ("store", "tracking")
+VERDICTS = Path("serving-cache") / "verdicts"
+"""Where a model server keeps its trial verdicts, under its home (serving.verdicts)."""
 ALL = ("store", "tracking", "production", "staging", "app")
 
 
@@ -30,6 +32,9 @@ class Service:
     start_timeout: float = 90.0
     files: dict[Path, str] = field(default_factory=dict)
     """Files written (0600) before the service first starts: a balancer's config."""
+    folders: tuple[Path, ...] = ()
+    """Folders made (0700) before it first starts, then `links` (link -> target)."""
+    links: dict[Path, Path] = field(default_factory=dict)
 
 
 def _bin(name: str) -> str:
@@ -234,6 +239,14 @@ def replica_name(alias: str, index: int) -> str:
     return f"{alias}-{index}"
 
 
+def replica_links(settings: Settings, home: Path) -> dict[Path, Path]:
+    """A replica's home: its own, since a server sweeps its alias's download folder
+    (`<home>/serving-cache/<model>/<alias>`) of what it did not keep, so two servers of one
+    alias in one home delete each other's downloads; the stack's secrets (`.env`) and trial
+    verdicts (one trial per network for every replica) are links to the stack home's."""
+    return {home / ".env": settings.env_file, home / VERDICTS: settings.home_dir / VERDICTS}
+
+
 def replicated(
     settings: Settings, alias: str, port: int, setting: str, count: int, env: dict[str, str]
 ) -> list[Service]:
@@ -248,9 +261,11 @@ def replicated(
     for k, (replica_port, url) in enumerate(zip(ports, urls, strict=True), start=1):
         peers = ",".join(u for u in urls if u != url)
         serve = [_bin("captchaops"), "serve", "--alias", alias, "--port", str(replica_port)]
+        name = replica_name(alias, k)
+        home = settings.home_dir / "replicas" / name
         specs.append(
             Service(
-                name=replica_name(alias, k),
+                name=name,
                 command=[*serve, "--host", host],
                 port=replica_port,
                 port_setting=setting,
@@ -258,9 +273,12 @@ def replicated(
                 url=url,
                 env={
                     **env,
+                    "CAPTCHAOPS_HOME": str(home),
                     "CAPTCHAOPS_WEBHOOK_PEERS": peers,
                     "CAPTCHAOPS_TRUSTED_PROXIES": proxies,
                 },
+                folders=(settings.home_dir / VERDICTS,),
+                links=replica_links(settings, home),
             )
         )
     config = settings.home_dir / "run" / f"balancer-{alias}.cfg"
