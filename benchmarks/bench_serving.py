@@ -10,7 +10,9 @@ Everything runs on this machine in one invocation: a private tracking server, a 
 servers, a bare Starlette endpoint (the ceiling) and the load generator in a process of its own.
 Prints requests/s, p50/p99 latency and peak server RSS per concurrency with the ratios, the
 three servers' requests/s at 8 clients side by side, our server's images/s for requests of 64
-images, then the hot-swap timings.
+images, then the hot-swap timings, and last, with the servers stopped, the CPU each stage of a
+64-image request costs per image and the images/s ceiling that puts on the machine's cores
+(`benchmarks.serving_costs`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks import record
+from benchmarks.serving_costs import print_costs, stage_costs
 from benchmarks.serving_load import LoadResult, run_load
 from harness.processes import (
     VENV_BIN,
@@ -90,6 +93,19 @@ def request_body(work: Path, images: int = 1) -> Path:
     path = work / f"body-{images}.json"
     path.write_text(json.dumps(body))
     return path
+
+
+def served_files(tracking_uri: str, version: str, work: Path) -> Path:
+    """The registered version's files (MLmodel, ONNX network, meta.json), downloaded."""
+    import mlflow
+
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{MODEL_NAME}/{version}",
+            dst_path=str(work / "served"),
+            tracking_uri=tracking_uri,
+        )
+    )
 
 
 def batch_throughput(url: str, seconds: float, body: Path) -> float:
@@ -217,7 +233,10 @@ def main(argv: list[str] | None = None) -> None:
                 batch64 = batch_throughput(ours_url, args.duration, request_body(work, 64))
                 swap_s, swap_failed = hot_swap(ours_url, tracking_uri, version_b, body)
                 tf_loaded = httpx.get(f"{ours_url}/health").json()["tensorflow_loaded"]
-        report(results, levels, swap_s, swap_failed, tf_loaded, batch64)
+            costs = stage_costs(
+                served_files(tracking_uri, version_a, work), request_body(work, 64).read_bytes()
+            )
+        report(results, levels, swap_s, swap_failed, tf_loaded, batch64, costs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -229,6 +248,7 @@ def report(
     swap_failed: int,
     tf_loaded: bool,
     batch64: float,
+    costs: dict[str, float],
 ) -> None:
     """Print the comparison table and write it to bench-results/serving.json."""
     rows = []
@@ -285,6 +305,20 @@ def report(
         f"(target <= {TARGET_SWAP_S:.0f} s), {swap_failed} failed requests (target 0)"
     )
     print(f"TensorFlow loaded in our server: {tf_loaded}")
+    print_costs(costs)
+    figures = {
+        "batch64": f"{batch64:.0f} img/s for 64-image requests (target {TARGET_BATCH64:.0f})",
+        "ceiling": (
+            f"{costs['total_us']:.0f} us of CPU per image (decode {costs['decode_us']:.0f}, "
+            f"network {costs['network_us']:.0f}): at most {costs['ceiling_img_s']:.0f} img/s "
+            f"on {costs['cores']:.0f} cores"
+        ),
+    }
+    if at8 is not None:
+        figures["c8"] = (
+            f"{at8['speedup']:.1f}x mlflow models serve at 8 clients, "
+            f"p99 ratio {at8['p99_ratio']:.2f}"
+        )
     record.save(
         "serving",
         {
@@ -294,7 +328,9 @@ def report(
             "swap_failed": swap_failed,
             "tensorflow_loaded": tf_loaded,
             "batch64_images_per_s": batch64,
+            "stage_costs": costs,
         },
+        figures,
     )
 
 
