@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -112,16 +112,22 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def start_load(
-    url: str, clients: int, seconds: float, body: Path, source: str | None = None
+    url: str,
+    clients: int,
+    seconds: float,
+    body: Path,
+    source: str | None = None,
+    where: Callable[[list[str]], list[str]] = list,
 ) -> subprocess.Popen[str]:
-    """`generate` in a process of its own (its clients do not share this process's GIL); read
-    its result with `load_result`."""
+    """`generate` in a process of its own (its clients do not share this process's GIL), its
+    command line made by `where` (e.g. `hosts.Host.command`: on another host); read its result
+    with `load_result`."""
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     args = [url, str(clients), str(seconds), str(body), *([source] if source else [])]
     return subprocess.Popen(
-        [sys.executable, "-m", "harness.replicas", *args],
+        where([sys.executable, "-m", "harness.replicas", *args]),
         stdout=subprocess.PIPE,
         text=True,
         env=env,

@@ -1,11 +1,13 @@
 """Replicas of one alias: three `captchaops serve` processes of the same model and alias, each
 bound with `--host` to its own address, logging its own monitoring run, relaying webhooks to the
-others; the gate's evidence, `models` and `status` sum them.
+others; the gate's evidence, `models` and `status` sum them; the balancer `up --replicas` runs
+(HAProxy, `stack/balancer.py`) in front of them loses no request when one is killed.
 
 Where the multi-host test bed can be made (root: `harness/hosts.py`), the replicas run on three
 network-namespace hosts, each on port 8888 of its own address, reaching the tracking server
-through a forwarder on the bridge, and this process is the client on a fourth address.
-Elsewhere they run on loopback (127.0.0.1 twice and 127.0.0.2, distinct ports).
+through a forwarder on the bridge; the balancer runs on a fourth host, its clients on a fifth,
+and this process is a client on the bridge's address. Elsewhere they all run on loopback
+(127.0.0.1 twice and 127.0.0.2, distinct ports).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -35,8 +37,10 @@ from captchaops.live import monitoring, reported
 from captchaops.live.estimate import Calibration
 from captchaops.serving.webhook import sign
 from captchaops.settings import Settings
+from captchaops.stack import balancer
 from harness import hosts
-from harness.processes import VENV_BIN, free_port, start_http_process, stop_process
+from harness.processes import VENV_BIN, free_port, start_http_process, stop_process, wait_http
+from harness.replicas import load_result, start_load
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.signing import signed_alias
 from tests.fixtures.stack import Tracking
@@ -66,6 +70,12 @@ class Replicas:
     model: str
     version: str
     replicas: list[Replica]
+    lb_host: hosts.Host | None
+    """Where the balancer runs (None: here), and its clients (`client_host`)."""
+    client_host: hosts.Host | None
+    balancer_address: str
+    start: Callable[[int], Replica]
+    """Start replica n again where it ran (stopped with the module)."""
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking.uri, registry_uri=self.tracking.uri)
@@ -79,6 +89,7 @@ def start_replica(
     address: str,
     port: int,
     peers: list[str],
+    proxy: str,
 ) -> Replica:
     """`captchaops serve --host ADDRESS --port PORT` (on host `where`, if any) for the model's
     @staging, monitoring every 1 s and relaying webhooks to `peers`; ready once /ping answers
@@ -93,8 +104,11 @@ def start_replica(
         "CAPTCHAOPS_MONITOR_SECONDS": "1",
         "CAPTCHAOPS_WEBHOOK_SECRET": SECRET,
         "CAPTCHAOPS_WEBHOOK_PEERS": ",".join(peers),
+        # the balancer: its forwarded client is believed, and the Host its clients send answered
+        "CAPTCHAOPS_TRUSTED_PROXIES": proxy,
+        "CAPTCHAOPS_ALLOWED_HOSTS": proxy,
     }
-    for name in ("MLFLOW_TRACKING_URI", "CAPTCHAOPS_ALLOWED_HOSTS", "CAPTCHAOPS_REPLICA_ID"):
+    for name in ("MLFLOW_TRACKING_URI", "CAPTCHAOPS_REPLICA_ID"):
         env.pop(name, None)
     url = f"http://{address}:{port}"
     cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", ALIAS]
@@ -130,31 +144,40 @@ def three(
     home = tmp_path_factory.mktemp("replicas")
     with ExitStack() as later:  # undone in reverse: replicas, forwarder, hosts
         on_hosts = hosts.unavailable() is None
+        lb: hosts.Host | None = None
+        client: hosts.Host | None = None
         if on_hosts:
-            net = later.enter_context(hosts.host_net(["r1", "r2", "r3"]))
+            net = later.enter_context(hosts.host_net(["r1", "r2", "r3", "lb", "client"]))
             places = [(net[name], net[name].address, 8888) for name in ("r1", "r2", "r3")]
             tracking_uri = bridge_forwarder(later, net.gateway, tracking_server.uri)
+            lb, client = net["lb"], net["client"]
+            proxy = lb.address
         else:
             assert not hosts.required(), f"no multi-host test bed: {hosts.unavailable()}"
             addresses = ("127.0.0.1", "127.0.0.1", "127.0.0.2")
             places = [(None, address, free_port()) for address in addresses]
             tracking_uri = tracking_server.uri
+            proxy = "127.0.0.1"
         urls = [f"http://{address}:{port}" for _, address, port in places]
 
         def start(n: int) -> Replica:
             where, address, port = places[n]
             peers = [url for url in urls if url != urls[n]]
-            return start_replica(tracking_uri, model, home / str(n), where, address, port, peers)
+            replica = start_replica(
+                tracking_uri, model, home / str(n), where, address, port, peers, proxy
+            )
+            later.callback(stop_process, replica.proc)
+            return replica
 
         with ThreadPoolExecutor(len(places)) as pool:  # started side by side
             started = [pool.submit(start, n) for n in range(len(places))]
         replicas = [future.result() for future in started if future.exception() is None]
-        for replica in replicas:
-            later.callback(stop_process, replica.proc)
         assert len(replicas) == len(places), [f.exception() for f in started]
         for replica in replicas:
             wait_serving(replica, version)
-        yield Replicas(tracking_server, on_hosts, model, version, replicas)
+        yield Replicas(
+            tracking_server, on_hosts, model, version, replicas, lb, client, proxy, start
+        )
 
 
 def bridge_forwarder(later: ExitStack, gateway: str, tracking_uri: str) -> str:
@@ -268,3 +291,51 @@ def test_a_webhook_one_replica_gets_reaches_every_replica(three: Replicas) -> No
     forged = {**headers, "X-MLflow-Signature": "v1,AAAA", "X-Captchaops-Relayed": "1"}
     refused = httpx.post(f"{others[0].url}/webhook", content=body, headers=forged, timeout=10)
     assert refused.status_code == 401
+
+
+def test_a_replica_killed_behind_the_balancer_costs_no_client_request(
+    three: Replicas, tmp_path: Path
+) -> None:
+    """The balancer of `up --replicas` (its HAProxy config) on a fourth host, 6 clients on a
+    fifth: a replica SIGKILLed under their load costs none of them a request (the balancer sends
+    what it did not answer to another), and started again it answers through the balancer."""
+    port = 8888 if three.on_hosts else free_port()
+    url = f"http://{three.balancer_address}:{port}"
+    upstreams = [f"{r.host}:{r.port}" for r in three.replicas]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        balancer.config(ALIAS, three.balancer_address, port, upstreams, three.balancer_address)
+    )
+    command = ["haproxy", "-db", "-f", str(config)]
+    where = three.lb_host.command if three.lb_host else list
+    proxy = subprocess.Popen(where(command), stderr=subprocess.DEVNULL)
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"inputs": [IMAGE]}))
+    try:
+        wait_http(f"{url}/ping", timeout=30, proc=proxy)
+        time.sleep(balancer.HEALTH_INTERVAL_S + 0.5)  # a first check of every replica
+        clients = three.client_host.command if three.client_host else list
+        load = start_load(url, 6, 12, body, where=clients)
+        time.sleep(4)
+        killed = three.replicas[2]
+        killed.proc.kill()
+        result = load_result(load)
+        assert result.failed == 0 and result.ok > 30, result
+        back = three.start(2)
+        three.replicas[2] = back
+        wait_serving(back, three.version)
+        deadline = time.monotonic() + 30
+        with httpx.Client(timeout=30) as http:
+            while answered(back) == 0:
+                answer = http.post(f"{url}/invocations", json={"inputs": [IMAGE]})
+                assert answer.status_code == 200, answer.text
+                assert time.monotonic() < deadline, "the restarted replica never got a request"
+    finally:
+        stop_process(proxy)
+
+
+def answered(replica: Replica) -> float:
+    """/invocations the replica answered 200 since it started (0 before the first)."""
+    text = httpx.get(f"{replica.url}/metrics", timeout=10).text
+    line = 'captchaops_requests_total{status="200"} '
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line))
