@@ -44,6 +44,7 @@ def test_replicas_on_loopback_then_the_balancer_on_the_alias_address(tmp_path: P
     assert second.env["CAPTCHAOPS_WEBHOOK_PEERS"] == "http://127.0.0.1:7200,http://127.0.0.1:7400"
     assert second.env["CAPTCHAOPS_TRUSTED_PROXIES"] == "10.0.0.0/8,127.0.0.1"
     assert built["staging-1"].port == 7201
+    assert "127.0.0.1" in second.env["CAPTCHAOPS_ALLOWED_HOSTS"].split(",")  # all interfaces
     # each its own home (a server sweeps its alias's download folder), sharing secrets and verdicts
     home = tmp_path.resolve()
     assert second.env["CAPTCHAOPS_HOME"] == str(home / "replicas" / "production-2")
@@ -72,7 +73,9 @@ def test_the_balancer_waits_for_a_head_as_long_as_a_replica_would() -> None:
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="no haproxy (apt-get install haproxy)")
 def test_haproxy_accepts_the_balancer_config(tmp_path: Path) -> None:
     config = tmp_path / "haproxy.cfg"
-    config.write_text(balancer.config("production", "127.0.0.1", 7100, ["127.0.0.1:7200"]))
+    config.write_text(
+        balancer.config("production", "127.0.0.1", 7100, ["127.0.0.1:7200"], "127.0.0.1")
+    )
     done = subprocess.run(
         ["haproxy", "-c", "-f", str(config)], capture_output=True, text=True, timeout=60
     )

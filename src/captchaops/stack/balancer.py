@@ -67,9 +67,10 @@ def replica_port(alias_port: int, index: int) -> int:
     return alias_port + REPLICA_PORT_STEP * index
 
 
-def config(name: str, bind: str, port: int, upstreams: list[str]) -> str:
+def config(name: str, bind: str, port: int, upstreams: list[str], check_host: str) -> str:
     """The haproxy.cfg of one alias's balancer `name`: listen on bind:port (every interface for
-    0.0.0.0), balance over `upstreams` (host:port)."""
+    0.0.0.0), balance over `upstreams` (host:port), whose health checks name `check_host` (the
+    balancer's own address: requests keep the Host their client sent, which replicas allow)."""
     listen = "" if bind in ("", "0.0.0.0", "::") else bind
     errors = [
         f"    http-error status {status} content-type application/json "
@@ -107,7 +108,7 @@ def config(name: str, bind: str, port: int, upstreams: list[str]) -> str:
         f"backend {name}-replicas",
         "    balance leastconn",
         "    option httpchk",
-        f"    http-check send meth GET uri /health ver HTTP/1.1 hdr Host {REPLICA_HOST}",
+        f"    http-check send meth GET uri /health ver HTTP/1.1 hdr Host {check_host}",
         "    http-check expect status 200",
         f"    default-server check inter {HEALTH_INTERVAL_S}s fall 2 rise 1 "
         "observe layer4 error-limit 1 on-error mark-down",

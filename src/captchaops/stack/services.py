@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from captchaops.service_auth import bind_names
 from captchaops.settings import Settings, client_host_for, ensure_secret, write_private
 from captchaops.stack import balancer
 from captchaops.stack.store import Store
@@ -257,6 +258,8 @@ def replicated(
     ports = [balancer.replica_port(port, k) for k in range(1, count + 1)]
     urls = [f"http://{host}:{p}" for p in ports]
     proxies = ",".join(p for p in (settings.trusted_proxies, host) if p)
+    # requests keep the Host their client sent the balancer: a replica answers those names too
+    names = ",".join(n for n in (settings.allowed_hosts, *sorted(bind_names(settings.host))) if n)
     specs = []
     for k, (replica_port, url) in enumerate(zip(ports, urls, strict=True), start=1):
         peers = ",".join(u for u in urls if u != url)
@@ -276,6 +279,7 @@ def replicated(
                     "CAPTCHAOPS_HOME": str(home),
                     "CAPTCHAOPS_WEBHOOK_PEERS": peers,
                     "CAPTCHAOPS_TRUSTED_PROXIES": proxies,
+                    "CAPTCHAOPS_ALLOWED_HOSTS": names,
                 },
                 folders=(settings.home_dir / VERDICTS,),
                 links=replica_links(settings, home),
@@ -283,7 +287,7 @@ def replicated(
         )
     config = settings.home_dir / "run" / f"balancer-{alias}.cfg"
     upstreams = [u.removeprefix("http://") for u in urls]
-    text = balancer.config(alias, settings.host, port, upstreams)
+    text = balancer.config(alias, settings.host, port, upstreams, client_host_for(settings.host))
     url = f"http://{client_host_for(settings.host)}:{port}"
     try:
         haproxy = balancer.haproxy_binary()
