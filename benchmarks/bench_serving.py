@@ -98,14 +98,14 @@ def request_body(work: Path, images: int = 1) -> Path:
 def served_files(tracking_uri: str, version: str, work: Path) -> Path:
     """The registered version's files (MLmodel, ONNX network, meta.json), downloaded."""
     import mlflow
+    from mlflow import MlflowClient
 
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            f"models:/{MODEL_NAME}/{version}",
-            dst_path=str(work / "served"),
-            tracking_uri=tracking_uri,
-        )
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    uri = client.get_model_version_download_uri(MODEL_NAME, version)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=uri, dst_path=str(work / "served"), tracking_uri=tracking_uri
     )
+    return Path(local)
 
 
 def batch_throughput(url: str, seconds: float, body: Path) -> float:
