@@ -43,10 +43,12 @@ class LoadResult:
     ok: int
     failed: int
     statuses: dict[str, int]
-    """Every answer by HTTP status ("error" for a connection that failed)."""
+    """Every answer by HTTP status ("error: <exception>" for a connection that failed)."""
     p50_ms: float
     p99_ms: float
     rps: float
+    failures: list[tuple[float, str]]
+    """Each failed request: seconds from the start, and its status."""
 
 
 def generate(
@@ -56,8 +58,10 @@ def generate(
     parts = urlsplit(url)
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
+    failures: list[tuple[float, str]] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + seconds
+    started = time.monotonic()
+    deadline = started + seconds
     headers = {"Content-Type": "application/json"}
 
     def connection() -> http.client.HTTPConnection:
@@ -76,17 +80,18 @@ def generate(
                 payload = resp.read()
                 ok = resp.status == 200 and payload.startswith(b'{"predictions"')
                 status = str(resp.status)
-            except (OSError, http.client.HTTPException):
+            except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 conn = connection()
-                ok, status = False, "error"
+                ok, status = False, f"error: {type(exc).__name__}"
             with lock:
                 statuses[status] += 1
                 if ok:
                     latencies.append(time.perf_counter() - sent)
+                else:
+                    failures.append((round(time.monotonic() - started, 3), status))
         conn.close()
 
-    started = time.monotonic()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
         thread.start()
@@ -104,6 +109,7 @@ def generate(
         p50_ms=_quantile(latencies, 0.50) * 1000,
         p99_ms=_quantile(latencies, 0.99) * 1000,
         rps=ok / elapsed,
+        failures=sorted(failures)[:100],
     )
 
 

@@ -18,7 +18,8 @@ served alias listens on the alias's port (the URL the web app, webhooks, shadow 
   flight on a killed replica failed; HAProxy keeps a copy of the buffered request to retry.
 - X-Forwarded-For is replaced by the address HAProxy was reached from (it trusts no incoming
   one), and the replicas trust loopback as a proxy, so their per-client limits see the client.
-- its own errors (no replica answers, a request too slow) are JSON `{"error", "detail"}`.
+- its own errors (no replica answers, a request too slow) are JSON `{"error", "detail"}`; each
+  request that failed or was retried is logged (to stderr: the supervisor's log of the alias).
 """
 
 from __future__ import annotations
@@ -83,9 +84,13 @@ def config(name: str, bind: str, port: int, upstreams: list[str], check_host: st
         f"    maxconn {MAX_CONNECTIONS}",
         f"    tune.bufsize {BUFFER_BYTES}",
         "    hard-stop-after 5s",
+        "    log stderr format raw local0",
         "",
         "defaults",
         "    mode http",
+        "    log global",
+        "    option httplog",
+        "    option dontlog-normal",
         "    timeout connect 2s",
         f"    timeout http-request {HEAD_TIMEOUT_S}s",
         "    timeout client 60s",
