@@ -50,40 +50,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import record
+from harness.schedstat import Blocked
 
 _ORIGINAL: dict[str, Any] = {}  # the module's own `fit_stream`, before the timing wrapper
 STALL_S = 10.0  # a wait this long after on_train_end, or a collection this long, is a stall
 SRC = record.ROOT / "src"
-
-
-def thread_times() -> tuple[float, float]:
-    """This thread's (CPU time, run-queue wait) in seconds, from the kernel's schedstat.
-
-    Wall time minus both is the time the thread slept (blocked on a lock, a join, I/O): what a
-    stall is. Time spent runnable but waiting for a core (a busy box) is the run-queue wait and
-    does not count. (0, 0) where the kernel has no schedstat."""
-    try:
-        cpu_ns, wait_ns, _ = Path("/proc/thread-self/schedstat").read_text().split()
-    except (OSError, ValueError):
-        return 0.0, 0.0
-    return int(cpu_ns) / 1e9, int(wait_ns) / 1e9
-
-
-class Blocked:
-    """Wall time and the part of it this thread slept, between `start()` and `stop()`."""
-
-    def __init__(self) -> None:
-        self._wall = 0.0
-        self._times = (0.0, 0.0)
-
-    def start(self) -> None:
-        self._wall, self._times = time.monotonic(), thread_times()
-
-    def stop(self) -> tuple[float, float]:
-        """(wall seconds, seconds asleep) since `start()`."""
-        wall = time.monotonic() - self._wall
-        cpu, waited = thread_times()
-        return wall, max(0.0, wall - (cpu - self._times[0]) - (waited - self._times[1]))
 
 
 class Collections:
@@ -292,8 +263,10 @@ def _line(row: dict[str, Any]) -> str:
     return (
         f"{row['steps']} steps, {_s(row['step_ms_median'], 'ms', 0)} a step; fit_stream "
         f"returned {_s(row['returned_after_last_step_s'], digits=2)} after the last step "
-        f"({_s(row['returned_after_train_end_s'], digits=2)} after on_train_end); longest "
-        f"collection {_s(row['longest_collection_s'], digits=2)}, the one after fit "
+        f"({_s(row['returned_after_train_end_s'], digits=2)} after on_train_end, "
+        f"{_s(row.get('asleep_after_train_end_s'), digits=2)} of it asleep); longest "
+        f"collection {_s(row['longest_collection_s'], digits=2)} "
+        f"({_s(row.get('longest_collection_asleep_s'), digits=2)} asleep), the one after fit "
         f"{_s(row['next_collection_s'], digits=2)}; load {row['load_avg_1m']:.1f}"
         + ("  STALLED" if stalled(row) else "")
     )

@@ -48,6 +48,7 @@ import httpx
 import psutil
 
 from benchmarks import record
+from harness.schedstat import Blocked
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -127,20 +128,17 @@ class Watch:
         self.seen: set[str] = set()
         self.gc_longest = 0.0  # wall seconds of the longest collection
         self.gc_blocked = 0.0  # the longest time a collection slept (not ran, not queued)
-        self._gc_began = (0.0, 0, 0)
+        self._gc = Blocked()
 
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
         """A `gc.callbacks` hook: times each collection, and how long the collecting thread
         slept in it (wall time less its CPU time and its wait for a CPU, from the kernel's
         schedstat): a destructor that blocks sleeps, a busy machine only queues."""
         if phase == "start":
-            self._gc_began = (time.monotonic(), *_schedstat())
+            self._gc.start()
             return
-        began, ran, queued = self._gc_began
-        now_ran, now_queued = _schedstat()
-        wall = time.monotonic() - began
+        wall, slept = self._gc.stop()
         self.gc_longest = max(self.gc_longest, wall)
-        slept = wall - (now_ran - ran) / 1e9 - (now_queued - queued) / 1e9
         self.gc_blocked = max(self.gc_blocked, slept)
 
     def _silence(self, now: float) -> None:
@@ -166,15 +164,6 @@ class Watch:
         """The longest silence after the first step, the end of `train` included."""
         self._silence(time.monotonic())
         return self.longest
-
-
-def _schedstat() -> tuple[int, int]:
-    """This thread's (nanoseconds on a CPU, nanoseconds waiting for one); zeros off Linux."""
-    try:
-        ran, queued, _ = Path("/proc/thread-self/schedstat").read_text().split()
-    except OSError:
-        return 0, 0
-    return int(ran), int(queued)
 
 
 @contextmanager
