@@ -62,7 +62,9 @@ def test_replicas_on_loopback_then_the_balancer_on_the_alias_address(tmp_path: P
     assert path == tmp_path.resolve() / "run" / "balancer-production.cfg"
     assert "    bind :7100\n" in text  # 0.0.0.0: every interface
     servers = [line.split()[1:] for line in text.splitlines() if line.startswith("    server ")]
-    assert servers == [[f"production-{k}", f"127.0.0.1:7{k + 1}00"] for k in (1, 2, 3)]
+    replicas = [[f"production-{k}", f"127.0.0.1:7{k + 1}00"] for k in (1, 2, 3)]
+    assert servers == replicas * 2  # scoring: those with a version; the rest: those alive
+    assert "use_backend production-ready if { path /invocations }" in text
     assert "    bind 127.0.0.1:7100\n" in services(tmp_path, 2)["production"].files[path]
 
 

@@ -6,9 +6,12 @@ served alias listens on the alias's port (the URL the web app, webhooks, shadow 
 
 - `/ping` is answered by HAProxy itself (the balancer is alive); everything else goes to a
   replica, the one with the fewest connections.
-- a replica is in rotation while its `/health` answers 200 (checked every second), i.e. once
-  it has loaded a version, so a restarted replica takes traffic only when it can answer it; a
-  connection it refuses takes it out at once.
+- a replica is in rotation for `/invocations` while its `/health` answers 200 (checked every
+  second), i.e. once it has loaded a version, so a restarted replica takes traffic only when it
+  can answer it; a connection it refuses takes it out at once. Every other request (`/webhook`,
+  `/health`, `/version`, `/metrics`, `/reload`), and `/invocations` while no replica has a
+  version, goes to any replica that answers `/ping`: it answers for itself (`no_model` before
+  its first version), and an alias webhook reaches the replicas before any serves.
 - a request is read whole (head and body, up to `BUFFER_BYTES`) before a replica is chosen,
   within `HEAD_TIMEOUT_S`, so a slow client holds an HAProxy connection, not a replica's; and a
   request a replica did not answer (refused, or closed with no answer: it died under it) is
@@ -108,16 +111,25 @@ def config(name: str, bind: str, port: int, upstreams: list[str], check_host: st
         "if { path /ping }",
         "    http-request del-header X-Forwarded-For",
         "    option forwardfor",
-        f"    default_backend {name}-replicas",
+        f"    use_backend {name}-ready if {{ path /invocations }} {{ nbsrv({name}-ready) gt 0 }}",
+        f"    default_backend {name}-live",
         "",
-        f"backend {name}-replicas",
+        *_backend(f"{name}-ready", "/health", check_host, servers),
+        *_backend(f"{name}-live", "/ping", check_host, servers),
+    ]
+    return "\n".join(lines)
+
+
+def _backend(name: str, check: str, check_host: str, servers: list[str]) -> list[str]:
+    """A backend of every replica, each in it while GET `check` answers 200."""
+    return [
+        f"backend {name}",
         "    balance leastconn",
         "    option httpchk",
-        f"    http-check send meth GET uri /health ver HTTP/1.1 hdr Host {check_host}",
+        f"    http-check send meth GET uri {check} ver HTTP/1.1 hdr Host {check_host}",
         "    http-check expect status 200",
         f"    default-server check inter {HEALTH_INTERVAL_S}s fall 2 rise 1 "
         "observe layer4 error-limit 1 on-error mark-down",
         *servers,
         "",
     ]
-    return "\n".join(lines)
