@@ -2,8 +2,9 @@
 
 `publish` runs inside the training run, after fitting, on data alone (the prepared data, its
 held-out images and the fitted network): it logs what the data turned out to be, exports and
-tests the version as a server reads it, registers it through `registry` and lets the gate's
-staging rule stage or reject it. Everything goes through the one client it is given.
+tests the version as a server reads it and registers it through `registry`, a `Candidate`;
+`training.run` has the gate stage or reject it, then `conclude` logs the run's times.
+Everything goes through the one client it is given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import mlflow
 from mlflow import MlflowClient
 
 from captchaops import registry
-from captchaops.decisions.gate import stage_candidate
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.settings import Settings
 from captchaops.training.artifacts import export_and_test, log_dataset
@@ -42,19 +42,29 @@ class TrainResult:
     frozen: str | None = None
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A registered version the gate has not judged yet: what `publish` hands back."""
+
+    run_id: str
+    version: str
+    metrics: dict[str, float]  # its test scores
+    skipped: str  # the files left out of the data, as `SkipReport.summary` says
+    frozen: str | None  # which frozen evaluation set it was tested on, if any
+
+
 def publish(
     client: MlflowClient,
     run_id: str,
-    config: TrainConfig,
     settings: Settings,
     p: Prepared,
     held_out: HeldOut,
     fitted: Fitted,
     *,
     report: Progress,
-    start: float,
-) -> TrainResult:
-    """Log the data and the test scores, register the version and stage or reject it."""
+) -> Candidate:
+    """Log the data and the test scores and register the version (the caller has the gate
+    stage or reject it)."""
     frozen, arch = p.frozen, p.arch
     data, digest = held_out.data, held_out.digest
     test_images, test_labels = held_out.test_images, held_out.test_labels
@@ -90,26 +100,41 @@ def publish(
             client, fitted.infer, meta, test_images, test_labels, Path(tmp)
         )
     version = registry.register_version(client, settings.model_name, model_uri, run_id)
-    reason = stage_candidate(client, settings, version, metrics["test_seq_acc"])
+    tested_on = (
+        None
+        if frozen is None
+        else f"tested on {settings.model_name}'s frozen evaluation set {frozen.digest[:12]}: "
+        f"{len(frozen)} held-out images, none of them trained on"
+    )
+    return Candidate(run_id, version, metrics, data.skipped.summary(), tested_on)
+
+
+def conclude(
+    candidate: Candidate,
+    rejection: str | None,
+    fitted: Fitted,
+    config: TrainConfig,
+    settings: Settings,
+    n_train: int,
+    start: float,
+) -> TrainResult:
+    """Log the run's step and time figures once the gate has judged the candidate (`rejection`:
+    why it was not staged, None when it was) and say what the run produced."""
     timings = fitted.summary() | {"wall_seconds": time.monotonic() - start}
     if math.isfinite(fitted.first_step_at):
         timings["seconds_to_first_step"] = fitted.first_step_at - start
     mlflow.log_metrics(timings)
     result = TrainResult(
-        run_id=run_id,
-        version=version,
-        model_uri=f"models:/{settings.model_name}/{version}",
-        metrics=metrics | timings,
-        staged=reason is None,
-        rejection_reason=reason,
-        skipped=data.skipped.summary(),
+        run_id=candidate.run_id,
+        version=candidate.version,
+        model_uri=f"models:/{settings.model_name}/{candidate.version}",
+        metrics=candidate.metrics | timings,
+        staged=rejection is None,
+        rejection_reason=rejection,
+        skipped=candidate.skipped,
+        frozen=candidate.frozen,
     )
-    result.warning = _reads_nothing(result, p.n_train, config)
-    if frozen is not None:
-        result.frozen = (
-            f"tested on {settings.model_name}'s frozen evaluation set {frozen.digest[:12]}: "
-            f"{len(frozen)} held-out images, none of them trained on"
-        )
+    result.warning = _reads_nothing(result, n_train, config)
     return result
 
 

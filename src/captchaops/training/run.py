@@ -1,10 +1,11 @@
 """`captchaops train` one way: check the server, prepare the data, fit, publish the version.
 
 The three stages are `training.prepare` (data in), `training.loop.fit` (MLflow-free) and
-`training.publish` (export, test, register, stage). `train` creates the one `MlflowClient` the
-stages use and calls each in turn, handing each the previous one's data (`Prepared`, `Fitted`,
-`HeldOut`), never a callable; nothing below it calls back up into this module. Progress goes to
-the callback the caller hands down (the CLI's progress bar).
+`training.publish` (export, test, register: a `Candidate`). `train` creates the one
+`MlflowClient` the stages use and calls each in turn, handing each the previous one's data
+(`Prepared`, `Fitted`, `HeldOut`), never a callable; then it has the gate's staging rule
+(`stage_candidate`) judge the candidate, which no stage does. Nothing below it calls back up
+into this module. Progress goes to the callback the caller hands down (the CLI's progress bar).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import mlflow
 
 from captchaops import registry
 from captchaops.data.dataset import DataError
+from captchaops.decisions.gate import stage_candidate
 from captchaops.mlflow_scope import pointed_at
 from captchaops.settings import Settings
 from captchaops.training import TrainError
 from captchaops.training.config import TrainConfig, with_overrides
 from captchaops.training.loop import Plan, Progress, fit, silent
 from captchaops.training.prepare import Prepared, load_data, prepared
-from captchaops.training.publish import TrainResult, publish
+from captchaops.training.publish import TrainResult, conclude, publish
 
 __all__ = [
     "DataError",
@@ -80,17 +82,19 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
                     report=report,
                     log=mlflow.log_metrics,
                 )
-                return publish(
+                candidate = publish(
                     client,
                     run.info.run_id,
-                    config,
                     settings,
                     p,
                     preparation.held_out(),  # the fresh path's sets, drawn while fitting
                     fitted,
                     report=report,
-                    start=start,
                 )
+                rejection = stage_candidate(
+                    client, settings, candidate.version, candidate.metrics["test_seq_acc"]
+                )
+                return conclude(candidate, rejection, fitted, config, settings, p.n_train, start)
 
 
 def _params(config: TrainConfig, settings: Settings, p: Prepared) -> dict[str, object]:
