@@ -43,6 +43,10 @@ def test_the_trial_runs_a_sample_of_the_frozen_set_read_once_per_set(
     kept = folder / f"{stored.digest}.zip"
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    hoarding = FrozenSamples(rest, tmp_path / "small", LIMITS.max_batch, sample_bytes=2048)
+    too_large = hoarding.for_model(settings.model_name)
+    assert too_large.images == () and "cannot be read" in too_large.note
+    assert "MiB" in too_large.note  # the bound it went past
     nothing = samples.for_model(f"none-{uuid.uuid4().hex[:8]}")
     assert (nothing.images, nothing.key) == ((), "none")
     assert "has no frozen evaluation set" in nothing.note

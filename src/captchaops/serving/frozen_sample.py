@@ -6,7 +6,7 @@ contrast of their strokes); synthetic probes alone miss it. The sample is the fi
 the set (a batch's worth, at most the largest batch), read from the registered model's
 `evalset_digest` tag, the evaluation experiment's run that stores that set and its
 `evalset.zip`, downloaded with bounded bytes (`MAX_SET_BYTES`) and unpacked only as far as the
-sample (`captchaops.data.frozen.unpack`). A set never changes, so each sample is kept by the set's
+sample (`captchaops.data.frozen.unpack`), at most `SAMPLE_BYTES` of it. A set never changes, so each sample is kept by the set's
 digest, in memory and as one small 0600 file under the home
 (`<home>/serving-cache/frozen-samples/`), with the set each scheme last named, so a restart
 while the tracking server cannot be reached still tries with the same images.
@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 SAMPLES_DIR = "frozen-samples"
+SAMPLE_BYTES = 16 * 2**20
+"""Most bytes a sample may unpack to (its images and the set's labels.json): what the server holds."""
 KEEP_SAMPLES = 8
 """Samples kept in memory and on disk, the oldest dropped first: a few schemes, a replaced set."""
 
@@ -83,11 +85,13 @@ class FrozenSamples:
         folder: Path | None,
         count: int,
         max_bytes: int = MAX_SET_BYTES,
+        sample_bytes: int = SAMPLE_BYTES,
     ) -> None:
         self.rest = rest
         self.folder = folder
         self.count = max(1, count)
         self.max_bytes = max_bytes
+        self.sample_bytes = sample_bytes
         self._kept: dict[str, FrozenSample] = {}
         self._lock = threading.Lock()
 
@@ -154,7 +158,7 @@ class FrozenSamples:
         if not runs:
             raise TrackingError(f"it is not stored in {EVAL_EXPERIMENT}")
         data = self.rest.get_artifact(runs[0]["info"]["run_id"], ARTIFACT, self.max_bytes)
-        _, images, _ = unpack(data, max_unpacked=self.max_bytes, first=self.count)
+        _, images, _ = unpack(data, max_unpacked=self.sample_bytes, first=self.count)
         if not images:
             raise ArchiveRefused("it holds no images")
         return FrozenSample(tuple(images), digest)
