@@ -47,7 +47,7 @@ def needs(settings: Settings, action: str) -> list[Need]:
     model = Need("registered_model", settings.model_name)
     if action == "train":
         return [Need("experiment", settings.experiment_name), model]
-    if action in ("promote", "rollback"):
+    if action in ("promote", "rollback", "approve"):
         return [model, Need("experiment", AUDIT_EXPERIMENT)]
     if action == "evalset":
         return [model, Need("experiment", EVAL_EXPERIMENT)]

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         description="`promote --auto` rejects a candidate whose live estimate is more than this "
         "many points below production's over the same period",
     )
+    production_approval: str | None = Field(
+        None,
+        description="schemes whose @production moves wait for a second account's approval "
+        "(`captchaops approve`): comma-separated names, * for all, empty for none; unset: "
+        "all in team mode, none locally",
+    )
     app_port: int = 8080
     app_secret_key: SecretStr | None = None
 
@@ -333,6 +339,16 @@ class Settings(BaseSettings):
     def effective_signing_public_key(self) -> Path:
         """The public key a model server trusts alias moves by."""
         return self.signing_public_key or self.effective_signing_key_dir / "moves.pub"
+
+    @property
+    def approval_required(self) -> bool:
+        """Whether this scheme's @production moves wait for a second account's approval."""
+        if self.production_approval is None:
+            return self.auth
+        named = {part.strip() for part in self.production_approval.split(",")} - {""}
+        if named & {"*", "all", "true"}:
+            return True
+        return self.model_name in named
 
     @property
     def web_login(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -20,6 +21,9 @@ from captchaops.cli.base import (
 from captchaops.console import literal
 from captchaops.decisions.gate_rules import GateConfig
 from captchaops.settings import Settings
+
+if TYPE_CHECKING:
+    from captchaops.registry.requests import Request
 
 _GATE = GateConfig()
 
@@ -140,7 +144,8 @@ def promote(
     try a candidate on a share of production's traffic first (--canary PERCENT)."""
     from captchaops import registry
     from captchaops.console import print_decision
-    from captchaops.decisions import gate, promotion
+    from captchaops.decisions import approval, gate
+    from captchaops.registry.requests import Request
 
     settings = settings_for(model_name)
     require_access(settings, "promote")
@@ -168,7 +173,7 @@ def promote(
         fail('say why with --reason "..." (it goes into the audit trail)')
     try:
         if not auto:
-            move = promotion.promote(
+            moved = approval.promote(
                 settings,
                 version=version,
                 from_alias=from_alias,
@@ -176,7 +181,10 @@ def promote(
                 actor=actor,
                 force=force,
             )
-            console.print(literal(f"promoted: {move.line()}"), highlight=False)
+            if isinstance(moved, Request):
+                _waiting(settings, moved)
+                return
+            console.print(literal(f"promoted: {moved.line()}"), highlight=False)
             return
         config = GateConfig.with_options(
             margin=margin,
@@ -185,11 +193,27 @@ def promote(
             latency_ratio=latency_ratio,
             latency_slack_ms=latency_slack_ms,
         )
-        decision, _ = gate.auto_promote(settings, config, actor=actor, reason=reason)
+        decision, outcome = approval.auto_promote(settings, config, actor=actor, reason=reason)
     except registry.RegistryError as exc:
         fail(str(exc), gate.EXIT_ERROR)
+    if isinstance(outcome, Request):
+        line = f"passed the gate v{decision.candidate_version}: {decision.reason()}"
+        console.print(literal(line), highlight=False)
+        _waiting(settings, outcome)
+        raise typer.Exit(gate.EXIT_PROMOTED)
     print_decision(console, decision)
     raise typer.Exit(gate.EXIT_PROMOTED if decision.promote else gate.EXIT_REJECTED)
+
+
+def _waiting(settings: Settings, request: Request) -> None:
+    """The two lines of a production move that waits: what waits, and the one command to
+    approve it."""
+    console.print(literal(f"waiting for approval: {request.line()}"), highlight=False)
+    console.print(
+        "another account approves it with: captchaops approve "
+        f"{request.short_id} --model-name {settings.model_name}",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -205,7 +229,8 @@ def rollback(
     """Move @production back to the previous production version in the audit trail, or end the
     canary (--canary)."""
     from captchaops import registry
-    from captchaops.decisions import promotion
+    from captchaops.decisions import approval
+    from captchaops.registry.requests import Request
 
     settings = settings_for(model_name)
     require_access(settings, "rollback")
@@ -218,10 +243,54 @@ def rollback(
         canaries.end(settings, reason=reason, actor=actor)
         return
     try:
-        move = promotion.rollback(settings, to=to, reason=reason, actor=actor)
+        moved = approval.rollback(settings, to=to, reason=reason, actor=actor)
     except registry.RegistryError as exc:
         fail(str(exc))
-    console.print(literal(f"rolled back: {move.line()}"), highlight=False)
+    if isinstance(moved, Request):
+        _waiting(settings, moved)
+        return
+    console.print(literal(f"rolled back: {moved.line()}"), highlight=False)
+
+
+@app.command()
+def approve(
+    request: str = typer.Argument(..., help="the request id (or its first 6+ characters)"),
+    actor: str | None = ACTOR_OPTION,
+    model_name: str | None = MODEL_NAME_OPTION,
+) -> None:
+    """Approve another account's pending @production move: its checks (the gate) run again and
+    the signed move names you as approver. Exit 0 moved, 3 the gate now refuses, 1 error."""
+    from captchaops import registry
+    from captchaops.decisions import approval, gate
+
+    settings = settings_for(model_name)
+    require_access(settings, "approve")
+    actor = audited_actor(settings, actor)
+    try:
+        asked, move = approval.approve(settings, request, actor=actor)
+    except registry.RegistryError as exc:
+        fail(str(exc), gate.EXIT_ERROR)
+    if move.decision == "rejected":
+        fail(f"request {asked.short_id} not approved: {move.line()}", gate.EXIT_REJECTED)
+    console.print(literal(f"approved {asked.short_id}: {move.line()}"), highlight=False)
+
+
+@app.command()
+def requests(model_name: str | None = MODEL_NAME_OPTION) -> None:
+    """List the @production moves waiting for a second account's approval, oldest first."""
+    from captchaops import registry
+    from captchaops.decisions import approval
+
+    settings = settings_for(model_name)
+    require_access(settings, "models")
+    try:
+        pending = approval.requests(settings)
+    except registry.RegistryError as exc:
+        fail(str(exc))
+    if not pending:
+        console.print(f"no requests of {settings.model_name} wait for approval", highlight=False)
+    for asked in pending:
+        console.print(literal(asked.line()), highlight=False)
 
 
 @app.command()

@@ -4,7 +4,8 @@ its verdict durable in the registry.
 The production server decides at once (its breaker stops routing on a trip, `serving/canary_slot.py`);
 this watch reads that decision from `/health` and writes it down: on a trip it removes `@canary`
 with an audit record giving the reason; when the window passes cleanly it says so, and with
-`then_promote` moves `@production` to the candidate through the normal audited path.
+`then_promote` moves `@production` to the candidate through the normal audited path (or, where
+production moves need a second account, records the request and leaves the canary running).
 
 With several production replicas each breaker sees only its share of the canary's traffic. The
 watch also sums the canary's monitoring runs over every replica (`reported.replica_sums`) and
@@ -23,9 +24,10 @@ from typing import Any
 import httpx
 
 from captchaops import registry
+from captchaops.decisions import approval
 from captchaops.decisions.canaries import end_canary
-from captchaops.decisions.promotion import promote
 from captchaops.live.reported import ReplicaSum, replica_sums
+from captchaops.registry.requests import Request
 from captchaops.settings import Settings
 
 EXIT_CLEAN = 0
@@ -178,6 +180,15 @@ def _window_passed(
     if not then_promote:
         return Outcome(EXIT_CLEAN, f"{clean}; {stays}", last)
     reason = f"canary passed {minutes:g} min: {describe(last)}"
-    promoted = promote(settings, version=version, reason=reason, actor=actor)
+    promoted = approval.promote(
+        settings, version=version, from_alias=None, reason=reason, actor=actor, kind="canary"
+    )
+    if isinstance(promoted, Request):
+        return Outcome(
+            EXIT_CLEAN,
+            f"{clean}; {stays}; waiting for approval: request {promoted.short_id}; another "
+            f"account approves it with `captchaops approve {promoted.short_id}`",
+            last,
+        )
     end_canary(settings, reason=f"promoted to @production: {reason}", actor=actor, version=version)
     return Outcome(EXIT_CLEAN, f"{clean}; promoted: {promoted.line()}", last)

@@ -40,8 +40,10 @@ __all__ = [
     "GateConfig",
     "auto_promote",
     "decide",
+    "gate_reason",
     "judge",
     "judge_evidence",
+    "record_decision",
     "stage_candidate",
 ]
 log = logging.getLogger(__name__)
@@ -124,8 +126,10 @@ def decide(
     evalset: EvalSet | None = None,
     *,
     client: MlflowClient | None = None,
+    version: str | None = None,
 ) -> Decision:
-    """Score @staging and @production on the frozen set and judge them; changes no alias.
+    """Score @staging (or `version`) and @production on the frozen set and judge
+    them; changes no alias.
 
     A synthetic scheme's first frozen set is generated with its candidate's alphabet and
     lengths. A candidate of another scheme than the champion, or one that cannot read the
@@ -137,7 +141,9 @@ def decide(
     name = settings.model_name
     with registry.one_line_errors(settings):
         client = client or registry.client(settings)
-        candidate_version = registry.resolve(settings, alias=STAGING, mlflow_client=client)
+        candidate_version = registry.resolve(
+            settings, version=version, alias=STAGING, mlflow_client=client
+        )
         champion_version = registry.alias_version(client, name, PRODUCTION)
 
     def refused(reasons: list[str], audited: bool = True, digest: str = "") -> Decision:
@@ -250,18 +256,31 @@ def auto_promote(
     with registry.one_line_errors(settings):
         client = registry.client(settings)
     decision = decide(settings, config, evalset, client=client)
-    why = f"gate: {decision.reason()}" + (f" ({reason})" if reason else "")
+    why = gate_reason(decision, reason)
     if not decision.promote and not decision.audited:
         return decision, None
     with registry.one_line_errors(settings):
-        move = _record(client, settings, decision, why, actor)
+        move = record_decision(client, settings, decision, why, actor)
     return decision, move
 
 
-def _record(
-    client: MlflowClient, settings: Settings, decision: Decision, why: str, actor: str
+def gate_reason(decision: Decision, reason: str = "") -> str:
+    """What the audit record of a gate decision says: the verdict, then the person's reason."""
+    return f"gate: {decision.reason()}" + (f" ({reason})" if reason else "")
+
+
+def record_decision(
+    client: MlflowClient,
+    settings: Settings,
+    decision: Decision,
+    why: str,
+    actor: str,
+    *,
+    approver: str = "",
+    request_id: str = "",
 ) -> Move:
-    """Promote (signed with the settings' promotion key) and audit, or audit the rejection."""
+    """Promote (signed with the settings' promotion key) and audit, or audit the rejection;
+    `approver` and `request_id` when it answers an approved request."""
     name = settings.model_name
     record: dict[str, Any] = {
         "reason": why,
@@ -270,6 +289,8 @@ def _record(
         "candidate": decision.candidate,
         "champion": decision.champion,
         "thresholds": decision.thresholds,
+        "approver": approver,
+        "request_id": request_id,
     }
     if decision.promote:
         return to_production(

@@ -43,8 +43,11 @@ def to_production(
     thresholds: dict[str, float],
     validated: bool = False,
     key_dir: Path | None = None,
+    approver: str = "",
+    request_id: str = "",
 ) -> Move:
-    """Move @production to a version and stamp it; the one call behind every promotion."""
+    """Move @production to a version and stamp it; the one call behind every promotion
+    (`approver` and `request_id`: the second account and the request it approved)."""
     at = now()
     stamp = {"validation_status": "validated", "validated_at": at} if validated else {}
     stamp |= {"promoted_at": at, "promoted_by": actor, "promotion_reason": reason[:4000]}
@@ -62,7 +65,35 @@ def to_production(
         thresholds=thresholds,
         version_tags={version: stamp},
         key_dir=key_dir,
+        approver=approver,
+        request_id=request_id,
     )
+
+
+def check_promotion(
+    mlflow_client: MlflowClient, settings: Settings, target: str, *, force: bool
+) -> tuple[str | None, Score, Score | None]:
+    """(the version @production holds now, the target's score, that version's score) when a
+    person may move @production to `target`; a one-line RegistryError when not (already there,
+    rejected or failing without `force`, a frozen set other than the signed one)."""
+    name = settings.model_name
+    tags = require_version(mlflow_client, name, target)
+    current = alias_version(mlflow_client, name, PRODUCTION)
+    if current == target:
+        raise RegistryError(f"v{target} of {name} is already @production; nothing to do")
+    if tags.get("validation_status") == "rejected" and not force:
+        why = tags.get("rejection_reason", "no reason recorded")
+        raise RegistryError(
+            f"v{target} of {name} was rejected ({why[:200]}); pass --force to promote it anyway"
+        )
+    candidate, champion = scores(mlflow_client, settings, target, current)
+    require_signed_evalset(mlflow_client, settings)
+    if not candidate.ok and not force:
+        raise RegistryError(
+            f"v{target} of {name} fails on the frozen set ({candidate.error}); "
+            "fix the model or pass --force"
+        )
+    return current, candidate, champion
 
 
 def promote(
@@ -73,6 +104,8 @@ def promote(
     reason: str,
     actor: str | None = None,
     force: bool = False,
+    approver: str = "",
+    request_id: str = "",
 ) -> Move:
     """A person moves @production to a version (or to the @staging one), scored and audited."""
     actor = actor or settings.tracking_username or default_actor()
@@ -80,22 +113,7 @@ def promote(
     target = resolve(settings, version=version, alias=from_alias)
     with one_line_errors(settings):
         mlflow_client = client(settings)
-        tags = require_version(mlflow_client, name, target)
-        current = alias_version(mlflow_client, name, PRODUCTION)
-        if current == target:
-            raise RegistryError(f"v{target} of {name} is already @production; nothing to do")
-        if tags.get("validation_status") == "rejected" and not force:
-            why = tags.get("rejection_reason", "no reason recorded")
-            raise RegistryError(
-                f"v{target} of {name} was rejected ({why[:200]}); pass --force to promote it anyway"
-            )
-        candidate, champion = scores(mlflow_client, settings, target, current)
-        require_signed_evalset(mlflow_client, settings)
-        if not candidate.ok and not force:
-            raise RegistryError(
-                f"v{target} of {name} fails on the frozen set ({candidate.error}); "
-                "fix the model or pass --force"
-            )
+        current, candidate, champion = check_promotion(mlflow_client, settings, target, force=force)
         return to_production(
             mlflow_client,
             name,
@@ -108,6 +126,8 @@ def promote(
             champion=champion,
             thresholds={"forced": float(force)},
             key_dir=settings.effective_signing_key_dir,
+            approver=approver,
+            request_id=request_id,
         )
 
 
@@ -150,20 +170,35 @@ def _rollback_target(stack: list[str], current: str | None, to: str | None, name
     return to
 
 
+def rollback_target(
+    mlflow_client: MlflowClient, settings: Settings, to: str | None
+) -> tuple[str | None, str]:
+    """(the version @production holds now, the version a rollback moves it to); a one-line
+    RegistryError when there is none to go back to."""
+    name = settings.model_name
+    require_model(mlflow_client, settings)
+    if to is not None:
+        require_version(mlflow_client, name, to)
+    current = alias_version(mlflow_client, name, PRODUCTION)
+    stack = production_stack(moves(mlflow_client, name, PRODUCTION))
+    return current, _rollback_target(stack, current, to, name)
+
+
 def rollback(
-    settings: Settings, *, to: str | None = None, reason: str = "", actor: str | None = None
+    settings: Settings,
+    *,
+    to: str | None = None,
+    reason: str = "",
+    actor: str | None = None,
+    approver: str = "",
+    request_id: str = "",
 ) -> Move:
     """Move @production back to the previous audited production version (or to `to`)."""
     actor = actor or settings.tracking_username or default_actor()
     name = settings.model_name
     with one_line_errors(settings):
         mlflow_client = client(settings)
-        require_model(mlflow_client, settings)
-        if to is not None:
-            require_version(mlflow_client, name, to)
-        current = alias_version(mlflow_client, name, PRODUCTION)
-        stack = production_stack(moves(mlflow_client, name, PRODUCTION))
-        target = _rollback_target(stack, current, to, name)
+        current, target = rollback_target(mlflow_client, settings, to)
         candidate, champion = scores(mlflow_client, settings, target, current)
         require_signed_evalset(mlflow_client, settings)
         why = reason or f"rollback from v{current}"
@@ -190,6 +225,8 @@ def rollback(
                 },
             },
             key_dir=settings.effective_signing_key_dir,
+            approver=approver,
+            request_id=request_id,
         )
 
 

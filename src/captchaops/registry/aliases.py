@@ -221,6 +221,8 @@ def move_alias(
     version_tags: dict[str, dict[str, str]] | None = None,
     decision: str | None = None,
     key_dir: Path | None = None,
+    approver: str = "",
+    request_id: str = "",
 ) -> Move:
     """Move an alias under the lock with its audit record: both happen or neither does.
 
@@ -229,7 +231,9 @@ def move_alias(
     run FAILED. The model's `signed_move_<alias>` tag (the signed record, also on the audit
     run) is written just before the alias moves and put back if the move fails; stages,
     `version_tags` and the `last_move_<alias>` tag follow a completed move.
-    With `check_from`, the move fails if the alias no longer holds `expect_from`.
+    With `check_from`, the move fails if the alias no longer holds `expect_from`. `approver`
+    (the second account, signed into the record) and `request_id` answer a request
+    (`registry.requests`).
     """
     with promotion_lock(mlflow_client, name, actor):
         current = alias_version(mlflow_client, name, alias)
@@ -246,6 +250,7 @@ def move_alias(
             actor=actor,
             seq=seq,
             evalset_digest=next((r.digest for r in (candidate, champion) if r is not None), ""),
+            approver=approver,
             key_dir=key_dir,
         )
         move = open_record(
@@ -263,6 +268,8 @@ def move_alias(
             champion=champion,
             thresholds=thresholds,
             signed=envelope,
+            approver=approver,
+            request_id=request_id,
         )
         previous = _signed_tag(mlflow_client, name, alias)
         try:
@@ -442,8 +449,11 @@ def record_rejection(
     thresholds: dict[str, float] | None = None,
     digest: str = "",
     version_tags: dict[str, str] | None = None,
+    approver: str = "",
+    request_id: str = "",
 ) -> Move:
-    """Audit a refusal to give a version an alias and tag it `validation_status=rejected`."""
+    """Audit a refusal to give a version an alias and tag it `validation_status=rejected`
+    (`approver` and `request_id`: the gate refused it again when a request was approved)."""
     move = open_record(
         mlflow_client,
         name,
@@ -459,6 +469,8 @@ def record_rejection(
         champion=champion,
         thresholds=thresholds,
         digest=digest,
+        approver=approver,
+        request_id=request_id,
     )
     try:
         tags = {"validation_status": "rejected", "rejection_reason": reason[:4000]}

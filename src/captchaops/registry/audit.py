@@ -51,13 +51,19 @@ class Move:
     at: str
     run_id: str
     seq: int
+    approver: str = ""
+    """The second account that approved a production move ("" when none was asked)."""
 
     def line(self) -> str:
         """The move as one human line."""
         source = f"v{self.from_version}" if self.from_version else "nothing"
         target = f"v{self.to_version}" if self.to_version else "nothing"
+        approved = ""
+        if self.approver:
+            how = "on approval by" if self.decision == "rejected" else "approved by"
+            approved = f", {how} {self.approver}"
         return (
-            f"@{self.alias} {source} -> {target} ({self.decision}) by {self.actor} "
+            f"@{self.alias} {source} -> {target} ({self.decision}) by {self.actor}{approved} "
             f"at {self.at}: {self.reason}"
         )
 
@@ -80,6 +86,7 @@ def _move_of(run: Run) -> Move:
         at=params.get("at", ""),
         run_id=run.info.run_id,
         seq=int(params.get("seq", "0")),
+        approver=params.get("approver", ""),
     )
 
 
@@ -136,10 +143,15 @@ def open_record(
     thresholds: dict[str, float] | None = None,
     digest: str = "",
     signed: str = "",
+    approver: str = "",
+    request_id: str = "",
+    extra: dict[str, str] | None = None,
 ) -> Move:
     """Write the audit run of a decision, left RUNNING: it counts once `close_record` finishes it.
 
     `signed` is the move's signed record (`registry.signing`), kept on the run as `signed_move`.
+    `approver` and `request_id` name the second account and the request (`registry.requests`)
+    a production move or refusal answers (param and tag `request_id`); `extra` adds params.
     """
     at = now()
     source = f"v{from_version}" if from_version else "none"
@@ -155,7 +167,8 @@ def open_record(
             "mlflow.user": actor,
             "mlflow.note.content": reason,
         }
-        | ({"signed_move": signed} if signed else {}),
+        | ({"signed_move": signed} if signed else {})
+        | ({"request_id": request_id} if request_id else {}),
     )
     run_id = str(run.info.run_id)
     params = {
@@ -171,6 +184,9 @@ def open_record(
         "evalset_digest": next((r.digest for r in (candidate, champion) if r is not None), digest),
     }
     params.update({f"threshold_{k}": str(v) for k, v in (thresholds or {}).items()})
+    params.update({"approver": approver} if approver else {})
+    params.update({"request_id": request_id} if request_id else {})
+    params.update({k: v[:500] for k, v in (extra or {}).items()})
     metrics = {}
     for prefix, result in (("candidate", candidate), ("champion", champion)):
         if result is not None:
@@ -188,7 +204,9 @@ def open_record(
     except BaseException:
         abandon_record(mlflow_client, run_id)
         raise
-    return Move(alias, from_version, to_version, actor, reason, kind, decision, at, run_id, seq)
+    return Move(
+        alias, from_version, to_version, actor, reason, kind, decision, at, run_id, seq, approver
+    )
 
 
 def close_record(mlflow_client: MlflowClient, run_id: str) -> None:
