@@ -20,6 +20,7 @@ artifact stores the tracking server does not proxy.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -99,6 +100,42 @@ class Loaded:
 def cache_dir_for(home: Path, name: str, alias: str) -> Path:
     """`<home>/serving-cache/<model>/<alias>`: where a server keeps its last-known-good copy."""
     return home / "serving-cache" / _path_part(name) / _path_part(alias)
+
+
+SLOTS = "replicas"
+"""The folder under an alias's cache holding the copies of its other servers in the same home."""
+MAX_SLOTS = 64
+_CLAIMS: list[int] = []  # descriptors whose locks this process holds until it exits
+
+
+def claim_cache_dir(cache: Path) -> Path:
+    """The cache folder this process alone uses: `cache` when no other live server of the home
+    holds it, else the first free `cache/replicas/<n>`.
+
+    A server deletes from its cache folder every download it did not keep, so two servers of one
+    alias sharing a folder deleted each other's downloads (and one cached a verdict on a half-
+    deleted copy). The claim is an exclusive `flock` held for the process's life: the kernel drops
+    it when the process dies, so a restarted server takes a folder back (and, its alias being the
+    same, any slot's last-known-good copy is one it may serve). A home where the lock file cannot
+    be made gets `cache` unchanged: the loader already serves without a copy there."""
+    for folder in [cache, *(cache / SLOTS / str(n) for n in range(1, MAX_SLOTS + 1))]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(folder / ".owner", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.warning("cannot claim a cache folder in %s: %s", folder, exc)
+            return cache
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        _CLAIMS.append(fd)
+        return folder
+    log.warning(
+        "more than %d servers of one alias share %s: no last-known-good copy", MAX_SLOTS, cache
+    )
+    return Path(tempfile.mkdtemp(prefix="captchaops-cache-"))
 
 
 @dataclass(frozen=True)
@@ -371,9 +408,10 @@ class VersionLoader:
         self._sweep(keep=folder.name)
 
     def _sweep(self, keep: str | None) -> None:
+        """Delete this loader's downloads but `keep` (other servers' slots stay)."""
         with contextlib.suppress(OSError):
             for entry in self.cache_dir.iterdir():
-                if entry.is_dir() and entry.name != keep:
+                if entry.is_dir() and entry.name not in (keep, SLOTS):
                     shutil.rmtree(entry, ignore_errors=True)
 
 

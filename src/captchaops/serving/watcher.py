@@ -32,6 +32,7 @@ from captchaops.serving.loader import (
     Timeouts,
     VersionLoader,
     cache_dir_for,
+    claim_cache_dir,
 )
 from captchaops.serving.metrics import SWAP_CAUSES, ServingMetrics
 from captchaops.serving.poller import TIMER, AliasPoller, SwapMode, one_line
@@ -118,7 +119,7 @@ class AliasWatcher:
     ) -> Self:
         """A watcher for `models:/<settings.model_name>@<alias>`, its copy under the home."""
         rest = TrackingRest.for_settings(settings, POLL_TIMEOUT_S)
-        cache = cache_dir_for(settings.home_dir, settings.model_name, alias)
+        cache = claim_cache_dir(cache_dir_for(settings.home_dir, settings.model_name, alias))
         trial = TrialLimits.for_settings(settings)
         verdicts = Verdicts(verdicts_dir(settings.home_dir))
         samples = FrozenSamples(rest, samples_dir(settings.home_dir), trial.max_batch)
