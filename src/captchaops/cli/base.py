@@ -104,7 +104,7 @@ def quiet_libraries(log: Path) -> Iterator[None]:
             err.file = None  # type: ignore[assignment]  # follows sys.stderr again, as at start
 
 
-REGISTRY_COMMANDS = {"models", "promote", "rollback", "evalset", "register"}
+REGISTRY_COMMANDS = {"models", "promote", "rollback", "approve", "requests", "evalset", "register"}
 
 
 @app.callback()
