@@ -75,7 +75,8 @@ def config(name: str, bind: str, port: int, upstreams: list[str], check_host: st
     """The haproxy.cfg of one alias's balancer `name`: listen on bind:port (every interface for
     0.0.0.0), balance over `upstreams` (host:port), whose health checks name `check_host` (the
     balancer's own address: requests keep the Host their client sent, which replicas allow)."""
-    listen = "" if bind in ("", "0.0.0.0", "::") else bind
+    # every IPv4 interface for 0.0.0.0; both families for :: (HAProxy's ":port" is IPv4 only)
+    listen = "" if bind in ("", "0.0.0.0") else bind
     errors = [
         f"    http-error status {status} content-type application/json "
         f'string \'{{"error": "{code}", "detail": "{detail}"}}\''
@@ -106,7 +107,7 @@ def config(name: str, bind: str, port: int, upstreams: list[str], check_host: st
         *errors,
         "",
         f"frontend {name}",
-        f"    bind {listen}:{port}",
+        f"    bind {listen}:{port}" + (" v4v6" if bind == "::" else ""),
         '    http-request return status 200 content-type text/plain string "pong" '
         "if { path /ping }",
         "    http-request del-header X-Forwarded-For",

@@ -70,6 +70,15 @@ def replicas_running(info: dict[str, dict[str, object]]) -> int:
     return max(counts) or 1
 
 
+def replicas_conflict(info: dict[str, dict[str, object]], replicas: int) -> int | None:
+    """The replica count the running supervisor serves its aliases with, where it differs from
+    `replicas`; None where it agrees or serves no alias yet (`up --core` first, then
+    `up --replicas N`, starts the servers with N)."""
+    serving = any(_base_name(name) in webhooks.SERVED_ALIASES for name in info)
+    running = replicas_running(info)
+    return running if serving and running != replicas else None
+
+
 def in_rotation(rows: list[ServiceStatus]) -> dict[str, tuple[int, int]]:
     """For `status`, per alias served by replicas: how many of them are in the balancer's
     rotation (their /health answers 200: a version is loaded), and how many there are."""
@@ -126,9 +135,10 @@ def _up(
     say(store.describe(settings))
     running_before = supervisor.is_running(settings)
     info = supervisor.process_info(settings) if running_before else {}
-    if running_before and replicas_running(info) != replicas:
+    running = replicas_conflict(info, replicas) if running_before else None
+    if running is not None:
         raise StackError(
-            f"the stack runs with {replicas_running(info)} replica(s) per alias, not {replicas}; "
+            f"the stack runs with {running} replica(s) per alias, not {replicas}; "
             "stop it first (captchaops down) to change --replicas"
         )
     wanted = [svc for svc in services if _base_name(svc.name) in names]
