@@ -15,10 +15,8 @@ basic-auth server checks a password hash.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,11 +38,10 @@ from captchaops.registry.requests import pending_requests
 from captchaops.registry.signing import SIGNED_MOVE, SignedMove, new_nonce, seal
 from captchaops.registry.versions import register_version
 from captchaops.settings import Settings, load_settings
-from captchaops.stack.services import write_auth_config
 from captchaops.team_accounts import add_user
 from tests.fixtures.models import TrainedModel, copies, make_settings
 from tests.fixtures.serving import ModelServer, start_model_server
-from tests.fixtures.stack import Tracking, free_port, start_http_process, stop_process
+from tests.fixtures.stack import Tracking, basic_auth_tracking, free_port, stop_process
 
 pytestmark = pytest.mark.slow
 NAME = "text-captcha"
@@ -139,55 +136,41 @@ def team(
     """A basic-auth tracking server with editors ed and alice and reader rita, two copies of
     the tiny model, a 20-image frozen set, @production at the first (signed), and its server."""
     home = tmp_path_factory.mktemp("approvals")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    admin = load_settings(home=home, tracking_uri=uri, auth=True, admin_password=PASSWORDS["admin"])
-    env = {
-        **os.environ,
-        "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(admin)),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORDS["admin"],
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-session-key-0123456789",
-    }
-    cmd = [
-        sys.executable, "-m", "captchaops.stack.tracking", "--app-name", "basic-auth",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-        "--artifacts-destination", str(home / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    proc = start_http_process(cmd, f"{uri}/health", env=env, log=home / "mlflow.log")
     server = None
-    try:
-        add_user(admin, "ed", "editor", PASSWORDS["ed"])
-        add_user(admin, "alice", "editor", PASSWORDS["alice"])
-        reader = add_user(admin, "rita", "reader")
-        assert reader.password
-        passwords = PASSWORDS | {"rita": reader.password}
-        _cheap_password_checks(home / "basic_auth.db", passwords)
-        ed_settings = load_settings(
-            home=home / "cli", tracking_uri=uri, tracking_username="ed",
-            tracking_password=passwords["ed"],
-        )  # fmt: skip
-        ed = registry.client(ed_settings)
-        versions = _copy_tiny_model(tracking_server.uri, tiny_model, ed, home / "model", 2)
-        create_evalset(ed, ed_settings, size=20)
-        assign_alias(ed, NAME, PRODUCTION, versions[0], reason="first", actor="ed")
-        server = start_model_server(
-            uri,
-            PRODUCTION,
-            home / "serve",
-            poll_seconds=POLL_S,
-            settings={
-                "tracking_username": "admin",
-                "tracking_password": PASSWORDS["admin"],
-                "canary": "false",  # one poller, not two, on the one-worker tracking server
-            },
-        )
-        server.wait_version(versions[0])
-        yield Team(uri, home, passwords, versions, server)
-    finally:
-        if server is not None:
-            stop_process(server.proc)
-        stop_process(proc)
+    with basic_auth_tracking(home, PASSWORDS["admin"]) as admin:
+        uri = admin.tracking_uri
+        assert uri is not None
+        try:
+            add_user(admin, "ed", "editor", PASSWORDS["ed"])
+            add_user(admin, "alice", "editor", PASSWORDS["alice"])
+            reader = add_user(admin, "rita", "reader")
+            assert reader.password
+            passwords = PASSWORDS | {"rita": reader.password}
+            _cheap_password_checks(home / "basic_auth.db", passwords)
+            ed_settings = load_settings(
+                home=home / "cli", tracking_uri=uri, tracking_username="ed",
+                tracking_password=passwords["ed"],
+            )  # fmt: skip
+            ed = registry.client(ed_settings)
+            versions = _copy_tiny_model(tracking_server.uri, tiny_model, ed, home / "model", 2)
+            create_evalset(ed, ed_settings, size=20)
+            assign_alias(ed, NAME, PRODUCTION, versions[0], reason="first", actor="ed")
+            server = start_model_server(
+                uri,
+                PRODUCTION,
+                home / "serve",
+                poll_seconds=POLL_S,
+                settings={
+                    "tracking_username": "admin",
+                    "tracking_password": PASSWORDS["admin"],
+                    "canary": "false",  # one poller, not two, on the one-worker tracking server
+                },
+            )
+            server.wait_version(versions[0])
+            yield Team(uri, home, passwords, versions, server)
+        finally:
+            if server is not None:
+                stop_process(server.proc)
 
 
 def _request_id(result: Result, name: str = NAME) -> str:

@@ -4,7 +4,6 @@ and a reader can neither take, hold nor block the promotion lock."""
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 
 import httpx
@@ -15,9 +14,8 @@ from pydantic import SecretStr
 from captchaops import registry
 from captchaops.live import monitoring
 from captchaops.settings import Settings, load_settings
-from captchaops.stack.services import write_auth_config
 from captchaops.team_accounts import UsersError, add_user, ensure_service_account
-from tests.fixtures.stack import free_port, start_http_process, stop_process
+from tests.fixtures.stack import basic_auth_tracking
 
 pytestmark = pytest.mark.slow
 ADMIN_PASSWORD = "admin-password-for-tests"
@@ -30,23 +28,8 @@ MODEL = "text-captcha"
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Settings]]:
     """A basic-auth tracking server with an editor and a reader; settings for admin, ed, rita."""
     home = tmp_path_factory.mktemp("team-registry")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    admin = load_settings(home=home, tracking_uri=uri, auth=True, admin_password=ADMIN_PASSWORD)
-    env = {
-        **os.environ,
-        "MLFLOW_AUTH_CONFIG_PATH": str(write_auth_config(admin)),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-session-key-0123456789",
-    }
-    cmd = [
-        sys.executable, "-m", "captchaops.stack.tracking", "--app-name", "basic-auth",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-        "--artifacts-destination", str(home / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    proc = start_http_process(cmd, f"{uri}/health", env=env, log=home / "mlflow.log")
-    try:
+    with basic_auth_tracking(home, ADMIN_PASSWORD) as admin:
+        uri = admin.tracking_uri
         add_user(admin, "ed", "editor", EDITOR_PASSWORD)
         reader = add_user(admin, "rita", "reader")
         assert reader.password
@@ -61,8 +44,6 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Setting
             "ed": account("ed", EDITOR_PASSWORD),
             "rita": account("rita", reader.password),
         }
-    finally:
-        stop_process(proc)
 
 
 def test_credentials_come_from_the_settings_alone(
