@@ -1,6 +1,6 @@
 """Run every benchmark module (or those named) and print each one's report.
 
-Usage: python -m benchmarks [NAME ...] [--record] [--load TEXT] [--OPTION ...]
+Usage: python -m benchmarks [NAME ...] [--record] [--load TEXT] [--half-speed] [--OPTION ...]
        python -m benchmarks report [--check]   docs/results.md from the records in bench-results/
 
 e.g. `python -m benchmarks stack serving`. Options (arguments starting with `-`, and the values
@@ -8,7 +8,11 @@ after them) go to each named module's `main(argv)`, e.g. `python -m benchmarks t
 --quick`, except these two, which say what to do with the results (benchmarks/record.py):
 `--record` writes a dated record to keep (bench-results/<name>-<date>.json) instead of
 scratch output (bench-results/<name>.json); `--load TEXT` says what else ran ("idle",
-"beside a CPU-bound process").
+"beside a CPU-bound process"); `--half-speed` runs the whole benchmark, and every process it
+starts (servers, replicas, balancers, load generators), inside a cgroup cpu quota of one
+core's worth spread over all the cores: a slower machine made by the kernel
+(`harness/cpu_quota.py`). Its records are named <name>-half-<date>.json and their machine says
+"at half speed". (`training --speed half` is the training benchmark's own per-run option.)
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ def main(argv: list[str]) -> int:
         from benchmarks import report
 
         return report.main(argv[1:])
-    argv = _take_record_options(argv)
+    rest = _take_record_options(argv)
+    if record.HALF_SPEED and not os.environ.get(record.SPEED_ENV):
+        return _at_half_speed(argv)
+    argv = rest
     here = Path(__file__).parent
     names = sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
     first = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
@@ -56,12 +63,39 @@ def main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _at_half_speed(argv: list[str]) -> int:
+    """Run `python -m benchmarks ARGV` again inside a quota of one core's worth; its exit status.
+    Everything the run starts is its descendant, so the quota covers it all."""
+    from harness.cpu_quota import cpu_quota, unavailable
+
+    reason = unavailable()
+    if reason is not None:
+        print(f"--half-speed: cannot apply a CPU quota here: {reason}")
+        return 2
+    with cpu_quota(HALF_SPEED_CORES, name="bench-half") as quota:
+        env = os.environ | {record.SPEED_ENV: f"at half speed ({quota.describe()})"}
+        began, used = time.monotonic(), quota.usage_s()
+        done = quota.run([sys.executable, "-m", "benchmarks", *argv], env=env, check=False)
+        cores = (quota.usage_s() - used) / max(time.monotonic() - began, 1e-9)
+        print(
+            f"(half speed: {quota.describe()}; {cores:.2f} cores used on average, "
+            f"{quota.throttled()} periods throttled)"
+        )
+    return done.returncode
+
+
+HALF_SPEED_CORES = 1.0
+
+
 def _take_record_options(argv: list[str]) -> list[str]:
-    """Apply and remove `--record` and `--load TEXT`, which are for the record writer."""
+    """Apply and remove `--record`, `--load TEXT` and `--half-speed`, which are for the record
+    writer."""
     rest = []
     words = iter(argv)
     for word in words:
-        if word == "--record":
+        if word == "--half-speed":
+            record.HALF_SPEED = True
+        elif word == "--record":
             record.KEEP = True
         elif word == "--load":
             record.LOAD = next(words, None)

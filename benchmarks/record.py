@@ -29,6 +29,9 @@ RESULTS = ROOT / "bench-results"
 META_FIELDS = ("date", "machine", "load", "commit", "command")
 
 KEEP = False  # set by `python -m benchmarks --record`
+HALF_SPEED = False  # set by `python -m benchmarks --half-speed`
+SPEED_ENV = "CAPTCHAOPS_BENCH_SPEED"
+"""Set (to "at half speed (<the quota>)") in the run `--half-speed` starts inside the quota."""
 LOAD: str | None = None  # set by `python -m benchmarks --load TEXT`
 _START_LOAD = os.getloadavg()[0]
 
@@ -70,15 +73,21 @@ def machine() -> str:
     return f"{text}, {len(names)}x {names[0]}" if names else text
 
 
+def speed() -> str | None:
+    """ "at half speed (<the quota>)" inside a `--half-speed` run, else None (full speed)."""
+    return os.environ.get(SPEED_ENV) or None
+
+
 def provenance() -> dict[str, str]:
-    """The record's `meta`: when, where, under what load, at which commit, by which command."""
+    """The record's `meta`: when, where, under what load, at which commit, by which command; the
+    machine says "at half speed (...)" for a run inside the half-speed quota."""
     load = LOAD or f"load average {_START_LOAD:.1f} on {os.cpu_count()} cores at the start"
     script = Path(sys.argv[0])
     module = "benchmarks" if script.stem == "__main__" else f"benchmarks.{script.stem}"
     command = shlex.join(["python", "-m", module, *sys.argv[1:]])
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": machine(),
+        "machine": " ".join(filter(None, (machine(), speed()))),
         "load": load,
         "commit": commit(),
         "command": command,
@@ -88,6 +97,8 @@ def provenance() -> dict[str, str]:
 def save(name: str, result: Any, figures: dict[str, str] | None = None) -> Path:
     """Write `result` with its provenance and figures; return the path written."""
     meta = provenance()
+    if speed():
+        name = f"{name}-half"
     if KEEP:
         stamp = time.strftime("%Y-%m-%d-%H%M", time.gmtime())
         path = RESULTS / f"{name}-{stamp}.json"
@@ -96,5 +107,6 @@ def save(name: str, result: Any, figures: dict[str, str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"meta": meta, "figures": figures or {}, "result": result}
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"(written to {path.relative_to(ROOT)})")
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    print(f"(written to {shown})")
     return path

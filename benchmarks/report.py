@@ -30,7 +30,10 @@ their measured figures from here and link to the row (`tests/unit/test_docs.py` 
 row says when and where it was measured:
 
 - **machine**: the one it ran on. "2-core development VM" is this project's shared 2-core
-  machine, the one a newcomer's laptop is closest to.
+  machine, the one a newcomer's laptop is closest to. "at half speed (cgroup ... quota of 1
+  core(s) over 2 ...)" is the same machine made half as fast by the kernel: the run and every
+  process it started shared one core's worth of CPU time (`python -m benchmarks NAME
+  --half-speed`; the training benchmark's own `--speed half` does the same per run).
 - **load**: what else ran. "idle" means nothing but the benchmark; "busy" and "beside ..."
   rows read lower and slower by design or by circumstance.
 - **commit**: the code measured (`+changes`: with uncommitted changes under src/ or

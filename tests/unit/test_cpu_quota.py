@@ -3,6 +3,7 @@ quota cannot be applied it says why in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,20 @@ def test_without_root_it_says_why_in_one_line() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith("CPU quotas need root")
+
+
+def test_a_record_written_inside_the_half_speed_run_says_so(tmp_path: Path) -> None:
+    """`python -m benchmarks --half-speed` marks its run through the environment: the record's
+    name and machine say half speed, so a half-speed figure never passes for a full-speed one."""
+    write = (
+        "import sys; from pathlib import Path; from benchmarks import record; "
+        "record.RESULTS = Path(sys.argv[1]); record.save('probe', {'x': 1}, {'f': '1'})"
+    )
+    env = os.environ | {"CAPTCHAOPS_BENCH_SPEED": "at half speed (cgroup v2 cpu quota of 1 core)"}
+    subprocess.run([sys.executable, "-c", write, str(tmp_path)], cwd=ROOT, env=env, check=True)
+    env.pop("CAPTCHAOPS_BENCH_SPEED")
+    subprocess.run([sys.executable, "-c", write, str(tmp_path)], cwd=ROOT, env=env, check=True)
+    half = json.loads((tmp_path / "probe-half.json").read_text())
+    full = json.loads((tmp_path / "probe.json").read_text())
+    assert half["meta"]["machine"].endswith("at half speed (cgroup v2 cpu quota of 1 core)")
+    assert "half" not in full["meta"]["machine"]
