@@ -1,7 +1,8 @@
 """Replicas behind the balancer `up --replicas N` starts, and what the drills do to them: a
 closed-loop load from a process of its own, a replica killed under it, its return to rotation.
 
-Used by tests/integration/test_up_replicas.py and benchmarks/bench_replicas.py.
+Used by tests/integration/test_up_replicas.py, tests/integration/test_replicas.py and the
+benchmarks; the multi-host layout itself is harness/replica_hosts.py.
 
 `python -m harness.replicas URL CLIENTS SECONDS BODY_FILE [SOURCE]` runs CLIENTS keep-alive
 clients, each POSTing BODY_FILE to URL/invocations as soon as its last answer came, for SECONDS
@@ -187,9 +188,7 @@ class Balanced:
 
     def answered(self, index: int) -> float:
         """/invocations answered 200 by replica `index` since its process started."""
-        text = httpx.get(f"{self.replica_url(index)}/metrics", timeout=5).text
-        line = 'captchaops_requests_total{status="200"} '
-        return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line))
+        return answered(self.replica_url(index))
 
     def wait_serving(self, index: int, version: str | None = None, timeout: float = 90) -> None:
         """Until replica `index` reports `version` (any, if None) loaded: /health answers 200."""
@@ -208,20 +207,43 @@ class Balanced:
     def wait_rotation(self, index: int, old_pid: int, body: bytes, timeout: float = 90) -> float:
         """Seconds until replica `index`, restarted by the supervisor (a pid other than
         `old_pid`), answers a request sent to the balancer."""
-        started = time.monotonic()
-        with httpx.Client(timeout=30) as http:
-            while time.monotonic() - started < timeout:
-                pid = self.pid(index)
-                if pid and pid != old_pid:
-                    try:
-                        if self.answered(index) > 0:
-                            return time.monotonic() - started
-                    except httpx.HTTPError:
-                        pass  # started, not yet listening
-                    answer = http.post(f"{self.url}/invocations", content=body, headers=JSON)
-                    assert answer.status_code == 200, answer.text
-                time.sleep(0.05)
-        raise TimeoutError(f"{self.name(index)} not back in rotation after {timeout:.0f}s")
+
+        def restarted() -> bool:
+            pid = self.pid(index)
+            return bool(pid) and pid != old_pid
+
+        return wait_rotation(self.url, self.replica_url(index), body, restarted, timeout)
+
+
+def answered(url: str) -> float:
+    """/invocations answered 200 by the server at `url` since its process started."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    line = 'captchaops_requests_total{status="200"} '
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line))
+
+
+def wait_rotation(
+    balancer_url: str,
+    replica_url: str,
+    body: bytes,
+    restarted: Callable[[], bool],
+    timeout: float = 90,
+) -> float:
+    """Seconds until the replica at `replica_url`, once `restarted()` says it was started again,
+    has answered a request the balancer at `balancer_url` sent it (this sends them)."""
+    started = time.monotonic()
+    with httpx.Client(timeout=30) as http:
+        while time.monotonic() - started < timeout:
+            if restarted():
+                try:
+                    if answered(replica_url) > 0:
+                        return time.monotonic() - started
+                except httpx.HTTPError:
+                    pass  # started, not yet listening
+                answer = http.post(f"{balancer_url}/invocations", content=body, headers=JSON)
+                assert answer.status_code == 200, answer.text
+            time.sleep(0.05)
+    raise TimeoutError(f"{replica_url} not back in rotation after {timeout:.0f}s")
 
 
 JSON = {"Content-Type": "application/json"}
@@ -287,11 +309,30 @@ def kill_drill(
     """`clients` clients on the balancer for `seconds`; replica `index` SIGKILLed `kill_at`
     seconds in. What the clients saw, and seconds from the kill until the restarted replica
     answered through the balancer again."""
-    load = start_load(balanced.url, clients, seconds, body)
+
+    def kill() -> float:
+        old = balanced.kill(index)
+        return balanced.wait_rotation(index, old, body.read_bytes(), timeout=90)
+
+    return drill(balanced.url, body, clients, seconds, kill_at, kill)
+
+
+def drill(
+    url: str,
+    body: Path,
+    clients: int,
+    seconds: float,
+    kill_at: float,
+    kill: Callable[[], float],
+    where: Callable[[list[str]], list[str]] = list,
+) -> tuple[LoadResult, float]:
+    """`clients` clients (started by `where`) on the balancer at `url` for `seconds`; `kill_at`
+    seconds in, `kill()` kills a replica and returns the seconds until it is back in rotation.
+    What the clients saw, and those seconds."""
+    load = start_load(url, clients, seconds, body, where=where)
     try:
         time.sleep(kill_at)
-        old = balanced.kill(index)
-        back = balanced.wait_rotation(index, old, body.read_bytes(), timeout=90)
+        back = kill()
     finally:
         result = load_result(load, timeout=seconds + 120)
     return result, back

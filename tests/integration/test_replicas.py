@@ -3,11 +3,12 @@ bound with `--host` to its own address, logging its own monitoring run, relaying
 others; the gate's evidence, `models` and `status` sum them; the balancer `up --replicas` runs
 (HAProxy, `stack/balancer.py`) in front of them loses no request when one is killed.
 
-Where the multi-host test bed can be made (root: `harness/hosts.py`), the replicas run on three
-network-namespace hosts, each on port 8888 of its own address, reaching the tracking server
-through a forwarder on the bridge; the balancer runs on a fourth host, its clients on a fifth,
-and this process is a client on the bridge's address. Elsewhere they all run on loopback
-(127.0.0.1 twice and 127.0.0.2, distinct ports).
+The layout is `harness/replica_hosts.py`'s, as the benchmarks use it: where the multi-host test
+bed can be made (root: `harness/hosts.py`), the replicas run on three network-namespace hosts,
+each on port 8888 of its own address, reaching the tracking server through a forwarder on the
+bridge; the balancer runs on a fourth host, its clients on a fifth, and this process is a client
+on the bridge's address. Elsewhere they all run on loopback (127.0.0.1 twice and 127.0.0.2,
+distinct ports).
 """
 
 from __future__ import annotations
@@ -17,13 +18,9 @@ import ipaddress
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +35,9 @@ from captchaops.live import monitoring, reported
 from captchaops.live.estimate import Calibration
 from captchaops.serving.webhook import sign
 from captchaops.settings import Settings
-from captchaops.stack import balancer
-from harness import hosts
-from harness.processes import VENV_BIN, free_port, start_http_process, stop_process, wait_http
-from harness.replicas import load_result, start_load
+from harness import hosts, replica_hosts
+from harness.replica_hosts import Replica
+from harness.replicas import answered, drill
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.signing import signed_alias
 from tests.fixtures.stack import Tracking
@@ -51,73 +47,27 @@ pytestmark = pytest.mark.slow
 ALIAS = "staging"
 SECRET = "replicas-webhook-secret"
 REQUESTS = 20
+DROPPED = ("MLFLOW_TRACKING_URI", "CAPTCHAOPS_REPLICA_ID")
 IMAGE = base64.b64encode(generate(1, seed=43)[0].image).decode()
-
-
-@dataclass
-class Replica:
-    """One `captchaops serve` process of the module's model and alias."""
-
-    url: str
-    host: str
-    port: int
-    proc: subprocess.Popen
 
 
 @dataclass
 class Replicas:
     tracking: Tracking
-    on_hosts: bool
+    bed: replica_hosts.Bed
     model: str
     version: str
-    replicas: list[Replica]
-    lb_host: hosts.Host | None
-    """Where the balancer runs (None: here), and its clients (`client_host`)."""
-    client_host: hosts.Host | None
-    balancer_address: str
-    start: Callable[[int], Replica]
-    """Start replica n again where it ran (stopped with the module)."""
+
+    @property
+    def on_hosts(self) -> bool:
+        return self.bed.on_hosts
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.bed.replicas
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking.uri, registry_uri=self.tracking.uri)
-
-
-def start_replica(
-    tracking_uri: str,
-    model: str,
-    home: Path,
-    where: hosts.Host | None,
-    address: str,
-    port: int,
-    peers: list[str],
-    proxy: str,
-) -> Replica:
-    """`captchaops serve --host ADDRESS --port PORT` (on host `where`, if any) for the model's
-    @staging, monitoring every 1 s and relaying webhooks to `peers`; ready once /ping answers
-    through a Host naming ADDRESS."""
-    home.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "CAPTCHAOPS_HOME": str(home),
-        "CAPTCHAOPS_TRACKING_URI": tracking_uri,
-        "CAPTCHAOPS_MODEL_NAME": model,
-        "CAPTCHAOPS_POLL_SECONDS": "0.5",
-        "CAPTCHAOPS_MONITOR_SECONDS": "1",
-        "CAPTCHAOPS_WEBHOOK_SECRET": SECRET,
-        "CAPTCHAOPS_WEBHOOK_PEERS": ",".join(peers),
-        # the balancer: its forwarded client is believed, and the Host its clients send answered
-        "CAPTCHAOPS_TRUSTED_PROXIES": proxy,
-        "CAPTCHAOPS_ALLOWED_HOSTS": proxy,
-    }
-    for name in ("MLFLOW_TRACKING_URI", "CAPTCHAOPS_REPLICA_ID"):
-        env.pop(name, None)
-    url = f"http://{address}:{port}"
-    cmd = [str(VENV_BIN / "captchaops"), "serve", "--alias", ALIAS]
-    cmd += ["--host", address, "--port", str(port)]
-    if where is not None:
-        cmd = where.command(cmd)
-    proc = start_http_process(cmd, f"{url}/ping", env=env, log=home / f"serve-{port}.log")
-    return Replica(url, address, port, proc)
 
 
 def wait_serving(replica: Replica, version: str) -> None:
@@ -135,6 +85,9 @@ def wait_serving(replica: Replica, version: str) -> None:
 def three(
     tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Replicas]:
+    """Three replicas of the module's model at @staging (`harness.replica_hosts`: on three
+    hosts, the balancer's host their trusted proxy), monitoring every 1 s and relaying webhooks
+    to each other."""
     client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
     model = f"replicas-{uuid.uuid4().hex[:8]}"
     source = client.get_model_version(tiny_model.model_name, tiny_model.version)
@@ -142,59 +95,26 @@ def three(
     for key, tag in Calibration(threshold=1.0, accuracy=0.95, size=2000).tags().items():
         client.set_model_version_tag(model, version, key, tag)
     signed_alias(tracking_server.uri, model, ALIAS, version)
+    on_hosts = hosts.unavailable() is None
+    if not on_hosts:
+        assert not hosts.required(), f"no multi-host test bed: {hosts.unavailable()}"
     home = tmp_path_factory.mktemp("replicas")
-    with ExitStack() as later:  # undone in reverse: replicas, forwarder, hosts
-        on_hosts = hosts.unavailable() is None
-        lb: hosts.Host | None = None
-        client: hosts.Host | None = None
-        if on_hosts:
-            net = later.enter_context(hosts.host_net(["r1", "r2", "r3", "lb", "client"]))
-            places = [(net[name], net[name].address, 8888) for name in ("r1", "r2", "r3")]
-            tracking_uri = bridge_forwarder(later, net.gateway, tracking_server.uri)
-            lb, client = net["lb"], net["client"]
-            proxy = lb.address
-        else:
-            assert not hosts.required(), f"no multi-host test bed: {hosts.unavailable()}"
-            addresses = ("127.0.0.1", "127.0.0.1", "127.0.0.2")
-            places = [(None, address, free_port()) for address in addresses]
-            tracking_uri = tracking_server.uri
-            proxy = "127.0.0.1"
-        urls = [f"http://{address}:{port}" for _, address, port in places]
+    base = {k: v for k, v in os.environ.items() if k not in DROPPED}
+    with replica_hosts.bed(tracking_server.uri, 3, home, loopback=not on_hosts) as bed:
 
-        def start(n: int) -> Replica:
-            where, address, port = places[n]
-            peers = [url for url in urls if url != urls[n]]
-            replica = start_replica(
-                tracking_uri, model, home / str(n), where, address, port, peers, proxy
-            )
-            later.callback(stop_process, replica.proc)
-            return replica
+        def env(n: int) -> dict[str, str]:
+            return {
+                "CAPTCHAOPS_MODEL_NAME": model,
+                "CAPTCHAOPS_POLL_SECONDS": "0.5",
+                "CAPTCHAOPS_MONITOR_SECONDS": "1",
+                "CAPTCHAOPS_WEBHOOK_SECRET": SECRET,
+                "CAPTCHAOPS_WEBHOOK_PEERS": ",".join(bed.peers(n)),
+            }
 
-        with ThreadPoolExecutor(len(places)) as pool:  # started side by side
-            started = [pool.submit(start, n) for n in range(len(places))]
-        replicas = [future.result() for future in started if future.exception() is None]
-        assert len(replicas) == len(places), [f.exception() for f in started]
-        for replica in replicas:
+        bed.serve(ALIAS, base, env)
+        for replica in bed.replicas:
             wait_serving(replica, version)
-        yield Replicas(
-            tracking_server, on_hosts, model, version, replicas, lb, client, proxy, start
-        )
-
-
-def bridge_forwarder(later: ExitStack, gateway: str, tracking_uri: str) -> str:
-    """A TCP forwarder on the bridge's address to the tracking server on this machine's
-    loopback (the hosts reach nothing else); its URI."""
-    port = free_port()
-    target = tracking_uri.removeprefix("http://").rstrip("/")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", hosts.FORWARD, gateway, str(port), target],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    later.callback(stop_process, proc)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "listening"
-    return f"http://{gateway}:{port}"
+        yield Replicas(tracking_server, bed, model, version)
 
 
 def test_serve_host_answers_its_own_address_and_refuses_foreign_names(three: Replicas) -> None:
@@ -303,43 +223,13 @@ def test_a_replica_killed_behind_the_balancer_costs_no_client_request(
     if shutil.which("haproxy") is None:  # CI installs it (.ci/run) and must not skip
         assert not hosts.required(), "no haproxy on PATH: apt-get install haproxy"
         pytest.skip("no haproxy on PATH (apt-get install haproxy)")
-    port = 8888 if three.on_hosts else free_port()
-    url = f"http://{three.balancer_address}:{port}"
-    upstreams = [f"{r.host}:{r.port}" for r in three.replicas]
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(
-        balancer.config(ALIAS, three.balancer_address, port, upstreams, three.balancer_address)
-    )
-    command = ["haproxy", "-db", "-f", str(config)]
-    where = three.lb_host.command if three.lb_host else list
-    proxy = subprocess.Popen(where(command), stderr=subprocess.DEVNULL)
+    bed = three.bed
+    url = bed.balancer(ALIAS)
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"inputs": [IMAGE]}))
-    try:
-        wait_http(f"{url}/ping", timeout=30, proc=proxy)
-        time.sleep(balancer.HEALTH_INTERVAL_S + 0.5)  # a first check of every replica
-        clients = three.client_host.command if three.client_host else list
-        load = start_load(url, 6, 12, body, where=clients)
-        time.sleep(4)
-        killed = three.replicas[2]
-        killed.proc.kill()
-        result = load_result(load)
-        assert result.failed == 0 and result.ok > 30, result
-        back = three.start(2)
-        three.replicas[2] = back
-        wait_serving(back, three.version)
-        deadline = time.monotonic() + 30
-        with httpx.Client(timeout=30) as http:
-            while answered(back) == 0:
-                answer = http.post(f"{url}/invocations", json={"inputs": [IMAGE]})
-                assert answer.status_code == 200, answer.text
-                assert time.monotonic() < deadline, "the restarted replica never got a request"
-    finally:
-        stop_process(proxy)
-
-
-def answered(replica: Replica) -> float:
-    """/invocations the replica answered 200 since it started (0 before the first)."""
-    text = httpx.get(f"{replica.url}/metrics", timeout=10).text
-    line = 'captchaops_requests_total{status="200"} '
-    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line))
+    result, back = drill(
+        url, body, 6, 12, 4, lambda: bed.kill_and_wait(2, body.read_bytes(), timeout=60),
+        where=bed.client_command,
+    )  # fmt: skip
+    assert result.failed == 0 and result.ok > 30, result
+    assert back < 60 and answered(three.replicas[2].url) > 0
