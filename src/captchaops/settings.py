@@ -114,6 +114,14 @@ class Settings(BaseSettings):
         "(`captchaops approve`): comma-separated names, * for all, empty for none; unset: "
         "all in team mode, none locally",
     )
+    promotions_port: int = Field(
+        8890, description="port of the promotion service (`captchaops promotions serve`)"
+    )
+    promotions_url: str | None = Field(
+        None,
+        description="send promote, approve, rollback and requests to the promotion service here "
+        "(it alone holds the promotion key); empty: run them in this process with the local key",
+    )
     app_port: int = 8080
     app_secret_key: SecretStr | None = None
 

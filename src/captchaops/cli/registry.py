@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -149,9 +149,20 @@ def promote(
 
     settings = settings_for(model_name)
     require_access(settings, "promote")
-    actor = audited_actor(settings, actor)
     if canary is None and (watch is not None or detach or then_promote):
         fail("--watch, --detach and --then-promote go with --canary PERCENT")
+    if settings.promotions_url:
+        if canary is not None or auto:
+            fail(
+                "--canary and --auto do not go through the promotion service yet; promote "
+                "--version N or --from staging, or unset CAPTCHAOPS_PROMOTIONS_URL"
+            )
+        if not reason:
+            fail('say why with --reason "..." (it goes into the audit trail)')
+        body = {"version": version, "from": from_alias, "reason": reason, "force": force}
+        _through_service(settings, "/promote", body, actor, "promoted")
+        return
+    actor = audited_actor(settings, actor)
     if canary is not None:
         from captchaops.cli import canary as canaries
 
@@ -208,12 +219,42 @@ def promote(
 def _waiting(settings: Settings, request: Request) -> None:
     """The two lines of a production move that waits: what waits, and the one command to
     approve it."""
-    console.print(literal(f"waiting for approval: {request.line()}"), highlight=False)
+    _waiting_lines(settings, request.line(), request.short_id)
+
+
+def _waiting_lines(settings: Settings, line: str, short_id: str) -> None:
+    """`_waiting`, from a request's line and short id."""
+    console.print(literal(f"waiting for approval: {line}"), highlight=False)
     console.print(
-        "another account approves it with: captchaops approve "
-        f"{request.short_id} --model-name {settings.model_name}",
+        f"another account approves it with: captchaops approve {short_id} "
+        f"--model-name {settings.model_name}",
         highlight=False,
     )
+
+
+def _ask(
+    settings: Settings, method: str, path: str, body: dict[str, Any], actor: str | None
+) -> dict[str, Any]:
+    """The promotion service's answer to one piece of work; one line and exit 1 when it refuses."""
+    from captchaops.stack.promotions_client import ServiceError, ask
+
+    try:
+        return ask(settings, method, path, body, actor=actor)
+    except ServiceError as exc:
+        fail(str(exc))
+        raise  # fail exits; this line only tells the type checker
+
+
+def _through_service(
+    settings: Settings, path: str, body: dict[str, Any], actor: str | None, done: str
+) -> None:
+    """Send a promotion or rollback to the promotion service and print what it did."""
+    answer = _ask(settings, "POST", path, body, actor)
+    if answer.get("result") == "waiting":
+        request = answer.get("request") or {}
+        _waiting_lines(settings, str(answer.get("line")), str(request.get("short_id")))
+        return
+    console.print(literal(f"{done}: {answer.get('line')}"), highlight=False)
 
 
 @app.command()
@@ -234,6 +275,9 @@ def rollback(
 
     settings = settings_for(model_name)
     require_access(settings, "rollback")
+    if settings.promotions_url and not canary:
+        _through_service(settings, "/rollback", {"to": to, "reason": reason}, actor, "rolled back")
+        return
     actor = audited_actor(settings, actor)
     if canary:
         from captchaops.cli import canary as canaries
@@ -265,6 +309,13 @@ def approve(
 
     settings = settings_for(model_name)
     require_access(settings, "approve")
+    if settings.promotions_url:
+        answer = _ask(settings, "POST", "/approve", {"request": request}, actor)
+        short_id = str((answer.get("request") or {}).get("short_id"))
+        if answer.get("result") == "rejected":
+            fail(f"request {short_id} not approved: {answer.get('line')}", gate.EXIT_REJECTED)
+        console.print(literal(f"approved {short_id}: {answer.get('line')}"), highlight=False)
+        return
     actor = audited_actor(settings, actor)
     try:
         asked, move = approval.approve(settings, request, actor=actor)
@@ -283,14 +334,18 @@ def requests(model_name: str | None = MODEL_NAME_OPTION) -> None:
 
     settings = settings_for(model_name)
     require_access(settings, "models")
-    try:
-        pending = approval.requests(settings)
-    except registry.RegistryError as exc:
-        fail(str(exc))
-    if not pending:
+    if settings.promotions_url:
+        listed = _ask(settings, "GET", "/requests", {}, None).get("requests") or []
+        lines = [str(asked.get("line")) for asked in listed]
+    else:
+        try:
+            lines = [asked.line() for asked in approval.requests(settings)]
+        except registry.RegistryError as exc:
+            fail(str(exc))
+    if not lines:
         console.print(f"no requests of {settings.model_name} wait for approval", highlight=False)
-    for asked in pending:
-        console.print(literal(asked.line()), highlight=False)
+    for line in lines:
+        console.print(literal(line), highlight=False)
 
 
 @app.command()
@@ -378,3 +433,20 @@ def promotions_adopt(
         console.print(f"{settings.model_name} has no @production, @staging or @canary to sign")
     for move in adopted:
         console.print(literal(f"signed: {move.line()}"), highlight=False)
+
+
+@promotions_app.command("serve")
+def promotions_serve(
+    port: int | None = typer.Option(
+        None, "--port", help="port to listen on [CAPTCHAOPS_PROMOTIONS_PORT, 8890]"
+    ),
+    host: str | None = typer.Option(
+        None, "--host", help="address to bind [CAPTCHAOPS_HOST, 127.0.0.1]"
+    ),
+) -> None:
+    """Run the promotion service: the one process that holds the promotion key and moves
+    @production for the callers the tracking server vouches for (CAPTCHAOPS_PROMOTIONS_URL)."""
+    from captchaops.stack.promotions import run
+
+    settings = settings_for(None)
+    run(settings, port or settings.promotions_port, host)

@@ -8,13 +8,19 @@ the move would run (scores, the signed frozen set, the gate) and record a reques
 checks again and makes the signed move with both names, the approver inside the signature. A
 rollback while production fails its live check moves at once, with the failure in its reason:
 it can only go back to a version that held production before.
+
+The promotion service (`stack.promotions`) calls the same functions with `account` (who the
+tracking server says the caller is, never the service's own login) and `request_key` (its key
+folder): it signs the requests it records and approves only requests that carry its signature.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from captchaops.decisions import gate, promotion
 from captchaops.decisions.canaries import end_canary
@@ -30,18 +36,21 @@ from captchaops.registry.requests import (
     Request,
     pending_request,
     pending_requests,
+    provenance_problem,
     record_request,
     refuse_approval,
 )
+from captchaops.registry.signing import ensure_key
 from captchaops.settings import Settings
 
 LIVE_CHECK_TIMEOUT_S = 3.0
 
 
-def account_of(settings: Settings, actor: str | None) -> str:
-    """The account a request or an approval is made by: the tracking server's login where there
-    is one, else the actor (--actor, CAPTCHAOPS_ACTOR, the login name)."""
-    return settings.tracking_username or actor or default_actor()
+def account_of(settings: Settings, actor: str | None, account: str | None = None) -> str:
+    """The account a request or an approval is made by: the one the promotion service
+    authenticated, else the tracking server's login where there is one, else the actor (--actor,
+    CAPTCHAOPS_ACTOR, the login name)."""
+    return account or settings.tracking_username or actor or default_actor()
 
 
 def _verdict(candidate: Score, champion: Score | None, forced: bool) -> str:
@@ -65,8 +74,11 @@ def promote(
     actor: str | None,
     force: bool = False,
     kind: str = "manual",
+    account: str | None = None,
+    request_key: Path | None = None,
 ) -> Move | Request:
-    """`promotion.promote`, or its request where production moves need an approval."""
+    """`promotion.promote`, or its request where production moves need an approval (signed with
+    the key in `request_key` when given)."""
     if not settings.approval_required:
         return promotion.promote(
             settings,
@@ -90,18 +102,30 @@ def promote(
             to_version=target,
             kind=kind,
             requester=requester,
-            account=account_of(settings, actor),
+            account=account_of(settings, actor, account),
             verdict=_verdict(candidate, champion, force),
             reason=reason,
             forced=force,
             candidate=candidate,
             champion=champion,
             thresholds={"forced": float(force)},
+            key=_signer(request_key),
         )
 
 
+def _signer(request_key: Path | None) -> Ed25519PrivateKey | None:
+    """The promotion service's private key in `request_key`; None without one."""
+    return None if request_key is None else ensure_key(request_key)
+
+
 def auto_promote(
-    settings: Settings, config: GateConfig | None, *, actor: str | None, reason: str = ""
+    settings: Settings,
+    config: GateConfig | None,
+    *,
+    actor: str | None,
+    reason: str = "",
+    account: str | None = None,
+    request_key: Path | None = None,
 ) -> tuple[gate.Decision, Move | Request | None]:
     """`gate.auto_promote`, or, where production moves need an approval, the same gate whose
     promotion becomes a request (a rejection is audited at once, as without approval)."""
@@ -125,12 +149,13 @@ def auto_promote(
             to_version=decision.candidate_version,
             kind="gate",
             requester=requester,
-            account=account_of(settings, actor),
+            account=account_of(settings, actor, account),
             verdict=f"gate: {decision.reason()}",
             reason=why,
             candidate=decision.candidate,
             champion=decision.champion,
             thresholds=decision.thresholds,
+            key=_signer(request_key),
         )
 
 
@@ -159,7 +184,13 @@ def live_failure(settings: Settings, timeout: float = LIVE_CHECK_TIMEOUT_S) -> s
 
 
 def rollback(
-    settings: Settings, *, to: str | None, reason: str, actor: str | None
+    settings: Settings,
+    *,
+    to: str | None,
+    reason: str,
+    actor: str | None,
+    account: str | None = None,
+    request_key: Path | None = None,
 ) -> Move | Request:
     """`promotion.rollback`; where production moves need an approval, at once only while
     production fails its live check (the failure goes into the reason), else a request."""
@@ -182,9 +213,10 @@ def rollback(
             to_version=target,
             kind="rollback",
             requester=requester,
-            account=account_of(settings, actor),
+            account=account_of(settings, actor, account),
             verdict=f"production passes its live check; v{target} held production before",
             reason=reason or f"rollback from v{current}",
+            key=_signer(request_key),
         )
 
 
@@ -194,18 +226,33 @@ def requests(settings: Settings) -> list[Request]:
         return pending_requests(client(settings), settings.model_name)
 
 
-def approve(settings: Settings, request_id: str, *, actor: str | None) -> tuple[Request, Move]:
+def approve(
+    settings: Settings,
+    request_id: str,
+    *,
+    actor: str | None,
+    account: str | None = None,
+    request_key: Path | None = None,
+) -> tuple[Request, Move]:
     """Approve a pending request as another account: check it again and make the signed move
     naming both (a gate request the gate now refuses ends in the audited rejection instead).
 
-    The requester's own account is refused in one line, audited; the request stays pending.
+    The requester's own account is refused in one line, audited; the request stays pending. With
+    `request_key` (the promotion service), a request its key did not sign is refused in one line.
     """
     approver = actor or settings.tracking_username or default_actor()
-    account = account_of(settings, actor)
+    account = account_of(settings, actor, account)
     name = settings.model_name
     with one_line_errors(settings):
         mlflow_client = client(settings)
         request = pending_request(mlflow_client, name, request_id)
+        if request_key is not None:
+            problem = provenance_problem(request, ensure_key(request_key).public_key())
+            if problem:
+                raise RegistryError(
+                    f"{problem}; nothing moved (ask the requester to run `captchaops promote` "
+                    "again with CAPTCHAOPS_PROMOTIONS_URL set)"
+                )
         if account == request.account:
             why = f"{account} requested {request.short_id}; another account must approve it"
             refuse_approval(mlflow_client, request, approver=approver, why=why)

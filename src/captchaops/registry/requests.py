@@ -8,12 +8,23 @@ approval is a signed move naming the approver. A request stays pending until a f
 names it in `request_id` with a closing decision (the approved move, or the gate's rejection on
 approval), or until the alias already holds what it asks for. A refused approval (by the
 requester's own account) is audited with both names and leaves it pending.
+
+The promotion service (`stack.promotions`) signs each request it records with its promotion key
+(run tag `request_signature`, over the run id and every field an approval acts on) and approves
+only requests whose signature verifies: a run an editor writes into the audit experiment by hand
+is not a request the service made, and a signature copied from one run to another does not
+verify, because the run id is inside it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import base64
+import binascii
+import json
+from dataclasses import dataclass, replace
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
@@ -38,6 +49,8 @@ SHORT_ID = 8
 """Characters of a request's id (its audit run id) that commands print; any unique prefix of
 at least MIN_ID characters names it."""
 MIN_ID = 6
+REQUEST_SIGNATURE = "request_signature"
+"""Run tag of a request the promotion service recorded: its base64 Ed25519 signature."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,8 @@ class Request:
     at: str
     forced: bool
     thresholds: dict[str, float]
+    signature: str = ""
+    """The promotion service's signature (`signed_bytes`); "" for a request made without it."""
 
     @property
     def short_id(self) -> str:
@@ -75,6 +90,40 @@ class Request:
             f"{self.short_id} @{self.alias} {source} -> v{self.to_version} ({self.kind}) "
             f"requested by {self.requester} at {self.at}: {self.reason} [{self.verdict}]"
         )
+
+
+def signed_bytes(request: Request) -> bytes:
+    """The exact bytes a request's signature covers: its run id and every field an approval
+    acts on, as they read back from the audit run."""
+    record = {
+        "id": request.id,
+        "model": request.model,
+        "alias": request.alias,
+        "from_version": request.from_version or "",
+        "to_version": request.to_version,
+        "kind": request.kind,
+        "requester": request.requester,
+        "account": request.account[:500],
+        "reason": request.reason[:4000],
+        "forced": request.forced,
+        "thresholds": {k: repr(float(v)) for k, v in sorted(request.thresholds.items())},
+    }
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def provenance_problem(request: Request, key: Ed25519PublicKey) -> str | None:
+    """Why a request is not one the holder of `key` recorded (no signature, or one that does not
+    verify for this run and these fields); None when it is."""
+    if not request.signature:
+        return f"request {request.short_id} was not recorded by the promotion service"
+    try:
+        key.verify(base64.b64decode(request.signature, validate=True), signed_bytes(request))
+    except (InvalidSignature, binascii.Error, ValueError):
+        return (
+            f"request {request.short_id}'s signature does not verify: it was not recorded by "
+            "the promotion service as it reads now"
+        )
+    return None
 
 
 def record_request(
@@ -93,8 +142,10 @@ def record_request(
     champion: Scored | None = None,
     thresholds: dict[str, float] | None = None,
     alias: str = PRODUCTION,
+    key: Ed25519PrivateKey | None = None,
 ) -> Request:
-    """Audit a request to move `name@alias` to a version; it waits for another account."""
+    """Audit a request to move `name@alias` to a version; it waits for another account (signed
+    with `key`, the promotion service's, when given)."""
     move = open_record(
         mlflow_client,
         name,
@@ -111,12 +162,7 @@ def record_request(
         thresholds=thresholds,
         extra={"requester": account, "verdict": verdict, "forced": str(forced).lower()},
     )
-    try:
-        close_record(mlflow_client, move.run_id)
-    except BaseException:
-        abandon_record(mlflow_client, move.run_id)
-        raise
-    return Request(
+    request = Request(
         move.run_id,
         name,
         alias,
@@ -124,13 +170,23 @@ def record_request(
         to_version,
         kind,
         requester,
-        account,
+        account[:500],
         verdict[:500],
-        reason,
+        reason[:4000],
         move.at,
         forced,
-        dict(thresholds or {}),
+        {k: float(v) for k, v in (thresholds or {}).items()},
     )
+    try:
+        if key is not None:
+            signature = base64.b64encode(key.sign(signed_bytes(request))).decode()
+            mlflow_client.set_tag(move.run_id, REQUEST_SIGNATURE, signature)
+            request = replace(request, signature=signature)
+        close_record(mlflow_client, move.run_id)
+    except BaseException:
+        abandon_record(mlflow_client, move.run_id)
+        raise
+    return request
 
 
 def refuse_approval(
@@ -184,6 +240,7 @@ def _request_of(run: Run, name: str) -> Request | None:
             at=params.get("at", ""),
             forced=params.get("forced") == "true",
             thresholds=thresholds,
+            signature=tags.get(REQUEST_SIGNATURE, ""),
         )
     except (KeyError, ValueError):
         return None

@@ -1,0 +1,337 @@
+"""The promotion service: the one process that holds the promotion key and moves @production.
+
+Clients (`promote`, `approve`, `rollback`, `requests` with CAPTCHAOPS_PROMOTIONS_URL set) send it
+what they want and hold no key. It runs the same `decisions.approval` code they would run, with
+ITS settings: its home's key, its approval policy, its production server for rollback's live
+check, its own tracking-server account. Who the caller is comes from the tracking server, never
+from the request:
+
+- team mode (`auth`): each request carries the caller's tracking-server login (HTTP Basic); the
+  service asks the tracking server who that is (`/users/current`) and what they may do
+  (`access.check` with their login), and names that account in every request, approval and move.
+- local mode: the service answers loopback peers only. Local mode has no accounts, so it trusts
+  the name a caller gives (`actor`) as the audit trail's name, as local commands always did;
+  what it adds is that the key stays in the service's home, out of the callers' reach.
+
+Answers are JSON: `{"result", "line", ...}`, or `{"error", "detail"}` with 400, 401, 403, 404,
+409 (the registry refused: the one line a command prints) or 413.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from pydantic import SecretStr
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from captchaops.access import AccessError, check
+from captchaops.decisions import approval
+from captchaops.registry.audit import Move
+from captchaops.registry.errors import RegistryError
+from captchaops.registry.names import PRODUCTION
+from captchaops.registry.requests import Request
+from captchaops.registry.signing import ensure_key
+from captchaops.scheme_names import model_name_problem
+from captchaops.service_auth import allowed_hosts, bind_names, host_allowed
+from captchaops.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_BODY = 64 * 1024
+MAX_TEXT = 4000
+CURRENT_USER = "/api/2.0/mlflow/users/current"
+AUTH_TIMEOUT_S = 15.0
+
+
+class Refused(Exception):
+    """An answer other than the work: an HTTP status, a short error and the one-line detail."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, as the service knows them."""
+
+    account: str
+    """The account the tracking server authenticated; locally, the name the caller gave."""
+    actor: str
+    """How the audit trail names them (`alice`, or `alice (as ci-bot)`)."""
+
+
+def _login(header: str | None) -> tuple[str, str]:
+    """The (username, password) of a Basic Authorization header; Refused 401 without one."""
+    fix = "log in with CAPTCHAOPS_TRACKING_USERNAME and CAPTCHAOPS_TRACKING_PASSWORD"
+    scheme, _, value = (header or "").partition(" ")
+    if scheme.lower() != "basic" or not value:
+        raise Refused(401, "login required", f"the promotion service needs a login: {fix}")
+    try:
+        username, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (binascii.Error, ValueError) as exc:
+        raise Refused(401, "login required", f"the login header is not Basic: {fix}") from exc
+    if not sep or not username:
+        raise Refused(401, "login required", f"the login header names nobody: {fix}")
+    return username, password
+
+
+def _who(settings: Settings, login: tuple[str, str]) -> str:
+    """The account name the tracking server gives this login; Refused 401 when it refuses it."""
+    base = settings.effective_tracking_uri.rstrip("/")
+    try:
+        answer = httpx.get(base + CURRENT_USER, auth=login, timeout=AUTH_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise Refused(
+            503, "tracking server unreachable", f"the promotion service cannot reach {base}"
+        ) from exc
+    if answer.status_code == 401:
+        raise Refused(
+            401,
+            "login refused",
+            f"the tracking server refused user {login[0]!r}: check the password",
+        )
+    try:
+        name = answer.json()["user"]["username"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Refused(
+            503,
+            "no account check",
+            f"the tracking server at {base} does not say who logged in (HTTP "
+            f"{answer.status_code}); run it with basic-auth (team mode)",
+        ) from exc
+    if not isinstance(name, str) or not name:
+        raise Refused(503, "no account check", "the tracking server named no account")
+    return name
+
+
+def _given_actor(body: dict[str, Any]) -> str | None:
+    """The `actor` a caller names (its --actor); None when it names none."""
+    given = body.get("actor")
+    if given is None or given == "":
+        return None
+    if not isinstance(given, str) or len(given) > 200 or not given.isprintable():
+        raise Refused(400, "bad actor", "actor must be printable text of at most 200 characters")
+    return given
+
+
+def authenticate(
+    settings: Settings, request: HttpRequest, body: dict[str, Any], action: str
+) -> Caller:
+    """Who the caller is and that they may do `action` (`access.needs`); Refused when not."""
+    given = _given_actor(body)
+    if not settings.auth:
+        peer = request.client.host if request.client else ""
+        try:
+            loopback = ipaddress.ip_address(peer).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise Refused(
+                403,
+                "loopback only",
+                "in local mode the promotion service answers this host only; use team mode "
+                "(CAPTCHAOPS_AUTH=true) to reach it from elsewhere",
+            )
+        name = given or "unknown"
+        return Caller(account=name, actor=name)
+    login = _login(request.headers.get("authorization"))
+    account = _who(settings, login)
+    caller = settings.model_copy(
+        update={"tracking_username": login[0], "tracking_password": SecretStr(login[1])}
+    )
+    try:
+        check(caller, action)
+    except AccessError as exc:
+        raise Refused(403, "forbidden", str(exc)) from exc
+    actor = account if given in (None, account) else f"{account} (as {given})"
+    return Caller(account=account, actor=actor)
+
+
+async def _body(request: HttpRequest) -> dict[str, Any]:
+    """The JSON object of a request (at most MAX_BODY bytes); Refused 400/413 otherwise."""
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise Refused(413, "too large", f"a request body holds at most {MAX_BODY} bytes")
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise Refused(400, "bad json", "the request body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise Refused(400, "bad json", "the request body is not a JSON object")
+    return body
+
+
+def _text(body: dict[str, Any], field: str, *, required: bool = False) -> str | None:
+    """A text field of the body (None when absent); Refused 400 when it is not text."""
+    value = body.get(field)
+    if value is None or value == "":
+        if required:
+            raise Refused(400, f"no {field}", f"say {field} in the request")
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise Refused(400, f"bad {field}", f"{field} must be text of at most {MAX_TEXT} characters")
+    return value
+
+
+def _scheme(settings: Settings, body: dict[str, Any]) -> Settings:
+    """The service's settings for the scheme the body names (`model`)."""
+    name = _text(body, "model") or settings.model_name
+    problem = model_name_problem(name)
+    if problem:
+        raise Refused(400, "bad model", problem)
+    alias = _text(body, "alias") or PRODUCTION
+    if alias != PRODUCTION:
+        raise Refused(
+            400,
+            "bad alias",
+            f"the promotion service moves @production only; @{alias} moves with `captchaops "
+            "train` and `promote --canary`",
+        )
+    return settings.model_copy(update={"model_name": name})
+
+
+def _request_json(request: Request) -> dict[str, Any]:
+    """A request as the service answers it."""
+    return {
+        "id": request.id,
+        "short_id": request.short_id,
+        "model": request.model,
+        "from_version": request.from_version,
+        "to_version": request.to_version,
+        "kind": request.kind,
+        "requester": request.requester,
+        "line": request.line(),
+    }
+
+
+def _outcome(done: Move | Request, moved: str) -> dict[str, Any]:
+    """The answer to work that either moved @production (`moved`) or recorded a request."""
+    if isinstance(done, Request):
+        return {"result": "waiting", "line": done.line(), "request": _request_json(done)}
+    return {"result": moved, "line": done.line(), "version": done.to_version}
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The service's ASGI app, acting with `settings` (its home's key, policy and servers)."""
+    key_dir = settings.effective_signing_key_dir
+    hosts = allowed_hosts(settings) | bind_names(settings.host)
+
+    def guarded(action: str, work: Any) -> Any:
+        async def endpoint(request: HttpRequest) -> JSONResponse:
+            try:
+                if not host_allowed(request.headers.get("host"), hosts):
+                    raise Refused(400, "bad host", "this service does not answer that Host name")
+                body = await _body(request) if request.method == "POST" else {}
+                body |= {k: v for k, v in request.query_params.items() if k == "model"}
+                scheme = _scheme(settings, body)
+                caller = await run_in_threadpool(authenticate, scheme, request, body, action)
+                answer = await run_in_threadpool(work, scheme, caller, body)
+            except Refused as exc:
+                return JSONResponse({"error": exc.error, "detail": exc.detail}, exc.status)
+            except RegistryError as exc:
+                return JSONResponse({"error": "refused", "detail": str(exc)}, 409)
+            return JSONResponse(answer)
+
+        return endpoint
+
+    def promote(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        version, source = _text(body, "version"), _text(body, "from")
+        if (version is None) == (source is None):
+            raise Refused(400, "no version", "say which: version N or from an alias (staging)")
+        done = approval.promote(
+            scheme,
+            version=version,
+            from_alias=source,
+            reason=_text(body, "reason", required=True) or "",
+            actor=caller.actor,
+            force=body.get("force") is True,
+            account=caller.account,
+            request_key=key_dir,
+        )
+        return _outcome(done, "promoted")
+
+    def rollback(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        done = approval.rollback(
+            scheme,
+            to=_text(body, "to"),
+            reason=_text(body, "reason") or "",
+            actor=caller.actor,
+            account=caller.account,
+            request_key=key_dir,
+        )
+        return _outcome(done, "rolled-back")
+
+    def approve(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        asked, move = approval.approve(
+            scheme,
+            _text(body, "request", required=True) or "",
+            actor=caller.actor,
+            account=caller.account,
+            request_key=key_dir,
+        )
+        return {"result": move.decision, "line": move.line(), "request": _request_json(asked)}
+
+    def listing(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        return {"requests": [_request_json(r) for r in approval.requests(scheme)]}
+
+    async def health(request: HttpRequest) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def failed(request: HttpRequest, exc: Exception) -> JSONResponse:
+        log.exception("promotion service failed on %s", request.url.path, exc_info=exc)
+        detail = f"the promotion service failed ({type(exc).__name__}); its log says why"
+        return JSONResponse({"error": "internal", "detail": detail}, 500)
+
+    return Starlette(
+        exception_handlers={Exception: failed},
+        routes=[
+            Route("/health", health),
+            Route("/promote", guarded("promote", promote), methods=["POST"]),
+            Route("/rollback", guarded("rollback", rollback), methods=["POST"]),
+            Route("/approve", guarded("approve", approve), methods=["POST"]),
+            Route("/requests", guarded("models", listing), methods=["GET"]),
+        ],
+    )
+
+
+def run(settings: Settings, port: int, host: str | None = None) -> None:
+    """Serve the promotion service on host:port (loopback by default) until stopped."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    bind = host or settings.host
+    ensure_key(settings.effective_signing_key_dir)
+    log.info(
+        "promotion service on http://%s:%d, moves signed with %s (servers trust %s)",
+        bind,
+        port,
+        settings.effective_signing_key_dir,
+        settings.effective_signing_public_key,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=bind,
+        port=port,
+        workers=1,
+        access_log=False,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+    )

@@ -1,0 +1,295 @@
+"""The promotion service (issue 37): the one process that holds the promotion key, reached by
+commands that hold none (CAPTCHAOPS_PROMOTIONS_URL), on real tracking servers.
+
+Locally, a key-less `promote --from staging` goes through the service and the model servers' own
+signature check (`serving.audit_gate.AuditGate`, the service's public key) follows the move. In
+team mode (a basic-auth tracking server; the service logs in as admin) the tracking server says
+who calls: a wrong password is 401, a reader 403; editor ed's production request waits, ed may
+not approve it, alice's approval makes the signed move naming both. A request ed writes straight
+into the audit trail, bare or wearing a real request's signature, is not approved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from mlflow import MlflowClient
+from prometheus_client import CollectorRegistry, Gauge
+from typer.testing import CliRunner, Result
+
+from captchaops import registry
+from captchaops.cli import app
+from captchaops.evaluation.evalset import create_evalset
+from captchaops.registry.aliases import alias_version, assign_alias
+from captchaops.registry.requests import REQUEST_SIGNATURE, pending_requests, record_request
+from captchaops.registry.signing import PRIVATE_KEY, PUBLIC_KEY, SignedMove
+from captchaops.registry.unaudited import signed_move
+from captchaops.serving.audit_gate import AuditGate
+from captchaops.settings import Settings, load_settings
+from captchaops.team_accounts import add_user
+from captchaops.tracking_rest import TrackingRest
+from tests.fixtures.models import TrainedModel, copies, make_settings
+from tests.fixtures.stack import (
+    VENV_BIN,
+    Tracking,
+    basic_auth_tracking,
+    free_port,
+    start_http_process,
+    stop_process,
+)
+from tests.integration.test_approvals import _cheap_password_checks, _copy_tiny_model
+
+pytestmark = pytest.mark.slow
+NAME = "text-captcha"
+PRODUCTION = "production"
+PASSWORDS = {
+    "admin": "admin-password-for-tests",
+    "ed": "ed-password-for-tests",
+    "alice": "alice-password-for-tests",
+}
+
+
+def start_service(home: Path, tracking_uri: str, **env: str) -> tuple[str, subprocess.Popen]:
+    """`captchaops promotions serve` on a free loopback port with its own home and key folder;
+    (its URL, the process)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    values = {
+        **os.environ,
+        "CAPTCHAOPS_HOME": str(home),
+        "CAPTCHAOPS_TRACKING_URI": tracking_uri,
+        "CAPTCHAOPS_SIGNING_KEY_DIR": str(home / "keys"),
+        **env,
+    }
+    for name in (
+        "CAPTCHAOPS_PRODUCTION_APPROVAL",
+        "CAPTCHAOPS_PROMOTIONS_URL",
+        "MLFLOW_TRACKING_URI",
+    ):
+        values.pop(name, None)
+    cmd = [str(VENV_BIN / "captchaops"), "promotions", "serve", "--port", str(port)]
+    proc = start_http_process(cmd, f"{url}/health", env=values, log=home / "service.log")
+    return url, proc
+
+
+def cli(home: Path, service: str, tracking_uri: str, name: str, *args: str, **env: str) -> Result:
+    """`captchaops ARGS` from a home with no promotion key, its work sent to the service."""
+    runner = CliRunner(
+        env={
+            "CAPTCHAOPS_HOME": str(home),
+            "CAPTCHAOPS_SIGNING_KEY_DIR": str(home / "keys"),
+            "CAPTCHAOPS_TRACKING_URI": tracking_uri,
+            "CAPTCHAOPS_PROMOTIONS_URL": service,
+            "CAPTCHAOPS_MODEL_NAME": name,
+            "CAPTCHAOPS_PRODUCTION_APPROVAL": None,
+            "CAPTCHAOPS_AUTH": None,
+            "CAPTCHAOPS_TRACKING_USERNAME": None,
+            "CAPTCHAOPS_TRACKING_PASSWORD": None,
+            "CAPTCHAOPS_ACTOR": None,
+            **env,
+        }
+    )
+    return runner.invoke(app, list(args))
+
+
+def servers_follow(uri: str, name: str, key: Path, auth: tuple[str, str] | None = None) -> str:
+    """The version a model server's own signature check serves for @production (it must be the
+    alias's version: an unsigned or foreign-signed move is held back and flagged)."""
+    rest = TrackingRest(uri, auth)
+    try:
+        gauge = Gauge("unaudited", "test", registry=CollectorRegistry())
+        judged = AuditGate(rest, name, PRODUCTION, key_path=key, gauge=gauge)
+        ref = rest.alias_version(name, PRODUCTION)
+        followed = judged.judge(ref)
+        assert followed is not None and ref is not None, judged.reason()
+        assert judged.unaudited is None and followed.version == ref.version, judged.reason()
+        return followed.version
+    finally:
+        rest.close()
+
+
+def test_a_keyless_client_promotes_staging_through_the_service(
+    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path, isolated_mlflow: None
+) -> None:
+    name = "promotion-service-local"
+    client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
+    first, second = copies(client, tiny_model, name, 2)
+    service_home = tmp_path / "service"
+    keys = service_home / "keys"
+    setup = make_settings(tracking_server, service_home, model_name=name, signing_key_dir=keys)
+    create_evalset(client, setup, size=20)  # pinned and signed with the service's key
+    assign_alias(client, name, PRODUCTION, first, reason="first", actor="tests")
+    assign_alias(client, name, "staging", second, reason="trained", actor="tests")
+    url, proc = start_service(service_home, tracking_server.uri)
+    try:
+        home = tmp_path / "laptop"
+        done = cli(home, url, tracking_server.uri, name, "promote", "--from", "staging",
+                   "--reason", "new fonts", "--actor", "ed")  # fmt: skip
+        assert done.exit_code == 0, done.output
+        assert f"promoted: @production v{first} -> v{second} (promoted) by ed at" in done.stdout
+        assert servers_follow(tracking_server.uri, name, keys / PUBLIC_KEY) == second
+        assert not (home / "keys").exists() and (keys / PRIVATE_KEY).exists()
+
+        wrong = cli(home, url, tracking_server.uri, name, "promote", "--version", "99",
+                    "--reason", "x")  # fmt: skip
+        assert wrong.exit_code == 1
+        print(wrong.stderr)
+        assert len(wrong.stderr.strip().splitlines()) == 1 and "99" in wrong.stderr
+        dead = f"http://127.0.0.1:{free_port()}"
+        down = cli(home, dead, tracking_server.uri, name, "requests")
+        assert down.exit_code == 1
+        assert down.stderr.strip().splitlines() == [
+            f"error: the promotion service at {dead} does not answer (ConnectError); start it "
+            "with `captchaops promotions serve`, or check CAPTCHAOPS_PROMOTIONS_URL"
+        ]
+    finally:
+        stop_process(proc)
+
+
+@dataclass
+class Team:
+    uri: str
+    home: Path
+    service: str
+    passwords: dict[str, str]
+    versions: list[str]
+
+    @property
+    def public_key(self) -> Path:
+        return self.home / "service" / "keys" / PUBLIC_KEY
+
+    def settings(self, user: str) -> Settings:
+        return load_settings(
+            home=self.home / "laptop",
+            tracking_uri=self.uri,
+            tracking_username=user,
+            tracking_password=self.passwords[user],
+        )
+
+    def client(self, user: str = "ed") -> MlflowClient:
+        return registry.client(self.settings(user))
+
+    def cli(self, user: str, *args: str) -> Result:
+        return cli(
+            self.home / "laptop", self.service, self.uri, NAME, *args,
+            CAPTCHAOPS_AUTH="true", CAPTCHAOPS_TRACKING_USERNAME=user,
+            CAPTCHAOPS_TRACKING_PASSWORD=self.passwords[user],
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def team(
+    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Team]:
+    """A basic-auth tracking server (editors ed and alice, reader rita), two versions, a signed
+    frozen set, @production at the first, and the promotion service logged in as admin."""
+    home = tmp_path_factory.mktemp("promotion-service")
+    with basic_auth_tracking(home, PASSWORDS["admin"]) as admin:
+        uri = admin.tracking_uri
+        assert uri is not None
+        add_user(admin, "ed", "editor", PASSWORDS["ed"])
+        add_user(admin, "alice", "editor", PASSWORDS["alice"])
+        reader = add_user(admin, "rita", "reader")
+        assert reader.password
+        passwords = PASSWORDS | {"rita": reader.password}
+        _cheap_password_checks(home / "basic_auth.db", passwords)
+        keys = home / "service" / "keys"
+        ed_settings = load_settings(
+            home=home / "service", tracking_uri=uri, tracking_username="ed",
+            tracking_password=passwords["ed"], signing_key_dir=keys,
+        )  # fmt: skip
+        ed = registry.client(ed_settings)
+        versions = _copy_tiny_model(tracking_server.uri, tiny_model, ed, home / "model", 2)
+        create_evalset(ed, ed_settings, size=20)
+        assign_alias(ed, NAME, PRODUCTION, versions[0], reason="first", actor="ed")
+        url, proc = start_service(
+            home / "service", uri, CAPTCHAOPS_AUTH="true",
+            CAPTCHAOPS_TRACKING_USERNAME="admin",
+            CAPTCHAOPS_TRACKING_PASSWORD=PASSWORDS["admin"],
+        )  # fmt: skip
+        try:
+            yield Team(uri, home, url, passwords, versions)
+        finally:
+            stop_process(proc)
+
+
+def _request_id(result: Result) -> str:
+    assert result.exit_code == 0, result.output
+    assert "waiting for approval: " in result.stdout, result.stdout
+    found = re.search(rf"captchaops approve ([0-9a-f]+) --model-name {NAME}$", result.stdout, re.M)
+    assert found, result.stdout
+    return found[1]
+
+
+def test_the_tracking_server_says_who_calls(team: Team) -> None:
+    body = {"model": NAME, "version": team.versions[1], "reason": "mine", "actor": "alice"}
+    wrong = httpx.post(f"{team.service}/promote", json=body, auth=("ed", "guess"), timeout=30)
+    assert wrong.status_code == 401 and wrong.json()["error"] == "login refused", wrong.text
+    nobody = httpx.post(f"{team.service}/promote", json=body, timeout=30)
+    assert nobody.status_code == 401 and set(nobody.json()) == {"error", "detail"}
+    rita = httpx.post(
+        f"{team.service}/promote", json=body, auth=("rita", team.passwords["rita"]), timeout=30
+    )
+    assert rita.status_code == 403, rita.text
+    assert rita.json()["detail"].startswith(f"user 'rita' may not promote {NAME}")
+    assert alias_version(team.client(), NAME, PRODUCTION) == team.versions[0]
+
+
+def test_an_editors_request_waits_for_a_second_account(team: Team, isolated_mlflow: None) -> None:
+    first, second = team.versions
+    asked = team.cli("ed", "promote", "--version", second, "--reason", "new fonts")
+    request_id = _request_id(asked)
+    assert f"@production v{first} -> v{second} (manual) requested by ed at" in asked.stdout
+    listed = team.cli("alice", "requests")
+    assert listed.exit_code == 0 and f"{request_id} @production v{first}" in listed.stdout
+
+    own = team.cli("ed", "approve", request_id)
+    assert own.exit_code == 1, own.output
+    assert own.stderr.strip().splitlines() == [
+        f"error: ed requested {request_id}; another account must approve it (ask someone else "
+        f"to run `captchaops approve {request_id}`)"
+    ]
+    assert alias_version(team.client(), NAME, PRODUCTION) == first
+
+    done = team.cli("alice", "approve", request_id)
+    assert done.exit_code == 0, done.output
+    assert f"approved {request_id}: @production v{first} -> v{second} (promoted) by ed" in (
+        done.stdout
+    )
+    admin = ("admin", team.passwords["admin"])
+    assert servers_follow(team.uri, NAME, team.public_key, admin) == second
+    tags = team.client().get_registered_model(NAME).tags
+    signed: SignedMove = signed_move(tags, PRODUCTION, team.public_key, NAME)
+    assert (signed.version, signed.actor, signed.approver) == (second, "ed", "alice")
+    assert not (team.home / "laptop" / "keys").exists()
+
+
+def test_a_request_written_around_the_service_is_not_approved(
+    team: Team, isolated_mlflow: None
+) -> None:
+    first, second = team.versions
+    ed = team.client()
+    assert alias_version(ed, NAME, PRODUCTION) == second
+    legit = [m for m in registry.moves(ed, NAME, PRODUCTION) if m.decision == "requested"]
+    signature = ed.get_run(legit[-1].run_id).data.tags[REQUEST_SIGNATURE]
+    for copied in ("", signature):
+        forged = record_request(
+            ed, NAME, from_version=second, to_version=first, kind="rollback",
+            requester="ed", account="ed", verdict="looks fine", reason="forged",
+        )  # fmt: skip
+        if copied:
+            ed.set_tag(forged.id, REQUEST_SIGNATURE, copied)
+        refused = team.cli("alice", "approve", forged.short_id)
+        assert refused.exit_code == 1, refused.output
+        why = "'s signature does not verify" if copied else " was not recorded by the promotion"
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"request {forged.short_id}{why}" in lines[0], lines
+        assert alias_version(ed, NAME, PRODUCTION) == second
+    assert len(pending_requests(ed, NAME)) == 2
