@@ -1,26 +1,43 @@
-"""Replicas behind the balancer (`up --replicas N`): a replica killed under load, 500 slow
-connections from one client, and throughput against one server.
+"""Replicas behind the balancer: a replica killed under load, 500 slow connections from one
+client, and throughput against one server, on issue 39's multi-host test bed.
 
 Usage:
   python -m benchmarks replicas                 # via `make bench`
   python -m benchmarks.bench_replicas [--replicas R] [--clients C] [--seconds S]
-                                      [--slow N] [--model-dir PATH] [--skip-scale]
+                                      [--slow N] [--model-dir PATH] [--skip-scale] [--loopback]
 
 A private tracking server, a model (trained for a few seconds at the demo architecture, or
-copied from --model-dir) at @production, then `up` of @production alone as R replicas behind
-HAProxy (the stack's own code: supervisord, `captchaops serve --host 127.0.0.1`, one config).
+copied from --model-dir) at @production, then R replicas of @production behind HAProxy with the
+stack's own config (`stack/balancer.py`), in one of two layouts (the record's "layout" and every
+figure's label say which ran):
+
+- hosts (the default where the test bed can be made: root, iproute2, haproxy;
+  `harness/replica_hosts.py`): each replica is `captchaops serve --host ADDR` on a
+  network-namespace host of its own, reaching the tracking server through a forwarder on the
+  bridge; HAProxy runs on an "lb" host, the load generators on a "client" host, the slow
+  connections come from a "slow" host. No supervisord runs there: the drill's killed replica is
+  started again by the harness as soon as it is reaped, as supervisord would.
+- loopback (`--loopback`, or where the test bed cannot be made, said in one line): `up` of
+  @production alone as R replicas (supervisord, `captchaops serve --host 127.0.0.1`), clients
+  in this machine's namespace, the slow client from 127.0.0.2.
+
+Every process either layout starts (tracking server, forwarder, replicas and their workers,
+HAProxy, load generators, the slow client; supervisord and what it runs on loopback) is a
+descendant of this process, so a cgroup CPU quota on it (`python -m benchmarks --speed half`)
+throttles them all.
 
 - kill: C clients POST one CAPTCHA back to back to the balancer for S seconds; a third of the
   way in, replica 1 is SIGKILLed. Counted: every request a client saw fail (the balancer may
   retry it once on another replica: that is not a failure), and the seconds from the kill until
-  the replica, restarted by supervisord, answered a request sent to the balancer.
-- slow: one client (127.0.0.2) opens N connections to the balancer, half stopping inside the
-  head, half inside the body, and holds them while C other clients (127.0.0.1) run for 8 s
-  (inside the balancer's 10 s head deadline); their p99 and failures, against the same clients for
-  8 s with no slow connections, in the same run.
-- scale (unless --skip-scale): requests/s of C clients for S/3 seconds through the balancer,
-  against one server (`up` without --replicas) in the same run; the issue's target (>= 1.8x)
-  is for a 16-core machine.
+  the replica, restarted, answered a request sent to the balancer.
+- slow: one client (its own address) opens N connections to the balancer, half stopping inside
+  the head, half inside the body, and holds them while C other clients run for 8 s (inside the
+  balancer's 10 s head deadline); their p99 and failures, against the same clients for 8 s with
+  no slow connections, in the same run.
+- scale (unless --skip-scale): requests/s of C clients for S/3 seconds (at least 10) through the
+  balancer, against one server in the same run (loopback: `up` without --replicas; hosts:
+  replica 1 asked directly while the others idle); the issue's target (>= 1.8x) is for a
+  16-core machine.
 """
 
 from __future__ import annotations
@@ -36,17 +53,18 @@ from pathlib import Path
 
 from benchmarks import record
 from benchmarks.bench_serving import MODEL_NAME, prepare_model, request_body
-from harness import slow
+from harness import replica_hosts, slow
 from harness.processes import VENV_BIN, tracking_server
 from harness.replicas import (
     LoadResult,
     balanced_production,
+    drill,
     kill_drill,
     load_result,
     stack_settings,
     start_load,
 )
-from harness.stack import share_signing_key
+from harness.stack import SIGNING_KEY_ENV, share_signing_key
 
 TARGET_FAILED = 0
 TARGET_SLOW_P99_MS = 250.0
@@ -105,33 +123,100 @@ def measure_scale(
     return out
 
 
+def measure_on_hosts(
+    tracking_uri: str, base: dict[str, str], args: argparse.Namespace, body: Path, work: Path
+) -> dict[str, object]:
+    """All three drills on one bed of the multi-host test bed (`harness.replica_hosts`)."""
+    out: dict[str, object] = {}
+    with replica_hosts.bed(tracking_uri, args.replicas, work / "hosts") as bed:
+
+        def env(n: int) -> dict[str, str]:
+            return {
+                "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
+                "CAPTCHAOPS_POLL_SECONDS": "0.5",
+                "CAPTCHAOPS_WEBHOOK_PEERS": ",".join(bed.peers(n)),
+                "CAPTCHAOPS_SHADOW_URL": "",
+                "CAPTCHAOPS_REVIEW_URL": "",
+            }
+
+        bed.serve("production", base, env)
+        bed.wait_serving()
+        url = bed.balancer("production")
+        started = time.monotonic()
+        result, back_s = drill(
+            url,
+            body,
+            args.clients,
+            args.seconds,
+            args.seconds / 3,
+            lambda: bed.kill_and_wait(0, body.read_bytes()),
+            where=bed.client_command,
+        )
+        out["kill"] = {
+            "load": result.__dict__,
+            "back_in_rotation_s": back_s,
+            "kill_at_s": args.seconds / 3,
+            "balancer_log": bed.balancer_log(),
+        }
+        print(f"(kill drill took {time.monotonic() - started:.0f}s)", flush=True)
+        quiet = load_result(bed.load(url, args.clients, SLOW_SECONDS, body))
+        with bed.slow_connections(url, args.slow) as opened:
+            crowded = load_result(bed.load(url, args.clients, SLOW_SECONDS, body))
+        out["slow"] = {"quiet": quiet.__dict__, "crowded": crowded.__dict__, "slow_opened": opened}
+        if not args.skip_scale:
+            seconds = max(10.0, args.seconds / 3)
+            one = load_result(bed.load(bed.urls[0], args.clients, seconds, body))
+            many = load_result(bed.load(url, args.clients, seconds, body))
+            out["scale"] = {"1": one.__dict__, str(args.replicas): many.__dict__}
+        out["hosts"] = {
+            "replicas": [place.address for place in bed.places],
+            "balancer": bed.lb.address,
+            "client": bed.client.address if bed.client else None,
+            "slow": bed.slow.address if bed.slow else None,
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the drills and print them beside their targets."""
     args = _parse(argv or [])
     if shutil.which("haproxy") is None:
         raise RuntimeError("bench_replicas needs HAProxy: apt-get install haproxy")
+    layout = "loopback"
+    if not args.loopback:
+        why = replica_hosts.layout_unavailable()
+        if why is None:
+            layout = "hosts"
+        else:
+            print(f"no multi-host test bed ({why}): running on loopback", flush=True)
+    replica_hosts.exit_on_sigterm()  # a TERM unwinds: every namespace and process goes
     work = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTCHAOPS_", "MLFLOW_"))}
-    share_signing_key(work)  # the servers follow only moves this process's writer signed
+    # the servers follow only moves this process's writer signed
+    signing = str(share_signing_key(work))
     base["PATH"] = f"{VENV_BIN}{os.pathsep}{base.get('PATH', '')}"
     load_before = os.getloadavg()
-    results: dict[str, object] = {}
+    results: dict[str, object] = {"layout": layout}
     try:
         with tracking_server(work, env=base) as tracking:
             if args.model_dir is None:
                 print("training a demo-architecture model for a few seconds ...", flush=True)
             prepare_model(tracking.uri, args.model_dir, work)
             body = request_body(work)
+            if layout == "hosts":
+                served = {**base, SIGNING_KEY_ENV: signing}
+                results.update(measure_on_hosts(tracking.uri, served, args, body, work))
+            else:
 
-            def env(name: str, replicas: int = args.replicas) -> dict[str, str]:
-                return stack_settings(work / name, tracking.uri, MODEL_NAME, replicas)
+                def env(name: str, replicas: int = args.replicas) -> dict[str, str]:
+                    return stack_settings(work / name, tracking.uri, MODEL_NAME, replicas)
 
-            started = time.monotonic()
-            results["kill"] = measure_kill(env("kill"), args, body)
-            print(f"(kill drill took {time.monotonic() - started:.0f}s)", flush=True)
-            results["slow"] = measure_slow(env("slow"), args, body)
-            if not args.skip_scale:
-                results["scale"] = measure_scale(env, args, body)
+                started = time.monotonic()
+                results["kill"] = measure_kill(env("kill"), args, body)
+                print(f"(kill drill took {time.monotonic() - started:.0f}s)", flush=True)
+                results["slow"] = measure_slow(env("slow"), args, body)
+                if not args.skip_scale:
+                    results["scale"] = measure_scale(env, args, body)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, load_before, os.getloadavg(), args)
@@ -145,7 +230,7 @@ def report(
 ) -> None:
     """Print each drill beside its target; write bench-results/replicas.json (or a record)."""
     figures: dict[str, str] = {}
-    where = f"{args.replicas} replicas behind HAProxy"
+    where = f"{args.replicas} replicas behind HAProxy (layout {results['layout']})"
     kill = results["kill"]
     assert isinstance(kill, dict)
     load = LoadResult(**kill["load"])
@@ -211,6 +296,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--slow", type=int, default=500, help="slow connections of one client")
     parser.add_argument("--model-dir", type=Path, help="an MLflow model folder to serve")
     parser.add_argument("--skip-scale", action="store_true", help="no throughput comparison")
+    parser.add_argument(
+        "--loopback",
+        action="store_true",
+        help="everything on loopback via `up --replicas` (supervisord), not on the hosts",
+    )
     return parser.parse_args(argv)
 
 

@@ -3,7 +3,7 @@
 Usage:
   python -m benchmarks swap                      # via `make bench`
   python -m benchmarks.bench_swap [--moves N] [--concurrency C] [--model-dir PATH]
-                                  [--flow promote|move] [--replicas R]
+                                  [--flow promote|move] [--replicas R] [--loopback]
 
 A private tracking server started with `up`'s webhook settings (sqlite), a model (trained for a
 few seconds at the demo architecture, or copied from --model-dir), then R model servers of
@@ -21,6 +21,16 @@ answer it, and also from the alias write itself: a thread reads the alias from t
 every 25 ms while the writer runs (signing, the alias, the audit run), and the move counts from
 the start of the last read that still saw the old version (the write came after it), so this
 figure is an upper bound on alias move -> first answer, free of the writer's other work.
+
+Layout (the record's "layout" and every figure's label say which ran): where issue 39's
+multi-host test bed can be made (root, iproute2: `harness/replica_hosts.py`), each server is
+`captchaops serve --host ADDR` on a network-namespace host of its own (one server too), reaching
+the tracking server (and reached by its webhooks) through the bridge, and the load generators
+run on a "client" host; with `--loopback`, or where the test bed cannot be made (said in one
+line), everything runs on 127.0.0.1. Every process either layout starts (tracking server,
+forwarder, servers and their workers, load generators) is a descendant of this process, so a
+cgroup CPU quota on it (`python -m benchmarks --speed half`) throttles them all; every
+namespace is removed at the end, on failure, Ctrl-C or SIGTERM too.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -42,6 +54,7 @@ from benchmarks import record
 from benchmarks.bench_serving import MODEL_NAME, LoadResult, prepare_model, request_body, run_load
 from captchaops.settings import Settings, load_settings
 from captchaops.stack import webhooks
+from harness import hosts, replica_hosts
 from harness.processes import VENV_BIN, free_port, http_service, tracking_server
 from harness.stack import SIGNING_KEY_ENV, copy_version, share_signing_key
 
@@ -138,9 +151,11 @@ def measure_mode(
     concurrency: int,
     body: Path,
     flow: str,
+    where: Callable[[list[str]], list[str]] = list,
 ) -> Row:
-    """Move the alias `moves` times under load; seconds to the first new answer from the last
-    replica per move, failed requests, and the servers' own load seconds per swap."""
+    """Move the alias `moves` times under load (its clients started by `where`); seconds to the
+    first new answer from the last replica per move, failed requests, and the servers' own load
+    seconds per swap."""
     fresh = [copy_version(tracking_uri, MODEL_NAME, source) for _ in range(moves)]
     staging = STAGE_WAIT_S if flow == "promote" else 0.0
     slot = SETTLE_S + SWAP_WAIT_S + 2.0 + staging
@@ -149,7 +164,7 @@ def measure_mode(
     share = max(1, concurrency // len(urls))
     loads = [
         threading.Thread(
-            target=lambda u=url, b=box: b.setdefault("r", run_load(u, share, seconds, body))
+            target=lambda u=url, b=box: b.setdefault("r", run_load(u, share, seconds, body, where))
         )
         for url, box in zip(urls, boxes, strict=True)
     ]
@@ -230,9 +245,32 @@ def serve_cmd(port: int) -> list[str]:
     return [str(VENV_BIN / "captchaops"), "serve", "--alias", "production", "--port", str(port)]
 
 
+def server_env(mode: str, n: int, *, urls: list[str], secret: str) -> dict[str, str]:
+    """Server n's own settings in `mode`: polling every 2 s; with webhooks, the secret, and for
+    the first server (the one MLflow delivers to) the others as peers to relay to."""
+    env = {
+        "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
+        "CAPTCHAOPS_POLL_SECONDS": "2",
+        "CAPTCHAOPS_REPLICA_ID": f"r{n}",
+    }
+    if mode == "webhooks":
+        env["CAPTCHAOPS_WEBHOOK_SECRET"] = secret
+        if n == 0 and len(urls) > 1:
+            env["CAPTCHAOPS_WEBHOOK_PEERS"] = ",".join(urls[1:])
+    return env
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run both modes and print the comparison."""
     args = _parse(argv or [])
+    layout = "loopback"
+    if not args.loopback:
+        why = hosts.unavailable()
+        if why is None:
+            layout = "hosts"
+        else:
+            print(f"no multi-host test bed ({why}): running on loopback", flush=True)
+    replica_hosts.exit_on_sigterm()  # a TERM unwinds: every namespace and process goes
     work = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     base = {k: v for k, v in os.environ.items() if not k.startswith(("CAPTCHAOPS_", "MLFLOW_"))}
     base["PATH"] = f"{VENV_BIN}{os.pathsep}{base.get('PATH', '')}"
@@ -240,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     base[SIGNING_KEY_ENV] = str(share_signing_key(work))
     settings = webhooks.ensure_secrets(load_settings(home=work / "home"))
     assert settings.webhook_secret is not None
+    secret = settings.webhook_secret.get_secret_value()
     load_before = os.getloadavg()
     rows: dict[str, Row] = {}
     try:
@@ -249,39 +288,54 @@ def main(argv: list[str] | None = None) -> None:
             version_a, _ = prepare_model(tracking.uri, args.model_dir, work)
             body = request_body(work)
             for mode in ("polling", "webhooks"):
-                ports = [free_port() for _ in range(args.replicas)]
-                urls = [f"http://127.0.0.1:{port}" for port in ports]
                 with contextlib.ExitStack() as servers:
-                    for n, port in enumerate(ports):
-                        env = {
-                            **base,
-                            "CAPTCHAOPS_HOME": str(work / f"serve-{mode}-{n}"),
-                            "CAPTCHAOPS_TRACKING_URI": tracking.uri,
-                            "CAPTCHAOPS_MODEL_NAME": MODEL_NAME,
-                            "CAPTCHAOPS_POLL_SECONDS": "2",
-                            "CAPTCHAOPS_REPLICA_ID": f"r{n}",
-                        }
-                        if mode == "webhooks":
-                            secret = settings.webhook_secret.get_secret_value()
-                            env["CAPTCHAOPS_WEBHOOK_SECRET"] = secret
-                            if n == 0 and len(urls) > 1:
-                                env["CAPTCHAOPS_WEBHOOK_PEERS"] = ",".join(urls[1:])
-                        log = work / f"serve-{mode}-{n}.log"
-                        servers.enter_context(
-                            http_service(
-                                serve_cmd(port), f"{urls[n]}/health", env=env, log=log, timeout=120
-                            )
+                    where: Callable[[list[str]], list[str]] = list
+                    if layout == "hosts":
+                        bed = servers.enter_context(
+                            replica_hosts.bed(tracking.uri, args.replicas, work / f"hosts-{mode}")
                         )
+                        urls, where = bed.urls, bed.client_command
+                        bed.serve(
+                            "production", base, partial(server_env, mode, urls=urls, secret=secret)
+                        )
+                        bed.wait_serving()
+                    else:
+                        ports = [free_port() for _ in range(args.replicas)]
+                        urls = [f"http://127.0.0.1:{port}" for port in ports]
+                        for n, port in enumerate(ports):
+                            env = {
+                                **base,
+                                "CAPTCHAOPS_HOME": str(work / f"serve-{mode}-{n}"),
+                                "CAPTCHAOPS_TRACKING_URI": tracking.uri,
+                                **server_env(mode, n, urls=urls, secret=secret),
+                            }
+                            log = work / f"serve-{mode}-{n}.log"
+                            servers.enter_context(
+                                http_service(
+                                    serve_cmd(port),
+                                    f"{urls[n]}/health",
+                                    env=env,
+                                    log=log,
+                                    timeout=120,
+                                )
+                            )
                     if mode == "webhooks":
                         _register(settings, tracking.uri, urls[0])
                     health = httpx.get(f"{urls[-1]}/health", timeout=5).json()
                     print(f"{mode}: server reports {webhooks.describe_swaps(health)}", flush=True)
                     rows[mode] = measure_mode(
-                        urls, tracking.uri, version_a, args.moves, args.concurrency, body, args.flow
+                        urls,
+                        tracking.uri,
+                        version_a,
+                        args.moves,
+                        args.concurrency,
+                        body,
+                        args.flow,
+                        where,
                     )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(rows, load_before, os.getloadavg(), args)
+    report(rows, load_before, os.getloadavg(), args, layout)
 
 
 def _register(settings: Settings, tracking_uri: str, url: str) -> None:
@@ -298,11 +352,14 @@ def report(
     load_before: tuple[float, float, float],
     load_after: tuple[float, float, float],
     args: argparse.Namespace,
+    layout: str,
 ) -> None:
     """Print the comparison and write bench-results/swap.json (a dated record with --record)."""
     out: dict[str, object] = {"flow": args.flow, "replicas": args.replicas, "moves": args.moves}
+    out["layout"] = layout
     figures: dict[str, str] = {}
     where = f"{args.replicas} replicas" if args.replicas > 1 else "one server"
+    where += f" (layout {layout})"
     print(
         f"alias move -> first answer from the new version ({where}, flow {args.flow}, "
         f"{args.concurrency} clients):"
@@ -364,6 +421,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="stage each version before promoting it (promote), or move production (move)",
     )
     parser.add_argument("--replicas", type=int, default=1, help="model servers of @production")
+    parser.add_argument(
+        "--loopback", action="store_true", help="every server on 127.0.0.1, not on the hosts"
+    )
     return parser.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -91,18 +92,27 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def run_load(url: str, concurrency: int, seconds: float, body_file: Path) -> LoadResult:
-    """Run the load generator in a separate process and read its result."""
+def run_load(
+    url: str,
+    concurrency: int,
+    seconds: float,
+    body_file: Path,
+    where: Callable[[list[str]], list[str]] = list,
+) -> LoadResult:
+    """Run the load generator in a separate process (its command line made by `where`, e.g.
+    `harness.hosts.Host.command`: on another host) and read its result."""
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.serving_load",
-            url,
-            str(concurrency),
-            str(seconds),
-            str(body_file),
-        ],
+        where(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.serving_load",
+                url,
+                str(concurrency),
+                str(seconds),
+                str(body_file),
+            ]
+        ),
         check=True,
         capture_output=True,
         text=True,
