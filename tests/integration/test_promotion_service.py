@@ -1,12 +1,16 @@
 """The promotion service (issue 37): the one process that holds the promotion key, reached by
 commands that hold none (CAPTCHAOPS_PROMOTIONS_URL), on real tracking servers.
 
-Locally, a key-less `promote --from staging` goes through the service and the model servers' own
-signature check (`serving.audit_gate.AuditGate`, the service's public key) follows the move. In
+Locally, a key-less `promote --auto` (the @staging version through the gate) and `promote
+--version N` go through the service, and the model servers' own signature check
+(`serving.audit_gate.AuditGate`, the service's public key) follows each move. In
 team mode (a basic-auth tracking server; the service logs in as admin) the tracking server says
 who calls: a wrong password is 401, a reader 403; editor ed's production request waits, ed may
-not approve it, alice's approval makes the signed move naming both. A request ed writes straight
-into the audit trail, bare or wearing a real request's signature, is not approved.
+not approve it, alice's approval makes the signed move naming both, and a production server that
+trusts only the service's key serves it. A request ed writes straight into the audit trail, bare
+or wearing a real request's signature, is not approved. The client's own settings choose nothing:
+an empty CAPTCHAOPS_PRODUCTION_APPROVAL still waits, and a dead CAPTCHAOPS_PRODUCTION_URL does not
+make a rollback skip the approval (the service asks its own production server).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +32,7 @@ from typer.testing import CliRunner, Result
 from captchaops import registry
 from captchaops.cli import app
 from captchaops.evaluation.evalset import create_evalset
-from captchaops.registry.aliases import alias_version, assign_alias
+from captchaops.registry.aliases import adopt_aliases, alias_version, assign_alias
 from captchaops.registry.requests import REQUEST_SIGNATURE, pending_requests, record_request
 from captchaops.registry.signing import PRIVATE_KEY, PUBLIC_KEY, SignedMove
 from captchaops.registry.unaudited import signed_move
@@ -36,6 +41,7 @@ from captchaops.settings import Settings, load_settings
 from captchaops.team_accounts import add_user
 from captchaops.tracking_rest import TrackingRest
 from tests.fixtures.models import TrainedModel, copies, make_settings
+from tests.fixtures.serving import ModelServer, start_model_server
 from tests.fixtures.stack import (
     VENV_BIN,
     Tracking,
@@ -49,6 +55,7 @@ from tests.integration.test_approvals import _cheap_password_checks, _copy_tiny_
 pytestmark = pytest.mark.slow
 NAME = "text-captcha"
 PRODUCTION = "production"
+POLL_S = 1.0
 PASSWORDS = {
     "admin": "admin-password-for-tests",
     "ed": "ed-password-for-tests",
@@ -130,18 +137,24 @@ def test_a_keyless_client_promotes_staging_through_the_service(
     url, proc = start_service(service_home, tracking_server.uri)
     try:
         home = tmp_path / "laptop"
-        done = cli(home, url, tracking_server.uri, name, "promote", "--from", "staging",
-                   "--reason", "new fonts", "--actor", "ed")  # fmt: skip
-        assert done.exit_code == 0, done.output
-        assert f"promoted: @production v{first} -> v{second} (promoted) by ed at" in done.stdout
+        gated = cli(home, url, tracking_server.uri, name, "promote", "--auto",
+                    "--latency-slack-ms", "1000", "--actor", "ed")  # fmt: skip
+        assert gated.exit_code == 0, gated.output
+        assert gated.stdout.startswith(f"promoted v{second}: accuracy "), gated.stdout
         assert servers_follow(tracking_server.uri, name, keys / PUBLIC_KEY) == second
+        done = cli(home, url, tracking_server.uri, name, "promote", "--version", first,
+                   "--reason", "back to the first", "--actor", "ed")  # fmt: skip
+        assert done.exit_code == 0, done.output
+        assert f"promoted: @production v{second} -> v{first} (promoted) by ed at" in done.stdout
+        assert servers_follow(tracking_server.uri, name, keys / PUBLIC_KEY) == first
         assert not (home / "keys").exists() and (keys / PRIVATE_KEY).exists()
 
         wrong = cli(home, url, tracking_server.uri, name, "promote", "--version", "99",
                     "--reason", "x")  # fmt: skip
         assert wrong.exit_code == 1
-        print(wrong.stderr)
-        assert len(wrong.stderr.strip().splitlines()) == 1 and "99" in wrong.stderr
+        assert wrong.stderr.strip().splitlines() == [  # the registry's line, relayed (409)
+            f"error: {name} has no version 99; see `captchaops models` for the versions"
+        ]
         dead = f"http://127.0.0.1:{free_port()}"
         down = cli(home, dead, tracking_server.uri, name, "requests")
         assert down.exit_code == 1
@@ -160,6 +173,7 @@ class Team:
     service: str
     passwords: dict[str, str]
     versions: list[str]
+    server: ModelServer
 
     @property
     def public_key(self) -> Path:
@@ -176,12 +190,22 @@ class Team:
     def client(self, user: str = "ed") -> MlflowClient:
         return registry.client(self.settings(user))
 
-    def cli(self, user: str, *args: str) -> Result:
+    def cli(self, user: str, *args: str, **env: str) -> Result:
         return cli(
             self.home / "laptop", self.service, self.uri, NAME, *args,
             CAPTCHAOPS_AUTH="true", CAPTCHAOPS_TRACKING_USERNAME=user,
-            CAPTCHAOPS_TRACKING_PASSWORD=self.passwords[user],
+            CAPTCHAOPS_TRACKING_PASSWORD=self.passwords[user], **env,
         )  # fmt: skip
+
+    def served(self, version: str, within: float = 10.0) -> float:
+        """Seconds until the production server serves `version` (it checks every POLL_S)."""
+        began = time.monotonic()
+        while time.monotonic() - began < within:
+            health = httpx.get(f"{self.server.url}/health", timeout=5).json()
+            if str(health.get("version")) == version:
+                return time.monotonic() - began
+            time.sleep(0.05)
+        raise AssertionError(f"never served v{version}: {self.server.log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +213,8 @@ def team(
     tracking_server: Tracking, tiny_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Team]:
     """A basic-auth tracking server (editors ed and alice, reader rita), two versions, a signed
-    frozen set, @production at the first, and the promotion service logged in as admin."""
+    frozen set, @production at the first (signed with the service's key), a production server
+    that trusts only that key, and the promotion service logged in as admin."""
     home = tmp_path_factory.mktemp("promotion-service")
     with basic_auth_tracking(home, PASSWORDS["admin"]) as admin:
         uri = admin.tracking_uri
@@ -209,15 +234,27 @@ def team(
         versions = _copy_tiny_model(tracking_server.uri, tiny_model, ed, home / "model", 2)
         create_evalset(ed, ed_settings, size=20)
         assign_alias(ed, NAME, PRODUCTION, versions[0], reason="first", actor="ed")
+        adopt_aliases(ed, NAME, actor="ed", key_dir=keys)
+        server = start_model_server(
+            uri, PRODUCTION, home / "serve", poll_seconds=POLL_S,
+            settings={
+                "tracking_username": "admin", "tracking_password": PASSWORDS["admin"],
+                "signing_public_key": str(keys / PUBLIC_KEY), "canary": "false",
+            },
+        )  # fmt: skip
         url, proc = start_service(
             home / "service", uri, CAPTCHAOPS_AUTH="true",
             CAPTCHAOPS_TRACKING_USERNAME="admin",
             CAPTCHAOPS_TRACKING_PASSWORD=PASSWORDS["admin"],
+            CAPTCHAOPS_PRODUCTION_URL=server.url,
         )  # fmt: skip
         try:
-            yield Team(uri, home, url, passwords, versions)
+            team = Team(uri, home, url, passwords, versions, server)
+            team.served(versions[0], within=60)
+            yield team
         finally:
             stop_process(proc)
+            stop_process(server.proc)
 
 
 def _request_id(result: Result) -> str:
@@ -244,7 +281,11 @@ def test_the_tracking_server_says_who_calls(team: Team) -> None:
 
 def test_an_editors_request_waits_for_a_second_account(team: Team, isolated_mlflow: None) -> None:
     first, second = team.versions
-    asked = team.cli("ed", "promote", "--version", second, "--reason", "new fonts")
+    # The client's empty approval setting is not the service's: the request still waits.
+    asked = team.cli(
+        "ed", "promote", "--version", second, "--reason", "new fonts",
+        CAPTCHAOPS_PRODUCTION_APPROVAL="",
+    )  # fmt: skip
     request_id = _request_id(asked)
     assert f"@production v{first} -> v{second} (manual) requested by ed at" in asked.stdout
     listed = team.cli("alice", "requests")
@@ -263,6 +304,7 @@ def test_an_editors_request_waits_for_a_second_account(team: Team, isolated_mlfl
     assert f"approved {request_id}: @production v{first} -> v{second} (promoted) by ed" in (
         done.stdout
     )
+    print(f"served {team.served(second):.2f} s after `approve` returned (poll {POLL_S} s)")
     admin = ("admin", team.passwords["admin"])
     assert servers_follow(team.uri, NAME, team.public_key, admin) == second
     tags = team.client().get_registered_model(NAME).tags
@@ -293,3 +335,15 @@ def test_a_request_written_around_the_service_is_not_approved(
         assert len(lines) == 1 and f"request {forged.short_id}{why}" in lines[0], lines
         assert alias_version(ed, NAME, PRODUCTION) == second
     assert len(pending_requests(ed, NAME)) == 2
+
+
+def test_a_clients_dead_production_url_does_not_skip_the_approval(
+    team: Team, isolated_mlflow: None
+) -> None:
+    first, second = team.versions
+    dead = f"http://127.0.0.1:{free_port()}"
+    asked = team.cli("ed", "rollback", "--reason", "complaints", CAPTCHAOPS_PRODUCTION_URL=dead)
+    _request_id(asked)  # the service's own production server passes its live check: it waits
+    assert f"@production v{second} -> v{first} (rollback) requested by ed at" in asked.stdout
+    assert alias_version(team.client(), NAME, PRODUCTION) == second
+    assert team.served(second) < 1.0

@@ -152,11 +152,20 @@ def promote(
     if canary is None and (watch is not None or detach or then_promote):
         fail("--watch, --detach and --then-promote go with --canary PERCENT")
     if settings.promotions_url:
-        if canary is not None or auto:
+        if canary is not None:
             fail(
-                "--canary and --auto do not go through the promotion service yet; promote "
-                "--version N or --from staging, or unset CAPTCHAOPS_PROMOTIONS_URL"
+                "--canary does not go through the promotion service yet; promote --version N, "
+                "--from staging or --auto, or unset CAPTCHAOPS_PROMOTIONS_URL"
             )
+        if auto:
+            gate_options = {
+                "margin": margin,
+                "floor": floor,
+                "cer_tolerance": cer_tolerance,
+                "latency_ratio": latency_ratio,
+                "latency_slack_ms": latency_slack_ms,
+            }
+            _gate_through_service(settings, {"reason": reason, **gate_options}, actor)
         if not reason:
             fail('say why with --reason "..." (it goes into the audit trail)')
         body = {"version": version, "from": from_alias, "reason": reason, "force": force}
@@ -243,6 +252,21 @@ def _ask(
     except ServiceError as exc:
         fail(str(exc))
         raise  # fail exits; this line only tells the type checker
+
+
+def _gate_through_service(settings: Settings, body: dict[str, Any], actor: str | None) -> None:
+    """`promote --auto` by the promotion service: its verdict, and the gate's exit code."""
+    from captchaops.decisions import gate
+
+    answer = _ask(settings, "POST", "/promote", {"auto": True, **body}, actor)
+    result = answer.get("result")
+    if result == "waiting":
+        console.print(literal(f"passed the gate {answer.get('verdict')}"), highlight=False)
+        request = answer.get("request") or {}
+        _waiting_lines(settings, str(answer.get("line")), str(request.get("short_id")))
+        raise typer.Exit(gate.EXIT_PROMOTED)
+    console.print(literal(f"{result} {answer.get('line')}"), highlight=False)
+    raise typer.Exit(gate.EXIT_PROMOTED if result == "promoted" else gate.EXIT_REJECTED)
 
 
 def _through_service(

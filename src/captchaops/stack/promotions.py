@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from captchaops.access import AccessError, check
 from captchaops.decisions import approval
+from captchaops.decisions.gate_rules import GateConfig
 from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError
 from captchaops.registry.names import PRODUCTION
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 MAX_TEXT = 4000
 CURRENT_USER = "/api/2.0/mlflow/users/current"
+GATE_OPTIONS = ("margin", "floor", "cer_tolerance", "latency_ratio", "latency_slack_ms")
+"""The `promote --auto` thresholds a caller may set (as the command's options)."""
 AUTH_TIMEOUT_S = 15.0
 
 
@@ -188,6 +191,16 @@ def _text(body: dict[str, Any], field: str, *, required: bool = False) -> str | 
     return value
 
 
+def _number(body: dict[str, Any], field: str) -> float | None:
+    """A number field of the body (None when absent); Refused 400 when it is not a number."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Refused(400, f"bad {field}", f"{field} must be a number")
+    return float(value)
+
+
 def _scheme(settings: Settings, body: dict[str, Any]) -> Settings:
     """The service's settings for the scheme the body names (`model`)."""
     name = _text(body, "model") or settings.model_name
@@ -249,7 +262,25 @@ def create_app(settings: Settings) -> Starlette:
 
         return endpoint
 
+    def gate(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        config = GateConfig.with_options(**{k: _number(body, k) for k in GATE_OPTIONS})
+        decision, outcome = approval.auto_promote(
+            scheme,
+            config,
+            actor=caller.actor,
+            reason=_text(body, "reason") or "",
+            account=caller.account,
+            request_key=key_dir,
+        )
+        verdict = f"v{decision.candidate_version}: {decision.reason()}"
+        if isinstance(outcome, Request):
+            return _outcome(outcome, "promoted") | {"verdict": verdict}
+        result = "promoted" if decision.promote else "rejected"
+        return {"result": result, "line": verdict, "verdict": verdict}
+
     def promote(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("auto") is True:
+            return gate(scheme, caller, body)
         version, source = _text(body, "version"), _text(body, "from")
         if (version is None) == (source is None):
             raise Refused(400, "no version", "say which: version N or from an alias (staging)")
