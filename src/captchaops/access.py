@@ -5,11 +5,17 @@ login and its permissions here first, with one cheap authenticated read of the a
 grants (`/users/current/permissions`, which any logged-in user may read), so that a missing
 login or a missing role fails in one line that names the fix before any data is read or any
 run is started. A tracking server without basic-auth (404 there) passes every check.
+
+That check is a convenience and fails open. `require` is the strict one, for a process that acts
+for others with more rights than they hold (the promotion service): anything it does not
+understand refuses, the registered model must exist, and only an explicit grant at the needed
+level on it (or an admin account) allows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -20,6 +26,7 @@ LOOKUP = {
     "experiment": ("/api/2.0/mlflow/experiments/get-by-name", "experiment_name"),
     "registered_model": ("/api/2.0/mlflow/registered-models/get", "name"),
 }
+MISSING = "RESOURCE_DOES_NOT_EXIST"
 LEVELS = {"NO_PERMISSIONS": 0, "DENY": 0, "READ": 1, "USE": 1, "EDIT": 2, "MANAGE": 3}
 ROLE_FOR = {1: "reader", 2: "editor", 3: "admin"}
 # Experiments captchaops writes besides the settings' experiment_name and feedback_experiment.
@@ -31,6 +38,10 @@ AUDIT_EXPERIMENT = "text-captcha-promotions"
 
 class AccessError(Exception):
     """The account cannot do what the command is about to do; the message names the fix."""
+
+
+class Unverified(Exception):
+    """The tracking server's answers do not show who may do what; a strict check refuses."""
 
 
 @dataclass(frozen=True)
@@ -158,5 +169,75 @@ def check(settings: Settings, action: str, timeout: float = 15.0) -> None:
                     missing.append(need)
     except (httpx.HTTPError, ValueError, KeyError):
         return  # unreachable or odd: the command's own call reports that in its own words
+    if missing:
+        raise AccessError(denied(settings, account[0], action, missing))
+
+
+def _strict_level(grants: list[Any], kind: str, resource: str) -> int:
+    """The level explicit grants give on one resource: its own grants over `*` ones, any DENY
+    wins, and no grant is no permission (never the server's default)."""
+    rows = [g for g in grants if g.get("resource_type") == kind]
+    own = [g for g in rows if g.get("resource_pattern") == resource]
+    levels = [
+        LEVELS.get(str(g.get("permission", "")).upper(), 0)
+        for g in (own or [g for g in rows if g.get("resource_pattern") == "*"])
+    ]
+    return 0 if not levels or 0 in levels else max(levels)
+
+
+def require(settings: Settings, action: str, timeout: float = 15.0) -> None:
+    """Nothing only when the tracking server shows the account may do `action` on an existing
+    registered model; `AccessError` (a refusal) or `Unverified` (no answer to trust) otherwise."""
+    account = login(settings)
+    if account is None:
+        raise AccessError(refused_login(settings, None))
+    base = settings.effective_tracking_uri.rstrip("/")
+    where = mask_credentials(base)
+    unverified = f"the tracking server at {where} does not show what {account[0]!r} may do"
+    fix = "run it with basic-auth (team mode) and check that it answers"
+    # Every action acts on the scheme: the model must exist and be readable at least.
+    wanted = needs(settings, action) or [Need("registered_model", settings.model_name, "READ")]
+    try:
+        with httpx.Client(base_url=base, auth=account, timeout=timeout) as http:
+            answer = http.get(PERMISSIONS)
+            if answer.status_code == 401:
+                raise AccessError(refused_login(settings, account[0]))
+            if answer.status_code != 200:
+                raise Unverified(
+                    f"{unverified} (HTTP {answer.status_code} on {PERMISSIONS}); {fix}"
+                )
+            body = answer.json()
+            grants = body.get("permissions") if isinstance(body, dict) else None
+            admin = body.get("is_admin") if isinstance(body, dict) else None
+            if not isinstance(admin, bool) or not isinstance(grants, list):
+                raise Unverified(f"{unverified} (an unknown answer on {PERMISSIONS}); {fix}")
+            if not all(isinstance(g, dict) for g in grants):
+                raise Unverified(f"{unverified} (an unknown grant on {PERMISSIONS}); {fix}")
+            missing = []
+            for need in wanted:
+                path, param = LOOKUP[need.kind]
+                found = http.get(path, params={param: need.name})
+                if found.status_code == 403:
+                    missing.append(need)
+                    continue
+                absent = found.status_code == 404 and found.json().get("error_code") == MISSING
+                if absent and need.kind == "registered_model":
+                    raise AccessError(
+                        f"there is no registered model {need.name!r} on {where}: train the "
+                        "scheme first (`captchaops train`)"
+                    )
+                if absent:
+                    continue  # an audit or evaluation experiment made later; the model decides
+                if found.status_code != 200:
+                    raise Unverified(f"{unverified} (HTTP {found.status_code} on {path}); {fix}")
+                resource = (
+                    str(found.json()["experiment"]["experiment_id"])
+                    if need.kind == "experiment"
+                    else need.name
+                )
+                if not admin and _strict_level(grants, need.kind, resource) < LEVELS[need.level]:
+                    missing.append(need)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise Unverified(f"{unverified} ({type(exc).__name__}); {fix}") from exc
     if missing:
         raise AccessError(denied(settings, account[0], action, missing))

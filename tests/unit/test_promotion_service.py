@@ -1,19 +1,29 @@
 """The promotion service's own checks, before any work reaches the registry: who may call (a
 loopback peer locally, a Basic login in team mode), what a body may hold, and the signature that
-tells a request the service recorded from one written around it."""
+tells a request the service recorded from one written around it.
+
+Team mode's account check (`access.require`) runs against a loopback HTTP server that plays back
+recorded tracking-server answers: it fails closed on each answer it does not understand, where the
+commands' pre-check (`access.check`) still lets them through."""
 
 from __future__ import annotations
 
 import base64
+import json
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import SecretStr
 from starlette.testclient import TestClient
 
+from captchaops.access import AccessError, Unverified, check, require
 from captchaops.registry.requests import Request, provenance_problem, signed_bytes
-from captchaops.settings import load_settings
+from captchaops.settings import Settings, load_settings
 from captchaops.stack.promotions import create_app
 
 
@@ -118,3 +128,202 @@ def test_only_the_services_signature_over_this_run_and_these_fields_verifies() -
     assert "does not verify" in (
         provenance_problem(replace(signed, signature="not base64!"), key.public_key()) or ""
     )
+
+
+PERMISSIONS = "/api/3.0/mlflow/users/current/permissions"
+MODEL = "/api/2.0/mlflow/registered-models/get"
+EXPERIMENT = "/api/2.0/mlflow/experiments/get-by-name"
+CURRENT = "/api/2.0/mlflow/users/current"
+Answers = dict[str, tuple[int, object]]
+
+
+class _Recorded(BaseHTTPRequestHandler):
+    """Answers each path with its recorded status and body (JSON, or bytes as they are)."""
+
+    answers: Answers = {}
+
+    def do_GET(self) -> None:
+        status, body = self.answers.get(self.path.split("?")[0], (404, {"error_code": "NONE"}))
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def recorded() -> Iterator[tuple[str, Answers]]:
+    """A loopback tracking server stand-in: (its URL, the answers it plays back)."""
+    answers: Answers = {}
+    httpd = ThreadingHTTPServer(
+        ("127.0.0.1", 0), type("Handler", (_Recorded,), {"answers": answers})
+    )
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", answers
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def grant(kind: str, pattern: str, permission: str) -> dict[str, str]:
+    return {"resource_type": kind, "resource_pattern": pattern, "permission": permission}
+
+
+EDITOR = {
+    PERMISSIONS: (200, {"is_admin": False, "permissions": [
+        grant("registered_model", "text-captcha", "EDIT"), grant("experiment", "7", "EDIT"),
+    ]}),
+    MODEL: (200, {"registered_model": {"name": "text-captcha"}}),
+    EXPERIMENT: (200, {"experiment": {"experiment_id": "7"}}),
+    CURRENT: (200, {"user": {"username": "ed"}}),
+}  # fmt: skip
+MISSING = (404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such model"})
+
+
+@pytest.fixture
+def ed(
+    recorded: tuple[str, Answers], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Settings]:
+    """Editor ed's settings against the recorded server, which starts with ed's real answers."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    url, answers = recorded
+    answers.clear()
+    answers.update(EDITOR)
+    yield load_settings(
+        home=tmp_path, tracking_uri=url, tracking_username="ed",
+        tracking_password=SecretStr("ed-password"),
+    )  # fmt: skip
+    answers.clear()
+
+
+def test_an_editors_explicit_grants_allow_and_an_admin_needs_none(
+    ed: Settings, recorded: tuple[str, Answers]
+) -> None:
+    for action in ("promote", "rollback", "approve", "models"):
+        require(ed, action)
+    recorded[1][PERMISSIONS] = (200, {"is_admin": True, "permissions": []})
+    require(ed, "promote")
+
+
+@pytest.mark.parametrize(
+    ("changed", "fails_open"),
+    [
+        ({PERMISSIONS: (404, {})}, True),  # no basic-auth
+        ({PERMISSIONS: (500, {"error_code": "INTERNAL_ERROR"})}, True),
+        ({PERMISSIONS: (200, b"<html>a proxy page</html>")}, True),
+        ({PERMISSIONS: (200, {"permissions": []})}, False),  # no is_admin
+        ({PERMISSIONS: (200, {"is_admin": "yes", "permissions": []})}, False),
+        ({PERMISSIONS: (200, {"is_admin": False, "permissions": "all"})}, False),
+        ({PERMISSIONS: (200, {"is_admin": False, "permissions": ["EDIT"]})}, False),
+        ({MODEL: (404, {"error_code": "ENDPOINT_NOT_FOUND"})}, True),
+        ({MODEL: (502, b"bad gateway")}, True),
+        ({EXPERIMENT: (200, {"experiment": {}})}, True),
+    ],
+)
+def test_an_answer_it_does_not_understand_refuses(
+    ed: Settings, recorded: tuple[str, Answers], changed: Answers, fails_open: bool
+) -> None:
+    recorded[1].update(changed)
+    with pytest.raises(Unverified, match=r"does not show what 'ed' may do .*; run it with basic"):
+        require(ed, "promote")
+    if fails_open:  # the commands' pre-check is unchanged: the command's own call decides
+        check(ed, "promote")
+
+
+def test_an_unreachable_tracking_server_refuses(ed: Settings) -> None:
+    dead = ed.model_copy(update={"tracking_uri": "http://127.0.0.1:9"})
+    with pytest.raises(Unverified, match=r"\(ConnectError\)"):
+        require(dead, "promote")
+    check(dead, "promote")
+
+
+@pytest.mark.parametrize(
+    ("grants", "action"),
+    [
+        ([grant("registered_model", "text-captcha", "READ")], "promote"),
+        ([], "models"),  # the server's default READ is no grant
+        ([grant("registered_model", "*", "EDIT"), grant("registered_model", "text-captcha", "DENY")],
+         "approve"),
+        ([grant("registered_model", "text-captcha", "EDIT"), grant("experiment", "7", "READ")],
+         "rollback"),
+        ([grant("registered_model", "text-captcha", "SUPERUSER")], "promote"),
+    ],
+)  # fmt: skip
+def test_only_an_explicit_grant_at_the_level_allows(
+    ed: Settings, recorded: tuple[str, Answers], grants: list[dict[str, str]], action: str
+) -> None:
+    recorded[1][PERMISSIONS] = (200, {"is_admin": False, "permissions": grants})
+    with pytest.raises(AccessError, match=f"user 'ed' may not {action} text-captcha"):
+        require(ed, action)
+
+
+def test_the_registered_model_must_exist(ed: Settings, recorded: tuple[str, Answers]) -> None:
+    recorded[1][MODEL] = MISSING
+    with pytest.raises(AccessError, match="there is no registered model 'text-captcha'"):
+        require(ed, "promote")
+    check(ed, "promote")  # the pre-check: whoever makes it may use it
+    recorded[1][MODEL] = (403, {"error_code": "PERMISSION_DENIED"})
+    with pytest.raises(AccessError, match="user 'ed' may not promote"):
+        require(ed, "promote")
+
+
+def test_an_audit_experiment_not_made_yet_leaves_the_models_grant_to_decide(
+    ed: Settings, recorded: tuple[str, Answers]
+) -> None:
+    recorded[1][EXPERIMENT] = MISSING
+    require(ed, "promote")
+    recorded[1][PERMISSIONS] = (200, {"is_admin": False, "permissions": []})
+    with pytest.raises(AccessError, match="user 'ed' may not promote"):
+        require(ed, "promote")
+
+
+def team_client(settings: Settings) -> TestClient:
+    service = settings.model_copy(
+        update={"auth": True, "tracking_username": "admin", "tracking_password": None}
+    )
+    return TestClient(create_app(service), base_url="http://127.0.0.1")
+
+
+ED = {"authorization": "Basic " + base64.b64encode(b"ed:ed-password").decode()}
+
+
+def test_the_service_answers_503_when_it_cannot_tell_what_a_caller_may_do(
+    ed: Settings, recorded: tuple[str, Answers]
+) -> None:
+    recorded[1][PERMISSIONS] = (404, {})
+    answer = team_client(ed).post("/promote", json={"version": "2", "reason": "x"}, headers=ED)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"] == "no account check"
+    assert "\n" not in answer.json()["detail"]
+    recorded[1][PERMISSIONS] = EDITOR[PERMISSIONS]
+    recorded[1][MODEL] = MISSING
+    answer = team_client(ed).get("/requests", headers=ED)
+    assert answer.status_code == 403 and "no registered model" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "error"),
+    [
+        ("POST", "/promote", {"version": "2", "reason": "x", "approver": "me"}, 400, "unknown field"),
+        ("POST", "/promote", {"version": "2", "reason": "x", "force": "yes"}, 400, "bad force"),
+        ("POST", "/promote", {"auto": 1}, 400, "bad auto"),
+        ("POST", "/rollback", {"version": "2"}, 400, "unknown field"),
+        ("POST", "/approve", {"request": "abc", "force": True}, 400, "unknown field"),
+        ("POST", "/promote?model=x", {"model": "y"}, 400, "bad query"),
+        ("GET", "/requests?model=text-captcha&status=all", None, 400, "unknown field"),
+        ("GET", "/requests?model=a&model=b", None, 400, "bad query"),
+        ("POST", "/adopt", {}, 404, "no such action"),
+        ("GET", "/promote", None, 405, "no such action"),
+    ],
+)  # fmt: skip
+def test_what_the_service_does_not_know_is_refused(
+    ed: Settings, method: str, path: str, body: object, status: int, error: str
+) -> None:
+    answer = team_client(ed).request(method, path, json=body, headers=ED)
+    assert (answer.status_code, answer.json()["error"]) == (status, error), answer.text
+    assert set(answer.json()) == {"error", "detail"}

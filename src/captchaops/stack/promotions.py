@@ -8,13 +8,16 @@ from the request:
 
 - team mode (`auth`): each request carries the caller's tracking-server login (HTTP Basic); the
   service asks the tracking server who that is (`/users/current`) and what they may do
-  (`access.check` with their login), and names that account in every request, approval and move.
+  (`access.require` with their login: strict, unlike the commands' own pre-check, since the
+  service acts with more rights than its callers), and names that account in every request,
+  approval and move. An answer it does not understand refuses (503), never allows.
 - local mode: the service answers loopback peers only. Local mode has no accounts, so it trusts
   the name a caller gives (`actor`) as the audit trail's name, as local commands always did;
   what it adds is that the key stays in the service's home, out of the callers' reach.
 
+A body holds only the fields its endpoint knows, each of its type; anything else is a 400.
 Answers are JSON: `{"result", "line", ...}`, or `{"error", "detail"}` with 400, 401, 403, 404,
-409 (the registry refused: the one line a command prints) or 413.
+405, 409 (the registry refused: the one line a command prints), 413 or 503.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ import httpx
 from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from captchaops.access import AccessError, check
+from captchaops.access import AccessError, Unverified, require
 from captchaops.decisions import approval
 from captchaops.decisions.gate_rules import GateConfig
 from captchaops.registry.audit import Move
@@ -54,6 +58,14 @@ CURRENT_USER = "/api/2.0/mlflow/users/current"
 GATE_OPTIONS = ("margin", "floor", "cer_tolerance", "latency_ratio", "latency_slack_ms")
 """The `promote --auto` thresholds a caller may set (as the command's options)."""
 AUTH_TIMEOUT_S = 15.0
+COMMON = frozenset({"model", "alias", "actor"})
+FIELDS = {
+    "promote": COMMON | {"auto", "reason", "version", "from", "force", *GATE_OPTIONS},
+    "rollback": COMMON | {"to", "reason"},
+    "approve": COMMON | {"request"},
+    "models": frozenset({"model"}),
+}
+"""The fields each action's body (or query) may hold; any other is refused, never ignored."""
 
 
 class Refused(Exception):
@@ -154,9 +166,11 @@ def authenticate(
         update={"tracking_username": login[0], "tracking_password": SecretStr(login[1])}
     )
     try:
-        check(caller, action)
+        require(caller, action, timeout=AUTH_TIMEOUT_S)
     except AccessError as exc:
         raise Refused(403, "forbidden", str(exc)) from exc
+    except Unverified as exc:
+        raise Refused(503, "no account check", str(exc)) from exc
     actor = account if given in (None, account) else f"{account} (as {given})"
     return Caller(account=account, actor=actor)
 
@@ -189,6 +203,24 @@ def _text(body: dict[str, Any], field: str, *, required: bool = False) -> str | 
     if not isinstance(value, str) or len(value) > MAX_TEXT:
         raise Refused(400, f"bad {field}", f"{field} must be text of at most {MAX_TEXT} characters")
     return value
+
+
+def _flag(body: dict[str, Any], field: str) -> bool:
+    """A true/false field of the body (false when absent); Refused 400 when it is not one."""
+    value = body.get(field)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise Refused(400, f"bad {field}", f"{field} must be true or false")
+    return value
+
+
+def _known(body: dict[str, Any], action: str) -> None:
+    """Refused 400 when the body holds a field `action` does not know."""
+    unknown = sorted(set(body) - FIELDS[action])
+    if unknown:
+        known = ", ".join(sorted(FIELDS[action]))
+        raise Refused(400, "unknown field", f"unknown field {unknown[0]!r}; this takes: {known}")
 
 
 def _number(body: dict[str, Any], field: str) -> float | None:
@@ -250,7 +282,13 @@ def create_app(settings: Settings) -> Starlette:
                 if not host_allowed(request.headers.get("host"), hosts):
                     raise Refused(400, "bad host", "this service does not answer that Host name")
                 body = await _body(request) if request.method == "POST" else {}
-                body |= {k: v for k, v in request.query_params.items() if k == "model"}
+                query = dict(request.query_params)
+                if len(query) != len(request.query_params.multi_items()):
+                    raise Refused(400, "bad query", "name each query parameter once")
+                if set(body) & set(query):
+                    raise Refused(400, "bad query", "say a field in the body or the query")
+                body |= query
+                _known(body, action)
                 scheme = _scheme(settings, body)
                 caller = await run_in_threadpool(authenticate, scheme, request, body, action)
                 answer = await run_in_threadpool(work, scheme, caller, body)
@@ -279,7 +317,7 @@ def create_app(settings: Settings) -> Starlette:
         return {"result": result, "line": verdict, "verdict": verdict}
 
     def promote(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        if body.get("auto") is True:
+        if _flag(body, "auto"):
             return gate(scheme, caller, body)
         version, source = _text(body, "version"), _text(body, "from")
         if (version is None) == (source is None):
@@ -290,7 +328,7 @@ def create_app(settings: Settings) -> Starlette:
             from_alias=source,
             reason=_text(body, "reason", required=True) or "",
             actor=caller.actor,
-            force=body.get("force") is True,
+            force=_flag(body, "force"),
             account=caller.account,
             request_key=key_dir,
         )
@@ -323,13 +361,19 @@ def create_app(settings: Settings) -> Starlette:
     async def health(request: HttpRequest) -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
+    async def unrouted(request: HttpRequest, exc: Exception) -> JSONResponse:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        paths = "POST /promote, /rollback, /approve; GET /requests, /health"
+        detail = f"{request.method} {request.url.path} is not an action here; the actions: {paths}"
+        return JSONResponse({"error": "no such action", "detail": detail}, status)
+
     async def failed(request: HttpRequest, exc: Exception) -> JSONResponse:
         log.exception("promotion service failed on %s", request.url.path, exc_info=exc)
         detail = f"the promotion service failed ({type(exc).__name__}); its log says why"
         return JSONResponse({"error": "internal", "detail": detail}, 500)
 
     return Starlette(
-        exception_handlers={Exception: failed},
+        exception_handlers={404: unrouted, 405: unrouted, Exception: failed},
         routes=[
             Route("/health", health),
             Route("/promote", guarded("promote", promote), methods=["POST"]),
