@@ -30,8 +30,15 @@ PORTS = {
     "production": "CAPTCHAOPS_PRODUCTION_PORT",
     "staging": "CAPTCHAOPS_STAGING_PORT",
     "app": "CAPTCHAOPS_APP_PORT",
+    "promotions": "CAPTCHAOPS_PROMOTIONS_PORT",  # team mode only
 }
-HEALTH = {"tracking": "/health", "production": "/ping", "staging": "/ping", "app": "/healthz"}
+HEALTH = {
+    "tracking": "/health",
+    "production": "/ping",
+    "staging": "/ping",
+    "app": "/healthz",
+    "promotions": "/health",
+}
 SIGNING_KEY_ENV = "CAPTCHAOPS_SIGNING_KEY_DIR"
 """Where the promotion key lives: model servers follow only alias moves it signed."""
 

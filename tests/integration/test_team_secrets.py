@@ -1,7 +1,7 @@
 """No secret of the team stack where another local account, a log reader or a reader of runs
 can see it: `captchaops up` in team mode (PostgreSQL, S3, basic-auth, both model servers, the
-app), then every generated secret is looked for in its processes' command lines, its log files
-and every MLflow parameter and tag."""
+promotion service, the app), then every generated secret is looked for in its processes'
+command lines, its log files and every MLflow parameter and tag."""
 
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ def stack(
         CAPTCHAOPS_PRODUCTION_PORT=str(free_port()),
         CAPTCHAOPS_STAGING_PORT=str(free_port()),
         CAPTCHAOPS_APP_PORT=str(free_port()),
+        CAPTCHAOPS_PROMOTIONS_PORT=str(free_port()),
     )
     up = cli(env, "up")
     assert up.returncode == 0, up.stdout + up.stderr
@@ -106,12 +107,12 @@ def test_no_secret_in_command_lines_logs_or_runs(stack: dict) -> None:
     lines: dict[object, bytes] = {
         p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ") for p in pids
     }
-    assert len(lines) >= 5, lines  # supervisord, tracking, production, staging, app
+    assert len(lines) >= 6, lines  # supervisord, tracking, production, staging, promotions, app
     conf = (home / "run" / "supervisord.conf").read_text().splitlines()
     commands = {
         f"supervised {i}": c.encode() for i, c in enumerate(conf) if c.startswith("command=")
     }
-    assert len(commands) == 4, commands  # what every restart runs, not only what runs now
+    assert len(commands) == 5, commands  # what every restart runs, not only what runs now
     lines |= commands
     logs = {path: path.read_bytes() for path in home.rglob("*.log") if path.is_file()}
     assert logs, "the stack wrote no log files"

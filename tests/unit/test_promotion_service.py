@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import SecretStr
 from starlette.testclient import TestClient
@@ -25,6 +26,8 @@ from captchaops.access import AccessError, Unverified, check, require
 from captchaops.registry.requests import Request, provenance_problem, signed_bytes
 from captchaops.settings import Settings, load_settings
 from captchaops.stack.promotions import create_app
+from captchaops.stack.services import build_services
+from captchaops.stack.store import Store
 
 
 def client(tmp_path: Path, **settings: object) -> TestClient:
@@ -327,3 +330,44 @@ def test_what_the_service_does_not_know_is_refused(
     answer = team_client(ed).request(method, path, json=body, headers=ED)
     assert (answer.status_code, answer.json()["error"]) == (status, error), answer.text
     assert set(answer.json()) == {"error", "detail"}
+
+
+def test_team_mode_up_supervises_the_service_with_the_admin_login_in_its_environment(
+    tmp_path: Path,
+) -> None:
+    store = Store(kind="local", destination=str(tmp_path / "artifacts"))
+    team = load_settings(home=tmp_path, auth=True, tracking_port=5999, promotions_port=5998)
+    spec = {svc.name: svc for svc in build_services(team, store)}["promotions"]
+    stored = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
+    password = stored["CAPTCHAOPS_ADMIN_PASSWORD"]
+    assert spec.command[1:] == ["promotions", "serve", "--port", "5998"]
+    assert (spec.url, spec.health_url) == ("http://127.0.0.1:5998", "http://127.0.0.1:5998/health")
+    assert spec.env["CAPTCHAOPS_AUTH"] == "true" and spec.env["CAPTCHAOPS_HOME"] == str(tmp_path)
+    assert (
+        spec.env["CAPTCHAOPS_TRACKING_USERNAME"] == spec.env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    )
+    assert spec.env["CAPTCHAOPS_TRACKING_PASSWORD"] == password
+    assert not any(password in part for part in spec.command)
+    local = build_services(load_settings(home=tmp_path / "local"), store)
+    assert "promotions" not in {svc.name for svc in local}
+
+
+def test_compose_gives_the_private_key_to_the_promotion_service_alone() -> None:
+    compose = Path(__file__).resolve().parents[2] / "deploy" / "compose.yaml"
+    services = yaml.safe_load(compose.read_text())["services"]
+
+    def mounted(name: str) -> set[str]:
+        refs = services[name].get("secrets", [])
+        return {ref if isinstance(ref, str) else ref["source"] for ref in refs}
+
+    running = [name for name, svc in services.items() if not svc.get("profiles")]
+    assert [name for name in running if "promotion_key" in mounted(name)] == ["promotions"]
+    for server in ("production", "staging"):
+        assert mounted(server) == {"service_password", "promotion_public_key"}
+    promotions = services["promotions"]
+    assert promotions["command"][1:3] == ["promotions", "serve"]
+    assert promotions["environment"]["CAPTCHAOPS_AUTH"] == "true"
+    assert "mlflow_admin_password" in mounted("promotions")
+    assert services["train"]["environment"]["CAPTCHAOPS_PROMOTIONS_URL"] == (
+        "http://promotions:8890"
+    )

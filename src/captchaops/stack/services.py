@@ -16,7 +16,9 @@ from captchaops.stack.webhooks import tracking_env
 CORE = ("store", "tracking")
 VERDICTS = Path("serving-cache") / "verdicts"
 """Where a model server keeps its trial verdicts, under its home (serving.verdicts)."""
-ALL = ("store", "tracking", "production", "staging", "app")
+ALL = ("store", "tracking", "production", "staging", "promotions", "app")
+"""`promotions` runs in team mode only: locally the key and its callers share one account, so a
+service holding the key would keep it from nobody."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,23 @@ def service_env(settings: Settings) -> dict[str, str]:
         "MLFLOW_TRACKING_USERNAME": settings.service_username,
         "MLFLOW_TRACKING_PASSWORD": password,
         "CAPTCHAOPS_TRACKING_USERNAME": settings.service_username,
+        "CAPTCHAOPS_TRACKING_PASSWORD": password,
+    }
+
+
+def promotions_env(settings: Settings) -> dict[str, str]:
+    """The promotion service's tracking account: the stack's admin (it moves @production, tags the
+    registered model and writes the audit trail, which the servers' read-only account may not).
+    In the environment, never on the command line, where `ps` would show the password."""
+    assert settings.admin_password, "call team_secrets() first"
+    password = settings.admin_password.get_secret_value()
+    return {
+        "CAPTCHAOPS_AUTH": "true",
+        "CAPTCHAOPS_PROMOTIONS_PORT": str(settings.promotions_port),
+        "MLFLOW_TRACKING_URI": settings.effective_tracking_uri,
+        "MLFLOW_TRACKING_USERNAME": settings.admin_username,
+        "MLFLOW_TRACKING_PASSWORD": password,
+        "CAPTCHAOPS_TRACKING_USERNAME": settings.admin_username,
         "CAPTCHAOPS_TRACKING_PASSWORD": password,
     }
 
@@ -217,6 +236,20 @@ def build_services(
                 health_url=f"{url}/ping",
                 url=url,
                 env=env,
+            )
+        )
+    if "promotions" in names and settings.auth:
+        url = f"http://{client_host}:{settings.promotions_port}"
+        serve = [_bin("captchaops"), "promotions", "serve", "--port", str(settings.promotions_port)]
+        specs.append(
+            Service(
+                name="promotions",
+                command=serve,
+                port=settings.promotions_port,
+                port_setting="CAPTCHAOPS_PROMOTIONS_PORT",
+                health_url=f"{url}/health",
+                url=url,
+                env={**common, **promotions_env(settings)},
             )
         )
     if "app" in names:
