@@ -277,7 +277,8 @@ def test_model_servers_get_only_the_promotion_public_key(
         for ref in service.get("secrets", [])
         if (ref if isinstance(ref, str) else ref["source"]) == "promotion_key"
     }
-    assert holders == {"train"}  # the gate and promotions run there
+    # the promotion service moves @production; train's @staging move and canaries still sign there
+    assert holders == {"promotions", "train"}
     for name in ("production", "staging"):
         service = spec["services"][name]
         env = service["environment"]
