@@ -14,6 +14,14 @@ from the connection cap; each of its requests stands for the client its X-Forwar
 (`service_auth.forwarded_client`: the rightmost hop no trusted proxy added), which becomes the
 request's `client`, and no such client may have more than `per_client` requests in at once:
 more are answered 429. From any other peer X-Forwarded-For is ignored.
+
+Each answer leaves in one write: uvicorn writes a response's head, its body and its end as
+separate writes, so a server killed between them sends a head with no body, which a balancer
+has already passed on and cannot retry (HAProxy logs `SD`; one request in about 13,000 of a
+kill drill failed so). `WholeAnswers` holds what uvicorn writes while a response's body is under
+way (up to `ANSWER_BUFFER_BYTES`) and hands it to the socket when the response ends, so an
+answer of that size reaches the balancer whole or not at all, and an unanswered request is one
+the balancer retries.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from captchaops.service_auth import Network, forwarded_client, is_trusted
 HEAD_TIMEOUT_S = 10.0
 MAX_CONNECTIONS_PER_CLIENT = 128
 MAX_HEAD_BYTES = 16 * 1024
+ANSWER_BUFFER_BYTES = 256 * 1024
+"""Largest answer sent in one write; a longer body goes out as it is written."""
 """Largest request head (h11's incomplete-event limit): a scoring request needs under 1 KiB."""
 MAX_CONNECTIONS = 1_024
 """uvicorn's `limit_concurrency`: past it requests get 503 instead of piling up."""
@@ -59,7 +69,7 @@ class GuardedH11(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Count the connection against its address (closing it when over the cap; a trusted
         proxy is not capped), and start the clock for its first head."""
-        super().connection_made(transport)
+        super().connection_made(WholeAnswers(transport, self))
         address = self.client[0] if self.client else ""
         if is_trusted(address, self.trusted):
             self._arm()
@@ -106,6 +116,81 @@ class GuardedH11(H11Protocol):
         self._head_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.abort()
+
+
+class WholeAnswers(asyncio.Transport):
+    """The connection's transport, writing each response (head, body, end) in one write: what
+    is written while the response's body is under way waits for its end, or for
+    `ANSWER_BUFFER_BYTES`, then goes out at once. Everything else passes through."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: H11Protocol) -> None:
+        super().__init__()
+        self._transport = transport
+        self._protocol = protocol
+        self._held: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._held.append(bytes(data))
+        self._size += len(data)
+        under_way = self._protocol.conn.our_state is h11.SEND_BODY
+        if not under_way or self._size >= ANSWER_BUFFER_BYTES:
+            self._flush()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if self._held:
+            data = b"".join(self._held)
+            self._held, self._size = [], 0
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held, self._size = [], 0
+        self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + self._size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
 
 
 class ForwardedClients:
