@@ -60,6 +60,8 @@ def stack(
     )
     up = cli(env, "up")
     assert up.returncode == 0, up.stdout + up.stderr
+    port = env["CAPTCHAOPS_PROMOTIONS_PORT"]
+    assert f"promotions  healthy  http://127.0.0.1:{port}" in up.stdout, up.stdout
     try:
         yield {"env": env, "home": home, "secrets": read_env_file(home / ".env")}
     finally:

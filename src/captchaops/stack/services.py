@@ -16,7 +16,7 @@ from captchaops.stack.webhooks import tracking_env
 CORE = ("store", "tracking")
 VERDICTS = Path("serving-cache") / "verdicts"
 """Where a model server keeps its trial verdicts, under its home (serving.verdicts)."""
-ALL = ("store", "tracking", "production", "staging", "promotions", "app")
+ALL = ("store", "tracking", "production", "staging", "app", "promotions")
 """`promotions` runs in team mode only: locally the key and its callers share one account, so a
 service holding the key would keep it from nobody."""
 
@@ -238,6 +238,19 @@ def build_services(
                 env=env,
             )
         )
+    if "app" in names:
+        url = f"http://{client_host}:{settings.app_port}"
+        specs.append(
+            Service(
+                name="app",
+                command=[_bin("captchaops"), "app", "--port", str(settings.app_port)],
+                port=settings.app_port,
+                port_setting="CAPTCHAOPS_APP_PORT",
+                health_url=f"{url}/healthz",
+                url=url,
+                env={**common, **service_env(settings)},
+            )
+        )
     if "promotions" in names and settings.auth:
         url = f"http://{client_host}:{settings.promotions_port}"
         serve = [_bin("captchaops"), "promotions", "serve", "--port", str(settings.promotions_port)]
@@ -250,19 +263,6 @@ def build_services(
                 health_url=f"{url}/health",
                 url=url,
                 env={**common, **promotions_env(settings)},
-            )
-        )
-    if "app" in names:
-        url = f"http://{client_host}:{settings.app_port}"
-        specs.append(
-            Service(
-                name="app",
-                command=[_bin("captchaops"), "app", "--port", str(settings.app_port)],
-                port=settings.app_port,
-                port_setting="CAPTCHAOPS_APP_PORT",
-                health_url=f"{url}/healthz",
-                url=url,
-                env={**common, **service_env(settings)},
             )
         )
     return specs
