@@ -88,6 +88,7 @@ def create_app(
         lifespan=_lifespan,
     )
     app.state.watcher = watcher
+    app.state.receiver = receiver
     app.state.metrics = metrics
     app.state.invocations = scoring
     app.state.canary = canary
@@ -141,6 +142,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         if app.state.canary is not None:
             app.state.canary.stop()
         app.state.watcher.stop()
+        await app.state.receiver.close()
         await app.state.invocations.stop()
         if monitor is not None:
             await asyncio.to_thread(monitor.stop)  # the last points, and the runs finished

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ RECHECK_S = 1.0
 PENDING_S = 20.0
 """For this long after an unsigned move is first seen, the alias is checked every RECHECK_S."""
 TRUSTED_FILE = "signed-move.json"
+MAX_REFS = 16
+"""Versions whose run ids are remembered (`AuditGate.ref`)."""
 
 
 class AuditGate:
@@ -62,7 +65,8 @@ class AuditGate:
         self.trusted: SignedMove | None = None
         self._envelope = ""
         self._since = 0.0
-        self._held: VersionRef | None = None
+        self._refs: dict[str, VersionRef] = {}
+        self._refs_lock = threading.Lock()
         self._aliases: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._restore()
@@ -72,19 +76,23 @@ class AuditGate:
         """The version the last trusted signed move put on the alias (None: none, or removed)."""
         return (self.trusted.version or None) if self.trusted is not None else None
 
-    def judge(self, ref: VersionRef | None) -> VersionRef | None:
-        """The answer to act on: `ref` when a valid signed move names it, else the last signed
+    def judge(self) -> VersionRef | None:
+        """The answer to act on, from one read of the registered model (its aliases and signed
+        moves): the alias's version when a valid signed move names it, else the last signed
         version (None: nothing signed to serve)."""
         aliases, tags = self.rest.registered_model(self.name)
         self._aliases, self._tags = aliases, tags
-        seen = ref.version if ref is not None else ""
+        seen = aliases.get(self.alias, "")
+        if not aliases:
+            with self._refs_lock:  # no such model (any more): a new one numbers versions afresh
+                self._refs.clear()
         why = self._consider(tags, seen)
         if self.trusted is not None and self.trusted.version == seen:
             if self.unaudited is not None:
                 log.info("@%s v%s is signed now", self.alias, seen or "(removed)")
             self.unaudited, self.why = None, ""
             self.gauge.set(0)
-            return ref
+            return self.ref(seen) if seen else None
         if seen == "" and self.trusted is None:
             self.unaudited, self.why = None, ""  # nothing there, nothing signed: nothing to say
             self.gauge.set(0)
@@ -95,11 +103,21 @@ class AuditGate:
             log.warning("%s", self.reason())
         self.gauge.set(1)
         held = self.audited
-        if held is None:
-            return None
-        if self._held is None or self._held.version != held:
-            self._held = self.rest.version_ref(self.name, held)
-        return self._held
+        return self.ref(held) if held is not None else None
+
+    def ref(self, version: str) -> VersionRef:
+        """Version `version` of the model with its run id, asked of the registry once per
+        version (a version's run never changes): the pre-load asks, so a promotion to the
+        pre-loaded version costs no round trip besides `judge`'s one read."""
+        with self._refs_lock:
+            found = self._refs.get(version)
+        if found is None:
+            found = self.rest.version_ref(self.name, version)
+            with self._refs_lock:
+                while len(self._refs) >= MAX_REFS:
+                    self._refs.pop(next(iter(self._refs)))
+                self._refs[version] = found
+        return found
 
     def signed_at(self, alias: str) -> SignedMove | None:
         """The signed move that put on `alias` (another alias of the model, e.g. staging) the

@@ -150,6 +150,9 @@ class ServedModel:
     load_seconds: float
     model: ImageModel = field(repr=False)
     last_known_good: bool = False
+    preload_seconds: float | None = None
+    """How long its pre-load took in the background (None: not pre-loaded); `load_seconds` is
+    then the swap's own time."""
 
     def describe(self) -> dict[str, Any]:
         """What `/version` answers."""
@@ -160,6 +163,9 @@ class ServedModel:
             "run_id": self.run_id,
             "loaded_at": self.loaded_at,
             "load_seconds": round(self.load_seconds, 3),
+            "preload_seconds": (
+                round(self.preload_seconds, 3) if self.preload_seconds is not None else None
+            ),
             "alphabet": self.model.meta.get("alphabet"),
             "height": self.model.meta.get("height"),
             "width": self.model.meta.get("width"),

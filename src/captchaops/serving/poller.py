@@ -49,6 +49,12 @@ class AliasPoller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._cause = TIMER
+        self._asked = 0.0
+        self.asked_at = 0.0
+        """When the check being answered was asked for (monotonic: a delivery's `poll_soon`,
+        else the poll's start)."""
+        self.read_seconds = 0.0
+        """How long its registry read took."""
         self._thread: threading.Thread | None = None
 
     def set_interval(self, poll_seconds: float) -> None:
@@ -73,15 +79,18 @@ class AliasPoller:
     def poll_soon(self, cause: str = "reload") -> None:
         """Poll now instead of at the next tick; `cause` is passed on with the answer."""
         self._cause = cause
+        self._asked = time.monotonic()
         self._wake.set()
 
-    def poll_once(self, cause: str = TIMER) -> None:
+    def poll_once(self, cause: str = TIMER, asked_at: float | None = None) -> None:
         """Ask the registry once and report the answer (None: no such alias) with `cause`, or
-        the failure."""
+        the failure; `asked_at` (monotonic) is when the check was asked for."""
+        started = time.monotonic()
         try:
-            ref = self.rest.alias_version(self.name, self.alias)
-            if self.gate is not None:
-                ref = self.gate.judge(ref)
+            if self.gate is not None:  # one read: the aliases and the moves signed for them
+                ref = self.gate.judge()
+            else:
+                ref = self.rest.alias_version(self.name, self.alias)
         except Exception as exc:
             self.last_poll_at = _now()
             self.last_error = f"{type(exc).__name__}: {one_line(exc)}"
@@ -92,6 +101,8 @@ class AliasPoller:
         self.last_poll_at = _now()
         self.last_error = None
         self._last_success = time.monotonic()
+        self.asked_at = started if asked_at is None else asked_at
+        self.read_seconds = self._last_success - started
         self.on_answer(ref, cause)
 
     def silent_seconds(self) -> float:
@@ -103,16 +114,17 @@ class AliasPoller:
         return self.silent_seconds() > self.stale_after
 
     def _loop(self) -> None:
-        cause = TIMER
+        cause, asked = TIMER, None
         while not self._stop.is_set():
             try:
-                self.poll_once(cause)
+                self.poll_once(cause, asked)
             except Exception:  # a bug in a callback must not end polling for good
                 log.exception("checking alias %s failed", self.alias)
             soon = self.gate is not None and self.gate.pending()
             woken = self._wake.wait(RECHECK_S if soon else self.poll_seconds)
             self._wake.clear()
             cause, self._cause = (self._cause if woken else TIMER), TIMER
+            asked = self._asked if woken else None
 
 
 class SwapMode:

@@ -85,6 +85,9 @@ class AliasWatcher:
         self.last_swap: dict[str, Any] | None = None
         self._wanted: VersionRef | None = None
         self._wanted_cause = TIMER
+        self._wanted_asked = (0.0, 0.0)
+        """When the check that asked for `_wanted` began (monotonic) and its registry read's
+        seconds."""
         self._tried_last_good = False
         self._logged_failure: str | None = None
         self._lock = threading.Lock()
@@ -286,7 +289,7 @@ class AliasWatcher:
             time.monotonic() - self._failed_at < self.retry_failed_seconds
         ):
             return
-        self._want(ref, cause)
+        self._want(ref, cause, (self.poller.asked_at, self.poller.read_seconds))
 
     def _plan_preload(self) -> None:
         """Pre-load what a signed move put on the pre-load alias, unless it is served, pre-loaded
@@ -341,10 +344,10 @@ class AliasWatcher:
     def _preload(self, move: SignedMove) -> None:
         """Load the version `move` names with every check, and keep it ready if it is still
         wanted and its network is the one the move names."""
-        assert self.preloader is not None
+        assert self.preloader is not None and self.poller.gate is not None
         started = time.monotonic()
         try:
-            ref = self.poller.rest.version_ref(self.name, move.version)
+            ref = self.poller.gate.ref(move.version)  # kept: the promotion's check asks none
             loaded = self.preloader.load(ref, keep=False)
         except Exception as exc:
             self.preload_error = f"version {move.version}: {type(exc).__name__}: {one_line(exc)}"
@@ -429,11 +432,12 @@ class AliasWatcher:
         with self._lock:
             if self.current is None and self.alias_exists is None and not self._tried_last_good:
                 self._tried_last_good = True
-                self._want(_LAST_GOOD, "last_known_good")
+                self._want(_LAST_GOOD, "last_known_good", (time.monotonic(), 0.0))
 
-    def _want(self, ref: VersionRef, cause: str) -> None:
+    def _want(self, ref: VersionRef, cause: str, asked: tuple[float, float]) -> None:
         self._wanted = ref
         self._wanted_cause = cause
+        self._wanted_asked = asked
         self._wake.set()
 
     def _loop(self) -> None:
@@ -442,17 +446,20 @@ class AliasWatcher:
             self._wake.clear()
             with self._lock:
                 wanted, self._wanted = self._wanted, None
-                cause = self._wanted_cause
+                cause, asked = self._wanted_cause, self._wanted_asked
                 self.loading = wanted
             if wanted is not None and not self._stop.is_set():
                 try:
-                    self._load(wanted, cause)
+                    self._load(wanted, cause, asked)
                 except Exception:  # a bug while swapping must not end loading for good
                     log.exception("loading for alias %s failed", self.alias)
                 finally:
                     self.loading = None
 
-    def _load(self, wanted: VersionRef, cause: str) -> None:
+    def _load(self, wanted: VersionRef, cause: str, asked: tuple[float, float]) -> None:
+        """Load (or take the pre-loaded copy of) `wanted` and serve it if the alias still points
+        there; `asked` is when the check that found it began and how long it read the registry."""
+        started = time.monotonic()
         last_good = wanted is _LAST_GOOD
         what = "the last-known-good copy" if last_good else f"version {wanted.version}"
         log.info("loading %s of %s for alias %s", what, self.name, self.alias)
@@ -475,6 +482,7 @@ class AliasWatcher:
         if refusal is not None:
             self._failed(None if last_good else wanted.version, LoadError(refusal))
             return
+        swap_seconds = time.monotonic() - started
         with self._lock:
             if not self._still_wanted(loaded):
                 log.info("not serving version %s: the alias moved meanwhile", loaded.ref.version)
@@ -488,15 +496,20 @@ class AliasWatcher:
                 version=loaded.ref.version,
                 run_id=loaded.ref.run_id,
                 loaded_at=_now(),
-                load_seconds=loaded.seconds,
+                load_seconds=swap_seconds,
                 model=loaded.model,
                 last_known_good=loaded.last_known_good,
+                preload_seconds=preloaded.seconds if preloaded is not None else None,
             )
+            after = time.monotonic() - asked[0]
             self.last_swap = {
                 "version": loaded.ref.version,
                 "cause": cause,
                 "at": _now(),
                 "preloaded": preloaded is not None,
+                "seconds": round(after, 3),
+                "registry_read_seconds": round(asked[1], 3),
+                "load_seconds": round(swap_seconds, 3),
             }
             self._clear_failure()
         if preloaded is not None:
@@ -514,7 +527,17 @@ class AliasWatcher:
                 loaded.ref.version,
             )
         else:
-            log.info("now serving %s version %s (%s)", self.name, loaded.ref.version, cause)
+            log.info(
+                "now serving %s version %s (%s): %.3f s after the check was asked for (its "
+                "registry read %.3f s), %s %.3f s",
+                self.name,
+                loaded.ref.version,
+                cause,
+                after,
+                asked[1],
+                "pre-loaded, swapped in" if preloaded is not None else "loaded in",
+                swap_seconds,
+            )
 
     def _unsigned(self, loaded: Loaded) -> str | None:
         """Why a loaded version of a managed alias is not the network a signed move names."""

@@ -110,6 +110,9 @@ class WebhookReceiver:
         for result in ("sent", "error"):
             self.relays.labels(result)
         self._relaying: set[asyncio.Task[None]] = set()
+        self._http: httpx.AsyncClient | None = None
+        """The relay's client, made on the first relay and kept: a new one per delivery built
+        an SSL context on the event loop (tens of ms on a busy host) and connected afresh."""
         self.deliveries = Counter(
             "captchaops_webhook_deliveries",
             "Webhook deliveries, by outcome (accepted, ignored, duplicate, refused).",
@@ -167,11 +170,11 @@ class WebhookReceiver:
             self.deliveries.labels("ignored").inc()
             return JSONResponse({"status": "ignored", "reason": "not this server's model alias"})
         self.deliveries.labels("accepted").inc()
-        watcher.poll_soon("webhook")
         if self.peers and RELAYED_HEADER not in request.headers:
             task = asyncio.create_task(self._relay(body, request.headers))
             self._relaying.add(task)
             task.add_done_callback(self._relaying.discard)
+        watcher.poll_soon("webhook")
         return JSONResponse({"status": "checking"}, status_code=202)
 
     async def _relay(self, body: bytes, received: Any) -> None:
@@ -182,19 +185,27 @@ class WebhookReceiver:
         }
         headers |= {"Content-Type": "application/json", RELAYED_HEADER: "1"}
         targets = await asyncio.to_thread(peer_urls, self.peers)
-        async with httpx.AsyncClient(timeout=RELAY_TIMEOUT_S) as http:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=RELAY_TIMEOUT_S)
+        http = self._http
 
-            async def one(url: str) -> None:
-                try:
-                    answer = await http.post(f"{url}/webhook", content=body, headers=headers)
-                    why = "" if answer.status_code in (200, 202) else f"HTTP {answer.status_code}"
-                except httpx.HTTPError as exc:
-                    why = type(exc).__name__
-                self.relays.labels("error" if why else "sent").inc()
-                if why:
-                    log.warning("relaying a webhook to %s failed (%s)", url, why)
+        async def one(url: str) -> None:
+            try:
+                answer = await http.post(f"{url}/webhook", content=body, headers=headers)
+                why = "" if answer.status_code in (200, 202) else f"HTTP {answer.status_code}"
+            except httpx.HTTPError as exc:
+                why = type(exc).__name__
+            self.relays.labels("error" if why else "sent").inc()
+            if why:
+                log.warning("relaying a webhook to %s failed (%s)", url, why)
 
-            await asyncio.gather(*(one(url) for url in targets))
+        await asyncio.gather(*(one(url) for url in targets))
+
+    async def close(self) -> None:
+        """Close the relay's connections (at shutdown)."""
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     def _ours(self, event: Any) -> AliasWatcher | None:
         """The watcher of the model alias the event is about; None when it is not ours."""
