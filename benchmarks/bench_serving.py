@@ -311,7 +311,7 @@ def report(
         "ceiling": (
             f"{costs['total_us']:.0f} us of CPU per image (decode {costs['decode_us']:.0f}, "
             f"network {costs['network_us']:.0f}): at most {costs['ceiling_img_s']:.0f} img/s "
-            f"on {costs['cores']:.0f} cores"
+            f"with {costs['cores']:g} cores of CPU time"
         ),
     }
     if at8 is not None:

@@ -11,11 +11,12 @@ it is the most images/s the stages allow, before the load generator, HTTP and ba
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from harness.cpu_quota import cores_allowed
 
 
 def _cpu_per_call(step: Callable[[], Any], calls: int) -> float:
@@ -60,7 +61,7 @@ def stage_costs(model_dir: Path, body: bytes, calls: int = 20) -> dict[str, floa
     }
     costs = {stage: seconds / count * 1e6 for stage, seconds in costs.items()}
     total = sum(costs.values())
-    cores = os.cpu_count() or 1
+    cores = cores_allowed()  # a --half-speed run has one core's worth, whatever the count
     return costs | {"total_us": total, "cores": cores, "ceiling_img_s": cores * 1e6 / total}
 
 
@@ -84,5 +85,5 @@ def print_costs(costs: dict[str, float]) -> None:
         print(f"  {stage.removesuffix('_us'):<11} {costs[stage]:7.1f} us")
     print(
         f"  total       {costs['total_us']:7.1f} us -> at most "
-        f"{costs['ceiling_img_s']:.0f} img/s on {costs['cores']:.0f} cores"
+        f"{costs['ceiling_img_s']:.0f} img/s with {costs['cores']:g} cores of CPU time"
     )

@@ -167,6 +167,28 @@ def cpu_quota(cores: float = 1.0, name: str = "half") -> Iterator[Quota]:
             _remove(path)
 
 
+def cores_allowed() -> float:
+    """The cores' worth of CPU time this process may use: its cgroup's quota where one is set
+    (`cpu.max`, or v1 `cpu.cfs_quota_us` over `cpu.cfs_period_us`), else the core count."""
+    cores = float(os.cpu_count() or 1)
+    with suppress(OSError, ValueError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            rel = path.lstrip("/")
+            if controllers == "" and (root := _v2_root()) is not None:
+                quota, period = (root / rel / "cpu.max").read_text().split()
+                if quota != "max":
+                    cores = min(cores, int(quota) / int(period))
+            elif "cpu" in controllers.split(","):
+                v1 = _v1_roots()
+                if v1 is not None:
+                    quota_us = int((v1[0] / rel / "cpu.cfs_quota_us").read_text())
+                    period_us = int((v1[0] / rel / "cpu.cfs_period_us").read_text())
+                    if quota_us > 0:
+                        cores = min(cores, quota_us / period_us)
+    return cores
+
+
 def _remove(path: Path) -> None:
     """Remove a cgroup, killing what is left in it first (a cgroup with processes cannot go)."""
     procs = path / "cgroup.procs"

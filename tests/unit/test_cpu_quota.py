@@ -99,3 +99,14 @@ def test_a_record_written_inside_the_half_speed_run_says_so(tmp_path: Path) -> N
     full = json.loads((tmp_path / "probe.json").read_text())
     assert half["meta"]["machine"].endswith("at half speed (cgroup v2 cpu quota of 1 core)")
     assert "half" not in full["meta"]["machine"]
+
+
+@pytest.mark.skipif(REASON is not None, reason=REASON or "")
+def test_a_process_inside_a_quota_knows_its_cores_worth() -> None:
+    """The serving benchmark's ceiling divides by the CPU a run may use, not the core count."""
+    probe = [sys.executable, "-c", "from harness.cpu_quota import cores_allowed as c; print(c())"]
+    outside = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert float(outside.stdout) == os.cpu_count()
+    with cpu_quota(0.5, name="probe") as quota:
+        inside = quota.run(probe, cwd=ROOT, capture_output=True, check=True)
+    assert float(inside.stdout) == 0.5
