@@ -193,6 +193,13 @@ def test_version_names_the_model(server: ModelServer, tiny_model: TrainedModel) 
     assert info["run_id"] == tiny_model.run_id
     assert info["loaded_at"]
     assert info["alphabet"]
+    # loaded, not pre-loaded: load_seconds is the load, and the check's clock began before it
+    assert info["preload_seconds"] is None
+    swap = httpx.get(f"{server.url}/health").json()["last_swap"]
+    assert swap["preloaded"] is False
+    assert swap["load_seconds"] == info["load_seconds"] > 0
+    assert swap["seconds"] >= swap["load_seconds"]
+    assert 0 <= swap["registry_read_seconds"] <= swap["seconds"]
 
 
 def test_health_reports_a_loaded_model_without_tensorflow(
