@@ -114,7 +114,7 @@ def servers_follow(uri: str, name: str, key: Path, auth: tuple[str, str] | None 
         gauge = Gauge("unaudited", "test", registry=CollectorRegistry())
         judged = AuditGate(rest, name, PRODUCTION, key_path=key, gauge=gauge)
         ref = rest.alias_version(name, PRODUCTION)
-        followed = judged.judge(ref)
+        followed = judged.judge()
         assert followed is not None and ref is not None, judged.reason()
         assert judged.unaudited is None and followed.version == ref.version, judged.reason()
         return followed.version
