@@ -193,7 +193,12 @@ def test_a_replayed_older_signature_is_refused(setup: Setup) -> None:
     setup.client.set_registered_model_alias(NAME, ALIAS, older)
     setup.client.set_registered_model_tag(NAME, SIGNED_MOVE + ALIAS, stale)
     _reported(setup.server, older)
-    assert "replayed" in str(_health(setup.server)["unaudited_reason"])
+    # The alias and the tag are two writes: a check between them sees the alias moved under
+    # the current signature; the next one (within a poll) sees the replayed one.
+    deadline = time.monotonic() + 30
+    while "replayed" not in str(_health(setup.server)["unaudited_reason"]):
+        assert time.monotonic() < deadline, _health(setup.server)
+        time.sleep(0.05)
     assert _health(setup.server)["version"] == current
 
 
