@@ -385,8 +385,13 @@ def create_app(settings: Settings) -> Starlette:
 
 
 def run(settings: Settings, port: int, host: str | None = None) -> None:
-    """Serve the promotion service on host:port (loopback by default) until stopped."""
+    """Serve the promotion service on host:port (loopback by default) until stopped, with the
+    model servers' connection limits (a deadline for each request head, a cap per client
+    address), so slow clients cannot hold its connections."""
     import uvicorn
+
+    from captchaops import service_auth
+    from captchaops.serving import connections
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -409,4 +414,12 @@ def run(settings: Settings, port: int, host: str | None = None) -> None:
         log_level="info",
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
+        http=connections.guarded_protocol(
+            settings.head_timeout_seconds,
+            settings.max_connections_per_client,
+            service_auth.trusted_networks(settings),
+        ),
+        proxy_headers=False,  # connections.ForwardedClients decides whom to believe
+        limit_concurrency=connections.MAX_CONNECTIONS,
+        h11_max_incomplete_event_size=connections.MAX_HEAD_BYTES,
     )
