@@ -84,7 +84,8 @@ def _at_half_speed(argv: list[str]) -> int:
     return done.returncode
 
 
-HALF_SPEED_CORES = 1.0
+HALF_SPEED_CORES = max(len(os.sched_getaffinity(0)), 2) / 2
+"""Half the cores this process may run on (one core's worth on the 2-core machines)."""
 
 
 def _take_record_options(argv: list[str]) -> list[str]:

@@ -75,7 +75,7 @@ def machine() -> str:
 
 def speed() -> str | None:
     """ "at half speed (<the quota>)" inside a `--half-speed` run, else None (full speed)."""
-    return os.environ.get(SPEED_ENV) or None
+    return (os.environ.get(SPEED_ENV) or None) if HALF_SPEED else None
 
 
 def provenance() -> dict[str, str]:

@@ -89,6 +89,7 @@ def test_a_record_written_inside_the_half_speed_run_says_so(tmp_path: Path) -> N
     name and machine say half speed, so a half-speed figure never passes for a full-speed one."""
     write = (
         "import sys; from pathlib import Path; from benchmarks import record; "
+        "record.HALF_SPEED = True; "
         "record.RESULTS = Path(sys.argv[1]); record.save('probe', {'x': 1}, {'f': '1'})"
     )
     env = os.environ | {"CAPTCHAOPS_BENCH_SPEED": "at half speed (cgroup v2 cpu quota of 1 core)"}

@@ -53,6 +53,7 @@ def test_local_mode_answers_loopback_peers_only(tmp_path: Path) -> None:
         ("Bearer abc", "the promotion service needs a login"),
         ("Basic !!!", "the login header is not Basic"),
         ("Basic " + base64.b64encode(b"nobody").decode(), "the login header names nobody"),
+        ("Basic " + base64.b64encode(b"alice:").decode(), "the login header has no password"),
     ],
 )
 def test_team_mode_needs_a_basic_login(
@@ -87,6 +88,7 @@ def test_the_tracking_server_must_answer_who_logged_in(tmp_path: Path) -> None:
         (b'{"alias": "staging"}', 400, "bad alias"),
         (b'{"margin": "big", "auto": true}', 403, "loopback only"),
         (b"x" * (64 * 1024 + 1), 413, "too large"),
+        (b"[" * 5000, 400, "bad json"),  # deeper than the parser recurses: no 500
     ],
 )
 def test_bodies_are_checked_before_anyone_is_asked(
@@ -95,6 +97,20 @@ def test_bodies_are_checked_before_anyone_is_asked(
     answer = client(tmp_path).post("/promote", content=body)
     assert (answer.status_code, answer.json()["error"]) == (status, error)
     assert set(answer.json()) == {"error", "detail"}
+
+
+@pytest.mark.parametrize("margin", [b"NaN", b"Infinity", b"-Infinity", b"1" + b"0" * 400])
+def test_a_gate_threshold_must_be_a_finite_number(tmp_path: Path, margin: bytes) -> None:
+    """NaN compares false both ways, so a NaN margin would pass any candidate."""
+    values: dict[str, object] = {"home": tmp_path, "tracking_uri": "http://127.0.0.1:9"}
+    local = TestClient(
+        create_app(load_settings(**values)),
+        base_url="http://127.0.0.1",
+        client=("127.0.0.1", 50000),
+    )
+    answer = local.post("/promote", content=b'{"auto": true, "margin": ' + margin + b"}")
+    assert (answer.status_code, answer.json()["error"]) == (400, "bad margin")
+    assert "finite" in answer.json()["detail"]
 
 
 def test_a_foreign_host_name_is_refused(tmp_path: Path) -> None:

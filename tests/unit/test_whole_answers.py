@@ -31,13 +31,15 @@ async def app(scope, receive, send):
     body = b'{"predictions": [{"text": "abcde"}]}'
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if scope["path"] == "/fail":  # the app fails after its head: uvicorn closes the connection
+        raise RuntimeError("failed mid-answer")
     if scope["path"] == "/stall":  # head sent, body not yet: where a kill hurts
         marker.write_text("head sent")
         await asyncio.sleep(60)
     await send({"type": "http.response.body", "body": body})
 
 http = guarded_protocol(10.0, 128) if guarded else "h11"
-uvicorn.run(app, host="127.0.0.1", port=port, http=http, lifespan="off", log_level="warning")
+uvicorn.run(app, host="127.0.0.1", port=port, http=http, lifespan="off", log_level="critical")
 """
 
 
@@ -95,5 +97,22 @@ def test_a_server_killed_between_head_and_body_sent_nothing(
         server.wait(timeout=10)
     assert received.startswith(reaches_the_client)
     assert b"abcde" not in received
+    if not reaches_the_client:
+        assert received == b""
+
+
+@pytest.mark.parametrize(
+    ("kind", "reaches_the_client"), [("guarded", b""), ("h11", b"HTTP/1.1 200")]
+)
+def test_an_app_that_fails_after_its_head_sends_nothing(
+    tmp_path: Path, kind: str, reaches_the_client: bytes
+) -> None:
+    server, port, _ = _serve(tmp_path, kind)
+    try:
+        received = _read_all(_ask(port, "/fail"))
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    assert received.startswith(reaches_the_client)
     if not reaches_the_client:
         assert received == b""

@@ -148,6 +148,9 @@ class WholeAnswers(asyncio.Transport):
             self._transport.write(data)
 
     def close(self) -> None:
+        if self._protocol.conn.our_state is h11.SEND_BODY:  # closed mid-answer (the app failed
+            self.abort()  # after its head): send nothing, so a balancer may retry the request
+            return
         self._flush()
         self._transport.close()
 

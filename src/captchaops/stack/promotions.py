@@ -25,8 +25,8 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from captchaops import bounded_json
 from captchaops.access import AccessError, Unverified, require
 from captchaops.decisions import approval
 from captchaops.decisions.gate_rules import GateConfig
@@ -49,7 +50,7 @@ from captchaops.registry.requests import Request
 from captchaops.registry.signing import ensure_key
 from captchaops.scheme_names import model_name_problem
 from captchaops.service_auth import allowed_hosts, bind_names, host_allowed
-from captchaops.settings import Settings
+from captchaops.settings import Settings, mask_credentials
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
@@ -98,17 +99,20 @@ def _login(header: str | None) -> tuple[str, str]:
         raise Refused(401, "login required", f"the login header is not Basic: {fix}") from exc
     if not sep or not username:
         raise Refused(401, "login required", f"the login header names nobody: {fix}")
+    if not password:  # an empty one would make the account check fall back to the service's own
+        raise Refused(401, "login required", f"the login header has no password: {fix}")
     return username, password
 
 
 def _who(settings: Settings, login: tuple[str, str]) -> str:
     """The account name the tracking server gives this login; Refused 401 when it refuses it."""
     base = settings.effective_tracking_uri.rstrip("/")
+    shown = mask_credentials(base)
     try:
         answer = httpx.get(base + CURRENT_USER, auth=login, timeout=AUTH_TIMEOUT_S)
     except httpx.HTTPError as exc:
         raise Refused(
-            503, "tracking server unreachable", f"the promotion service cannot reach {base}"
+            503, "tracking server unreachable", f"the promotion service cannot reach {shown}"
         ) from exc
     if answer.status_code == 401:
         raise Refused(
@@ -122,7 +126,7 @@ def _who(settings: Settings, login: tuple[str, str]) -> str:
         raise Refused(
             503,
             "no account check",
-            f"the tracking server at {base} does not say who logged in (HTTP "
+            f"the tracking server at {shown} does not say who logged in (HTTP "
             f"{answer.status_code}); run it with basic-auth (team mode)",
         ) from exc
     if not isinstance(name, str) or not name:
@@ -185,9 +189,9 @@ async def _body(request: HttpRequest) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise Refused(400, "bad json", "the request body is not JSON") from exc
+        body = bounded_json.loads(raw)
+    except bounded_json.JsonShapeError as exc:
+        raise Refused(400, "bad json", f"the request body is refused: {exc.detail}") from exc
     if not isinstance(body, dict):
         raise Refused(400, "bad json", "the request body is not a JSON object")
     return body
@@ -230,7 +234,13 @@ def _number(body: dict[str, Any], field: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Refused(400, f"bad {field}", f"{field} must be a number")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):  # NaN compares false both ways: a gate that passes anything
+        raise Refused(400, f"bad {field}", f"{field} must be a finite number")
+    return number
 
 
 def _scheme(settings: Settings, body: dict[str, Any]) -> Settings:
@@ -390,7 +400,6 @@ def run(settings: Settings, port: int, host: str | None = None) -> None:
     address), so slow clients cannot hold its connections."""
     import uvicorn
 
-    from captchaops import service_auth
     from captchaops.serving import connections
 
     logging.basicConfig(
@@ -414,10 +423,9 @@ def run(settings: Settings, port: int, host: str | None = None) -> None:
         log_level="info",
         timeout_graceful_shutdown=5,
         timeout_keep_alive=5,
-        http=connections.guarded_protocol(
-            settings.head_timeout_seconds,
+        http=connections.guarded_protocol(  # no trusted proxies: the peer is the caller, so
+            settings.head_timeout_seconds,  # local mode's loopback check sees the real one
             settings.max_connections_per_client,
-            service_auth.trusted_networks(settings),
         ),
         proxy_headers=False,  # connections.ForwardedClients decides whom to believe
         limit_concurrency=connections.MAX_CONNECTIONS,
