@@ -274,11 +274,21 @@ def _through_service(
 ) -> None:
     """Send a promotion or rollback to the promotion service and print what it did."""
     answer = _ask(settings, "POST", path, body, actor)
-    if answer.get("result") == "waiting":
+    result = answer.get("result")
+    if result == "waiting":
         request = answer.get("request") or {}
         _waiting_lines(settings, str(answer.get("line")), str(request.get("short_id")))
         return
+    if result not in SERVICE_MOVES:  # an answer this command does not know moved nothing known
+        fail(
+            f"the promotion service at {settings.promotions_url} answered {result!r}, not a "
+            "move: check CAPTCHAOPS_PROMOTIONS_URL names the promotion service"
+        )
     console.print(literal(f"{done}: {answer.get('line')}"), highlight=False)
+
+
+SERVICE_MOVES = frozenset({"promoted", "rolled-back"})
+"""The `result`s of a promotion service's answer that report a move."""
 
 
 @app.command()
