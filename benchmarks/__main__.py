@@ -9,9 +9,9 @@ after them) go to each named module's `main(argv)`, e.g. `python -m benchmarks t
 `--record` writes a dated record to keep (bench-results/<name>-<date>.json) instead of
 scratch output (bench-results/<name>.json); `--load TEXT` says what else ran ("idle",
 "beside a CPU-bound process"); `--half-speed` runs the whole benchmark, and every process it
-starts (servers, replicas, balancers, load generators), inside a cgroup cpu quota of one
-core's worth spread over all the cores: a slower machine made by the kernel
-(`harness/cpu_quota.py`). Its records are named <name>-half-<date>.json and their machine says
+starts (servers, replicas, balancers, load generators), inside a cgroup cpu quota of half
+the cores' worth (one core on a 2-core machine) spread over all of them: a slower machine made
+by the kernel (`harness/cpu_quota.py`). Its records are named <name>-half-<date>.json and their machine says
 "at half speed". (`training --speed half` is the training benchmark's own per-run option.)
 """
 
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
 
 
 def _at_half_speed(argv: list[str]) -> int:
-    """Run `python -m benchmarks ARGV` again inside a quota of one core's worth; its exit status.
+    """Run `python -m benchmarks ARGV` again inside a quota of half the cores; its exit status.
     Everything the run starts is its descendant, so the quota covers it all."""
     from harness.cpu_quota import cpu_quota, unavailable
 
