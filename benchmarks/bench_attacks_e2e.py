@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import record
-from captchaops import registry
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.names import PRODUCTION
 from harness import attack_stack, attacks
 from harness.attacks import Outcome, Targets
 from harness.stack import PrivateStack, snapshot
@@ -106,7 +107,7 @@ def attack_all(
     settings = stack.settings()
     first = attack_stack.duplicates(targets, seed=1)
     assert first.answers[0].status == 201, first.answers
-    version = registry.resolve_alias(settings, registry.PRODUCTION)
+    version = resolve_alias(settings, PRODUCTION)
     assert version is not None
     before, stored = snapshot(settings), attack_stack.stored_artifacts(settings)
 

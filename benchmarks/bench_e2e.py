@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(home: Path, on_tmpfs: bool, args: argparse.Namespace) -> dict[str, Any]:
-    from captchaops import registry
+    from captchaops.registry.aliases import resolve_alias
+    from captchaops.registry.names import PRODUCTION
 
     extra = {"CAPTCHAOPS_STAGING_FLOOR": "0"} if args.preset == "tiny" else {}
     stack = PrivateStack.create(home, **extra)
@@ -102,7 +103,7 @@ def _run(home: Path, on_tmpfs: bool, args: argparse.Namespace) -> dict[str, Any]
         stack.up()
         out["up_s"] = time.monotonic() - started
         out["kept_after_down_up"] = snapshot(settings) == before
-        production = registry.resolve_alias(settings, registry.PRODUCTION)
+        production = resolve_alias(settings, PRODUCTION)
         assert production
         out["production_back_s"] = stack.wait_version("production", production)
         out["integrity"] = integrity(home / "mlflow.db")
@@ -146,10 +147,11 @@ def _demo(stack: PrivateStack, preset: str) -> dict[str, Any]:
 def _load_drill(
     stack: PrivateStack, settings: Settings, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
-    from captchaops import registry
     from captchaops.decisions import promotion
+    from captchaops.registry.aliases import resolve_alias
+    from captchaops.registry.names import PRODUCTION
 
-    champion = registry.resolve_alias(settings, registry.PRODUCTION)
+    champion = resolve_alias(settings, PRODUCTION)
     assert champion
     uri, name = settings.effective_tracking_uri, settings.model_name
     second, third = copy_version(uri, name, champion), copy_version(uri, name, champion)
@@ -199,9 +201,10 @@ def _kill(
     stack: PrivateStack, settings: Settings, name: str, rate: float, work: Path
 ) -> dict[str, Any]:
     """kill -9 one service under load; how long until it is back, and what clients saw."""
-    from captchaops import registry
+    from captchaops.registry.aliases import resolve_alias
+    from captchaops.registry.names import PRODUCTION
 
-    version = registry.resolve_alias(settings, registry.PRODUCTION)
+    version = resolve_alias(settings, PRODUCTION)
     load = Load.start(stack.url("production"), rate, 120, work / f"kill-{name}.json")
     app = Load.start(stack.url("app"), 5, 120, work / f"kill-{name}-app.json", kind="app")
     page_said = ""
@@ -217,7 +220,7 @@ def _kill(
             time.sleep(0.05)
         healthy_s = time.time() - killed
         if name in ("production", "staging"):
-            alias_version = registry.resolve_alias(settings, name)
+            alias_version = resolve_alias(settings, name)
             assert alias_version
             stack.wait_version(name, alias_version)
         back_s = time.time() - killed
@@ -260,9 +263,10 @@ def _page_message(stack: PrivateStack, name: str) -> str:
 
 def _disk_full(stack: PrivateStack, settings: Settings, rate: float, work: Path) -> dict[str, Any]:
     """A promote on a full disk, as a user runs it: what it says and how long it takes."""
-    from captchaops import registry
+    from captchaops.registry.aliases import resolve_alias
+    from captchaops.registry.names import PRODUCTION
 
-    champion = registry.resolve_alias(settings, registry.PRODUCTION)
+    champion = resolve_alias(settings, PRODUCTION)
     assert champion
     candidate = copy_version(settings.effective_tracking_uri, settings.model_name, champion)
     load = Load.start(stack.url("production"), rate, 120, work / "disk.json")

@@ -58,7 +58,8 @@ def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tupl
     import mlflow
     from mlflow import MlflowClient
 
-    from captchaops import registry
+    from captchaops.registry.aliases import assign_alias
+    from captchaops.registry.versions import copy_version, register_version
 
     if model_dir is None:
         from captchaops.settings import load_settings
@@ -69,16 +70,16 @@ def prepare_model(tracking_uri: str, model_dir: Path | None, work: Path) -> tupl
         result = train(config, settings)
         client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         version_a = result.version
-        version_b = registry.copy_version(client, MODEL_NAME, version_a)
+        version_b = copy_version(client, MODEL_NAME, version_a)
     else:
         mlflow.set_tracking_uri(tracking_uri)
         client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
         with mlflow.start_run() as run:
             mlflow.log_artifacts(str(model_dir), "model")
         source = f"runs:/{run.info.run_id}/model"
-        version_a = registry.register_version(client, MODEL_NAME, source, run.info.run_id)
-        version_b = registry.register_version(client, MODEL_NAME, source, run.info.run_id)
-    registry.assign_alias(
+        version_a = register_version(client, MODEL_NAME, source, run.info.run_id)
+        version_b = register_version(client, MODEL_NAME, source, run.info.run_id)
+    assign_alias(
         client, MODEL_NAME, "production", version_a, reason="benchmark A", actor="bench_serving"
     )
     return str(version_a), str(version_b)
@@ -148,14 +149,14 @@ def hot_swap(url: str, tracking_uri: str, version_b: str, body: Path) -> tuple[f
     time includes the registry's own work."""
     from mlflow import MlflowClient
 
-    from captchaops import registry
+    from captchaops.registry.aliases import assign_alias
 
     box: dict[str, LoadResult] = {}
     load = threading.Thread(target=lambda: box.setdefault("r", run_load(url, 8, 12.0, body)))
     load.start()
     time.sleep(3.0)
     moved = time.time()
-    registry.assign_alias(
+    assign_alias(
         MlflowClient(tracking_uri, registry_uri=tracking_uri),
         MODEL_NAME,
         "production",

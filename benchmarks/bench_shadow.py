@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             version, _ = prepare_model(tracking_uri, None, work)
             from mlflow import MlflowClient
 
-            from captchaops import registry
+            from captchaops.registry.aliases import assign_alias
 
-            registry.assign_alias(
+            assign_alias(
                 MlflowClient(tracking_uri, registry_uri=tracking_uri),
                 MODEL_NAME,
                 "staging",

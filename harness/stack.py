@@ -242,10 +242,10 @@ def copy_version(tracking_uri: str, name: str, version: str) -> str:
     """Register a version's artifacts again as a new version of `name`; returns its number."""
     from mlflow import MlflowClient
 
-    from captchaops import registry
+    from captchaops.registry import versions
 
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    return registry.copy_version(client, name, version)
+    return versions.copy_version(client, name, version)
 
 
 def snapshot(settings: Settings) -> dict[str, Any]:
@@ -255,8 +255,8 @@ def snapshot(settings: Settings) -> dict[str, Any]:
     start), so two snapshots of a healthy stack would differ by them."""
     from mlflow import MlflowClient
 
-    from captchaops import registry
     from captchaops.live import monitoring
+    from captchaops.registry.audit import history
 
     uri = settings.effective_tracking_uri
     client = MlflowClient(uri, registry_uri=uri)
@@ -277,5 +277,5 @@ def snapshot(settings: Settings) -> dict[str, Any]:
         ),
         "versions": sorted((v.version, v.run_id, sorted(v.tags.items())) for v in versions),
         "aliases": dict(model.aliases),
-        "audit": [m.line() for m in registry.history(settings)],
+        "audit": [m.line() for m in history(settings)],
     }

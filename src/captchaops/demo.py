@@ -77,9 +77,10 @@ def run_demo(
     progress: Callable[[], AbstractContextManager[Progress]] | None = None,
 ) -> DemoSummary:
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
-    from captchaops import registry
     from captchaops.console import training_speed
     from captchaops.decisions import gate
+    from captchaops.registry.aliases import resolve_alias
+    from captchaops.registry.names import PRODUCTION, STAGING
     from captchaops.training.run import TrainConfig, train
 
     started = time.monotonic()
@@ -91,8 +92,8 @@ def run_demo(
             "production endpoint": f"{settings.server_url('production')}/invocations",
             "staging endpoint": f"{settings.server_url('staging')}/invocations",
         },
-        production_version=registry.resolve_alias(settings, registry.PRODUCTION),
-        staging_version=registry.resolve_alias(settings, registry.STAGING),
+        production_version=resolve_alias(settings, PRODUCTION),
+        staging_version=resolve_alias(settings, STAGING),
     )
     refused = _refusal(settings, summary.production_version)
     if refused:
@@ -119,8 +120,8 @@ def run_demo(
             ) + decision.reason()
         else:
             summary.decision = f"not staged: {result.rejection_reason}"
-        summary.production_version = registry.resolve_alias(settings, registry.PRODUCTION)
-        summary.staging_version = registry.resolve_alias(settings, registry.STAGING)
+        summary.production_version = resolve_alias(settings, PRODUCTION)
+        summary.staging_version = resolve_alias(settings, STAGING)
     for alias, version in (
         ("production", summary.production_version),
         ("staging", summary.staging_version),

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from captchaops import registry
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.names import PRODUCTION
 from captchaops.settings import Settings
 from harness import attack_stack, attacks
 from harness.attacks import Outcome, Targets
@@ -55,7 +56,7 @@ def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
         settings = stack.settings()
         first = attack_stack.duplicates(targets, seed=1)
         assert [a.status for a in first.answers] == [201, 409], first.answers
-        version = registry.resolve_alias(settings, registry.PRODUCTION)
+        version = resolve_alias(settings, PRODUCTION)
         assert version is not None
         stored = attack_stack.stored_artifacts(settings)
         assert stored, "the correction made before the attack is not stored"

@@ -15,8 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.demo import run_demo
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.names import PRODUCTION
 from captchaops.settings import load_settings
 from captchaops.training.config import TrainConfig
 from harness.load import captcha_body
@@ -70,7 +72,7 @@ def test_demo_trains_promotes_serves_then_reuses_and_down_leaves_nothing(
     assert answer.headers["X-Model-Version"] == summary.trained_version
     assert httpx.get(summary.urls["MLflow UI"], timeout=10).status_code == 200
     assert httpx.get(summary.urls["web app"], timeout=10).status_code == 200
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     runs_before = client.search_runs(
         [client.get_experiment_by_name(settings.experiment_name).experiment_id]
     )
@@ -87,7 +89,7 @@ def test_demo_trains_promotes_serves_then_reuses_and_down_leaves_nothing(
     assert len(
         client.search_runs([client.get_experiment_by_name(settings.experiment_name).experiment_id])
     ) == len(runs_before)
-    assert registry.resolve_alias(settings, registry.PRODUCTION) == summary.trained_version
+    assert resolve_alias(settings, PRODUCTION) == summary.trained_version
 
     down = stack.cli("down")
     assert down.returncode == 0 and "stack stopped" in down.stdout, down.stdout + down.stderr

@@ -26,9 +26,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from captchaops import registry
 from captchaops.data.synthetic import generate_one
 from captchaops.decisions import gate, promotion
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.names import PRODUCTION
 from captchaops.settings import Settings
 from harness.load import Load
 from harness.mlflow_state import mlflow_state_restored
@@ -86,7 +87,7 @@ def drill(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Drill]:
 
 def production(settings: Settings) -> str:
     """The version holding @production."""
-    version = registry.resolve_alias(settings, registry.PRODUCTION)
+    version = resolve_alias(settings, PRODUCTION)
     assert version is not None
     return version
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.stack import VENV_BIN, Tracking
 from tests.integration.test_gate import copy_version, isolated
@@ -23,7 +23,7 @@ def test_models_prints_hostile_tags_literally(
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
     version = copy_version(settings, tiny_model)
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     name = settings.model_name
     client.set_model_version_tag(name, version, "validation_status", "[/x]")
     client.set_model_version_tag(name, version, "rejection_reason", "\x1b[2J\x1b[31mwiped[/red]")

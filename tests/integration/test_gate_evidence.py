@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.decisions import gate
 from captchaops.live import monitoring
+from captchaops.registry.audit import moves
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.stack import Tracking
@@ -105,7 +106,7 @@ def test_live_evidence_refuses_a_twin_that_trails_and_promotes_one_that_keeps_up
     )
     (audited,) = [
         m
-        for m in registry.moves(registry.client(settings), settings.model_name, "production")
+        for m in moves(mlflow_scope.client(settings), settings.model_name, "production")
         if m.to_version == trailing
     ]
     assert audited.decision == "rejected" and "shadow agreement 50.0%" in audited.reason

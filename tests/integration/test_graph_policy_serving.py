@@ -19,7 +19,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.model.graph_policy import ALLOWED_OPS
 from captchaops.model.version import file_sha256
 from tests.fixtures.models import TrainedModel
@@ -46,7 +46,7 @@ def hostile_version(
 ) -> str:
     """A copy of `base` whose network is `graph` (or `graph` of base's network), signed
     (meta.json's digest matches it)."""
-    client = registry.client(settings)  # type: ignore[arg-type]
+    client = mlflow_scope.client(settings)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(base.uri, dst_path=tmp))
         (network,) = local.glob("artifacts/*.onnx")

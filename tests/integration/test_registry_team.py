@@ -11,8 +11,12 @@ import pytest
 from mlflow.exceptions import MlflowException
 from pydantic import SecretStr
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.live import monitoring
+from captchaops.registry.aliases import move_alias, resolve_alias
+from captchaops.registry.audit import AUDIT_EXPERIMENT, history
+from captchaops.registry.errors import RegistryError
+from captchaops.registry.lock import promotion_lock
 from captchaops.settings import Settings, load_settings
 from captchaops.team_accounts import UsersError, add_user, ensure_service_account
 from tests.fixtures.stack import basic_auth_tracking
@@ -51,51 +55,51 @@ def test_credentials_come_from_the_settings_alone(
 ) -> None:
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(key, raising=False)
-    ed = registry.client(team["ed"])
+    ed = mlflow_scope.client(team["ed"])
     version = ed.create_model_version(MODEL, "s3://nowhere/model").version
 
-    move = registry.move_alias(
+    move = move_alias(
         ed, MODEL, alias="staging", to_version=str(version), expect_from=None,
         reason="team test", actor="ed", kind="manual", check_from=False,
     )  # fmt: skip
 
-    assert registry.resolve_alias(team["rita"], "staging") == str(version)
-    assert registry.history(team["rita"], "staging")[-1].run_id == move.run_id
+    assert resolve_alias(team["rita"], "staging") == str(version)
+    assert history(team["rita"], "staging")[-1].run_id == move.run_id
     assert not {k for k in os.environ if k.startswith("MLFLOW_TRACKING_")}
-    with pytest.raises(registry.RegistryError) as wrong:
-        registry.resolve_alias(team["rita"].model_copy(update={"tracking_password": None}), "x")
+    with pytest.raises(RegistryError) as wrong:
+        resolve_alias(team["rita"].model_copy(update={"tracking_password": None}), "x")
     assert "401" in str(wrong.value) or "not authenticated" in str(wrong.value)
 
 
 def test_a_reader_can_neither_take_nor_block_the_lock(team: dict[str, Settings]) -> None:
-    ed, rita = registry.client(team["ed"]), registry.client(team["rita"])
-    with registry.promotion_lock(ed, MODEL, "ed", timeout_s=5):
+    ed, rita = mlflow_scope.client(team["ed"]), mlflow_scope.client(team["rita"])
+    with promotion_lock(ed, MODEL, "ed", timeout_s=5):
         pass  # the lock run exists now
 
-    with pytest.raises(MlflowException) as denied, registry.promotion_lock(rita, MODEL, "rita", 1):
+    with pytest.raises(MlflowException) as denied, promotion_lock(rita, MODEL, "rita", 1):
         pass
     assert denied.value.error_code == "PERMISSION_DENIED"
     # What blocked every promotion before: a registered model named like the old lock row,
     # and a stray lock run in the promotions experiment.
     rita.create_registered_model(f"{MODEL}.promotion-lock")
-    experiment = rita.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
+    experiment = rita.get_experiment_by_name(AUDIT_EXPERIMENT)
     assert experiment is not None
     with pytest.raises(MlflowException) as stray:
         rita.create_run(experiment.experiment_id, tags={"kind": "promotion-lock", "lock_of": MODEL})
     assert stray.value.error_code == "PERMISSION_DENIED"
 
-    held = registry.promotion_lock(ed, MODEL, "ed", timeout_s=5)
-    other = registry.promotion_lock(ed, MODEL, "ed again", timeout_s=1)
-    with held, pytest.raises(registry.RegistryError, match="holds the lock"), other:
+    held = promotion_lock(ed, MODEL, "ed", timeout_s=5)
+    other = promotion_lock(ed, MODEL, "ed again", timeout_s=1)
+    with held, pytest.raises(RegistryError, match="holds the lock"), other:
         pass
     version = ed.create_model_version(MODEL, "s3://nowhere/other").version
     with pytest.raises(MlflowException) as moved:
-        registry.move_alias(
+        move_alias(
             rita, MODEL, alias="staging", to_version=str(version), expect_from=None,
             reason="reader", actor="rita", kind="manual", check_from=False,
         )  # fmt: skip
     assert moved.value.error_code == "PERMISSION_DENIED"
-    assert registry.resolve_alias(team["ed"], "staging") != str(version)
+    assert resolve_alias(team["ed"], "staging") != str(version)
 
 
 def test_uploads_are_private_to_the_service_and_squatted_names_are_refused(
@@ -103,7 +107,7 @@ def test_uploads_are_private_to_the_service_and_squatted_names_are_refused(
 ) -> None:
     admin = team["admin"].model_copy(update={"service_password": SecretStr(SERVICE_PASSWORD)})
     ensure_service_account(admin)
-    service = registry.client(
+    service = mlflow_scope.client(
         team["admin"].model_copy(
             update={
                 "tracking_username": admin.service_username,
@@ -118,7 +122,7 @@ def test_uploads_are_private_to_the_service_and_squatted_names_are_refused(
     uri = admin.effective_tracking_uri
     proxied = f"{uri}/api/2.0/mlflow-artifacts/artifacts/{experiment.experiment_id}"
     for user in ("rita", "ed"):
-        client = registry.client(team[user])
+        client = mlflow_scope.client(team[user])
         assert not client.search_runs([experiment.experiment_id]), user  # filtered out
         with pytest.raises(MlflowException) as listed:
             client.get_run(run.info.run_id)
@@ -144,14 +148,14 @@ def test_uploads_are_private_to_the_service_and_squatted_names_are_refused(
     # A reader who makes a future scheme's monitoring experiment first holds MANAGE on it:
     # the service account is not pointed at it.
     squatted = "squatted-scheme"
-    registry.client(team["rita"]).create_experiment(monitoring.experiment_name(squatted))
+    mlflow_scope.client(team["rita"]).create_experiment(monitoring.experiment_name(squatted))
     with pytest.raises(UsersError, match="experiment 'squatted-scheme-monitoring' was created"):
         ensure_service_account(admin.model_copy(update={"model_name": squatted}))
     # The same for a registered model a reader made; an editor who trains makes models, by design.
-    registry.client(team["rita"]).create_registered_model("rita-scheme")
+    mlflow_scope.client(team["rita"]).create_registered_model("rita-scheme")
     with pytest.raises(UsersError, match="model 'rita-scheme' was created by user 'rita'"):
         ensure_service_account(admin.model_copy(update={"model_name": "rita-scheme"}))
-    registry.client(team["ed"]).create_registered_model("ed-scheme")
+    mlflow_scope.client(team["ed"]).create_registered_model("ed-scheme")
     ensure_service_account(admin.model_copy(update={"model_name": "ed-scheme"}))
 
 

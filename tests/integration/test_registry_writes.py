@@ -12,11 +12,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.decisions import promotion
 from captchaops.decisions.gate import stage_candidate
 from captchaops.registry import LOCK_STALE_S, RegistryError
-from captchaops.registry.lock import lock_run
+from captchaops.registry.aliases import resolve, resolve_alias
+from captchaops.registry.audit import AUDIT_EXPERIMENT, history
+from captchaops.registry.lock import lock_run, promotion_lock
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
 from tests.integration.test_gate import copy_version, isolated, production
@@ -50,7 +52,7 @@ def test_stage_candidate_stages_or_rejects_as_training_did(
     tracking_server: Tracking, tmp_path: Path, tiny_model: TrainedModel
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
-    name, client = settings.model_name, registry.client(settings)
+    name, client = settings.model_name, mlflow_scope.client(settings)
     first, second, low = (copy_version(settings, tiny_model) for _ in range(3))
 
     half = settings.model_copy(update={"staging_floor": 0.5})  # the gate decides, registry writes
@@ -59,20 +61,20 @@ def test_stage_candidate_stages_or_rejects_as_training_did(
     reason = stage_candidate(client, half, low, 0.1, actor="ci")
 
     assert reason == "test sequence accuracy 0.1000 is below the staging floor 0.5"
-    assert registry.resolve_alias(settings, "staging") == second
+    assert resolve_alias(settings, "staging") == second
     tags = {v: client.get_model_version(name, v).tags for v in (first, second, low)}
     assert tags[first]["test_seq_acc"] == "0.9123" and tags[second]["test_seq_acc"] == "0.5000"
     assert tags[first]["validation_status"] == tags[second]["validation_status"] == "pending"
     assert tags[low]["validation_status"] == "rejected"
     assert tags[low]["rejection_reason"] == reason and tags[low]["test_seq_acc"] == "0.1000"
-    staged = registry.history(settings, "staging")
+    staged = history(settings, "staging")
     assert [(m.from_version, m.to_version, m.decision) for m in staged] == [
         (None, first, "staged"),
         (first, second, "staged"),
         (second, low, "rejected"),
     ]
     assert staged[-1].actor == "ci" and staged[-1].reason == reason
-    assert production(settings) is None and registry.history(settings) == []
+    assert production(settings) is None and history(settings) == []
 
 
 def test_a_failed_audit_write_leaves_the_alias_and_rollback_working(
@@ -83,7 +85,7 @@ def test_a_failed_audit_write_leaves_the_alias_and_rollback_working(
     first, second, third = (copy_version(settings, tiny_model) for _ in range(3))
     promotion.promote(settings, version=first, reason="first", actor="ops")
     promotion.promote(settings, version=second, reason="second", actor="ops")
-    failing = FailingFinish(registry.client(settings))
+    failing = FailingFinish(mlflow_scope.client(settings))
 
     with pytest.raises(MlflowException, match="injected"):
         promotion.to_production(
@@ -101,10 +103,10 @@ def test_a_failed_audit_write_leaves_the_alias_and_rollback_working(
 
     assert len(failing.failed) == 1
     assert production(settings) == second
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     assert client.get_run(failing.failed[0]).info.status == "FAILED"
     assert "promoted_at" not in client.get_model_version(name, third).tags
-    assert [m.to_version for m in registry.history(settings)] == [first, second]
+    assert [m.to_version for m in history(settings)] == [first, second]
     move = promotion.rollback(settings, reason="after the failed move", actor="ops")
     assert (move.from_version, move.to_version) == (second, first)
     assert production(settings) == first
@@ -115,23 +117,23 @@ def test_a_failed_audit_write_of_a_first_move_removes_the_alias(
 ) -> None:
     settings = isolated(tracking_server, tmp_path)
     version = copy_version(settings, tiny_model)
-    failing = FailingFinish(registry.client(settings))
+    failing = FailingFinish(mlflow_scope.client(settings))
 
     with pytest.raises(MlflowException, match="injected"):
         stage_candidate(failing, settings, version, 1.0)  # type: ignore[arg-type]
 
-    assert registry.resolve_alias(settings, "staging") is None
-    assert registry.history(settings, "staging") == []
+    assert resolve_alias(settings, "staging") is None
+    assert history(settings, "staging") == []
     assert [r.info.status for r in audit_runs(settings)] == ["FAILED"]
     with pytest.raises(RegistryError, match=r"no version of .* has alias @staging"):
-        registry.resolve(settings, alias="staging")
+        resolve(settings, alias="staging")
 
 
 def test_movers_racing_to_make_the_lock_all_use_one_run(
     tracking_server: Tracking, tmp_path: Path
 ) -> None:
     settings = make_settings(tracking_server, tmp_path, model_name=unique("lock"))
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     start = threading.Barrier(6)
     found: list[str] = []
 
@@ -146,7 +148,7 @@ def test_movers_racing_to_make_the_lock_all_use_one_run(
         thread.join(timeout=120)
 
     assert len(found) == 6 and len(set(found)) == 1
-    experiment = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
+    experiment = client.get_experiment_by_name(AUDIT_EXPERIMENT)
     assert experiment is not None
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.lock_of = '{settings.model_name}'", max_results=100
@@ -159,13 +161,13 @@ def test_a_crashed_holder_is_taken_over_and_a_live_one_is_not(
     tracking_server: Tracking, tmp_path: Path
 ) -> None:
     settings = make_settings(tracking_server, tmp_path, model_name=unique("lock"))
-    client, name = registry.client(settings), settings.model_name
+    client, name = mlflow_scope.client(settings), settings.model_name
     run_id = lock_run(client, name, "setup")
     client.log_param(run_id, "hold_1", f"dead|{time.time() - LOCK_STALE_S - 60:.0f}|crashed")
-    with registry.promotion_lock(client, name, "next", timeout_s=1):
+    with promotion_lock(client, name, "next", timeout_s=1):
         params = client.get_run(run_id).data.params
         assert params["hold_2"].endswith("|next") and "free_1" not in params
-        third = registry.promotion_lock(client, name, "third", timeout_s=1)
+        third = promotion_lock(client, name, "third", timeout_s=1)
         with pytest.raises(RegistryError, match=r"holds the lock \(by next"), third:
             pass
     assert client.get_run(run_id).data.params["free_2"] == params["hold_2"]

@@ -28,11 +28,11 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from captchaops import registry
 from captchaops.data.synthetic import generate
 from captchaops.evaluation import evidence
 from captchaops.live import monitoring, reported
 from captchaops.live.estimate import Calibration
+from captchaops.registry.versions import register_version
 from captchaops.serving.webhook import sign
 from captchaops.settings import Settings
 from harness import hosts, replica_hosts
@@ -91,7 +91,7 @@ def three(
     client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
     model = f"replicas-{uuid.uuid4().hex[:8]}"
     source = client.get_model_version(tiny_model.model_name, tiny_model.version)
-    version = registry.register_version(client, model, str(source.source), str(source.run_id))
+    version = register_version(client, model, str(source.source), str(source.run_id))
     for key, tag in Calibration(threshold=1.0, accuracy=0.95, size=2000).tags().items():
         client.set_model_version_tag(model, version, key, tag)
     signed_alias(tracking_server.uri, model, ALIAS, version)

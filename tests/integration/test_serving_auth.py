@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from captchaops import registry
+from captchaops import mlflow_scope
+from captchaops.registry.aliases import assign_alias
 from captchaops.settings import Settings
 from harness.attacks import b64, captcha, scoring
 from tests.fixtures.models import TrainedModel
@@ -36,10 +37,8 @@ def server(
     tracking_server: Tracking, tiny_model: TrainedModel, team: Settings
 ) -> Iterator[ModelServer]:
     version = copy_version(team, tiny_model)
-    client = registry.client(team)
-    registry.assign_alias(
-        client, team.model_name, "production", version, reason="set-up", actor="tests"
-    )
+    client = mlflow_scope.client(team)
+    assign_alias(client, team.model_name, "production", version, reason="set-up", actor="tests")
     served = start_model_server(
         tracking_server.uri,
         "production",
@@ -115,7 +114,7 @@ def test_an_unaudited_move_is_not_followed_until_it_is_audited(
 ) -> None:
     audited = httpx.get(f"{server.url}/version", timeout=10).json()["version"]
     other = copy_version(team, tiny_model)
-    client = registry.client(team)
+    client = mlflow_scope.client(team)
     # Around the CLI on purpose: the one kind of alias move this test is about.
     client.set_registered_model_alias(team.model_name, "production", other)
     held = health_when(server, lambda body: body["unaudited_version"] == other)
@@ -128,7 +127,7 @@ def test_an_unaudited_move_is_not_followed_until_it_is_audited(
     assert httpx.get(f"{server.url}/version", timeout=10).json()["version"] == audited
     assert "no audit record" in server.log.read_text()
 
-    registry.assign_alias(client, team.model_name, "production", other, reason="ok", actor="t")
+    assign_alias(client, team.model_name, "production", other, reason="ok", actor="t")
     server.wait_version(other)
     followed = health_when(server, lambda body: body["unaudited_version"] is None)
     assert followed["status"] == "ok" and unaudited_gauge(server) == "0.0"

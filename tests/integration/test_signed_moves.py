@@ -21,10 +21,12 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from captchaops import registry
 from captchaops.decisions import promotion
 from captchaops.registry.aliases import assign_alias
 from captchaops.registry.audit import audit_experiment
+from captchaops.registry.audit import moves as audited_moves
+from captchaops.registry.errors import RegistryError
+from captchaops.registry.listing import list_versions
 from captchaops.registry.signing import SIGNED_MOVE, SignedMove, ensure_key, seal
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, copies, make_settings
@@ -95,7 +97,7 @@ def _still_serving(setup: Setup, version: str, unsigned: str) -> None:
     assert health["status"] == "degraded", health
     assert "no valid signed move" in str(health["reason"]), health
     assert _unaudited_metric(setup.server) == 1.0
-    assert registry.list_versions(setup.settings).unaudited == {ALIAS: unsigned}
+    assert list_versions(setup.settings).unaudited == {ALIAS: unsigned}
 
 
 def _signed_by_us(setup: Setup) -> SignedMove:
@@ -158,7 +160,7 @@ def test_a_signed_move_is_followed_and_adopt_signs_what_is_there(setup: Setup) -
     health = _health(setup.server)
     assert health["status"] == "ok" and health["unaudited_version"] is None, health
     assert _unaudited_metric(setup.server) == 0.0
-    assert registry.list_versions(setup.settings).unaudited == {}
+    assert list_versions(setup.settings).unaudited == {}
     # A raw move back, then the admin's one-off adoption of where the aliases point.
     first = setup.versions[0]
     setup.client.set_registered_model_alias(NAME, ALIAS, first)
@@ -187,7 +189,7 @@ def test_a_replayed_older_signature_is_refused(setup: Setup) -> None:
     current = _health(setup.server)["version"]
     signed = [
         (m.to_version, setup.client.get_run(m.run_id).data.tags.get("signed_move"))
-        for m in registry.moves(setup.client, NAME, ALIAS)
+        for m in audited_moves(setup.client, NAME, ALIAS)
     ]
     older, stale = next((v, s) for v, s in reversed(signed) if s and v != current)
     setup.client.set_registered_model_alias(NAME, ALIAS, older)
@@ -210,7 +212,7 @@ def test_a_replaced_frozen_set_is_refused_by_the_gate_in_one_line(setup: Setup) 
     swapped = create_evalset(setup.client, other, size=20, seed=7)
     # An editor points the scheme at another stored set: the tag is all it takes to write.
     setup.client.set_registered_model_tag(NAME, DIGEST_TAG, swapped.digest)
-    with pytest.raises(registry.RegistryError, match="is not the one signed when it was made"):
+    with pytest.raises(RegistryError, match="is not the one signed when it was made"):
         promotion.promote(setup.settings, version=setup.versions[1], reason="try")
     assign_alias(setup.client, NAME, "staging", setup.versions[1], reason="t", actor="tests")
     env = {

@@ -11,8 +11,9 @@ import httpx
 import mlflow
 import pytest
 
-from captchaops import registry
 from captchaops.model.pyfunc import SIGNATURE
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.names import PRODUCTION
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.serving import staging_server, wait_refusal
@@ -121,7 +122,7 @@ def test_refused_version_never_runs_and_staging_keeps_serving(
         [rejected] = [line for line in done.stdout.splitlines() if line.startswith("rejected")]
         assert f"v{bad}" in rejected and expected in rejected
         assert "Traceback" not in done.stdout + done.stderr
-        assert registry.resolve_alias(settings, registry.PRODUCTION) is None
+        assert resolve_alias(settings, PRODUCTION) is None
         assert not marker.exists(), "something unpickled the booby-trapped version"
 
 

@@ -97,7 +97,7 @@ def register(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Register an ONNX CTC model trained elsewhere: checked, scored on the frozen set, staged."""
-    from captchaops import registry
+    from captchaops.registry.errors import RegistryError
     from captchaops.training import imported
 
     settings = settings_for(model_name)
@@ -128,7 +128,7 @@ def register(
     try:
         with quiet_libraries(log):
             done = imported.register_onnx(settings, Path(onnx), fields, actor=actor)
-    except (imported.RegisterError, registry.RegistryError) as exc:
+    except (imported.RegisterError, RegistryError) as exc:
         fail(str(exc))
     m = done.metrics
     console.print(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from mlflow import MlflowClient
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.decisions.gate import stage_candidate
 from captchaops.evaluation import report
 from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
@@ -35,6 +35,8 @@ from captchaops.model.version import (
     file_sha256,
     parse_meta,
 )
+from captchaops.registry.errors import one_line_errors
+from captchaops.registry.versions import register_version
 from captchaops.settings import Settings
 
 OPTIONS = {
@@ -252,8 +254,8 @@ def register_onnx(
     from captchaops.model.pyfunc import log_model
 
     ops = check_graph(onnx_path)
-    with registry.one_line_errors(settings):
-        client = registry.client(settings)
+    with one_line_errors(settings):
+        client = mlflow_scope.client(settings)
         meta, evalset = prepare(client, settings, onnx_path, fields)
     reader = diagnose(onnx_path, meta, evalset)
     try:
@@ -267,7 +269,7 @@ def register_onnx(
         "test_mean_confidence": float(np.mean([o["confidence"] for o in outputs])),
     }
     contract = {k: json.dumps(v) if isinstance(v, list) else v for k, v in reader.contract.items()}
-    with pointed_at(settings), registry.one_line_errors(settings):
+    with pointed_at(settings), one_line_errors(settings):
         mlflow.set_experiment(settings.experiment_name)
         with mlflow.start_run(run_name=f"register {onnx_path.name}"[:200]) as run:
             mlflow.log_params(
@@ -297,9 +299,7 @@ def register_onnx(
                 f"{meta['onnx_sha256'][:12]}), frozen-set accuracy {metrics['test_seq_acc']:.4f}.",
             )
             info = log_model(onnx_path, meta, evalset.images[0])
-            version = registry.register_version(
-                client, settings.model_name, info.model_uri, run.info.run_id
-            )
+            version = register_version(client, settings.model_name, info.model_uri, run.info.run_id)
             reason = stage_candidate(
                 client, settings, version, metrics["test_seq_acc"], actor=actor
             )

@@ -18,8 +18,8 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from captchaops import registry
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
+from captchaops.registry.versions import register_version
 from captchaops.settings import Settings
 from captchaops.training.artifacts import export_and_test, log_dataset
 from captchaops.training.config import TrainConfig
@@ -99,7 +99,7 @@ def publish(
         model_uri, metrics = export_and_test(
             client, fitted.infer, meta, test_images, test_labels, Path(tmp)
         )
-    version = registry.register_version(client, settings.model_name, model_uri, run_id)
+    version = register_version(client, settings.model_name, model_uri, run_id)
     tested_on = (
         None
         if frozen is None
