@@ -11,6 +11,9 @@ last-known-good copy, so a restart neither forgets it nor accepts an older one.
 The writer signs just before it moves the alias, so a signed move is followed on the alias's
 webhook; a move seen without a signature is checked again every second for a while before the
 server settles on the slower timer.
+Run ids are remembered per version of one registered model: a model deleted and made again
+(its creation time changes, even within one poll interval) numbers its versions afresh, so what
+was remembered about the old one is dropped at the first read that sees the new one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from prometheus_client import Gauge
 
 from captchaops.registry.signing import SIGNED_MOVE, SignedMove, Untrusted
 from captchaops.registry.unaudited import signed_move
-from captchaops.tracking_rest import TrackingRest, VersionRef
+from captchaops.tracking_rest import API, TrackingRest, VersionRef
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,24 @@ PENDING_S = 20.0
 TRUSTED_FILE = "signed-move.json"
 MAX_REFS = 16
 """Versions whose run ids are remembered (`AuditGate.ref`)."""
+
+
+def registered_model(rest: TrackingRest, name: str) -> tuple[dict[str, str], dict[str, str], str]:
+    """A registered model's aliases ({alias: version}), tags and creation time (one read); all
+    empty when it is missing. The creation time tells a model made again from the one before."""
+    found = rest.call("GET", f"{API}/registered-models/get", missing_ok=True, params={"name": name})
+    model = found.get("registered_model") or {}
+    aliases = {
+        str(a.get("alias")): str(a.get("version"))
+        for a in model.get("aliases") or []
+        if isinstance(a, dict)
+    }
+    tags = {
+        str(t.get("key")): str(t.get("value", ""))
+        for t in model.get("tags") or []
+        if isinstance(t, dict)
+    }
+    return aliases, tags, str(model.get("creation_timestamp") or "")
 
 
 class AuditGate:
@@ -67,6 +88,8 @@ class AuditGate:
         self._since = 0.0
         self._refs: dict[str, VersionRef] = {}
         self._refs_lock = threading.Lock()
+        self._created = ""
+        """The creation time of the registered model `_refs` describes ("" before a read)."""
         self._aliases: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._restore()
@@ -80,12 +103,13 @@ class AuditGate:
         """The answer to act on, from one read of the registered model (its aliases and signed
         moves): the alias's version when a valid signed move names it, else the last signed
         version (None: nothing signed to serve)."""
-        aliases, tags = self.rest.registered_model(self.name)
+        aliases, tags, created = registered_model(self.rest, self.name)
         self._aliases, self._tags = aliases, tags
         seen = aliases.get(self.alias, "")
-        if not aliases:
-            with self._refs_lock:  # no such model (any more): a new one numbers versions afresh
+        with self._refs_lock:
+            if created != self._created:  # deleted (and maybe made again): versions renumbered
                 self._refs.clear()
+                self._created = created
         why = self._consider(tags, seen)
         if self.trusted is not None and self.trusted.version == seen:
             if self.unaudited is not None:
@@ -110,10 +134,12 @@ class AuditGate:
         version (a version's run never changes): the pre-load asks, so a promotion to the
         pre-loaded version costs no round trip besides `judge`'s one read."""
         with self._refs_lock:
-            found = self._refs.get(version)
+            found, created = self._refs.get(version), self._created
         if found is None:
             found = self.rest.version_ref(self.name, version)
             with self._refs_lock:
+                if created != self._created:  # the model was made again during the lookup
+                    return found
                 while len(self._refs) >= MAX_REFS:
                     self._refs.pop(next(iter(self._refs)))
                 self._refs[version] = found
