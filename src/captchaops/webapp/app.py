@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, SecurityEr
 
 from captchaops import service_auth
 from captchaops.settings import Settings, ensure_secret
-from captchaops.webapp import accounts, api, review_page, views
+from captchaops.webapp import accounts, api, approvals, review_page, views
 from captchaops.webapp.service import Demo
 
 EXTENSION = "captchaops"
@@ -85,6 +85,7 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
     csrf.exempt(api_bp)
     app.register_blueprint(views.make_blueprint(demo))
     app.register_blueprint(review_page.make_blueprint(demo))
+    app.register_blueprint(approvals.make_blueprint(demo))
     app.register_blueprint(api_bp)
 
     @app.after_request
