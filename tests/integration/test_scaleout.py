@@ -14,16 +14,19 @@ keep the module to a few minutes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import secrets
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -31,6 +34,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from captchaops.data import standin
+from captchaops.scaleout.shipping import Manifest
 from harness.processes import process_tree, wait_http
 from tests.fixtures.serving import start_model_server
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, stop_process
@@ -349,9 +353,22 @@ def test_cv_on_a_separately_started_head_runs_each_fold_as_a_child_run(
     top = client.get_run(parent)
     assert top.info.status == "FINISHED"
     assert 0.0 <= top.data.metrics["cv_mean_seq_acc"] <= 1.0
-    # The workers read the data set the driver logged once, by digest, on the parent run.
-    [logged] = client.list_artifacts(parent, "dataset")
-    assert logged.path == f"dataset/{top.data.params['dataset_sha256']}.zip"
+    # The workers read the data set the driver stored once, as shards named by their digest,
+    # through a manifest the parent run names.
+    store, manifest = _manifest_of(client, top)
+    assert manifest.dataset_sha256 == top.data.params["dataset_sha256"]
+    stored = {Path(f.path).name for f in client.list_artifacts(store, "shards")}
+    assert {f"{s.sha256}.tar" for s in manifest.shards} <= stored
+    assert top.data.metrics["dataset_shards"] == len(manifest.shards)
+
+
+def _manifest_of(client: MlflowClient, run: Any) -> tuple[str, Manifest]:
+    """The store run and manifest a parent run names (its digest checked)."""
+    store, _, path = run.data.tags["captchaops.dataset"].partition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(client.download_artifacts(store, path, tmp)).read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == Path(path).stem
+    return store, Manifest.decode(raw)
 
 
 def test_runs_are_credited_to_who_ran_the_command_not_to_the_workers_account(
@@ -403,6 +420,7 @@ def test_tune_logs_a_child_run_per_trial_and_stages_the_best_as_a_version(
 
 def test_cv_of_a_trial_with_members_trains_each_fold_as_that_trials_ensemble(
     tune_run: subprocess.CompletedProcess[str],
+    cv_run: subprocess.CompletedProcess[str],
     cluster: str,
     folder: Path,
     tracking_server: Tracking,
@@ -431,6 +449,8 @@ def test_cv_of_a_trial_with_members_trains_each_fold_as_that_trials_ensemble(
     assert int(used["arch_rnn_units"]) == int(trial["rnn_units"])
     assert int(used["max_steps"]) == int(trial["max_steps"])
     assert used["members"] == "2"
+    # The same folder as the first cv's: its shards are in the store already.
+    assert top.data.metrics["dataset_shards_uploaded"] == 0
     runs = {r.info.run_name: r for r in children(client, top.info.run_id)}
     assert sorted(runs) == [
         "fold 1",
@@ -530,3 +550,88 @@ def test_members_are_one_version_served_alike_by_our_server_and_stock_mlflow(
         if ours is not None:
             stop_process(ours.proc)
         stop_process(stock)
+
+
+@dataclass
+class Sharded:
+    """The in-process `cv` runs on a folder cut into small shards: streamed, then tampered."""
+
+    streamed: Any  # CvResult
+    tampered: Any  # CvResult
+    client: MlflowClient
+
+
+@pytest.fixture(scope="module")
+def sharded(
+    cv_run: subprocess.CompletedProcess[str],
+    tune_run: subprocess.CompletedProcess[str],
+    ensemble_run: subprocess.CompletedProcess[str],
+    cluster: str,
+    folder: Path,
+    tracking_server: Tracking,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Sharded:
+    """`cv` (the driver in this process, the folds on the two-node cluster once the module's
+    commands are done) on the folder cut into 16-image shards, in an experiment of its own:
+    every fold streams its training images (threshold 0 bytes); then one shard is changed in
+    the artifact store (same size) and dropped from the workers' cache, and `cv` runs again."""
+    from captchaops.scaleout import shipping
+    from captchaops.scaleout.board import Board
+    from captchaops.scaleout.cv import cross_validate
+    from captchaops.scaleout.feed import cache_dir
+    from captchaops.settings import Settings
+    from captchaops.training.config import from_options
+
+    settings = Settings(
+        home=tmp_path_factory.mktemp("sharded"),
+        tracking_uri=tracking_server.uri,
+        experiment_name="sharded-folder",
+    )
+    config = from_options(None, folder, max_steps=4, max_minutes=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shipping, "SHARD_IMAGES", 16)
+        streamed = cross_validate(config, settings, 2, cluster, Board("cv"), stream_above=0)
+        client = MlflowClient(tracking_server.uri)
+        _, manifest = _manifest_of(client, client.get_run(streamed.parent_run_id))
+        first = manifest.shards[0].sha256
+        [stored] = tracking_server.home.rglob(f"{first}.tar")
+        raw = bytearray(stored.read_bytes())
+        raw[700] ^= 1
+        stored.write_bytes(bytes(raw))
+        (cache_dir() / f"{first}.tar").unlink(missing_ok=True)
+        tampered = cross_validate(config, settings, 2, cluster, Board("cv"))
+    return Sharded(streamed, tampered, client)
+
+
+def test_a_folder_in_shards_streams_each_folds_training_images_through_ray(
+    sharded: Sharded, folder: Path
+) -> None:
+    result, client = sharded.streamed, sharded.client
+    assert [f.accuracy is not None for f in result.folds] == [True, True], result.folds
+    top = client.get_run(result.parent_run_id)
+    _, manifest = _manifest_of(client, top)
+    assert len(manifest.shards) == 4 and sum(s.images for s in manifest.shards) == 60
+    assert top.data.metrics["dataset_shards_uploaded"] == 4
+    assert sum(f.n for f in result.folds) == len(list(folder.iterdir()))
+    for fold in result.folds:
+        run = client.get_run(fold.run_id)
+        assert run.data.tags["captchaops.data"].startswith("streamed from 4 shards")
+        assert run.data.metrics["steps_run"] >= 1
+
+
+def test_a_second_run_uploads_nothing_and_a_changed_shard_fails_each_fold_in_one_line(
+    sharded: Sharded,
+) -> None:
+    result, client = sharded.tampered, sharded.client
+    top = client.get_run(result.parent_run_id)
+    assert top.data.metrics["dataset_shards_uploaded"] == 0
+    assert (
+        top.data.tags["captchaops.dataset"]
+        == client.get_run(sharded.streamed.parent_run_id).data.tags["captchaops.dataset"]
+    )
+    for fold in result.folds:
+        assert fold.accuracy is None
+        assert "\n" not in fold.note
+        assert fold.note.startswith("ShardError: shard ")
+        assert "does not match its sha256" in fold.note and "delete the run 'datasets'" in fold.note
+        assert client.get_run(fold.run_id).info.status == "FAILED"

@@ -1,5 +1,5 @@
-"""The pieces of scale-out that need no running Ray: folds, the interval, the data set's zip, the
-address, the search space."""
+"""The pieces of scale-out that need no running Ray: folds, the interval, the address, the search
+space (the data set's shards: test_shards.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 
-from captchaops.data.dataset import DataError, LabelledImages
+from captchaops.data.dataset import DataError
 from captchaops.model.reader import VOTE, combine_members
 from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.cv import combined, cross_validate, fold_of, t_interval
 from captchaops.scaleout.engine import Engine, _reachable, need_gpus, parallel_runs, private_token
 from captchaops.scaleout.preflight import judge
-from captchaops.scaleout.shipping import pack, unpack
 from captchaops.scaleout.tune import (
     MIN_TRIAL_SECONDS,
     PUBLISH_SECONDS,
@@ -44,15 +43,6 @@ def test_t_interval_widens_with_spread_and_needs_two_folds() -> None:
     assert low < 0.95 < high <= 1.0
     narrow = t_interval([0.95, 0.951, 0.949, 0.95, 0.95]) or (0, 0)
     assert narrow[1] - narrow[0] < high - low
-
-
-def test_the_data_set_zip_round_trips_and_is_named_by_digest(tmp_path: Path) -> None:
-    data = LabelledImages([b"\x89PNG a", b"\x89PNG b"], ["ab", "cd"], ["ab.png", "cd.png"], "f")
-    path = pack(data, tmp_path)
-    assert path.name == f"{data.digest()}.zip"
-    back = unpack(path)
-    assert (back.images, back.labels, back.names) == (data.images, data.labels, data.names)
-    assert back.digest() == data.digest()
 
 
 def test_a_cluster_address_nobody_answers_is_one_line_with_the_fix() -> None:

@@ -25,6 +25,7 @@ from captchaops.data.folder import read_folder
 from captchaops.model.reader import MAX_CONFIDENCE, RULES, VOTE, better_rule
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
+from captchaops.scaleout.feed import STREAM_ABOVE_BYTES, capped, streams
 from captchaops.scaleout.runner import Failure, Interrupted, ParentRun, parent_run, run_jobs
 from captchaops.scaleout.shipping import upload
 from captchaops.scaleout.work import Job, Outcome
@@ -89,9 +90,11 @@ def cross_validate(
     cpus: int | None = None,
     members: int = 1,
     gpus: float = 0.0,
+    stream_above: int = STREAM_ABOVE_BYTES,
 ) -> CvResult:
     """Train one run (or `members` runs, combined as `train --members` combines them) per fold
-    on Ray, each with `gpus` GPUs, log parent and child runs, return the held-out scores."""
+    on Ray, each with `gpus` GPUs, log parent and child runs, return the held-out scores. A
+    fold whose training arrays would be larger than `stream_above` bytes streams them."""
     if config.data_dir is None:
         raise DataError("cv needs --data DIR, a folder of images named <label>.png")
     if not 2 <= folds <= 20:
@@ -111,7 +114,7 @@ def cross_validate(
     params |= {"gpus_per_trial": gpus} if gpus else {}
     name = f"cv-{config.data_dir.name}-{folds}folds" + (f"-{members}members" if members > 1 else "")
     with parent_run(settings, name, "cv", params) as parent:
-        plan = _plan(config, settings, parent, data, of, folds, members)
+        plan = _plan(config, settings, parent, data, of, (folds, members, stream_above))
         return _run_folds(plan, parent, cluster, board, redraw, (cpus, gpus), settings)
 
 
@@ -138,16 +141,19 @@ def _plan(
     parent: ParentRun,
     data: LabelledImages,
     of: list[int],
-    folds: int,
-    members: int,
+    shape: tuple[int, int, int],
 ) -> _Plan:
-    """Publish the data; a child run per fold (and per member), a job per training run.
-    Fold k trains with seed + k; with members, member i of fold k with seed + k + i * folds."""
+    """Publish the data as shards; a child run per fold (and per member), a job per training
+    run (`shape`: folds, members, and the training arrays' size in bytes above which a fold
+    streams them; a streamed fold validates on at most `feed.VAL_CAP` images, spread over its
+    validation split). Fold k trains with seed + k; with members, member i of fold k with
+    seed + k + i * folds."""
+    folds, members, stream_above = shape
     alphabet = config.alphabet or data.alphabet()
     max_length = max(len(label) for label in data.labels)
     arch = geometry(config, data, max_length)
     augment = config.augment if config.augment is not None else True
-    dataset_path = upload(parent.client, parent.run_id, data)
+    shipped = upload(parent.client, parent.experiment, data, parent.run_id)
     planned = []
     for k in range(folds):
         test = tuple(i for i in range(len(data)) if of[i] == k)
@@ -155,6 +161,8 @@ def _plan(
         val = tuple(i for i in rest if split_of(data.names[i], config.val_fraction, 0.0) == "val")
         held = set(val)
         train = tuple(i for i in rest if i not in held)
+        if streams(len(train), arch, stream_above):
+            val = capped(val)
         sizes = {"n_train": len(train), "n_val": len(val), "n_test": len(test)}
         fold = {"fold": k + 1, "folds": folds} | sizes
         child = parent.child(f"fold {k + 1}", "cv-fold", fold | _members(members))
@@ -166,12 +174,13 @@ def _plan(
             max_length=max_length,
             augment=augment,
             tracking_uri=mlflow_scope.tracking_uri(settings),
-            dataset_run_id=parent.run_id,
-            dataset_path=dataset_path,
+            parent_run_id=parent.run_id,
+            dataset=shipped,
             train=train,
             val=val,
             test=test,
             run_id=child,
+            stream_above=stream_above,
         )
         if members == 1:
             planned.append(_Fold(child, test, [job]))

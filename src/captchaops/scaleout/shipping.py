@@ -1,61 +1,257 @@
-"""The data set travels to workers through the tracking server, never over the driver's disk.
+"""The data set travels to workers through the tracking server as content-addressed shards.
 
-The driver logs the labelled images once, as one zip named by their digest, as an artifact of
-the parent run; a worker anywhere downloads it by run id and path through the server's
-artifact proxy. Plain files in a zip (a JSON manifest and the image bytes), no pickle.
+The driver cuts the labelled images into shards (a plain tar of at most `SHARD_IMAGES` images
+or `SHARD_BYTES` bytes, members named 00000, 00001, ..., fixed metadata, so the same images
+make the same bytes) and writes a manifest (the shards' sha256 and image counts, every image's
+name and label, the data set's digest) named by its own sha256. Both go to one run per
+experiment, `datasets` (tag `captchaops.kind=dataset-store`), through the artifact proxy:
+`shards/<sha256>.tar`, `manifests/<sha256>.json`. A shard or manifest already there (same name,
+same size) is not uploaded again, so a second command on the same folder uploads nothing.
+
+A worker is handed only the store run and the manifest's digest; it trusts bytes because their
+sha256 is the one it was handed (the manifest) or the one the manifest names (a shard), never
+because of where they came from, and it never writes a path it read from the data. Plain files
+(JSON and tar), no pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import re
+import tarfile
 import tempfile
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, BinaryIO
 
+from captchaops import mlflow_scope
 from captchaops.data.dataset import LabelledImages
+from captchaops.scaleout import ScaleoutError
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-FOLDER = "dataset"
+SHARD_IMAGES = 1000
+SHARD_BYTES = 32 * 2**20
+MAX_IMAGE_BYTES = 16 * 2**20  # one member of a shard (a PNG far beyond any CAPTCHA)
+MAX_MANIFEST_BYTES = 512 * 2**20
+STORE_NAME = "datasets"
+STORE_KIND = "dataset-store"
+SHARDS, MANIFESTS = "shards", "manifests"
+SCHEMA = 1
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def pack(data: LabelledImages, dest: Path) -> Path:
-    """Write `data` to `<dest>/<digest>.zip` and return the file."""
-    path = dest / f"{data.digest()}.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        manifest = {"source": data.source, "names": data.names, "labels": data.labels}
-        archive.writestr("manifest.json", json.dumps(manifest))
-        for i, image in enumerate(data.images):
-            archive.writestr(f"images/{i:07d}", image)
-    return path
+class ShardError(ScaleoutError):
+    """Bytes from the artifact store are not the ones the driver uploaded (or not a shard)."""
 
 
-def unpack(path: Path) -> LabelledImages:
-    """The labelled images in a zip written by `pack`."""
-    with zipfile.ZipFile(path) as archive:
-        manifest = json.loads(archive.read("manifest.json"))
-        images = [archive.read(f"images/{i:07d}") for i in range(len(manifest["names"]))]
-    return LabelledImages(
-        images=images, labels=manifest["labels"], names=manifest["names"], source=manifest["source"]
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard: its sha256, how many images it holds and its size in bytes."""
+
+    sha256: str
+    images: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a data set is made of: its shards, in order, and every image's name and label."""
+
+    dataset_sha256: str
+    source: str
+    names: list[str]
+    labels: list[str]
+    shards: list[ShardRef]
+
+    def encode(self) -> bytes:
+        """The manifest's canonical bytes (its sha256 is its name)."""
+        body = {
+            "schema": SCHEMA,
+            "dataset_sha256": self.dataset_sha256,
+            "source": self.source,
+            "names": self.names,
+            "labels": self.labels,
+            "shards": [[s.sha256, s.images, s.size] for s in self.shards],
+        }
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Manifest:
+        """A manifest from its bytes, every field checked (anything unexpected is refused)."""
+        try:
+            body = json.loads(raw)
+            shards = [ShardRef(str(d), int(n), int(b)) for d, n, b in body["shards"]]
+            manifest = cls(
+                str(body["dataset_sha256"]),
+                str(body["source"]),
+                [str(x) for x in body["names"]],
+                [str(x) for x in body["labels"]],
+                shards,
+            )
+            schema = body["schema"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ShardError(
+                f"the data set's manifest is not one this version reads ({exc})"
+            ) from None
+        total = sum(s.images for s in shards)
+        if (
+            schema != SCHEMA
+            or len(manifest.names) != total
+            or len(manifest.labels) != total
+            or not all(HEX64.fullmatch(s.sha256) and 0 < s.images <= SHARD_IMAGES for s in shards)
+        ):
+            raise ShardError("the data set's manifest is not one this version reads")
+        return manifest
+
+    def starts(self) -> list[int]:
+        """The index of each shard's first image."""
+        out, at = [], 0
+        for shard in self.shards:
+            out.append(at)
+            at += shard.images
+        return out
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """Where workers find a data set: the store run and the manifest's sha256 (all a Job
+    carries), and what the driver uploaded to put it there."""
+
+    run_id: str
+    manifest: str
+    shards: int = 0
+    uploaded: int = 0
+
+
+def shard_ranges(images: list[bytes]) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of at most SHARD_IMAGES images or SHARD_BYTES bytes
+    (an image larger than that is a shard of its own)."""
+    ranges, start, size = [], 0, 0
+    for i, image in enumerate(images):
+        if i > start and (i - start >= SHARD_IMAGES or size + len(image) > SHARD_BYTES):
+            ranges.append((start, i))
+            start, size = i, 0
+        size += len(image)
+    if images:
+        ranges.append((start, len(images)))
+    return ranges
+
+
+def pack_shard(images: list[bytes]) -> bytes:
+    """A tar of `images` as members 00000, 00001, ...; the same images give the same bytes."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, image in enumerate(images):
+            info = tarfile.TarInfo(f"{i:05d}")
+            info.size, info.mtime, info.mode = len(image), 0, 0o444
+            tar.addfile(info, io.BytesIO(image))
+    return out.getvalue()
+
+
+def read_shard(file: BinaryIO, ref: ShardRef) -> list[bytes]:
+    """The images of the shard `ref` from an open file, after its sha256 matched `ref`'s;
+    every member must be the regular file the packer wrote, in order."""
+    digest = hashlib.file_digest(file, "sha256").hexdigest()  # type: ignore[arg-type]
+    if digest != ref.sha256:
+        raise mismatch(f"shard {ref.sha256[:12]}", digest)
+    file.seek(0)
+    images = []
+    with tarfile.open(fileobj=file, mode="r:") as tar:
+        for i, member in enumerate(tar):
+            if member.name != f"{i:05d}" or not member.isreg() or member.size > MAX_IMAGE_BYTES:
+                raise ShardError(f"shard {ref.sha256[:12]} holds an unexpected member")
+            extracted = tar.extractfile(member)
+            assert extracted is not None  # a regular member always has a file
+            images.append(extracted.read())
+    if len(images) != ref.images:
+        raise ShardError(f"shard {ref.sha256[:12]} holds {len(images)} images, not {ref.images}")
+    return images
+
+
+def mismatch(what: str, digest: str) -> ShardError:
+    """The one-line error for bytes whose sha256 is not the one they are named by."""
+    return ShardError(
+        f"{what} from the artifact store does not match its sha256 (it holds {digest[:12]}); "
+        f"delete the run '{STORE_NAME}' in MLflow and run the command again to upload the data "
+        "afresh"
     )
 
 
-def upload(client: MlflowClient, run_id: str, data: LabelledImages) -> str:
-    """Log `data` as an artifact of `run_id`; returns its artifact path."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = pack(data, Path(tmp))
-        client.log_artifact(run_id, str(path), FOLDER)
-    return f"{FOLDER}/{path.name}"
+def store_run(client: MlflowClient, experiment_id: str) -> str:
+    """The experiment's run that holds data set shards (made the first time). Drivers that
+    start together may each make one: all of them then use the oldest, and the others go."""
 
-
-def fetch(tracking_uri: str, run_id: str, artifact_path: str) -> LabelledImages:
-    """Download the data set a driver uploaded and read it (on a worker)."""
-    import mlflow.artifacts
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact_path, dst_path=tmp, tracking_uri=tracking_uri
+    def oldest() -> str | None:
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`captchaops.kind` = '{STORE_KIND}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=1,
         )
-        return unpack(Path(local))
+        return str(found[0].info.run_id) if found else None
+
+    existing = oldest()
+    if existing is not None:
+        return existing
+    run = client.create_run(
+        experiment_id, run_name=STORE_NAME, tags={"captchaops.kind": STORE_KIND}
+    )
+    mine = str(run.info.run_id)
+    mlflow_scope.finish_run(client, mine)
+    chosen = oldest() or mine
+    if chosen != mine:
+        client.delete_run(mine)
+    return chosen
+
+
+def upload(
+    client: MlflowClient, experiment_id: str, data: LabelledImages, parent_run_id: str
+) -> Shipped:
+    """Put `data` in the experiment's store as shards and a manifest, uploading only what is not
+    there yet; the parent run records the manifest and the shards uploaded."""
+    run_id = store_run(client, experiment_id)
+    have = {
+        Path(f.path).name: f.file_size
+        for folder in (SHARDS, MANIFESTS)
+        for f in client.list_artifacts(run_id, folder)
+    }
+    shards, uploaded = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for start, stop in shard_ranges(data.images):
+            raw = pack_shard(data.images[start:stop])
+            ref = ShardRef(hashlib.sha256(raw).hexdigest(), stop - start, len(raw))
+            shards.append(ref)
+            uploaded += _put(client, run_id, SHARDS, f"{ref.sha256}.tar", raw, have, Path(tmp))
+        manifest = Manifest(data.digest(), data.source, data.names, data.labels, shards)
+        raw = manifest.encode()
+        digest = hashlib.sha256(raw).hexdigest()
+        _put(client, run_id, MANIFESTS, f"{digest}.json", raw, have, Path(tmp))
+    shipped = Shipped(run_id, digest, len(shards), uploaded)
+    client.set_tag(parent_run_id, "captchaops.dataset", f"{run_id}/{MANIFESTS}/{digest}.json")
+    client.log_metric(parent_run_id, "dataset_shards", len(shards))
+    client.log_metric(parent_run_id, "dataset_shards_uploaded", uploaded)
+    return shipped
+
+
+def _put(
+    client: MlflowClient,
+    run_id: str,
+    folder: str,
+    name: str,
+    raw: bytes,
+    have: dict[str, Any],
+    tmp: Path,
+) -> int:
+    """Upload `raw` as `folder/name` unless the store has it (same size); 1 if uploaded."""
+    if have.get(name) == len(raw):
+        return 0
+    path = tmp / name
+    path.write_bytes(raw)
+    client.log_artifact(run_id, str(path), folder)
+    path.unlink()
+    have[name] = len(raw)
+    return 1

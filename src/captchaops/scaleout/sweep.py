@@ -20,6 +20,7 @@ from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, parallel_runs, ray_session
+from captchaops.scaleout.feed import STREAM_ABOVE_BYTES, capped, streams
 from captchaops.scaleout.runner import ParentRun, parent_run
 from captchaops.scaleout.shipping import upload
 from captchaops.scaleout.tune import Best, ChildRuns, best_network, plan_budget, search, why_none
@@ -62,8 +63,13 @@ class SplitData:
 def base_job(
     name: str, p: SplitData, config: TrainConfig, settings: Settings, parent: ParentRun
 ) -> Job:
-    """The unit of work every trial or member starts from: the data set uploaded to the parent
-    run once, the train and validation splits, the preset's settings."""
+    """The unit of work every trial or member starts from: the data set uploaded once as shards
+    (its manifest recorded on the parent run), the train and validation splits (at most
+    `feed.VAL_CAP` validation images when the training images stream), the preset's settings."""
+    train = tuple(p.splits["train"])
+    val = tuple(p.splits["val"])
+    if streams(len(train), p.arch, STREAM_ABOVE_BYTES):
+        val = capped(val)
     return Job(
         name=name,
         config=config,
@@ -72,10 +78,10 @@ def base_job(
         max_length=max(len(label) for label in p.data.labels),
         augment=config.augment if config.augment is not None else config.data_dir is not None,
         tracking_uri=mlflow_scope.tracking_uri(settings),
-        dataset_run_id=parent.run_id,
-        dataset_path=upload(parent.client, parent.run_id, p.data),
-        train=tuple(p.splits["train"]),
-        val=tuple(p.splits["val"]),
+        parent_run_id=parent.run_id,
+        dataset=upload(parent.client, parent.experiment, p.data, parent.run_id),
+        train=train,
+        val=val,
     )
 
 

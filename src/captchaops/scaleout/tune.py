@@ -190,7 +190,7 @@ def trial(params: dict[str, Any], job: Job) -> None:
         path = Path(tmp) / "weights.npz"
         np.savez(path, *outcome.weights)
         client = MlflowClient(job.tracking_uri, job.tracking_uri)
-        client.log_artifact(job.dataset_run_id, str(path), f"{WEIGHTS}/{trial_id}")
+        client.log_artifact(job.parent_run_id, str(path), f"{WEIGHTS}/{trial_id}")
     final = {k.removeprefix("final_"): v for k, v in outcome.metrics.items() if "final_" in k}
     tune.report(final | {"best_val_cer": outcome.metrics["best_val_cer"], "weights_logged": 1.0})
 
@@ -399,7 +399,7 @@ def best_network(best: Best, client: MlflowClient) -> Any:
 
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(
-            best.job.dataset_run_id, f"{WEIGHTS}/{best.trial_id}/weights.npz", tmp
+            best.job.parent_run_id, f"{WEIGHTS}/{best.trial_id}/weights.npz", tmp
         )
         with np.load(local) as saved:
             weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]

@@ -1,9 +1,11 @@
 """The unit of work: one training run (a fold, a trial or a member), the same loop `train` runs.
 
-A worker gets the data set from the tracking server (by the parent run and path the driver
-uploaded), fits with `training.loop.fit` unchanged, scores the run's held-out images and
-returns picklable results. Per-epoch metrics go to the run's child run over the tracking
-server's REST API when the driver made one; `on_epoch` lets Tune see them too.
+A worker reads the data set from the tracking server's artifact store by the manifest digest
+the driver handed it, a shard at a time (`scaleout.feed`), fits with `training.loop.fit`
+unchanged (training arrays, or a stream of batches when the arrays would be larger than
+`stream_above` bytes), scores the run's held-out images in chunks and returns picklable
+results. Per-epoch metrics go to the run's child run over the tracking server's REST API when
+the driver made one; `on_epoch` lets Tune see them too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from captchaops.model.crnn import Architecture
+from captchaops.scaleout.feed import STREAM_ABOVE_BYTES
+from captchaops.scaleout.shipping import Shipped
 from captchaops.training.config import TrainConfig
 
 EpochHook = Callable[[dict[str, float], int], None]
@@ -31,8 +35,8 @@ class Job:
     max_length: int
     augment: bool
     tracking_uri: str
-    dataset_run_id: str
-    dataset_path: str
+    parent_run_id: str  # the command's parent run (a trial's weights go there)
+    dataset: Shipped  # where the data set's manifest and shards are
     train: tuple[int, ...]
     val: tuple[int, ...]
     test: tuple[int, ...] = ()
@@ -40,6 +44,7 @@ class Job:
     keep_weights: bool = False  # return the fitted weights (for export by the driver)
     predict_val: bool = False  # also return the validation answers (to choose how members vote)
     ends_by: float | None = None  # wall clock (time.time()) the run must end by: a search's budget
+    stream_above: int = STREAM_ABOVE_BYTES  # training arrays larger than this are streamed
 
 
 @dataclass
@@ -63,17 +68,29 @@ def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
 
     from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
     from captchaops.model.ctc import decode_greedy, encode_labels
-    from captchaops.scaleout.shipping import fetch
-    from captchaops.training.loop import Validation, fit
-    from captchaops.training.tensors import arrays
+    from captchaops.scaleout.feed import DataSet, steps_per_epoch, streams
+    from captchaops.training.loop import Stream, Validation, fit
 
     start = time.monotonic()
     attempt = _count_attempt(job)
-    data = fetch(job.tracking_uri, job.dataset_run_id, job.dataset_path)
+    data = DataSet(job.tracking_uri, job.dataset)
     keras.utils.set_random_seed(job.config.seed)
-    x = {name: arrays(data, list(idx), job.arch) for name, idx in _splits(job).items() if idx}
     labels = {name: [data.labels[i] for i in idx] for name, idx in _splits(job).items()}
-    y = {name: encode_labels(labels[name], job.alphabet, job.max_length) for name in x}
+    streamed = streams(len(job.train), job.arch, job.stream_above)
+    train: tuple[np.ndarray, np.ndarray] | Stream
+    if streamed:
+        batch = job.config.batch_size
+        train = Stream(
+            data.batches(job.train, job.arch, job.alphabet, job.max_length, batch, job.config.seed),
+            steps_per_epoch(len(job.train), batch),
+            generated=lambda: 0,
+        )
+    else:
+        y_train = encode_labels(labels["train"], job.alphabet, job.max_length)
+        train = (data.arrays(job.train, job.arch), y_train)
+    _tag(job, "captchaops.data", _how(job, streamed, len(data.manifest.shards)))
+    val_x = data.arrays(job.val, job.arch)
+    val_y = encode_labels(labels["val"], job.alphabet, job.max_length)
     best_cer = float("inf")
 
     def log(metrics: dict[str, float], epoch: int) -> None:
@@ -89,20 +106,24 @@ def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
         job.config,
         job.arch,
         job.alphabet,
-        (x["train"], y["train"]),
-        Validation(x["val"], y["val"], labels["val"], job.alphabet),
+        train,
+        Validation(val_x, val_y, labels["val"], job.alphabet),
         augment=job.augment,
         deadline=start + seconds_allowed(job),
         report=lambda stage, fraction, metrics: None,
         log=log,
     )
+    del train
     metrics = fitted.summary() | {"best_val_cer": best_cer, "wall_seconds": 0.0}
     if fitted.history:
         metrics |= {f"final_{k}": v for k, v in fitted.history[-1].items()}
     predictions: list[tuple[str, float]] = []
-    if "test" in x:
-        probs = fitted.infer.predict(x["test"], batch_size=256, verbose=0)
-        predictions = decode_greedy(probs, job.alphabet)
+    if job.test:
+        predictions = [("", 0.0)] * len(job.test)
+        for positions, x in data.chunks(job.test, job.arch):
+            probs = fitted.infer.predict(x, batch_size=256, verbose=0)
+            for pos, answer in zip(positions, decode_greedy(probs, job.alphabet), strict=True):
+                predictions[pos] = answer
         texts = [t for t, _ in predictions]
         metrics |= {
             "test_seq_acc": sequence_accuracy(texts, labels["test"]),
@@ -111,8 +132,10 @@ def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
         }
     val_predictions: list[tuple[str, float]] = []
     if job.predict_val:
-        probs = fitted.infer.predict(x["val"], batch_size=256, verbose=0)
+        probs = fitted.infer.predict(val_x, batch_size=256, verbose=0)
         val_predictions = decode_greedy(probs, job.alphabet)
+    metrics["data_streamed"] = float(streamed)
+    metrics["data_shards_fetched"] = float(data.fetched)
     metrics["wall_seconds"] = time.monotonic() - start
     weights = fitted.infer.get_weights() if job.keep_weights else None
     return Outcome(job.name, metrics, predictions, weights, attempt, val_predictions)
@@ -129,6 +152,28 @@ def seconds_allowed(job: Job, now: float | None = None) -> float:
 
 def _splits(job: Job) -> dict[str, tuple[int, ...]]:
     return {"train": job.train, "val": job.val, "test": job.test}
+
+
+def _how(job: Job, streamed: bool, shards: int) -> str:
+    """How the run's training images reached `fit`, in words (the child run's tag)."""
+    from captchaops.scaleout.feed import input_bytes
+
+    size = input_bytes(len(job.train), job.arch) / 2**20
+    if streamed:
+        return (
+            f"streamed from {shards} shards: {len(job.train)} training images are {size:.0f} MiB "
+            f"as arrays, over {job.stream_above / 2**20:.0f} MiB"
+        )
+    return f"arrays: {len(job.train)} training images, {size:.0f} MiB, read from {shards} shards"
+
+
+def _tag(job: Job, key: str, value: str) -> None:
+    """Set a tag on the run's child run, when the driver made one."""
+    if job.run_id is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(job.tracking_uri, job.tracking_uri).set_tag(job.run_id, key, value)
 
 
 def _count_attempt(job: Job) -> int:
