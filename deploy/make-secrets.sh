@@ -25,7 +25,8 @@ new() {
   od -An -N24 -tx1 /dev/urandom | tr -d ' \n'
 }
 for name in postgres_superuser_password postgres_password mlflow_admin_password \
-  flask_secret_key app_secret_key service_password s3_secret_key backup_passphrase; do
+  flask_secret_key app_secret_key service_password promotions_password s3_secret_key \
+  backup_passphrase; do
   if [ ! -s "secrets/$name" ]; then
     new > "secrets/$name"
     echo "created deploy/secrets/$name"

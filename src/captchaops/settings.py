@@ -20,6 +20,7 @@ SECRET_FIELDS = (
     "admin_password",
     "auth_secret_key",
     "service_password",
+    "promotions_password",
     "serving_token",
     "webhook_secret",
     "webhook_encryption_key",
@@ -141,6 +142,11 @@ class Settings(BaseSettings):
         "captchaops-service", description="account the model servers and the app use in team mode"
     )
     service_password: SecretStr | None = None
+    promotions_username: str = Field(
+        "captchaops-promotions",
+        description="account the promotion service uses in team mode (EDIT on the scheme, not admin)",
+    )
+    promotions_password: SecretStr | None = None
     serving_token: SecretStr | None = Field(
         None,
         description="bearer token model servers require in team mode for /reload, /metrics and "

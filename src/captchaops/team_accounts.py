@@ -241,6 +241,36 @@ def ensure_service_account(settings: Settings) -> Account:
     return Account(username, "service", _apply(admin, username, grants))
 
 
+def ensure_promotions_account(settings: Settings) -> Account:
+    """Create or refresh the promotion service's account: not an admin; EDIT on the scheme's
+    registered model (aliases, its tags, version tags) and on the experiments it writes runs in:
+    the audit trail (moves, requests, the promotion lock), the frozen sets (a first gate run
+    makes one) and the training experiment (the gate logs each scored version's report into the
+    version's own run). Visitors' uploads stay DENY."""
+    if not settings.promotions_password:
+        raise UsersError(
+            "no promotion service password: set CAPTCHAOPS_PROMOTIONS_PASSWORD (captchaops up "
+            "generates one in team mode)"
+        )
+    username = settings.promotions_username
+    password = settings.promotions_password.get_secret_value()
+    _check(username, password)
+    admin = _Admin(settings)
+    if admin.user_exists(username):
+        admin.call(
+            "PATCH",
+            "/api/2.0/mlflow/users/update-password",
+            json={"username": username, "password": password},
+        )
+    else:
+        admin.call(
+            "POST",
+            "/api/2.0/mlflow/users/create",
+            json={"username": username, "password": password},
+        )
+    return Account(username, "promotions", _apply(admin, username, _grants(settings, "editor")))
+
+
 def _refuse_squatted(admin: _Admin, settings: Settings, service: str) -> None:
     """UsersError when another non-admin account made a name only the product should: the
     feedback or the monitoring experiment, or the scheme's registered model when that account

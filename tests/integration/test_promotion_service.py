@@ -27,18 +27,24 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry, Gauge
+from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
 from captchaops import registry
 from captchaops.cli import app
+from captchaops.cli import canary as canary_cli
+from captchaops.data.frozen import ARTIFACT, EVAL_EXPERIMENT, pack
+from captchaops.decisions.canary_watch import Outcome
 from captchaops.evaluation.evalset import create_evalset
 from captchaops.registry.aliases import adopt_aliases, alias_version, assign_alias
 from captchaops.registry.requests import REQUEST_SIGNATURE, pending_requests, record_request
 from captchaops.registry.signing import PRIVATE_KEY, PUBLIC_KEY, SignedMove
 from captchaops.registry.unaudited import signed_move
+from captchaops.registry.versions import evalset_problem
 from captchaops.serving.audit_gate import AuditGate
 from captchaops.settings import Settings, load_settings
-from captchaops.team_accounts import add_user
+from captchaops.stack.promotions_client import stage_candidate
+from captchaops.team_accounts import add_user, ensure_promotions_account
 from captchaops.tracking_rest import TrackingRest
 from tests.fixtures.models import TrainedModel, copies, make_settings
 from tests.fixtures.serving import ModelServer, start_model_server
@@ -60,6 +66,7 @@ PASSWORDS = {
     "admin": "admin-password-for-tests",
     "ed": "ed-password-for-tests",
     "alice": "alice-password-for-tests",
+    "captchaops-promotions": "promotions-password-for-tests",
 }
 
 
@@ -166,6 +173,87 @@ def test_a_keyless_client_promotes_staging_through_the_service(
         stop_process(proc)
 
 
+def test_every_signing_command_goes_through_the_service_and_a_replaced_set_is_refused(
+    tracking_server: Tracking, tiny_model: TrainedModel, tmp_path: Path, isolated_mlflow: None
+) -> None:
+    """Issue 37, item 1 and 3: a key-less home makes the frozen set (the service computes its
+    digest from the logged archive and signs the pin), adopts, stages (train's move after its
+    floor), starts, ends and promotes a canary; each move carries the service's signature. An
+    editor who then replaces the logged archive gets the gate's one-line refusal."""
+    name = "promotion-service-every-move"
+    client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
+    first, second, third = copies(client, tiny_model, name, 3)
+    service_home = tmp_path / "service"
+    public = service_home / "keys" / PUBLIC_KEY
+    service_home.mkdir()
+    url, proc = start_service(service_home, tracking_server.uri, CAPTCHAOPS_STAGING_FLOOR="0")
+    home = tmp_path / "laptop"
+
+    def run(*args: str) -> Result:
+        return cli(home, url, tracking_server.uri, name, *args, CAPTCHAOPS_ACTOR="ed")
+
+    def signed(alias: str) -> SignedMove:
+        return signed_move(client.get_registered_model(name).tags, alias, public, name)
+
+    try:
+        made = run("evalset", "--size", "20")
+        assert made.exit_code == 0, made.output
+        digest = made.stdout.split()[3]
+        tags = client.get_registered_model(name).tags
+        assert tags["evalset_digest"] == digest
+        assert evalset_problem(tags, name, public) is None  # signed with the service's key
+
+        client.set_registered_model_alias(name, PRODUCTION, first)  # as an older stack left it
+        adopted = run("promotions", "adopt")
+        assert adopted.exit_code == 0, adopted.output
+        assert f"signed: @production v{first} -> v{first} (adopted) by ed" in adopted.stdout
+        assert signed(PRODUCTION).version == first
+
+        laptop = load_settings(
+            home=home, tracking_uri=tracking_server.uri, model_name=name, promotions_url=url,
+            staging_floor=1.0,  # the service's floor decides, not the caller's
+        )  # fmt: skip
+        assert stage_candidate(client, laptop, third, 0.0) is None  # nor the caller's accuracy
+        assert signed("staging").version == third == alias_version(client, name, "staging")
+
+        started = run("promote", "--canary", "10", "--version", second, "--detach")
+        assert started.exit_code == 0, started.output
+        assert f"canary: @canary nothing -> v{second} (canary) by ed" in started.stdout
+        assert signed("canary").version == second
+        ended = run("rollback", "--canary", "--reason", "not today")
+        assert ended.exit_code == 0, ended.output
+        assert alias_version(client, name, "canary") is None and signed("canary").version == ""
+        assert run("promote", "--canary", "10", "--version", second, "--detach").exit_code == 0
+        block = {"state": "routing", "answers": 500, "estimate": 0.9, "p99_ms": 5.0}
+        passed = Outcome(0, "canary passed", block, left_to_caller="promote")
+        promoted = canary_cli._service_act(laptop, second, passed, 1.0, "ed")
+        assert promoted.code == 0 and "promoted: @production" in promoted.line, promoted.line
+        assert signed(PRODUCTION).version == second
+        assert alias_version(client, name, "canary") is None  # the promotion ended the canary
+        assert not (home / "keys").exists()
+
+        # An editor replaces the logged archive through MLflow's artifact API.
+        run_id = client.search_runs(
+            [client.get_experiment_by_name(EVAL_EXPERIMENT).experiment_id],
+            f"tags.evalset_digest = '{digest}'",
+        )[0].info.run_id
+        other = create_evalset(client, make_settings(tracking_server, tmp_path / "x",
+                               model_name=f"{name}-other"), size=20, seed=1)  # fmt: skip
+        (tmp_path / "swap").mkdir()
+        (tmp_path / "swap" / ARTIFACT).write_bytes(pack(other.images, other.labels, {"seed": 1}))
+        client.log_artifact(run_id, str(tmp_path / "swap" / ARTIFACT))
+        client.set_registered_model_alias(name, "staging", first)
+        refused = run("promote", "--auto")
+        assert refused.exit_code == 1, refused.output
+        assert refused.stderr.strip().splitlines() == [
+            f"error: the stored frozen set {digest[:12]} does not match its digest; make a new "
+            "one with `captchaops evalset --replace`"
+        ]
+        assert alias_version(client, name, PRODUCTION) == second
+    finally:
+        stop_process(proc)
+
+
 @dataclass
 class Team:
     uri: str
@@ -242,10 +330,16 @@ def team(
                 "signing_public_key": str(keys / PUBLIC_KEY), "canary": "false",
             },
         )  # fmt: skip
+        # The service's own account (as team-mode `up` makes it): EDIT, not admin.
+        ensure_promotions_account(
+            admin.model_copy(
+                update={"promotions_password": SecretStr(PASSWORDS["captchaops-promotions"])}
+            )
+        )
         url, proc = start_service(
             home / "service", uri, CAPTCHAOPS_AUTH="true",
-            CAPTCHAOPS_TRACKING_USERNAME="admin",
-            CAPTCHAOPS_TRACKING_PASSWORD=PASSWORDS["admin"],
+            CAPTCHAOPS_TRACKING_USERNAME="captchaops-promotions",
+            CAPTCHAOPS_TRACKING_PASSWORD=PASSWORDS["captchaops-promotions"],
             CAPTCHAOPS_PRODUCTION_URL=server.url,
         )  # fmt: skip
         try:
@@ -347,3 +441,20 @@ def test_a_clients_dead_production_url_does_not_skip_the_approval(
     assert f"@production v{second} -> v{first} (rollback) requested by ed at" in asked.stdout
     assert alias_version(team.client(), NAME, PRODUCTION) == second
     assert team.served(second) < 1.0
+
+
+def test_only_an_admin_adopts_through_the_service(team: Team, isolated_mlflow: None) -> None:
+    """The service's own account is no admin, so the admin check is the caller's."""
+    refused = team.cli("ed", "promotions", "adopt")
+    assert refused.exit_code == 1, refused.output
+    assert refused.stderr.strip().splitlines() == [
+        f"error: user 'ed' may not adopt {NAME}'s aliases: signing what the aliases hold now "
+        "needs an admin account"
+    ]
+    adopted = team.cli("admin", "promotions", "adopt")
+    assert adopted.exit_code == 0, adopted.output
+    held = alias_version(team.client(), NAME, PRODUCTION)
+    assert f"signed: @production v{held} -> v{held} (adopted) by admin" in adopted.stdout
+    signed = signed_move(team.client().get_registered_model(NAME).tags, PRODUCTION,
+                         team.public_key, NAME)  # fmt: skip
+    assert (signed.version, signed.actor) == (held, "admin")

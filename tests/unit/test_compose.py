@@ -277,8 +277,8 @@ def test_model_servers_get_only_the_promotion_public_key(
         for ref in service.get("secrets", [])
         if (ref if isinstance(ref, str) else ref["source"]) == "promotion_key"
     }
-    # the promotion service moves @production; train's @staging move and canaries still sign there
-    assert holders == {"promotions", "train"}
+    # every signing move goes through the promotion service: the on-demand train job holds no key
+    assert holders == {"promotions"}
     for name in ("production", "staging"):
         service = spec["services"][name]
         env = service["environment"]
@@ -288,9 +288,12 @@ def test_model_servers_get_only_the_promotion_public_key(
             env["CAPTCHAOPS_SIGNING_PUBLIC_KEY"] == f"/run/secrets/{mounts['promotion_public_key']}"
         )
     train = spec["services"]["train"]
-    keys = train["environment"]["CAPTCHAOPS_SIGNING_KEY_DIR"]
-    targets = {ref["source"]: ref["target"] for ref in train["secrets"]}
-    assert targets == {
+    assert "secrets" not in train and "CAPTCHAOPS_SIGNING_KEY_DIR" not in train["environment"]
+    assert train["environment"]["CAPTCHAOPS_PROMOTIONS_URL"] == "http://promotions:8890"
+    promotions = spec["services"]["promotions"]
+    keys = promotions["environment"]["CAPTCHAOPS_SIGNING_KEY_DIR"]
+    targets = {ref["source"]: ref["target"] for ref in promotions["secrets"]}
+    assert {k: targets[k] for k in ("promotion_key", "promotion_public_key")} == {
         "promotion_key": f"{keys}/moves.key",
         "promotion_public_key": f"{keys}/moves.pub",
     }

@@ -24,7 +24,8 @@ from starlette.testclient import TestClient
 
 from captchaops.access import AccessError, Unverified, check, require
 from captchaops.registry.requests import Request, provenance_problem, signed_bytes
-from captchaops.settings import Settings, load_settings
+from captchaops.settings import Settings, load_settings, write_env
+from captchaops.stack import control
 from captchaops.stack.promotions import create_app
 from captchaops.stack.services import build_services
 from captchaops.stack.store import Store
@@ -336,7 +337,13 @@ def test_the_service_answers_503_when_it_cannot_tell_what_a_caller_may_do(
         ("POST", "/promote?model=x", {"model": "y"}, 400, "bad query"),
         ("GET", "/requests?model=text-captcha&status=all", None, 400, "unknown field"),
         ("GET", "/requests?model=a&model=b", None, 400, "bad query"),
-        ("POST", "/adopt", {}, 404, "no such action"),
+        ("POST", "/adopted", {}, 404, "no such action"),
+        ("POST", "/canary", {"percent": 10.5}, 400, "bad percent"),
+        ("POST", "/canary/end", {"tripped": "yes"}, 400, "bad tripped"),
+        ("POST", "/stage", {"version": "2", "accuracy": 1.0}, 400, "unknown field"),
+        ("POST", "/stage", {}, 400, "no version"),
+        ("POST", "/evalset", {"run": "abc", "digest": "0" * 64}, 400, "unknown field"),
+        ("POST", "/adopt", {}, 403, "forbidden"),  # ed edits; adopting needs an admin
         ("GET", "/promote", None, 405, "no such action"),
     ],
 )  # fmt: skip
@@ -348,19 +355,37 @@ def test_what_the_service_does_not_know_is_refused(
     assert set(answer.json()) == {"error", "detail"}
 
 
-def test_team_mode_up_supervises_the_service_with_the_admin_login_in_its_environment(
+def test_adopt_asks_the_tracking_server_whether_the_caller_is_an_admin(
+    ed: Settings, recorded: tuple[str, Answers]
+) -> None:
+    answer = team_client(ed).post("/adopt", json={}, headers=ED)
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["detail"] == (
+        "user 'ed' may not adopt text-captcha's aliases: signing what the aliases hold now "
+        "needs an admin account"
+    )
+    recorded[1][PERMISSIONS] = (200, {"permissions": EDITOR[PERMISSIONS][1]["permissions"]})  # type: ignore[index]
+    unsure = team_client(ed).post("/adopt", json={}, headers=ED)
+    assert (unsure.status_code, unsure.json()["error"]) == (503, "no account check"), unsure.text
+
+
+def test_team_mode_up_supervises_the_service_with_its_own_login_in_its_environment(
     tmp_path: Path,
 ) -> None:
     store = Store(kind="local", destination=str(tmp_path / "artifacts"))
     team = load_settings(home=tmp_path, auth=True, tracking_port=5999, promotions_port=5998)
     spec = {svc.name: svc for svc in build_services(team, store)}["promotions"]
     stored = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines())
-    password = stored["CAPTCHAOPS_ADMIN_PASSWORD"]
+    password = stored["CAPTCHAOPS_PROMOTIONS_PASSWORD"]  # generated, 0600, not the admin's
+    assert password != stored["CAPTCHAOPS_ADMIN_PASSWORD"] and len(password) >= 24
+    assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
     assert spec.command[1:] == ["promotions", "serve", "--port", "5998"]
     assert (spec.url, spec.health_url) == ("http://127.0.0.1:5998", "http://127.0.0.1:5998/health")
     assert spec.env["CAPTCHAOPS_AUTH"] == "true" and spec.env["CAPTCHAOPS_HOME"] == str(tmp_path)
     assert (
-        spec.env["CAPTCHAOPS_TRACKING_USERNAME"] == spec.env["MLFLOW_TRACKING_USERNAME"] == "admin"
+        spec.env["CAPTCHAOPS_TRACKING_USERNAME"]
+        == spec.env["MLFLOW_TRACKING_USERNAME"]
+        == ("captchaops-promotions")
     )
     assert spec.env["CAPTCHAOPS_TRACKING_PASSWORD"] == password
     assert not any(password in part for part in spec.command)
@@ -383,7 +408,36 @@ def test_compose_gives_the_private_key_to_the_promotion_service_alone() -> None:
     promotions = services["promotions"]
     assert promotions["command"][1:3] == ["promotions", "serve"]
     assert promotions["environment"]["CAPTCHAOPS_AUTH"] == "true"
-    assert "mlflow_admin_password" in mounted("promotions")
+    # its own account (made by the one-shot `accounts` job), never the admin's
+    assert "promotions_password" in mounted("promotions") | mounted("accounts")
+    assert "mlflow_admin_password" not in mounted("promotions")
+    env = promotions["environment"]
+    assert env["CAPTCHAOPS_TRACKING_USERNAME"] == "captchaops-promotions"
     assert services["train"]["environment"]["CAPTCHAOPS_PROMOTIONS_URL"] == (
         "http://promotions:8890"
     )
+
+
+def test_up_names_the_running_service_in_the_home_and_down_takes_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commands run with the stack's home find the service without CAPTCHAOPS_PROMOTIONS_URL;
+    an explicit one wins, and `down` removes only the URL `up` wrote."""
+    monkeypatch.delenv("CAPTCHAOPS_PROMOTIONS_URL", raising=False)
+    team = load_settings(home=tmp_path, auth=True, promotions_port=5998)
+    spec = {svc.name: svc for svc in build_services(team, Store(kind="local", destination="x"))}
+    said: list[str] = []
+    control._publish_promotions(team, [spec["promotions"], spec["app"]], said.append)
+    assert load_settings(home=tmp_path).promotions_url == "http://127.0.0.1:5998"
+    assert said == [f"promotions: commands with this home sign through http://127.0.0.1:5998 "
+                    f"({tmp_path / '.env'})"]  # fmt: skip
+    assert (tmp_path / ".env").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("CAPTCHAOPS_PROMOTIONS_URL", "http://10.0.0.5:8890")
+    assert load_settings(home=tmp_path).promotions_url == "http://10.0.0.5:8890"
+    monkeypatch.delenv("CAPTCHAOPS_PROMOTIONS_URL")
+    control._forget_promotions(team)
+    assert load_settings(home=tmp_path).promotions_url is None
+    assert "CAPTCHAOPS_ADMIN_PASSWORD=" in (tmp_path / ".env").read_text()  # the rest stays
+    write_env(tmp_path / ".env", {"CAPTCHAOPS_PROMOTIONS_URL": "http://10.0.0.5:8890"})
+    control._forget_promotions(team)  # a URL someone else wrote is not up's to take
+    assert load_settings(home=tmp_path).promotions_url == "http://10.0.0.5:8890"

@@ -151,12 +151,25 @@ def promote(
     require_access(settings, "promote")
     if canary is None and (watch is not None or detach or then_promote):
         fail("--watch, --detach and --then-promote go with --canary PERCENT")
+    if canary is not None:
+        from captchaops.cli import canary as canaries
+
+        if auto or force:
+            fail("--canary takes no --auto or --force; the canary's breaker is its gate")
+        canaries.start(
+            settings,
+            percent=canary,
+            version=version,
+            from_alias=from_alias,
+            reason=reason,
+            # the service names the caller itself; locally the audit trail's name is chosen here
+            actor=actor if settings.promotions_url else audited_actor(settings, actor),
+            watch_minutes=canaries.WATCH_MINUTES if watch is None else watch,
+            detach=detach,
+            then_promote=then_promote,
+        )
+        return
     if settings.promotions_url:
-        if canary is not None:
-            fail(
-                "--canary does not go through the promotion service yet; promote --version N, "
-                "--from staging or --auto, or unset CAPTCHAOPS_PROMOTIONS_URL"
-            )
         if auto:
             gate_options = {
                 "margin": margin,
@@ -172,23 +185,6 @@ def promote(
         _through_service(settings, "/promote", body, actor, "promoted")
         return
     actor = audited_actor(settings, actor)
-    if canary is not None:
-        from captchaops.cli import canary as canaries
-
-        if auto or force:
-            fail("--canary takes no --auto or --force; the canary's breaker is its gate")
-        canaries.start(
-            settings,
-            percent=canary,
-            version=version,
-            from_alias=from_alias,
-            reason=reason,
-            actor=actor,
-            watch_minutes=canaries.WATCH_MINUTES if watch is None else watch,
-            detach=detach,
-            then_promote=then_promote,
-        )
-        return
     if not auto and not reason:
         fail('say why with --reason "..." (it goes into the audit trail)')
     try:
@@ -309,17 +305,18 @@ def rollback(
 
     settings = settings_for(model_name)
     require_access(settings, "rollback")
-    if settings.promotions_url and not canary:
-        _through_service(settings, "/rollback", {"to": to, "reason": reason}, actor, "rolled back")
-        return
-    actor = audited_actor(settings, actor)
     if canary:
         from captchaops.cli import canary as canaries
 
         if to is not None:
             fail("--canary ends the canary and takes no --to")
-        canaries.end(settings, reason=reason, actor=actor)
+        who = actor if settings.promotions_url else audited_actor(settings, actor)
+        canaries.end(settings, reason=reason, actor=who)
         return
+    if settings.promotions_url:
+        _through_service(settings, "/rollback", {"to": to, "reason": reason}, actor, "rolled back")
+        return
+    actor = audited_actor(settings, actor)
     try:
         moved = approval.rollback(settings, to=to, reason=reason, actor=actor)
     except registry.RegistryError as exc:
@@ -345,10 +342,7 @@ def approve(
     require_access(settings, "approve")
     if settings.promotions_url:
         answer = _ask(settings, "POST", "/approve", {"request": request}, actor)
-        short_id = str((answer.get("request") or {}).get("short_id"))
-        if answer.get("result") == "rejected":
-            fail(f"request {short_id} not approved: {answer.get('line')}", gate.EXIT_REJECTED)
-        console.print(literal(f"approved {short_id}: {answer.get('line')}"), highlight=False)
+        _approved(settings, request, answer)
         return
     actor = audited_actor(settings, actor)
     try:
@@ -358,6 +352,32 @@ def approve(
     if move.decision == "rejected":
         fail(f"request {asked.short_id} not approved: {move.line()}", gate.EXIT_REJECTED)
     console.print(literal(f"approved {asked.short_id}: {move.line()}"), highlight=False)
+
+
+def _approved(settings: Settings, asked: str, answer: dict[str, Any]) -> None:
+    """Say what the promotion service did with an approval; exit 0 only on a move or an approval
+    it recorded while the request still waits, 3 when the gate refused it now, 1 otherwise
+    (an answer this command does not know is an error: it fails closed)."""
+    from captchaops.decisions import gate
+
+    result, line = answer.get("result"), answer.get("line")
+    short_id = str((answer.get("request") or {}).get("short_id") or asked)
+    if result in SERVICE_MOVES:
+        console.print(literal(f"approved {short_id}: {line}"), highlight=False)
+    elif result == "waiting":
+        console.print(
+            literal(f"approval of {short_id} recorded; it still waits: {line}"), highlight=False
+        )
+    elif result == "rejected":
+        fail(f"request {short_id} not approved: {line}", gate.EXIT_REJECTED)
+    elif result == "refused":
+        fail(f"request {short_id} refused: {line}")
+    else:
+        fail(
+            f"the promotion service at {settings.promotions_url} answered {result!r} to the "
+            f"approval of {short_id}, so nothing is known to have moved: check "
+            "CAPTCHAOPS_PROMOTIONS_URL names the promotion service and `captchaops models`"
+        )
 
 
 @app.command()
@@ -423,6 +443,13 @@ def evalset(
             )
     except registry.RegistryError as exc:
         fail(str(exc))
+    if made.unpinned_run:  # the promotion service computes its digest and signs the pin
+        from captchaops.stack.promotions_client import ServiceError, pin_evalset
+
+        try:
+            pin_evalset(settings, made, replace=replace)
+        except ServiceError as exc:
+            fail(str(exc))
     console.print(
         f"frozen evaluation set {made.digest} of {settings.model_name} "
         f"({len(made)} images, seed {made.seed})",
@@ -445,11 +472,20 @@ def promotions_adopt(
     """Sign where @production, @staging and @canary point now (once, after an upgrade), so the
     model servers keep serving what they served."""
     from captchaops import registry
-    from captchaops.registry.aliases import adopt_aliases, require_model
+    from captchaops.registry.aliases import adopt_aliases, require_model, signing_key_dir
     from captchaops.registry.names import default_actor
 
     settings = settings_for(model_name)
     require_access(settings, "promote")
+    if settings.promotions_url:  # the service checks the caller is an admin and signs
+        lines = [
+            str(line) for line in _ask(settings, "POST", "/adopt", {}, actor).get("lines") or []
+        ]
+        if not lines:
+            console.print(f"{settings.model_name} has no @production, @staging or @canary to sign")
+        for line in lines:
+            console.print(literal(f"signed: {line}"), highlight=False)
+        return
     who = audited_actor(settings, actor) or default_actor()
     try:
         with registry.one_line_errors(settings):
@@ -459,7 +495,7 @@ def promotions_adopt(
                 mlflow_client,
                 settings.model_name,
                 actor=who,
-                key_dir=settings.effective_signing_key_dir,
+                key_dir=signing_key_dir(settings),
             )
     except registry.RegistryError as exc:
         fail(str(exc))

@@ -8,7 +8,7 @@ import typer
 
 from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, settings_for
 from captchaops.console import literal
-from captchaops.settings import Settings, load_settings
+from captchaops.settings import Settings, load_settings, mask_credentials
 
 
 @app.command()
@@ -74,6 +74,16 @@ def status() -> None:
         console.print(line, highlight=False)
     for line in unaudited_lines(_unaudited(settings)):
         console.print(line, highlight=False)
+    if settings.promotions_url:
+        answers = control.healthy(f"{settings.promotions_url.rstrip('/')}/health")
+        console.print(
+            literal(
+                f"promotion service: {mask_credentials(settings.promotions_url)} "
+                f"({'answers' if answers else 'does not answer'}): promote, approve, rollback, "
+                "evalset and train's staging sign there"
+            ),
+            highlight=False,
+        )
     print_settings(console, settings.masked())
 
 

@@ -41,13 +41,18 @@ def users_add(
 
 @users_app.command("service")
 def users_service() -> None:
-    """Create or refresh the service account the model servers and the web app log in with."""
+    """Create or refresh the service account the model servers and the web app log in with, and
+    the promotion service's own account when CAPTCHAOPS_PROMOTIONS_PASSWORD is set."""
     from captchaops import team_accounts as users
 
+    settings = load_settings()
     try:
-        account = users.ensure_service_account(load_settings())
+        accounts = [users.ensure_service_account(settings)]
+        if settings.promotions_password:
+            accounts.append(users.ensure_promotions_account(settings))
     except users.UsersError as exc:
         fail(str(exc))
-    console.print(f"service account {account.username} ready", highlight=False)
-    for grant in account.grants:
-        console.print(f"  {grant}", highlight=False)
+    for account in accounts:
+        console.print(f"{account.role} account {account.username} ready", highlight=False)
+        for grant in account.grants:
+            console.print(f"  {grant}", highlight=False)

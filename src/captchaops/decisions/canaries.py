@@ -19,6 +19,7 @@ from captchaops.registry.aliases import (
     require_model,
     require_version,
     resolve,
+    signing_key_dir,
 )
 from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError, one_line_errors
@@ -113,7 +114,7 @@ def start_canary(
             version_tags={
                 target: {CANARY_PERCENT_TAG: str(percent), "canary_started_at": now()},
             },
-            key_dir=settings.effective_signing_key_dir,
+            key_dir=signing_key_dir(settings),
         )
 
 
@@ -157,5 +158,16 @@ def end_canary(
             kind="canary",
             decision=TRIPPED if tripped else ENDED,
             version_tags={current: stamp},
-            key_dir=settings.effective_signing_key_dir,
+            key_dir=signing_key_dir(settings),
+        )
+
+
+def end_canary_of(settings: Settings, version: str, *, reason: str, actor: str | None) -> None:
+    """End `@canary` once its version holds `@production` (a canary's promotion); nothing when
+    `@canary` holds another version or none."""
+    with one_line_errors(settings):
+        on_canary = alias_version(client(settings), settings.model_name, CANARY)
+    if on_canary == version:
+        end_canary(
+            settings, reason=f"promoted to @production: {reason}", actor=actor, version=version
         )

@@ -44,6 +44,9 @@ class Outcome:
     code: int
     line: str
     block: dict[str, Any] | None = None
+    left_to_caller: str = ""
+    """With `act` off: "end" (the breaker tripped; `line` is why) or "promote" (the window
+    passed cleanly under --then-promote): the move the caller makes (the promotion service)."""
 
 
 def health_block(url: str, timeout: float = 5.0) -> dict[str, Any] | None:
@@ -74,8 +77,10 @@ def watch(
     actor: str | None = None,
     say: Callable[[str], None] = print,
     poll_s: float = POLL_S,
+    act: bool = True,
 ) -> Outcome:
-    """Watch canary `version` on the production server for `minutes` and act on what it shows."""
+    """Watch canary `version` on the production server for `minutes` and act on what it shows
+    (`act` off: say what to do in `Outcome.left_to_caller` instead of moving an alias)."""
     url = settings.server_url("production")
     deadline = time.monotonic() + minutes * 60
     last: dict[str, Any] | None = None
@@ -89,7 +94,7 @@ def watch(
         if block is not None and block.get("version") == version:
             last, seen = block, seen or block.get("state") != "waiting"
             if block.get("state") == "tripped":
-                return _tripped(settings, version, str(block.get("reason")), actor, block)
+                return _tripped(settings, version, str(block.get("reason")), actor, block, act)
             total = replica_sums(settings, [("production", version)]).get(("production", version))
             if total is not None and total.replicas > 1:
                 last = block = {
@@ -98,7 +103,7 @@ def watch(
                 }
                 why = summed_trip(settings, block, total)
                 if why is not None:
-                    return _tripped(settings, version, why, actor, block)
+                    return _tripped(settings, version, why, actor, block, act)
             if time.monotonic() - reported >= REPORT_EVERY_S:
                 say(f"canary v{version}: {describe(block)}")
                 reported = time.monotonic()
@@ -111,7 +116,9 @@ def watch(
         if time.monotonic() >= deadline:
             break
         time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
-    return _window_passed(settings, version, minutes, url, seen, error, last, then_promote, actor)
+    return _window_passed(
+        settings, version, minutes, url, seen, error, last, then_promote, actor, act
+    )
 
 
 def summed_trip(settings: Settings, block: dict[str, Any], total: ReplicaSum) -> str | None:
@@ -131,8 +138,15 @@ def summed_trip(settings: Settings, block: dict[str, Any], total: ReplicaSum) ->
 
 
 def _tripped(
-    settings: Settings, version: str, reason: str, actor: str | None, block: dict[str, Any]
+    settings: Settings,
+    version: str,
+    reason: str,
+    actor: str | None,
+    block: dict[str, Any],
+    act: bool = True,
 ) -> Outcome:
+    if not act:
+        return Outcome(EXIT_TRIPPED, reason, block, left_to_caller="end")
     move = end_canary(
         settings,
         reason=f"canary breaker tripped: {reason}",
@@ -157,6 +171,7 @@ def _window_passed(
     last: dict[str, Any] | None,
     then_promote: bool,
     actor: str | None,
+    act: bool = True,
 ) -> Outcome:
     stays = f"@canary stays on v{version} with the server's breaker"
     if not seen or last is None:
@@ -179,6 +194,8 @@ def _window_passed(
     clean = f"canary v{version} passed {minutes:g} min cleanly ({describe(last)})"
     if not then_promote:
         return Outcome(EXIT_CLEAN, f"{clean}; {stays}", last)
+    if not act:
+        return Outcome(EXIT_CLEAN, clean, last, left_to_caller="promote")
     reason = f"canary passed {minutes:g} min: {describe(last)}"
     promoted = approval.promote(
         settings, version=version, from_alias=None, reason=reason, actor=actor, kind="canary"

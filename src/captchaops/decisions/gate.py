@@ -29,6 +29,7 @@ from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
 from captchaops.evaluation.evidence import Evidence, gather
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.registry import PRODUCTION, STAGING, Move
+from captchaops.registry.aliases import signing_key_dir
 from captchaops.registry.versions import evalset_problem
 from captchaops.settings import Settings
 
@@ -73,7 +74,7 @@ def stage_candidate(
         rejection=rejection,
         floor=floor,
         actor=actor,
-        key_dir=settings.effective_signing_key_dir,
+        key_dir=signing_key_dir(settings),
     )
     return rejection
 
@@ -299,7 +300,7 @@ def record_decision(
             decision.candidate_version,
             expect_from=decision.champion_version,
             validated=True,
-            key_dir=settings.effective_signing_key_dir,
+            key_dir=signing_key_dir(settings),
             **record,
         )
     return registry.record_rejection(

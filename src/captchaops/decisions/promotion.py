@@ -21,6 +21,7 @@ from captchaops.registry.aliases import (
     require_version,
     resolve,
     set_version_tags,
+    signing_key_dir,
 )
 from captchaops.registry.audit import Move, moves, production_stack
 from captchaops.registry.errors import RegistryError, one_line_errors
@@ -125,7 +126,7 @@ def promote(
             candidate=candidate,
             champion=champion,
             thresholds={"forced": float(force)},
-            key_dir=settings.effective_signing_key_dir,
+            key_dir=signing_key_dir(settings),
             approver=approver,
             request_id=request_id,
         )
@@ -224,10 +225,28 @@ def rollback(
                     "promotion_reason": why[:4000],
                 },
             },
-            key_dir=settings.effective_signing_key_dir,
+            key_dir=signing_key_dir(settings),
             approver=approver,
             request_id=request_id,
         )
+
+
+def logged_accuracy(mlflow_client: MlflowClient, name: str, version: str) -> float:
+    """The test sequence accuracy the run that registered a version logged (`test_seq_acc`):
+    what the staging floor judges, read from the registry, never from whoever asks; a one-line
+    RegistryError when the version is rejected or its run logged none."""
+    tags = require_version(mlflow_client, name, version)
+    if tags.get("validation_status") == "rejected":
+        why = tags.get("rejection_reason", "no reason recorded")[:200]
+        raise RegistryError(f"v{version} of {name} was rejected ({why}); train a new candidate")
+    run_id = mlflow_client.get_model_version(name, version).run_id
+    found = mlflow_client.get_run(run_id).data.metrics.get("test_seq_acc") if run_id else None
+    if found is None:
+        raise RegistryError(
+            f"v{version} of {name} has no test accuracy logged by its run; only versions that "
+            "`captchaops train` or `register` made can be staged"
+        )
+    return float(found)
 
 
 def stage_version(

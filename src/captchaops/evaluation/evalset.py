@@ -9,6 +9,7 @@ import hashlib
 import tempfile
 import time
 from dataclasses import dataclass
+from dataclasses import replace as with_fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +38,7 @@ from captchaops.evaluation.accuracy import character_error_rate, sequence_accura
 from captchaops.evaluation.scheme import Scheme
 from captchaops.live.estimate import Calibration
 from captchaops.model.version import VersionError, load_registered
+from captchaops.registry.aliases import signing_key_dir
 from captchaops.registry.errors import RegistryError
 from captchaops.registry.versions import pin_evalset
 from captchaops.settings import Settings, mask_credentials
@@ -62,6 +64,9 @@ class EvalSet:
     seed: int
     kind: str = "synthetic"
     """'synthetic' (generated with a fixed seed) or 'folder' (held-out images of a folder scheme)."""
+    unpinned_run: str = ""
+    """The run holding a set logged but not pinned yet: where a promotion service signs for the
+    stack (CAPTCHAOPS_PROMOTIONS_URL), it pins the set from this run (`pin_logged`)."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -189,14 +194,14 @@ def create_evalset(
         "alphabet": alphabet,
         "length": list(length),
     }
-    _store(client, settings, evalset, meta)
-    return evalset
+    return _store(client, settings, evalset, meta)
 
 
 def _store(
     client: MlflowClient, settings: Settings, evalset: EvalSet, meta: dict[str, object]
-) -> None:
-    """Log the set as an MLflow run artifact and pin it to the registered model by digest."""
+) -> EvalSet:
+    """Log the set as an MLflow run artifact and pin it to the registered model by digest,
+    signed; where a promotion service signs, leave the pin to it (`unpinned_run`)."""
     meta = meta | {"kind": evalset.kind, "images": len(evalset)}
     run = client.create_run(
         _experiment_id(client),
@@ -212,14 +217,74 @@ def _store(
         path.write_bytes(pack(evalset.images, evalset.labels, meta))
         client.log_artifact(run.info.run_id, str(path))
     mlflow_scope.finish_run(client, run.info.run_id)
+    if settings.promotions_url:
+        return with_fields(evalset, unpinned_run=run.info.run_id)
     pin_evalset(
         client,
         settings.model_name,
         evalset.digest,
         evalset.seed,
         evalset.kind,
-        key_dir=settings.effective_signing_key_dir,
+        key_dir=signing_key_dir(settings),
     )
+    return evalset
+
+
+def pin_logged(
+    client: MlflowClient, settings: Settings, run_id: str, *, replace_set: bool, actor: str
+) -> EvalSet:
+    """Pin the frozen set logged in `run_id`, signed with the settings' key, by the digest
+    computed here from the archive itself (never the digest the run's tags claim); a one-line
+    EvalSetError when the run is not a stored set of this scheme, its archive is refused or
+    does not match its tag, or the scheme has another set and `replace_set` is false."""
+    name = settings.model_name
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise EvalSetError(
+            f"no run {run_id[:40]!r}; log the set with `captchaops evalset`"
+        ) from exc
+    tags = run.data.tags
+    if (
+        run.info.experiment_id != _experiment_id(client)
+        or tags.get("kind") != "evalset"
+        or tags.get("model_name") != name
+    ):
+        raise EvalSetError(
+            f"run {run_id[:12]} is not a stored frozen set of {name}; make one with "
+            "`captchaops evalset`"
+        )
+    existing = current_digest(client, settings)
+    short = tags.get(DIGEST_TAG, "")[:12]
+    try:
+        evalset = _unpack(_download(client, run_id))
+    except (ArtifactTooLarge, TrackingError, ArchiveRefused) as exc:
+        raise EvalSetError(
+            f"the frozen set logged in run {run_id[:12]} is refused ({exc}); make it again with "
+            "`captchaops evalset --replace`"
+        ) from exc
+    if evalset.digest != tags.get(DIGEST_TAG):
+        raise EvalSetError(
+            f"the archive of run {run_id[:12]} is not the set {short} it claims (its content's "
+            f"digest is {evalset.digest[:12]}); make it again with `captchaops evalset --replace`"
+        )
+    if existing and existing != evalset.digest and not replace_set:
+        raise EvalSetError(
+            f"{name} already has a frozen evaluation set ({existing[:12]}); "
+            "pass --replace to make a new one"
+        )
+    pin_evalset(
+        client,
+        name,
+        evalset.digest,
+        evalset.seed,
+        evalset.kind,
+        actor=actor,
+        key_dir=signing_key_dir(settings),
+    )
+    return evalset
 
 
 def holdout_indices(names: list[str], fraction: float) -> list[int]:
@@ -265,8 +330,7 @@ def folder_evalset(
         "alphabet": data.alphabet(),
         "length": [min(map(len, labels)), max(map(len, labels))],
     }
-    _store(client, settings, evalset, meta)
-    return evalset
+    return _store(client, settings, evalset, meta)
 
 
 def load_evalset(client: MlflowClient, digest: str) -> EvalSet:

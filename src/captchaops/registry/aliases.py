@@ -6,6 +6,7 @@ an alias only where such a signature names the version it holds and that version
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,10 +30,43 @@ from captchaops.registry.audit import (
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.lock import promotion_lock
 from captchaops.registry.names import PRODUCTION, STAGING, now
-from captchaops.registry.signing import SIGNED_MOVE, SignedMove, ensure_key, new_nonce, seal
+from captchaops.registry.signing import (
+    PRIVATE_KEY,
+    SIGNED_MOVE,
+    SignedMove,
+    ensure_key,
+    new_nonce,
+    seal,
+)
 from captchaops.registry.unaudited import LAST_MOVE, MANAGED_ALIASES
 from captchaops.registry.versions import SIGNED_EVALSET, sign_evalset
 from captchaops.settings import Settings, load_settings, mask_credentials
+
+
+def signing_key_dir(settings: Settings) -> Path:
+    """The folder of the promotion key this process signs with; a one-line RegistryError where
+    it must not sign (a promotion service signs: CAPTCHAOPS_PROMOTIONS_URL) or cannot (the key
+    folder is not this account's to use)."""
+    if settings.promotions_url:
+        raise RegistryError(
+            f"this would sign with a local key, but the promotion service at "
+            f"{settings.promotions_url} signs for this stack: send the work to it (the command "
+            "does so itself), or unset CAPTCHAOPS_PROMOTIONS_URL"
+        )
+    folder = settings.effective_signing_key_dir
+    key = folder / PRIVATE_KEY
+    usable = (
+        os.access(key, os.R_OK)
+        if key.exists()
+        else not folder.exists() or os.access(folder, os.W_OK | os.X_OK)
+    )
+    if not usable:
+        raise RegistryError(
+            f"the promotion key in {folder} is not this account's to use and no promotion "
+            "service is set: set CAPTCHAOPS_PROMOTIONS_URL to the promotion service (`captchaops "
+            "up` in team mode prints it), or CAPTCHAOPS_SIGNING_KEY_DIR to a key folder of yours"
+        )
+    return folder
 
 
 def alias_version(mlflow_client: MlflowClient, name: str, alias: str) -> str | None:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from captchaops.settings import Settings, client_host_for, write_private
+from captchaops.settings import Settings, client_host_for, write_env, write_private
 from captchaops.stack import balancer, supervisor, webhooks
 from captchaops.stack.memory import rss_mb
 from captchaops.stack.services import ALL, Service, build_services, replica_name, team_secrets
@@ -173,6 +173,7 @@ def _up(
         say(f"created bucket {settings.s3_bucket}")
     if not todo:
         _register_webhooks(settings, wanted, say)
+        _publish_promotions(settings, wanted, say)
         return wanted
     if not running_before:
         supervisor.start_daemon(settings, services)
@@ -188,12 +189,42 @@ def _up(
                 from captchaops import team_accounts as users
 
                 users.ensure_service_account(settings)
+                users.ensure_promotions_account(settings)
             say(f"{svc.name:<11} healthy  {svc.url}")
     except BaseException:
         _undo(settings, started, stop_daemon=not running_before)
         raise
     _register_webhooks(settings, wanted, say)
+    _publish_promotions(settings, wanted, say)
     return wanted
+
+
+PROMOTIONS_URL = "CAPTCHAOPS_PROMOTIONS_URL"
+
+
+def _publish_promotions(
+    settings: Settings, wanted: list[Service], say: Callable[[str], None]
+) -> None:
+    """Name the running promotion service in the home's .env, so commands run with this home
+    send their signing work to it (an explicit CAPTCHAOPS_PROMOTIONS_URL still wins)."""
+    found = next((svc for svc in wanted if svc.name == "promotions"), None)
+    if found is None:
+        return
+    write_env(settings.env_file, {PROMOTIONS_URL: found.url})
+    say(f"promotions: commands with this home sign through {found.url} ({settings.env_file})")
+
+
+def _forget_promotions(settings: Settings) -> None:
+    """Take out of the home's .env the promotion service URL `up` wrote (this stack's own port),
+    so no command sends work to a stopped service; a URL someone else wrote stays."""
+    path = settings.env_file
+    if not path.is_file():
+        return
+    ours = f"{PROMOTIONS_URL}=http://{client_host_for(settings.host)}:{settings.promotions_port}"
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() != ours]
+    if kept != lines:
+        write_private(path, "".join(f"{line}\n" for line in kept))
 
 
 def _register_webhooks(
@@ -235,6 +266,7 @@ def down(settings: Settings) -> bool:
     if not supervisor.is_running(settings):
         return False
     supervisor.shutdown_daemon(settings)
+    _forget_promotions(settings)
     return True
 
 

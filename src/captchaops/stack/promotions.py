@@ -40,11 +40,14 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from captchaops import bounded_json
-from captchaops.access import AccessError, Unverified, require
-from captchaops.decisions import approval
+from captchaops.access import PERMISSIONS, AccessError, Unverified, require
+from captchaops.decisions import approval, canaries, gate, promotion
 from captchaops.decisions.gate_rules import GateConfig
+from captchaops.evaluation.evalset import pin_logged
+from captchaops.mlflow_scope import client
+from captchaops.registry.aliases import adopt_aliases, require_model
 from captchaops.registry.audit import Move
-from captchaops.registry.errors import RegistryError
+from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.names import PRODUCTION
 from captchaops.registry.requests import Request
 from captchaops.registry.signing import ensure_key
@@ -61,12 +64,19 @@ GATE_OPTIONS = ("margin", "floor", "cer_tolerance", "latency_ratio", "latency_sl
 AUTH_TIMEOUT_S = 15.0
 COMMON = frozenset({"model", "alias", "actor"})
 FIELDS = {
-    "promote": COMMON | {"auto", "reason", "version", "from", "force", *GATE_OPTIONS},
+    "promote": COMMON | {"auto", "reason", "version", "from", "force", "canary", *GATE_OPTIONS},
     "rollback": COMMON | {"to", "reason"},
     "approve": COMMON | {"request"},
     "models": frozenset({"model"}),
+    "canary": COMMON | {"version", "from", "percent", "reason"},
+    "canary_end": COMMON | {"version", "reason", "tripped"},
+    "stage": COMMON | {"version"},
+    "adopt": COMMON,
+    "evalset": COMMON | {"run", "replace"},
 }
 """The fields each action's body (or query) may hold; any other is refused, never ignored."""
+CHECKED_AS = {"canary": "promote", "canary_end": "rollback", "stage": "train", "adopt": "promote"}
+"""The `access.needs` action an endpoint's caller is checked for, where it is not its own name."""
 
 
 class Refused(Exception):
@@ -144,10 +154,39 @@ def _given_actor(body: dict[str, Any]) -> str | None:
     return given
 
 
+def _require_admin(settings: Settings, login: tuple[str, str]) -> None:
+    """Nothing when the tracking server says this login is an admin; Refused 403 (or 503 when
+    its answer does not say) otherwise."""
+    base = settings.effective_tracking_uri.rstrip("/")
+    try:
+        answer = httpx.get(base + PERMISSIONS, auth=login, timeout=AUTH_TIMEOUT_S)
+        admin = answer.json().get("is_admin") if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        raise Refused(
+            503,
+            "no account check",
+            f"the tracking server does not say whether {login[0]!r} is an admin",
+        ) from exc
+    if not isinstance(admin, bool):
+        raise Refused(
+            503,
+            "no account check",
+            f"the tracking server does not say whether {login[0]!r} is an admin",
+        )
+    if not admin:
+        raise Refused(
+            403,
+            "forbidden",
+            f"user {login[0]!r} may not adopt {settings.model_name}'s aliases: signing what "
+            "the aliases hold now needs an admin account",
+        )
+
+
 def authenticate(
     settings: Settings, request: HttpRequest, body: dict[str, Any], action: str
 ) -> Caller:
-    """Who the caller is and that they may do `action` (`access.needs`); Refused when not."""
+    """Who the caller is and that they may do `action` (`access.needs`; `adopt`: an admin);
+    Refused when not."""
     given = _given_actor(body)
     if not settings.auth:
         peer = request.client.host if request.client else ""
@@ -170,11 +209,13 @@ def authenticate(
         update={"tracking_username": login[0], "tracking_password": SecretStr(login[1])}
     )
     try:
-        require(caller, action, timeout=AUTH_TIMEOUT_S)
+        require(caller, CHECKED_AS.get(action, action), timeout=AUTH_TIMEOUT_S)
     except AccessError as exc:
         raise Refused(403, "forbidden", str(exc)) from exc
     except Unverified as exc:
         raise Refused(503, "no account check", str(exc)) from exc
+    if action == "adopt":
+        _require_admin(settings, login)
     actor = account if given in (None, account) else f"{account} (as {given})"
     return Caller(account=account, actor=actor)
 
@@ -283,6 +324,9 @@ def _outcome(done: Move | Request, moved: str) -> dict[str, Any]:
 
 def create_app(settings: Settings) -> Starlette:
     """The service's ASGI app, acting with `settings` (its home's key, policy and servers)."""
+    # The service signs: a CAPTCHAOPS_PROMOTIONS_URL in its home (which `up` writes for the
+    # callers) names the service itself, never somewhere to send its own work.
+    settings = settings.model_copy(update={"promotions_url": None})
     key_dir = settings.effective_signing_key_dir
     hosts = allowed_hosts(settings) | bind_names(settings.host)
 
@@ -310,7 +354,7 @@ def create_app(settings: Settings) -> Starlette:
 
         return endpoint
 
-    def gate(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    def through_gate(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         config = GateConfig.with_options(**{k: _number(body, k) for k in GATE_OPTIONS})
         decision, outcome = approval.auto_promote(
             scheme,
@@ -328,21 +372,83 @@ def create_app(settings: Settings) -> Starlette:
 
     def promote(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         if _flag(body, "auto"):
-            return gate(scheme, caller, body)
+            return through_gate(scheme, caller, body)
         version, source = _text(body, "version"), _text(body, "from")
         if (version is None) == (source is None):
             raise Refused(400, "no version", "say which: version N or from an alias (staging)")
+        canary = _flag(body, "canary")
+        reason = _text(body, "reason", required=True) or ""
         done = approval.promote(
             scheme,
             version=version,
             from_alias=source,
-            reason=_text(body, "reason", required=True) or "",
+            reason=reason,
             actor=caller.actor,
             force=_flag(body, "force"),
+            kind="canary" if canary else "manual",
             account=caller.account,
             request_key=key_dir,
         )
+        if canary and isinstance(done, Move):  # a canary's --then-promote: it leaves @canary
+            canaries.end_canary_of(scheme, done.to_version, reason=reason, actor=caller.actor)
         return _outcome(done, "promoted")
+
+    def canary(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        percent = _number(body, "percent")
+        if percent is None or not percent.is_integer():
+            raise Refused(400, "bad percent", "percent must be a whole number of 1-50")
+        move = canaries.start_canary(
+            scheme,
+            percent=int(percent),
+            version=_text(body, "version"),
+            from_alias=_text(body, "from"),
+            reason=_text(body, "reason") or "",
+            actor=caller.actor,
+        )
+        return {"result": "canary", "line": move.line(), "version": move.to_version}
+
+    def canary_end(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        move = canaries.end_canary(
+            scheme,
+            reason=_text(body, "reason") or "canary ended by hand",
+            actor=caller.actor,
+            version=_text(body, "version"),
+            tripped=_flag(body, "tripped"),
+        )
+        return {"result": move.decision, "line": move.line(), "version": move.from_version}
+
+    def stage(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        version = _text(body, "version", required=True) or ""
+        with one_line_errors(scheme):
+            mlflow_client = client(scheme)
+            accuracy = promotion.logged_accuracy(mlflow_client, scheme.model_name, version)
+            rejection = gate.stage_candidate(
+                mlflow_client, scheme, version, accuracy, actor=caller.actor
+            )
+        result = "rejected" if rejection else "staged"
+        line = rejection or f"v{version} @staging: test sequence accuracy {accuracy:.4f}"
+        return {"result": result, "line": line, "version": version, "rejection": rejection}
+
+    def adopt(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        with one_line_errors(scheme):
+            mlflow_client = client(scheme)
+            require_model(mlflow_client, scheme)
+            adopted = adopt_aliases(
+                mlflow_client, scheme.model_name, actor=caller.actor, key_dir=key_dir
+            )
+        return {"result": "adopted", "lines": [move.line() for move in adopted]}
+
+    def evalset(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+        run = _text(body, "run", required=True) or ""
+        with one_line_errors(scheme):
+            made = pin_logged(
+                client(scheme),
+                scheme,
+                run,
+                replace_set=_flag(body, "replace"),
+                actor=caller.actor,
+            )
+        return {"result": "pinned", "digest": made.digest, "images": len(made), "seed": made.seed}
 
     def rollback(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         done = approval.rollback(
@@ -373,7 +479,10 @@ def create_app(settings: Settings) -> Starlette:
 
     async def unrouted(request: HttpRequest, exc: Exception) -> JSONResponse:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
-        paths = "POST /promote, /rollback, /approve; GET /requests, /health"
+        paths = (
+            "POST /promote, /rollback, /approve, /canary, /canary/end, /stage, /adopt, /evalset; "
+            "GET /requests, /health"
+        )
         detail = f"{request.method} {request.url.path} is not an action here; the actions: {paths}"
         return JSONResponse({"error": "no such action", "detail": detail}, status)
 
@@ -390,6 +499,11 @@ def create_app(settings: Settings) -> Starlette:
             Route("/rollback", guarded("rollback", rollback), methods=["POST"]),
             Route("/approve", guarded("approve", approve), methods=["POST"]),
             Route("/requests", guarded("models", listing), methods=["GET"]),
+            Route("/canary", guarded("canary", canary), methods=["POST"]),
+            Route("/canary/end", guarded("canary_end", canary_end), methods=["POST"]),
+            Route("/stage", guarded("stage", stage), methods=["POST"]),
+            Route("/adopt", guarded("adopt", adopt), methods=["POST"]),
+            Route("/evalset", guarded("evalset", evalset), methods=["POST"]),
         ],
     )
 

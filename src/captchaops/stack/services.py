@@ -49,7 +49,8 @@ def _bin(name: str) -> str:
 def team_secrets(settings: Settings) -> Settings:
     """Generate the team-mode secrets on first use: admin and service passwords, session key,
     the model servers' token."""
-    for name in ("admin_password", "service_password", "auth_secret_key", "serving_token"):
+    secrets = ("admin_password", "service_password", "promotions_password")
+    for name in (*secrets, "auth_secret_key", "serving_token"):
         settings = ensure_secret(settings, name)
     return settings
 
@@ -95,18 +96,18 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 
 def promotions_env(settings: Settings) -> dict[str, str]:
-    """The promotion service's tracking account: the stack's admin (it moves @production, tags the
-    registered model and writes the audit trail, which the servers' read-only account may not).
-    In the environment, never on the command line, where `ps` would show the password."""
-    assert settings.admin_password, "call team_secrets() first"
-    password = settings.admin_password.get_secret_value()
+    """The promotion service's tracking account: its own (`team_accounts.ensure_promotions_account`:
+    EDIT on the scheme's model and the experiments it writes, never admin), its generated
+    password in the environment, never on the command line, where `ps` would show it."""
+    assert settings.promotions_password, "call team_secrets() first"
+    password = settings.promotions_password.get_secret_value()
     return {
         "CAPTCHAOPS_AUTH": "true",
         "CAPTCHAOPS_PROMOTIONS_PORT": str(settings.promotions_port),
         "MLFLOW_TRACKING_URI": settings.effective_tracking_uri,
-        "MLFLOW_TRACKING_USERNAME": settings.admin_username,
+        "MLFLOW_TRACKING_USERNAME": settings.promotions_username,
         "MLFLOW_TRACKING_PASSWORD": password,
-        "CAPTCHAOPS_TRACKING_USERNAME": settings.admin_username,
+        "CAPTCHAOPS_TRACKING_USERNAME": settings.promotions_username,
         "CAPTCHAOPS_TRACKING_PASSWORD": password,
     }
 

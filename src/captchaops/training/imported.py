@@ -21,7 +21,6 @@ import numpy as np
 from mlflow import MlflowClient
 
 from captchaops import mlflow_scope
-from captchaops.decisions.gate import stage_candidate
 from captchaops.evaluation import report
 from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.evaluation.evalset import EvalSet, current_digest, ensure_evalset, load_evalset
@@ -38,6 +37,7 @@ from captchaops.model.version import (
 from captchaops.registry.errors import one_line_errors
 from captchaops.registry.versions import register_version
 from captchaops.settings import Settings
+from captchaops.stack.promotions_client import ServiceError, pin_evalset, stage_candidate
 
 OPTIONS = {
     "input_layout": "--layout",
@@ -127,7 +127,12 @@ def _frozen(client: MlflowClient, settings: Settings, fields: dict[str, Any]) ->
             "(or make one first with `captchaops evalset`)"
         )
     scheme = Scheme(fields["alphabet"], fields["min_length"], fields["max_length"])
-    return ensure_evalset(client, settings, scheme=scheme)
+    made = ensure_evalset(client, settings, scheme=scheme)
+    try:
+        pin_evalset(settings, made)  # by the promotion service, where one signs
+    except ServiceError as exc:
+        raise RegisterError(str(exc)) from exc
+    return made
 
 
 def prepare(
@@ -300,9 +305,14 @@ def register_onnx(
             )
             info = log_model(onnx_path, meta, evalset.images[0])
             version = register_version(client, settings.model_name, info.model_uri, run.info.run_id)
-            reason = stage_candidate(
-                client, settings, version, metrics["test_seq_acc"], actor=actor
-            )
+            try:  # by the promotion service where one signs for the stack
+                reason = stage_candidate(
+                    client, settings, version, metrics["test_seq_acc"], actor=actor
+                )
+            except ServiceError as exc:
+                raise RegisterError(
+                    f"v{version} of {settings.model_name} is registered but not staged: {exc}"
+                ) from exc
             found = report.build(
                 evalset.labels,
                 outputs,

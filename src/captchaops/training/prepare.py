@@ -25,6 +25,7 @@ from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
 from captchaops.model.crnn import Architecture
 from captchaops.model.ctc import encode_labels
 from captchaops.settings import Settings
+from captchaops.stack.promotions_client import ServiceError, pin_evalset
 from captchaops.training import TrainError
 from captchaops.training.config import TrainConfig
 from captchaops.training.fresh import FreshData, fresh_data
@@ -91,7 +92,8 @@ def _frozen_for_folder(
     report("holding out the frozen evaluation set", 0.0, {})
     try:
         frozen = folder_evalset(client, settings, data, config.holdout_fraction)
-    except EvalSetError as exc:
+        pin_evalset(settings, frozen)  # by the promotion service, where one signs
+    except (EvalSetError, ServiceError) as exc:
         raise TrainError(str(exc)) from exc
     keep = frozen.unseen(data.images)
     return frozen, data.subset(keep)

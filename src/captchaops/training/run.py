@@ -19,9 +19,9 @@ import mlflow
 
 from captchaops import registry
 from captchaops.data.dataset import DataError
-from captchaops.decisions.gate import stage_candidate
 from captchaops.mlflow_scope import pointed_at
 from captchaops.settings import Settings
+from captchaops.stack.promotions_client import ServiceError, stage_candidate
 from captchaops.training import TrainError
 from captchaops.training.config import TrainConfig, with_overrides
 from captchaops.training.loop import Plan, Progress, fit, silent
@@ -91,9 +91,15 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
                     fitted,
                     report=report,
                 )
-                rejection = stage_candidate(
-                    client, settings, candidate.version, candidate.metrics["test_seq_acc"]
-                )
+                try:  # by the promotion service where one signs for the stack
+                    rejection = stage_candidate(
+                        client, settings, candidate.version, candidate.metrics["test_seq_acc"]
+                    )
+                except ServiceError as exc:
+                    raise TrainError(
+                        f"v{candidate.version} of {settings.model_name} is registered but not "
+                        f"staged: {exc}"
+                    ) from exc
                 return conclude(candidate, rejection, fitted, config, settings, p.n_train, start)
 
 
