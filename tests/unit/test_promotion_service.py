@@ -441,3 +441,65 @@ def test_up_names_the_running_service_in_the_home_and_down_takes_it_back(
     write_env(tmp_path / ".env", {"CAPTCHAOPS_PROMOTIONS_URL": "http://10.0.0.5:8890"})
     control._forget_promotions(team)  # a URL someone else wrote is not up's to take
     assert load_settings(home=tmp_path).promotions_url == "http://10.0.0.5:8890"
+
+
+class _Answering(BaseHTTPRequestHandler):
+    """A loopback stand-in at a wrong (or right) CAPTCHAOPS_PROMOTIONS_URL: every POST gets
+    `answer` as JSON with HTTP 200."""
+
+    answer: dict[str, object] = {}
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        data = json.dumps(self.answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+REQUEST = {"short_id": "3f9c21ab"}
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "said"),
+    [
+        ({"result": "promoted", "line": "@production v1 -> v2", "request": REQUEST}, 0,
+         "approved 3f9c21ab: @production v1 -> v2"),
+        ({"result": "waiting", "line": "needs one more", "request": REQUEST}, 0,
+         "approval of 3f9c21ab recorded; it still waits: needs one more"),
+        ({"result": "rejected", "line": "the gate refuses v2", "request": REQUEST}, 3,
+         "error: request 3f9c21ab not approved: the gate refuses v2"),
+        ({"result": "refused", "line": "not yours", "request": REQUEST}, 1,
+         "error: request 3f9c21ab refused: not yours"),
+        ({"result": "approved?", "line": "x"}, 1, "error: the promotion service at "),
+        ({"status": "ok"}, 1, "error: the promotion service at "),  # e.g. another service's /health
+    ],
+)  # fmt: skip
+def test_approve_through_the_service_says_what_happened_and_fails_closed(
+    tmp_path: Path, answer: dict[str, object], code: int, said: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from captchaops.cli import app
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Answering,), {"answer": answer}))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        env = {"CAPTCHAOPS_HOME": str(tmp_path), "CAPTCHAOPS_PROMOTIONS_URL": url,
+               "CAPTCHAOPS_AUTH": None, "CAPTCHAOPS_TRACKING_URI": "http://127.0.0.1:9"}  # fmt: skip
+        done = CliRunner(env=env).invoke(app, ["approve", "3f9c21ab"])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert done.exit_code == code, done.output
+    lines = (done.stdout if code == 0 else done.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(said), lines
+    if said.endswith("service at "):  # an answer it does not know: an error, never a success
+        assert "nothing is known to have moved" in lines[0], lines
+    assert not (tmp_path / "promotion-keys").exists()
