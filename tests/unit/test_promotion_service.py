@@ -462,19 +462,19 @@ class _Answering(BaseHTTPRequestHandler):
         pass
 
 
-REQUEST = {"short_id": "3f9c21ab"}
+ASKED = {"short_id": "3f9c21ab"}
 
 
 @pytest.mark.parametrize(
     ("answer", "code", "said"),
     [
-        ({"result": "promoted", "line": "@production v1 -> v2", "request": REQUEST}, 0,
+        ({"result": "promoted", "line": "@production v1 -> v2", "request": ASKED}, 0,
          "approved 3f9c21ab: @production v1 -> v2"),
-        ({"result": "waiting", "line": "needs one more", "request": REQUEST}, 0,
+        ({"result": "waiting", "line": "needs one more", "request": ASKED}, 0,
          "approval of 3f9c21ab recorded; it still waits: needs one more"),
-        ({"result": "rejected", "line": "the gate refuses v2", "request": REQUEST}, 3,
+        ({"result": "rejected", "line": "the gate refuses v2", "request": ASKED}, 3,
          "error: request 3f9c21ab not approved: the gate refuses v2"),
-        ({"result": "refused", "line": "not yours", "request": REQUEST}, 1,
+        ({"result": "refused", "line": "not yours", "request": ASKED}, 1,
          "error: request 3f9c21ab refused: not yours"),
         ({"result": "approved?", "line": "x"}, 1, "error: the promotion service at "),
         ({"status": "ok"}, 1, "error: the promotion service at "),  # e.g. another service's /health
