@@ -7,6 +7,7 @@ a line; alice's approval makes the signed move. Without a service URL the page s
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -214,4 +215,28 @@ def test_without_a_service_url_the_page_says_so_in_one_line(tmp_path: Path) -> N
     assert (
         "The promotion service is not configured: set <code>CAPTCHAOPS_PROMOTIONS_URL</code>"
         in (answer.text)
+    )
+
+
+def test_local_mode_lists_and_points_at_the_command(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    settings = load_settings(
+        home=tmp_path, tracking_uri=closed, production_url=closed, staging_url=closed
+    )
+    app = create_app(settings.model_copy(update={"promotions_url": closed}), timeout=1.0)
+    with app.test_client() as client:
+        page = client.get("/approvals")
+        assert page.status_code == 200
+        assert 'id="local-mode"' in page.text and "<form" not in page.text.split("<footer>")[0]
+        assert "The promotion service does not answer (ConnectError); start it with" in page.text
+        token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text)
+        assert token is not None
+        done = client.post(
+            "/approvals/approve",
+            data={"csrf_token": token[1], "model": NAME, "request": "5a65386a"},
+        )
+    assert done.status_code == 403
+    assert (
+        "Approving here needs team mode (each approver&#39;s own tracking-server login); run "
+        f"`captchaops approve 5a65386a --model-name {NAME}` instead." in done.text
     )
