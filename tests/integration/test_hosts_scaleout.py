@@ -2,7 +2,9 @@
 
 The tracking server runs on host `tracking`, a Ray head (no CPUs of its own, token auth) on
 `head`, a Ray worker on `worker`, and drivers on the head (`--cluster HEAD:6379`) and on a
-`laptop` (`--cluster ray://HEAD:10001`), as docs/gcp.md runs them on a cluster. Nothing binds
+`laptop` (`--cluster ray://HEAD:10001`, and `--submit http://HEAD:8265` to the head's
+dashboard, the one Ray process here with a dashboard), as docs/gcp.md runs them on a cluster.
+Nothing binds
 or connects across hosts through 127.0.0.1: each host's loopback is its own. The laptop's
 driver runs as another login than the workers, and its runs are credited to that login. The
 everyday mistake (the tracking server on the laptop's 127.0.0.1, the cluster elsewhere) and a
@@ -14,6 +16,7 @@ from __future__ import annotations
 import getpass
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,7 +44,7 @@ from harness.processes import VENV_BIN, Tracking, start_tracking_server, stop_pr
 
 pytestmark = pytest.mark.slow
 STEPS = ["--steps", "4", "--max-minutes", "3"]
-GCS, CLIENT, TRACKING = 6379, 10001, 5000
+GCS, CLIENT, TRACKING, DASHBOARD = 6379, 10001, 5000, 8265
 LAPTOP_LOGIN = "lin-laptop"  # who runs `cv` on the laptop host
 
 
@@ -98,9 +101,14 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
         later.callback(shutil.rmtree, ray_tmp, True)
         net = later.enter_context(host_net(["tracking", "head", "worker", "laptop", "stale"]))
         head_args = ["--head", "--port", str(GCS), "--ray-client-server-port", str(CLIENT)]
-        head_args += ["--num-cpus", "0", "--include-dashboard", "false"]
-        head_args += ["--temp-dir", ray_tmp, "--object-store-memory", str(100 * 2**20)]
-        head = start_ray(net["head"], head_args, env, base / "head.log")
+        head_args += ["--num-cpus", "0", "--temp-dir", ray_tmp]
+        head_args += ["--object-store-memory", str(100 * 2**20)]
+        # The head's dashboard serves the Jobs API (`--submit`); a job's entrypoint finds
+        # `captchaops` on the head's PATH, as in the training image.
+        head_args += ["--include-dashboard", "true", "--dashboard-host", net["head"].address]
+        head_args += ["--dashboard-port", str(DASHBOARD)]
+        head_env = env | {"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"}
+        head = start_ray(net["head"], head_args, head_env, base / "head.log")
         later.callback(stop_process, head)
         (base / "tracking").mkdir()
         where = net["tracking"]
@@ -307,3 +315,45 @@ def test_a_worker_with_other_versions_is_named_in_one_line_before_any_fold(
     assert f"this machine runs {mine}" in errors[0]
     assert "fold 1:" not in done.stdout
     assert seconds <= 20 or pytest.fail(f"took {seconds:.1f} s")
+
+
+def follow(bed: Bed, printed: str, what: str) -> subprocess.CompletedProcess[str]:
+    """Run the `ray job ...` command that `--submit` printed after `what` on the laptop."""
+    [line] = [x for x in printed.splitlines() if x.startswith(what)]
+    args = shlex.split(line.removeprefix(what).split("  (")[0])
+    assert args[0] == "ray"
+    return bed.net["laptop"].run([str(VENV_BIN / "ray"), *args[1:]], env=bed.env, timeout=600)
+
+
+def test_a_cv_submitted_from_the_laptop_runs_on_the_cluster_after_the_laptop_exits(
+    bed: Bed, folder: Path, tmp_path: Path
+) -> None:
+    """`cv --submit http://HEAD:8265` from the laptop returns with the job's id while the job
+    runs on the cluster; the job's parent and fold runs are credited to the laptop's login. A
+    `tune` job whose tracking server the cluster cannot reach fails its check: the job FAILS."""
+    laptop = bed.net["laptop"]
+    dashboard = f"http://{bed.head.address}:{DASHBOARD}"
+    args = ["cv", "--data", str(folder), "--folds", "2", *STEPS, "--submit", dashboard]
+    # Nothing listens on the laptop's address: routable, so only the job's check can refuse it.
+    unreachable = f"http://{laptop.address}:{TRACKING}"
+    started = time.monotonic()
+    tune = ["tune", "--synthetic", "40", "--trials", "1", *STEPS, "--submit", dashboard]
+    runs = {
+        "good": command(bed, laptop, args, tmp_path / "good", bed.tracking.uri, LAPTOP_LOGIN),
+        "bad": command(bed, laptop, tune, tmp_path / "bad", unreachable, LAPTOP_LOGIN),
+    }
+    submitted = {name: finished(run, timeout=120) for name, run in runs.items()}
+    returned = time.monotonic() - started
+    for done in submitted.values():
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert done.stdout.startswith("submitted job captchaops-"), done.stdout
+    assert returned < 60 or pytest.fail(f"submitting took {returned:.1f} s")
+    logs = {name: follow(bed, done.stdout, "follow it: ") for name, done in submitted.items()}
+    states = {name: follow(bed, done.stdout, "its state: ") for name, done in submitted.items()}
+    jobs = {name: done.stdout.split()[2] for name, done in submitted.items()}
+    assert f"Job '{jobs['good']}' succeeded" in states["good"].stdout, logs["good"].stdout
+    check_cv(subprocess.CompletedProcess([], 0, logs["good"].stdout, ""), bed, LAPTOP_LOGIN)
+    assert f"Job '{jobs['bad']}' failed" in states["bad"].stdout, states["bad"].stdout
+    assert f"cannot reach the tracking server at {unreachable}" in logs["bad"].stdout
+    assert "tune: 1 trials" not in logs["bad"].stdout  # no board: it failed before any trial
+    assert "Traceback" not in logs["bad"].stdout

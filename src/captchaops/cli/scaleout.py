@@ -32,6 +32,13 @@ GPUS_OPTION = typer.Option(
     min=0.0,
     help="GPUs each fold, trial or member asks Ray for; it runs only on a node that has them",
 )
+SUBMIT_OPTION = typer.Option(
+    None,
+    "--submit",
+    help="run as a Ray job through the head's dashboard (http://HEAD:8265): the sweep goes on "
+    "when this terminal closes; prints the job id and returns",
+    show_default=False,
+)
 PRESET_OPTION = typer.Option(
     None,
     "--preset",
@@ -74,10 +81,23 @@ def cv_command(
     gpus: float = GPUS_OPTION,
     preset: str | None = PRESET_OPTION,
     model_name: str | None = MODEL_NAME_OPTION,
+    submit: str | None = SUBMIT_OPTION,
 ) -> None:
     """Cross-validated held-out accuracy of the folder preset: one training run per fold on Ray."""
     from captchaops.scaleout.board import Board
 
+    if submit is not None:
+        if cpus is not None:
+            fail("--cpus sizes a local Ray; a submitted job uses its cluster's: leave it out")
+        options: dict[str, object] = {
+            "--data": data,
+            "--folds": folds,
+            "--max-minutes": max_minutes,
+        }
+        options |= {"--steps": steps, "--seed": seed, "--trial": trial, "--members": members}
+        options |= {"--gpus-per-trial": gpus or None, "--preset": preset}
+        submitted(submit, "cv", options, model_name)
+        return
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
     with reported(log):
@@ -234,6 +254,23 @@ def cluster_checked(
         yield
 
 
+def submitted(
+    address: str, command: str, options: dict[str, object], model_name: str | None
+) -> None:
+    """`captchaops COMMAND OPTIONS` submitted as a Ray job to the dashboard at `address` (with
+    --model-name); prints its id and how to follow it, and returns at once."""
+    from captchaops.scaleout.jobs import Submitted, submit
+
+    settings = settings_for(model_name)
+    log = settings.home_dir / "logs" / "libraries.log"
+    job: Submitted | None = None
+    with reported(log):
+        job = submit(address, command, options | {"--model-name": model_name}, settings)
+    assert job is not None
+    for line in job.lines():
+        console.print(line, highlight=False)
+
+
 def check_tracking(settings: object) -> None:
     """The tracking server answers, and is one Ray workers can reach (http(s))."""
     import httpx
@@ -271,12 +308,19 @@ def tune_command(
     gpus: float = GPUS_OPTION,
     preset: str | None = PRESET_OPTION,
     model_name: str | None = MODEL_NAME_OPTION,
+    submit: str | None = SUBMIT_OPTION,
 ) -> None:
     """Search training settings (Optuna TPE on Ray Tune, ASHA) and register the best trial."""
     from captchaops.scaleout.board import Board
 
     if (data is None) == (synthetic is None):
         fail("use either --data DIR or --synthetic N")
+    if submit is not None:
+        options: dict[str, object] = {"--data": data, "--synthetic": synthetic, "--trials": trials}
+        options |= {"--minutes": minutes, "--max-minutes": max_minutes, "--steps": steps}
+        options |= {"--seed": seed, "--gpus-per-trial": gpus or None, "--preset": preset}
+        submitted(submit, "tune", options, model_name)
+        return
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
     with reported(log):

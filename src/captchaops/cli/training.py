@@ -69,6 +69,9 @@ def train_command(
         None, "--preset", help="demo, folder, accuracy or gpu (default: folder with --data)"
     ),
     model_name: str | None = MODEL_NAME_OPTION,
+    submit: str | None = typer.Option(
+        None, "--submit", help="with --members: run as a Ray job via the head's dashboard URL"
+    ),
 ) -> None:
     """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
     from captchaops.console import UnexpectedError, print_summary
@@ -79,6 +82,17 @@ def train_command(
         fail("use either --data DIR or --synthetic N, not both")
     if gpus and members == 1:
         fail("--gpus-per-trial is for Ray's runs: add --members K, or leave it out")
+    if submit is not None:
+        if members == 1:
+            fail("--submit runs members on a Ray cluster: add --members K, or leave it out")
+        from captchaops.cli.scaleout import submitted
+
+        options: dict[str, object] = {"--data": data, "--synthetic": synthetic, "--epochs": epochs}
+        options |= {"--batch-size": batch_size, "--max-minutes": max_minutes, "--seed": seed}
+        options |= {"--val-fraction": val_fraction, "--include-feedback": include_feedback}
+        options |= {"--steps": steps, "--members": members, "--preset": preset_name}
+        submitted(submit, "train", options | {"--gpus-per-trial": gpus or None}, model_name)
+        return
     settings = settings_for(model_name)
     require_access(settings, "train")
     log = settings.home_dir / "logs" / "libraries.log"
