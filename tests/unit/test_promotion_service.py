@@ -26,7 +26,7 @@ from captchaops.access import AccessError, Unverified, check, require
 from captchaops.registry.requests import Request, provenance_problem, signed_bytes
 from captchaops.settings import Settings, load_settings, write_env
 from captchaops.stack import control
-from captchaops.stack.promotions import create_app
+from captchaops.stack.promotions import WORK_MEMORY_BYTES, Caller, LimitedWork, Refused, create_app
 from captchaops.stack.services import build_services
 from captchaops.stack.store import Store
 
@@ -502,4 +502,45 @@ def test_approve_through_the_service_says_what_happened_and_fails_closed(
     assert len(lines) == 1 and lines[0].startswith(said), lines
     if said.endswith("service at "):  # an answer it does not know: an error, never a success
         assert "nothing is known to have moved" in lines[0], lines
-    assert not (tmp_path / "promotion-keys").exists()
+    assert not (tmp_path / "keys").exists()
+
+
+def test_the_services_work_runs_where_the_kernel_limits_it(tmp_path: Path) -> None:
+    """A worker the kernel stops (here: an address space it cannot start in) is a JSON-able
+    503 in one line, not a dead service, and the next action gets a fresh worker."""
+    settings = load_settings(home=tmp_path, tracking_uri="http://127.0.0.1:9")
+    caller = Caller(account="ed", actor="ed")
+    starved = LimitedWork(memory_bytes=1)
+    try:
+        with pytest.raises(Refused) as stopped:
+            starved.run("stage", settings, caller, {"version": "1"})
+        assert stopped.value.status == 503 and stopped.value.error == "stopped"
+        assert stopped.value.detail.startswith(
+            "the promotion service's work on text-captcha ran past its limits (900 s of CPU, 0 MiB"
+        )
+        starved.memory_bytes = WORK_MEMORY_BYTES
+        with pytest.raises(Refused) as refused:  # a worker again: the work itself answers
+            starved.run("stage", settings, caller, {})
+        assert (refused.value.status, refused.value.error) == (400, "no version")
+    finally:
+        starved.close()
+
+
+def test_with_a_service_set_nothing_reaches_the_local_key(tmp_path: Path) -> None:
+    """The last line of defence behind the commands' routing: any move that would still sign
+    here (a scale-out run's staging, a path not routed yet) is refused in one line, and no key
+    is made."""
+    from captchaops.registry.aliases import signing_key_dir
+    from captchaops.registry.errors import RegistryError
+
+    local = load_settings(home=tmp_path, signing_key_dir=tmp_path / "keys")
+    assert signing_key_dir(local) == (tmp_path / "keys").resolve()
+    routed = local.model_copy(update={"promotions_url": "http://127.0.0.1:8890"})
+    with pytest.raises(RegistryError) as refused:
+        signing_key_dir(routed)
+    assert str(refused.value) == (
+        "this would sign with a local key, but the promotion service at http://127.0.0.1:8890 "
+        "signs for this stack: send the work to it (the command does so itself), or unset "
+        "CAPTCHAOPS_PROMOTIONS_URL"
+    )
+    assert not (tmp_path / "keys").exists()

@@ -1,7 +1,8 @@
 """The promotion service: the one process that holds the promotion key and moves @production.
 
-Clients (`promote`, `approve`, `rollback`, `requests` with CAPTCHAOPS_PROMOTIONS_URL set) send it
-what they want and hold no key. It runs the same `decisions.approval` code they would run, with
+Clients (every command that would sign, with CAPTCHAOPS_PROMOTIONS_URL set: `promote` and its
+canaries, `approve`, `rollback`, `requests`, `promotions adopt`, `evalset`'s pin, `train`'s
+@staging move) send it what they want and hold no key. It runs the same `decisions.approval` code they would run, with
 ITS settings: its home's key, its approval policy, its production server for rollback's live
 check, its own tracking-server account. Who the caller is comes from the tracking server, never
 from the request:
@@ -15,6 +16,9 @@ from the request:
   the name a caller gives (`actor`) as the audit trail's name, as local commands always did;
   what it adds is that the key stays in the service's home, out of the callers' reach.
 
+The work itself (scoring versions on the frozen set, then signing and moving) runs in a worker
+process the kernel limits (`LimitedWork`), so a version's network cannot take the service down.
+
 A body holds only the fields its endpoint knows, each of its type; anything else is a 400.
 Answers are JSON: `{"result", "line", ...}`, or `{"error", "detail"}` with 400, 401, 403, 404,
 405, 409 (the registry refused: the one line a command prints), 413 or 503.
@@ -24,9 +28,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import logging
 import math
+import multiprocessing
+import os
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +56,7 @@ from captchaops.decisions import approval, canaries, gate, promotion
 from captchaops.decisions.gate_rules import GateConfig
 from captchaops.evaluation.evalset import pin_logged
 from captchaops.mlflow_scope import client
+from captchaops.model import decode_worker
 from captchaops.registry.aliases import adopt_aliases, require_model
 from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError, one_line_errors
@@ -322,15 +334,263 @@ def _outcome(done: Move | Request, moved: str) -> dict[str, Any]:
     return {"result": moved, "line": done.line(), "version": done.to_version}
 
 
+# The work of each action, run in the service's kernel-limited worker (`LimitedWork`): each
+# takes the scheme's settings (the service's own, its key folder among them), the caller and
+# the body, and answers JSON, or raises Refused or RegistryError.
+
+
+def through_gate(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`promote --auto`: the gate, then the move, its request or the audited rejection."""
+    config = GateConfig.with_options(**{k: _number(body, k) for k in GATE_OPTIONS})
+    decision, outcome = approval.auto_promote(
+        scheme,
+        config,
+        actor=caller.actor,
+        reason=_text(body, "reason") or "",
+        account=caller.account,
+        request_key=scheme.effective_signing_key_dir,
+    )
+    verdict = f"v{decision.candidate_version}: {decision.reason()}"
+    if isinstance(outcome, Request):
+        return _outcome(outcome, "promoted") | {"verdict": verdict}
+    result = "promoted" if decision.promote else "rejected"
+    return {"result": result, "line": verdict, "verdict": verdict}
+
+
+def promote(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`promote --version N | --from ALIAS` (also a canary's --then-promote): move or request."""
+    if _flag(body, "auto"):
+        return through_gate(scheme, caller, body)
+    version, source = _text(body, "version"), _text(body, "from")
+    if (version is None) == (source is None):
+        raise Refused(400, "no version", "say which: version N or from an alias (staging)")
+    canary = _flag(body, "canary")
+    reason = _text(body, "reason", required=True) or ""
+    done = approval.promote(
+        scheme,
+        version=version,
+        from_alias=source,
+        reason=reason,
+        actor=caller.actor,
+        force=_flag(body, "force"),
+        kind="canary" if canary else "manual",
+        account=caller.account,
+        request_key=scheme.effective_signing_key_dir,
+    )
+    if canary and isinstance(done, Move):  # a canary's --then-promote: it leaves @canary
+        canaries.end_canary_of(scheme, done.to_version, reason=reason, actor=caller.actor)
+    return _outcome(done, "promoted")
+
+
+def canary(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`promote --canary PERCENT`: give the candidate @canary."""
+    percent = _number(body, "percent")
+    if percent is None or not percent.is_integer():
+        raise Refused(400, "bad percent", "percent must be a whole number of 1-50")
+    move = canaries.start_canary(
+        scheme,
+        percent=int(percent),
+        version=_text(body, "version"),
+        from_alias=_text(body, "from"),
+        reason=_text(body, "reason") or "",
+        actor=caller.actor,
+    )
+    return {"result": "canary", "line": move.line(), "version": move.to_version}
+
+
+def canary_end(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`rollback --canary`, or the end of a canary whose breaker tripped."""
+    move = canaries.end_canary(
+        scheme,
+        reason=_text(body, "reason") or "canary ended by hand",
+        actor=caller.actor,
+        version=_text(body, "version"),
+        tripped=_flag(body, "tripped"),
+    )
+    return {"result": move.decision, "line": move.line(), "version": move.from_version}
+
+
+def stage(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`train`'s @staging move: the service's floor on the accuracy the version's run logged."""
+    version = _text(body, "version", required=True) or ""
+    with one_line_errors(scheme):
+        mlflow_client = client(scheme)
+        accuracy = promotion.logged_accuracy(mlflow_client, scheme.model_name, version)
+        rejection = gate.stage_candidate(
+            mlflow_client, scheme, version, accuracy, actor=caller.actor
+        )
+    result = "rejected" if rejection else "staged"
+    line = rejection or f"v{version} @staging: test sequence accuracy {accuracy:.4f}"
+    return {"result": result, "line": line, "version": version, "rejection": rejection}
+
+
+def adopt(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`promotions adopt`: sign where the managed aliases point now (an admin caller only)."""
+    with one_line_errors(scheme):
+        mlflow_client = client(scheme)
+        require_model(mlflow_client, scheme)
+        adopted = adopt_aliases(
+            mlflow_client,
+            scheme.model_name,
+            actor=caller.actor,
+            key_dir=scheme.effective_signing_key_dir,
+        )
+    return {"result": "adopted", "lines": [move.line() for move in adopted]}
+
+
+def evalset(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """Pin the frozen set logged in a run, by the digest computed here from its archive."""
+    run = _text(body, "run", required=True) or ""
+    with one_line_errors(scheme):
+        made = pin_logged(
+            client(scheme),
+            scheme,
+            run,
+            replace_set=_flag(body, "replace"),
+            actor=caller.actor,
+        )
+    return {"result": "pinned", "digest": made.digest, "images": len(made), "seed": made.seed}
+
+
+def rollback(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`rollback`: move @production back, or record the request."""
+    done = approval.rollback(
+        scheme,
+        to=_text(body, "to"),
+        reason=_text(body, "reason") or "",
+        actor=caller.actor,
+        account=caller.account,
+        request_key=scheme.effective_signing_key_dir,
+    )
+    return _outcome(done, "rolled-back")
+
+
+def approve(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`approve ID`: check the request again and make the signed move naming both accounts."""
+    asked, move = approval.approve(
+        scheme,
+        _text(body, "request", required=True) or "",
+        actor=caller.actor,
+        account=caller.account,
+        request_key=scheme.effective_signing_key_dir,
+    )
+    return {"result": move.decision, "line": move.line(), "request": _request_json(asked)}
+
+
+def listing(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
+    """`requests`: the pending requests."""
+    return {"requests": [_request_json(r) for r in approval.requests(scheme)]}
+
+
+WORK = {
+    "promote": promote,
+    "rollback": rollback,
+    "approve": approve,
+    "models": listing,
+    "canary": canary,
+    "canary_end": canary_end,
+    "stage": stage,
+    "adopt": adopt,
+    "evalset": evalset,
+}
+"""What each action does; `models` (the request list) reads only and runs in the service."""
+WORK_CPU_SECONDS = 900
+"""CPU seconds one action may spend in the worker (the gate scores two versions on a frozen set
+of up to 100,000 images); past it the kernel ends the worker (SIGXCPU)."""
+WORK_MEMORY_BYTES = 6 * 2**30
+"""Address space the worker may map beyond what it maps when it starts (MLflow, onnxruntime
+and two versions' sessions fit with room); an allocation past it fails."""
+
+
+def _worked(
+    name: str, scheme: Settings, caller: Caller, body: dict[str, Any], cpu_seconds: int
+) -> tuple[str, Any]:
+    """In the worker: the action `name` within `cpu_seconds` more of CPU (RLIMIT_CPU, as
+    `decode_worker.decode_images` sets it per call), its answer or refusal as plain data."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    budget = math.ceil(usage.ru_utime + usage.ru_stime + cpu_seconds) + 1
+    unlimited = hard == resource.RLIM_INFINITY
+    resource.setrlimit(resource.RLIMIT_CPU, (budget if unlimited else min(budget, hard), hard))
+    try:
+        return "done", WORK[name](scheme, caller, body)
+    except Refused as exc:
+        return "refused", (exc.status, exc.error, exc.detail)
+    except RegistryError as exc:
+        return "registry", str(exc)
+    except MemoryError:
+        detail = f"the work needed more than {WORK_MEMORY_BYTES // 2**20} MiB of memory"
+        return "refused", (503, "stopped", f"{detail}; nothing was signed")
+
+
+class LimitedWork:
+    """The service's actions, run one at a time in a worker process the kernel limits: its
+    address space capped and its CPU time per action bounded (`decode_worker.limit_worker`, the
+    model servers' decoding workers' initializer; RLIMIT_CPU per call). A version the gate scores
+    runs its network there, so a graph that allocates or spins for ever ends the worker, never
+    the service; a worker the kernel ended is replaced on the next action."""
+
+    def __init__(
+        self, cpu_seconds: int = WORK_CPU_SECONDS, memory_bytes: int = WORK_MEMORY_BYTES
+    ) -> None:
+        self.cpu_seconds, self.memory_bytes = cpu_seconds, memory_bytes
+        self._lock = threading.Lock()
+        self._executor: ProcessPoolExecutor | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=decode_worker.limit_worker,
+                initargs=(self.memory_bytes, os.getpid()),
+            )
+        return self._executor
+
+    def run(self, name: str, scheme: Settings, caller: Caller, body: dict[str, Any]) -> Any:
+        """The answer of action `name`; Refused (503) when the kernel ended the worker."""
+        with self._lock:  # one action at a time, as the promotion lock would order them anyway
+            try:
+                kind, found = (
+                    self._pool()
+                    .submit(_worked, name, scheme, caller, body, self.cpu_seconds)
+                    .result()
+                )
+            except BrokenProcessPool as exc:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+                raise Refused(
+                    503,
+                    "stopped",
+                    f"the promotion service's work on {scheme.model_name} ran past its limits "
+                    f"({self.cpu_seconds} s of CPU, {self.memory_bytes // 2**20} MiB of memory) "
+                    "and was stopped; check `captchaops models`, then try again",
+                ) from exc
+        if kind == "refused":
+            raise Refused(*found)
+        if kind == "registry":
+            raise RegistryError(found)
+        return found
+
+    def close(self) -> None:
+        """Stop the worker."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+
 def create_app(settings: Settings) -> Starlette:
     """The service's ASGI app, acting with `settings` (its home's key, policy and servers)."""
     # The service signs: a CAPTCHAOPS_PROMOTIONS_URL in its home (which `up` writes for the
     # callers) names the service itself, never somewhere to send its own work.
     settings = settings.model_copy(update={"promotions_url": None})
-    key_dir = settings.effective_signing_key_dir
     hosts = allowed_hosts(settings) | bind_names(settings.host)
+    limited = LimitedWork()
 
-    def guarded(action: str, work: Any) -> Any:
+    def guarded(action: str) -> Any:
         async def endpoint(request: HttpRequest) -> JSONResponse:
             try:
                 if not host_allowed(request.headers.get("host"), hosts):
@@ -345,7 +605,10 @@ def create_app(settings: Settings) -> Starlette:
                 _known(body, action)
                 scheme = _scheme(settings, body)
                 caller = await run_in_threadpool(authenticate, scheme, request, body, action)
-                answer = await run_in_threadpool(work, scheme, caller, body)
+                if action == "models":  # reads only
+                    answer = await run_in_threadpool(listing, scheme, caller, body)
+                else:
+                    answer = await run_in_threadpool(limited.run, action, scheme, caller, body)
             except Refused as exc:
                 return JSONResponse({"error": exc.error, "detail": exc.detail}, exc.status)
             except RegistryError as exc:
@@ -353,126 +616,6 @@ def create_app(settings: Settings) -> Starlette:
             return JSONResponse(answer)
 
         return endpoint
-
-    def through_gate(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        config = GateConfig.with_options(**{k: _number(body, k) for k in GATE_OPTIONS})
-        decision, outcome = approval.auto_promote(
-            scheme,
-            config,
-            actor=caller.actor,
-            reason=_text(body, "reason") or "",
-            account=caller.account,
-            request_key=key_dir,
-        )
-        verdict = f"v{decision.candidate_version}: {decision.reason()}"
-        if isinstance(outcome, Request):
-            return _outcome(outcome, "promoted") | {"verdict": verdict}
-        result = "promoted" if decision.promote else "rejected"
-        return {"result": result, "line": verdict, "verdict": verdict}
-
-    def promote(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        if _flag(body, "auto"):
-            return through_gate(scheme, caller, body)
-        version, source = _text(body, "version"), _text(body, "from")
-        if (version is None) == (source is None):
-            raise Refused(400, "no version", "say which: version N or from an alias (staging)")
-        canary = _flag(body, "canary")
-        reason = _text(body, "reason", required=True) or ""
-        done = approval.promote(
-            scheme,
-            version=version,
-            from_alias=source,
-            reason=reason,
-            actor=caller.actor,
-            force=_flag(body, "force"),
-            kind="canary" if canary else "manual",
-            account=caller.account,
-            request_key=key_dir,
-        )
-        if canary and isinstance(done, Move):  # a canary's --then-promote: it leaves @canary
-            canaries.end_canary_of(scheme, done.to_version, reason=reason, actor=caller.actor)
-        return _outcome(done, "promoted")
-
-    def canary(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        percent = _number(body, "percent")
-        if percent is None or not percent.is_integer():
-            raise Refused(400, "bad percent", "percent must be a whole number of 1-50")
-        move = canaries.start_canary(
-            scheme,
-            percent=int(percent),
-            version=_text(body, "version"),
-            from_alias=_text(body, "from"),
-            reason=_text(body, "reason") or "",
-            actor=caller.actor,
-        )
-        return {"result": "canary", "line": move.line(), "version": move.to_version}
-
-    def canary_end(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        move = canaries.end_canary(
-            scheme,
-            reason=_text(body, "reason") or "canary ended by hand",
-            actor=caller.actor,
-            version=_text(body, "version"),
-            tripped=_flag(body, "tripped"),
-        )
-        return {"result": move.decision, "line": move.line(), "version": move.from_version}
-
-    def stage(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        version = _text(body, "version", required=True) or ""
-        with one_line_errors(scheme):
-            mlflow_client = client(scheme)
-            accuracy = promotion.logged_accuracy(mlflow_client, scheme.model_name, version)
-            rejection = gate.stage_candidate(
-                mlflow_client, scheme, version, accuracy, actor=caller.actor
-            )
-        result = "rejected" if rejection else "staged"
-        line = rejection or f"v{version} @staging: test sequence accuracy {accuracy:.4f}"
-        return {"result": result, "line": line, "version": version, "rejection": rejection}
-
-    def adopt(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        with one_line_errors(scheme):
-            mlflow_client = client(scheme)
-            require_model(mlflow_client, scheme)
-            adopted = adopt_aliases(
-                mlflow_client, scheme.model_name, actor=caller.actor, key_dir=key_dir
-            )
-        return {"result": "adopted", "lines": [move.line() for move in adopted]}
-
-    def evalset(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        run = _text(body, "run", required=True) or ""
-        with one_line_errors(scheme):
-            made = pin_logged(
-                client(scheme),
-                scheme,
-                run,
-                replace_set=_flag(body, "replace"),
-                actor=caller.actor,
-            )
-        return {"result": "pinned", "digest": made.digest, "images": len(made), "seed": made.seed}
-
-    def rollback(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        done = approval.rollback(
-            scheme,
-            to=_text(body, "to"),
-            reason=_text(body, "reason") or "",
-            actor=caller.actor,
-            account=caller.account,
-            request_key=key_dir,
-        )
-        return _outcome(done, "rolled-back")
-
-    def approve(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        asked, move = approval.approve(
-            scheme,
-            _text(body, "request", required=True) or "",
-            actor=caller.actor,
-            account=caller.account,
-            request_key=key_dir,
-        )
-        return {"result": move.decision, "line": move.line(), "request": _request_json(asked)}
-
-    def listing(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-        return {"requests": [_request_json(r) for r in approval.requests(scheme)]}
 
     async def health(request: HttpRequest) -> JSONResponse:
         return JSONResponse({"status": "ok"})
@@ -491,19 +634,25 @@ def create_app(settings: Settings) -> Starlette:
         detail = f"the promotion service failed ({type(exc).__name__}); its log says why"
         return JSONResponse({"error": "internal", "detail": detail}, 500)
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        limited.close()
+
     return Starlette(
+        lifespan=lifespan,
         exception_handlers={404: unrouted, 405: unrouted, Exception: failed},
         routes=[
             Route("/health", health),
-            Route("/promote", guarded("promote", promote), methods=["POST"]),
-            Route("/rollback", guarded("rollback", rollback), methods=["POST"]),
-            Route("/approve", guarded("approve", approve), methods=["POST"]),
-            Route("/requests", guarded("models", listing), methods=["GET"]),
-            Route("/canary", guarded("canary", canary), methods=["POST"]),
-            Route("/canary/end", guarded("canary_end", canary_end), methods=["POST"]),
-            Route("/stage", guarded("stage", stage), methods=["POST"]),
-            Route("/adopt", guarded("adopt", adopt), methods=["POST"]),
-            Route("/evalset", guarded("evalset", evalset), methods=["POST"]),
+            Route("/promote", guarded("promote"), methods=["POST"]),
+            Route("/rollback", guarded("rollback"), methods=["POST"]),
+            Route("/approve", guarded("approve"), methods=["POST"]),
+            Route("/requests", guarded("models"), methods=["GET"]),
+            Route("/canary", guarded("canary"), methods=["POST"]),
+            Route("/canary/end", guarded("canary_end"), methods=["POST"]),
+            Route("/stage", guarded("stage"), methods=["POST"]),
+            Route("/adopt", guarded("adopt"), methods=["POST"]),
+            Route("/evalset", guarded("evalset"), methods=["POST"]),
         ],
     )
 
