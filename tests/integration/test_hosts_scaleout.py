@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,8 +349,12 @@ def test_a_cv_submitted_from_the_laptop_runs_on_the_cluster_after_the_laptop_exi
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert done.stdout.startswith("submitted job captchaops-"), done.stdout
     assert returned < 60 or pytest.fail(f"submitting took {returned:.1f} s")
-    logs = {name: follow(bed, done.stdout, "follow it: ") for name, done in submitted.items()}
-    states = {name: follow(bed, done.stdout, "its state: ") for name, done in submitted.items()}
+    with ThreadPoolExecutor(2) as pool:  # both jobs followed at once, as two terminals would
+        names, printed = list(submitted), [done.stdout for done in submitted.values()]
+        seen = pool.map(lambda out: follow(bed, out, "follow it: "), printed)
+        logs = dict(zip(names, seen, strict=True))
+        seen = pool.map(lambda out: follow(bed, out, "its state: "), printed)
+        states = dict(zip(names, seen, strict=True))
     jobs = {name: done.stdout.split()[2] for name, done in submitted.items()}
     assert f"Job '{jobs['good']}' succeeded" in states["good"].stdout, logs["good"].stdout
     check_cv(subprocess.CompletedProcess([], 0, logs["good"].stdout, ""), bed, LAPTOP_LOGIN)
