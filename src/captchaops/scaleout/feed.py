@@ -99,8 +99,11 @@ class DataSet:
     def images(self, shard: int) -> list[bytes]:
         """The images of shard number `shard`, verified."""
         ref = self.manifest.shards[shard]
-        path = self._file(SHARDS, ref.sha256, ".tar")
-        with path.open("rb") as file:  # one open file: a cache eviction cannot cut it short
+        try:
+            file = self._file(SHARDS, ref.sha256, ".tar").open("rb")
+        except FileNotFoundError:  # another worker evicted it just now: fetch it again
+            file = self._file(SHARDS, ref.sha256, ".tar").open("rb")
+        with file:  # one open file: an eviction from now on cannot cut it short
             return read_shard(file, ref)
 
     def by_shard(self, idx: Sequence[int]) -> Iterator[tuple[list[bytes], list[int], list[int]]]:
