@@ -32,6 +32,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from captchaops.data import standin
+from captchaops.scaleout.jobs import JOB_HOMES
 from harness.hosts import (
     Host,
     HostNet,
@@ -356,6 +357,8 @@ def test_a_cv_submitted_from_the_laptop_runs_on_the_cluster_after_the_laptop_exi
         seen = pool.map(lambda out: follow(bed, out, "its state: "), printed)
         states = dict(zip(names, seen, strict=True))
     jobs = {name: done.stdout.split()[2] for name, done in submitted.items()}
+    for job in jobs.values():  # each job's home on the head (its library log)
+        shutil.rmtree(f"{JOB_HOMES}/{job}", ignore_errors=True)
     assert f"Job '{jobs['good']}' succeeded" in states["good"].stdout, logs["good"].stdout
     check_cv(subprocess.CompletedProcess([], 0, logs["good"].stdout, ""), bed, LAPTOP_LOGIN)
     assert f"Job '{jobs['bad']}' failed" in states["bad"].stdout, states["bad"].stdout
