@@ -20,6 +20,7 @@ from captchaops.model.preprocess import preprocess
 from captchaops.scaleout import feed, shipping
 from captchaops.scaleout.feed import DataSet, capped, streams
 from captchaops.scaleout.shipping import Manifest, ShardError, ShardRef, Shipped
+from tests.fixtures.stack import Tracking
 
 ARCH = Architecture(height=16, width=48)
 
@@ -150,3 +151,26 @@ def test_large_folds_stream_and_validate_on_a_capped_spread_sample() -> None:
     sample = capped(val)
     assert len(sample) == feed.VAL_CAP and sample[0] == 0 and sample[-1] > 29_000
     assert capped(val[:10]) == val[:10]
+
+
+def test_a_worker_fetches_verified_shards_and_fetches_again_one_changed_in_its_cache(
+    images: LabelledImages, tracking_server: Tracking, tmp_path: Path
+) -> None:
+    """Through a real tracking server: the driver's upload, a second upload that sends nothing,
+    a worker's first read (downloaded), and a cached shard changed on the worker's disk (read
+    again from the store instead of failing the run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_server.uri)
+    experiment = client.create_experiment(f"shards-{tmp_path.name}")
+    parent = client.create_run(experiment).info.run_id
+    shipped = shipping.upload(client, experiment, images, parent)
+    assert (shipped.shards, shipped.uploaded) == (1, 1)
+    assert shipping.upload(client, experiment, images, parent).uploaded == 0
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    data = DataSet(tracking_server.uri, shipped, cache=cache)
+    assert data.images(0) == images.images and data.fetched == 2  # the manifest and the shard
+    [cached] = cache.glob("*.tar")
+    cached.write_bytes(cached.read_bytes()[:-1] + b"\x01")
+    assert data.images(0) == images.images and data.fetched == 3

@@ -99,11 +99,17 @@ class DataSet:
     def images(self, shard: int) -> list[bytes]:
         """The images of shard number `shard`, verified."""
         ref = self.manifest.shards[shard]
+        cached = self.cache / f"{ref.sha256}.tar"
         try:
             file = self._file(SHARDS, ref.sha256, ".tar").open("rb")
         except FileNotFoundError:  # another worker evicted it just now: fetch it again
             file = self._file(SHARDS, ref.sha256, ".tar").open("rb")
         with file:  # one open file: an eviction from now on cannot cut it short
+            try:
+                return read_shard(file, ref)
+            except ShardError:  # changed on this disk since it was checked: fetch it again
+                cached.unlink(missing_ok=True)
+        with self._file(SHARDS, ref.sha256, ".tar").open("rb") as file:
             return read_shard(file, ref)
 
     def by_shard(self, idx: Sequence[int]) -> Iterator[tuple[list[bytes], list[int], list[int]]]:
