@@ -23,7 +23,7 @@ from captchaops.live.reported import NO_CALIBRATION
 if TYPE_CHECKING:
     from captchaops.decisions.gate import Decision
     from captchaops.live.reported import LiveState
-    from captchaops.registry import Listing, VersionRow
+    from captchaops.registry.listing import Listing, VersionRow
     from captchaops.stack.control import ServiceStatus
     from captchaops.training.loop import Progress
     from captchaops.training.run import TrainResult

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from mlflow import MlflowClient
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.evaluation.evalset import create_evalset
 from captchaops.registry.aliases import adopt_aliases, alias_version, assign_alias
 from captchaops.registry.requests import pending_requests
@@ -54,7 +54,7 @@ class Stack:
         settings = load_settings(
             tracking_uri=self.uri, tracking_username=user, tracking_password=self.passwords[user]
         )
-        return registry.client(settings)
+        return mlflow_scope.client(settings)
 
     def production(self) -> str | None:
         return alias_version(self.client(), NAME, "production")
@@ -84,7 +84,7 @@ def stack(
                 home=home / "service", tracking_uri=uri, tracking_username="ed",
                 tracking_password=passwords["ed"], signing_key_dir=keys,
             )  # fmt: skip
-            ed = registry.client(ed_settings)
+            ed = mlflow_scope.client(ed_settings)
             versions = _copy_tiny_model(tracking_server.uri, tiny_model, ed, home / "model", 2)
             create_evalset(ed, ed_settings, size=20)
             assign_alias(ed, NAME, "production", versions[0], reason="first", actor="ed")

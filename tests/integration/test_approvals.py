@@ -30,10 +30,12 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner, Result
 from werkzeug.security import generate_password_hash
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.cli import app
 from captchaops.evaluation.evalset import create_evalset
+from captchaops.registry import audit
 from captchaops.registry.aliases import alias_version, assign_alias
+from captchaops.registry.listing import list_versions
 from captchaops.registry.requests import pending_requests
 from captchaops.registry.signing import SIGNED_MOVE, SignedMove, new_nonce, seal
 from captchaops.registry.versions import register_version
@@ -75,7 +77,7 @@ class Team:
         )
 
     def client(self, user: str = "ed") -> MlflowClient:
-        return registry.client(self.settings(user))
+        return mlflow_scope.client(self.settings(user))
 
     def cli(self, user: str, *args: str, production_url: str | None = None) -> Result:
         """`captchaops ARGS` as `user` in team mode, production's live check at the server."""
@@ -151,7 +153,7 @@ def team(
                 home=home / "cli", tracking_uri=uri, tracking_username="ed",
                 tracking_password=passwords["ed"],
             )  # fmt: skip
-            ed = registry.client(ed_settings)
+            ed = mlflow_scope.client(ed_settings)
             versions = _copy_tiny_model(tracking_server.uri, tiny_model, ed, home / "model", 2)
             create_evalset(ed, ed_settings, size=20)
             assign_alias(ed, NAME, PRODUCTION, versions[0], reason="first", actor="ed")
@@ -211,7 +213,7 @@ def test_an_editors_production_request_waits_and_is_listed(
     assert f"{request_id} @production v{first} -> v{second} (manual) requested by ed" in (
         listed.stdout
     )
-    trail = registry.moves(team.client("alice"), NAME, PRODUCTION)
+    trail = audit.moves(team.client("alice"), NAME, PRODUCTION)
     requested = [(m.actor, m.to_version) for m in trail if m.decision == "requested"]
     assert requested == [("ed", second)]
     time.sleep(2 * POLL_S)
@@ -226,7 +228,7 @@ def test_the_requester_and_a_reader_cannot_approve(team: Team, isolated_mlflow: 
         f"error: ed requested {request_id}; another account must approve it (ask someone else "
         f"to run `captchaops approve {request_id}`)"
     ]
-    trail = registry.moves(team.client(), NAME, PRODUCTION)
+    trail = audit.moves(team.client(), NAME, PRODUCTION)
     assert [m.actor for m in trail if m.decision == "refused"] == ["ed"]
     assert [r.short_id for r in pending_requests(team.client(), NAME)] == [request_id]
 
@@ -259,7 +261,7 @@ def test_another_account_approves_and_the_server_follows(team: Team, isolated_ml
     health = httpx.get(f"{team.server.url}/health", timeout=5).json()
     assert health["status"] == "ok" and health["signed_version"] == second, health
     assert pending_requests(team.client(), NAME) == []
-    moved = registry.moves(team.client(), NAME, PRODUCTION)[-1]
+    moved = audit.moves(team.client(), NAME, PRODUCTION)[-1]
     assert (moved.decision, moved.actor, moved.approver) == ("promoted", "ed", "alice")
 
 
@@ -307,7 +309,7 @@ def test_the_tags_alone_make_no_server_serve_a_version(team: Team, isolated_mlfl
     listing = team.cli("rita", "models")
     assert listing.exit_code == 0, listing.output
     assert f"UNAUDITED: @production -> v{served}" in listing.stdout, listing.stdout
-    assert registry.list_versions(team.settings("rita")).unaudited == {PRODUCTION: served}
+    assert list_versions(team.settings("rita")).unaudited == {PRODUCTION: served}
 
 
 def test_a_gate_request_is_judged_again_on_approval(
@@ -350,5 +352,5 @@ def test_a_gate_request_is_judged_again_on_approval(
     tags = client.get_registered_model(name).tags
     signed = SignedMove(**json.loads(tags[SIGNED_MOVE + PRODUCTION])["move"])
     assert (signed.version, signed.actor, signed.approver) == (candidate, "ed", "alice")
-    moved = registry.moves(client, name, PRODUCTION)[-1]
+    moved = audit.moves(client, name, PRODUCTION)[-1]
     assert (moved.kind, moved.approver) == ("gate", "alice")

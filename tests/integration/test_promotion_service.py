@@ -30,13 +30,14 @@ from prometheus_client import CollectorRegistry, Gauge
 from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.cli import app
 from captchaops.cli import canary as canary_cli
 from captchaops.data.frozen import ARTIFACT, EVAL_EXPERIMENT, pack
 from captchaops.decisions.canary_watch import Outcome
 from captchaops.evaluation.evalset import create_evalset
 from captchaops.registry.aliases import adopt_aliases, alias_version, assign_alias
+from captchaops.registry.audit import moves
 from captchaops.registry.requests import REQUEST_SIGNATURE, pending_requests, record_request
 from captchaops.registry.signing import PRIVATE_KEY, PUBLIC_KEY, SignedMove
 from captchaops.registry.unaudited import signed_move
@@ -276,7 +277,7 @@ class Team:
         )
 
     def client(self, user: str = "ed") -> MlflowClient:
-        return registry.client(self.settings(user))
+        return mlflow_scope.client(self.settings(user))
 
     def cli(self, user: str, *args: str, **env: str) -> Result:
         return cli(
@@ -318,7 +319,7 @@ def team(
             home=home / "service", tracking_uri=uri, tracking_username="ed",
             tracking_password=passwords["ed"], signing_key_dir=keys,
         )  # fmt: skip
-        ed = registry.client(ed_settings)
+        ed = mlflow_scope.client(ed_settings)
         versions = _copy_tiny_model(tracking_server.uri, tiny_model, ed, home / "model", 2)
         create_evalset(ed, ed_settings, size=20)
         assign_alias(ed, NAME, PRODUCTION, versions[0], reason="first", actor="ed")
@@ -413,7 +414,7 @@ def test_a_request_written_around_the_service_is_not_approved(
     first, second = team.versions
     ed = team.client()
     assert alias_version(ed, NAME, PRODUCTION) == second
-    legit = [m for m in registry.moves(ed, NAME, PRODUCTION) if m.decision == "requested"]
+    legit = [m for m in moves(ed, NAME, PRODUCTION) if m.decision == "requested"]
     signature = ed.get_run(legit[-1].run_id).data.tags[REQUEST_SIGNATURE]
     for copied in ("", signature):
         forged = record_request(

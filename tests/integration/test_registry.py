@@ -13,7 +13,7 @@ from captchaops import mlflow_scope, registry
 from captchaops.decisions import gate, promotion, scores
 from captchaops.evaluation import evalset
 from captchaops.mlflow_scope import pointed_at
-from captchaops.registry import RegistryError
+from captchaops.registry.errors import RegistryError
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.stack import Tracking

@@ -15,10 +15,10 @@ from mlflow.exceptions import MlflowException
 from captchaops import mlflow_scope
 from captchaops.decisions import promotion
 from captchaops.decisions.gate import stage_candidate
-from captchaops.registry import LOCK_STALE_S, RegistryError
 from captchaops.registry.aliases import resolve, resolve_alias
 from captchaops.registry.audit import AUDIT_EXPERIMENT, history
-from captchaops.registry.lock import lock_run, promotion_lock
+from captchaops.registry.errors import RegistryError
+from captchaops.registry.lock import LOCK_STALE_S, lock_run, promotion_lock
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
 from tests.integration.test_gate import copy_version, isolated, production

@@ -10,8 +10,7 @@ from rich.console import Console
 
 from captchaops.console import literal, live_lines, services_table, version_notes, versions_table
 from captchaops.live.reported import LiveState
-from captchaops.registry import Listing
-from captchaops.registry.listing import VersionRow
+from captchaops.registry.listing import Listing, VersionRow
 from captchaops.stack.control import ServiceStatus
 
 HOSTILE = [

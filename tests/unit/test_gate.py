@@ -12,7 +12,9 @@ from captchaops.decisions.gate_rules import staging_rejection
 from captchaops.evaluation.evalset import Score
 from captchaops.evaluation.evidence import Evidence
 from captchaops.evaluation.scheme import Scheme, scheme_refusals
-from captchaops.registry import Move, RegistryError, check_model_name, production_stack
+from captchaops.registry.audit import Move, production_stack
+from captchaops.registry.errors import RegistryError
+from captchaops.registry.names import check_model_name
 from captchaops.settings import load_settings
 
 

@@ -26,7 +26,7 @@ def by_name(settings: Settings) -> dict:
 
 def test_experiment_names_match_their_owners() -> None:
     from captchaops.evaluation.evalset import EVAL_EXPERIMENT
-    from captchaops.registry import AUDIT_EXPERIMENT
+    from captchaops.registry.audit import AUDIT_EXPERIMENT
 
     assert users.EVAL_EXPERIMENT == EVAL_EXPERIMENT
     assert users.AUDIT_EXPERIMENT == AUDIT_EXPERIMENT

@@ -39,9 +39,9 @@ def start(
     then_promote: bool,
 ) -> None:
     """Give the candidate @canary at `percent`, then watch its breaker unless `detach`."""
-    from captchaops import registry
     from captchaops.decisions import canaries
     from captchaops.decisions import canary_watch as canary
+    from captchaops.registry.errors import RegistryError
 
     if detach and then_promote:
         fail("--then-promote needs the watch; leave out --detach")
@@ -67,7 +67,7 @@ def start(
                 reason=reason,
                 actor=actor,
             )
-        except registry.RegistryError as exc:
+        except RegistryError as exc:
             fail(str(exc))
         started, line = move.to_version, move.line()
     console.print(literal(f"canary: {line}"), highlight=False)
@@ -93,7 +93,7 @@ def start(
             say=lambda said: console.print(said, highlight=False),
             act=not service,
         )
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         fail(
@@ -143,8 +143,8 @@ def _service_act(
 
 def end(settings: Settings, *, reason: str, actor: str | None) -> None:
     """Remove @canary, audited; production is untouched."""
-    from captchaops import registry
     from captchaops.decisions import canaries
+    from captchaops.registry.errors import RegistryError
 
     if settings.promotions_url:
         answer = _ask(settings, "/canary/end", {"reason": reason}, actor)
@@ -157,6 +157,6 @@ def end(settings: Settings, *, reason: str, actor: str | None) -> None:
         return
     try:
         move = canaries.end_canary(settings, reason=reason or "canary ended by hand", actor=actor)
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc))
     console.print(literal(f"canary ended: {move.line()}"), highlight=False)

@@ -37,8 +37,9 @@ def models(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """List model versions with aliases, metrics, validation status and the last alias moves."""
-    from captchaops import registry
     from captchaops.console import live_lines, unaudited_lines, version_notes, versions_table
+    from captchaops.registry.errors import RegistryError
+    from captchaops.registry.listing import list_versions
 
     settings = settings_for(model_name)
     require_access(settings, "models")
@@ -46,8 +47,8 @@ def models(
         _report(settings, version)
         return
     try:
-        listing = registry.list_versions(settings, limit=limit)
-    except registry.RegistryError as exc:
+        listing = list_versions(settings, limit=limit)
+    except RegistryError as exc:
         fail(str(exc))
     console.print(versions_table(listing, console.width))
     for line in version_notes(listing):
@@ -62,18 +63,19 @@ def models(
 
 def _report(settings: Settings, version: str) -> None:
     """Print where a version's report is, and its headline numbers."""
-    from captchaops import registry
     from captchaops.evaluation import report
+    from captchaops.mlflow_scope import client
+    from captchaops.registry.errors import RegistryError, one_line_errors
 
     try:
-        with registry.one_line_errors(settings):
+        with one_line_errors(settings):
             where = report.locate(
-                registry.client(settings),
+                client(settings),
                 settings.public_tracking_url,
                 settings.model_name,
                 version,
             )
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc))
     name = f"{settings.model_name} v{version}"
     if where["run_id"] is None:
@@ -142,9 +144,9 @@ def promote(
 ) -> None:
     """Move @production: by hand (--version N | --from staging), through the gate (--auto), or
     try a candidate on a share of production's traffic first (--canary PERCENT)."""
-    from captchaops import registry
     from captchaops.console import print_decision
     from captchaops.decisions import approval, gate
+    from captchaops.registry.errors import RegistryError
     from captchaops.registry.requests import Request
 
     settings = settings_for(model_name)
@@ -210,7 +212,7 @@ def promote(
             latency_slack_ms=latency_slack_ms,
         )
         decision, outcome = approval.auto_promote(settings, config, actor=actor, reason=reason)
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc), gate.EXIT_ERROR)
     if isinstance(outcome, Request):
         line = f"passed the gate v{decision.candidate_version}: {decision.reason()}"
@@ -299,8 +301,8 @@ def rollback(
 ) -> None:
     """Move @production back to the previous production version in the audit trail, or end the
     canary (--canary)."""
-    from captchaops import registry
     from captchaops.decisions import approval
+    from captchaops.registry.errors import RegistryError
     from captchaops.registry.requests import Request
 
     settings = settings_for(model_name)
@@ -319,7 +321,7 @@ def rollback(
     actor = audited_actor(settings, actor)
     try:
         moved = approval.rollback(settings, to=to, reason=reason, actor=actor)
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc))
     if isinstance(moved, Request):
         _waiting(settings, moved)
@@ -335,8 +337,8 @@ def approve(
 ) -> None:
     """Approve another account's pending @production move: its checks (the gate) run again and
     the signed move names you as approver. Exit 0 moved, 3 the gate now refuses, 1 error."""
-    from captchaops import registry
     from captchaops.decisions import approval, gate
+    from captchaops.registry.errors import RegistryError
 
     settings = settings_for(model_name)
     require_access(settings, "approve")
@@ -347,7 +349,7 @@ def approve(
     actor = audited_actor(settings, actor)
     try:
         asked, move = approval.approve(settings, request, actor=actor)
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc), gate.EXIT_ERROR)
     if move.decision == "rejected":
         fail(f"request {asked.short_id} not approved: {move.line()}", gate.EXIT_REJECTED)
@@ -383,8 +385,8 @@ def _approved(settings: Settings, asked: str, answer: dict[str, Any]) -> None:
 @app.command()
 def requests(model_name: str | None = MODEL_NAME_OPTION) -> None:
     """List the @production moves waiting for a second account's approval, oldest first."""
-    from captchaops import registry
     from captchaops.decisions import approval
+    from captchaops.registry.errors import RegistryError
 
     settings = settings_for(model_name)
     require_access(settings, "models")
@@ -394,7 +396,7 @@ def requests(model_name: str | None = MODEL_NAME_OPTION) -> None:
     else:
         try:
             lines = [asked.line() for asked in approval.requests(settings)]
-        except registry.RegistryError as exc:
+        except RegistryError as exc:
             fail(str(exc))
     if not lines:
         console.print(f"no requests of {settings.model_name} wait for approval", highlight=False)
@@ -418,9 +420,10 @@ def evalset(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Create the frozen evaluation set every version is judged on (stored by digest)."""
-    from captchaops import registry
     from captchaops.data.synthetic import DIGITS_UPPER
     from captchaops.evaluation.evalset import create_evalset
+    from captchaops.mlflow_scope import client
+    from captchaops.registry.errors import RegistryError, one_line_errors
 
     settings = settings_for(model_name)
     require_access(settings, "evalset")
@@ -431,9 +434,9 @@ def evalset(
     if alphabet is not None and (not alphabet or any(ch.isspace() for ch in alphabet)):
         fail("--alphabet needs at least one character and no spaces, e.g. --alphabet 0123456789")
     try:
-        with registry.one_line_errors(settings):
+        with one_line_errors(settings):
             made = create_evalset(
-                registry.client(settings),
+                client(settings),
                 settings,
                 size=size,
                 folder=Path(folder) if folder else None,
@@ -441,7 +444,7 @@ def evalset(
                 length=lengths,
                 replace=replace,
             )
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc))
     if made.unpinned_run:  # the promotion service computes its digest and signs the pin
         from captchaops.stack.promotions_client import ServiceError, pin_evalset
@@ -471,8 +474,9 @@ def promotions_adopt(
 ) -> None:
     """Sign where @production, @staging and @canary point now (once, after an upgrade), so the
     model servers keep serving what they served."""
-    from captchaops import registry
+    from captchaops.mlflow_scope import client
     from captchaops.registry.aliases import adopt_aliases, require_model, signing_key_dir
+    from captchaops.registry.errors import RegistryError, one_line_errors
     from captchaops.registry.names import default_actor
 
     settings = settings_for(model_name)
@@ -488,8 +492,8 @@ def promotions_adopt(
         return
     who = audited_actor(settings, actor) or default_actor()
     try:
-        with registry.one_line_errors(settings):
-            mlflow_client = registry.client(settings)
+        with one_line_errors(settings):
+            mlflow_client = client(settings)
             require_model(mlflow_client, settings)
             adopted = adopt_aliases(
                 mlflow_client,
@@ -497,7 +501,7 @@ def promotions_adopt(
                 actor=who,
                 key_dir=signing_key_dir(settings),
             )
-    except registry.RegistryError as exc:
+    except RegistryError as exc:
         fail(str(exc))
     if not adopted:
         console.print(f"{settings.model_name} has no @production, @staging or @canary to sign")

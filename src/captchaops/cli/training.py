@@ -135,7 +135,7 @@ def demo(
     from captchaops.console import UnexpectedError, progress_bar
     from captchaops.data.dataset import DataError
     from captchaops.demo import run_demo
-    from captchaops.registry import RegistryError
+    from captchaops.registry.errors import RegistryError
     from captchaops.stack.control import StackError
     from captchaops.stack.store import StoreError
     from captchaops.training import TrainError

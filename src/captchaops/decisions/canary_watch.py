@@ -23,10 +23,11 @@ from typing import Any
 
 import httpx
 
-from captchaops import registry
 from captchaops.decisions import approval
 from captchaops.decisions.canaries import end_canary
 from captchaops.live.reported import ReplicaSum, replica_sums
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.names import CANARY
 from captchaops.registry.requests import Request
 from captchaops.settings import Settings
 
@@ -107,7 +108,7 @@ def watch(
             if time.monotonic() - reported >= REPORT_EVERY_S:
                 say(f"canary v{version}: {describe(block)}")
                 reported = time.monotonic()
-        elif not error and registry.resolve_alias(settings, registry.CANARY) != version:
+        elif not error and resolve_alias(settings, CANARY) != version:
             return Outcome(
                 EXIT_ERROR,
                 f"@canary no longer holds v{version} (moved by someone else); stopped watching",

@@ -15,7 +15,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.decisions.gate_rules import (
     GateConfig,
     judge,
@@ -28,8 +28,10 @@ from captchaops.evaluation import report
 from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
 from captchaops.evaluation.evidence import Evidence, gather
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
-from captchaops.registry import PRODUCTION, STAGING, Move
-from captchaops.registry.aliases import signing_key_dir
+from captchaops.registry.aliases import alias_version, record_rejection, resolve, signing_key_dir
+from captchaops.registry.audit import Move
+from captchaops.registry.errors import RegistryError, one_line_errors
+from captchaops.registry.names import PRODUCTION, STAGING, default_actor
 from captchaops.registry.versions import evalset_problem
 from captchaops.settings import Settings
 
@@ -140,12 +142,10 @@ def decide(
     config = (config or GateConfig()).resolved(settings)
     thresholds = config.thresholds(settings)
     name = settings.model_name
-    with registry.one_line_errors(settings):
-        client = client or registry.client(settings)
-        candidate_version = registry.resolve(
-            settings, version=version, alias=STAGING, mlflow_client=client
-        )
-        champion_version = registry.alias_version(client, name, PRODUCTION)
+    with one_line_errors(settings):
+        client = client or mlflow_scope.client(settings)
+        candidate_version = resolve(settings, version=version, alias=STAGING, mlflow_client=client)
+        champion_version = alias_version(client, name, PRODUCTION)
 
     def refused(reasons: list[str], audited: bool = True, digest: str = "") -> Decision:
         return Decision(
@@ -164,7 +164,7 @@ def decide(
             [f"v{candidate_version} is already @production; train a new candidate first"],
             audited=False,
         )
-    with registry.one_line_errors(settings):
+    with one_line_errors(settings):
         tags = client.get_model_version(name, candidate_version).tags
         if tags.get("validation_status") == "rejected":
             why = tags.get("rejection_reason", "no reason recorded")[:200]
@@ -178,7 +178,7 @@ def decide(
             pinned = dict(client.get_registered_model(name).tags)
             problem = evalset_problem(pinned, name, settings.effective_signing_public_key)
             if problem:
-                raise registry.RegistryError(problem)
+                raise RegistryError(problem)
         refusals = scheme_refusals(
             candidate_version,
             scheme,
@@ -203,14 +203,14 @@ def decide(
         champion = score(
             settings, champion_version, evalset, readings=readings[champion_version], **kwargs
         )
-    with registry.one_line_errors(settings):
+    with one_line_errors(settings):
         for result in (candidate, champion):
             if result is not None:
                 record_score(client, name, result)
     _reports(client, name, evalset, readings)
     assert config.floor is not None and config.min_shadow is not None
     refusals = judge(candidate, champion, config, config.floor)
-    with registry.one_line_errors(settings):
+    with one_line_errors(settings):
         evidence = gather(
             client, name, candidate_version, champion_version, min_shadow=config.min_shadow
         )
@@ -253,14 +253,14 @@ def auto_promote(
     evalset: EvalSet | None = None,
 ) -> tuple[Decision, Move | None]:
     """Run the gate and act on it: promote and audit, or audit the rejection (one client)."""
-    actor = actor or registry.default_actor()
-    with registry.one_line_errors(settings):
-        client = registry.client(settings)
+    actor = actor or default_actor()
+    with one_line_errors(settings):
+        client = mlflow_scope.client(settings)
     decision = decide(settings, config, evalset, client=client)
     why = gate_reason(decision, reason)
     if not decision.promote and not decision.audited:
         return decision, None
-    with registry.one_line_errors(settings):
+    with one_line_errors(settings):
         move = record_decision(client, settings, decision, why, actor)
     return decision, move
 
@@ -303,7 +303,7 @@ def record_decision(
             key_dir=signing_key_dir(settings),
             **record,
         )
-    return registry.record_rejection(
+    return record_rejection(
         client,
         name,
         version=decision.candidate_version,

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 
 from captchaops.live import monitoring as names
-from captchaops.registry import PRODUCTION, STAGING
+from captchaops.registry.names import PRODUCTION, STAGING
 
 SAME_PERIOD_S = 600.0
 """The champion's estimate counts as "the same period" within this many seconds of the

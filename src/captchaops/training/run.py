@@ -17,7 +17,7 @@ import httpx
 import keras
 import mlflow
 
-from captchaops import registry
+from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError
 from captchaops.mlflow_scope import pointed_at
 from captchaops.settings import Settings
@@ -64,7 +64,7 @@ def train(config: TrainConfig, settings: Settings, progress: Progress | None = N
     report = progress or silent
     check_tracking(settings)
     with pointed_at(settings):
-        client = registry.client(settings)
+        client = mlflow_scope.client(settings)
         keras.utils.set_random_seed(config.seed)
         with prepared(client, config, settings, report, start) as preparation:
             p = preparation.prepared
