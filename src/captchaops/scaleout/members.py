@@ -19,20 +19,21 @@ import mlflow
 import numpy as np
 import onnx
 
-from captchaops import mlflow_scope, registry
-from captchaops.decisions.gate import stage_candidate
+from captchaops import mlflow_scope
 from captchaops.evaluation.accuracy import sequence_accuracy
 from captchaops.model.crnn import build_crnn
 from captchaops.model.onnx_export import export_onnx
 from captchaops.model.preprocess import preprocess
 from captchaops.model.reader import RULES, OnnxReader, better_rule
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
+from captchaops.registry.versions import register_version
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, ParentRun, parent_run, run_jobs
 from captchaops.scaleout.sweep import SplitData, base_job, prepare
 from captchaops.scaleout.work import Job, Outcome
 from captchaops.settings import Settings
+from captchaops.stack.promotions_client import ServiceError, stage_candidate
 from captchaops.training import TrainError
 from captchaops.training.artifacts import test_and_log
 from captchaops.training.config import TrainConfig
@@ -151,11 +152,14 @@ def _train(
         rule = better_rule(scores)
         mlflow.log_metrics({f"val_seq_acc_{r}": v for r, v in scores.items()})
         mlflow.log_param("combine", rule)
-        client = registry.client(settings)
+        client = mlflow_scope.client(settings)
         model_uri, metrics = test_and_log(client, path, meta | {"combine": rule}, test[0], test[1])
-        version = registry.register_version(client, settings.model_name, model_uri, parent_id)
+        version = register_version(client, settings.model_name, model_uri, parent_id)
         mlflow.log_metric("wall_seconds", time.monotonic() - start)
-    reason = stage_candidate(client, settings, version, metrics["test_seq_acc"])
+    try:  # by the promotion service, where one signs for the stack
+        reason = stage_candidate(client, settings, version, metrics["test_seq_acc"])
+    except ServiceError as exc:
+        raise TrainError(f"v{version} was registered but not staged: {exc}") from exc
     return parent_id, version, metrics, reason, rule
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import mlflow
 
-from captchaops import mlflow_scope, registry
+from captchaops import mlflow_scope
 from captchaops.data import synthetic
 from captchaops.data.dataset import DataError, LabelledImages, split_indices
-from captchaops.decisions.gate import stage_candidate
 from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
 from captchaops.model.crnn import Architecture
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
+from captchaops.registry.versions import register_version
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, parallel_runs, ray_session
 from captchaops.scaleout.feed import STREAM_ABOVE_BYTES, capped, streams
@@ -26,6 +26,7 @@ from captchaops.scaleout.shipping import upload
 from captchaops.scaleout.tune import Best, ChildRuns, best_network, plan_budget, search, why_none
 from captchaops.scaleout.work import Job
 from captchaops.settings import Settings
+from captchaops.stack.promotions_client import ServiceError, pin_evalset, stage_candidate
 from captchaops.training import TrainError
 from captchaops.training.artifacts import export_and_test
 from captchaops.training.config import TrainConfig
@@ -96,7 +97,8 @@ def prepare(config: TrainConfig, settings: Settings) -> SplitData:
             frozen = folder_evalset(
                 mlflow_scope.client(settings), settings, data, config.holdout_fraction
             )
-        except EvalSetError as exc:
+            pin_evalset(settings, frozen)  # by the promotion service, where one signs
+        except (EvalSetError, ServiceError) as exc:
             raise TrainError(str(exc)) from exc
         data = data.subset(frozen.unseen(data.images))
     alphabet = config.alphabet or (
@@ -227,9 +229,12 @@ def _publish(
         mlflow.start_run(run_id=best.run_id),
         tempfile.TemporaryDirectory() as tmp,
     ):
-        client = registry.client(settings)
+        client = mlflow_scope.client(settings)
         model_uri, metrics = export_and_test(client, infer, meta, test[0], test[1], Path(tmp))
-        version = registry.register_version(client, settings.model_name, model_uri, best.run_id)
-    reason = stage_candidate(client, settings, version, metrics["test_seq_acc"])
+        version = register_version(client, settings.model_name, model_uri, best.run_id)
+    try:  # by the promotion service, where one signs for the stack
+        reason = stage_candidate(client, settings, version, metrics["test_seq_acc"])
+    except ServiceError as exc:
+        raise TrainError(f"v{version} was registered but not staged: {exc}") from exc
     result.version, result.metrics = version, metrics
     result.staged, result.rejection_reason = reason is None, reason
