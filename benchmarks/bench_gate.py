@@ -34,9 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     cores = sorted(os.sched_getaffinity(0))[: args.cores]
     os.sched_setaffinity(0, cores)
 
-    from captchaops import mlflow_scope, registry
+    from captchaops import mlflow_scope
     from captchaops.decisions import gate, promotion
     from captchaops.evaluation import evalset
+    from captchaops.registry import aliases
     from captchaops.settings import load_settings
     from captchaops.training.run import TrainConfig, train
     from harness.processes import tracking_server
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
             frozen = evalset.create_evalset(mlflow_scope.client(settings), settings, size=args.size)
             create_s = time.perf_counter() - began
             promotion.promote(settings, version=champion, reason="benchmark champion", force=True)
-            client = registry.client(settings)
-            registry.assign_alias(
+            client = mlflow_scope.client(settings)
+            aliases.assign_alias(
                 client,
                 settings.model_name,
                 "staging",

@@ -22,12 +22,15 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from captchaops import mlflow_scope, registry
+from captchaops import mlflow_scope
 from captchaops.cli import app
 from captchaops.data.synthetic import generate
 from captchaops.decisions import canaries, promotion
 from captchaops.evaluation import evalset
 from captchaops.live.estimate import Calibration
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.audit import Move, history
+from captchaops.registry.names import CANARY
 from captchaops.registry.signing import SIGNED_MOVE, load_public_key, open_seal
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
@@ -55,7 +58,7 @@ class Stack:
 
 def other_scheme_version(settings: Settings, base: TrainedModel) -> str:
     """The base model's artifacts registered with a run whose parameters name another scheme."""
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     experiment_id = client.create_experiment(f"{settings.model_name}-other-scheme")
     run = client.create_run(experiment_id)
     for key, value in {"alphabet": "ABC", "min_length": "3", "max_length": "3"}.items():
@@ -80,7 +83,7 @@ def stack(
     production = copy_version(settings, tiny_model)
     promotion.promote(settings, version=production, reason="first", actor="pytest")
     good, bad = copy_version(settings, tiny_model), copy_version(settings, tiny_model)
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     scored = client.get_model_version(settings.model_name, production).tags
     tags = {k: v for k, v in scored.items() if k.startswith("eval_")}
     tags |= Calibration(threshold=1.0, accuracy=0.95, size=60).tags()
@@ -155,8 +158,8 @@ def traffic(server: ModelServer, images: int = 4) -> Iterator[list[str]]:
         thread.join(30)
 
 
-def last_canary_move(settings: Settings) -> registry.Move:
-    return registry.history(settings, registry.CANARY)[-1]
+def last_canary_move(settings: Settings) -> Move:
+    return history(settings, CANARY)[-1]
 
 
 def test_the_cli_refuses_bad_canaries_in_one_line(stack: Stack, cli: CliRunner) -> None:
@@ -180,8 +183,8 @@ def test_the_cli_refuses_bad_canaries_in_one_line(stack: Stack, cli: CliRunner) 
         assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     ended = cli.invoke(app, ["rollback", "--canary"])
     assert ended.exit_code == 1 and "has @canary; there is no canary to end" in ended.output
-    assert registry.resolve_alias(stack.settings, registry.CANARY) is None
-    assert registry.resolve_alias(stack.settings, "production") == stack.production
+    assert resolve_alias(stack.settings, CANARY) is None
+    assert resolve_alias(stack.settings, "production") == stack.production
 
 
 def test_the_canary_gets_its_share_and_ends_by_hand(stack: Stack, cli: CliRunner) -> None:
@@ -200,7 +203,7 @@ def test_the_canary_gets_its_share_and_ends_by_hand(stack: Stack, cli: CliRunner
     assert block is not None and block["percent"] == 20 and block["state"] == "routing"
     assert block["answers"] == versions.count(stack.good) and block["reason"] is None
     record = last_canary_move(stack.settings)
-    params = registry.client(stack.settings).get_run(record.run_id).data.params
+    params = mlflow_scope.client(stack.settings).get_run(record.run_id).data.params
     assert params["threshold_percent"] == "20.0" and record.decision == "canary"
 
     ended = cli.invoke(app, ["rollback", "--canary", "--reason", "seen enough"])
@@ -211,7 +214,7 @@ def test_the_canary_gets_its_share_and_ends_by_hand(stack: Stack, cli: CliRunner
         stack.server.invoke({"inputs": IMAGES[:1]}).headers["X-Model-Version"] for _ in range(10)
     }
     assert after == {stack.production}
-    assert registry.resolve_alias(stack.settings, "production") == stack.production
+    assert resolve_alias(stack.settings, "production") == stack.production
 
 
 def test_a_bad_canary_trips_and_is_rolled_back_through_the_cli(
@@ -222,12 +225,14 @@ def test_a_bad_canary_trips_and_is_rolled_back_through_the_cli(
         after_trip = len(answered)
     assert result.exit_code == 3, result.output
     assert f"canary v{stack.bad} tripped (live estimate 0.0% is 95.0 points below" in result.output
-    assert registry.resolve_alias(stack.settings, registry.CANARY) is None
-    assert registry.resolve_alias(stack.settings, "production") == stack.production
+    assert resolve_alias(stack.settings, CANARY) is None
+    assert resolve_alias(stack.settings, "production") == stack.production
     move = last_canary_move(stack.settings)
     assert (move.from_version, move.to_version, move.decision) == (stack.bad, "", "rolled-back")
     assert move.reason.startswith("canary breaker tripped: live estimate 0.0%")
-    tags = registry.client(stack.settings).get_model_version(stack.settings.model_name, stack.bad)
+    tags = mlflow_scope.client(stack.settings).get_model_version(
+        stack.settings.model_name, stack.bad
+    )
     assert tags.tags["validation_status"] == "rejected" and tags.tags["canary_percent"] == "0"
     assert answered[:after_trip].count(stack.bad) >= MIN_ANSWERS
     listing = cli.invoke(app, ["models"])
@@ -255,12 +260,12 @@ def test_a_clean_window_promotes_the_canary(stack: Stack, cli: CliRunner) -> Non
         assert result.exit_code == 0, result.output
         assert f"canary v{stack.good} passed 0.2 min cleanly (routing" in result.output
         assert f"promoted: @production v{stack.production} -> v{stack.good}" in result.output
-        assert registry.resolve_alias(stack.settings, "production") == stack.good
-        assert registry.resolve_alias(stack.settings, registry.CANARY) is None
+        assert resolve_alias(stack.settings, "production") == stack.good
+        assert resolve_alias(stack.settings, CANARY) is None
         move = last_canary_move(stack.settings)
         assert move.decision == "ended" and move.reason.startswith("promoted to @production")
     finally:
-        if registry.resolve_alias(stack.settings, "production") != stack.production:
+        if resolve_alias(stack.settings, "production") != stack.production:
             promotion.rollback(stack.settings, reason="test cleanup", actor="pytest")
 
 
@@ -270,7 +275,7 @@ def test_canary_moves_are_signed_with_the_settings_key(
     """Starting and ending a canary signs with the settings' promotion key, whatever key the
     process environment names (last in the module: the server does not trust this key)."""
     settings = stack.settings.model_copy(update={"signing_key_dir": tmp_path / "keys"})
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     version = copy_version(settings, tiny_model)
 
     canaries.start_canary(settings, percent=10, version=version, reason="own key", actor="pytest")

@@ -24,13 +24,15 @@ import pytest
 from mlflow import MlflowClient
 from onnx import helper, numpy_helper
 
-from captchaops import mlflow_scope, registry
+from captchaops import mlflow_scope
 from captchaops.decisions import gate, promotion
 from captchaops.evaluation import evalset, report
 from captchaops.live.estimate import Calibration
 from captchaops.mlflow_scope import pointed_at
 from captchaops.model.graph_policy import op_set
 from captchaops.model.version import file_sha256
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.audit import AUDIT_EXPERIMENT
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import Tracking
@@ -50,7 +52,7 @@ def isolated(tracking_server: Tracking, tmp_path: Path, **overrides: object) -> 
 
 def copy_version(settings: Settings, base: TrainedModel) -> str:
     """Register the base model's artifacts again as a new version of settings.model_name."""
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     source = client.get_model_version(base.model_name, base.version).source
     with pointed_at(settings):
         return str(mlflow.register_model(source, settings.model_name).version)
@@ -58,7 +60,7 @@ def copy_version(settings: Settings, base: TrainedModel) -> str:
 
 def damaged_version(settings: Settings, base: TrainedModel, how: str) -> str:
     """Register a copy whose ONNX network is 'junk' (spells junk) or 'corrupt' (unloadable)."""
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     with tempfile.TemporaryDirectory() as tmp, pointed_at(settings):
         local = Path(mlflow.artifacts.download_artifacts(base.uri, dst_path=tmp))
         (network,) = local.glob("artifacts/*.onnx")
@@ -113,12 +115,14 @@ def _emit_junk(path: Path, meta: dict[str, object]) -> None:
 
 def stage(settings: Settings, version: str) -> None:
     """Point @staging at a version, as training does."""
-    registry.client(settings).set_registered_model_alias(settings.model_name, "staging", version)
+    mlflow_scope.client(settings).set_registered_model_alias(
+        settings.model_name, "staging", version
+    )
 
 
 def production(settings: Settings) -> str | None:
     """The version holding @production."""
-    return registry.resolve_alias(settings, "production")
+    return resolve_alias(settings, "production")
 
 
 def test_first_candidate_is_promoted_and_stage_resolves(
@@ -133,7 +137,7 @@ def test_first_candidate_is_promoted_and_stage_resolves(
     assert decision.promote, decision.refusals
     assert move is not None and move.to_version == version and move.from_version is None
     assert production(settings) == version
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     assert client.get_model_version(settings.model_name, version).current_stage == "Production"
     tags = client.get_model_version(settings.model_name, version).tags
     calibration = Calibration.from_tags(tags)  # for the servers' live accuracy estimate
@@ -203,7 +207,7 @@ def test_better_candidate_is_promoted_and_worse_rejected(
 
     assert not decision.promote and "CER" in decision.reason()
     assert production(settings) == better
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     tags = client.get_model_version(settings.model_name, worse).tags
     assert tags["validation_status"] == "rejected" and "CER" in tags["rejection_reason"]
     assert move is not None
@@ -299,7 +303,7 @@ def test_cli_exit_codes(
     actors = {
         run.data.params["actor"]
         for run in client.search_runs(
-            [client.get_experiment_by_name(registry.AUDIT_EXPERIMENT).experiment_id],
+            [client.get_experiment_by_name(AUDIT_EXPERIMENT).experiment_id],
             f"tags.model_name = '{settings.model_name}'",
         )
     }

@@ -9,11 +9,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from captchaops import mlflow_scope, registry
+from captchaops import mlflow_scope
 from captchaops.decisions import gate, promotion, scores
 from captchaops.evaluation import evalset
 from captchaops.mlflow_scope import pointed_at
+from captchaops.registry.audit import AUDIT_EXPERIMENT
 from captchaops.registry.errors import RegistryError
+from captchaops.registry.listing import list_versions
+from captchaops.registry.lock import promotion_lock
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel
 from tests.fixtures.stack import Tracking
@@ -31,8 +34,8 @@ pytestmark = pytest.mark.slow
 
 def audit_runs(settings: Settings) -> list[mlflow.entities.Run]:
     """Every audit record of this test's model, oldest first."""
-    client = registry.client(settings)
-    experiment = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
+    client = mlflow_scope.client(settings)
+    experiment = client.get_experiment_by_name(AUDIT_EXPERIMENT)
     if experiment is None:
         return []
     runs = client.search_runs(
@@ -42,7 +45,7 @@ def audit_runs(settings: Settings) -> list[mlflow.entities.Run]:
 
 
 def stages(settings: Settings) -> dict[str, str]:
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     return {
         str(mv.version): mv.current_stage
         for mv in client.search_model_versions(f"name='{settings.model_name}'")
@@ -67,7 +70,7 @@ def test_rollback_restores_the_previous_production_version(
     with pointed_at(settings):
         loaded = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/Production")
     assert loaded.metadata.run_id == tiny_model.run_id
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     tags = client.get_model_version(settings.model_name, second).tags
     assert tags["validation_status"] == "rejected" and "users complain" in tags["rejection_reason"]
 
@@ -132,7 +135,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
         assert "\n" not in str(info.value)
         assert unchanged() == before
 
-    client = registry.client(settings)
+    client = mlflow_scope.client(settings)
     client.set_model_version_tag(settings.model_name, version, "validation_status", "rejected")
     client.set_model_version_tag(settings.model_name, version, "rejection_reason", "too slow")
     with pytest.raises(RegistryError, match=r"was rejected \(too slow\); pass --force"):
@@ -143,7 +146,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
 
     other = settings.model_copy(update={"model_name": "no-such-model"})
     with pytest.raises(RegistryError, match="no registered model 'no-such-model'"):
-        registry.list_versions(other)
+        list_versions(other)
 
     failed = _cli(settings, "rollback")
     assert failed.returncode == 1 and failed.stderr.count("\n") == 1
@@ -158,7 +161,7 @@ def test_models_listing_shows_aliases_status_and_last_move(
     stage(settings, champion)
     gate.auto_promote(settings, actor="gatekeeper", reason="nightly")
 
-    listing = registry.list_versions(settings)
+    listing = list_versions(settings)
 
     (row,) = listing.rows
     assert row.aliases == ["production", "staging"] and row.status == "validated"
@@ -218,7 +221,7 @@ def test_concurrent_cli_processes_leave_a_consistent_registry(
     first, second = copy_version(settings, tiny_model), copy_version(settings, tiny_model)
     for version in (first, second):
         scores.cached_score(
-            registry.client(settings),
+            mlflow_scope.client(settings),
             settings,
             version,
             evalset.ensure_evalset(mlflow_scope.client(settings), settings),
@@ -244,10 +247,10 @@ def test_concurrent_cli_processes_leave_a_consistent_registry(
 
 def test_lock_is_exclusive_and_released(tracking_server: Tracking, tmp_path: Path) -> None:
     settings = isolated(tracking_server, tmp_path)
-    client = registry.client(settings)
-    held = registry.promotion_lock(client, settings.model_name, "holder")
-    other = registry.promotion_lock(client, settings.model_name, "other", timeout_s=1)
+    client = mlflow_scope.client(settings)
+    held = promotion_lock(client, settings.model_name, "holder")
+    other = promotion_lock(client, settings.model_name, "other", timeout_s=1)
     with held, pytest.raises(RegistryError, match="holds the lock"), other:
         pass
-    with registry.promotion_lock(client, settings.model_name, "other", timeout_s=1):
+    with promotion_lock(client, settings.model_name, "other", timeout_s=1):
         pass

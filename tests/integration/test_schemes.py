@@ -17,10 +17,12 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from captchaops import mlflow_scope, registry
+from captchaops import mlflow_scope
 from captchaops.cli import app
 from captchaops.decisions import gate, promotion
 from captchaops.evaluation import evalset, scheme
+from captchaops.registry.audit import AUDIT_EXPERIMENT, history
+from captchaops.registry.lock import promotion_lock
 from captchaops.settings import Settings
 from tests.fixtures.models import TrainedModel, make_settings
 from tests.fixtures.stack import VENV_BIN, Tracking, free_port, start_http_process, stop_process
@@ -95,8 +97,8 @@ def cli(tracking_server: Tracking, tmp_path: Path, isolated_mlflow: None) -> Ite
 
 def audit_ids(settings: Settings) -> set[str]:
     """Run ids of every audit record of the settings' model."""
-    client = registry.client(settings)
-    experiment = client.get_experiment_by_name(registry.AUDIT_EXPERIMENT)
+    client = mlflow_scope.client(settings)
+    experiment = client.get_experiment_by_name(AUDIT_EXPERIMENT)
     assert experiment is not None
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.model_name = '{settings.model_name}'"
@@ -106,7 +108,7 @@ def audit_ids(settings: Settings) -> set[str]:
 
 def snapshot(settings: Settings) -> tuple[object, ...]:
     """Everything of a scheme that another scheme's moves must leave alone."""
-    model = registry.client(settings).get_registered_model(settings.model_name)
+    model = mlflow_scope.client(settings).get_registered_model(settings.model_name)
     return dict(model.aliases), dict(model.tags), audit_ids(settings)
 
 
@@ -121,22 +123,22 @@ def test_each_scheme_keeps_its_own_aliases_frozen_set_and_audit(schemes: Schemes
     frozen_b = evalset.load_evalset(mlflow_scope.client(b), digest_b)
     assert {len(label) for label in frozen_b.labels} == {3}
     assert set("".join(frozen_b.labels)) <= set(OTHER_ALPHABET)
-    client = registry.client(a)
+    client = mlflow_scope.client(a)
     scheme_b = scheme.scheme_of(client, b.model_name, schemes.model_b.version)
     assert scheme_b == scheme.Scheme(OTHER_ALPHABET, 3, 3, "synthetic")
     versions_b = {str(mv.version) for mv in client.search_model_versions(f"name='{b.model_name}'")}
-    assert {m.to_version for m in registry.history(b)} <= versions_b
-    assert registry.history(a)[0].to_version == schemes.version_a
-    assert all(m.run_id not in audit_ids(a) for m in registry.history(b))
+    assert {m.to_version for m in history(b)} <= versions_b
+    assert history(a)[0].to_version == schemes.version_a
+    assert all(m.run_id not in audit_ids(a) for m in history(b))
 
 
 def test_moves_on_one_scheme_leave_the_other_alone(
     schemes: Schemes, tiny_model: TrainedModel, cli: CliRunner
 ) -> None:
     a, b = schemes.a, schemes.b
-    client = registry.client(a)
-    with registry.promotion_lock(client, a.model_name, "holder of A"):
-        with registry.promotion_lock(client, b.model_name, "other", timeout_s=1):
+    client = mlflow_scope.client(a)
+    with promotion_lock(client, a.model_name, "holder of A"):
+        with promotion_lock(client, b.model_name, "other", timeout_s=1):
             pass
         twin_b = copy_version(b, schemes.model_b)
         promotion.promote(b, version=twin_b, reason="while A is locked", actor="pytest")
@@ -179,12 +181,12 @@ def test_gate_refuses_a_candidate_of_another_scheme(schemes: Schemes, cli: CliRu
     assert f"reads alphabet '{OTHER_ALPHABET}' (synthetic) but champion" in result.stdout
     assert "different schemes; register it under its own --model-name" in result.stdout
     assert production(a) == champion
-    client = registry.client(a)
+    client = mlflow_scope.client(a)
     tags = client.get_model_version(a.model_name, stranger).tags
     assert (
         tags["validation_status"] == "rejected" and "different schemes" in tags["rejection_reason"]
     )
-    (record,) = [m for m in registry.history(a) if m.to_version == stranger]
+    (record,) = [m for m in history(a) if m.to_version == stranger]
     assert record.decision == "rejected" and record.actor == "cli-test"
     params = client.get_run(record.run_id).data.params
     assert params["evalset_digest"] == evalset.current_digest(mlflow_scope.client(a), a)
@@ -204,7 +206,7 @@ def test_gate_refuses_a_frozen_set_the_candidate_cannot_read(
     assert "can never read" in decision.reason()
     assert f"--alphabet '{OTHER_ALPHABET}' --length 3-3" in decision.reason()
     assert move is not None and move.decision == "rejected"
-    tags = registry.client(settings).get_model_version(settings.model_name, candidate).tags
+    tags = mlflow_scope.client(settings).get_model_version(settings.model_name, candidate).tags
     assert tags["validation_status"] == "rejected"
     assert production(settings) is None
 
