@@ -30,6 +30,8 @@ from captchaops.stack.promotions import WORK_MEMORY_BYTES, Caller, LimitedWork, 
 from captchaops.stack.services import build_services
 from captchaops.stack.store import Store
 
+JSON = {"content-type": "application/json"}
+
 
 def client(tmp_path: Path, **settings: object) -> TestClient:
     """The service's app for settings in tmp_path (nothing listens at its tracking URI)."""
@@ -95,7 +97,7 @@ def test_the_tracking_server_must_answer_who_logged_in(tmp_path: Path) -> None:
 def test_bodies_are_checked_before_anyone_is_asked(
     tmp_path: Path, body: bytes, status: int, error: str
 ) -> None:
-    answer = client(tmp_path).post("/promote", content=body)
+    answer = client(tmp_path).post("/promote", content=body, headers=JSON)
     assert (answer.status_code, answer.json()["error"]) == (status, error)
     assert set(answer.json()) == {"error", "detail"}
 
@@ -109,9 +111,38 @@ def test_a_gate_threshold_must_be_a_finite_number(tmp_path: Path, margin: bytes)
         base_url="http://127.0.0.1",
         client=("127.0.0.1", 50000),
     )
-    answer = local.post("/promote", content=b'{"auto": true, "margin": ' + margin + b"}")
+    answer = local.post(
+        "/promote", content=b'{"auto": true, "margin": ' + margin + b"}", headers=JSON
+    )
     assert (answer.status_code, answer.json()["error"]) == (400, "bad margin")
     assert "finite" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "error"),
+    [
+        ({"content-type": "application/x-www-form-urlencoded"}, b"reason=x", 415, "not json"),
+        ({"content-type": "text/plain"}, b'{"version": "2"}', 415, "not json"),
+        ({}, b'{"version": "2"}', 415, "not json"),
+        (JSON | {"origin": "https://evil.example"}, b'{"version": "2"}', 403, "browser request"),
+        (JSON | {"sec-fetch-site": "cross-site"}, b'{"version": "2"}', 403, "browser request"),
+    ],
+)
+def test_a_page_in_a_browser_cannot_post_to_the_local_service(
+    tmp_path: Path, headers: dict[str, str], body: bytes, status: int, error: str
+) -> None:
+    """Local mode answers loopback peers only, and a browser on the developer's machine is one:
+    a form (no JSON type) or a script (Origin, Sec-Fetch-Site) from any page is refused before
+    the body is read."""
+    local = TestClient(
+        create_app(load_settings(home=tmp_path, tracking_uri="http://127.0.0.1:9")),
+        base_url="http://127.0.0.1",
+        client=("127.0.0.1", 50000),
+    )
+    answer = local.post("/rollback", content=body, headers=headers)
+    assert (answer.status_code, answer.json()["error"]) == (status, error)
+    query = local.post("/rollback?reason=x", json={})
+    assert (query.status_code, query.json()["error"]) == (400, "bad query")
 
 
 def test_a_foreign_host_name_is_refused(tmp_path: Path) -> None:

@@ -232,8 +232,25 @@ def authenticate(
     return Caller(account=account, actor=actor)
 
 
+def _not_from_a_browser(request: HttpRequest) -> None:
+    """Refused 403 for a request a web browser made: its callers are the commands and the web
+    app's server side, none of which sends Origin or Sec-Fetch-*. A page the developer opens
+    could otherwise post a form to 127.0.0.1, which local mode's loopback check lets through."""
+    if "origin" in request.headers or "sec-fetch-site" in request.headers:
+        raise Refused(
+            403,
+            "browser request",
+            "the promotion service answers the captchaops commands and the web app's "
+            "approvals page, not a browser",
+        )
+
+
 async def _body(request: HttpRequest) -> dict[str, Any]:
-    """The JSON object of a request (at most MAX_BODY bytes); Refused 400/413 otherwise."""
+    """The JSON object of a request (at most MAX_BODY bytes), sent as application/json (a
+    browser form cannot send that type without asking first); Refused 400/413/415 otherwise."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise Refused(415, "not json", "send the request body as Content-Type: application/json")
     raw = b""
     async for chunk in request.stream():
         raw += chunk
@@ -595,13 +612,17 @@ def create_app(settings: Settings) -> Starlette:
             try:
                 if not host_allowed(request.headers.get("host"), hosts):
                     raise Refused(400, "bad host", "this service does not answer that Host name")
-                body = await _body(request) if request.method == "POST" else {}
-                query = dict(request.query_params)
-                if len(query) != len(request.query_params.multi_items()):
-                    raise Refused(400, "bad query", "name each query parameter once")
-                if set(body) & set(query):
-                    raise Refused(400, "bad query", "say a field in the body or the query")
-                body |= query
+                _not_from_a_browser(request)
+                if request.method == "POST":
+                    if request.query_params:
+                        raise Refused(
+                            400, "bad query", "a POST says its fields in its JSON body only"
+                        )
+                    body = await _body(request)
+                else:
+                    body = dict(request.query_params)
+                    if len(body) != len(request.query_params.multi_items()):
+                        raise Refused(400, "bad query", "name each query parameter once")
                 _known(body, action)
                 scheme = _scheme(settings, body)
                 caller = await run_in_threadpool(authenticate, scheme, request, body, action)
