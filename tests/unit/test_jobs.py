@@ -24,6 +24,7 @@ from captchaops.cli import app
 from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.jobs import (
     Uploaded,
+    check_private,
     dashboard_address,
     entrypoint,
     folder_size,
@@ -113,6 +114,46 @@ def test_a_folder_travels_as_one_folder_of_its_name(tmp_path: Path) -> None:
     with zipfile.ZipFile(packed(folder, tmp_path / "scratch")) as archive:
         assert sorted(archive.namelist()) == ["caps/ab12c.png", "caps/sub/xy34z.png"]
         assert archive.read("caps/sub/xy34z.png") == b"png2"
+
+
+def test_a_link_in_the_folder_is_left_out(tmp_path: Path) -> None:
+    """A downloaded data set may link to a file outside it (a home's .env): never uploaded."""
+    folder = tmp_path / "caps"
+    folder.mkdir()
+    (folder / "ab12c.png").write_bytes(b"png")
+    (tmp_path / "secret.env").write_text("CAPTCHAOPS_TRACKING_PASSWORD=x")
+    (folder / "cd34e.png").symlink_to(tmp_path / "secret.env")
+    (tmp_path / "scratch").mkdir()
+    with zipfile.ZipFile(packed(folder, tmp_path / "scratch")) as archive:
+        assert archive.namelist() == ["caps/ab12c.png"]
+
+
+def test_a_password_goes_only_to_a_cluster_that_checks_a_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray shows a job's environment on its dashboard: without token authentication anyone who
+    can reach it would read the submitter's tracking password."""
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    with pytest.raises(ScaleoutError, match="RAY_AUTH_MODE=token"):
+        check_private({"CAPTCHAOPS_TRACKING_PASSWORD": "s3cret"})
+    check_private({"LOGNAME": "lin"})  # no password: nothing to show
+    token = tmp_path / "token"
+    token.write_text("t")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    check_private({"CAPTCHAOPS_TRACKING_PASSWORD": "s3cret"})
+
+
+def test_the_promotion_service_travels_with_the_job(tmp_path: Path) -> None:
+    """A job that stages without the service would sign with a key of its own, which no server
+    trusts."""
+    with_service = settings(
+        tmp_path, tracking_uri="http://10.0.0.5:5000", promotions_url="http://10.0.0.5:8890"
+    )
+    assert job_env(with_service, "j")["CAPTCHAOPS_PROMOTIONS_URL"] == "http://10.0.0.5:8890"
+    without = job_env(settings(tmp_path, tracking_uri="http://10.0.0.5:5000"), "j")
+    assert "CAPTCHAOPS_PROMOTIONS_URL" not in without
 
 
 def test_a_folder_too_big_to_upload_is_refused(

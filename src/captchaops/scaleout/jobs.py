@@ -11,6 +11,7 @@ directory (uploaded to the head, at most Ray's package limit).
 
 from __future__ import annotations
 
+import os
 import secrets
 import shlex
 import tempfile
@@ -37,8 +38,15 @@ AGENT_WAITS = (1.0, 2.0, 4.0, 8.0, 15.0, None)
 """Pauses between tries while a head that has just started (or is busy) has no job agent yet:
 its dashboard answers "No available agent to submit job, please try again later"."""
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-SETTINGS_PASSED = ("experiment_name", "feedback_experiment", "model_name", "staging_floor")
-"""The settings a training command reads besides the tracking server's, passed to the job."""
+SETTINGS_PASSED = (
+    "experiment_name",
+    "feedback_experiment",
+    "model_name",
+    "staging_floor",
+    "promotions_url",
+)
+"""The settings a training command reads besides the tracking server's, passed to the job (the
+promotion service too: a job that stages without it would sign with a throwaway key)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,9 @@ def packed(folder: Path, scratch: Path) -> Path:
     compressed already), to upload as a job's working directory."""
     archive = scratch / f"{folder.name}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as out:
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        # A link is left out: it could name a file outside the folder (a home's .env).
+        files = (p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        for path in sorted(files):
             out.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}")
     return archive
 
@@ -121,7 +131,8 @@ def job_env(settings: Settings, job_id: str) -> dict[str, str]:
         "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_SECONDS),
     }
     for name in SETTINGS_PASSED:
-        env[f"CAPTCHAOPS_{name.upper()}"] = str(getattr(settings, name))
+        if getattr(settings, name) is not None:
+            env[f"CAPTCHAOPS_{name.upper()}"] = str(getattr(settings, name))
     account = login(settings)
     if account is not None:
         env["CAPTCHAOPS_TRACKING_USERNAME"], env["CAPTCHAOPS_TRACKING_PASSWORD"] = account
@@ -165,6 +176,28 @@ def folder_size(folder: Path) -> int:
     return size
 
 
+def ray_token_given() -> bool:
+    """Whether this process gives Ray a cluster token (Ray's token authentication), so the
+    dashboard answers only those who hold it."""
+    return bool(
+        os.environ.get("RAY_AUTH_TOKEN")
+        or os.environ.get("RAY_AUTH_TOKEN_PATH")
+        or (Path.home() / ".ray" / "auth_token").is_file()
+    )
+
+
+def check_private(env: Mapping[str, str]) -> None:
+    """A one-line ScaleoutError when the job would carry a tracking password to a cluster that
+    checks no token: Ray shows a job's environment to anyone who can read its dashboard."""
+    if "CAPTCHAOPS_TRACKING_PASSWORD" in env and not ray_token_given():
+        raise ScaleoutError(
+            "a submitted job carries your tracking login in its environment, which Ray shows to "
+            "anyone who can read the dashboard; run the cluster with Ray's token authentication "
+            "(RAY_AUTH_MODE=token) and point RAY_AUTH_TOKEN_PATH at its token here, or submit "
+            "without a tracking account so the head's own account logs"
+        )
+
+
 def submit(
     address: str, command: str, options: Mapping[str, object], settings: Settings
 ) -> Submitted:
@@ -175,7 +208,9 @@ def submit(
     check_reachable(settings, address)
     options = dict(options)
     job_id = f"captchaops-{command}-{secrets.token_hex(6)}"
-    runtime_env: dict[str, object] = {"env_vars": job_env(settings, job_id)}
+    env = job_env(settings, job_id)
+    check_private(env)
+    runtime_env: dict[str, object] = {"env_vars": env}
     with tempfile.TemporaryDirectory(prefix="captchaops-job-") as scratch:
         data = options.get("--data")
         if data is not None:
