@@ -400,6 +400,14 @@ def test_adopt_asks_the_tracking_server_whether_the_caller_is_an_admin(
     assert (unsure.status_code, unsure.json()["error"]) == (503, "no account check"), unsure.text
 
 
+def test_only_an_admin_replaces_the_frozen_set(ed: Settings) -> None:
+    """An editor who could replace the set the gate judges on could pick one their candidate
+    wins on; making the first set stays an editor's."""
+    answer = team_client(ed).post("/evalset", json={"run": "abc", "replace": True}, headers=ED)
+    assert answer.status_code == 403, answer.text
+    assert "may not replace text-captcha's frozen evaluation set" in answer.json()["detail"]
+
+
 def test_team_mode_up_supervises_the_service_with_its_own_login_in_its_environment(
     tmp_path: Path,
 ) -> None:
@@ -575,3 +583,21 @@ def test_with_a_service_set_nothing_reaches_the_local_key(tmp_path: Path) -> Non
         "CAPTCHAOPS_PROMOTIONS_URL"
     )
     assert not (tmp_path / "keys").exists()
+
+
+def test_a_failure_the_action_does_not_name_is_one_line_not_a_500(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crafted frozen-set archive (no seed in its labels) raised KeyError in the worker, which
+    reached the caller as a 500."""
+    from captchaops.stack import promotions
+
+    def broken(scheme: Settings, caller: Caller, body: dict[str, object]) -> object:
+        raise KeyError("seed")
+
+    monkeypatch.setitem(promotions.WORK, "rollback", broken)
+    scheme = load_settings(home=tmp_path, tracking_uri="http://127.0.0.1:9")
+    with pytest.raises(Refused) as refused:
+        LimitedWork().run("rollback", scheme, Caller(account="ed", actor="ed"), {})
+    assert (refused.value.status, refused.value.error) == (503, "failed")
+    assert refused.value.detail == "rollback failed: KeyError: 'seed'"

@@ -166,7 +166,7 @@ def _given_actor(body: dict[str, Any]) -> str | None:
     return given
 
 
-def _require_admin(settings: Settings, login: tuple[str, str]) -> None:
+def _require_admin(settings: Settings, login: tuple[str, str], action: str) -> None:
     """Nothing when the tracking server says this login is an admin; Refused 403 (or 503 when
     its answer does not say) otherwise."""
     base = settings.effective_tracking_uri.rstrip("/")
@@ -190,7 +190,10 @@ def _require_admin(settings: Settings, login: tuple[str, str]) -> None:
             403,
             "forbidden",
             f"user {login[0]!r} may not adopt {settings.model_name}'s aliases: signing what "
-            "the aliases hold now needs an admin account",
+            "the aliases hold now needs an admin account"
+            if action == "adopt"
+            else f"user {login[0]!r} may not replace {settings.model_name}'s frozen evaluation "
+            "set: the set the gate judges on is changed by an admin account",
         )
 
 
@@ -226,8 +229,10 @@ def authenticate(
         raise Refused(403, "forbidden", str(exc)) from exc
     except Unverified as exc:
         raise Refused(503, "no account check", str(exc)) from exc
-    if action == "adopt":
-        _require_admin(settings, login)
+    if action == "adopt" or (action == "evalset" and body.get("replace") is True):
+        _require_admin(
+            settings, login, action
+        )  # replacing the set the gate judges on is an admin's
     actor = account if given in (None, account) else f"{account} (as {given})"
     return Caller(account=account, actor=actor)
 
@@ -531,6 +536,12 @@ def _worked(
     budget = math.ceil(usage.ru_utime + usage.ru_stime + cpu_seconds) + 1
     unlimited = hard == resource.RLIM_INFINITY
     resource.setrlimit(resource.RLIMIT_CPU, (budget if unlimited else min(budget, hard), hard))
+    return _answer(name, scheme, caller, body)
+
+
+def _answer(name: str, scheme: Settings, caller: Caller, body: dict[str, Any]) -> tuple[str, Any]:
+    """The action `name`'s answer or refusal as plain data; any failure it does not name is a
+    one-line 503, never a 500 with a traceback."""
     try:
         return "done", WORK[name](scheme, caller, body)
     except Refused as exc:
@@ -539,7 +550,16 @@ def _worked(
         return "registry", str(exc)
     except MemoryError:
         detail = f"the work needed more than {WORK_MEMORY_BYTES // 2**20} MiB of memory"
-        return "refused", (503, "stopped", f"{detail}; nothing was signed")
+        return "refused", (503, "stopped", f"{detail}; check `captchaops models` for what moved")
+    except Exception as exc:
+        log.exception("promotion service: %s failed", name)
+        line = (str(exc).splitlines() or [""])[0][:300]
+        return "refused", (503, "failed", f"{name} failed: {type(exc).__name__}: {line}")
+
+
+UNSCORED = frozenset({"rollback", "canary_end"})
+"""Actions that run no version's network (they move back to what was served, or end a canary),
+run beside the limited worker so a long gate run never holds a rollback back."""
 
 
 class LimitedWork:
@@ -568,6 +588,8 @@ class LimitedWork:
 
     def run(self, name: str, scheme: Settings, caller: Caller, body: dict[str, Any]) -> Any:
         """The answer of action `name`; Refused (503) when the kernel ended the worker."""
+        if name in UNSCORED:  # the registry's promotion lock orders it with the others
+            return self._unpacked(*_answer(name, scheme, caller, body))
         with self._lock:  # one action at a time, as the promotion lock would order them anyway
             try:
                 kind, found = (
@@ -586,6 +608,10 @@ class LimitedWork:
                     f"({self.cpu_seconds} s of CPU, {self.memory_bytes // 2**20} MiB of memory) "
                     "and was stopped; check `captchaops models`, then try again",
                 ) from exc
+        return self._unpacked(kind, found)
+
+    @staticmethod
+    def _unpacked(kind: str, found: Any) -> Any:
         if kind == "refused":
             raise Refused(*found)
         if kind == "registry":
