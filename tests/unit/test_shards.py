@@ -97,6 +97,12 @@ def test_a_manifest_that_is_not_one_this_version_wrote_is_refused() -> None:
         good.encode().replace(b'"schema":1', b'"schema":2'),
         good.encode().replace(b"e" * 64, b"../../etc/passwd"),
         Manifest("d" * 64, "s", ["a.png", "b.png"], ["a"], good.shards).encode(),
+        good.encode().replace(b'"source"', b'"extra":1,"source"'),  # a key it does not know
+        good.encode().replace(b",1,10]", b",true,10]"),  # a count that is not an int
+        good.encode().replace(b",1,10]", b",1.0,10]"),
+        good.encode().replace(b",1,10]", b",1,0]"),  # an empty shard
+        good.encode().replace(b'["a.png"]', b"[7]"),  # a name that is not text
+        good.encode().replace(b"d" * 64, b"D" * 64),  # a data set digest that is not one
     ):
         with pytest.raises(ShardError, match="not one this version reads"):
             Manifest.decode(bad)

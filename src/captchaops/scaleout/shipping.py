@@ -81,31 +81,44 @@ class Manifest:
 
     @classmethod
     def decode(cls, raw: bytes) -> Manifest:
-        """A manifest from its bytes, every field checked (anything unexpected is refused)."""
+        """A manifest from its bytes, every field checked: exactly the keys `encode` writes, of
+        exactly its types (a count is an int, not a bool, a float or a string); anything else
+        is refused."""
+        refused = ShardError("the data set's manifest is not one this version reads")
         try:
             body = json.loads(raw)
-            shards = [ShardRef(str(d), int(n), int(b)) for d, n, b in body["shards"]]
-            manifest = cls(
-                str(body["dataset_sha256"]),
-                str(body["source"]),
-                [str(x) for x in body["names"]],
-                [str(x) for x in body["labels"]],
-                shards,
-            )
-            schema = body["schema"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ShardError(
-                f"the data set's manifest is not one this version reads ({exc})"
-            ) from None
-        total = sum(s.images for s in shards)
-        if (
-            schema != SCHEMA
-            or len(manifest.names) != total
-            or len(manifest.labels) != total
-            or not all(HEX64.fullmatch(s.sha256) and 0 < s.images <= SHARD_IMAGES for s in shards)
+        except ValueError:
+            raise refused from None
+        keys = {"schema", "dataset_sha256", "source", "names", "labels", "shards"}
+        if not isinstance(body, dict) or set(body) != keys or body["schema"] != SCHEMA:
+            raise refused
+        texts = (body["dataset_sha256"], body["source"])
+        lists = (body["names"], body["labels"], body["shards"])
+        if not all(isinstance(t, str) for t in texts) or not all(
+            isinstance(x, list) for x in lists
         ):
-            raise ShardError("the data set's manifest is not one this version reads")
-        return manifest
+            raise refused
+        if not all(isinstance(x, str) for x in [*body["names"], *body["labels"]]):
+            raise refused
+        shards = []
+        for ref in body["shards"]:
+            if not (
+                isinstance(ref, list)
+                and len(ref) == 3
+                and isinstance(ref[0], str)
+                and HEX64.fullmatch(ref[0])
+                and all(type(n) is int for n in ref[1:])
+                and 0 < ref[1] <= SHARD_IMAGES
+                and ref[2] > 0
+            ):
+                raise refused
+            shards.append(ShardRef(ref[0], ref[1], ref[2]))
+        total = sum(s.images for s in shards)
+        if not HEX64.fullmatch(body["dataset_sha256"]) or not (
+            len(body["names"]) == len(body["labels"]) == total
+        ):
+            raise refused
+        return cls(body["dataset_sha256"], body["source"], body["names"], body["labels"], shards)
 
     def starts(self) -> list[int]:
         """The index of each shard's first image."""
