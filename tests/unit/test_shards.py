@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import random
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -121,6 +123,22 @@ def test_a_worker_reads_arrays_and_chunks_a_shard_at_a_time(
         rows |= dict(zip(positions, x, strict=True))
     assert np.array_equal(np.stack([rows[p] for p in range(len(idx))]), want)
     assert data.fetched == 0  # everything came from the cache
+
+
+def test_a_killed_workers_partial_download_is_removed(
+    images: LabelledImages, tmp_path: Path
+) -> None:
+    """A worker killed mid-download (ray job stop, the OOM killer) leaves a partial folder the
+    cache's budget does not count; the next worker's eviction removes it once it is stale."""
+    data = DataSet("http://unused:1", ship(images, tmp_path), cache=tmp_path)
+    stale, live = tmp_path / f"{feed.PARTIAL}old", tmp_path / f"{feed.PARTIAL}new"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "shard.tar").write_bytes(b"x" * 1000)
+    old = time.time() - feed.PARTIAL_STALE_S - 60
+    os.utime(stale, (old, old))
+    data._evict(keep=tmp_path / "none")
+    assert not stale.exists() and live.exists()
 
 
 def test_streamed_batches_visit_every_training_image_once_a_pass(

@@ -16,8 +16,10 @@ import contextlib
 import hashlib
 import math
 import os
+import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
@@ -42,6 +44,10 @@ CACHE_BYTES = 2 * 2**30
 STREAM_ABOVE_BYTES = 256 * 2**20  # training arrays larger than this are streamed
 WINDOW_IMAGES = 4096  # training images decoded and shuffled together when streaming
 VAL_CAP = 2000  # at most this many validation images when a fold streams (they stay in memory)
+PARTIAL = "partial-"
+"""The prefix of a download in progress in the cache: a worker killed during one leaves it."""
+PARTIAL_STALE_S = 3600.0
+"""A partial download older than this is left over by a worker that died; removed by the next."""
 
 
 def input_bytes(n: int, arch: Architecture) -> int:
@@ -202,7 +208,7 @@ class DataSet:
             return path
         import mlflow.artifacts
 
-        with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
+        with tempfile.TemporaryDirectory(dir=self.cache, prefix=PARTIAL) as tmp:
             local = Path(
                 mlflow.artifacts.download_artifacts(
                     run_id=self.shipped.run_id,
@@ -227,6 +233,11 @@ class DataSet:
         """Remove the least recently used files until the cache is within its budget."""
         files = []
         for entry in os.scandir(self.cache):
+            if entry.name.startswith(PARTIAL) and entry.is_dir(follow_symlinks=False):
+                age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+                if age > PARTIAL_STALE_S:  # a killed worker's; a live download is younger
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                continue
             if entry.is_file(follow_symlinks=False):
                 info = entry.stat(follow_symlinks=False)
                 files.append((info.st_mtime, info.st_size, Path(entry.path)))
