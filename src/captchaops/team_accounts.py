@@ -207,16 +207,8 @@ def add_user(settings: Settings, username: str, role: str, password: str | None 
     return Account(username, role, grants, password if generated else None)
 
 
-def ensure_service_account(settings: Settings) -> Account:
-    """Create or refresh the account model servers and the app use (read + write feedback)."""
-    if not settings.service_password:
-        raise UsersError(
-            "no service account password: set CAPTCHAOPS_SERVICE_PASSWORD (captchaops up "
-            "generates one in team mode)"
-        )
-    username, password = settings.service_username, settings.service_password.get_secret_value()
-    _check(username, password)
-    admin = _Admin(settings)
+def _create_or_refresh(admin: _Admin, username: str, password: str) -> None:
+    """Make the account `username`, or set its password when it exists."""
     if admin.user_exists(username):
         admin.call(
             "PATCH",
@@ -229,6 +221,19 @@ def ensure_service_account(settings: Settings) -> Account:
             "/api/2.0/mlflow/users/create",
             json={"username": username, "password": password},
         )
+
+
+def ensure_service_account(settings: Settings) -> Account:
+    """Create or refresh the account model servers and the app use (read + write feedback)."""
+    if not settings.service_password:
+        raise UsersError(
+            "no service account password: set CAPTCHAOPS_SERVICE_PASSWORD (captchaops up "
+            "generates one in team mode)"
+        )
+    username, password = settings.service_username, settings.service_password.get_secret_value()
+    _check(username, password)
+    admin = _Admin(settings)
+    _create_or_refresh(admin, username, password)
     private = [
         ("experiment", settings.feedback_experiment, "EDIT"),
         ("experiment", monitoring.experiment_name(settings.model_name), "EDIT"),
@@ -256,18 +261,7 @@ def ensure_promotions_account(settings: Settings) -> Account:
     password = settings.promotions_password.get_secret_value()
     _check(username, password)
     admin = _Admin(settings)
-    if admin.user_exists(username):
-        admin.call(
-            "PATCH",
-            "/api/2.0/mlflow/users/update-password",
-            json={"username": username, "password": password},
-        )
-    else:
-        admin.call(
-            "POST",
-            "/api/2.0/mlflow/users/create",
-            json={"username": username, "password": password},
-        )
+    _create_or_refresh(admin, username, password)
     return Account(username, "promotions", _apply(admin, username, _grants(settings, "editor")))
 
 
