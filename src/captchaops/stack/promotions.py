@@ -599,7 +599,7 @@ class LimitedWork:
                 )
             except BrokenProcessPool as exc:
                 if self._executor is not None:
-                    self._executor.shutdown(wait=False, cancel_futures=True)
+                    self._executor.shutdown(wait=True, cancel_futures=True)  # reaps it
                 self._executor = None
                 raise Refused(
                     503,
