@@ -15,6 +15,7 @@ import httpx
 from captchaops.access import login
 from captchaops.registry.names import default_actor
 from captchaops.settings import Settings
+from captchaops.stack.promotions_wire import exchange
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -43,31 +44,21 @@ def ask(
     # only beside it when one was given (--actor); locally, the name is the audit trail's.
     given = actor if settings.auth else actor or default_actor()
     payload = {"model": settings.model_name, "actor": given, **(body or {})}
+    fields = payload if method == "POST" else {"model": settings.model_name}
     try:
-        answer = httpx.request(
-            method,
-            base + path,
-            json=payload if method == "POST" else None,
-            params={"model": settings.model_name} if method == "GET" else None,
-            auth=login(settings),
-            timeout=TIMEOUT_S,
-        )
+        status, found = exchange(base, method, path, fields, login(settings), TIMEOUT_S)
     except httpx.HTTPError as exc:
         raise ServiceError(
             f"the promotion service at {base} does not answer ({type(exc).__name__}); start it "
             "with `captchaops promotions serve`, or check CAPTCHAOPS_PROMOTIONS_URL"
         ) from exc
-    try:
-        found = answer.json()
-    except ValueError:
-        found = None
-    if not isinstance(found, dict):
+    if found is None:
         raise ServiceError(
-            f"the promotion service at {base} answered HTTP {answer.status_code} without JSON; "
+            f"the promotion service at {base} answered HTTP {status} without JSON; "
             "check CAPTCHAOPS_PROMOTIONS_URL names the promotion service"
         )
-    if answer.status_code >= 400:
-        detail = str(found.get("detail") or found.get("error") or f"HTTP {answer.status_code}")
+    if status >= 400:
+        detail = str(found.get("detail") or found.get("error") or f"HTTP {status}")
         raise ServiceError(detail.splitlines()[0] if detail else detail)
     return found
 

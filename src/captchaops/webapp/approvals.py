@@ -18,6 +18,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from captchaops.scheme_names import model_name_problem
 from captchaops.settings import Settings
+from captchaops.stack.promotions_wire import exchange
 from captchaops.webapp.service import Demo
 from captchaops.webapp.tracking_client import TrackingError
 
@@ -83,31 +84,19 @@ class Service:
         timeout: float,
     ) -> dict[str, Any]:
         try:
-            answer = httpx.request(
-                method,
-                self.url + path,
-                params=fields if method == "GET" else None,
-                json=fields if method == "POST" else None,
-                auth=login,
-                timeout=timeout,
-            )
+            code, found = exchange(self.url, method, path, fields, login, timeout)
         except httpx.HTTPError as exc:
             raise ServiceRefused(
                 503,
                 f"The promotion service does not answer ({type(exc).__name__}); start it with "
                 "`captchaops promotions serve` or check CAPTCHAOPS_PROMOTIONS_URL.",
             ) from exc
-        try:
-            found = answer.json()
-        except ValueError:
-            found = None
-        if not isinstance(found, dict):
+        if found is None:
             raise ServiceRefused(502, self._odd())
-        if answer.status_code >= 400:
-            detail = found.get("detail") or found.get("error") or f"HTTP {answer.status_code}"
-            status = answer.status_code if answer.status_code < 500 else 503
+        if code >= 400:
+            detail = found.get("detail") or found.get("error") or f"HTTP {code}"
             lines = str(detail).splitlines()
-            raise ServiceRefused(status, lines[0] if lines else f"HTTP {answer.status_code}")
+            raise ServiceRefused(code if code < 500 else 503, lines[0] if lines else f"HTTP {code}")
         return found
 
     @staticmethod
