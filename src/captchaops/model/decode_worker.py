@@ -65,8 +65,6 @@ def limit_worker(memory_bytes: int, server_pid: int = 0) -> None:
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    # SIGXCPU dumps core by default: a worker's memory (images, the promotion key) stays in it.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     Image.preinit()  # registers the plugins: otherwise the first image's CPU time pays for it
     signal.signal(signal.SIGPROF, signal.SIG_DFL)
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)
