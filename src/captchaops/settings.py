@@ -144,7 +144,7 @@ class Settings(BaseSettings):
     service_password: SecretStr | None = None
     promotions_username: str = Field(
         "captchaops-promotions",
-        description="account the promotion service uses in team mode (EDIT on the scheme, not admin)",
+        description="account the promotion service uses in team mode (MANAGE on the scheme's registered model, EDIT on its experiments, not admin)",
     )
     promotions_password: SecretStr | None = None
     serving_token: SecretStr | None = Field(

@@ -247,8 +247,9 @@ def ensure_service_account(settings: Settings) -> Account:
 
 
 def ensure_promotions_account(settings: Settings) -> Account:
-    """Create or refresh the promotion service's account: not an admin; EDIT on the scheme's
-    registered model (aliases, its tags, version tags) and on the experiments it writes runs in:
+    """Create or refresh the promotion service's account: not an admin; MANAGE on the scheme's
+    registered model (aliases, its tags, version tags; MLflow lets only MANAGE delete an alias,
+    which ending a canary does) and EDIT on the experiments it writes runs in:
     the audit trail (moves, requests, the promotion lock), the frozen sets (a first gate run
     makes one) and the training experiment (the gate logs each scored version's report into the
     version's own run). Visitors' uploads stay DENY."""
@@ -262,7 +263,11 @@ def ensure_promotions_account(settings: Settings) -> Account:
     _check(username, password)
     admin = _Admin(settings)
     _create_or_refresh(admin, username, password)
-    return Account(username, "promotions", _apply(admin, username, _grants(settings, "editor")))
+    grants = [
+        (kind, name, "MANAGE" if kind == "registered_model" else permission)
+        for kind, name, permission in _grants(settings, "editor")
+    ]
+    return Account(username, "promotions", _apply(admin, username, grants))
 
 
 def _refuse_squatted(admin: _Admin, settings: Settings, service: str) -> None:

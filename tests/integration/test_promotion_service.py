@@ -10,7 +10,9 @@ not approve it, alice's approval makes the signed move naming both, and a produc
 trusts only the service's key serves it. A request ed writes straight into the audit trail, bare
 or wearing a real request's signature, is not approved. The client's own settings choose nothing:
 an empty CAPTCHAOPS_PRODUCTION_APPROVAL still waits, and a dead CAPTCHAOPS_PRODUCTION_URL does not
-make a rollback skip the approval (the service asks its own production server).
+make a rollback skip the approval (the service asks its own production server). ed's canary
+waits for a second account too, and ends (an alias deletion, which needs the service account's
+MANAGE) without one.
 """
 
 from __future__ import annotations
@@ -459,3 +461,39 @@ def test_only_an_admin_adopts_through_the_service(team: Team, isolated_mlflow: N
     signed = signed_move(team.client().get_registered_model(NAME).tags, PRODUCTION,
                          team.public_key, NAME)  # fmt: skip
     assert (signed.version, signed.actor) == (held, "admin")
+
+
+def test_an_editors_canary_waits_for_a_second_account(team: Team, isolated_mlflow: None) -> None:
+    """Where production needs approval, a canary (up to half of production's traffic) does too:
+    ed's `promote --canary` records a request, ed may not approve it, and alice's approval
+    starts it, signed with both names; ending it needs no approval."""
+    ed = team.client()
+    production = alias_version(ed, NAME, PRODUCTION)
+    candidate = next(v for v in team.versions if v != production)
+    asked = team.cli(
+        "ed", "promote", "--canary", "20", "--version", candidate, "--reason", "try it"
+    )  # fmt: skip
+    assert asked.exit_code == 0, asked.output
+    assert f"@canary nothing -> v{candidate} (canary) requested by ed at" in asked.stdout
+    found = re.search(rf"captchaops approve ([0-9a-f]+) --model-name {NAME}", asked.stdout)
+    assert found, asked.stdout
+    request_id = found[1]
+    assert alias_version(ed, NAME, "canary") is None
+    assert team.cli("ed", "approve", request_id).exit_code == 1
+    assert alias_version(ed, NAME, "canary") is None
+
+    done = team.cli("alice", "approve", request_id)
+    assert done.exit_code == 0, done.output
+    assert f"approved {request_id}: @canary nothing -> v{candidate} (canary) by ed" in done.stdout
+    assert alias_version(ed, NAME, "canary") == candidate
+    assert ed.get_model_version(NAME, candidate).tags["canary_percent"] == "20"
+    tags = ed.get_registered_model(NAME).tags
+    signed = signed_move(tags, "canary", team.public_key, NAME)
+    assert (signed.version, signed.actor, signed.approver) == (candidate, "ed", "alice")
+    assert request_id not in {r.short_id for r in pending_requests(ed, NAME)}
+
+    ended = team.cli("ed", "rollback", "--canary", "--reason", "enough")
+    assert ended.exit_code == 0, ended.output
+    assert alias_version(ed, NAME, "canary") is None
+    assert request_id not in {r.short_id for r in pending_requests(ed, NAME)}
+    assert alias_version(ed, NAME, PRODUCTION) == production

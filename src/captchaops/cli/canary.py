@@ -39,9 +39,10 @@ def start(
     then_promote: bool,
 ) -> None:
     """Give the candidate @canary at `percent`, then watch its breaker unless `detach`."""
-    from captchaops.decisions import canaries
+    from captchaops.decisions import approval
     from captchaops.decisions import canary_watch as canary
     from captchaops.registry.errors import RegistryError
+    from captchaops.registry.requests import Request
 
     if detach and then_promote:
         fail("--then-promote needs the watch; leave out --detach")
@@ -52,6 +53,9 @@ def start(
         body = {"percent": percent, "version": version, "from": from_alias, "reason": reason}
         answer = _ask(settings, "/canary", body, actor)
         started, line = str(answer.get("version")), str(answer.get("line"))
+        if answer.get("result") == "waiting":
+            _waiting(settings, str((answer.get("request") or {}).get("short_id")), line)
+            return
         if answer.get("result") != "canary":
             fail(
                 f"the promotion service at {settings.promotions_url} answered "
@@ -59,7 +63,7 @@ def start(
             )
     else:
         try:
-            move = canaries.start_canary(
+            done = approval.start_canary(
                 settings,
                 percent=percent,
                 version=version,
@@ -69,7 +73,10 @@ def start(
             )
         except RegistryError as exc:
             fail(str(exc))
-        started, line = move.to_version, move.line()
+        if isinstance(done, Request):
+            _waiting(settings, done.short_id, done.line())
+            return
+        started, line = done.to_version, done.line()
     console.print(literal(f"canary: {line}"), highlight=False)
     if detach:
         console.print(
@@ -106,6 +113,16 @@ def start(
     if outcome.code != canary.EXIT_CLEAN:
         fail(outcome.line, outcome.code)
     console.print(literal(outcome.line), highlight=False)
+
+
+def _waiting(settings: Settings, short_id: str, line: str) -> None:
+    """Say that the canary waits for a second account; there is nothing to watch until then."""
+    console.print(literal(f"canary waiting for approval: {line}"), highlight=False)
+    console.print(
+        f"another account starts it with: captchaops approve {short_id} --model-name "
+        f"{settings.model_name}; the production server's breaker then guards it (not watched here)",
+        highlight=False,
+    )
 
 
 def _service_act(

@@ -285,7 +285,7 @@ def _through_service(
     console.print(literal(f"{done}: {answer.get('line')}"), highlight=False)
 
 
-SERVICE_MOVES = frozenset({"promoted", "rolled-back"})
+SERVICE_MOVES = frozenset({"promoted", "rolled-back", "canary"})
 """The `result`s of a promotion service's answer that report a move."""
 
 

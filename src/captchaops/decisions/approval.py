@@ -2,9 +2,10 @@
 
 Where `settings.approval_required` (every scheme in team mode, none locally, unless
 `CAPTCHAOPS_PRODUCTION_APPROVAL` says otherwise), `promote`, `promote --auto`, a canary's
-`--then-promote` and a `rollback` of a production that passes its live check run every check
-the move would run (scores, the signed frozen set, the gate) and record a request
-(`registry.requests`) instead of moving @production. `approve` by another account runs the
+`--then-promote`, a `rollback` of a production that passes its live check and the start of a
+canary (`promote --canary`, which would put up to half of production's traffic on the
+candidate) run every check the move would run (scores, the signed frozen set, the gate) and
+record a request (`registry.requests`) instead of moving @production or @canary. `approve` by another account runs the
 checks again and makes the signed move with both names, the approver inside the signature. A
 rollback while production fails its live check moves at once, with the failure in its reason:
 it can only go back to a version that held production before.
@@ -22,8 +23,7 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from captchaops.decisions import gate, promotion
-from captchaops.decisions.canaries import end_canary
+from captchaops.decisions import canaries, gate, promotion
 from captchaops.decisions.gate_rules import GateConfig
 from captchaops.evaluation.evalset import Score
 from captchaops.live.reported import from_health
@@ -31,7 +31,7 @@ from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import alias_version, resolve
 from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError, one_line_errors
-from captchaops.registry.names import CANARY, PRODUCTION, default_actor
+from captchaops.registry.names import CANARY, PRODUCTION, STAGING, default_actor
 from captchaops.registry.requests import (
     Request,
     pending_request,
@@ -159,6 +159,52 @@ def auto_promote(
         )
 
 
+def start_canary(
+    settings: Settings,
+    *,
+    percent: int,
+    version: str | None,
+    from_alias: str | None,
+    reason: str,
+    actor: str | None,
+    account: str | None = None,
+    request_key: Path | None = None,
+) -> Move | Request:
+    """`canaries.start_canary`, or, where production moves need an approval, the same checks and
+    a request for @canary (the share in its `percent` threshold) that `approve` starts."""
+    if not settings.approval_required:
+        return canaries.start_canary(
+            settings,
+            percent=percent,
+            version=version,
+            from_alias=from_alias,
+            reason=reason,
+            actor=actor,
+        )
+    canaries.check_percent(percent)
+    requester = actor or settings.tracking_username or default_actor()
+    target = resolve(settings, version=version, alias=from_alias or STAGING)
+    with one_line_errors(settings):
+        mlflow_client = client(settings)
+        current, candidate, champion = canaries.check_canary(mlflow_client, settings, target)
+        return record_request(
+            mlflow_client,
+            settings.model_name,
+            from_version=current,
+            to_version=target,
+            kind="canary",
+            requester=requester,
+            account=account_of(settings, actor, account),
+            verdict=f"{percent}% of production's traffic; {_verdict(candidate, champion, False)}",
+            reason=reason or f"canary: {percent}% of production's traffic",
+            candidate=candidate,
+            champion=champion,
+            thresholds={"percent": float(percent)},
+            alias=CANARY,
+            key=_signer(request_key),
+        )
+
+
 def health_failure(status_code: int, body: Any) -> str | None:
     """Why a production server's `/health` answer fails the live check (no model served, or its
     live estimate fell too far below the gate's accuracy); None when it passes."""
@@ -260,6 +306,13 @@ def approve(
                 f"{why} (ask someone else to run `captchaops approve {request.short_id}`)"
             )
     signed = {"actor": request.requester, "approver": approver, "request_id": request.id}
+    if request.alias == CANARY:
+        return request, _approve_canary(settings, request, **signed)
+    if request.alias != PRODUCTION:  # a request for an alias nothing here approves
+        raise RegistryError(
+            f"request {request.short_id} asks for @{request.alias}, which no approval moves; "
+            "nothing moved"
+        )
     if request.kind == "rollback":
         return request, promotion.rollback(
             settings, to=request.to_version, reason=request.reason, **signed
@@ -278,13 +331,31 @@ def approve(
         with one_line_errors(settings):
             on_canary = alias_version(mlflow_client, name, CANARY)
         if on_canary == request.to_version:
-            end_canary(
+            canaries.end_canary(
                 settings,
                 reason=f"promoted to @production: {request.reason}",
                 actor=approver,
                 version=request.to_version,
             )
     return request, move
+
+
+def _approve_canary(
+    settings: Settings, request: Request, *, actor: str, approver: str, request_id: str
+) -> Move:
+    """Start the canary a request asks for, at its share, after every check again."""
+    percent = request.thresholds.get("percent", 0.0)
+    if not percent.is_integer():
+        raise RegistryError(f"request {request.short_id} names no whole share; nothing moved")
+    return canaries.start_canary(
+        settings,
+        percent=int(percent),
+        version=request.to_version,
+        reason=request.reason,
+        actor=actor,
+        approver=approver,
+        request_id=request_id,
+    )
 
 
 def _approve_gate(settings: Settings, request: Request, approver: str) -> Move:

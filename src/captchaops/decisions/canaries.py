@@ -8,8 +8,10 @@ server reads). Ending one deletes the alias through `remove_alias` (audited, dec
 
 from __future__ import annotations
 
+from mlflow import MlflowClient
+
 from captchaops.decisions.scores import cached_score
-from captchaops.evaluation.evalset import ensure_evalset
+from captchaops.evaluation.evalset import Score, ensure_evalset
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
 from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import (
@@ -40,6 +42,53 @@ def check_percent(percent: int) -> None:
         )
 
 
+def check_canary(
+    mlflow_client: MlflowClient, settings: Settings, target: str
+) -> tuple[str | None, Score, Score]:
+    """Every check a canary of `target` must pass before it moves or is requested: @canary's
+    holder now, the candidate's and production's scores on the frozen set; a one-line
+    RegistryError for no @production, a candidate that is @production, rejected, of another
+    scheme or failing on the frozen set, or another version on @canary."""
+    name = settings.model_name
+    tags = require_version(mlflow_client, name, target)
+    production = alias_version(mlflow_client, name, PRODUCTION)
+    if production is None:
+        raise RegistryError(
+            f"{name} has no @production version to share traffic with; "
+            "promote one first with `captchaops promote`"
+        )
+    if production == target:
+        raise RegistryError(
+            f"v{target} of {name} is @production already; a canary needs another version "
+            "(--version N)"
+        )
+    if tags.get("validation_status") == "rejected":
+        why = tags.get("rejection_reason", "no reason recorded")[:200]
+        raise RegistryError(
+            f"v{target} of {name} was rejected ({why}); train a new candidate or pass --version N"
+        )
+    current = alias_version(mlflow_client, name, CANARY)
+    if current is not None and current != target:
+        raise RegistryError(
+            f"v{current} of {name} is @canary already; end it first with "
+            '`captchaops rollback --canary --reason "..."`'
+        )
+    scheme = scheme_of(mlflow_client, name, target)
+    evalset = ensure_evalset(mlflow_client, settings, scheme=scheme)
+    refusals = scheme_refusals(
+        target, scheme, production, scheme_of(mlflow_client, name, production), evalset.labels
+    )
+    if refusals:
+        raise RegistryError(refusals[0])
+    candidate = cached_score(mlflow_client, settings, target, evalset)
+    if not candidate.ok:
+        raise RegistryError(
+            f"v{target} of {name} fails on the frozen set ({candidate.error}); "
+            "it cannot take production traffic"
+        )
+    return current, candidate, cached_score(mlflow_client, settings, production, evalset)
+
+
 def start_canary(
     settings: Settings,
     *,
@@ -48,12 +97,14 @@ def start_canary(
     from_alias: str | None = None,
     reason: str = "",
     actor: str | None = None,
+    approver: str = "",
+    request_id: str = "",
 ) -> Move:
     """Give the candidate (`version`, or the `from_alias`/@staging one) `@canary` at `percent`.
 
-    Refused in one line: a share outside 1-50, no candidate, a candidate that is @production,
-    rejected, of another scheme, failing on the frozen set, or another version on @canary.
-    The candidate is scored on the frozen set first (its calibration feeds the live estimate).
+    Refused in one line: a share outside 1-50, or any refusal of `check_canary`. The candidate
+    is scored on the frozen set first (its calibration feeds the live estimate). `approver` and
+    `request_id` name the approval of a canary request (`decisions.approval`) in the signed move.
     """
     check_percent(percent)
     actor = actor or default_actor()
@@ -61,43 +112,7 @@ def start_canary(
     target = resolve(settings, version=version, alias=from_alias or STAGING)
     with one_line_errors(settings):
         mlflow_client = client(settings)
-        tags = require_version(mlflow_client, name, target)
-        production = alias_version(mlflow_client, name, PRODUCTION)
-        if production is None:
-            raise RegistryError(
-                f"{name} has no @production version to share traffic with; "
-                "promote one first with `captchaops promote`"
-            )
-        if production == target:
-            raise RegistryError(
-                f"v{target} of {name} is @production already; a canary needs another version "
-                "(--version N)"
-            )
-        if tags.get("validation_status") == "rejected":
-            why = tags.get("rejection_reason", "no reason recorded")[:200]
-            raise RegistryError(
-                f"v{target} of {name} was rejected ({why}); train a new candidate or pass --version N"
-            )
-        current = alias_version(mlflow_client, name, CANARY)
-        if current is not None and current != target:
-            raise RegistryError(
-                f"v{current} of {name} is @canary already; end it first with "
-                '`captchaops rollback --canary --reason "..."`'
-            )
-        scheme = scheme_of(mlflow_client, name, target)
-        evalset = ensure_evalset(mlflow_client, settings, scheme=scheme)
-        refusals = scheme_refusals(
-            target, scheme, production, scheme_of(mlflow_client, name, production), evalset.labels
-        )
-        if refusals:
-            raise RegistryError(refusals[0])
-        candidate = cached_score(mlflow_client, settings, target, evalset)
-        if not candidate.ok:
-            raise RegistryError(
-                f"v{target} of {name} fails on the frozen set ({candidate.error}); "
-                "it cannot take production traffic"
-            )
-        champion = cached_score(mlflow_client, settings, production, evalset)
+        current, candidate, champion = check_canary(mlflow_client, settings, target)
         return move_alias(
             mlflow_client,
             name,
@@ -115,6 +130,8 @@ def start_canary(
                 target: {CANARY_PERCENT_TAG: str(percent), "canary_started_at": now()},
             },
             key_dir=signing_key_dir(settings),
+            approver=approver,
+            request_id=request_id,
         )
 
 

@@ -1,4 +1,5 @@
-"""Requests for @production moves that wait for a second account: the queue, in the audit trail.
+"""Requests for @production and @canary moves that wait for a second account: the queue, in the
+audit trail.
 
 A request is an audit run of the promotions experiment (decision `requested`), written here like
 every other decision: the requester, the account that may not approve it, the move asked for and
@@ -43,8 +44,9 @@ from captchaops.registry.names import PRODUCTION
 REQUESTED = "requested"
 REFUSED = "refused"
 """An approval refused (self-approval): audited, the request stays pending."""
-CLOSING = ("promoted", "rolled-back", "rejected")
-"""Decisions that answer a request for good when they carry its `request_id`."""
+CLOSING = ("promoted", "rolled-back", "rejected", "canary")
+"""Decisions that answer a request for good when they carry its `request_id` (`canary`: the
+approved start of a canary, which stays answered after the canary ends)."""
 SHORT_ID = 8
 """Characters of a request's id (its audit run id) that commands print; any unique prefix of
 at least MIN_ID characters names it."""
@@ -55,7 +57,7 @@ REQUEST_SIGNATURE = "request_signature"
 
 @dataclass(frozen=True)
 class Request:
-    """One production move waiting for a second account's approval."""
+    """One @production or @canary move waiting for a second account's approval."""
 
     id: str
     """The request's audit run id."""
@@ -64,7 +66,8 @@ class Request:
     from_version: str | None
     to_version: str
     kind: str
-    """`manual` (promote), `gate` (promote --auto), `rollback`, `canary` (--then-promote)."""
+    """`manual` (promote), `gate` (promote --auto), `rollback`, `canary` (on @production: a
+    canary's --then-promote; on @canary: its start, the share in `thresholds["percent"]`)."""
     requester: str
     """Who asked, as the audit trail names them (`alice (as ci-bot)`)."""
     account: str

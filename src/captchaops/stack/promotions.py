@@ -405,19 +405,21 @@ def promote(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str,
 
 
 def canary(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
-    """`promote --canary PERCENT`: give the candidate @canary."""
+    """`promote --canary PERCENT`: give the candidate @canary, or record the request."""
     percent = _number(body, "percent")
     if percent is None or not percent.is_integer():
         raise Refused(400, "bad percent", "percent must be a whole number of 1-50")
-    move = canaries.start_canary(
+    done = approval.start_canary(
         scheme,
         percent=int(percent),
         version=_text(body, "version"),
         from_alias=_text(body, "from"),
         reason=_text(body, "reason") or "",
         actor=caller.actor,
+        account=caller.account,
+        request_key=scheme.effective_signing_key_dir,
     )
-    return {"result": "canary", "line": move.line(), "version": move.to_version}
+    return _outcome(done, "canary")
 
 
 def canary_end(scheme: Settings, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:

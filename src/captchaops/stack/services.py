@@ -97,7 +97,7 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 def promotions_env(settings: Settings) -> dict[str, str]:
     """The promotion service's tracking account: its own (`team_accounts.ensure_promotions_account`:
-    EDIT on the scheme's model and the experiments it writes, never admin), its generated
+    MANAGE on the scheme's model, EDIT on the experiments it writes, never admin), its generated
     password in the environment, never on the command line, where `ps` would show it."""
     assert settings.promotions_password, "call team_secrets() first"
     password = settings.promotions_password.get_secret_value()
