@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from mlflow import MlflowClient
 from prometheus_client import CollectorRegistry, Gauge
@@ -152,6 +153,10 @@ def test_a_keyless_client_promotes_staging_through_the_service(
         assert gated.exit_code == 0, gated.output
         assert gated.stdout.startswith(f"promoted v{second}: accuracy "), gated.stdout
         assert servers_follow(tracking_server.uri, name, keys / PUBLIC_KEY) == second
+        # The key's holders dump no core: the service and its gate worker (made by now).
+        holders = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(holders) >= 2
+        assert {h.rlimit(psutil.RLIMIT_CORE) for h in holders} == {(0, 0)}
         done = cli(home, url, tracking_server.uri, name, "promote", "--version", first,
                    "--reason", "back to the first", "--actor", "ed")  # fmt: skip
         assert done.exit_code == 0, done.output
@@ -181,7 +186,7 @@ def test_every_signing_command_goes_through_the_service_and_a_replaced_set_is_re
 ) -> None:
     """Issue 37, item 1 and 3: a key-less home makes the frozen set (the service computes its
     digest from the logged archive and signs the pin), adopts, stages (train's move after its
-    floor), starts, ends and promotes a canary; each move carries the service's signature. An
+    floor), starts, ends, promotes and trips a canary; each move carries the service's signature. An
     editor who then replaces the logged archive gets the gate's one-line refusal."""
     name = "promotion-service-every-move"
     client = MlflowClient(tracking_server.uri, registry_uri=tracking_server.uri)
@@ -233,6 +238,14 @@ def test_every_signing_command_goes_through_the_service_and_a_replaced_set_is_re
         assert promoted.code == 0 and "promoted: @production" in promoted.line, promoted.line
         assert signed(PRODUCTION).version == second
         assert alias_version(client, name, "canary") is None  # the promotion ended the canary
+        # A tripped breaker: the watch leaves the end to the service, which marks it rejected.
+        assert run("promote", "--canary", "10", "--version", third, "--detach").exit_code == 0
+        bad = {"state": "tripped", "answers": 50, "estimate": 0.1, "p99_ms": 5.0}
+        trip = Outcome(3, "live estimate 10.0% is far below", bad, left_to_caller="end")
+        tripped = canary_cli._service_act(laptop, third, trip, 1.0, "ed")
+        assert tripped.code == 3 and "rolled back: @canary" in tripped.line, tripped.line
+        assert alias_version(client, name, "canary") is None and signed("canary").version == ""
+        assert client.get_model_version(name, third).tags["validation_status"] == "rejected"
         assert not (home / "keys").exists()
 
         # An editor replaces the logged archive through MLflow's artifact API.

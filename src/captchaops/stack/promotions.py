@@ -34,6 +34,7 @@ import logging
 import math
 import multiprocessing
 import os
+import resource
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
@@ -531,7 +532,6 @@ def _worked(
 ) -> tuple[str, Any]:
     """In the worker: the action `name` within `cpu_seconds` more of CPU (RLIMIT_CPU, as
     `decode_worker.decode_images` sets it per call), its answer or refusal as plain data."""
-    import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     _, hard = resource.getrlimit(resource.RLIMIT_CPU)
@@ -709,7 +709,7 @@ def create_app(settings: Settings) -> Starlette:
 def run(settings: Settings, port: int, host: str | None = None) -> None:
     """Serve the promotion service on host:port (loopback by default) until stopped, with the
     model servers' connection limits (a deadline for each request head, a cap per client
-    address), so slow clients cannot hold its connections."""
+    address), so slow clients cannot hold its connections, and no core files."""
     import uvicorn
 
     from captchaops.serving import connections
@@ -718,6 +718,9 @@ def run(settings: Settings, port: int, host: str | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     bind = host or settings.host
+    # The private key is in this process's memory (and its workers', which inherit the limit
+    # through the forkserver): no core file of any of them may hold it.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     ensure_key(settings.effective_signing_key_dir)
     log.info(
         "promotion service on http://%s:%d, moves signed with %s (servers trust %s)",
