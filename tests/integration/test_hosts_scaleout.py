@@ -265,44 +265,45 @@ def children_on_the_worker(bed: Bed, parent_id: str, who: str, *, tagged: bool =
     return sorted(str(r.info.run_name) for r in runs)
 
 
-def test_tune_on_the_head_and_members_from_a_laptop_train_on_the_worker_host(
+def test_tune_on_the_head_and_through_ray_client_and_members_from_a_laptop(
     bed: Bed, folder: Path, tmp_path: Path
 ) -> None:
-    """`tune` on the head (GCS address) and `train --members` from the laptop through Ray
-    Client, together: every trial and member trains on the worker host, each registers a
-    version, and the runs are credited to whoever ran each command. `tune` through Ray Client
-    is refused in one line (Tune would run its driver on the head, without this process's
-    trial bookkeeping: every trial failed)."""
+    """`tune` on the head (GCS address), and `tune` and `train --members` from the laptop
+    through Ray Client, together: every trial and member trains on the worker host, each
+    command registers a version, and the runs are credited to whoever ran each command. Under
+    Ray Client Tune runs its driver (and its callbacks) on the head: the laptop's driver still
+    writes one child run per trial, with the laptop's login."""
     head, laptop = bed.head, bed.net["laptop"]
-    tune = ["tune", "--data", str(folder), "--trials", "2", "--minutes", "6", *STEPS]
+    tune = ["tune", "--data", str(folder), "--minutes", "6", *STEPS]
     members = ["train", "--data", str(folder), "--members", "2", *STEPS]
     client = f"ray://{head.address}:{CLIENT}"
     started = {
         "tune": command(
-            bed, head, [*tune, "--cluster", f"{head.address}:{GCS}"], tmp_path / "tune",
-            bed.tracking.uri,
+            bed, head, [*tune, "--trials", "2", "--cluster", f"{head.address}:{GCS}"],
+            tmp_path / "tune", bed.tracking.uri,
         ),
         "members": command(
             bed, laptop, [*members, "--cluster", client], tmp_path / "members",
             bed.tracking.uri, login=LAPTOP_LOGIN,
         ),
-        "refused": command(
-            bed, laptop, [*tune, "--cluster", client], tmp_path / "refused", bed.tracking.uri,
+        "client": command(
+            bed, laptop, [*tune, "--trials", "1", "--cluster", client], tmp_path / "client",
+            bed.tracking.uri, login=LAPTOP_LOGIN,
         ),
     }  # fmt: skip
     done = {name: finished(run, timeout=600) for name, run in started.items()}
-    refused = done.pop("refused")
-    assert refused.returncode == 1 and "tune does not run through Ray Client" in refused.stderr
-    assert "Traceback" not in refused.stdout + refused.stderr
     for result in done.values():
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "registered version" in done["tune"].stdout, done["tune"].stdout[-2000:]
+        assert "Traceback" not in result.stdout + result.stderr
+    for name in ("tune", "client"):
+        assert "registered version" in done[name].stdout, done[name].stdout[-2000:]
     assert "registered models:/" in done["members"].stdout, done["members"].stdout[-2000:]
-    [line] = [x for x in done["tune"].stdout.splitlines() if x.startswith("parent run ")]
     # A trial's run does not record its node (Tune places it; the head has no CPUs, so only
     # the worker host can run it).
-    trials = children_on_the_worker(bed, line.split()[2], getpass.getuser(), tagged=False)
-    assert len(trials) == 2, trials
+    for name, who, count in (("tune", getpass.getuser(), 2), ("client", LAPTOP_LOGIN, 1)):
+        [line] = [x for x in done[name].stdout.splitlines() if x.startswith("parent run ")]
+        trials = children_on_the_worker(bed, line.split()[2], who, tagged=False)
+        assert len(trials) == count, (name, trials)
     [line] = [x for x in done["members"].stdout.splitlines() if x.startswith("run ")]
     run_id = line.split()[1].rstrip(";")
     assert len(children_on_the_worker(bed, run_id, LAPTOP_LOGIN)) == 2

@@ -321,13 +321,6 @@ def tune_command(
         options |= {"--seed": seed, "--gpus-per-trial": gpus or None, "--preset": preset}
         submitted(submit, "tune", options, model_name)
         return
-    if cluster is not None and cluster.strip().lower().startswith("ray://"):
-        # Through Ray Client, Tune runs its driver on the head, where this process's trial
-        # bookkeeping (the board, the runs' ids) does not exist: every trial would fail.
-        fail(
-            f"tune does not run through Ray Client ({cluster}); submit it as a job "
-            "(--submit http://HEAD:8265) or run it on the head (--cluster HEAD:6379)"
-        )
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
     with reported(log):

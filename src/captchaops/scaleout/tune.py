@@ -14,13 +14,16 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from ray import tune
@@ -274,28 +277,77 @@ class ChildRuns:
         self.redraw()
 
 
-_DRIVERS: dict[str, ChildRuns] = {}  # by parent run: Tune pickles its callbacks, not these
-
-
 class _Callback(tune.Callback):  # type: ignore[misc]
-    """Forwards Tune's trial events to the driver's `ChildRuns` (found by the parent run id)."""
+    """Sends Tune's trial events to the driver through `events` (a Ray queue): Tune runs its
+    callbacks where its own driver runs, which is the head under Ray Client, not this process;
+    the driver's `ChildRuns` takes them from the queue in the order they were sent."""
 
-    def __init__(self, parent: str) -> None:
-        self.parent = parent
+    def __init__(self, events: Any) -> None:
+        self.events = events
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _DRIVERS[self.parent].start(trial.trial_id, dict(trial.config))
+        self.events.put(("start", trial.trial_id, dict(trial.config)))
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
-        _DRIVERS[self.parent].result(trial.trial_id, result)
+        self.events.put(("result", trial.trial_id, dict(result)))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _DRIVERS[self.parent].end(trial.trial_id, "FINISHED")
+        self.events.put(("end", trial.trial_id, "FINISHED"))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _DRIVERS[self.parent].end(trial.trial_id, "FAILED", "failed twice (see the Ray logs)")
+        self.events.put(("end", trial.trial_id, "FAILED"))
+
+
+def apply(children: ChildRuns, event: tuple[str, str, Any]) -> None:
+    """One trial event from `_Callback`, written by the driver's `ChildRuns`."""
+    kind, trial_id, payload = event
+    if kind == "start":
+        children.start(trial_id, payload)
+    elif kind == "result":
+        children.result(trial_id, payload)
+    elif payload == "FINISHED":
+        children.end(trial_id, "FINISHED")
+    else:
+        children.end(trial_id, "FAILED", "failed twice (see the Ray logs)")
+
+
+@contextmanager
+def relayed(children: ChildRuns) -> Iterator[Any]:
+    """A Ray queue for `_Callback`, emptied into `children` by a thread of this process while
+    the search runs and to its last event after: the child runs are written with the driver's
+    credentials wherever Tune runs its callbacks. An error writing them is raised at the end."""
+    from ray.util.queue import Empty, Queue
+
+    events = Queue(actor_options={"num_cpus": 0})  # no CPU: trials get every core
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def pump() -> None:
+        while True:
+            try:
+                event = events.get(timeout=0.5)
+            except Empty:
+                if done.is_set():
+                    return
+                continue
+            if not errors:
+                try:
+                    apply(children, event)
+                except Exception as exc:  # raised in the driver's thread below
+                    errors.append(exc)
+
+    thread = threading.Thread(target=pump, name="tune-events", daemon=True)
+    thread.start()
+    try:
+        yield events
+    finally:
+        done.set()
+        thread.join()
+        events.shutdown()
+    if errors:
+        raise errors[0]
 
 
 def search(
@@ -324,35 +376,36 @@ def search(
     # Tune's own clock only backs the trials' up: they end by `ends_by` and then log weights.
     backstop = None if budget.ends_by is None else budget.ends_by - time.time() + 60
     cpus, gpus = resources
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, job=job), {"cpu": cpus, "gpu": gpus}),
-        param_space=search_space(job.config),
-        tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode="min",
-            search_alg=OptunaSearch(points_to_evaluate=[preset_point(job.config)], seed=seed),
-            scheduler=ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=epochs,
-                grace_period=max(1, epochs // 8),
-                reduction_factor=3,
+    # Under Ray Client Tune's driver runs on the head, where this machine's folder may not
+    # exist: it keeps its results in its own default folder there.
+    path = None if ray.util.client.ray.is_connected() else str(storage)
+    with relayed(children) as events:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trial, job=job), {"cpu": cpus, "gpu": gpus}),
+            param_space=search_space(job.config),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="min",
+                search_alg=OptunaSearch(points_to_evaluate=[preset_point(job.config)], seed=seed),
+                scheduler=ASHAScheduler(
+                    time_attr="training_iteration",
+                    max_t=epochs,
+                    grace_period=max(1, epochs // 8),
+                    reduction_factor=3,
+                ),
+                num_samples=budget.trials,
+                time_budget_s=backstop,
             ),
-            num_samples=budget.trials,
-            time_budget_s=backstop,
-        ),
-        run_config=tune.RunConfig(
-            name="captchaops-tune",
-            storage_path=str(storage),
-            verbose=0,
-            callbacks=[_Callback(children.parent)],
-            failure_config=tune.FailureConfig(max_failures=1),  # a dead trial is tried once more
-        ),
-    )
-    _DRIVERS[children.parent] = children
-    try:
+            run_config=tune.RunConfig(
+                name="captchaops-tune",
+                storage_path=path,
+                verbose=0,
+                callbacks=[_Callback(events)],
+                # a dead trial is tried once more
+                failure_config=tune.FailureConfig(max_failures=1),
+            ),
+        )
         results = tuner.fit()
-    finally:
-        _DRIVERS.pop(children.parent, None)
     done = [
         (dict(r.metrics), dict(r.config or {}))
         for r in (results[i] for i in range(len(results)))
