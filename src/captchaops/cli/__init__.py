@@ -1,30 +1,17 @@
 """The `captchaops` command: thin typer wrappers over the stage functions.
 
-Each submodule adds its commands to the one `app` in `base`; what they print is shaped in
-`captchaops.console`.
+`base.COMMANDS` names the module of each command; the root command imports that module only
+when its command runs. Each module adds its commands to the one `app` in `base`; what they
+print is shaped in `captchaops.console`.
 """
 
 from __future__ import annotations
 
 import os
 
-# The import order is the order `captchaops --help` lists the commands in.
-# isort: off
 from captchaops.cli.base import app, parse_length
-from captchaops.cli import stack, training, scaleout, registry, bring_your_model, users
-# isort: on
 
-__all__ = [
-    "app",
-    "bring_your_model",
-    "main",
-    "parse_length",
-    "registry",
-    "scaleout",
-    "stack",
-    "training",
-    "users",
-]
+__all__ = ["app", "main", "parse_length"]
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ from captchaops.cli.base import (
     quiet_libraries,
     settings_for,
 )
+from captchaops.registry.errors import RegistryError
+from captchaops.training import imported
 
 CHOICES = {
     "input_layout": ("--layout", ("NHWC", "NCHW")),
@@ -97,9 +99,6 @@ def register(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Register an ONNX CTC model trained elsewhere: checked, scored on the frozen set, staged."""
-    from captchaops.registry.errors import RegistryError
-    from captchaops.training import imported
-
     settings = settings_for(model_name)
     fields = _meta_file(meta) if meta else {}
     given: dict[str, Any] = {

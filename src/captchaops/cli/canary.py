@@ -10,15 +10,18 @@ from typing import Any
 
 from captchaops.cli.base import console, fail
 from captchaops.console import literal
+from captchaops.decisions import approval, canaries
+from captchaops.decisions import canary_watch as canary
+from captchaops.registry.errors import RegistryError
+from captchaops.registry.requests import Request
 from captchaops.settings import Settings
+from captchaops.stack.promotions_client import ServiceError, ask
 
 WATCH_MINUTES = 5.0
 
 
 def _ask(settings: Settings, path: str, body: dict[str, Any], actor: str | None) -> dict[str, Any]:
     """The promotion service's answer; one line and exit 1 when it refuses."""
-    from captchaops.stack.promotions_client import ServiceError, ask
-
     try:
         return ask(settings, "POST", path, body, actor=actor)
     except ServiceError as exc:
@@ -39,11 +42,6 @@ def start(
     then_promote: bool,
 ) -> None:
     """Give the candidate @canary at `percent`, then watch its breaker unless `detach`."""
-    from captchaops.decisions import approval
-    from captchaops.decisions import canary_watch as canary
-    from captchaops.registry.errors import RegistryError
-    from captchaops.registry.requests import Request
-
     if detach and then_promote:
         fail("--then-promote needs the watch; leave out --detach")
     if not detach and watch_minutes <= 0:
@@ -130,8 +128,6 @@ def _service_act(
 ) -> Any:
     """Have the promotion service make the move a watch left to the caller: end a tripped
     canary, or promote one that passed (--then-promote); the outcome to report."""
-    from captchaops.decisions import canary_watch as canary
-
     if outcome.left_to_caller == "end":
         body = {"version": version, "reason": f"canary breaker tripped: {outcome.line}"}
         answer = _ask(settings, "/canary/end", body | {"tripped": True}, actor)
@@ -160,9 +156,6 @@ def _service_act(
 
 def end(settings: Settings, *, reason: str, actor: str | None) -> None:
     """Remove @canary, audited; production is untouched."""
-    from captchaops.decisions import canaries
-    from captchaops.registry.errors import RegistryError
-
     if settings.promotions_url:
         answer = _ask(settings, "/canary/end", {"reason": reason}, actor)
         if answer.get("result") not in ("ended", "rolled-back"):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
+from captchaops.cli import canary as canaries
 from captchaops.cli.base import (
     ACTOR_OPTION,
     MODEL_NAME_OPTION,
@@ -18,12 +19,28 @@ from captchaops.cli.base import (
     require_access,
     settings_for,
 )
-from captchaops.console import literal
+from captchaops.console import (
+    literal,
+    live_lines,
+    print_decision,
+    unaudited_lines,
+    version_notes,
+    versions_table,
+)
+from captchaops.data.synthetic import DIGITS_UPPER
+from captchaops.decisions import approval, gate
 from captchaops.decisions.gate_rules import GateConfig
+from captchaops.evaluation import report
+from captchaops.evaluation.evalset import create_evalset
+from captchaops.mlflow_scope import client
+from captchaops.registry.aliases import adopt_aliases, require_model, signing_key_dir
+from captchaops.registry.errors import RegistryError, one_line_errors
+from captchaops.registry.listing import list_versions
+from captchaops.registry.names import default_actor
+from captchaops.registry.requests import Request
 from captchaops.settings import Settings
-
-if TYPE_CHECKING:
-    from captchaops.registry.requests import Request
+from captchaops.stack.promotions import run as run_promotions
+from captchaops.stack.promotions_client import ServiceError, ask, pin_evalset
 
 _GATE = GateConfig()
 
@@ -37,10 +54,6 @@ def models(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """List model versions with aliases, metrics, validation status and the last alias moves."""
-    from captchaops.console import live_lines, unaudited_lines, version_notes, versions_table
-    from captchaops.registry.errors import RegistryError
-    from captchaops.registry.listing import list_versions
-
     settings = settings_for(model_name)
     require_access(settings, "models")
     if version is not None:
@@ -63,10 +76,6 @@ def models(
 
 def _report(settings: Settings, version: str) -> None:
     """Print where a version's report is, and its headline numbers."""
-    from captchaops.evaluation import report
-    from captchaops.mlflow_scope import client
-    from captchaops.registry.errors import RegistryError, one_line_errors
-
     try:
         with one_line_errors(settings):
             where = report.locate(
@@ -144,18 +153,11 @@ def promote(
 ) -> None:
     """Move @production: by hand (--version N | --from staging), through the gate (--auto), or
     try a candidate on a share of production's traffic first (--canary PERCENT)."""
-    from captchaops.console import print_decision
-    from captchaops.decisions import approval, gate
-    from captchaops.registry.errors import RegistryError
-    from captchaops.registry.requests import Request
-
     settings = settings_for(model_name)
     require_access(settings, "promote")
     if canary is None and (watch is not None or detach or then_promote):
         fail("--watch, --detach and --then-promote go with --canary PERCENT")
     if canary is not None:
-        from captchaops.cli import canary as canaries
-
         if auto or force:
             fail("--canary takes no --auto or --force; the canary's breaker is its gate")
         canaries.start(
@@ -243,8 +245,6 @@ def _ask(
     settings: Settings, method: str, path: str, body: dict[str, Any], actor: str | None
 ) -> dict[str, Any]:
     """The promotion service's answer to one piece of work; one line and exit 1 when it refuses."""
-    from captchaops.stack.promotions_client import ServiceError, ask
-
     try:
         return ask(settings, method, path, body, actor=actor)
     except ServiceError as exc:
@@ -254,8 +254,6 @@ def _ask(
 
 def _gate_through_service(settings: Settings, body: dict[str, Any], actor: str | None) -> None:
     """`promote --auto` by the promotion service: its verdict, and the gate's exit code."""
-    from captchaops.decisions import gate
-
     answer = _ask(settings, "POST", "/promote", {"auto": True, **body}, actor)
     result = answer.get("result")
     if result == "waiting":
@@ -301,15 +299,9 @@ def rollback(
 ) -> None:
     """Move @production back to the previous production version in the audit trail, or end the
     canary (--canary)."""
-    from captchaops.decisions import approval
-    from captchaops.registry.errors import RegistryError
-    from captchaops.registry.requests import Request
-
     settings = settings_for(model_name)
     require_access(settings, "rollback")
     if canary:
-        from captchaops.cli import canary as canaries
-
         if to is not None:
             fail("--canary ends the canary and takes no --to")
         who = actor if settings.promotions_url else audited_actor(settings, actor)
@@ -337,9 +329,6 @@ def approve(
 ) -> None:
     """Approve another account's pending @production move: its checks (the gate) run again and
     the signed move names you as approver. Exit 0 moved, 3 the gate now refuses, 1 error."""
-    from captchaops.decisions import approval, gate
-    from captchaops.registry.errors import RegistryError
-
     settings = settings_for(model_name)
     require_access(settings, "approve")
     if settings.promotions_url:
@@ -360,8 +349,6 @@ def _approved(settings: Settings, asked: str, answer: dict[str, Any]) -> None:
     """Say what the promotion service did with an approval; exit 0 only on a move or an approval
     it recorded while the request still waits, 3 when the gate refused it now, 1 otherwise
     (an answer this command does not know is an error: it fails closed)."""
-    from captchaops.decisions import gate
-
     result, line = answer.get("result"), answer.get("line")
     short_id = str((answer.get("request") or {}).get("short_id") or asked)
     if result in SERVICE_MOVES:
@@ -385,9 +372,6 @@ def _approved(settings: Settings, asked: str, answer: dict[str, Any]) -> None:
 @app.command()
 def requests(model_name: str | None = MODEL_NAME_OPTION) -> None:
     """List the @production moves waiting for a second account's approval, oldest first."""
-    from captchaops.decisions import approval
-    from captchaops.registry.errors import RegistryError
-
     settings = settings_for(model_name)
     require_access(settings, "models")
     if settings.promotions_url:
@@ -420,11 +404,6 @@ def evalset(
     model_name: str | None = MODEL_NAME_OPTION,
 ) -> None:
     """Create the frozen evaluation set every version is judged on (stored by digest)."""
-    from captchaops.data.synthetic import DIGITS_UPPER
-    from captchaops.evaluation.evalset import create_evalset
-    from captchaops.mlflow_scope import client
-    from captchaops.registry.errors import RegistryError, one_line_errors
-
     settings = settings_for(model_name)
     require_access(settings, "evalset")
     try:
@@ -447,8 +426,6 @@ def evalset(
     except RegistryError as exc:
         fail(str(exc))
     if made.unpinned_run:  # the promotion service computes its digest and signs the pin
-        from captchaops.stack.promotions_client import ServiceError, pin_evalset
-
         try:
             pin_evalset(settings, made, replace=replace)
         except ServiceError as exc:
@@ -474,11 +451,6 @@ def promotions_adopt(
 ) -> None:
     """Sign where @production, @staging and @canary point now (once, after an upgrade), so the
     model servers keep serving what they served."""
-    from captchaops.mlflow_scope import client
-    from captchaops.registry.aliases import adopt_aliases, require_model, signing_key_dir
-    from captchaops.registry.errors import RegistryError, one_line_errors
-    from captchaops.registry.names import default_actor
-
     settings = settings_for(model_name)
     require_access(settings, "promote")
     if settings.promotions_url:  # the service checks the caller is an admin and signs
@@ -520,7 +492,5 @@ def promotions_serve(
 ) -> None:
     """Run the promotion service: the one process that holds the promotion key and moves
     @production for the callers the tracking server vouches for (CAPTCHAOPS_PROMOTIONS_URL)."""
-    from captchaops.stack.promotions import run
-
     settings = settings_for(None)
-    run(settings, port or settings.promotions_port, host)
+    run_promotions(settings, port or settings.promotions_port, host)

@@ -1,4 +1,4 @@
-"""Commands that run the stack: up, down, status, logs, serve and the web app."""
+"""Commands that run the local stack: up, down, status and logs."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import sys
 
 import typer
 
-from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, settings_for
-from captchaops.console import literal
+from captchaops.cli.base import app, console, fail
+from captchaops.console import literal, live_lines, print_settings, services_table, unaudited_lines
+from captchaops.live import reported as live
+from captchaops.registry.unaudited import last_moves, unaudited_aliases
 from captchaops.settings import Settings, load_settings, mask_credentials
+from captchaops.stack import control, services, webhooks
+from captchaops.stack.store import StoreError
+from captchaops.tracking_rest import TrackingError, TrackingRest
 
 
 @app.command()
@@ -22,9 +27,6 @@ def up(
     ),
 ) -> None:
     """Start the local stack (store, tracking server, model servers, web app) and wait for health."""
-    from captchaops.stack import control, services
-    from captchaops.stack.store import StoreError
-
     names = services.CORE if core else services.ALL
     try:
         control.up(
@@ -40,8 +42,6 @@ def up(
 @app.command()
 def down() -> None:
     """Stop every service of the local stack."""
-    from captchaops.stack import control
-
     if control.down(load_settings()):
         console.print("stack stopped")
     else:
@@ -51,10 +51,6 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show each service (pid, URL, health, memory) and the effective settings."""
-    from captchaops.console import live_lines, print_settings, services_table, unaudited_lines
-    from captchaops.live import reported as live
-    from captchaops.stack import control, webhooks
-
     settings = load_settings()
     rows = control.status(settings)
     console.print(services_table(rows))
@@ -89,9 +85,6 @@ def status() -> None:
 
 def _unaudited(settings: Settings) -> dict[str, str]:
     """The settings' model's aliases with no audit record; {} when the registry does not answer."""
-    from captchaops.registry.unaudited import last_moves, unaudited_aliases
-    from captchaops.tracking_rest import TrackingError, TrackingRest
-
     rest = TrackingRest.for_settings(settings, timeout=5.0)
     try:
         aliases, tags = rest.registered_model(settings.model_name)
@@ -113,8 +106,6 @@ def logs(
     lines: int = typer.Option(50, "-n", "--lines", help="how many past lines to show"),
 ) -> None:
     """Print a service's log."""
-    from captchaops.stack import control
-
     try:
         path = control.log_file(load_settings(), service)
         for line in control.follow(path, lines=lines, forever=follow):
@@ -124,54 +115,3 @@ def logs(
         fail(str(exc))
     except KeyboardInterrupt:
         pass
-
-
-@app.command()
-def serve(
-    alias: str = typer.Option("production", "--alias", help="registry alias to serve"),
-    port: int | None = typer.Option(None, "--port", help="default: the alias's port setting"),
-    host: str | None = typer.Option(None, "--host", help="default: the host setting (loopback)"),
-    model_name: str | None = MODEL_NAME_OPTION,
-) -> None:
-    """Serve models:/<model_name>@<alias> over HTTP, swapping in new versions as the alias moves."""
-    from captchaops.serving import ServeError, run
-
-    settings = settings_for(model_name)
-    default_port = settings.staging_port if alias == "staging" else settings.production_port
-    port = port or default_port
-    try:
-        run(replica_settings(settings, port, host), alias, port, host)
-    except (ServeError, ValueError) as exc:
-        fail(str(exc))
-
-
-def replica_settings(settings: Settings, port: int, host: str | None) -> Settings:
-    """The settings one `serve` process runs with: it answers Host names of the address it was
-    asked to bind (`--host`), and it has a replica id (default: <hostname>-<port>, with the
-    address between them when `--host` names one)."""
-    from captchaops import service_auth
-    from captchaops.live.monitoring import default_replica_id
-
-    service_auth.trusted_networks(settings)  # a bad CIDR stops the server before it starts
-    extra = sorted(service_auth.bind_names(host)) if host else []
-    hosts = ",".join(h for h in (settings.allowed_hosts, *extra) if h)
-    return settings.model_copy(
-        update={
-            "allowed_hosts": hosts or None,
-            "replica_id": settings.replica_id or default_replica_id(port, host),
-        }
-    )
-
-
-@app.command("app")
-def webapp(
-    port: int | None = typer.Option(None, "--port", help="default: the app_port setting (8080)"),
-    host: str | None = typer.Option(None, "--host", help="default: the host setting (loopback)"),
-) -> None:
-    """Serve the demo web page and JSON API over the model servers (waitress, never debug)."""
-    from captchaops.webapp.app import run
-
-    try:
-        run(load_settings(), port, host)
-    except OSError as exc:
-        fail(f"cannot listen for the web app ({exc}); pick a free port with --port")

@@ -17,7 +17,16 @@ from captchaops.cli.base import (
     require_access,
     settings_for,
 )
+from captchaops.cli.scaleout import submitted, train_ensemble
+from captchaops.console import UnexpectedError, print_summary, progress_bar
+from captchaops.data import standin
+from captchaops.data.dataset import DataError
+from captchaops.demo import run_demo
+from captchaops.registry.errors import RegistryError
 from captchaops.settings import load_settings
+from captchaops.stack.control import StackError
+from captchaops.stack.store import StoreError
+from captchaops.training import TrainError
 
 
 @app.command("sample-data")
@@ -27,8 +36,6 @@ def sample_data(
     seed: int = typer.Option(0, "--seed", help="the same seed writes the same images"),
 ) -> None:
     """Write stand-in CAPTCHAs (200x50, 5 characters, <label>.png) to try `train --data` on."""
-    from captchaops.data import standin
-
     folder = Path(directory)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         fail(f"{folder} is not an empty folder; name a new or empty one (nothing is overwritten)")
@@ -74,10 +81,6 @@ def train_command(
     ),
 ) -> None:
     """Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it."""
-    from captchaops.console import UnexpectedError, print_summary
-    from captchaops.data.dataset import DataError
-    from captchaops.training import TrainError
-
     if data is not None and synthetic is not None:
         fail("use either --data DIR or --synthetic N, not both")
     if gpus and members == 1:
@@ -85,8 +88,6 @@ def train_command(
     if submit is not None:
         if members == 1:
             fail("--submit runs members on a Ray cluster: add --members K, or leave it out")
-        from captchaops.cli.scaleout import submitted
-
         options: dict[str, object] = {"--data": data, "--synthetic": synthetic, "--epochs": epochs}
         options |= {"--batch-size": batch_size, "--max-minutes": max_minutes, "--seed": seed}
         options |= {"--val-fraction": val_fraction, "--include-feedback": include_feedback}
@@ -98,7 +99,8 @@ def train_command(
     log = settings.home_dir / "logs" / "libraries.log"
     try:
         with quiet_libraries(log):  # Keras and TensorFlow print on import
-            from captchaops.console import progress_bar
+            # here, not at the top: TensorFlow (~6 s) prints on import, so it loads once its
+            # output goes to the log, and `train --help` or a bad option answers without it
             from captchaops.training import run as training
             from captchaops.training.config import from_options
 
@@ -115,8 +117,6 @@ def train_command(
                 max_steps=steps,
             )
             if members > 1:
-                from captchaops.cli.scaleout import train_ensemble
-
                 train_ensemble(config, settings, members, cluster, gpus)
                 return
             with progress_bar(console) as report:
@@ -132,14 +132,6 @@ def demo(
     retrain: bool = typer.Option(False, "--retrain", help="train again even if production exists"),
 ) -> None:
     """Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs."""
-    from captchaops.console import UnexpectedError, progress_bar
-    from captchaops.data.dataset import DataError
-    from captchaops.demo import run_demo
-    from captchaops.registry.errors import RegistryError
-    from captchaops.stack.control import StackError
-    from captchaops.stack.store import StoreError
-    from captchaops.training import TrainError
-
     settings = load_settings()
     log = settings.home_dir / "logs" / "libraries.log"
     try:

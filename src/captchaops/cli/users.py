@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from captchaops import team_accounts as users
 from captchaops.cli.base import app, console, fail
 from captchaops.settings import load_settings
 
@@ -25,8 +26,6 @@ def users_add(
     ),
 ) -> None:
     """Create an account: readers read, editors train/register/promote, admins manage users."""
-    from captchaops import team_accounts as users
-
     password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
     try:
         account = users.add_user(load_settings(), name, role, password)
@@ -43,8 +42,6 @@ def users_add(
 def users_service() -> None:
     """Create or refresh the service account the model servers and the web app log in with, and
     the promotion service's own account when CAPTCHAOPS_PROMOTIONS_PASSWORD is set."""
-    from captchaops import team_accounts as users
-
     settings = load_settings()
     try:
         accounts = [users.ensure_service_account(settings)]
