@@ -313,7 +313,9 @@ def test_tracking_on_the_laptops_loopback_fails_in_one_line_before_any_fold(
     bed: Bed, folder: Path, tmp_path: Path
 ) -> None:
     """The everyday laptop set-up: `captchaops up` on the laptop (tracking on its 127.0.0.1)
-    and a cluster elsewhere. The workers' 127.0.0.1 is their own: one line, exit 1, no fold."""
+    and a cluster elsewhere. The workers' 127.0.0.1 is their own: one line, exit 1, no fold,
+    said on the laptop before it joins the cluster (a tracking server the workers cannot reach
+    at a routable address is the workers' check's: the submitted `tune` below)."""
     laptop, head = bed.net["laptop"], bed.head
     # The laptop's tracking server: the tracking host's, answering on the laptop's loopback.
     tracking_port = int(bed.tracking.uri.rsplit(":", 1)[1])
@@ -331,8 +333,10 @@ def test_tracking_on_the_laptops_loopback_fails_in_one_line_before_any_fold(
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     errors = [x for x in done.stderr.splitlines() if x.strip()]
     assert len(errors) == 1 and "Traceback" not in done.stdout + done.stderr, done.stderr
+    # Refused on the laptop before joining: a head on another machine cannot reach its loopback.
     assert (
-        f"the worker at {bed.net['worker'].address} cannot reach the tracking server" in errors[0]
+        f"the tracking server at {uri} is this machine's loopback, which the Ray cluster at "
+        f"ray://{head.address}:{CLIENT} cannot reach" in errors[0]
     )
     assert "CAPTCHAOPS_TRACKING_URI" in errors[0]
     assert "fold 1:" not in done.stdout

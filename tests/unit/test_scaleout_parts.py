@@ -17,7 +17,7 @@ from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.cv import combined, cross_validate, fold_of, t_interval
 from captchaops.scaleout.engine import Engine, _reachable, need_gpus, parallel_runs, private_token
-from captchaops.scaleout.preflight import judge
+from captchaops.scaleout.preflight import judge, refuse_loopback
 from captchaops.scaleout.tune import (
     MIN_TRIAL_SECONDS,
     PUBLISH_SECONDS,
@@ -190,6 +190,21 @@ def test_the_cluster_check_names_a_version_mismatch_first_with_both_versions() -
     # Ray's own rule for Python: the same 3.X; a different patch release works.
     assert judge(MINE | {"python": "3.11.9"}, MINE, "http://tracking:8000") is None
     assert "Python 3.12.1" in (judge(MINE | {"python": "3.12.1"}, MINE, "http://t:1") or "")
+
+
+def test_a_loopback_tracking_server_is_refused_before_joining_a_cluster_that_is_elsewhere() -> None:
+    # 192.0.2.1 (TEST-NET-1) is no address of this machine: nothing is sent to it, a socket
+    # only fails to bind there.
+    with pytest.raises(ScaleoutError, match="this machine's loopback, which the Ray cluster at"):
+        refuse_loopback("http://rita:s3cret@127.0.0.1:8000", "ray://192.0.2.1:10001")
+    with pytest.raises(ScaleoutError, match="CAPTCHAOPS_TRACKING_URI") as refused:
+        refuse_loopback("http://localhost:8000", "vertex_ray://projects/p/locations/l/r/x")
+    assert "s3cret" not in str(refused.value)
+    refuse_loopback("http://127.0.0.1:8000", "ray://127.0.0.1:10001")  # a head on this machine
+    # A head joined by its GCS address: this machine is a node and may run the work itself,
+    # so only the workers' own check can tell.
+    refuse_loopback("http://127.0.0.1:8000", "192.0.2.1:6379")
+    refuse_loopback("http://10.0.0.4:8000", "ray://192.0.2.1:10001")  # routable: the check's
 
 
 def test_the_cluster_check_explains_loopback_and_never_shows_credentials() -> None:

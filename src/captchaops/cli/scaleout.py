@@ -246,7 +246,10 @@ def cluster_checked(
         return
     from captchaops import mlflow_scope
     from captchaops.scaleout.engine import check, ray_session
+    from captchaops.scaleout.preflight import refuse_loopback
 
+    if cluster:
+        refuse_loopback(settings.effective_tracking_uri, cluster)
     with ray_session(cluster, home=settings.home_dir, cpus=cpus) as engine:
         client = mlflow_scope.client(settings)
         experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})

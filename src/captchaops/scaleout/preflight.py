@@ -144,6 +144,52 @@ def check_cluster(tracking_uri: str, experiment_id: str, cluster: str) -> dict[s
     return reports[0] | {"nodes": ",".join(sorted({r.get("node", "?") for r in reports}))}
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def refuse_loopback(tracking_uri: str, cluster: str) -> None:
+    """Before joining `cluster`: a one-line ScaleoutError when `tracking_uri` is this machine's
+    loopback and the cluster certainly runs its work elsewhere (Ray Client to a head that is
+    not this machine, Ray on Vertex AI). A head joined by its GCS address makes this machine a
+    node that may run work itself, so that case is left to the workers' check (`check_cluster`),
+    which takes a Ray connection and a worker's start: seconds more, and tens on a busy head."""
+    host = urlsplit(tracking_uri).hostname
+    if host not in LOOPBACK:
+        return
+    if cluster.startswith("ray://"):
+        head = urlsplit(cluster).hostname or ""
+        if _this_machine(head):
+            return
+    elif not cluster.startswith("vertex_ray://"):
+        return
+    raise ScaleoutError(
+        f"the tracking server at {without_credentials(tracking_uri)} is this machine's "
+        f"loopback, which the Ray cluster at {cluster} cannot reach; set CAPTCHAOPS_TRACKING_URI "
+        "to an address its workers reach (a routable host or the team's HTTPS URL)"
+    )
+
+
+def _this_machine(host: str) -> bool:
+    """Whether `host` names an address of this machine (one a socket can bind to); a name
+    that does not resolve counts as this machine, since nothing is certain about it."""
+    import socket
+
+    if host in LOOPBACK:
+        return True
+    try:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return True
+    for family, _, _, _, address in found:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address[0], 0))
+            except OSError:
+                continue
+            return True
+    return False
+
+
 def _worker_nodes() -> list[str]:
     """The live nodes with CPUs other than the driver's, or all live nodes with CPUs."""
     import ray
