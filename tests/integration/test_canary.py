@@ -23,9 +23,10 @@ import pytest
 from typer.testing import CliRunner
 
 from captchaops import mlflow_scope
+from captchaops.canary import moves as canaries
 from captchaops.cli import app
 from captchaops.data.synthetic import generate
-from captchaops.decisions import canaries, promotion
+from captchaops.decisions import promotion
 from captchaops.evaluation import evalset
 from captchaops.live.estimate import Calibration
 from captchaops.registry.aliases import resolve_alias

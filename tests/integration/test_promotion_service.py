@@ -34,10 +34,10 @@ from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
 from captchaops import mlflow_scope
+from captchaops.canary.watch import Outcome
 from captchaops.cli import app
 from captchaops.cli import canary as canary_cli
 from captchaops.data.frozen import ARTIFACT, EVAL_EXPERIMENT, pack
-from captchaops.decisions.canary_watch import Outcome
 from captchaops.evaluation.evalset import create_evalset
 from captchaops.registry.aliases import adopt_aliases, alias_version, assign_alias
 from captchaops.registry.audit import moves

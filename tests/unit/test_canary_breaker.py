@@ -4,14 +4,16 @@ hand; no thread, server or registry runs)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from captchaops.serving.breaker import Evidence, Latencies, Limits, Share, verdict
-from captchaops.serving.canary_slot import Canary, CanaryWatcher, parse_percent
+from captchaops.canary.breaker import Evidence, Latencies, Limits, Share, verdict
+from captchaops.canary.slot import Canary, CanaryWatcher, parse_percent
 from captchaops.serving.loader import Timeouts, VersionLoader
 from captchaops.serving.metrics import ServingMetrics
 from captchaops.serving.watcher import AliasWatcher, ServedModel
@@ -167,3 +169,21 @@ def test_the_slot_waits_without_a_share_or_when_the_canary_is_production(slot: C
     assert block is not None and block["reason"] == "version 2 is @production already"
     slot.watcher.current, slot.watcher.target_version = None, None
     assert slot.health() is None and slot.pick() is None
+
+
+def test_the_slot_imports_first_in_a_fresh_process() -> None:
+    """`canary/slot.py` imports serving's modules, and serving's app imports the slot: either may
+    be the first import of a process (a test, a tool) without a circular-import error."""
+    for module in ("captchaops.canary.slot", "captchaops.serving"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import {module}, captchaops.canary.slot as s; print(s.Canary)",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]

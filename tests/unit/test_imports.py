@@ -177,10 +177,22 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 its own layer and those below it, and no loop runs between packages; docs/layout.md draws it."""
 
 
+FEATURES: dict[str, dict[str, str]] = {
+    "canary": {"moves": "decisions", "watch": "decisions", "slot": "serving", "breaker": "serving"},
+}
+"""Feature folders: one feature's modules side by side, each module in the layer of the package
+it works with (the canary's registry side with `decisions`, its server side with `serving`), so
+the folder adds no layer and no loop; the folder's own `__init__` imports nothing."""
+
+
 def package_of(module: str) -> str:
     """The package (or top-level module) a module of captchaops belongs to: `registry` for
-    `captchaops.registry.aliases`; `captchaops` itself for the package's `__init__`."""
+    `captchaops.registry.aliases`; `captchaops` itself for the package's `__init__` and for a
+    feature folder's; for a feature's module, the package it sits beside (`FEATURES`)."""
     parts = module.split(".")
+    if len(parts) > 1 and parts[1] in FEATURES:
+        sides = FEATURES[parts[1]]
+        return sides.get(parts[2], ".".join(parts[1:3])) if len(parts) > 2 else parts[0]
     return parts[1] if len(parts) > 1 else parts[0]
 
 
@@ -201,7 +213,13 @@ def package_imports(root: Path) -> list[tuple[str, str, str]]:
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = _from_module(node, package)
-                targets = [f"{top}.{a.name}" for a in node.names] if base == top else [base]
+                folder = root.parent.joinpath(*base.split("."))
+                # `from pkg import module` imports that module (a feature folder's side)
+                targets = [
+                    f"{base}.{a.name}" if (folder / f"{a.name}.py").is_file() else base
+                    for a in node.names
+                ]
+                targets = [f"{top}.{a.name}" for a in node.names] if base == top else targets
             for target in targets:
                 first = target.split(".")[1] if target.startswith(f"{top}.") else ""
                 if not first or not ((root / first).is_dir() or (root / f"{first}.py").is_file()):
@@ -343,3 +361,36 @@ def test_the_cli_imports_at_the_top_unless_it_says_why() -> None:
         f"function-level imports in cli/ with no `# {REASON} <why>` comment above them "
         f"(import at the top instead): {unexplained}"
     )
+
+
+def test_a_feature_folder_s_modules_sit_in_their_sides_layers(tmp_path: Path) -> None:
+    root = tmp_path / PACKAGE
+    for folder in ("canary", "decisions", "serving"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "__init__.py").write_text("")
+    (root / "decisions" / "approval.py").write_text("from captchaops.canary import moves\n")
+    (root / "serving" / "app.py").write_text("from captchaops.canary.slot import Canary\n")
+    (root / "canary" / "moves.py").write_text("from captchaops.decisions import scores\n")
+    (root / "canary" / "slot.py").write_text("from captchaops.canary import moves\n")
+    edges = package_imports(root)
+    assert edges == [("serving", "decisions", "captchaops/canary/slot.py:1")]
+    assert package_loops(edges) == []
+    (root / "canary" / "watch.py").write_text("from captchaops.canary.slot import Canary\n")
+    edges = package_imports(root)
+    assert layer_violations(edges, (("decisions",), ("serving",))) == [
+        "captchaops/canary/watch.py:1: decisions (layer 0) imports serving (layer 1), "
+        "which sits above it"
+    ]
+    assert package_loops(edges) == [["decisions", "serving"]]
+
+
+def test_the_canary_s_server_side_imports_nothing_of_its_registry_side() -> None:
+    """A model server runs `canary.slot` and `canary.breaker`: what they import stays within the
+    serving side and below `registry` (MLflow-free), never the canary's moves or watch."""
+    server_side = ("captchaops/canary/slot.py", "captchaops/canary/breaker.py")
+    reached = [
+        f"{where}: {imported}"
+        for source, imported, where in package_imports(ROOT)
+        if where.startswith(server_side) and imported in ("decisions", "evaluation", "registry")
+    ]
+    assert reached == []

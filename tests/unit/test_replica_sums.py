@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from captchaops.decisions.canary_watch import summed_trip
+from captchaops.canary.watch import summed_trip
 from captchaops.evaluation.evidence import weighted_mean
 from captchaops.live import monitoring as names
 from captchaops.live.reported import LiveState, ReplicaSum, _summed

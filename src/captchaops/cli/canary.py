@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from captchaops.canary import moves as canaries
+from captchaops.canary import watch as canary
 from captchaops.cli.base import console, fail
 from captchaops.console import literal
-from captchaops.decisions import approval, canaries
-from captchaops.decisions import canary_watch as canary
+from captchaops.decisions import approval
 from captchaops.registry.errors import RegistryError
 from captchaops.registry.requests import Request
 from captchaops.settings import Settings

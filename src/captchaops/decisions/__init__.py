@@ -2,8 +2,8 @@
 
 `gate_rules` (the thresholds and the rules, MLflow-free), `gate` (the continuous-deployment gate
 and training's staging floor), `scores` (the score cache kept in version tags), `promotion`
-(promote, rollback and the staging move), `canaries` (starting and ending a canary) and
-`canary_watch` (`promote --canary`'s watch of the production server's breaker). They read
-through `evaluation` and `registry` and write only through `registry`; nothing below imports
-them (docs/layout.md, tests/unit/test_imports.py).
+(promote, rollback and the staging move) and `approval` (production moves that wait for a
+second account). The canary's registry side sits in this layer from its own folder
+(`canary.moves`, `canary.watch`). They read through `evaluation` and `registry` and write only
+through `registry`; nothing below imports them (docs/layout.md, tests/unit/test_imports.py).
 """

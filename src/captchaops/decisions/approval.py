@@ -23,7 +23,8 @@ from typing import Any
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from captchaops.decisions import canaries, gate, promotion
+from captchaops.canary import moves as canaries
+from captchaops.decisions import gate, promotion
 from captchaops.decisions.gate_rules import GateConfig
 from captchaops.evaluation.evalset import Score
 from captchaops.live.reported import from_health

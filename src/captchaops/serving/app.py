@@ -22,8 +22,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from captchaops import service_auth
+from captchaops.canary import slot as canary_slot  # a module: it may be importing serving now
 from captchaops.serving import connections, invocations
-from captchaops.serving.canary_slot import Canary
 from captchaops.serving.guard import Guard
 from captchaops.serving.live_estimate import LiveQuality
 from captchaops.serving.metrics import CONTENT_TYPE, ServingMetrics
@@ -56,7 +56,7 @@ def create_app(
     watcher = AliasWatcher.for_settings(settings, alias, metrics)
     canary = None
     if _follows_canary(settings, alias):
-        canary = Canary.for_settings(settings, watcher, metrics)
+        canary = canary_slot.Canary.for_settings(settings, watcher, metrics)
     scoring = invocations.Invocations(
         settings,
         alias,

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from captchaops import service_auth
+from captchaops.canary import slot as canary_slot  # a module: it may be importing serving now
 from captchaops.model.preprocess import InvalidImage
 from captchaops.serving import protocol
 from captchaops.serving.admission import (
@@ -24,7 +25,6 @@ from captchaops.serving.admission import (
     read_body,
 )
 from captchaops.serving.batching import Answer, MicroBatcher, NoModel, Overloaded, Prediction
-from captchaops.serving.canary_slot import Canary
 from captchaops.serving.decoding import (
     DecodeLimits,
     Decoders,
@@ -133,7 +133,7 @@ class Invocations:
                 per_second=settings.shadow_per_second,
                 headers=service_auth.bearer_headers(settings),
             )
-        self.canary: Canary | None = None
+        self.canary: canary_slot.Canary | None = None
         self.review: ReviewOffers | None = None
         if settings.review_url:
             token = settings.review_token

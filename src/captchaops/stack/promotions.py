@@ -53,7 +53,8 @@ from starlette.routing import Route
 
 from captchaops import bounded_json
 from captchaops.access import PERMISSIONS, AccessError, Unverified, require
-from captchaops.decisions import approval, canaries, gate, promotion
+from captchaops.canary import moves as canaries
+from captchaops.decisions import approval, gate, promotion
 from captchaops.decisions.gate_rules import GateConfig
 from captchaops.evaluation.evalset import pin_logged
 from captchaops.mlflow_scope import client

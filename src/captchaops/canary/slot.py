@@ -1,6 +1,6 @@
 """The production server's canary (issue 16): a second slot that follows `@canary`, gets the
 share of requests its version's `canary_percent` tag asks for, and stops getting any the moment
-its breaker (`captchaops.serving.breaker`) trips.
+its breaker (`captchaops.canary.breaker`) trips.
 
 The slot is an `AliasWatcher` of its own (polling, webhooks, every load check), with metrics of
 its own so production's swap and version gauges stay production's. Routing needs a percent read
@@ -17,8 +17,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from captchaops.canary.breaker import Evidence, Latencies, Limits, Share, verdict
 from captchaops.scheme_names import CANARY, CANARY_MAX_PERCENT, CANARY_PERCENT_TAG
-from captchaops.serving.breaker import Evidence, Latencies, Limits, Share, verdict
 from captchaops.serving.live_estimate import LiveQuality
 from captchaops.serving.metrics import LATENCY_BUCKETS, ServingMetrics
 from captchaops.serving.poller import TIMER, one_line

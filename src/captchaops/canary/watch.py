@@ -1,7 +1,7 @@
 """`captchaops promote --canary`: start a canary, watch the production server's breaker, and make
 its verdict durable in the registry.
 
-The production server decides at once (its breaker stops routing on a trip, `serving/canary_slot.py`);
+The production server decides at once (its breaker stops routing on a trip, `canary/slot.py`);
 this watch reads that decision from `/health` and writes it down: on a trip it removes `@canary`
 with an audit record giving the reason; when the window passes cleanly it says so, and with
 `then_promote` moves `@production` to the candidate through the normal audited path (or, where
@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
+from captchaops.canary.moves import end_canary
 from captchaops.decisions import approval
-from captchaops.decisions.canaries import end_canary
 from captchaops.live.reported import ReplicaSum, replica_sums
 from captchaops.registry.aliases import resolve_alias
 from captchaops.registry.names import CANARY
