@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from captchaops import mlflow_scope
 from captchaops.decisions import promotion
 from captchaops.decisions.gate import stage_candidate
-from captchaops.registry.aliases import resolve, resolve_alias
+from captchaops.registry.aliases import named_version, resolve_alias
 from captchaops.registry.audit import AUDIT_EXPERIMENT, history
 from captchaops.registry.errors import RegistryError
 from captchaops.registry.lock import LOCK_STALE_S, lock_run, promotion_lock
@@ -126,7 +126,7 @@ def test_a_failed_audit_write_of_a_first_move_removes_the_alias(
     assert history(settings, "staging") == []
     assert [r.info.status for r in audit_runs(settings)] == ["FAILED"]
     with pytest.raises(RegistryError, match=r"no version of .* has alias @staging"):
-        resolve(settings, alias="staging")
+        named_version(settings, alias="staging")
 
 
 def test_movers_racing_to_make_the_lock_all_use_one_run(

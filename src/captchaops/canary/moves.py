@@ -17,10 +17,10 @@ from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import (
     alias_version,
     move_alias,
+    named_version,
     remove_alias,
     require_model,
     require_version,
-    resolve,
     signing_key_dir,
 )
 from captchaops.registry.audit import Move
@@ -109,7 +109,7 @@ def start_canary(
     check_percent(percent)
     actor = actor or default_actor()
     name = settings.model_name
-    target = resolve(settings, version=version, alias=from_alias or STAGING)
+    target = named_version(settings, version=version, alias=from_alias or STAGING)
     with one_line_errors(settings):
         mlflow_client = client(settings)
         current, candidate, champion = check_canary(mlflow_client, settings, target)

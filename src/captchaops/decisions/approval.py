@@ -29,7 +29,7 @@ from captchaops.decisions.gate_rules import GateConfig
 from captchaops.evaluation.evalset import Score
 from captchaops.live.reported import from_health
 from captchaops.mlflow_scope import client
-from captchaops.registry.aliases import alias_version, resolve
+from captchaops.registry.aliases import alias_version, named_version
 from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.names import CANARY, PRODUCTION, STAGING, default_actor
@@ -90,7 +90,7 @@ def promote(
             force=force,
         )
     requester = actor or settings.tracking_username or default_actor()
-    target = resolve(settings, version=version, alias=from_alias)
+    target = named_version(settings, version=version, alias=from_alias)
     with one_line_errors(settings):
         mlflow_client = client(settings)
         current, candidate, champion = promotion.check_promotion(
@@ -184,7 +184,7 @@ def start_canary(
         )
     canaries.check_percent(percent)
     requester = actor or settings.tracking_username or default_actor()
-    target = resolve(settings, version=version, alias=from_alias or STAGING)
+    target = named_version(settings, version=version, alias=from_alias or STAGING)
     with one_line_errors(settings):
         mlflow_client = client(settings)
         current, candidate, champion = canaries.check_canary(mlflow_client, settings, target)

@@ -28,7 +28,12 @@ from captchaops.evaluation import report
 from captchaops.evaluation.evalset import EvalSet, Score, ensure_evalset, score
 from captchaops.evaluation.evidence import Evidence, gather
 from captchaops.evaluation.scheme import scheme_of, scheme_refusals
-from captchaops.registry.aliases import alias_version, record_rejection, resolve, signing_key_dir
+from captchaops.registry.aliases import (
+    alias_version,
+    named_version,
+    record_rejection,
+    signing_key_dir,
+)
 from captchaops.registry.audit import Move
 from captchaops.registry.errors import RegistryError, one_line_errors
 from captchaops.registry.names import PRODUCTION, STAGING, default_actor
@@ -144,7 +149,9 @@ def decide(
     name = settings.model_name
     with one_line_errors(settings):
         client = client or mlflow_scope.client(settings)
-        candidate_version = resolve(settings, version=version, alias=STAGING, mlflow_client=client)
+        candidate_version = named_version(
+            settings, version=version, alias=STAGING, mlflow_client=client
+        )
         champion_version = alias_version(client, name, PRODUCTION)
 
     def refused(reasons: list[str], audited: bool = True, digest: str = "") -> Decision:

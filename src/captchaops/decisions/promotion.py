@@ -16,10 +16,10 @@ from captchaops.mlflow_scope import client
 from captchaops.registry.aliases import (
     alias_version,
     move_alias,
+    named_version,
     record_rejection,
     require_model,
     require_version,
-    resolve,
     set_version_tags,
     signing_key_dir,
 )
@@ -111,7 +111,7 @@ def promote(
     """A person moves @production to a version (or to the @staging one), scored and audited."""
     actor = actor or settings.tracking_username or default_actor()
     name = settings.model_name
-    target = resolve(settings, version=version, alias=from_alias)
+    target = named_version(settings, version=version, alias=from_alias)
     with one_line_errors(settings):
         mlflow_client = client(settings)
         current, candidate, champion = check_promotion(mlflow_client, settings, target, force=force)

@@ -516,7 +516,7 @@ def record_rejection(
     return move
 
 
-def resolve(
+def named_version(
     settings: Settings,
     *,
     version: str | None = None,

@@ -53,7 +53,7 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def resolve(settings: Settings, replicas: int = 1) -> tuple[Store, Settings, list[Service]]:
+def stack_plan(settings: Settings, replicas: int = 1) -> tuple[Store, Settings, list[Service]]:
     """The chosen store, settings with generated secrets, and every service spec."""
     store, settings = choose_store(settings)
     if settings.auth:
@@ -131,7 +131,7 @@ def _up(
     settings.home_dir.chmod(0o700)  # secrets, the sqlite database and logs live here
     if settings.webhooks:
         settings = webhooks.ensure_secrets(settings)
-    store, settings, services = resolve(settings, replicas)
+    store, settings, services = stack_plan(settings, replicas)
     say(store.describe(settings))
     running_before = supervisor.is_running(settings)
     info = supervisor.process_info(settings) if running_before else {}
@@ -292,7 +292,7 @@ def status(settings: Settings) -> list[ServiceStatus]:
     """The state, health and memory of every service of this home (each replica of an alias
     and its balancer, under the alias's name, when `up --replicas` started them)."""
     info = supervisor.process_info(settings)
-    _, settings, services = resolve(settings, replicas_running(info))
+    _, settings, services = stack_plan(settings, replicas_running(info))
     rows = []
     for svc in services:
         proc = info.get(svc.name, {})
