@@ -47,7 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Train a CRNN (folder preset with --data, demo preset otherwise), log it and register it.",
     ),
     "demo": (
-        "training",
+        "end_to_end",
         "Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs.",
     ),
     "cv": (

@@ -1,9 +1,8 @@
-"""Commands that make models: sample data, train and the end-to-end demo."""
+"""Commands that make models: sample data and train."""
 
 from __future__ import annotations
 
 import shlex
-from functools import partial
 from pathlib import Path
 
 import typer
@@ -21,11 +20,6 @@ from captchaops.cli.scaleout import submitted, train_ensemble
 from captchaops.console import UnexpectedError, print_summary, progress_bar
 from captchaops.data import standin
 from captchaops.data.dataset import DataError
-from captchaops.demo import run_demo
-from captchaops.registry.errors import RegistryError
-from captchaops.settings import load_settings
-from captchaops.stack.control import StackError
-from captchaops.stack.store import StoreError
 from captchaops.training import TrainError
 
 
@@ -125,37 +119,3 @@ def train_command(
         fail(str(exc))
     print_summary(result, console)
     console.print(f"library messages: {log}", highlight=False, style="dim")
-
-
-@app.command()
-def demo(
-    retrain: bool = typer.Option(False, "--retrain", help="train again even if production exists"),
-) -> None:
-    """Run the whole pipeline: stack up, train, gate, promote, serve; print the URLs."""
-    settings = load_settings()
-    log = settings.home_dir / "logs" / "libraries.log"
-    try:
-        with quiet_libraries(log):
-            summary = run_demo(
-                settings,
-                say=lambda line: console.print(line, highlight=False),
-                retrain=retrain,
-                progress=partial(progress_bar, console),
-            )
-    except (
-        StackError,
-        StoreError,
-        RegistryError,
-        DataError,
-        TrainError,
-        UnexpectedError,
-    ) as exc:
-        fail(str(exc))
-    console.print()
-    for name, url in summary.urls.items():
-        console.print(f"{name:<20} {url}", highlight=False)
-    console.print()
-    for line in summary.lines:
-        console.print(line, highlight=False)
-    console.print(f"library messages: {log}", highlight=False, style="dim")
-    console.print("stop everything with: .venv/bin/captchaops down", highlight=False)
