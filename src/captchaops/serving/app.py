@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psutil
+import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
@@ -227,8 +229,6 @@ class ModelHeaders:
 
 def run(settings: Settings, alias: str, port: int, host: str | None = None) -> None:
     """Serve `models:/<model_name>@<alias>` on host:port with one uvicorn worker until stopped."""
-    import uvicorn
-
     bind = host or settings.host
     _check_port(bind, port)
     logging.basicConfig(
@@ -264,8 +264,6 @@ def run(settings: Settings, alias: str, port: int, host: str | None = None) -> N
 def limit_memory(mib: int) -> None:
     """Cap this process's address space (RLIMIT_AS) at `mib` MiB, 0 for none: an allocation
     beyond it fails (the request gets a JSON error) instead of taking the machine."""
-    import resource
-
     if mib <= 0:
         return
     _, hard = resource.getrlimit(resource.RLIMIT_AS)

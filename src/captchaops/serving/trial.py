@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from PIL import Image
+
+from captchaops.model.version import check_model_dir, open_version
 
 if TYPE_CHECKING:
     from captchaops.settings import Settings
@@ -219,8 +222,9 @@ def _head(path: Path) -> bytes:
 
 def _trial(folder: Path, max_batch: int, frozen: Sequence[bytes] = ()) -> list[str]:
     """In the child: the checks, the graph policy, opening and warm-up; the op set."""
+    # here, not at the top: it loads onnx (~24 MB, 0.7 s), which the model server, importing this
+    # module to start trials, never needs (it opens versions with check_ops=False)
     from captchaops.model.graph_policy import check_graph, input_geometry
-    from captchaops.model.version import check_model_dir, open_version
 
     meta, onnx = check_model_dir(folder)
     ops = check_graph(onnx, geometry=input_geometry(meta), max_batch=max_batch)
@@ -238,8 +242,6 @@ def _read_sample(folder: Path | None, max_batch: int) -> list[bytes]:
 
 
 def _main(argv: list[str]) -> int:
-    import resource
-
     folder, memory, cpu, batch = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
     sample = Path(argv[4]) if len(argv) > 4 else None
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
