@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import IO, Any
 
+import waitress
 from flask import Flask, Request, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, SecurityError
@@ -139,8 +140,6 @@ def create_app(settings: Settings, timeout: float | None = None) -> Flask:
 
 def run(settings: Settings, port: int | None = None, host: str | None = None) -> None:
     """Serve the web app with waitress (a production WSGI server) until interrupted."""
-    import waitress
-
     waitress.serve(
         create_app(settings),
         host=host or settings.host,
