@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from captchaops import team_accounts as users
 from captchaops.settings import Settings, client_host_for, write_env, write_private
 from captchaops.stack import balancer, supervisor, webhooks
 from captchaops.stack.memory import rss_mb
@@ -186,8 +187,6 @@ def _up(
             if svc.name == "store" and ensure_bucket(store, settings):
                 say(f"created bucket {settings.s3_bucket}")
             if svc.name == "tracking" and settings.auth:
-                from captchaops import team_accounts as users
-
                 users.ensure_service_account(settings)
                 users.ensure_promotions_account(settings)
             say(f"{svc.name:<11} healthy  {svc.url}")

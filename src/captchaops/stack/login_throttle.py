@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from captchaops.settings import load_settings
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -121,8 +123,8 @@ async def _too_many(send: Send, per_minute: int, wait: float) -> None:
 
 def create_app() -> Any:
     """MLflow's basic-auth app behind the failed-login limit (a uvicorn `--factory`)."""
+    # here, not at the top: MLflow's server (3.4 s) loads only in the tracking server, not where
+    # the limiter alone runs (its tests)
     from mlflow.server.auth import create_app as basic_auth
-
-    from captchaops.settings import load_settings
 
     return LoginThrottle(basic_auth(), load_settings().tracking_login_failures_per_minute)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import uvicorn
 from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -67,6 +68,7 @@ from captchaops.registry.requests import Request
 from captchaops.registry.signing import ensure_key
 from captchaops.scheme_names import model_name_problem
 from captchaops.service_auth import allowed_hosts, bind_names, host_allowed
+from captchaops.serving import connections
 from captchaops.settings import Settings, mask_credentials
 
 log = logging.getLogger(__name__)
@@ -711,10 +713,6 @@ def run(settings: Settings, port: int, host: str | None = None) -> None:
     """Serve the promotion service on host:port (loopback by default) until stopped, with the
     model servers' connection limits (a deadline for each request head, a cap per client
     address), so slow clients cannot hold its connections, and no core files."""
-    import uvicorn
-
-    from captchaops.serving import connections
-
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

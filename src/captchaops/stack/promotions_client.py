@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from captchaops.access import login
+from captchaops.decisions import gate
 from captchaops.registry.names import default_actor
 from captchaops.settings import Settings
 from captchaops.stack.promotions_wire import exchange
@@ -75,8 +76,6 @@ def stage_candidate(
     (it reads the accuracy the version's run logged and applies its own staging floor); the
     rejection reason, or None when staged. ServiceError when the service did not decide."""
     if not settings.promotions_url:
-        from captchaops.decisions import gate
-
         return gate.stage_candidate(mlflow_client, settings, version, accuracy, actor=actor)
     answer = ask(settings, "POST", "/stage", {"version": version}, actor=actor)
     result = answer.get("result")

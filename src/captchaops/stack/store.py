@@ -6,7 +6,11 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Literal
 
-from captchaops.settings import ENV_PREFIX, Settings, ensure_secret, mask_credentials
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from captchaops.settings import ENV_PREFIX, Settings, ensure_secret, mask_credentials, write_env
 
 MINIO_HINT = (
     "install the `minio` server binary on PATH (https://min.io/docs/minio/linux/index.html) "
@@ -58,8 +62,6 @@ def choose_store(settings: Settings) -> tuple[Store, Settings]:
                 f"CAPTCHAOPS_STORE=minio but no `minio` binary is on PATH; {MINIO_HINT}"
             )
         if not settings.s3_access_key:
-            from captchaops.settings import write_env
-
             write_env(settings.env_file, {f"{ENV_PREFIX}S3_ACCESS_KEY": "captchaops-admin"})
             settings = settings.model_copy(update={"s3_access_key": "captchaops-admin"})
         settings = ensure_secret(settings, "s3_secret_key")
@@ -80,10 +82,6 @@ def ensure_bucket(store: Store, settings: Settings) -> bool:
     """Create the bucket if it is missing; return True when it was created."""
     if store.kind == "local":
         return False
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
-
     client = boto3.client(
         "s3",
         endpoint_url=store.endpoint_url,

@@ -31,6 +31,8 @@ def _exec_instead(cmd: list[str], extra_env: dict[str, str] | None = None, **_: 
 def main(argv: list[str] | None = None) -> None:
     """Run `mlflow server ARGV` in this pid, without job runners."""
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    # here, not at the top: every stack command imports this module (stack.services) and runs
+    # MLflow-free; MLflow's server and CLI add 3 s and ~200 MB
     import mlflow.server
     from mlflow.cli import cli
 
