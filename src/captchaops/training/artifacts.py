@@ -11,9 +11,12 @@ from typing import Any
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.pandas_dataset import from_pandas
+from PIL import Image
 
 from captchaops.data.dataset import LabelledImages
 from captchaops.evaluation import report
@@ -87,8 +90,6 @@ def test_and_log(
 
 def log_dataset(data: LabelledImages, splits: dict[str, list[int]], digest: str) -> None:
     """The training data as an MLflow dataset input: every name, label and split."""
-    import pandas as pd
-
     split_of = {i: name for name, idx in splits.items() for i in idx}
     frame = pd.DataFrame(
         {"name": data.names, "label": data.labels, "split": [split_of[i] for i in range(len(data))]}
@@ -106,9 +107,6 @@ def log_dataset(data: LabelledImages, splits: dict[str, list[int]], digest: str)
 def _sample_figure(images: list[bytes], true: list[str], pred: list[str]) -> Any:
     """The test samples with their readings: a bare `Figure` (no pyplot, so no global figure
     registry or interactive backend; nothing to close, it is freed with its last reference)."""
-    from matplotlib.figure import Figure
-    from PIL import Image
-
     cols = 4
     rows = max(1, math.ceil(len(images) / cols))
     fig = Figure(figsize=(cols * 2.6, rows * 1.3))

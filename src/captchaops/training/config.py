@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from captchaops.model.crnn import Architecture
+from captchaops.training import TrainError
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,6 @@ def from_options(preset: str | None, data: str | Path | None, **overrides: Any) 
     folder preset for a folder of images (`data`) and the demo preset otherwise, with the
     command's options that are not None; a one-line TrainError naming the presets for a name
     that is none of them."""
-    from captchaops.training import TrainError
-
     chosen = preset or ("folder" if data is not None else "demo")
     if chosen not in PRESETS:
         raise TrainError(f"--preset {preset!r} is not a preset; use one of {', '.join(PRESETS)}")

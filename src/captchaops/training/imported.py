@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
+import onnx
 from mlflow import MlflowClient
 
 from captchaops import mlflow_scope
@@ -25,6 +27,10 @@ from captchaops.evaluation import report
 from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.evaluation.evalset import EvalSet, current_digest, ensure_evalset, load_evalset
 from captchaops.evaluation.scheme import Scheme
+from captchaops.mlflow_scope import pointed_at
+from captchaops.model.graph_policy import GraphRefused
+from captchaops.model.graph_policy import check_graph as policy
+from captchaops.model.pyfunc import log_model
 from captchaops.model.reader import ContractError, OnnxReader
 from captchaops.model.version import (
     MAX_ONNX_BYTES,
@@ -75,14 +81,6 @@ def check_graph(path: Path) -> list[str]:
     """The sorted operators of the ONNX file at `path`; RegisterError unless it is one flat,
     self-contained graph within the size limits that every served version meets
     (`model.graph_policy`: the same operator allow-list, tensor and output bounds)."""
-    try:
-        from captchaops.model.graph_policy import GraphRefused
-        from captchaops.model.graph_policy import check_graph as policy
-    except ImportError as exc:
-        raise RegisterError(
-            "register reads the graph with the onnx package; install it with "
-            "pip install 'captchaops[train]'"
-        ) from exc
     if not path.is_file():
         raise RegisterError(f"{path} is not a file; pass the exported .onnx file")
     if path.stat().st_size > MAX_ONNX_BYTES:
@@ -100,8 +98,6 @@ def check_graph(path: Path) -> list[str]:
 def graph_geometry(path: Path, layout: str) -> dict[str, int]:
     """Height, width and channels the graph's input fixes under `layout` (those it leaves open
     are missing); RegisterError when only the other layout makes sense of them."""
-    import onnx
-
     graph = onnx.load(str(path), load_external_data=False).graph
     dims = [d.dim_value or None for d in graph.input[0].type.tensor_type.shape.dim]
     if len(dims) != 4:
@@ -253,11 +249,6 @@ def register_onnx(
 ) -> Registered:
     """Check, score and register an ONNX CTC network trained elsewhere, then stage or reject
     it by the staging floor; RegisterError (nothing logged) when it cannot be."""
-    import mlflow
-
-    from captchaops.mlflow_scope import pointed_at
-    from captchaops.model.pyfunc import log_model
-
     ops = check_graph(onnx_path)
     with one_line_errors(settings):
         client = mlflow_scope.client(settings)

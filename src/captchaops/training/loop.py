@@ -220,6 +220,7 @@ def trace_quickly() -> None:
     alternating runs each) and steps were no slower (32.4 against 33.4 ms, docs/training.md).
     Process-wide: TensorFlow has no per-function switch for it."""
     if keras.backend.backend() == "tensorflow":
+        # here, not at the top: TensorFlow is one Keras backend; the loop runs on the others too
         import tensorflow as tf
 
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
