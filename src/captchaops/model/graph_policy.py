@@ -24,8 +24,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto
+from onnx import AttributeProto, TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 GRU_NODE_OPS = frozenset(
     {
@@ -311,10 +313,6 @@ def _fold(model: onnx.ModelProto, known: dict[str, list[int]]) -> bool:
     """Replace the shape computations (`SHAPE_PATH_OPS`) whose inputs are small constants or
     known shapes by their values, as inference alone does not carry every value (ReduceProd);
     whether any was folded."""
-    import numpy as np
-    from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
-
     graph = model.graph
     opset = {o.domain or "": int(o.version) for o in model.opset_import}
     values = {

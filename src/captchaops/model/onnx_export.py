@@ -19,6 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def _gru_weights(layer: keras.layers.GRU) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _max_difference(path: Path, sample: np.ndarray, expected: np.ndarray) -> float:
-    import onnxruntime as ort
-
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ours = session.run(None, {session.get_inputs()[0].name: sample})[0]
     return float(np.abs(ours - expected).max())

@@ -212,6 +212,8 @@ def open_version(model_dir: Path, threads: int = 1, check_ops: bool = True) -> O
     policy is checked unless the caller has (a model server's trial in a child process)."""
     meta, onnx = check_model_dir(model_dir)
     if check_ops:
+        # here, not at the top: it loads onnx (~24 MB, 0.7 s); model servers import this module
+        # and open versions with check_ops=False (their trial child checks the graph)
         from captchaops.model.graph_policy import GraphRefused, check_graph, input_geometry
 
         try:
@@ -237,6 +239,7 @@ def load_registered(
 
     `client` is the caller's `MlflowClient` for `tracking_uri`, when it has one.
     """
+    # here, not at the top: model servers and the web app import this module and stay MLflow-free
     import mlflow.artifacts
     from mlflow import MlflowClient
 
