@@ -70,6 +70,7 @@ def login(settings: Settings) -> tuple[str, str] | None:
     ~/.mlflow/credentials (read by MLflow's own helper); None when there is none."""
     if settings.tracking_username and settings.tracking_password:
         return settings.tracking_username, settings.tracking_password.get_secret_value()
+    # here, not at the top: model servers and the web app import this module and stay MLflow-free
     from mlflow.utils.credentials import read_mlflow_creds
 
     creds = read_mlflow_creds()

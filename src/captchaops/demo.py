@@ -10,6 +10,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from captchaops.console import training_speed
+from captchaops.decisions import gate
+from captchaops.model.version import VersionError, load_registered
+from captchaops.registry.aliases import resolve_alias
+from captchaops.registry.names import PRODUCTION, STAGING
 from captchaops.settings import Settings
 from captchaops.stack import control
 from captchaops.stack.services import ALL
@@ -23,6 +28,7 @@ Say = Callable[[str], None]
 @contextmanager
 def _silent() -> Iterator[Progress]:
     """No progress shown (the default of `run_demo`)."""
+    # here, not at the top: Keras loads TensorFlow (~6 s, and it prints), after the stack is up
     from captchaops.training.loop import silent
 
     yield silent
@@ -59,8 +65,6 @@ def wait_for_version(url: str, version: str, timeout: float = 60.0) -> bool:
 
 def _refusal(settings: Settings, version: str | None) -> str | None:
     """Why the version cannot be served (e.g. logged before versions were checked data), if so."""
-    from captchaops.model.version import VersionError, load_registered
-
     if version is None:
         return None
     try:
@@ -77,10 +81,7 @@ def run_demo(
     progress: Callable[[], AbstractContextManager[Progress]] | None = None,
 ) -> DemoSummary:
     """Bring the stack up, train unless a production model exists, gate it, wait for serving."""
-    from captchaops.console import training_speed
-    from captchaops.decisions import gate
-    from captchaops.registry.aliases import resolve_alias
-    from captchaops.registry.names import PRODUCTION, STAGING
+    # here, not at the top: Keras loads TensorFlow (~6 s, and it prints); `demo --help` needs none
     from captchaops.training.run import TrainConfig, train
 
     started = time.monotonic()

@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import fluent
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -101,8 +102,6 @@ def pointed_at(settings: Settings) -> Iterator[None]:
 
 def experiment_id(mlflow_client: MlflowClient, name: str, tags: dict[str, str]) -> str:
     """The id of experiment `name`, created with `tags` on first use (safe when two race)."""
-    from mlflow.exceptions import MlflowException
-
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)

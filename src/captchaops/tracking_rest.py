@@ -367,7 +367,7 @@ def _check_deadline(deadline: float | None, what: str) -> None:
 
 def _download_with_mlflow(artifact_uri: str, dest: Path, tracking_uri: str) -> Path:
     """Artifacts the tracking server does not proxy, through the artifact store's client."""
-    import mlflow.artifacts
+    import mlflow.artifacts  # here, not at the top: model servers and the web app import this module and stay MLflow-free
 
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=artifact_uri, dst_path=str(dest), tracking_uri=tracking_uri

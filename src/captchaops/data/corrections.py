@@ -25,7 +25,8 @@ def download_feedback(settings: Settings, dest_dir: Path) -> int:
     """Copy every `feedback/<label>_<uuid>.png` artifact of a FINISHED run into `dest_dir`; return
     how many were new. Runs left RUNNING (an upload in progress or cut off) or FAILED are skipped,
     and so are unlabelled review items (a labelled one is stored again as a correction)."""
-    from mlflow.tracking import MlflowClient  # here: the web app imports this module's names only
+    # here, not at the top: the web app imports this module and stays MLflow-free
+    from mlflow.tracking import MlflowClient
 
     uri = settings.effective_tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -36,7 +36,8 @@ class Style:
 
 
 def _font_dir() -> Path:
-    import matplotlib  # a PyPI package that carries the DejaVu TrueType fonts
+    # here, not at the top: matplotlib (it carries the DejaVu TrueType fonts) is the train extra's
+    import matplotlib
 
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 

@@ -103,10 +103,11 @@ def build(labels: list[str], outputs: list[dict[str, Any]], **about: Any) -> dic
 def render(report: dict[str, Any], images: list[bytes]) -> dict[str, bytes]:
     """The report's four PNGs by file name; empty when matplotlib is not installed."""
     try:
-        import matplotlib
+        import matplotlib  # here, not at the top: the train extra's, optional here
     except ImportError:
         return {}
     matplotlib.use("Agg")
+    # here, not at the top: it imports matplotlib, the train extra's, and must follow use("Agg")
     from captchaops.evaluation import report_figures
 
     figures = report_figures.figures(report, images)
