@@ -192,6 +192,36 @@ def test_the_cluster_check_names_a_version_mismatch_first_with_both_versions() -
     assert "Python 3.12.1" in (judge(MINE | {"python": "3.12.1"}, MINE, "http://t:1") or "")
 
 
+def test_rays_workers_run_without_kerass_extras_even_where_captchaops_is_missing() -> None:
+    """The workers' setup hook travels by value (it runs on a worker of another image too),
+    and there the extras Keras would import when installed are not."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from captchaops.scaleout.engine import KERAS_EXTRAS, lean_worker
+
+    worker = (
+        "import pickle, sys\n"
+        "sys.modules['captchaops'] = None  # a worker without captchaops\n"
+        "pickle.loads(sys.stdin.buffer.read())()\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n"
+        "        __import__(name)\n"
+        "    except ImportError:\n"
+        "        print('absent', name)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", worker, *KERAS_EXTRAS, "json"],
+        input=cloudpickle.dumps(lean_worker()),
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split("\n")[:-1] == [f"absent {name}" for name in KERAS_EXTRAS]
+
+
 def test_a_loopback_tracking_server_is_refused_before_joining_a_cluster_that_is_elsewhere() -> None:
     # 192.0.2.1 (TEST-NET-1) is no address of this machine: nothing is sent to it, a socket
     # only fails to bind there.
