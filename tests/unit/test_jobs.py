@@ -44,7 +44,8 @@ def test_the_entrypoint_parses_as_the_real_command_on_the_jobs_own_cluster() -> 
     line = entrypoint("cv", options | {"--gpus-per-trial": 0.5, "--preset": "folder"})
     args = shlex.split(line)
     assert args[:2] == ["captchaops", "cv"] and args[-2:] == ["--cluster", "auto"]
-    cv = get_command(app).commands["cv"]  # type: ignore[attr-defined]
+    group = get_command(app)
+    _, cv, _ = group.resolve_command(group.make_context("captchaops", ["cv"]), ["cv"])  # type: ignore[attr-defined]
     params = cv.make_context("cv", args[2:]).params  # parses as the command does, runs nothing
     assert params["data"] == "." and params["folds"] == 3 and params["gpus"] == 0.5
     assert params["steps"] is None and params["cluster"] == "auto"
