@@ -4,7 +4,8 @@ best trial registered as a candidate the way `train` registers a run.
 The search space (docs/training.md): peak learning rate, planned steps, width of the
 convolutions and of the GRU, augmentation strength, weight averaging. Each trial is the unit
 of work `work.run_job` (the same loop as `train`); Tune reports each epoch's validation
-metrics to ASHA and to the driver, whose callback keeps one child run per trial. The best
+metrics to ASHA and, through a Ray queue, to the driver, which keeps one child run per trial
+wherever Tune runs its callbacks (on the head under Ray Client). The best
 trial's weights come back through the tracking server, and the version is exported, tested on
 the scheme's frozen set (never on the search's validation data) and staged like `train`'s.
 """
