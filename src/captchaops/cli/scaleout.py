@@ -1,4 +1,10 @@
-"""Commands whose work is many independent training runs on Ray: cv (folds) and tune (trials)."""
+"""Commands whose work is many independent training runs on Ray: cv (folds) and tune (trials).
+
+`train` imports this module (for `--members` and `--submit`), so what it imports at the top is
+what `train` loads anyway, and Ray stays out of it. A command imports the scale-out drivers
+(Ray, TensorFlow through the training code, MLflow) inside its function: after its cluster's
+check on a cluster, so a set-up that cannot work fails in seconds, before TensorFlow (~6 s).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +17,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import typer
+from rich.live import Live
 
 from captchaops.cli.base import MODEL_NAME_OPTION, app, console, fail, quiet_libraries, settings_for
+from captchaops.console import UnexpectedError
+from captchaops.data.dataset import DataError
+from captchaops.scaleout import ScaleoutError
+from captchaops.scaleout.board import Board
+from captchaops.scaleout.jobs import Submitted, submit
+from captchaops.scaleout.preflight import refuse_loopback
+from captchaops.settings import Settings
+from captchaops.training import TrainError
 
 if TYPE_CHECKING:
-    from captchaops.settings import Settings
+    from captchaops.scaleout.cv import CvResult
+    from captchaops.scaleout.sweep import TuneResult
     from captchaops.training.config import TrainConfig
 
 CLUSTER_OPTION = typer.Option(
@@ -48,12 +65,8 @@ PRESET_OPTION = typer.Option(
 
 
 @contextmanager
-def live_board(title: str) -> Iterator[tuple[object, Callable[[], None]]]:
+def live_board(title: str) -> Iterator[tuple[Board, Callable[[], None]]]:
     """A board and the function that redraws it as a live table on the console."""
-    from rich.live import Live
-
-    from captchaops.scaleout.board import Board
-
     board = Board(title)
     with Live(board.table(), console=console, refresh_per_second=2, transient=False) as live:
         yield board, lambda: live.update(board.table())
@@ -84,8 +97,6 @@ def cv_command(
     submit: str | None = SUBMIT_OPTION,
 ) -> None:
     """Cross-validated held-out accuracy of the folder preset: one training run per fold on Ray."""
-    from captchaops.scaleout.board import Board
-
     if submit is not None:
         if cpus is not None:
             fail("--cpus sizes a local Ray; a submitted job uses its cluster's: leave it out")
@@ -103,18 +114,19 @@ def cv_command(
     with reported(log):
         check_tracking(settings)
         with cluster_checked(cluster, settings, gpus, cpus):
-            from captchaops.scaleout.cv import cross_validate
+            # here, not at the top: Ray and TensorFlow (~6 s, prints) load after the cluster's
+            # check, and `train`, which imports this module, never loads cv
+            from captchaops.scaleout.cv import INTERVAL, cross_validate
             from captchaops.training.config import from_options
 
             config = from_options(preset, data, max_minutes=max_minutes, max_steps=steps, seed=seed)
             if trial is not None:
                 config = _trial_config(config, settings, trial)
             with live_board(f"cv: {folds} folds of {data}") as (board, redraw):
-                assert isinstance(board, Board)
                 result = cross_validate(
                     config, settings, folds, cluster, board, redraw, cpus, members, gpus
                 )
-    _print(_cv_lines(result), log)
+    _print(_cv_lines(result, INTERVAL), log)
     if result.interrupted:
         raise typer.Exit(130)
     failed = [f for f in result.folds if f.accuracy is None]
@@ -125,10 +137,8 @@ def cv_command(
         )
 
 
-def _cv_lines(result: object) -> list[str]:
-    from captchaops.scaleout.cv import INTERVAL, CvResult
-
-    assert isinstance(result, CvResult)
+def _cv_lines(result: CvResult, interval_kind: str) -> list[str]:
+    """What cv prints: each fold's score, the summary (its interval of `interval_kind`)."""
     lines = []
     for f in result.folds:
         if f.accuracy is None:
@@ -144,7 +154,7 @@ def _cv_lines(result: object) -> list[str]:
         scored = [f for f in result.folds if f.accuracy is not None]
         worst = min(scored, key=lambda f: f.accuracy or 0.0)
         interval = (
-            f"{result.interval[0]:.1%} to {result.interval[1]:.1%} ({INTERVAL})"
+            f"{result.interval[0]:.1%} to {result.interval[1]:.1%} ({interval_kind})"
             if result.interval
             else "none (fewer than two folds scored)"
         )
@@ -160,6 +170,7 @@ def _cv_lines(result: object) -> list[str]:
 
 def _trial_config(config: TrainConfig, settings: Settings, run_id: str) -> TrainConfig:
     """`config` with the settings a tune trial used (they win over --steps)."""
+    # here, not at the top: MLflow and Ray Tune, for `cv --trial` alone, after the cluster's check
     from captchaops import mlflow_scope
     from captchaops.scaleout.tune import trial_settings, with_trial
 
@@ -171,10 +182,6 @@ def _trial_config(config: TrainConfig, settings: Settings, run_id: str) -> Train
 def reported(log: Path) -> Iterator[None]:
     """Libraries' output to `log`; a failure the user can fix as one line (exit 1), Ctrl-C as
     one line (exit 130), never a traceback."""
-    from captchaops.console import UnexpectedError
-    from captchaops.data.dataset import DataError
-    from captchaops.training import TrainError
-
     main = threading.current_thread() is threading.main_thread()  # signals: main thread only
     previous = signal.signal(signal.SIGINT, _ctrl_c_with_deadline) if main else None
     try:
@@ -244,12 +251,13 @@ def cluster_checked(
     if not cluster and not gpus:
         yield
         return
-    from captchaops import mlflow_scope
-    from captchaops.scaleout.engine import check, ray_session
-    from captchaops.scaleout.preflight import refuse_loopback
-
     if cluster:
         refuse_loopback(settings.effective_tracking_uri, cluster)
+    # here, not at the top: Ray and MLflow load only for work on Ray, never in `train` alone,
+    # and after a refusal that needs neither
+    from captchaops import mlflow_scope
+    from captchaops.scaleout.engine import check, ray_session
+
     with ray_session(cluster, home=settings.home_dir, cpus=cpus) as engine:
         client = mlflow_scope.client(settings)
         experiment = mlflow_scope.experiment_id(client, settings.experiment_name, {})
@@ -262,8 +270,6 @@ def submitted(
 ) -> None:
     """`captchaops COMMAND OPTIONS` submitted as a Ray job to the dashboard at `address` (with
     --model-name); prints its id and how to follow it, and returns at once."""
-    from captchaops.scaleout.jobs import Submitted, submit
-
     settings = settings_for(model_name)
     log = settings.home_dir / "logs" / "libraries.log"
     job: Submitted | None = None
@@ -274,14 +280,8 @@ def submitted(
         console.print(line, highlight=False)
 
 
-def check_tracking(settings: object) -> None:
+def check_tracking(settings: Settings) -> None:
     """The tracking server answers, and is one Ray workers can reach (http(s))."""
-    import httpx
-
-    from captchaops.scaleout import ScaleoutError
-    from captchaops.settings import Settings
-
-    assert isinstance(settings, Settings)
     uri = settings.effective_tracking_uri
     if uri.startswith("http"):
         try:  # training.run's check, without importing TensorFlow before the cluster's check
@@ -314,8 +314,6 @@ def tune_command(
     submit: str | None = SUBMIT_OPTION,
 ) -> None:
     """Search training settings (Optuna TPE on Ray Tune, ASHA) and register the best trial."""
-    from captchaops.scaleout.board import Board
-
     if (data is None) == (synthetic is None):
         fail("use either --data DIR or --synthetic N")
     if submit is not None:
@@ -329,6 +327,8 @@ def tune_command(
     with reported(log):
         check_tracking(settings)
         with cluster_checked(cluster, settings, gpus):
+            # here, not at the top: Ray Tune and TensorFlow (~6 s, prints) load after the
+            # cluster's check, and `train`, which imports this module, never loads the search
             from captchaops.scaleout.sweep import tune_settings
             from captchaops.training.config import from_options
 
@@ -341,7 +341,6 @@ def tune_command(
                 seed=seed,
             )
             with live_board(f"tune: {trials} trials") as (board, redraw):
-                assert isinstance(board, Board)
                 result = tune_settings(
                     config, settings, trials, minutes, cluster, board, redraw, gpus
                 )
@@ -355,10 +354,8 @@ def tune_command(
         )
 
 
-def _tune_lines(result: object) -> list[str]:
-    from captchaops.scaleout.sweep import TuneResult
-
-    assert isinstance(result, TuneResult)
+def _tune_lines(result: TuneResult) -> list[str]:
+    """What tune prints: the parent run, the best trial, its test scores and where it went."""
     lines = [f"parent run {result.parent_run_id} ({result.trials} trials)"]
     best = result.best
     if best is None or result.metrics is None:
@@ -380,23 +377,19 @@ def _tune_lines(result: object) -> list[str]:
 
 
 def train_ensemble(
-    config: object, settings: object, members: int, cluster: str | None, gpus: float = 0.0
+    config: TrainConfig, settings: Settings, members: int, cluster: str | None, gpus: float = 0.0
 ) -> None:
     """`train --members K`: the members on Ray (each with `gpus` GPUs), registered as one
     version; prints the result."""
-    from captchaops.scaleout.board import Board
+    # here, not at the top: `train` imports this module and loads Ray only with --members
     from captchaops.scaleout.members import train_members
-    from captchaops.settings import Settings
-    from captchaops.training.config import TrainConfig
 
-    assert isinstance(config, TrainConfig) and isinstance(settings, Settings)
     check_tracking(settings)
     try:
         with (
             cluster_checked(cluster, settings, gpus),
             live_board(f"train: {members} members") as (board, _),
         ):
-            assert isinstance(board, Board)
             run_id, version, metrics, reason, rule = train_members(
                 config, settings, members, cluster, board, gpus
             )

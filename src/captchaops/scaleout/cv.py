@@ -18,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from captchaops import mlflow_scope
 from captchaops.data.dataset import DataError, LabelledImages, split_of
 from captchaops.data.folder import read_folder
-from captchaops.model.reader import MAX_CONFIDENCE, RULES, VOTE, better_rule
+from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
+from captchaops.model.reader import MAX_CONFIDENCE, RULES, VOTE, better_rule, combine_members
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.feed import STREAM_ABOVE_BYTES, capped, streams
@@ -72,8 +74,6 @@ def t_interval(values: list[float]) -> tuple[float, float] | None:
     """The 95% t-interval of the mean of `values` (None for fewer than two)."""
     if len(values) < 2:
         return None
-    from scipy import stats
-
     mean = statistics.fmean(values)
     half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values)
     half /= math.sqrt(len(values))
@@ -320,9 +320,6 @@ def combined(
     """The members' answers combined as `train --members` combines them: each rule scored on
     the validation images, the better one (a tie keeps max_confidence) scored on the held-out
     images. Returns (the fold's metrics, the rule, validation accuracy by rule)."""
-    from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
-    from captchaops.model.reader import combine_members
-
     ordered = sorted(members, key=lambda o: o.name)
     val = {}
     for rule in RULES:

@@ -15,14 +15,22 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray._private import ray_constants
 
 from captchaops.scaleout import ScaleoutError
+from captchaops.scaleout.preflight import as_tags, check_cluster
+
+if TYPE_CHECKING:
+    from captchaops.scaleout.runner import ParentRun
 
 
 @dataclass
@@ -55,9 +63,6 @@ def ray_session(
     if _open is not None and _open.address == cluster:
         yield _open
         return
-    import ray
-    from ray._private import ray_constants
-
     quiet: dict[str, Any] = {
         "logging_level": logging.WARNING,
         "log_to_driver": False,
@@ -126,6 +131,8 @@ def lean_worker() -> Callable[[], None]:
     extras = KERAS_EXTRAS
 
     def keep_keras_extras_out() -> None:
+        # here, not at the top: shipped by value to workers of any image, the hook carries
+        # its own imports and takes nothing from this module
         import sys
 
         for name in extras:
@@ -181,8 +188,6 @@ def _reachable(address: str, timeout: float = 10.0) -> str | None:
     """The host of a `HOST:PORT` or `ray://HOST:PORT` Ray address that accepts connections,
     else a one-line error (Ray itself would retry for minutes); None for addresses Ray
     resolves itself (`vertex_ray://...`, `auto`)."""
-    import socket
-
     if address.startswith("vertex_ray://") or address == "auto":
         return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -208,17 +213,11 @@ def check(engine: Engine, tracking_uri: str, experiment_id: str, gpus: float = 0
     need_gpus(engine, gpus)
     if engine.address is None or engine.checked is not None:
         return
-    from captchaops.scaleout.preflight import check_cluster
-
     engine.checked = check_cluster(tracking_uri, experiment_id, engine.address)
 
 
-def checked(engine: Engine, parent: object, tracking_uri: str, gpus: float = 0.0) -> None:
+def checked(engine: Engine, parent: ParentRun, tracking_uri: str, gpus: float = 0.0) -> None:
     """`check` (unless the command ran it already), its findings tagged on the parent run."""
-    from captchaops.scaleout.preflight import as_tags
-    from captchaops.scaleout.runner import ParentRun
-
-    assert isinstance(parent, ParentRun)
     check(engine, tracking_uri, parent.experiment, gpus)
     for key, value in as_tags(engine.checked or {}).items():
         parent.client.set_tag(parent.run_id, key, value)

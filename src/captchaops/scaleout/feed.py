@@ -23,6 +23,7 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
+import mlflow.artifacts
 import numpy as np
 
 from captchaops.model.crnn import Architecture
@@ -206,8 +207,6 @@ class DataSet:
         if path.exists():
             os.utime(path)  # recently used: evicted last
             return path
-        import mlflow.artifacts
-
         with tempfile.TemporaryDirectory(dir=self.cache, prefix=PARTIAL) as tmp:
             local = Path(
                 mlflow.artifacts.download_artifacts(

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from captchaops.access import login
 from captchaops.scaleout import ScaleoutError
+from captchaops.scaleout.preflight import without_credentials
 from captchaops.settings import Settings
 
 DASHBOARD_PORT = 8265
@@ -121,7 +123,8 @@ def packed(folder: Path, scratch: Path) -> Path:
 def job_env(settings: Settings, job_id: str) -> dict[str, str]:
     """The job's environment: the caller's tracking server, account (or login) and training
     settings, Ctrl-C for `ray job stop`, and a home of its own on the head."""
-    from captchaops.access import login
+    # here, not at the top: the registry's names load MLflow (its errors), which a submit
+    # never uses otherwise, nor `train --help`, which imports this module (cli.scaleout)
     from captchaops.registry.names import default_actor
 
     env = {
@@ -152,8 +155,6 @@ def check_reachable(settings: Settings, address: str) -> None:
             "http(s) URL the cluster reaches"
         )
     if parts.hostname in LOOPBACK and urlsplit(address).hostname not in LOOPBACK:
-        from captchaops.scaleout.preflight import without_credentials
-
         raise ScaleoutError(
             f"the tracking server at {without_credentials(uri)} is this machine's loopback, which "
             "the cluster cannot reach; set CAPTCHAOPS_TRACKING_URI to an address its head and "
@@ -228,6 +229,8 @@ def send(
     """Hand the job to the dashboard at `address` (trying again while the head has no job
     agent yet); a one-line ScaleoutError if it cannot take it."""
     try:
+        # here, not at the top: Ray is the train extra's; without it this is one line, and a
+        # submit refused before sending (folder, loopback, token) never loads it
         from ray.job_submission import JobSubmissionClient
 
         client = JobSubmissionClient(address)

@@ -8,15 +8,22 @@ A set-up that would fail every fold (the tracking server on the driver's 127.0.0
 account, another image) ends the command in one line naming the fix, within seconds.
 
 The check ships by value (`cloudpickle.register_pickle_by_value`), so it runs and reports
-versions even on a worker whose captchaops differs or is missing.
+versions even on a worker whose captchaops differs or is missing: what it runs there imports
+its own third-party modules, inside the check, so a missing one is reported, not a task that
+cannot be unpickled. Ray itself loads only when the check runs: the refusals and messages
+here run before a cluster is joined, in `train` too, which must not pay for Ray.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import socket
 import sys
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import captchaops
 from captchaops.scaleout import ScaleoutError
 
 # The cluster's answer, at most: a worker process start and two short HTTP calls take seconds
@@ -28,9 +35,7 @@ HTTP_SECONDS = 5.0
 
 def versions() -> dict[str, str]:
     """Python, Ray and captchaops versions of this process."""
-    import ray
-
-    import captchaops
+    import ray  # here, not at the top: Ray loads with the check (see the module's docstring)
 
     return {
         "python": ".".join(map(str, sys.version_info[:3])),
@@ -41,9 +46,6 @@ def versions() -> dict[str, str]:
 
 def probe(tracking_uri: str, experiment_id: str) -> dict[str, str]:
     """Runs on a worker: its versions, its address, and why it cannot log runs (if it cannot)."""
-    import os
-    import platform
-
     found = {"python": ".".join(map(str, sys.version_info[:3])), "host": platform.node()}
     for name in ("ray", "captchaops"):
         try:
@@ -51,7 +53,7 @@ def probe(tracking_uri: str, experiment_id: str) -> dict[str, str]:
         except ImportError:
             found[name] = "not installed"
     try:
-        import ray
+        import ray  # here, not at the top: runs on a worker of any image (shipped by value)
 
         found["node"] = ray.util.get_node_ip_address()
     except Exception:  # informative only
@@ -76,7 +78,7 @@ def probe(tracking_uri: str, experiment_id: str) -> dict[str, str]:
 
 def _write_check(tracking_uri: str, experiment_id: str) -> dict[str, str]:
     """Whether this process reaches `tracking_uri` and may create (and delete) a run there."""
-    import httpx
+    import httpx  # here, not at the top: runs on a worker of any image (shipped by value)
 
     base = tracking_uri.rstrip("/")
     try:
@@ -84,6 +86,8 @@ def _write_check(tracking_uri: str, experiment_id: str) -> dict[str, str]:
     except httpx.HTTPError as exc:
         return {"unreachable": f"{type(exc).__name__}: {exc}"}
     try:
+        # here, not at the top: runs on a worker of any image (shipped by value), where a
+        # missing MLflow is reported as the worker's answer
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -104,6 +108,7 @@ def check_cluster(tracking_uri: str, experiment_id: str, cluster: str) -> dict[s
     other than the driver's, or any node where there is none); raise a one-line ScaleoutError
     naming the fix if the work cannot run on one of them. Returns what the first reported,
     with `nodes`: every checked node's address."""
+    # here, not at the top: Ray loads with the check (see the module's docstring)
     import ray
     from ray import cloudpickle
     from ray.exceptions import GetTimeoutError, RayError
@@ -172,8 +177,6 @@ def refuse_loopback(tracking_uri: str, cluster: str) -> None:
 def _this_machine(host: str) -> bool:
     """Whether `host` names an address of this machine (one a socket can bind to); a name
     that does not resolve counts as this machine, since nothing is certain about it."""
-    import socket
-
     if host in LOOPBACK:
         return True
     try:
@@ -192,7 +195,7 @@ def _this_machine(host: str) -> bool:
 
 def _worker_nodes() -> list[str]:
     """The live nodes with CPUs other than the driver's, or all live nodes with CPUs."""
-    import ray
+    import ray  # here, not at the top: Ray loads with the check (see the module's docstring)
 
     here = ray.get_runtime_context().get_node_id()
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]

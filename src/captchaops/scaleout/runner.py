@@ -12,10 +12,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from mlflow.entities import Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from ray.exceptions import RayError, RayTaskError
 
 from captchaops import mlflow_scope
+from captchaops.access import login
+from captchaops.registry.names import default_actor
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.work import Job, Outcome, run_job
 from captchaops.settings import Settings
@@ -66,9 +71,6 @@ def who_ran(settings: Settings) -> str:
     settings', else MLflow's own), else the login name of the process that ran the command;
     never the account a worker runs as (the driver makes every run, workers only log into
     them)."""
-    from captchaops.access import login
-    from captchaops.registry.names import default_actor
-
     account = settings.tracking_username or (login(settings) or ("",))[0]
     return account or default_actor()
 
@@ -128,8 +130,6 @@ def run_jobs(
 ) -> dict[str, Outcome | Failure]:
     """Run every job as a Ray task of `cpus` CPUs and `gpus` GPUs (so Ray places it on a node
     that has them); a job's outcome, or why it failed, by job name."""
-    import ray
-
     task = ray.remote(run_job).options(
         num_cpus=cpus,
         num_gpus=gpus,
@@ -160,9 +160,6 @@ def run_jobs(
 
 
 def _collect(ref: Any, job: Job, board: Board) -> Outcome | Failure:
-    import ray
-    from ray.exceptions import RayError
-
     try:
         outcome: Outcome = ray.get(ref)
     except RayError as exc:
@@ -176,8 +173,6 @@ def _collect(ref: Any, job: Job, board: Board) -> Outcome | Failure:
 
 def one_line(exc: BaseException) -> str:
     """A Ray error as one line: what died and why, without the remote traceback."""
-    from ray.exceptions import RayTaskError
-
     if isinstance(exc, RayTaskError):
         cause = exc.cause
         return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
@@ -187,8 +182,6 @@ def one_line(exc: BaseException) -> str:
 
 def _follow(client: MlflowClient, jobs: list[Job], board: Board) -> None:
     """Each pending job's state and best validation CER so far, read from its child run."""
-    from mlflow.exceptions import MlflowException
-
     for job in jobs:
         if job.run_id is None:
             continue

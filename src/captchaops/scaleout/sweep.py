@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+from mlflow.tracking import MlflowClient
 
 from captchaops import mlflow_scope
 from captchaops.data import synthetic
@@ -30,6 +31,7 @@ from captchaops.stack.promotions_client import ServiceError, pin_evalset, stage_
 from captchaops.training import TrainError
 from captchaops.training.artifacts import export_and_test
 from captchaops.training.config import TrainConfig
+from captchaops.training.prepare import load_data
 from captchaops.training.tensors import geometry
 
 
@@ -88,8 +90,6 @@ def base_job(
 
 def prepare(config: TrainConfig, settings: Settings) -> SplitData:
     """Read or generate the data, hold out the scheme's frozen set, split the rest by name."""
-    from captchaops.training.run import load_data
-
     data = load_data(config, settings, lambda stage, fraction, metrics: None)
     frozen: EvalSet | None = None
     if config.data_dir is not None:
@@ -199,16 +199,13 @@ def _test_set(
 def _publish(
     best: Best,
     settings: Settings,
-    client: object,
+    client: MlflowClient,
     test: tuple[list[bytes], list[str]],
     result: TuneResult,
     min_length: int,
     digest: str,
 ) -> None:
     """Export, test, log and register the best trial in its child run, then stage it."""
-    from mlflow.tracking import MlflowClient
-
-    assert isinstance(client, MlflowClient)
     infer = best_network(best, client)
     job = best.job
     meta = {

@@ -26,11 +26,15 @@ from typing import Any
 import numpy as np
 import ray
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.util.queue import Empty, Queue
 
 from captchaops import mlflow_scope
-from captchaops.model.crnn import Architecture
+from captchaops.model.crnn import Architecture, build_crnn
+from captchaops.scaleout import ScaleoutError
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.work import Job, run_job
 from captchaops.training.config import TrainConfig
@@ -75,8 +79,6 @@ def plan_budget(
     the rest is shared between the rounds, each trial capped at its preset's `trial_minutes`.
     A budget too short for all the rounds runs the rounds that fit; one too short for any
     trial is a ScaleoutError naming the minutes it would need."""
-    from captchaops.scaleout import ScaleoutError
-
     parallel = max(1, parallel)
     cap = trial_minutes * 60
     wanted = math.ceil(trials / parallel)
@@ -162,10 +164,6 @@ def configure(job: Job, params: dict[str, Any]) -> Job:
 
 def trial_settings(client: MlflowClient, run_id: str) -> dict[str, Any]:
     """The settings a `tune` trial used, read from its child run's parameters."""
-    from mlflow.exceptions import MlflowException
-
-    from captchaops.scaleout import ScaleoutError
-
     try:
         params = client.get_run(run_id).data.params
     except MlflowException as exc:
@@ -319,8 +317,6 @@ def relayed(children: ChildRuns) -> Iterator[Any]:
     """A Ray queue for `_Callback`, emptied into `children` by a thread of this process while
     the search runs and to its last event after: the child runs are written with the driver's
     credentials wherever Tune runs its callbacks. An error writing them is raised at the end."""
-    from ray.util.queue import Empty, Queue
-
     events = Queue(actor_options={"num_cpus": 0})  # no CPU: trials get every core
     done = threading.Event()
     errors: list[BaseException] = []
@@ -361,7 +357,8 @@ def search(
 ) -> Best | None:
     """Run the search on the connected Ray inside `budget`, each trial with `resources` (CPUs,
     GPUs); the best trial that logged its weights, if any."""
-    from ray.tune.schedulers import ASHAScheduler
+    # here, not at the top: Tune's workers import this module to run `trial`; Optuna (its
+    # samplers and storages) is the search's, which runs in Tune's driver alone
     from ray.tune.search.optuna import OptunaSearch
 
     # Tune's own console report would interleave with the live table: the legacy reporter
@@ -449,8 +446,6 @@ def rank(metrics: dict[str, Any]) -> tuple[float, float]:
 
 def best_network(best: Best, client: MlflowClient) -> Any:
     """The best trial's inference network, rebuilt from the weights it logged."""
-    from captchaops.model.crnn import build_crnn
-
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(
             best.job.parent_run_id, f"{WEIGHTS}/{best.trial_id}/weights.npz", tmp

@@ -14,12 +14,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import keras
 import numpy as np
+import ray
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
+from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
 from captchaops.model.crnn import Architecture
-from captchaops.scaleout.feed import STREAM_ABOVE_BYTES
+from captchaops.model.ctc import decode_greedy, encode_labels
+from captchaops.scaleout.feed import (
+    STREAM_ABOVE_BYTES,
+    DataSet,
+    input_bytes,
+    steps_per_epoch,
+    streams,
+)
 from captchaops.scaleout.shipping import Shipped
 from captchaops.training.config import TrainConfig
+from captchaops.training.loop import Stream, Validation, fit
 
 EpochHook = Callable[[dict[str, float], int], None]
 
@@ -64,13 +77,6 @@ ATTEMPT_TAG = "captchaops.attempt"
 
 def run_job(job: Job, on_epoch: EpochHook | None = None) -> Outcome:
     """Fit one CRNN for `job` and score it on its held-out images (runs inside a Ray worker)."""
-    import keras
-
-    from captchaops.evaluation.accuracy import character_error_rate, sequence_accuracy
-    from captchaops.model.ctc import decode_greedy, encode_labels
-    from captchaops.scaleout.feed import DataSet, steps_per_epoch, streams
-    from captchaops.training.loop import Stream, Validation, fit
-
     start = time.monotonic()
     attempt = _count_attempt(job)
     data = DataSet(job.tracking_uri, job.dataset)
@@ -156,8 +162,6 @@ def _splits(job: Job) -> dict[str, tuple[int, ...]]:
 
 def _how(job: Job, streamed: bool, shards: int) -> str:
     """How the run's training images reached `fit`, in words (the child run's tag)."""
-    from captchaops.scaleout.feed import input_bytes
-
     size = input_bytes(len(job.train), job.arch) / 2**20
     if streamed:
         return (
@@ -171,8 +175,6 @@ def _tag(job: Job, key: str, value: str) -> None:
     """Set a tag on the run's child run, when the driver made one."""
     if job.run_id is None:
         return
-    from mlflow.tracking import MlflowClient
-
     MlflowClient(job.tracking_uri, job.tracking_uri).set_tag(job.run_id, key, value)
 
 
@@ -180,8 +182,6 @@ def _count_attempt(job: Job) -> int:
     """1 on the first try; a retried run (its worker died) finds its earlier attempt's tag."""
     if job.run_id is None:
         return 1
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(job.tracking_uri, job.tracking_uri)
     attempt = int(client.get_run(job.run_id).data.tags.get(ATTEMPT_TAG, "0")) + 1
     client.set_tag(job.run_id, ATTEMPT_TAG, str(attempt))
@@ -195,17 +195,12 @@ def _count_attempt(job: Job) -> int:
 def _node() -> tuple[str, str]:
     """The address and id of the Ray node this runs on (where the run trained)."""
     try:
-        import ray
-
         return str(ray.util.get_node_ip_address()), str(ray.get_runtime_context().get_node_id())
     except Exception:  # outside Ray
         return "local", "local"
 
 
 def _log_metrics(job: Job, metrics: dict[str, float], epoch: int) -> None:
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
     assert job.run_id is not None
     now = int(time.time() * 1000)
     MlflowClient(job.tracking_uri, job.tracking_uri).log_batch(
