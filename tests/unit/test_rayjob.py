@@ -79,7 +79,8 @@ def test_the_entrypoint_is_the_real_cv_command_on_the_folder_the_head_mounts() -
     args = shlex.split(spec["entrypoint"])
     assert args[:2] == ["captchaops", "cv"]
     assert "--cluster" not in args  # the job supervisor's RAY_ADDRESS names the cluster
-    cv = get_command(app).commands["cv"]  # type: ignore[attr-defined]
+    group = get_command(app)
+    _, cv, _ = group.resolve_command(group.make_context("captchaops", ["cv"]), ["cv"])  # type: ignore[attr-defined]
     params = cv.make_context("cv", args[2:]).params  # parses as the command does, runs nothing
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     [mount] = head["containers"][0]["volumeMounts"]
