@@ -30,13 +30,14 @@ from captchaops.registry.versions import register_version
 from captchaops.scaleout.board import Board
 from captchaops.scaleout.engine import checked, cpus_per_run, ray_session
 from captchaops.scaleout.runner import Failure, ParentRun, parent_run, run_jobs
-from captchaops.scaleout.sweep import SplitData, base_job, prepare
+from captchaops.scaleout.sweep import base_job, prepare
 from captchaops.scaleout.work import Job, Outcome
 from captchaops.settings import Settings
 from captchaops.stack.promotions_client import ServiceError, stage_candidate
 from captchaops.training import TrainError
 from captchaops.training.artifacts import test_and_log
 from captchaops.training.config import TrainConfig
+from captchaops.training.prepare import FixedSplit
 
 
 def merge_members(models: list[onnx.ModelProto]) -> onnx.ModelProto:
@@ -90,7 +91,7 @@ def train_members(
 def _train(
     config: TrainConfig,
     settings: Settings,
-    p: SplitData,
+    p: FixedSplit,
     parent: ParentRun,
     asked: tuple[int, float],
     cluster: str | None,

@@ -1,5 +1,6 @@
-"""The `tune` driver: data and frozen set as `train` makes them, the parent run, the search on
-Ray, and the best trial handed to the registry through `train`'s publish path."""
+"""The `tune` driver: data and frozen set as `train` makes them (`training.prepare.split_fixed`),
+the parent run, the search on Ray, and the best trial handed to the registry through `train`'s
+publish path."""
 
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from captchaops import mlflow_scope
-from captchaops.data import synthetic
-from captchaops.data.dataset import DataError, LabelledImages, split_indices
-from captchaops.evaluation.evalset import EvalSet, EvalSetError, folder_evalset
-from captchaops.model.crnn import Architecture
+from captchaops.data.dataset import DataError, LabelledImages
+from captchaops.evaluation.evalset import EvalSet
 from captchaops.model.version import META_SCHEMA, PREPROCESSING
 from captchaops.registry.versions import register_version
 from captchaops.scaleout.board import Board
@@ -27,12 +26,11 @@ from captchaops.scaleout.shipping import upload
 from captchaops.scaleout.tune import Best, ChildRuns, best_network, plan_budget, search, why_none
 from captchaops.scaleout.work import Job
 from captchaops.settings import Settings
-from captchaops.stack.promotions_client import ServiceError, pin_evalset, stage_candidate
+from captchaops.stack.promotions_client import ServiceError, stage_candidate
 from captchaops.training import TrainError
 from captchaops.training.artifacts import export_and_test
 from captchaops.training.config import TrainConfig
-from captchaops.training.prepare import load_data
-from captchaops.training.tensors import geometry
+from captchaops.training.prepare import FixedSplit, split_fixed
 
 
 @dataclass
@@ -52,19 +50,8 @@ class TuneResult:
     budget: str = ""
 
 
-@dataclass
-class SplitData:
-    """The data as `train` splits it: frozen set held out (folders), train/val(/test) by name."""
-
-    data: LabelledImages
-    frozen: EvalSet | None
-    alphabet: str
-    arch: Architecture
-    splits: dict[str, list[int]]
-
-
 def base_job(
-    name: str, p: SplitData, config: TrainConfig, settings: Settings, parent: ParentRun
+    name: str, p: FixedSplit, config: TrainConfig, settings: Settings, parent: ParentRun
 ) -> Job:
     """The unit of work every trial or member starts from: the data set uploaded once as shards
     (its manifest recorded on the parent run), the train and validation splits (at most
@@ -88,30 +75,11 @@ def base_job(
     )
 
 
-def prepare(config: TrainConfig, settings: Settings) -> SplitData:
-    """Read or generate the data, hold out the scheme's frozen set, split the rest by name."""
-    data = load_data(config, settings, lambda stage, fraction, metrics: None)
-    frozen: EvalSet | None = None
-    if config.data_dir is not None:
-        try:
-            frozen = folder_evalset(
-                mlflow_scope.client(settings), settings, data, config.holdout_fraction
-            )
-            pin_evalset(settings, frozen)  # by the promotion service, where one signs
-        except (EvalSetError, ServiceError) as exc:
-            raise TrainError(str(exc)) from exc
-        data = data.subset(frozen.unseen(data.images))
-    alphabet = config.alphabet or (
-        synthetic.DIGITS_UPPER
-        if config.data_dir is None
-        else "".join(sorted(set(data.alphabet()) | set(frozen.alphabet() if frozen else "")))
-    )
-    lengths = [len(label) for label in data.labels]
-    arch = geometry(config, data, max(lengths))
-    splits = split_indices(data.names, config.val_fraction, 0.0 if frozen else config.test_fraction)
-    if not splits["train"] or not splits["val"] or (frozen is None and not splits["test"]):
-        raise DataError(f"{len(data)} usable images are too few to search on; add more images")
-    return SplitData(data, frozen, alphabet, arch, splits)
+def prepare(config: TrainConfig, settings: Settings) -> FixedSplit:
+    """Read or generate the data, hold out the scheme's frozen set, split the rest by name:
+    `train`'s own split (`split_fixed`), without its progress lines."""
+    client = mlflow_scope.client(settings)
+    return split_fixed(client, config, settings, lambda stage, fraction, metrics: None)
 
 
 def tune_settings(
@@ -143,7 +111,7 @@ def tune_settings(
 def _search(
     config: TrainConfig,
     settings: Settings,
-    prepared: SplitData,
+    prepared: FixedSplit,
     parent: ParentRun,
     asked: tuple[int, float | None, float, float],
     cluster: str | None,

@@ -4,7 +4,8 @@
 arrays (a folder with its frozen set held out, or one generated set) with its held-out and test
 images, or the fresh path's stream and its generators, which stay up until the `with` block
 ends and draw its held-out sets while it fits. It reads the tracking server only for the frozen
-set, through the client it is given.
+set, through the client it is given. `split_fixed` is the fixed path's hold-out and split
+alone, which `tune` and `train --members` use too before their runs go to Ray.
 """
 
 from __future__ import annotations
@@ -97,6 +98,53 @@ def _frozen_for_folder(
         raise TrainError(str(exc)) from exc
     keep = frozen.unseen(data.images)
     return frozen, data.subset(keep)
+
+
+@dataclass(frozen=True)
+class FixedSplit:
+    """A folder or one generated set as `train` splits it, not yet preprocessed: a folder's
+    frozen set held out, the rest split into train/val(/test) by image name."""
+
+    data: LabelledImages  # the images left to train on (a folder's frozen set held out)
+    frozen: EvalSet | None
+    alphabet: str
+    arch: Architecture
+    splits: dict[str, list[int]]  # indices into `data` per split
+    n_read: int  # images read or generated, the frozen set's included
+
+
+def split_fixed(
+    client: MlflowClient,
+    config: TrainConfig,
+    settings: Settings,
+    report: Progress,
+    deadline: float | None = None,
+) -> FixedSplit:
+    """The fixed path's data held out and split, as `train` splits it (a generated set drawn
+    until `deadline` at the latest); a one-line DataError when too few images are left."""
+    data = load_data(config, settings, report, deadline)
+    frozen: EvalSet | None = None
+    n_read = len(data)
+    if config.data_dir is not None:
+        frozen, data = _frozen_for_folder(client, config, settings, data, report)
+    alphabet = config.alphabet or (
+        synthetic.DIGITS_UPPER
+        if config.data_dir is None
+        else "".join(sorted(set(data.alphabet()) | set(frozen.alphabet() if frozen else "")))
+    )
+    if frozen is not None and set(frozen.alphabet()) - set(alphabet):
+        raise DataError(
+            f"the frozen evaluation set uses characters outside --alphabet {alphabet!r}; "
+            "leave --alphabet out or train under another --model-name"
+        )
+    arch = geometry(config, data, max(len(label) for label in data.labels))
+    test_fraction = 0.0 if frozen is not None else config.test_fraction
+    splits = split_indices(data.names, config.val_fraction, test_fraction)
+    if not splits["train"] or not splits["val"] or (frozen is None and not splits["test"]):
+        raise DataError(
+            f"{len(data)} usable images are too few to split into train/val/test; add more images"
+        )
+    return FixedSplit(data, frozen, alphabet, arch, splits, n_read)
 
 
 @dataclass(frozen=True)
@@ -218,29 +266,10 @@ def _prepare_fixed(
     deadline: float | None,
 ) -> Prepared:
     """A folder, or one generated set drawn before training starts, split and preprocessed."""
-    data = load_data(config, settings, report, deadline)
-    frozen: EvalSet | None = None
-    n_read = len(data)
-    if config.data_dir is not None:
-        frozen, data = _frozen_for_folder(client, config, settings, data, report)
-    alphabet = config.alphabet or (
-        synthetic.DIGITS_UPPER
-        if config.data_dir is None
-        else "".join(sorted(set(data.alphabet()) | set(frozen.alphabet() if frozen else "")))
-    )
-    if frozen is not None and set(frozen.alphabet()) - set(alphabet):
-        raise DataError(
-            f"the frozen evaluation set uses characters outside --alphabet {alphabet!r}; "
-            "leave --alphabet out or train under another --model-name"
-        )
+    split = split_fixed(client, config, settings, report, deadline)
+    data, alphabet, arch, splits = split.data, split.alphabet, split.arch, split.splits
+    frozen = split.frozen
     lengths = [len(label) for label in data.labels]
-    arch = geometry(config, data, max(lengths))
-    test_fraction = 0.0 if frozen is not None else config.test_fraction
-    splits = split_indices(data.names, config.val_fraction, test_fraction)
-    if not splits["train"] or not splits["val"] or (frozen is None and not splits["test"]):
-        raise DataError(
-            f"{len(data)} usable images are too few to split into train/val/test; add more images"
-        )
     report("preprocessing", 0.0, {})
     x = {name: arrays(data, idx, arch) for name, idx in splits.items() if idx}
     labels = {name: [data.labels[i] for i in idx] for name, idx in splits.items()}
@@ -260,7 +289,7 @@ def _prepare_fixed(
         val=Validation(x["val"], y["val"], labels["val"], alphabet),
         n_val=len(splits["val"]),
         augment=config.augment if config.augment is not None else config.data_dir is not None,
-        n_read=n_read,
+        n_read=split.n_read,
         held_out=HeldOut(logged, splits, test_images, test_labels, logged.digest()),
         frozen=frozen,
     )
