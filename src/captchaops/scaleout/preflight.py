@@ -3,7 +3,8 @@ can run there.
 
 It checks, from where the folds and trials will run, that the tracking server answers at the
 URI the driver will hand the workers, that the account they log with may write runs (it
-creates and deletes one), and that the worker's Python, Ray and captchaops are the driver's.
+creates one, then deletes it where the account may, else ends it KILLED), and that the
+worker's Python, Ray and captchaops are the driver's.
 A set-up that would fail every fold (the tracking server on the driver's 127.0.0.1, a reader
 account, another image) ends the command in one line naming the fix, within seconds.
 
@@ -16,6 +17,7 @@ here run before a cluster is joined, in `train` too, which must not pay for Ray.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -77,7 +79,9 @@ def probe(tracking_uri: str, experiment_id: str) -> dict[str, str]:
 
 
 def _write_check(tracking_uri: str, experiment_id: str) -> dict[str, str]:
-    """Whether this process reaches `tracking_uri` and may create (and delete) a run there."""
+    """Whether this process reaches `tracking_uri` and may create a run there. The run is then
+    deleted where the account may (MLflow lets only MANAGE delete runs), else ended KILLED,
+    named "cluster check": an editor's check leaves that one run behind."""
     import httpx  # here, not at the top: runs on a worker of any image (shipped by value)
 
     base = tracking_uri.rstrip("/")
@@ -95,11 +99,15 @@ def _write_check(tracking_uri: str, experiment_id: str) -> dict[str, str]:
         run = client.create_run(
             experiment_id, run_name="cluster check", tags={"captchaops.kind": "preflight"}
         )
-        client.delete_run(run.info.run_id)
     except MlflowException as exc:
         return {"refused": str(exc.error_code), "refused_detail": str(exc.message)[:200]}
     except Exception as exc:  # reported as one line
         return {"unreachable": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    try:  # the account may write runs: the check passed, whatever becomes of its own run
+        client.delete_run(run.info.run_id)
+    except MlflowException:  # an editor's: EDIT creates runs, only MANAGE deletes them
+        with contextlib.suppress(MlflowException):
+            client.set_terminated(run.info.run_id, "KILLED")
     return {}
 
 
