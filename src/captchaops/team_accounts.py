@@ -146,16 +146,18 @@ class _Admin:
 
 
 def _grants(settings: Settings, role: str) -> list[tuple[str, str, str]]:
-    """(resource type, name, permission) a role gets; promotion is a registry write (EDIT)."""
+    """(resource type, name, permission) a role gets; promotion is a registry write (EDIT).
+    `promotions` (the promotion service's own account, never a user's role) writes as an editor
+    and holds MANAGE on the registered model, which deleting an alias (@canary) needs."""
     if role == "admin":
         return []
-    write = "EDIT" if role == "editor" else "READ"
+    write = "EDIT" if role in ("editor", "promotions") else "READ"
     return [
         ("experiment", settings.experiment_name, write),
         ("experiment", EVAL_EXPERIMENT, write),
         ("experiment", AUDIT_EXPERIMENT, write),
         ("experiment", settings.feedback_experiment, "DENY"),
-        ("registered_model", settings.model_name, write),
+        ("registered_model", settings.model_name, "MANAGE" if role == "promotions" else write),
     ]
 
 
@@ -263,11 +265,7 @@ def ensure_promotions_account(settings: Settings) -> Account:
     _check(username, password)
     admin = _Admin(settings)
     _create_or_refresh(admin, username, password)
-    grants = [
-        (kind, name, "MANAGE" if kind == "registered_model" else permission)
-        for kind, name, permission in _grants(settings, "editor")
-    ]
-    return Account(username, "promotions", _apply(admin, username, grants))
+    return Account(username, "promotions", _apply(admin, username, _grants(settings, "promotions")))
 
 
 def _refuse_squatted(admin: _Admin, settings: Settings, service: str) -> None:
